@@ -1,0 +1,255 @@
+//! Command line and environment configuration (interface §1).
+//!
+//! Every flag has an environment variable and the flag wins. Values are parsed
+//! and checked here so that a bad one stops the process at start with one line
+//! naming the flag (exit code 2); the rest of the crate only sees [`Config`].
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+/// Provider runtimes chatgate knows how to run.
+pub const KNOWN_PROVIDERS: [&str; 6] = ["claude", "codex", "cursor", "gemini", "opencode", "script"];
+
+/// `chatgate` command line.
+#[derive(Debug, Parser)]
+#[command(name = "chatgate", version, about = "Horizontally scalable WebSocket gateway for AI coding-agent chat runs")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+/// Subcommands; `serve` is the default.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a gateway node (the default).
+    Serve,
+    /// Print a JWT for a user, signed with the configured secret.
+    Token {
+        /// The user id to put in the `userId` claim.
+        #[arg(long)]
+        user: String,
+        /// Lifetime of the token (`ms`, `s`, `m`, `h`).
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+    /// Apply database migrations and exit.
+    Migrate,
+}
+
+/// Node configuration: every flag of interface §1.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// HTTP + WebSocket address.
+    #[arg(long, env = "CHATGATE_LISTEN", default_value = "127.0.0.1:3001", global = true)]
+    pub listen: SocketAddr,
+    /// Sessions and history database (`sqlite://…` or `postgres://…`).
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://chatgate.db?mode=rwc", value_parser = parse_database_url, global = true)]
+    pub database_url: String,
+    /// Redis URL; set = cluster mode.
+    #[arg(long, env = "REDIS_URL", value_parser = parse_redis_url, global = true)]
+    pub redis_url: Option<String>,
+    /// HS256 secret for JWTs.
+    #[arg(long, env = "CHATGATE_JWT_SECRET", hide_env_values = true, global = true)]
+    pub jwt_secret: Option<String>,
+    /// This node's name in locks, logs and metrics.
+    #[arg(long, env = "CHATGATE_NODE_ID", value_parser = parse_node_id, global = true)]
+    pub node_id: Option<String>,
+    /// Enabled provider runtimes (comma list).
+    #[arg(long, env = "CHATGATE_PROVIDERS", default_value = "claude,codex,cursor,gemini,opencode,script", value_parser = parse_providers, global = true)]
+    pub providers: ProviderList,
+    /// Every projectPath must resolve inside this directory (default: home).
+    #[arg(long, env = "CHATGATE_WORKSPACES_ROOT", global = true)]
+    pub workspaces_root: Option<PathBuf>,
+    /// Run lock lease; renewed every third of it.
+    #[arg(long, env = "CHATGATE_RUN_LEASE", default_value = "15s", value_parser = parse_lease, global = true)]
+    pub run_lease: Duration,
+    /// How long a finished run's events stay replayable.
+    #[arg(long, env = "CHATGATE_REPLAY_RETENTION", default_value = "5m", value_parser = parse_duration, global = true)]
+    pub replay_retention: Duration,
+    /// Newest events kept per session for replay.
+    #[arg(long, env = "CHATGATE_REPLAY_MAX_EVENTS", default_value = "10000", value_parser = clap::value_parser!(u64).range(1..), global = true)]
+    pub replay_max_events: u64,
+    /// Comma list of allowed browser Origins (unset: any).
+    #[arg(long, env = "CHATGATE_ALLOWED_ORIGINS", value_delimiter = ',', global = true)]
+    pub allowed_origins: Option<Vec<String>>,
+    /// Largest inbound frame.
+    #[arg(long, env = "CHATGATE_MAX_FRAME_BYTES", default_value = "8MiB", value_parser = parse_size, global = true)]
+    pub max_frame_bytes: usize,
+    /// Unsent bytes after which a socket is a slow consumer (closed with 4008).
+    #[arg(long, env = "CHATGATE_SEND_QUEUE_BYTES", default_value = "8MiB", value_parser = parse_size, global = true)]
+    pub send_queue_bytes: usize,
+    /// On SIGTERM, how long runs may finish before they are ended.
+    #[arg(long, env = "CHATGATE_DRAIN_GRACE", default_value = "25s", value_parser = parse_duration, global = true)]
+    pub drain_grace: Duration,
+    /// `text` or `json`.
+    #[arg(long, env = "CHATGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"], global = true)]
+    pub log_format: String,
+}
+
+/// The parsed `--providers` list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderList(pub Vec<String>);
+
+impl ProviderList {
+    pub fn contains(&self, provider: &str) -> bool {
+        self.0.iter().any(|p| p == provider)
+    }
+}
+
+/// A configuration that cannot work, found after parsing.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--jwt-secret (CHATGATE_JWT_SECRET) is required when --redis-url is set")]
+    ClusterWithoutSecret,
+    #[error("--jwt-secret (CHATGATE_JWT_SECRET) is required to mint tokens")]
+    TokenWithoutSecret,
+    #[error("--workspaces-root: cannot resolve {path}: {reason}")]
+    WorkspacesRoot { path: String, reason: String },
+}
+
+impl Config {
+    /// Checks the cross-flag rules that clap cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.redis_url.is_some() && self.jwt_secret.is_none() {
+            return Err(ConfigError::ClusterWithoutSecret);
+        }
+        Ok(())
+    }
+
+    /// `--node-id`, or the host name with a random suffix.
+    pub fn node_id(&self) -> String {
+        match &self.node_id {
+            Some(id) => id.clone(),
+            None => {
+                let host = gethostname::gethostname().to_string_lossy().into_owned();
+                let host: String = host
+                    .chars()
+                    .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+                    .take(60)
+                    .collect();
+                let suffix = &uuid::Uuid::new_v4().simple().to_string()[..6];
+                format!("{}-{suffix}", if host.is_empty() { "node" } else { &host })
+            }
+        }
+    }
+
+    /// The canonical workspaces root: the flag, else `$HOME`, else `/`.
+    pub fn workspaces_root(&self) -> Result<PathBuf, ConfigError> {
+        let raw = self
+            .workspaces_root
+            .clone()
+            .or_else(|| std::env::var_os("HOME").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("/"));
+        std::fs::canonicalize(&raw)
+            .map_err(|e| ConfigError::WorkspacesRoot { path: raw.display().to_string(), reason: e.to_string() })
+    }
+
+    /// A configuration for tests and embedding: defaults, in-memory SQLite.
+    pub fn for_tests() -> Config {
+        let cli = Cli::parse_from(["chatgate", "--listen", "127.0.0.1:0", "--database-url", "sqlite::memory:"]);
+        cli.config
+    }
+}
+
+/// Parses `15s`, `5m`, `100ms`, `1h`.
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    humantime::parse_duration(raw.trim()).map_err(|e| format!("expected a duration like 15s or 5m ({e})"))
+}
+
+fn parse_lease(raw: &str) -> Result<Duration, String> {
+    let lease = parse_duration(raw)?;
+    if lease < Duration::from_millis(300) {
+        return Err("a lease shorter than 300ms cannot be renewed reliably".into());
+    }
+    Ok(lease)
+}
+
+/// Parses `8MiB`, `64KiB`, `512B` or a plain byte count.
+pub fn parse_size(raw: &str) -> Result<usize, String> {
+    let size: bytesize::ByteSize = raw.trim().parse().map_err(|e| format!("expected a size like 8MiB ({e})"))?;
+    let bytes = usize::try_from(size.as_u64()).map_err(|_| "size too large".to_string())?;
+    if bytes == 0 {
+        return Err("size must be positive".into());
+    }
+    Ok(bytes)
+}
+
+fn parse_database_url(raw: &str) -> Result<String, String> {
+    let ok = raw.starts_with("sqlite:") || raw.starts_with("postgres://") || raw.starts_with("postgresql://");
+    if ok { Ok(raw.to_string()) } else { Err("expected sqlite://… or postgres://…".into()) }
+}
+
+fn parse_redis_url(raw: &str) -> Result<String, String> {
+    redis::Client::open(raw).map_err(|e| format!("not a Redis URL ({e})"))?;
+    Ok(raw.to_string())
+}
+
+fn parse_node_id(raw: &str) -> Result<String, String> {
+    let valid = !raw.is_empty()
+        && raw.len() <= 120
+        && raw.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if valid { Ok(raw.to_string()) } else { Err("expected 1-120 characters of [A-Za-z0-9._-]".into()) }
+}
+
+fn parse_providers(raw: &str) -> Result<ProviderList, String> {
+    let mut list = Vec::new();
+    for name in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if !KNOWN_PROVIDERS.contains(&name) {
+            return Err(format!("unknown provider \"{name}\" (known: {})", KNOWN_PROVIDERS.join(",")));
+        }
+        if !list.iter().any(|p| p == name) {
+            list.push(name.to_string());
+        }
+    }
+    if list.is_empty() {
+        return Err("at least one provider must be enabled".into());
+    }
+    Ok(ProviderList(list))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_interface() {
+        let c = Cli::try_parse_from(["chatgate"]).unwrap().config;
+        assert_eq!(c.listen.to_string(), "127.0.0.1:3001");
+        assert_eq!(c.database_url, "sqlite://chatgate.db?mode=rwc");
+        assert_eq!(c.run_lease, Duration::from_secs(15));
+        assert_eq!(c.replay_retention, Duration::from_secs(300));
+        assert_eq!(c.replay_max_events, 10_000);
+        assert_eq!(c.max_frame_bytes, 8 * 1024 * 1024);
+        assert_eq!(c.send_queue_bytes, 8 * 1024 * 1024);
+        assert_eq!(c.drain_grace, Duration::from_secs(25));
+        assert_eq!(c.providers.0.len(), 6);
+        assert!(c.redis_url.is_none() && c.jwt_secret.is_none() && c.allowed_origins.is_none());
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        for args in [
+            vec!["chatgate", "--providers", "claude,nope"],
+            vec!["chatgate", "--run-lease", "soon"],
+            vec!["chatgate", "--max-frame-bytes", "lots"],
+            vec!["chatgate", "--database-url", "mysql://x"],
+            vec!["chatgate", "--redis-url", "http://x"],
+        ] {
+            let err = Cli::try_parse_from(&args).unwrap_err().to_string();
+            assert!(err.contains(args[1]), "{err}");
+        }
+        let c = Cli::try_parse_from(["chatgate", "--redis-url", "redis://127.0.0.1/"]).unwrap().config;
+        assert!(matches!(c.validate(), Err(ConfigError::ClusterWithoutSecret)));
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("64KiB").unwrap(), 65536);
+        assert_eq!(parse_size("512B").unwrap(), 512);
+        assert_eq!(parse_duration("100ms").unwrap(), Duration::from_millis(100));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+    }
+}

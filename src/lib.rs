@@ -1,0 +1,20 @@
+//! chatgate: a horizontally scalable WebSocket gateway for AI coding-agent chat runs.
+//!
+//! # Layout
+//!
+//! - [`config`]: command line and environment (interface §1).
+//! - [`protocol`]: the `/ws` wire format: inbound verbs, outbound frames, error codes.
+//! - [`runs`]: the run registry trait (locks, seq, replay, fan-out) with its
+//!   in-process ([`runs::memory`]) implementation.
+//! - [`runtime`]: provider runtimes behind one trait; `script` is the built-in test runtime.
+//! - [`store`]: sessions and durable history in SQL through sqlx (SQLite or PostgreSQL).
+//! - [`gateway`]: the verbs (`chat.send`, `chat.abort`, `chat.subscribe`,
+//!   `chat.permission-response`, `chat.unsubscribe`) and the owner-side run driver.
+//! - [`auth`]: HS256 JWTs.
+//! - [`api`]: axum routes (REST, `/ws` socket task, health, metrics).
+//! - [`node`]: wiring one gateway node together, serving and draining it.
+
+pub mod config;
+pub mod protocol;
+pub mod runs;
+pub mod runtime;

@@ -1,0 +1,14 @@
+//! The wire protocol of `/ws` (interface §3): inbound verbs and outbound frames.
+//!
+//! Inbound frames are parsed into [`Inbound`] with the seed's leniency (junk
+//! subscribe entries are skipped, `lastSeq` is floored at 0) and its error
+//! codes. Outbound frames are JSON text; provider events are serialised once
+//! by the owner node and shared by every socket as a cheap-to-clone [`Frame`].
+
+mod inbound;
+mod outbound;
+
+pub use inbound::{Inbound, PermissionAnswer, SubscribeTarget, parse_inbound};
+pub use outbound::{
+    ErrorCode, EventBody, Frame, ProtocolError, chat_subscribed, now_iso, protocol_error, sequenced, session_upserted,
+};

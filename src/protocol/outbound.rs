@@ -1,0 +1,187 @@
+//! Outbound (server → client) frames.
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+/// A serialised outbound text frame; cloning shares the bytes.
+pub type Frame = axum::extract::ws::Utf8Bytes;
+
+/// `protocol_error` codes (interface §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ErrorCode {
+    SessionIdRequired,
+    SessionNotFound,
+    UnsupportedProvider,
+    RunInProgress,
+    NoActiveRun,
+    UnknownMessageType,
+    InternalError,
+    InvalidPayload,
+    InvalidOptions,
+    BackendUnavailable,
+    RateLimited,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::SessionIdRequired => "SESSION_ID_REQUIRED",
+            ErrorCode::SessionNotFound => "SESSION_NOT_FOUND",
+            ErrorCode::UnsupportedProvider => "UNSUPPORTED_PROVIDER",
+            ErrorCode::RunInProgress => "RUN_IN_PROGRESS",
+            ErrorCode::NoActiveRun => "NO_ACTIVE_RUN",
+            ErrorCode::UnknownMessageType => "UNKNOWN_MESSAGE_TYPE",
+            ErrorCode::InternalError => "INTERNAL_ERROR",
+            ErrorCode::InvalidPayload => "INVALID_PAYLOAD",
+            ErrorCode::InvalidOptions => "INVALID_OPTIONS",
+            ErrorCode::BackendUnavailable => "BACKEND_UNAVAILABLE",
+            ErrorCode::RateLimited => "RATE_LIMITED",
+        }
+    }
+}
+
+/// A rejected request, sent to the requesting socket as `protocol_error`.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct ProtocolError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub session_id: Option<String>,
+}
+
+impl ProtocolError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ProtocolError { code, message: message.into(), session_id: None }
+    }
+
+    pub fn with_session(mut self, session_id: &str) -> Self {
+        self.session_id = Some(session_id.to_string());
+        self
+    }
+
+    pub fn to_frame(&self) -> Frame {
+        protocol_error(self.code, &self.message, self.session_id.as_deref())
+    }
+}
+
+/// An un-sequenced provider event: a JSON object without `seq`, plus its kind.
+///
+/// The registry assigns the seq; [`sequenced`] splices it into the object so
+/// the body is serialised once, by the owner, whichever node delivers it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventBody {
+    pub kind: String,
+    pub json: String,
+}
+
+impl EventBody {
+    /// Serialises a JSON object (must be an object) as an event body.
+    pub fn from_object(kind: &str, value: &Value) -> Self {
+        debug_assert!(value.is_object());
+        EventBody { kind: kind.to_string(), json: value.to_string() }
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.kind == "complete"
+    }
+}
+
+/// The wire frame of an event body with its seq: `{…,"seq":N}`.
+pub fn sequenced(body_json: &str, seq: u64) -> Frame {
+    let trimmed = body_json.trim_end();
+    let open = trimmed.strip_suffix('}').unwrap_or(trimmed);
+    let mut out = String::with_capacity(open.len() + 24);
+    out.push_str(open);
+    if open.trim_end().ends_with('{') {
+        out.push_str("\"seq\":");
+    } else {
+        out.push_str(",\"seq\":");
+    }
+    out.push_str(&seq.to_string());
+    out.push('}');
+    Frame::from(out)
+}
+
+/// Current time as ISO-8601 with milliseconds, like JavaScript's `toISOString`.
+pub fn now_iso() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let format =
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+    now.format(format).unwrap_or_default()
+}
+
+/// `protocol_error` frame.
+pub fn protocol_error(code: ErrorCode, error: &str, session_id: Option<&str>) -> Frame {
+    Frame::from(
+        json!({
+            "kind": "protocol_error",
+            "code": code.as_str(),
+            "error": error,
+            "sessionId": session_id,
+            "timestamp": now_iso(),
+        })
+        .to_string(),
+    )
+}
+
+/// `chat_subscribed` frame (one per subscribe target, before its replay).
+pub fn chat_subscribed(
+    session_id: &str,
+    is_processing: bool,
+    last_seq: u64,
+    run_id: Option<&str>,
+    pending_permissions: &[Value],
+    replay_truncated: bool,
+) -> Frame {
+    Frame::from(
+        json!({
+            "kind": "chat_subscribed",
+            "sessionId": session_id,
+            "isProcessing": is_processing,
+            "lastSeq": last_seq,
+            "runId": run_id,
+            "pendingPermissions": pending_permissions,
+            "replayTruncated": replay_truncated,
+            "timestamp": now_iso(),
+        })
+        .to_string(),
+    )
+}
+
+/// `session_upserted` frame, sent to the owning user's sockets only.
+pub fn session_upserted(session_id: &str, provider: &str, provider_session_id: Option<&str>, session: &Value) -> Frame {
+    Frame::from(
+        json!({
+            "kind": "session_upserted",
+            "sessionId": session_id,
+            "provider": provider,
+            "providerSessionId": provider_session_id,
+            "session": session,
+            "timestamp": now_iso(),
+        })
+        .to_string(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seq_is_spliced_into_the_object() {
+        let frame = sequenced(r#"{"kind":"text","content":"}"}"#, 42);
+        let v: Value = serde_json::from_str(&frame).unwrap();
+        assert_eq!(v["seq"], 42);
+        assert_eq!(v["content"], "}");
+        let empty: Value = serde_json::from_str(&sequenced("{}", 1)).unwrap();
+        assert_eq!(empty["seq"], 1);
+    }
+
+    #[test]
+    fn iso_timestamps_look_like_javascript() {
+        let ts = now_iso();
+        assert_eq!(ts.len(), 24, "{ts}");
+        assert!(ts.ends_with('Z'));
+    }
+}

@@ -1,0 +1,109 @@
+//! The live half of a subscription: dedupe by seq and gap repair.
+//!
+//! Live events arrive through a bounded broadcast channel. The feed remembers
+//! the last seq it handed out: older or equal seqs are dropped (they were
+//! replayed already), and a jump ahead (pub/sub loss, or a receiver that lagged
+//! behind the channel) is filled from the replay window before moving on. When
+//! the window cannot fill it, the caller is told with [`FeedItem::Gap`] so the
+//! client can reload history (`replayTruncated`).
+
+use std::{any::Any, collections::VecDeque, sync::Arc};
+
+use async_trait::async_trait;
+use tokio::sync::broadcast::{self, error::RecvError};
+
+use super::{Event, RegistryError, ReplayRange};
+
+/// Where a feed fills gaps from.
+#[async_trait]
+pub trait RangeSource: Send + Sync {
+    async fn read_range(&self, session_id: &str, after_seq: u64, up_to: u64) -> Result<ReplayRange, RegistryError>;
+}
+
+/// What the feed yields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FeedItem {
+    Event(Event),
+    /// Events between the last delivered seq and `resumed_at` are lost for good.
+    Gap {
+        resumed_at: u64,
+    },
+}
+
+/// Live events of one session for one socket, in order, each seq once.
+pub struct LiveFeed {
+    session_id: String,
+    rx: broadcast::Receiver<Event>,
+    last_sent: u64,
+    ready: VecDeque<Event>,
+    source: Arc<dyn RangeSource>,
+    /// Released when the feed drops (e.g. a node-wide subscription refcount).
+    _guard: Option<Box<dyn Any + Send + Sync>>,
+}
+
+impl LiveFeed {
+    pub fn new(
+        session_id: String,
+        rx: broadcast::Receiver<Event>,
+        last_sent: u64,
+        source: Arc<dyn RangeSource>,
+        guard: Option<Box<dyn Any + Send + Sync>>,
+    ) -> Self {
+        LiveFeed { session_id, rx, last_sent, ready: VecDeque::new(), source, _guard: guard }
+    }
+
+    pub fn last_sent(&self) -> u64 {
+        self.last_sent
+    }
+
+    /// The next event. `None` when the session's channel is gone.
+    pub async fn next(&mut self) -> Option<FeedItem> {
+        loop {
+            if let Some(event) = self.ready.pop_front() {
+                if event.seq <= self.last_sent {
+                    continue;
+                }
+                self.last_sent = event.seq;
+                return Some(FeedItem::Event(event));
+            }
+            match self.rx.recv().await {
+                Ok(event) if event.seq <= self.last_sent => continue,
+                Ok(event) if event.seq == self.last_sent + 1 => {
+                    self.last_sent = event.seq;
+                    return Some(FeedItem::Event(event));
+                }
+                Ok(event) => {
+                    let up_to = event.seq - 1;
+                    if let Some(gap) = self.fill(up_to).await {
+                        self.ready.push_back(event);
+                        return Some(gap);
+                    }
+                    self.ready.push_back(event);
+                }
+                Err(RecvError::Lagged(_)) => {
+                    if let Some(gap) = self.fill(u64::MAX).await {
+                        return Some(gap);
+                    }
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    /// Queues the window's events after `last_sent` up to `up_to`; a `Gap` when
+    /// the window does not hold all of them.
+    async fn fill(&mut self, up_to: u64) -> Option<FeedItem> {
+        let range = self.source.read_range(&self.session_id, self.last_sent, up_to).await.unwrap_or_default();
+        let first = range.events.first().map(|e| e.seq);
+        let contiguous_start = first.is_none_or(|seq| seq == self.last_sent + 1);
+        if range.complete && contiguous_start {
+            self.ready.extend(range.events);
+            return None;
+        }
+        // Skip what cannot be recovered; deliver what the window still has.
+        let resumed_at = first.unwrap_or(if up_to == u64::MAX { self.last_sent + 1 } else { up_to + 1 });
+        self.last_sent = resumed_at.saturating_sub(1);
+        self.ready.extend(range.events);
+        Some(FeedItem::Gap { resumed_at })
+    }
+}

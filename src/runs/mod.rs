@@ -1,0 +1,183 @@
+//! The run registry: the one seam between the gateway logic and the cluster.
+//!
+//! A registry owns, per session: the run lock (at most one run, fenced), the
+//! seq counter (per session, across runs, never reused), the replay window of
+//! the current run, pending tool approvals, and fan-out of live events to every
+//! subscriber on every node. [`memory`] implements it in process (single node);
+//! [`redis`] implements it over Redis (cluster mode). Both pass the conformance
+//! suite in `tests/registry_conformance.rs`; `src/gateway` only sees the trait.
+
+pub mod feed;
+pub mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::{broadcast, mpsc};
+
+use crate::protocol::{EventBody, Frame, PermissionAnswer};
+
+pub use feed::{FeedItem, LiveFeed};
+
+/// Capacity of control channels from the registry to a local run.
+pub const CONTROL_CAPACITY: usize = 64;
+/// Capacity of per-session live broadcast channels; laggards refill from the replay window.
+pub const LIVE_CAPACITY: usize = 512;
+
+/// One sequenced event of a session, ready for the wire.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub seq: u64,
+    pub run_id: Arc<str>,
+    /// True for the run's terminal `complete`.
+    pub terminal: bool,
+    pub frame: Frame,
+}
+
+/// What the owner knows when it asks for a run.
+#[derive(Debug, Clone)]
+pub struct RunStart {
+    pub session_id: String,
+    pub run_id: String,
+    pub provider: String,
+    pub user_id: String,
+    pub node_id: String,
+    /// The session's last seq as the database knows it; the counter never goes below it.
+    pub seq_floor: u64,
+}
+
+/// Proof of ownership of a session's run; every write is fenced by it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunLease {
+    pub session_id: String,
+    pub run_id: String,
+}
+
+/// A granted run: the lease and the channel on which aborts and approvals arrive.
+#[derive(Debug)]
+pub struct RunGrant {
+    pub lease: RunLease,
+    pub control: mpsc::Receiver<Control>,
+}
+
+/// Messages routed to the owner of a run from any node.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum Control {
+    Abort { session_id: String, run_id: String },
+    Permission { session_id: String, request_id: String, answer: PermissionAnswer },
+}
+
+/// A session's state as seen by `chat.subscribe`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub is_processing: bool,
+    pub run_id: Option<String>,
+    pub owner_node: Option<String>,
+    pub last_seq: u64,
+    pub pending_permissions: Vec<Value>,
+}
+
+/// One row of `GET /api/providers/sessions/running`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunningRun {
+    pub session_id: String,
+    pub provider: String,
+    pub run_id: String,
+    pub started_at: String,
+    pub last_seq: u64,
+    pub node_id: String,
+    #[serde(skip)]
+    pub user_id: String,
+}
+
+/// A subscription: the ack data, the replayed events, then the live feed.
+pub struct Subscription {
+    pub snapshot: Snapshot,
+    /// Some events of the current run after the cursor are gone.
+    pub replay_truncated: bool,
+    pub replay: Vec<Event>,
+    pub live: LiveFeed,
+}
+
+/// A range read from the replay window.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayRange {
+    pub events: Vec<Event>,
+    /// Every event from the requested start up to the end of the range was present.
+    pub complete: bool,
+}
+
+/// Registry failures.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("session already has a run in progress")]
+    RunInProgress,
+    #[error("the run lost its lock")]
+    Fenced,
+    #[error("coordination backend unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The run registry (design.md "The seam").
+#[async_trait]
+pub trait RunRegistry: Send + Sync + 'static {
+    /// Takes the session's run lock. `RunInProgress` when any node holds it.
+    async fn start_run(&self, start: RunStart) -> Result<RunGrant, RegistryError>;
+
+    /// Appends non-terminal events (one batch, one round trip), fenced by the lease.
+    async fn append(&self, lease: &RunLease, batch: Vec<EventBody>) -> Result<Vec<Event>, RegistryError>;
+
+    /// Appends the terminal `complete`, releases the lock and clears pending approvals.
+    async fn complete(&self, lease: &RunLease, body: EventBody) -> Result<Event, RegistryError>;
+
+    /// Extends the lease; `Fenced` when the lock is no longer this run's.
+    async fn renew(&self, lease: &RunLease) -> Result<(), RegistryError>;
+
+    /// Records a pending tool approval of the run (shown in `chat_subscribed`).
+    async fn add_pending(&self, lease: &RunLease, request_id: &str, request: Value) -> Result<(), RegistryError>;
+
+    /// Forgets a pending tool approval (answered, timed out or cancelled).
+    async fn remove_pending(&self, lease: &RunLease, request_id: &str) -> Result<(), RegistryError>;
+
+    /// The session's run state.
+    async fn snapshot(&self, session_id: &str) -> Result<Snapshot, RegistryError>;
+
+    /// Ack data, replay of the current run after `after_seq`, then live events of
+    /// this and every later run, without gap or duplicate.
+    async fn subscribe(&self, session_id: &str, after_seq: u64) -> Result<Subscription, RegistryError>;
+
+    /// Events of the session with `after_seq < seq <= up_to` still in the replay window.
+    async fn read_range(&self, session_id: &str, after_seq: u64, up_to: u64) -> Result<ReplayRange, RegistryError>;
+
+    /// Routes an abort to the owner of the session's run if `user_id` started it.
+    /// `Ok(false)`: no active run (or another user's).
+    async fn route_abort(&self, session_id: &str, user_id: &str) -> Result<bool, RegistryError>;
+
+    /// Routes a tool-approval answer to the owner of the run that asked, if the
+    /// run belongs to `user_id`. `Ok(false)`: unknown request (ignored, as upstream).
+    async fn route_permission(
+        &self,
+        user_id: &str,
+        request_id: &str,
+        answer: PermissionAnswer,
+    ) -> Result<bool, RegistryError>;
+
+    /// Runs in progress on every node, of this user's sessions.
+    async fn running_runs(&self, user_id: &str) -> Result<Vec<RunningRun>, RegistryError>;
+
+    /// Sends a per-user notice (`session_upserted`) to that user's sockets on every node.
+    async fn notify_user(&self, user_id: &str, frame: Frame) -> Result<(), RegistryError>;
+
+    /// Per-user notices for one socket.
+    async fn user_notices(&self, user_id: &str) -> Result<broadcast::Receiver<Frame>, RegistryError>;
+
+    /// `Err(reason)` when the registry cannot serve (for `/readyz`).
+    async fn ready(&self) -> Result<(), String>;
+}
+
+/// The registry as the gateway holds it.
+pub type SharedRegistry = Arc<dyn RunRegistry>;
