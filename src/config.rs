@@ -87,6 +87,9 @@ pub struct Config {
     /// `text` or `json`.
     #[arg(long, env = "CHATGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"], global = true)]
     pub log_format: String,
+    /// Interval of server pings (a socket missing two pongs is dropped). For tests.
+    #[arg(long, env = "CHATGATE_PING_INTERVAL", default_value = "30s", value_parser = parse_duration, global = true, hide = true)]
+    pub ping_interval: Duration,
 }
 
 /// The parsed `--providers` list.

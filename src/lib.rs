@@ -14,7 +14,12 @@
 //! - [`api`]: axum routes (REST, `/ws` socket task, health, metrics).
 //! - [`node`]: wiring one gateway node together, serving and draining it.
 
+pub mod api;
+pub mod auth;
 pub mod config;
+pub mod gateway;
+pub mod node;
 pub mod protocol;
 pub mod runs;
 pub mod runtime;
+pub mod store;

@@ -1,0 +1,220 @@
+//! `/ws`: the upgrade (token, Origin) and the socket task.
+//!
+//! Each socket is two halves joined by its byte-bounded [`Outbox`]: this task
+//! reads frames and dispatches verbs; a writer task drains the outbox, pings
+//! every interval and closes with the reason the outbox carries (4008 slow
+//! consumer, 4401 token expired, 1012 draining, 1009 frame too large).
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{
+    extract::{
+        FromRequestParts, State,
+        ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection},
+    },
+    http::{StatusCode, request::Parts},
+    response::{IntoResponse, Response},
+};
+use futures_util::{SinkExt, StreamExt, stream::SplitSink};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::{ApiError, AppState, auth::request_token};
+use crate::{
+    auth::Identity,
+    gateway::{CloseReason, Connection, Outbox},
+    protocol::{ErrorCode, Frame, protocol_error},
+};
+
+/// Frames the writer sends per flush, at most.
+const WRITE_BATCH: usize = 64;
+/// Pings without a pong after which the socket is dropped.
+const MAX_MISSED_PONGS: u32 = 2;
+/// Socket read buffer: small, since idle sockets are the common case.
+const READ_BUFFER: usize = 4 * 1024;
+const WRITE_BUFFER: usize = 16 * 1024;
+
+/// `GET /ws`: 401 without a valid token, 503 while draining, else upgrade.
+pub async fn upgrade(State(state): State<AppState>, parts: Parts) -> Response {
+    let mut parts = parts;
+    let identity = match request_token(&parts).map(|t| state.auth.verify(&t)) {
+        Some(Ok(identity)) => identity,
+        Some(Err(e)) => return ApiError::unauthorized(format!("Access denied. {e}.")).into_response(),
+        None => return ApiError::unauthorized("Access denied. No token provided.").into_response(),
+    };
+    if state.gateway.is_draining() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "node draining").into_response();
+    }
+    let origin_refused = match (&state.settings.allowed_origins, parts.headers.get(axum::http::header::ORIGIN)) {
+        (Some(allowed), Some(origin)) => {
+            let origin = origin.to_str().unwrap_or("");
+            !allowed.iter().any(|a| a == origin || a == "*")
+        }
+        _ => false,
+    };
+    let upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection> =
+        WebSocketUpgrade::from_request_parts(&mut parts, &state).await;
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let max = state.settings.max_frame_bytes;
+    let span = tracing::info_span!("socket", user_id = %identity.user_id);
+    upgrade
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| serve(socket, state, identity, origin_refused).instrument(span))
+}
+
+async fn serve(socket: WebSocket, state: AppState, identity: Identity, origin_refused: bool) {
+    let (mut sink, mut stream) = socket.split();
+    if origin_refused {
+        let _ = sink.send(close_message(CloseReason::Policy)).await;
+        return;
+    }
+    metrics::gauge!("chatgate_connections").increment(1.0);
+    let gateway = state.gateway.clone();
+    let outbox = Arc::new(Outbox::new(state.settings.send_queue_bytes));
+    let conn = Arc::new(Connection::new(identity.user_id.clone(), outbox.clone()));
+    let missed_pongs = Arc::new(AtomicU32::new(0));
+    let writer_done = CancellationToken::new();
+    let writer = tokio::spawn(write_loop(
+        sink,
+        outbox.clone(),
+        missed_pongs.clone(),
+        state.settings.ping_interval,
+        writer_done.clone(),
+    ));
+    let notices = match gateway.registry.user_notices(&identity.user_id).await {
+        Ok(mut rx) => {
+            let outbox = outbox.clone();
+            Some(tokio::spawn(async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(frame) => {
+                            if !outbox.push(frame) {
+                                break;
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    }
+                }
+            }))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "user notices unavailable for this socket");
+            None
+        }
+    };
+    let expiry = tokio::time::sleep(identity.remaining());
+    tokio::pin!(expiry);
+    loop {
+        tokio::select! {
+            frame = stream.next() => match frame {
+                Some(Ok(Message::Text(text))) => {
+                    metrics::counter!("chatgate_frames_received_total").increment(1);
+                    gateway.dispatch(&conn, text.as_str()).await;
+                }
+                Some(Ok(Message::Binary(_))) => {
+                    conn.send(protocol_error(ErrorCode::InvalidPayload, "Binary frames are not supported; send JSON text.", None));
+                }
+                Some(Ok(Message::Pong(_))) => missed_pongs.store(0, Ordering::Relaxed),
+                Some(Ok(Message::Ping(_))) => {}
+                Some(Ok(Message::Close(_))) | None => break,
+                Some(Err(e)) => {
+                    if is_too_large(e) {
+                        outbox.close(CloseReason::TooLarge);
+                    } else {
+                        outbox.close(CloseReason::Normal);
+                    }
+                    break;
+                }
+            },
+            _ = &mut expiry => {
+                outbox.close(CloseReason::TokenExpired);
+                break;
+            }
+            _ = gateway.sockets_closing.cancelled() => {
+                outbox.close(CloseReason::Draining);
+                break;
+            }
+            _ = writer_done.cancelled() => break,
+        }
+    }
+    conn.shutdown();
+    if let Some(notices) = notices {
+        notices.abort();
+    }
+    outbox.close(CloseReason::Normal);
+    if tokio::time::timeout(Duration::from_secs(5), writer).await.is_err() {
+        tracing::debug!("socket writer did not finish in time");
+    }
+    metrics::gauge!("chatgate_connections").decrement(1.0);
+}
+
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    outbox: Arc<Outbox>,
+    missed_pongs: Arc<AtomicU32>,
+    ping_interval: Duration,
+    done: CancellationToken,
+) {
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
+    let mut batch: Vec<Frame> = Vec::with_capacity(WRITE_BATCH);
+    loop {
+        tokio::select! {
+            popped = outbox.pop(&mut batch, WRITE_BATCH) => match popped {
+                Ok(()) => {
+                    let mut failed = false;
+                    for frame in batch.drain(..) {
+                        if sink.feed(Message::Text(frame)).await.is_err() {
+                            failed = true;
+                            break;
+                        }
+                    }
+                    if failed || sink.flush().await.is_err() {
+                        break;
+                    }
+                }
+                Err(reason) => {
+                    if reason != CloseReason::Normal {
+                        tracing::info!(code = reason.code(), reason = reason.text(), "closing socket");
+                    }
+                    let _ = sink.send(close_message(reason)).await;
+                    break;
+                }
+            },
+            _ = ping.tick() => {
+                if missed_pongs.fetch_add(1, Ordering::Relaxed) >= MAX_MISSED_PONGS {
+                    tracing::info!("peer missed two pongs; dropping the socket");
+                    break;
+                }
+                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = sink.close().await;
+    outbox.close(CloseReason::Normal);
+    done.cancel();
+}
+
+fn close_message(reason: CloseReason) -> Message {
+    Message::Close(Some(CloseFrame { code: reason.code(), reason: reason.text().into() }))
+}
+
+/// True when the read failed because a frame passed `--max-frame-bytes`.
+fn is_too_large(error: axum::Error) -> bool {
+    let inner = error.into_inner();
+    matches!(inner.downcast_ref::<tungstenite::Error>(), Some(tungstenite::Error::Capacity(_)))
+}

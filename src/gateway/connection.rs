@@ -1,0 +1,102 @@
+//! One WebSocket connection as the gateway sees it: its user, its outbox and
+//! its session subscriptions (one forwarding task per subscribed session).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use tokio::task::JoinHandle;
+
+use super::Outbox;
+use crate::{
+    protocol::{Frame, chat_subscribed},
+    runs::{FeedItem, LiveFeed, SharedRegistry},
+};
+
+/// A socket's gateway-side state.
+pub struct Connection {
+    pub user_id: String,
+    pub outbox: Arc<Outbox>,
+    subscriptions: Mutex<HashMap<String, JoinHandle<()>>>,
+}
+
+impl Connection {
+    pub fn new(user_id: String, outbox: Arc<Outbox>) -> Self {
+        Connection { user_id, outbox, subscriptions: Mutex::new(HashMap::new()) }
+    }
+
+    /// Queues a frame for this socket.
+    pub fn send(&self, frame: Frame) -> bool {
+        self.outbox.push(frame)
+    }
+
+    pub fn is_subscribed(&self, session_id: &str) -> bool {
+        self.subscriptions.lock().map(|s| s.contains_key(session_id)).unwrap_or(false)
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    /// Starts forwarding a session's live feed to this socket (replacing an
+    /// earlier subscription to the same session).
+    pub fn attach(&self, session_id: &str, mut feed: LiveFeed, registry: SharedRegistry) {
+        let outbox = self.outbox.clone();
+        let session = session_id.to_string();
+        let task = tokio::spawn(async move {
+            while let Some(item) = feed.next().await {
+                let delivered = match item {
+                    FeedItem::Event(event) => {
+                        metrics::counter!("chatgate_events_delivered_total").increment(1);
+                        outbox.push(event.frame)
+                    }
+                    FeedItem::Gap { .. } => {
+                        metrics::counter!("chatgate_replay_truncated_total").increment(1);
+                        let snapshot = registry.snapshot(&session).await.unwrap_or_default();
+                        outbox.push(chat_subscribed(
+                            &session,
+                            snapshot.is_processing,
+                            snapshot.last_seq.max(feed.last_sent()),
+                            snapshot.run_id.as_deref(),
+                            &snapshot.pending_permissions,
+                            true,
+                        ))
+                    }
+                };
+                if !delivered {
+                    break;
+                }
+            }
+        });
+        let previous = self.subscriptions.lock().ok().and_then(|mut s| s.insert(session_id.to_string(), task));
+        match previous {
+            Some(old) => old.abort(),
+            None => metrics::gauge!("chatgate_subscriptions").increment(1.0),
+        }
+    }
+
+    /// Stops forwarding a session.
+    pub fn detach(&self, session_id: &str) {
+        if let Some(task) = self.subscriptions.lock().ok().and_then(|mut s| s.remove(session_id)) {
+            task.abort();
+            metrics::gauge!("chatgate_subscriptions").decrement(1.0);
+        }
+    }
+
+    /// Stops everything (socket closed).
+    pub fn shutdown(&self) {
+        let tasks: Vec<_> =
+            self.subscriptions.lock().map(|mut s| s.drain().map(|(_, t)| t).collect()).unwrap_or_default();
+        metrics::gauge!("chatgate_subscriptions").decrement(tasks.len() as f64);
+        for task in tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

@@ -1,0 +1,134 @@
+//! The gateway logic: the `/ws` verbs and the owner-side run driver.
+//!
+//! [`Gateway`] holds what a node shares between sockets: the store, the run
+//! registry (memory or Redis, it does not know which), the runtimes and the
+//! node's own runs. A socket is a [`Connection`]; the verbs in [`verbs`] take
+//! one and answer through its [`Outbox`].
+
+mod connection;
+mod history;
+pub mod options;
+mod run;
+mod verbs;
+
+pub mod outbox;
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+pub use connection::Connection;
+pub use history::HistoryWriter;
+pub use outbox::{CloseReason, Outbox};
+pub use run::StopReason;
+
+use crate::{runs::SharedRegistry, runtime::Runtimes, store::Store};
+
+/// Node settings the gateway logic needs.
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    pub node_id: String,
+    pub workspaces_root: PathBuf,
+    pub run_lease: Duration,
+    pub send_queue_bytes: usize,
+}
+
+/// A run this node owns, as the drain sees it.
+struct LocalRun {
+    stop: CancellationToken,
+    reason: Arc<Mutex<Option<StopReason>>>,
+}
+
+/// One node's gateway state, shared by all its sockets.
+pub struct Gateway {
+    pub settings: GatewaySettings,
+    pub store: Store,
+    pub registry: SharedRegistry,
+    pub runtimes: Runtimes,
+    history: HistoryWriter,
+    runs: Mutex<HashMap<String, LocalRun>>,
+    tracker: TaskTracker,
+    draining: AtomicBool,
+    /// Cancelled when the node drains: sockets close with 1012.
+    pub sockets_closing: CancellationToken,
+}
+
+impl Gateway {
+    pub fn new(settings: GatewaySettings, store: Store, registry: SharedRegistry, runtimes: Runtimes) -> Arc<Self> {
+        let history = HistoryWriter::spawn(store.clone());
+        Arc::new(Gateway {
+            settings,
+            store,
+            registry,
+            runtimes,
+            history,
+            runs: Mutex::new(HashMap::new()),
+            tracker: TaskTracker::new(),
+            draining: AtomicBool::new(false),
+            sockets_closing: CancellationToken::new(),
+        })
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Number of runs this node owns right now.
+    pub fn local_run_count(&self) -> usize {
+        self.runs.lock().map(|r| r.len()).unwrap_or(0)
+    }
+
+    /// Drains the node: no new runs, sockets closed with 1012, runs get `grace`
+    /// to finish, the rest are ended with a terminal `complete`; history flushed.
+    pub async fn drain(&self, grace: Duration) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.sockets_closing.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+            self.stop_all(StopReason::Draining);
+            // Runtimes get a few seconds to die; the driver then completes regardless.
+            let _ = tokio::time::timeout(Duration::from_secs(10), self.tracker.wait()).await;
+        }
+        self.history.flush().await;
+    }
+
+    /// Stops every local run with `reason`.
+    pub fn stop_all(&self, reason: StopReason) {
+        let runs = self.runs.lock().map(|r| r.values().map(|r| (r.stop.clone(), r.reason.clone())).collect::<Vec<_>>());
+        for (stop, slot) in runs.unwrap_or_default() {
+            if let Ok(mut slot) = slot.lock() {
+                slot.get_or_insert(reason);
+            }
+            stop.cancel();
+        }
+    }
+
+    fn track_run(&self, run_id: &str, stop: CancellationToken, reason: Arc<Mutex<Option<StopReason>>>) {
+        if let Ok(mut runs) = self.runs.lock() {
+            runs.insert(run_id.to_string(), LocalRun { stop, reason });
+        }
+        metrics::gauge!("chatgate_runs", "state" => "running").increment(1.0);
+    }
+
+    fn untrack_run(&self, run_id: &str) {
+        if let Ok(mut runs) = self.runs.lock() {
+            runs.remove(run_id);
+        }
+        metrics::gauge!("chatgate_runs", "state" => "running").decrement(1.0);
+    }
+}
+
+/// The REST and WebSocket session id pattern `^[a-zA-Z0-9._-]{1,120}$`.
+pub fn valid_session_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 120
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}

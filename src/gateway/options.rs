@@ -1,0 +1,163 @@
+//! Validation of client-controlled paths and `chat.send` options.
+//!
+//! The project path always comes from the database; a client `options.cwd`
+//! is honoured only inside it. Option types are checked so that a bad one is
+//! answered with `INVALID_OPTIONS` instead of reaching a provider CLI.
+
+use std::path::{Component, Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::{
+    protocol::{ErrorCode, ProtocolError},
+    runtime::RunOptions,
+};
+
+/// Permission modes a client may ask for.
+const PERMISSION_MODES: [&str; 4] = ["default", "acceptEdits", "bypassPermissions", "plan"];
+
+/// Why a project path was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathRefusal {
+    Required,
+    Outside,
+}
+
+/// Resolves a `projectPath` for a new session inside `root` (already canonical).
+/// Relative paths are taken from the root; `..` is refused outright; an existing
+/// path is canonicalised so a symlink cannot lead outside.
+pub fn resolve_project_path(root: &Path, raw: &str) -> Result<PathBuf, PathRefusal> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return Err(PathRefusal::Required);
+    }
+    let path = Path::new(raw);
+    if path.components().any(|c| matches!(c, Component::ParentDir)) || raw.contains('\0') {
+        return Err(PathRefusal::Outside);
+    }
+    let joined = if path.is_absolute() { path.to_path_buf() } else { root.join(path) };
+    let normal: PathBuf = joined.components().filter(|c| !matches!(c, Component::CurDir)).collect();
+    let resolved = std::fs::canonicalize(&normal).unwrap_or(normal);
+    if resolved.starts_with(root) { Ok(resolved) } else { Err(PathRefusal::Outside) }
+}
+
+/// Checks `chat.send` options and resolves the working directory.
+pub fn validate_options(
+    session_id: &str,
+    project_path: &Path,
+    options: &Map<String, Value>,
+) -> Result<(RunOptions, PathBuf), ProtocolError> {
+    let invalid = |message: String| ProtocolError::new(ErrorCode::InvalidOptions, message).with_session(session_id);
+    let string = |key: &str| -> Result<Option<String>, ProtocolError> {
+        match options.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(invalid(format!("options.{key} must be a string."))),
+        }
+    };
+    let permission_mode = string("permissionMode")?;
+    if let Some(mode) = &permission_mode
+        && !PERMISSION_MODES.contains(&mode.as_str())
+    {
+        return Err(invalid(format!("options.permissionMode must be one of {}.", PERMISSION_MODES.join(", "))));
+    }
+    let tools = match options.get("toolsSettings") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(o)) => o.clone(),
+        Some(_) => return Err(invalid("options.toolsSettings must be an object.".into())),
+    };
+    let list = |key: &str| -> Result<Vec<String>, ProtocolError> {
+        match tools.get(key) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| invalid(format!("options.toolsSettings.{key} must be a list of strings."))),
+            Some(_) => Err(invalid(format!("options.toolsSettings.{key} must be a list of strings."))),
+        }
+    };
+    let flag = |value: Option<&Value>, name: &str| -> Result<bool, ProtocolError> {
+        match value {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(invalid(format!("{name} must be a boolean."))),
+        }
+    };
+    let skip_permissions = flag(options.get("skipPermissions"), "options.skipPermissions")?
+        || flag(tools.get("skipPermissions"), "options.toolsSettings.skipPermissions")?;
+    if let Some(images) = options.get("images")
+        && !images.is_array()
+        && !images.is_null()
+    {
+        return Err(invalid("options.images must be a list.".into()));
+    }
+    let cwd = match string("cwd")? {
+        None => project_path.to_path_buf(),
+        Some(raw) => resolve_cwd(project_path, &raw).ok_or_else(|| {
+            invalid(format!("options.cwd must be an existing directory inside the session's project path ({raw})."))
+        })?,
+    };
+    let known = ["model", "effort", "permissionMode", "toolsSettings", "skipPermissions", "cwd", "projectPath"];
+    let extra =
+        options.iter().filter(|(k, _)| !known.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let run_options = RunOptions {
+        model: string("model")?,
+        effort: string("effort")?,
+        permission_mode,
+        allowed_tools: list("allowedTools")?,
+        disallowed_tools: list("disallowedTools")?,
+        skip_permissions,
+        extra,
+    };
+    Ok((run_options, cwd))
+}
+
+/// `cwd` (relative to the project, or absolute) if it is a directory inside the project.
+fn resolve_cwd(project: &Path, raw: &str) -> Option<PathBuf> {
+    let candidate = if Path::new(raw).is_absolute() { PathBuf::from(raw) } else { project.join(raw) };
+    let resolved = std::fs::canonicalize(candidate).ok()?;
+    let project = std::fs::canonicalize(project).ok()?;
+    (resolved.starts_with(&project) && resolved.is_dir()).then_some(resolved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn project_paths_stay_inside_the_root() {
+        let root = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(root.path()).unwrap();
+        assert_eq!(resolve_project_path(&root, "proj").unwrap(), root.join("proj"));
+        assert_eq!(resolve_project_path(&root, root.join("a/./b").to_str().unwrap()).unwrap(), root.join("a/b"));
+        assert_eq!(resolve_project_path(&root, "  "), Err(PathRefusal::Required));
+        assert_eq!(resolve_project_path(&root, "../x"), Err(PathRefusal::Outside));
+        assert_eq!(resolve_project_path(&root, "a/../../x"), Err(PathRefusal::Outside));
+        assert_eq!(resolve_project_path(&root, "/etc"), Err(PathRefusal::Outside));
+        std::os::unix::fs::symlink("/etc", root.join("link")).unwrap();
+        assert_eq!(resolve_project_path(&root, "link"), Err(PathRefusal::Outside));
+    }
+
+    #[test]
+    fn cwd_is_confined_to_the_project() {
+        let dir = tempfile::tempdir().unwrap();
+        let project = std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::create_dir(project.join("sub")).unwrap();
+        let ok = |o: Value| validate_options("s", &project, o.as_object().unwrap());
+        assert_eq!(ok(json!({})).unwrap().1, project);
+        assert_eq!(ok(json!({"cwd": "sub"})).unwrap().1, project.join("sub"));
+        for bad in [json!({"cwd": ".."}), json!({"cwd": "/tmp"}), json!({"cwd": "missing"}), json!({"cwd": 3})] {
+            assert_eq!(ok(bad).unwrap_err().code, ErrorCode::InvalidOptions);
+        }
+        assert_eq!(ok(json!({"permissionMode": "yolo"})).unwrap_err().code, ErrorCode::InvalidOptions);
+        assert_eq!(ok(json!({"toolsSettings": {"allowedTools": [1]}})).unwrap_err().code, ErrorCode::InvalidOptions);
+        let (opts, _) =
+            ok(json!({"model": "m", "toolsSettings": {"allowedTools": ["Bash(git:*)"], "skipPermissions": true}}))
+                .unwrap();
+        assert_eq!(opts.model.as_deref(), Some("m"));
+        assert_eq!(opts.allowed_tools, vec!["Bash(git:*)"]);
+        assert!(opts.skip_permissions);
+    }
+}

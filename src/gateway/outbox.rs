@@ -1,0 +1,171 @@
+//! A socket's outbound queue, bounded in bytes.
+//!
+//! Producers (live feeds, verb replies) push frames without waiting; the
+//! socket's writer task pops them. When the unsent bytes would pass the limit
+//! the socket is a slow consumer: the queue closes with [`CloseReason::SlowConsumer`]
+//! (code 4008) instead of growing, and the client reconnects and replays.
+
+use std::{
+    collections::VecDeque,
+    sync::{Mutex, MutexGuard},
+};
+
+use tokio::sync::Notify;
+
+use crate::protocol::Frame;
+
+/// Why a socket is being closed by the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// 4008: unsent frames passed `--send-queue-bytes`.
+    SlowConsumer,
+    /// 4401: the token expired.
+    TokenExpired,
+    /// 1012: the node is draining.
+    Draining,
+    /// 1009: an inbound frame was too large.
+    TooLarge,
+    /// 1008: policy (Origin refused).
+    Policy,
+    /// 1000: the peer went away or closed.
+    Normal,
+}
+
+impl CloseReason {
+    pub fn code(self) -> u16 {
+        match self {
+            CloseReason::SlowConsumer => 4008,
+            CloseReason::TokenExpired => 4401,
+            CloseReason::Draining => 1012,
+            CloseReason::TooLarge => 1009,
+            CloseReason::Policy => 1008,
+            CloseReason::Normal => 1000,
+        }
+    }
+
+    pub fn text(self) -> &'static str {
+        match self {
+            CloseReason::SlowConsumer => "slow consumer",
+            CloseReason::TokenExpired => "token expired",
+            CloseReason::Draining => "node draining",
+            CloseReason::TooLarge => "frame too large",
+            CloseReason::Policy => "origin not allowed",
+            CloseReason::Normal => "bye",
+        }
+    }
+}
+
+struct State {
+    frames: VecDeque<Frame>,
+    bytes: usize,
+    closed: Option<CloseReason>,
+}
+
+/// The byte-bounded queue between producers and a socket's writer.
+pub struct Outbox {
+    state: Mutex<State>,
+    notify: Notify,
+    limit: usize,
+}
+
+impl Outbox {
+    pub fn new(limit: usize) -> Self {
+        Outbox {
+            state: Mutex::new(State { frames: VecDeque::new(), bytes: 0, closed: None }),
+            notify: Notify::new(),
+            limit,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a frame; false when the socket is closed or just overflowed.
+    pub fn push(&self, frame: Frame) -> bool {
+        let mut state = self.lock();
+        if state.closed.is_some() {
+            return false;
+        }
+        if state.bytes + frame.len() > self.limit {
+            state.closed = Some(CloseReason::SlowConsumer);
+            state.frames.clear();
+            state.bytes = 0;
+            drop(state);
+            metrics::counter!("chatgate_slow_consumer_closes_total").increment(1);
+            self.notify.notify_one();
+            return false;
+        }
+        state.bytes += frame.len();
+        state.frames.push_back(frame);
+        drop(state);
+        self.notify.notify_one();
+        true
+    }
+
+    /// Asks the writer to close the socket (first reason wins).
+    pub fn close(&self, reason: CloseReason) {
+        let mut state = self.lock();
+        if state.closed.is_none() {
+            state.closed = Some(reason);
+        }
+        drop(state);
+        self.notify.notify_one();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed.is_some()
+    }
+
+    /// Waits for frames; moves up to `max` of them into `out`. `Err` once the
+    /// queue is closed and (for a normal close) drained.
+    pub async fn pop(&self, out: &mut Vec<Frame>, max: usize) -> Result<(), CloseReason> {
+        loop {
+            {
+                let mut state = self.lock();
+                if let Some(reason) = state.closed
+                    && (reason != CloseReason::Normal || state.frames.is_empty())
+                {
+                    return Err(reason);
+                }
+                if !state.frames.is_empty() {
+                    let n = state.frames.len().min(max);
+                    let state = &mut *state;
+                    for frame in state.frames.drain(..n) {
+                        state.bytes -= frame.len();
+                        out.push(frame);
+                    }
+                    return Ok(());
+                }
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn overflow_closes_as_slow_consumer() {
+        let outbox = Outbox::new(10);
+        assert!(outbox.push(Frame::from("12345")));
+        assert!(outbox.push(Frame::from("12345")));
+        assert!(!outbox.push(Frame::from("1")));
+        let mut out = Vec::new();
+        assert_eq!(outbox.pop(&mut out, 10).await, Err(CloseReason::SlowConsumer));
+    }
+
+    #[tokio::test]
+    async fn pops_in_order_and_frees_bytes() {
+        let outbox = Outbox::new(10);
+        outbox.push(Frame::from("abc"));
+        outbox.push(Frame::from("def"));
+        let mut out = Vec::new();
+        outbox.pop(&mut out, 1).await.unwrap();
+        outbox.pop(&mut out, 8).await.unwrap();
+        assert_eq!(out, vec![Frame::from("abc"), Frame::from("def")]);
+        assert!(outbox.push(Frame::from("0123456789")));
+    }
+}

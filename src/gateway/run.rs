@@ -1,0 +1,414 @@
+//! The owner-side run driver: runtime events in, sequenced events out.
+//!
+//! One task per run owns everything about it: it labels the runtime's events
+//! (id, sessionId, provider, timestamp, runId), appends them through the
+//! registry in batches (coalescing what queued up while the last append was in
+//! flight), records tool approvals, renews the lease, routes aborts and
+//! answers, writes history, and appends the one terminal `complete` — after
+//! which nothing of this run can be appended.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde_json::{Map, Value, json};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::Gateway;
+use crate::{
+    protocol::{EventBody, PermissionAnswer, now_iso, session_upserted},
+    runs::{Control, Event, RegistryError, RunGrant, RunLease},
+    runtime::{RUNTIME_EVENT_CAPACITY, RunContext, RunOutcome, RunRequest, Runtime, RuntimeMsg},
+    store::{HistoryRow, SessionRow},
+};
+
+/// Most runtime messages folded into one append.
+const MAX_BATCH: usize = 256;
+/// How long a stopped runtime may take to exit before its task is dropped.
+const RUNTIME_EXIT_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the node stops one of its runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// SIGTERM drain: the grace period ran out.
+    Draining,
+}
+
+/// What `chat.send` hands to the driver.
+pub(super) struct RunPlan {
+    pub session: SessionRow,
+    pub user_id: String,
+    pub run_id: String,
+    pub request: RunRequest,
+    pub runtime: Arc<dyn Runtime>,
+    pub grant: RunGrant,
+}
+
+/// How the run ended, before it is written as `complete`.
+enum Ending {
+    Finished(RunOutcome),
+    Aborted,
+    Stopped(StopReason),
+    /// The lock is gone: nothing more may be appended.
+    LeaseLost,
+}
+
+impl Gateway {
+    /// Starts driving a granted run on this node.
+    pub(super) fn spawn_run(self: &Arc<Self>, plan: RunPlan) {
+        let stop = CancellationToken::new();
+        let reason = Arc::new(Mutex::new(None));
+        self.track_run(&plan.run_id, stop.clone(), reason.clone());
+        let span = tracing::info_span!("run", session_id = %plan.session.session_id, run_id = %plan.run_id,
+            provider = %plan.session.provider);
+        let gateway = self.clone();
+        let run_id = plan.run_id.clone();
+        self.tracker.spawn(
+            async move {
+                let started = Instant::now();
+                Driver::new(gateway.clone(), plan).run(stop, reason).await;
+                metrics::histogram!("chatgate_run_seconds").record(started.elapsed().as_secs_f64());
+                gateway.untrack_run(&run_id);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+struct Driver {
+    gateway: Arc<Gateway>,
+    lease: RunLease,
+    session: SessionRow,
+    user_id: String,
+    prompt: Option<String>,
+    pending: HashMap<String, oneshot::Sender<PermissionAnswer>>,
+    /// Text of the `stream_delta`s since the last `stream_end`, and the last one's seq.
+    streamed: Option<(String, u64)>,
+    last_renewal: Instant,
+    plan: Option<(RunRequest, Arc<dyn Runtime>, mpsc::Receiver<Control>)>,
+}
+
+impl Driver {
+    fn new(gateway: Arc<Gateway>, plan: RunPlan) -> Self {
+        let RunGrant { lease, control } = plan.grant;
+        Driver {
+            gateway,
+            lease,
+            prompt: Some(plan.request.content.clone()),
+            session: plan.session,
+            user_id: plan.user_id,
+            pending: HashMap::new(),
+            streamed: None,
+            last_renewal: Instant::now(),
+            plan: Some((plan.request, plan.runtime, control)),
+        }
+    }
+
+    async fn run(mut self, stop: CancellationToken, reason: Arc<Mutex<Option<StopReason>>>) {
+        let Some((request, runtime, mut control)) = self.plan.take() else { return };
+        let (tx, mut rx) = mpsc::channel(RUNTIME_EVENT_CAPACITY);
+        let cancel = CancellationToken::new();
+        let mut runtime_task = tokio::spawn({
+            let ctx = RunContext::new(tx, cancel.clone());
+            async move { runtime.run(request, ctx).await }
+        });
+        let lease_len = self.gateway.settings.run_lease;
+        let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + lease_len / 3, lease_len / 3);
+        let mut control_open = true;
+        let ending = loop {
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(first) => {
+                        let mut msgs = vec![first];
+                        while msgs.len() < MAX_BATCH {
+                            match rx.try_recv() {
+                                Ok(msg) => msgs.push(msg),
+                                Err(_) => break,
+                            }
+                        }
+                        if self.handle(msgs).await.is_err() {
+                            break Ending::LeaseLost;
+                        }
+                    }
+                    None => break match (&mut runtime_task).await {
+                        Ok(outcome) => Ending::Finished(outcome),
+                        Err(e) => Ending::Finished(RunOutcome { exit_code: 1, error: Some(format!("runtime crashed: {e}")) }),
+                    },
+                },
+                ctl = control.recv(), if control_open => match ctl {
+                    Some(Control::Abort { .. }) => break Ending::Aborted,
+                    Some(Control::Permission { request_id, answer, .. }) => {
+                        if self.answer(&request_id, answer).await.is_err() {
+                            break Ending::LeaseLost;
+                        }
+                    }
+                    None => control_open = false,
+                },
+                _ = renew.tick() => {
+                    if self.renew().await.is_err() {
+                        break Ending::LeaseLost;
+                    }
+                }
+                _ = stop.cancelled() => {
+                    let why = reason.lock().ok().and_then(|r| *r).unwrap_or(StopReason::Draining);
+                    break Ending::Stopped(why);
+                }
+            }
+        };
+        cancel.cancel();
+        // Unanswered approvals end with the run.
+        self.pending.clear();
+        if !matches!(ending, Ending::Finished(_))
+            && tokio::time::timeout(RUNTIME_EXIT_GRACE, &mut runtime_task).await.is_err()
+        {
+            tracing::warn!("runtime did not stop in time; dropping its task");
+            runtime_task.abort();
+        }
+        self.finish(ending).await;
+    }
+
+    /// Labels, appends and records one batch of runtime messages.
+    async fn handle(&mut self, msgs: Vec<RuntimeMsg>) -> Result<(), RegistryError> {
+        let mut batch = Vec::with_capacity(msgs.len());
+        let mut deltas = Vec::with_capacity(msgs.len());
+        for msg in msgs {
+            match msg {
+                RuntimeMsg::Event(fields) => {
+                    let delta = (fields.get("kind").and_then(Value::as_str) == Some("stream_delta"))
+                        .then(|| fields.get("content").and_then(Value::as_str).unwrap_or("").to_string());
+                    batch.push(self.label(fields));
+                    deltas.push(delta);
+                }
+                RuntimeMsg::ProviderSessionId(id) => self.announce(id).await,
+                RuntimeMsg::Permission { request_id, tool_name, input, reply } => {
+                    let request = json!({
+                        "requestId": request_id, "toolName": tool_name, "input": input,
+                        "sessionId": self.session.session_id, "receivedAt": now_iso(),
+                    });
+                    self.gateway.registry.add_pending(&self.lease, &request_id, request).await?;
+                    self.pending.insert(request_id.clone(), reply);
+                    let fields = json!({ "kind": "permission_request", "requestId": request_id,
+                        "toolName": tool_name, "input": input });
+                    batch.push(self.label(object(fields)));
+                    deltas.push(None);
+                }
+                RuntimeMsg::PermissionCancelled { request_id, reason } => {
+                    if self.pending.remove(&request_id).is_some() {
+                        self.gateway.registry.remove_pending(&self.lease, &request_id).await?;
+                        let fields =
+                            json!({ "kind": "permission_cancelled", "requestId": request_id, "reason": reason });
+                        batch.push(self.label(object(fields)));
+                        deltas.push(None);
+                    }
+                }
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let events = self.append(batch.clone()).await?;
+        let rows = self.history_rows(&batch, &events, deltas);
+        self.gateway.history.write(rows).await;
+        Ok(())
+    }
+
+    /// Appends with retries while the backend is away, until the lease would be gone.
+    async fn append(&mut self, batch: Vec<EventBody>) -> Result<Vec<Event>, RegistryError> {
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self.gateway.registry.append(&self.lease, batch.clone()).await {
+                Ok(events) => {
+                    metrics::counter!("chatgate_events_appended_total").increment(events.len() as u64);
+                    metrics::histogram!("chatgate_append_seconds").record(started.elapsed().as_secs_f64());
+                    return Ok(events);
+                }
+                Err(RegistryError::Unavailable(e)) if self.last_renewal.elapsed() < self.gateway.settings.run_lease => {
+                    metrics::counter!("chatgate_backend_errors_total", "backend" => "redis").increment(1);
+                    tracing::warn!(error = %e, "append failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "append refused; the run lost its lock");
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn renew(&mut self) -> Result<(), RegistryError> {
+        match self.gateway.registry.renew(&self.lease).await {
+            Ok(()) => {
+                self.last_renewal = Instant::now();
+                Ok(())
+            }
+            Err(RegistryError::Unavailable(e)) if self.last_renewal.elapsed() < self.gateway.settings.run_lease => {
+                tracing::warn!(error = %e, "lease renewal failed; will retry");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "lease lost; stopping the run");
+                Err(e)
+            }
+        }
+    }
+
+    /// Resolves a pending approval: `permission_resolved` for every tab, then the runtime goes on.
+    async fn answer(&mut self, request_id: &str, answer: PermissionAnswer) -> Result<(), RegistryError> {
+        let Some(reply) = self.pending.remove(request_id) else { return Ok(()) };
+        self.gateway.registry.remove_pending(&self.lease, request_id).await?;
+        let fields = json!({ "kind": "permission_resolved", "requestId": request_id, "allow": answer.allow });
+        let body = self.label(object(fields));
+        let events = self.append(vec![body.clone()]).await?;
+        let rows = self.history_rows(&[body], &events, vec![None]);
+        self.gateway.history.write(rows).await;
+        let _ = reply.send(answer);
+        Ok(())
+    }
+
+    /// Stores the provider's own session id and tells the user's sockets.
+    async fn announce(&mut self, provider_session_id: String) {
+        if self.session.provider_session_id.as_deref() == Some(provider_session_id.as_str()) {
+            return;
+        }
+        let store = &self.gateway.store;
+        if let Err(e) = store.set_provider_session_id(&self.session.session_id, &provider_session_id).await {
+            tracing::warn!(error = %e, "could not store the provider session id");
+            return;
+        }
+        self.session.provider_session_id = Some(provider_session_id.clone());
+        let session = self.session.to_json(true, 0);
+        let frame =
+            session_upserted(&self.session.session_id, &self.session.provider, Some(&provider_session_id), &session);
+        if let Err(e) = self.gateway.registry.notify_user(&self.user_id, frame).await {
+            tracing::warn!(error = %e, "could not send session_upserted");
+        }
+    }
+
+    /// Appends the terminal `complete` (unless the lease is lost) and flushes history.
+    async fn finish(mut self, ending: Ending) {
+        let (exit_code, aborted, error) = match ending {
+            Ending::Finished(outcome) => (outcome.exit_code, false, outcome.error),
+            Ending::Aborted => (0, true, None),
+            Ending::Stopped(StopReason::Draining) => (1, true, Some("node draining".to_string())),
+            Ending::LeaseLost => {
+                metrics::counter!("chatgate_runs_total", "outcome" => "lease_lost").increment(1);
+                self.flush_streamed(&mut Vec::new()).await;
+                return;
+            }
+        };
+        let mut fields = json!({
+            "kind": "complete", "exitCode": exit_code, "success": exit_code == 0 && !aborted,
+            "aborted": aborted, "actualSessionId": self.session.session_id,
+        });
+        if let Some(error) = error {
+            fields["error"] = Value::String(error);
+        }
+        let body = self.label(object(fields));
+        let mut delay = Duration::from_millis(50);
+        let event = loop {
+            match self.gateway.registry.complete(&self.lease, body.clone()).await {
+                Ok(event) => break Some(event),
+                Err(RegistryError::Unavailable(e)) if self.last_renewal.elapsed() < self.gateway.settings.run_lease => {
+                    tracing::warn!(error = %e, "complete failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not append the terminal complete");
+                    break None;
+                }
+            }
+        };
+        let outcome = if aborted {
+            "aborted"
+        } else if exit_code == 0 {
+            "success"
+        } else {
+            "failure"
+        };
+        metrics::counter!("chatgate_runs_total", "outcome" => outcome).increment(1);
+        let mut rows = Vec::new();
+        if let Some(event) = event {
+            rows = self.history_rows(&[body], &[event], vec![None]);
+        } else {
+            self.flush_streamed(&mut rows).await;
+        }
+        self.gateway.history.write(rows).await;
+    }
+
+    async fn flush_streamed(&mut self, rows: &mut Vec<HistoryRow>) {
+        if let Some(row) = self.streamed_row(None) {
+            rows.push(row);
+        }
+        self.gateway.history.write(std::mem::take(rows)).await;
+    }
+
+    /// Adds the run's labels to a runtime event.
+    fn label(&self, fields: Map<String, Value>) -> EventBody {
+        let kind = fields.get("kind").and_then(Value::as_str).unwrap_or("text").to_string();
+        let mut event = Map::new();
+        event.insert("id".into(), Value::String(format!("{kind}_{}", uuid::Uuid::new_v4())));
+        event.insert("timestamp".into(), Value::String(now_iso()));
+        for (key, value) in fields {
+            if !matches!(key.as_str(), "sessionId" | "provider" | "runId" | "seq") {
+                event.insert(key, value);
+            }
+        }
+        event.insert("kind".into(), Value::String(kind.clone()));
+        event.insert("sessionId".into(), Value::String(self.session.session_id.clone()));
+        event.insert("provider".into(), Value::String(self.session.provider.clone()));
+        event.insert("runId".into(), Value::String(self.lease.run_id.clone()));
+        EventBody { kind, json: Value::Object(event).to_string() }
+    }
+
+    /// History rows of appended events: the prompt before the first one,
+    /// `stream_delta`s merged into one assistant `text` at their `stream_end`.
+    fn history_rows(&mut self, bodies: &[EventBody], events: &[Event], deltas: Vec<Option<String>>) -> Vec<HistoryRow> {
+        let mut rows = Vec::new();
+        for ((body, event), delta) in bodies.iter().zip(events).zip(deltas) {
+            if let Some(prompt) = self.prompt.take() {
+                let fields = json!({ "kind": "text", "role": "user", "content": prompt });
+                let labelled = self.label(object(fields));
+                rows.push(self.row(event.seq, 0, labelled));
+            }
+            match (body.kind.as_str(), delta) {
+                ("stream_delta", Some(text)) => {
+                    let merged = self.streamed.get_or_insert_with(|| (String::new(), event.seq));
+                    merged.0.push_str(&text);
+                    merged.1 = event.seq;
+                }
+                ("stream_end", _) => rows.extend(self.streamed_row(Some(event.seq))),
+                _ => {
+                    rows.extend(self.streamed_row(None));
+                    rows.push(self.row(event.seq, 1, body.clone()));
+                }
+            }
+        }
+        rows
+    }
+
+    /// The merged text of pending deltas, stored at `seq` (default: the last delta's).
+    fn streamed_row(&mut self, seq: Option<u64>) -> Option<HistoryRow> {
+        let (text, last) = self.streamed.take()?;
+        let fields = json!({ "kind": "text", "role": "assistant", "content": text });
+        let body = self.label(object(fields));
+        Some(self.row(seq.unwrap_or(last), 1, body))
+    }
+
+    fn row(&self, seq: u64, part: u8, body: EventBody) -> HistoryRow {
+        HistoryRow { session_id: self.session.session_id.clone(), seq, part, kind: body.kind, body: body.json }
+    }
+}
+
+fn object(value: Value) -> Map<String, Value> {
+    match value {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    }
+}

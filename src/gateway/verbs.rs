@@ -1,0 +1,220 @@
+//! The inbound verbs of `/ws`, with the seed's semantics, error texts and the
+//! fixes of interface §3 (ownership on every verb, confined `cwd`, per-session
+//! seq, fan-out to every subscriber).
+
+use std::{path::PathBuf, sync::Arc};
+
+use serde_json::{Map, Value};
+
+use super::{Connection, Gateway, options::validate_options, run::RunPlan, valid_session_id};
+use crate::{
+    protocol::{ErrorCode, Inbound, PermissionAnswer, ProtocolError, SubscribeTarget, chat_subscribed, parse_inbound},
+    runs::{RegistryError, RunStart},
+    runtime::RunRequest,
+    store::SessionRow,
+};
+
+impl Gateway {
+    /// Handles one inbound text frame; a rejection is answered as `protocol_error`.
+    pub async fn dispatch(self: &Arc<Self>, conn: &Arc<Connection>, text: &str) {
+        let result = match parse_inbound(text) {
+            Ok(Inbound::Send { session_id, content, options }) => {
+                self.chat_send(conn, &session_id, content, &options).await
+            }
+            Ok(Inbound::Abort { session_id }) => self.chat_abort(conn, &session_id).await,
+            Ok(Inbound::Subscribe { targets }) => {
+                self.chat_subscribe(conn, targets).await;
+                Ok(())
+            }
+            Ok(Inbound::Unsubscribe { session_ids }) => {
+                for id in session_ids {
+                    conn.detach(&id);
+                }
+                Ok(())
+            }
+            Ok(Inbound::PermissionResponse { request_id, answer }) => {
+                self.permission_response(conn, request_id, answer).await;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(error) = result {
+            metrics::counter!("chatgate_protocol_errors_total", "code" => error.code.as_str()).increment(1);
+            conn.send(error.to_frame());
+        }
+    }
+
+    /// The user's session, or the seed's `SESSION_NOT_FOUND` for a missing,
+    /// malformed, archived or foreign one.
+    async fn owned_session(&self, conn: &Connection, session_id: &str) -> Result<SessionRow, ProtocolError> {
+        let not_found = || {
+            ProtocolError::new(
+                ErrorCode::SessionNotFound,
+                format!("Session \"{session_id}\" was not found. Create it via POST /api/providers/sessions first."),
+            )
+            .with_session(session_id)
+        };
+        if !valid_session_id(session_id) {
+            return Err(not_found());
+        }
+        match self.store.session(&conn.user_id, session_id).await {
+            Ok(Some(row)) if !row.is_archived => Ok(row),
+            Ok(_) => Err(not_found()),
+            Err(e) => {
+                metrics::counter!("chatgate_backend_errors_total", "backend" => "database").increment(1);
+                tracing::warn!(error = %e, "session lookup failed");
+                Err(unavailable(session_id, "The session database cannot be reached."))
+            }
+        }
+    }
+
+    async fn chat_send(
+        self: &Arc<Self>,
+        conn: &Arc<Connection>,
+        session_id: &str,
+        content: String,
+        options: &Map<String, Value>,
+    ) -> Result<(), ProtocolError> {
+        if self.is_draining() {
+            return Err(unavailable(session_id, "This node is draining; reconnect and send again."));
+        }
+        let session = self.owned_session(conn, session_id).await?;
+        let Some(runtime) = self.runtimes.get(&session.provider).cloned() else {
+            return Err(ProtocolError::new(
+                ErrorCode::UnsupportedProvider,
+                format!("Provider \"{}\" is not available.", session.provider),
+            )
+            .with_session(session_id));
+        };
+        let project_path = PathBuf::from(&session.project_path);
+        let (run_options, cwd) = validate_options(session_id, &project_path, options)?;
+        let run_id = uuid::Uuid::new_v4().to_string();
+        let start = RunStart {
+            session_id: session_id.to_string(),
+            run_id: run_id.clone(),
+            provider: session.provider.clone(),
+            user_id: conn.user_id.clone(),
+            node_id: self.settings.node_id.clone(),
+            seq_floor: session.last_seq,
+        };
+        let grant = match self.registry.start_run(start).await {
+            Ok(grant) => grant,
+            Err(RegistryError::RunInProgress) => {
+                return Err(ProtocolError::new(
+                    ErrorCode::RunInProgress,
+                    format!("Session \"{session_id}\" already has a run in progress."),
+                )
+                .with_session(session_id));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "start_run failed");
+                return Err(unavailable(session_id, "The run coordinator cannot be reached; nothing was started."));
+            }
+        };
+        // The sender follows its own run (a no-op when it already subscribed).
+        if !conn.is_subscribed(session_id)
+            && let Ok(subscription) = self.registry.subscribe(session_id, u64::MAX).await
+        {
+            conn.attach(session_id, subscription.live, self.registry.clone());
+        }
+        let request = RunRequest {
+            session_id: session_id.to_string(),
+            content,
+            provider_session_id: session.provider_session_id.clone(),
+            cwd,
+            project_path,
+            options: run_options,
+        };
+        tracing::info!(session_id, run_id = %run_id, provider = %session.provider, "run started");
+        self.spawn_run(RunPlan { session, user_id: conn.user_id.clone(), run_id, request, runtime, grant });
+        Ok(())
+    }
+
+    async fn chat_abort(&self, conn: &Connection, session_id: &str) -> Result<(), ProtocolError> {
+        let routed = if valid_session_id(session_id) {
+            self.registry.route_abort(session_id, &conn.user_id).await.map_err(|e| {
+                tracing::warn!(error = %e, "abort routing failed");
+                unavailable(session_id, "The run coordinator cannot be reached.")
+            })?
+        } else {
+            false
+        };
+        if routed {
+            Ok(())
+        } else {
+            Err(ProtocolError::new(ErrorCode::NoActiveRun, format!("Session \"{session_id}\" has no active run."))
+                .with_session(session_id))
+        }
+    }
+
+    async fn chat_subscribe(&self, conn: &Arc<Connection>, targets: Vec<SubscribeTarget>) {
+        for target in targets {
+            let id = target.session_id.as_str();
+            let owned = match self.owned_or_archived(conn, id).await {
+                Ok(owned) => owned,
+                Err(error) => {
+                    conn.send(error.to_frame());
+                    continue;
+                }
+            };
+            let Some(session) = owned else {
+                // Another user's or a missing session: an idle ack, never an event.
+                conn.send(chat_subscribed(id, false, 0, None, &[], false));
+                continue;
+            };
+            let subscription = match self.registry.subscribe(id, target.last_seq).await {
+                Ok(subscription) => subscription,
+                Err(e) => {
+                    tracing::warn!(error = %e, "subscribe failed");
+                    conn.send(unavailable(id, "The run coordinator cannot be reached.").to_frame());
+                    continue;
+                }
+            };
+            let snapshot = &subscription.snapshot;
+            let last_seq = snapshot.last_seq.max(session.last_seq);
+            metrics::counter!("chatgate_subscribes_total").increment(1);
+            if subscription.replay_truncated {
+                metrics::counter!("chatgate_replay_truncated_total").increment(1);
+            }
+            metrics::counter!("chatgate_replayed_events_total").increment(subscription.replay.len() as u64);
+            conn.send(chat_subscribed(
+                id,
+                snapshot.is_processing,
+                last_seq,
+                snapshot.run_id.as_deref(),
+                &snapshot.pending_permissions,
+                subscription.replay_truncated,
+            ));
+            for event in subscription.replay {
+                conn.send(event.frame);
+            }
+            conn.attach(id, subscription.live, self.registry.clone());
+        }
+    }
+
+    /// Like `owned_session`, but archived sessions may be watched and a missing one is `None`.
+    async fn owned_or_archived(
+        &self,
+        conn: &Connection,
+        session_id: &str,
+    ) -> Result<Option<SessionRow>, ProtocolError> {
+        if !valid_session_id(session_id) {
+            return Ok(None);
+        }
+        self.store.session(&conn.user_id, session_id).await.map_err(|e| {
+            tracing::warn!(error = %e, "session lookup failed");
+            unavailable(session_id, "The session database cannot be reached.")
+        })
+    }
+
+    async fn permission_response(&self, conn: &Connection, request_id: Option<String>, answer: PermissionAnswer) {
+        let Some(request_id) = request_id else { return };
+        if let Err(e) = self.registry.route_permission(&conn.user_id, &request_id, answer).await {
+            tracing::warn!(error = %e, "permission routing failed");
+        }
+    }
+}
+
+fn unavailable(session_id: &str, message: &str) -> ProtocolError {
+    ProtocolError::new(ErrorCode::BackendUnavailable, message).with_session(session_id)
+}

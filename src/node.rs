@@ -1,0 +1,130 @@
+//! One gateway node: wiring (store, registry, runtimes, gateway, router),
+//! serving, and the SIGTERM drain.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    api::{self, ApiSettings, AppState},
+    auth::Auth,
+    config::{Config, ConfigError},
+    gateway::{Gateway, GatewaySettings},
+    runs::{SharedRegistry, memory::MemoryRegistry},
+    runtime::build_runtimes,
+    store::{Store, StoreError},
+};
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("run registry: {0}")]
+    Registry(String),
+}
+
+/// A started node.
+pub struct Node {
+    pub addr: SocketAddr,
+    pub node_id: String,
+    pub gateway: Arc<Gateway>,
+    pub auth: Arc<Auth>,
+    stop_serving: CancellationToken,
+    server: JoinHandle<()>,
+    drain_grace: Duration,
+}
+
+/// The process-wide Prometheus recorder (installed once; nodes in one process share it).
+fn metrics_handle() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0];
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+                .ok()?
+                .install_recorder()
+                .ok()
+        })
+        .clone()
+}
+
+impl Node {
+    /// Connects everything and starts serving. `secret` is the JWT secret to use.
+    pub async fn start(config: &Config, secret: &str) -> Result<Node, NodeError> {
+        config.validate()?;
+        let node_id = config.node_id();
+        let workspaces_root = config.workspaces_root()?;
+        let metrics = metrics_handle();
+        let store = Store::connect(&config.database_url).await?;
+        store.migrate().await?;
+        let registry: SharedRegistry = match &config.redis_url {
+            None => Arc::new(MemoryRegistry::new(config.replay_max_events, config.replay_retention)),
+            Some(_) => {
+                return Err(NodeError::Registry("cluster mode (--redis-url) is not available in this build".into()));
+            }
+        };
+        let runtimes = build_runtimes(&config.providers.0);
+        let settings = GatewaySettings {
+            node_id: node_id.clone(),
+            workspaces_root: workspaces_root.clone(),
+            run_lease: config.run_lease,
+            send_queue_bytes: config.send_queue_bytes,
+        };
+        let gateway = Gateway::new(settings, store, registry, runtimes);
+        let auth = Arc::new(Auth::new(secret.as_bytes()));
+        let state = AppState {
+            gateway: gateway.clone(),
+            auth: auth.clone(),
+            settings: Arc::new(ApiSettings {
+                allowed_origins: config.allowed_origins.clone(),
+                max_frame_bytes: config.max_frame_bytes,
+                send_queue_bytes: config.send_queue_bytes,
+                workspaces_root,
+                ping_interval: config.ping_interval,
+            }),
+            metrics,
+        };
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| NodeError::Listen { addr: config.listen, source })?;
+        let addr = listener.local_addr().map_err(|source| NodeError::Listen { addr: config.listen, source })?;
+        let stop_serving = CancellationToken::new();
+        let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
+        let server = tokio::spawn({
+            let stop = stop_serving.clone();
+            async move {
+                let serve = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await });
+                if let Err(e) = serve.await {
+                    tracing::error!(error = %e, "server stopped");
+                }
+            }
+        });
+        tracing::info!(%addr, node_id = %node_id, cluster = config.redis_url.is_some(), "chatgate node listening");
+        Ok(Node { addr, node_id, gateway, auth, stop_serving, server, drain_grace: config.drain_grace })
+    }
+
+    /// SIGTERM behaviour: readiness off, sockets closed with 1012, no new runs,
+    /// runs get the drain grace, the rest end with a terminal `complete`.
+    pub async fn drain(self) {
+        tracing::info!(runs = self.gateway.local_run_count(), "draining");
+        let gateway = self.gateway.clone();
+        let drained = tokio::spawn(async move { gateway.drain(self.drain_grace).await });
+        self.stop_serving.cancel();
+        let _ = drained.await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.server).await;
+        self.gateway.store.close().await;
+        tracing::info!("drained");
+    }
+}

@@ -1,0 +1,119 @@
+//! The `messages` table: the durable history of every session (interface §5).
+
+use serde_json::{Map, Value};
+use sqlx::Row;
+
+use super::{Store, StoreError, now_ms};
+
+/// One history row to write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryRow {
+    pub session_id: String,
+    pub seq: u64,
+    /// 0: the user's prompt, placed before the event with this seq; 1: an event.
+    pub part: u8,
+    pub kind: String,
+    /// The event JSON without `seq`.
+    pub body: String,
+}
+
+/// A page of history, as `GET …/messages` returns it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessagePage {
+    pub messages: Vec<Value>,
+    pub total: i64,
+}
+
+impl Store {
+    /// Writes history rows (idempotent: a row already there is kept) and raises
+    /// each touched session's `last_seq` high-water mark.
+    pub async fn append_history(&self, rows: &[HistoryRow]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for row in rows {
+            sqlx::query(
+                "INSERT INTO messages (session_id, seq, part, kind, body) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (session_id, seq, part) DO NOTHING",
+            )
+            .bind(&row.session_id)
+            .bind(i64::try_from(row.seq).unwrap_or(i64::MAX))
+            .bind(i64::from(row.part))
+            .bind(&row.kind)
+            .bind(&row.body)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let mut tops: Vec<(&str, u64)> = Vec::new();
+        for row in rows.iter().filter(|r| r.part == 1) {
+            match tops.iter_mut().find(|(id, _)| *id == row.session_id) {
+                Some((_, top)) => *top = (*top).max(row.seq),
+                None => tops.push((&row.session_id, row.seq)),
+            }
+        }
+        for (session_id, top) in tops {
+            self.raise_last_seq(&mut tx, session_id, top).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn raise_last_seq(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        session_id: &str,
+        top: u64,
+    ) -> Result<(), StoreError> {
+        let top = i64::try_from(top).unwrap_or(i64::MAX);
+        sqlx::query(
+            "UPDATE sessions SET last_seq = CASE WHEN last_seq < $1 THEN $1 ELSE last_seq END, updated_at = $2 \
+             WHERE session_id = $3",
+        )
+        .bind(top)
+        .bind(now_ms())
+        .bind(session_id)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Raises a session's seq high-water mark without writing history.
+    pub async fn raise_session_seq(&self, session_id: &str, top: u64) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        self.raise_last_seq(&mut tx, session_id, top).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A page counted from the newest (offset 0 = newest page), oldest first
+    /// inside it, as upstream. `limit: None` returns everything after `offset`.
+    pub async fn messages(&self, session_id: &str, limit: Option<i64>, offset: i64) -> Result<MessagePage, StoreError> {
+        let total: i64 = sqlx::query("SELECT COUNT(*) AS n FROM messages WHERE session_id = $1")
+            .bind(session_id)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")?;
+        let rows = sqlx::query(
+            "SELECT seq, part, body FROM messages WHERE session_id = $1 ORDER BY seq DESC, part DESC LIMIT $2 OFFSET $3",
+        )
+        .bind(session_id)
+        .bind(limit.unwrap_or(i64::MAX))
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut messages = Vec::with_capacity(rows.len());
+        for row in rows.iter().rev() {
+            let seq: i64 = row.try_get("seq")?;
+            let part: i64 = row.try_get("part")?;
+            let body: String = row.try_get("body")?;
+            let mut object = match serde_json::from_str::<Value>(&body) {
+                Ok(Value::Object(object)) => object,
+                _ => Map::new(),
+            };
+            object.insert("seq".into(), if part == 1 { Value::from(seq) } else { Value::Null });
+            messages.push(Value::Object(object));
+        }
+        Ok(MessagePage { messages, total })
+    }
+}
