@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Runs chatgate's whole test suite. On a fresh Debian machine with Rust it first
+# installs (as root, from Debian's packages) and starts Redis and PostgreSQL
+# when they are missing; where they already run it leaves them alone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PG_URL=${CHATGATE_TEST_PG_URL:-postgres://postgres@127.0.0.1:5432/test}
+export CHATGATE_TEST_PG_URL=$PG_URL
+
+log() { printf '\n== %s\n' "$*"; }
+
+apt_install() {
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "need root to install $* (run as root, or install them yourself)" >&2
+    exit 1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+ensure_redis() {
+  if command -v redis-cli >/dev/null && redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; then
+    return
+  fi
+  command -v redis-server >/dev/null || { log "installing Redis"; apt_install redis-server; }
+  log "starting Redis on 127.0.0.1:6379"
+  mkdir -p /tmp/chatgate-redis
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+    --dir /tmp/chatgate-redis --logfile /tmp/chatgate-redis/redis.log
+  for _ in $(seq 50); do redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG && return; sleep 0.1; done
+  echo "Redis did not start" >&2; exit 1
+}
+
+pg_ready() { pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; }
+
+ensure_postgres() {
+  if ! pg_ready; then
+    command -v pg_ctlcluster >/dev/null || { log "installing PostgreSQL"; apt_install postgresql postgresql-client; }
+    local version
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    local hba=/etc/postgresql/$version/main/pg_hba.conf
+    # Tests connect as postgres over TCP without a password: trust loopback.
+    if ! grep -q '^host all all 127.0.0.1/32 trust' "$hba"; then
+      sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba"
+    fi
+    log "starting PostgreSQL $version"
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start || pg_ctlcluster "$version" main start
+    for _ in $(seq 100); do pg_ready && break; sleep 0.2; done
+    pg_ready || { echo "PostgreSQL did not start" >&2; exit 1; }
+  fi
+  if ! psql "$PG_URL" -Atc 'SELECT 1' >/dev/null 2>&1; then
+    log "creating database test"
+    psql "${PG_URL%/*}/postgres" -c 'CREATE DATABASE test' >/dev/null
+  fi
+}
+
+ensure_redis
+ensure_postgres
+
+log "format and lints"
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+
+log "tests"
+cargo test --all-targets --locked
+
+if [ -x scripts/check-deploy.sh ]; then
+  log "deploy manifests (offline validation)"
+  scripts/check-deploy.sh
+fi
+log "all tests passed"
