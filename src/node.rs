@@ -56,8 +56,49 @@ fn metrics_handle() -> Option<PrometheusHandle> {
                 .ok()?
                 .install_recorder()
                 .ok()
+                .inspect(|_| register_families())
         })
         .clone()
+}
+
+/// Describes every family and sets it to zero, so `/metrics` shows them from the start.
+fn register_families() {
+    use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge};
+    describe_gauge!("chatgate_connections", "Open WebSocket connections");
+    describe_gauge!("chatgate_subscriptions", "Session subscriptions of open sockets");
+    describe_gauge!("chatgate_runs", "Runs owned by this node, by state");
+    describe_counter!("chatgate_runs_total", "Finished runs, by outcome");
+    describe_counter!("chatgate_events_appended_total", "Events appended by runs this node owns");
+    describe_counter!("chatgate_events_delivered_total", "Live events queued to sockets");
+    describe_counter!("chatgate_subscribes_total", "chat.subscribe targets served");
+    describe_counter!("chatgate_replayed_events_total", "Events replayed to subscribers");
+    describe_counter!("chatgate_replay_truncated_total", "Subscriptions told replayTruncated");
+    describe_counter!("chatgate_slow_consumer_closes_total", "Sockets closed with 4008");
+    describe_counter!("chatgate_backend_errors_total", "Failed database or Redis operations");
+    describe_counter!("chatgate_protocol_errors_total", "protocol_error frames sent, by code");
+    describe_counter!("chatgate_frames_received_total", "Inbound text frames");
+    describe_histogram!("chatgate_append_seconds", "Latency of one registry append (batch)");
+    describe_histogram!("chatgate_run_seconds", "Run duration");
+    gauge!("chatgate_connections").set(0.0);
+    gauge!("chatgate_subscriptions").set(0.0);
+    gauge!("chatgate_runs", "state" => "running").set(0.0);
+    for outcome in ["success", "failure", "aborted", "lease_lost"] {
+        counter!("chatgate_runs_total", "outcome" => outcome).absolute(0);
+    }
+    for name in [
+        "chatgate_events_appended_total",
+        "chatgate_events_delivered_total",
+        "chatgate_subscribes_total",
+        "chatgate_replayed_events_total",
+        "chatgate_replay_truncated_total",
+        "chatgate_slow_consumer_closes_total",
+        "chatgate_frames_received_total",
+    ] {
+        counter!(name).absolute(0);
+    }
+    for backend in ["database", "redis"] {
+        counter!("chatgate_backend_errors_total", "backend" => backend).absolute(0);
+    }
 }
 
 impl Node {

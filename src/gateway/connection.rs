@@ -39,8 +39,9 @@ impl Connection {
         self.subscriptions.lock().map(|s| s.len()).unwrap_or(0)
     }
 
-    /// Starts forwarding a session's live feed to this socket (replacing an
-    /// earlier subscription to the same session).
+    /// Starts forwarding a session's live feed to this socket. Callers
+    /// [`detach`](Self::detach) an earlier subscription to the session first, so
+    /// that its forwarder cannot interleave with a new ack and replay.
     pub fn attach(&self, session_id: &str, mut feed: LiveFeed, registry: SharedRegistry) {
         let outbox = self.outbox.clone();
         let session = session_id.to_string();
@@ -76,10 +77,12 @@ impl Connection {
         }
     }
 
-    /// Stops forwarding a session.
-    pub fn detach(&self, session_id: &str) {
-        if let Some(task) = self.subscriptions.lock().ok().and_then(|mut s| s.remove(session_id)) {
+    /// Stops forwarding a session; returns once its forwarder can push nothing more.
+    pub async fn detach(&self, session_id: &str) {
+        let task = self.subscriptions.lock().ok().and_then(|mut s| s.remove(session_id));
+        if let Some(task) = task {
             task.abort();
+            let _ = task.await;
             metrics::gauge!("chatgate_subscriptions").decrement(1.0);
         }
     }

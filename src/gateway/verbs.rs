@@ -28,7 +28,7 @@ impl Gateway {
             }
             Ok(Inbound::Unsubscribe { session_ids }) => {
                 for id in session_ids {
-                    conn.detach(&id);
+                    conn.detach(&id).await;
                 }
                 Ok(())
             }
@@ -162,6 +162,7 @@ impl Gateway {
                 conn.send(chat_subscribed(id, false, 0, None, &[], false));
                 continue;
             };
+            conn.detach(id).await;
             let subscription = match self.registry.subscribe(id, target.last_seq).await {
                 Ok(subscription) => subscription,
                 Err(e) => {
