@@ -24,7 +24,7 @@ pub use feed::{FeedItem, LiveFeed};
 /// Capacity of control channels from the registry to a local run.
 pub const CONTROL_CAPACITY: usize = 64;
 /// Capacity of per-session live broadcast channels; laggards refill from the replay window.
-pub const LIVE_CAPACITY: usize = 512;
+pub const LIVE_CAPACITY: usize = 32;
 
 /// One sequenced event of a session, ready for the wire.
 #[derive(Debug, Clone, PartialEq)]
