@@ -1,0 +1,151 @@
+//! The `chatgate` binary from the outside: flags, exit codes, subcommands,
+//! the embedded-default start banner, and SIGTERM during a run.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use common::Ws;
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_chatgate");
+
+fn run(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_remove("REDIS_URL")
+        .env_remove("CHATGATE_JWT_SECRET")
+        .env_remove("DATABASE_URL")
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn bad_config_is_one_line_naming_the_flag_and_exit_2() {
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 7] = [
+        (&["--run-lease", "soon"], &[], "--run-lease"),
+        (&["--providers", "claude,nope"], &[], "--providers"),
+        (&["--database-url", "mysql://x"], &[], "--database-url"),
+        (&["--redis-url", "http://nope"], &[], "--redis-url"),
+        (&["--redis-url", "redis://127.0.0.1:6379"], &[], "--jwt-secret"),
+        (&[], &[("CHATGATE_MAX_FRAME_BYTES", "lots")], "--max-frame-bytes"),
+        (&["token", "--user", "u"], &[], "--jwt-secret"),
+    ];
+    for (args, envs, flag) in cases {
+        let (code, _, stderr) = run(args, envs);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(flag), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn token_and_migrate() {
+    let (code, stdout, _) = run(&["token", "--user", "42", "--ttl", "1h"], &[("CHATGATE_JWT_SECRET", "s3")]);
+    assert_eq!(code, 0);
+    let token = stdout.trim();
+    assert_eq!(stdout.lines().count(), 1);
+    let identity = chatgate::auth::Auth::new(b"s3").verify(token).unwrap();
+    assert_eq!(identity.user_id, "42");
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("m.db").display());
+    let (code, _, stderr) = run(&["migrate", "--database-url", &url], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let (code, _, _) = run(&["migrate", "--database-url", &common::pg_url()], &[]);
+    assert_eq!(code, 0);
+}
+
+/// Starts the binary; returns it and the lines it printed on stdout at start.
+fn serve(dir: &tempfile::TempDir, extra: &[&str]) -> (std::process::Child, Vec<String>) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let db = format!("sqlite://{}?mode=rwc", dir.path().join("g.db").display());
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--database-url", &db])
+        .args(["--workspaces-root", dir.path().to_str().unwrap()])
+        .args(extra)
+        .env_remove("REDIS_URL")
+        .env_remove("CHATGATE_JWT_SECRET")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = Vec::new();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    for _ in 0..3 {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        lines.push(line.trim().to_string());
+    }
+    (child, lines)
+}
+
+#[tokio::test]
+async fn embedded_default_prints_a_token_and_sigterm_ends_runs_then_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, lines) = serve(&dir, &["--drain-grace", "300ms"]);
+    let url_line = lines.iter().find(|l| l.starts_with("WebSocket: ")).expect("ws url printed");
+    let ws_url = url_line.trim_start_matches("WebSocket: ");
+    let token = ws_url.split("token=").nth(1).unwrap().to_string();
+    let base = ws_url.replace("ws://", "http://").split("/ws").next().unwrap().to_string();
+    let http = reqwest::Client::new();
+    let created: serde_json::Value = http
+        .post(format!("{base}/api/providers/sessions"))
+        .bearer_auth(&token)
+        .json(&json!({ "provider": "script", "projectPath": "p" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let session = created["data"]["sessionId"].as_str().unwrap().to_string();
+    let mut ws = Ws::connect(ws_url).await;
+    ws.send(json!({ "type": "chat.send", "sessionId": session, "content": r#"{"events":1000,"intervalMs":20}"# }))
+        .await;
+    let frames = ws.recv_until(|v| v["kind"] == "stream_delta").await;
+    assert_eq!(frames[0]["kind"], "session_upserted", "the first run announces the provider session id");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    // The socket is closed with 1012 (after any frames already queued).
+    let close = loop {
+        match ws.try_recv(Duration::from_secs(10)).await {
+            Some(Ok(_)) => continue,
+            Some(Err(code)) => break code,
+            None => panic!("socket not closed"),
+        }
+    };
+    assert_eq!(close, Some(1012));
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0));
+    // The run was ended with a terminal complete, kept in history.
+    let (mut child, lines) = serve(&dir, &[]);
+    let token = lines[1].rsplit(' ').next().unwrap().to_string();
+    let base = lines[0].split(' ').find(|w| w.starts_with("http://")).unwrap().to_string();
+    // The restarted node has a new random secret and user 1 again: same owner id.
+    let history: serde_json::Value = http
+        .get(format!("{base}/api/providers/sessions/{session}/messages"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let messages = history["data"]["messages"].as_array().unwrap();
+    let last = messages.last().unwrap();
+    assert_eq!(last["kind"], "complete", "{history}");
+    assert_eq!(last["aborted"], true);
+    assert_eq!(last["error"], "node draining");
+    child.kill().unwrap();
+    let _ = child.wait();
+}
