@@ -838,3 +838,54 @@ async fn a_missing_program_gives_an_error_naming_it_and_127() {
         assert!(error.contains(missing) && error.contains(name), "{name}: {error}");
     }
 }
+
+// ---------------------------------------------------------------- images
+
+fn with_images() -> RunOptions {
+    options(|o| {
+        o.extra.insert(
+            "images".into(),
+            json!([
+                { "data": "data:image/png;base64,aGVsbG8=", "name": "a.png" },
+                { "data": "not a data url" },
+                { "data": "data:image/jpeg;base64,d29ybGQhIQ==" },
+            ]),
+        );
+    })
+}
+
+/// The sizes the fake saw for each image path, in order of the paths.
+fn images_seen(dir: &Path) -> Vec<(String, Value)> {
+    let seen = read_json(dir.join("images.json"));
+    let mut entries: Vec<(String, Value)> = seen.as_object().cloned().unwrap_or_default().into_iter().collect();
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    entries
+}
+
+#[tokio::test]
+async fn codex_gets_images_as_files_removed_after_the_run() {
+    let dir = workdir("basic");
+    let run = run_to_end(codex(), request(dir.path(), "describe", None, with_images())).await;
+    assert_eq!(run.exit_code(), 0, "{run:?}");
+    let seen = images_seen(dir.path());
+    assert_eq!(seen.len(), 2, "the malformed image is skipped: {seen:?}");
+    let images_root = dir.path().join(".tmp/images");
+    assert!(seen[0].0.starts_with(&*images_root.to_string_lossy()) && seen[0].0.ends_with("image_0.png"), "{seen:?}");
+    assert_eq!(seen[0].1, 5);
+    assert!(seen[1].0.ends_with("image_1.jpeg"));
+    assert_eq!(seen[1].1, 7);
+    assert!(!dir.path().join(".tmp").exists(), "image files are removed after the run");
+}
+
+#[tokio::test]
+async fn claude_gets_image_paths_in_the_prompt() {
+    let dir = workdir("partial");
+    let run =
+        run_to_end(claude(Duration::from_secs(55)), request(dir.path(), "what is this?", None, with_images())).await;
+    assert_eq!(run.exit_code(), 0, "{run:?}");
+    let prompt = std::fs::read_to_string(dir.path().join("prompt.txt")).expect("prompt recorded");
+    assert!(prompt.starts_with("what is this?\n\n[Images provided at the following paths:]\n1. "), "{prompt}");
+    let seen = images_seen(dir.path());
+    assert_eq!(seen.iter().map(|(_, size)| size.clone()).collect::<Vec<_>>(), vec![json!(5), json!(7)]);
+    assert!(!dir.path().join(".tmp").exists());
+}

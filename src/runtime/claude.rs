@@ -41,6 +41,7 @@ use tokio::{io::AsyncWriteExt, process::ChildStdin, sync::mpsc, task::JoinSet};
 
 use super::{
     PermissionOutcome, RunContext, RunOutcome, RunRequest, Runtime,
+    images::RunImages,
     process::{
         self, CANCELLED_EXIT_CODE, CliCommand, CliProcess, Emit, Emitter, StreamParser, keep_all_stderr, number,
         str_field,
@@ -239,6 +240,14 @@ async fn write_stdin(mut stdin: ChildStdin, mut queue: mpsc::Receiver<StdinMsg>)
     }
 }
 
+/// Queues a line for the CLI's stdin, giving up when the run is cancelled.
+async fn queue_stdin(queue: &mpsc::Sender<StdinMsg>, msg: StdinMsg, ctx: &RunContext) {
+    tokio::select! {
+        _ = ctx.cancelled().cancelled() => {}
+        _ = queue.send(msg) => {}
+    }
+}
+
 fn control_request_id(counter: u32) -> String {
     format!("req_{counter}_{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
 }
@@ -315,7 +324,18 @@ impl Runtime for ClaudeRuntime {
         "claude"
     }
 
-    async fn run(&self, request: RunRequest, ctx: RunContext) -> RunOutcome {
+    async fn run(&self, mut request: RunRequest, ctx: RunContext) -> RunOutcome {
+        let images = RunImages::write(&request).await;
+        request.content = images.prompt(&request.content);
+        let outcome = self.run_turn(request, ctx).await;
+        images.cleanup().await;
+        outcome
+    }
+}
+
+impl ClaudeRuntime {
+    /// One turn of the CLI, from spawn to exit.
+    async fn run_turn(&self, request: RunRequest, ctx: RunContext) -> RunOutcome {
         let cmd = CliCommand {
             provider: "claude",
             program: self.config.program.clone(),
@@ -351,7 +371,7 @@ impl Runtime for ClaudeRuntime {
                 }
                 Some(answered) = approvals.join_next(), if !approvals.is_empty() => {
                     if let Ok(line) = answered {
-                        let _ = stdin_tx.send(StdinMsg::Line(line)).await;
+                        queue_stdin(&stdin_tx, StdinMsg::Line(line), &ctx).await;
                     }
                 }
                 line = process.next_line() => match line {
@@ -370,10 +390,10 @@ impl Runtime for ClaudeRuntime {
                                 if str_field(&body, "subtype") != Some("can_use_tool") {
                                     let subtype = str_field(&body, "subtype").unwrap_or("");
                                     let error = format!("Unsupported control request subtype: {subtype}");
-                                    let _ = stdin_tx.send(StdinMsg::Line(control_error(&request_id, &error))).await;
+                                    queue_stdin(&stdin_tx, StdinMsg::Line(control_error(&request_id, &error)), &ctx).await;
                                 } else if approvals.len() >= MAX_PENDING_APPROVALS {
                                     let deny = json!({ "behavior": "deny", "message": "Too many pending tool approvals" });
-                                    let _ = stdin_tx.send(StdinMsg::Line(control_success(&request_id, deny))).await;
+                                    queue_stdin(&stdin_tx, StdinMsg::Line(control_success(&request_id, deny)), &ctx).await;
                                 } else {
                                     approvals.spawn(answer_tool_request(
                                         ctx.clone(), rules.clone(), self.config.approval_timeout, request_id, body,
@@ -395,7 +415,7 @@ impl Runtime for ClaudeRuntime {
                                 parser.on_json(message, &mut out);
                                 if parser.result_seen {
                                     // The turn is over: end stdin so the CLI exits.
-                                    let _ = stdin_tx.send(StdinMsg::Close).await;
+                                    queue_stdin(&stdin_tx, StdinMsg::Close, &ctx).await;
                                 }
                                 if !emitter.send(&mut out).await { cancelled = true; break; }
                             }
@@ -412,8 +432,9 @@ impl Runtime for ClaudeRuntime {
         approvals.abort_all();
         if cancelled {
             counter += 1;
-            let _ = stdin_tx.send(StdinMsg::Line(control_request(counter, json!({ "subtype": "interrupt" })))).await;
-            let _ = stdin_tx.send(StdinMsg::Close).await;
+            // Best effort: never wait on a CLI that stopped reading its stdin.
+            let _ = stdin_tx.try_send(StdinMsg::Line(control_request(counter, json!({ "subtype": "interrupt" }))));
+            let _ = stdin_tx.try_send(StdinMsg::Close);
             drop(stdin_tx);
             // Give the interrupted CLI a moment to save its transcript, then end the whole group.
             process.wait_for_exit(INTERRUPT_GRACE).await;

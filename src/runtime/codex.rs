@@ -21,6 +21,7 @@ use serde_json::{Map, Value, json};
 
 use super::{
     RunContext, RunOutcome, RunRequest, Runtime,
+    images::RunImages,
     process::{self, CliCommand, Emit, RunCliOptions, StreamParser, number, run_cli, str_field},
 };
 
@@ -58,7 +59,7 @@ fn sandbox_and_approval(request: &RunRequest) -> (&'static str, &'static str) {
 }
 
 /// The CLI's arguments for `request`.
-pub fn codex_args(request: &RunRequest) -> Vec<String> {
+pub fn codex_args(request: &RunRequest, images: &[std::path::PathBuf]) -> Vec<String> {
     let mut args = vec!["exec".to_string(), "--json".to_string()];
     let options = &request.options;
     if let Some(model) = options.model.as_deref().filter(|m| !m.is_empty()) {
@@ -75,6 +76,9 @@ pub fn codex_args(request: &RunRequest) -> Vec<String> {
     if let Some(id) = request.provider_session_id.as_deref().filter(|id| !id.is_empty()) {
         args.extend(["resume".to_string(), id.to_string()]);
     }
+    for image in images {
+        args.extend(["--image".to_string(), image.to_string_lossy().into_owned()]);
+    }
     args.push("--".to_string());
     args.push(request.content.clone());
     args
@@ -87,16 +91,20 @@ impl Runtime for CodexRuntime {
     }
 
     async fn run(&self, request: RunRequest, ctx: RunContext) -> RunOutcome {
+        let images = RunImages::write(&request).await;
         let cmd = CliCommand {
             provider: "codex",
             program: self.program.clone(),
             program_env: "CHATGATE_CODEX_BIN",
-            args: codex_args(&request),
+            args: codex_args(&request, images.paths()),
             cwd: request.cwd.clone(),
             stdin: false,
         };
         let mut parser = CodexParser::default();
-        run_cli(&cmd, &ctx, request.provider_session_id.clone(), &mut parser, RunCliOptions::default()).await
+        let outcome =
+            run_cli(&cmd, &ctx, request.provider_session_id.clone(), &mut parser, RunCliOptions::default()).await;
+        images.cleanup().await;
+        outcome
     }
 }
 

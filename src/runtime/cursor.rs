@@ -14,6 +14,7 @@ use serde_json::{Map, Value, json};
 
 use super::{
     RunContext, RunOutcome, RunRequest, Runtime,
+    images::RunImages,
     process::{self, CliCommand, Emit, RunCliOptions, StreamParser, prompt_arg, run_cli, str_field},
 };
 
@@ -59,7 +60,9 @@ impl Runtime for CursorRuntime {
         "cursor"
     }
 
-    async fn run(&self, request: RunRequest, ctx: RunContext) -> RunOutcome {
+    async fn run(&self, mut request: RunRequest, ctx: RunContext) -> RunOutcome {
+        let images = RunImages::write(&request).await;
+        request.content = images.prompt(&request.content);
         let cmd = CliCommand {
             provider: "cursor",
             program: self.program.clone(),
@@ -69,7 +72,10 @@ impl Runtime for CursorRuntime {
             stdin: false,
         };
         let mut parser = CursorParser::default();
-        run_cli(&cmd, &ctx, request.provider_session_id.clone(), &mut parser, RunCliOptions::default()).await
+        let outcome =
+            run_cli(&cmd, &ctx, request.provider_session_id.clone(), &mut parser, RunCliOptions::default()).await;
+        images.cleanup().await;
+        outcome
     }
 }
 

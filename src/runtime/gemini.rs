@@ -20,6 +20,7 @@ use serde_json::{Map, Value, json};
 
 use super::{
     RunContext, RunOutcome, RunRequest, Runtime,
+    images::RunImages,
     process::{self, CliCommand, Emit, RunCliOptions, StreamParser, prompt_arg, run_cli, str_field},
 };
 
@@ -88,7 +89,9 @@ impl Runtime for GeminiRuntime {
         "gemini"
     }
 
-    async fn run(&self, request: RunRequest, ctx: RunContext) -> RunOutcome {
+    async fn run(&self, mut request: RunRequest, ctx: RunContext) -> RunOutcome {
+        let images = RunImages::write(&request).await;
+        request.content = images.prompt(&request.content);
         let cmd = CliCommand {
             provider: "gemini",
             program: self.program.clone(),
@@ -106,7 +109,9 @@ impl Runtime for GeminiRuntime {
             stderr_filter: keep_gemini_stderr,
         };
         let mut parser = GeminiParser::default();
-        run_cli(&cmd, &ctx, request.provider_session_id.clone(), &mut parser, options).await
+        let outcome = run_cli(&cmd, &ctx, request.provider_session_id.clone(), &mut parser, options).await;
+        images.cleanup().await;
+        outcome
     }
 }
 

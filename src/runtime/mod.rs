@@ -11,6 +11,7 @@ pub mod claude;
 pub mod codex;
 pub mod cursor;
 pub mod gemini;
+pub mod images;
 pub mod opencode;
 pub mod process;
 pub mod script;

@@ -18,6 +18,7 @@ use serde_json::{Map, Value, json};
 
 use super::{
     RunContext, RunOutcome, RunRequest, Runtime,
+    images::RunImages,
     process::{self, CliCommand, Emit, RunCliOptions, StreamParser, number, prompt_arg, run_cli, str_field},
 };
 
@@ -60,7 +61,9 @@ impl Runtime for OpenCodeRuntime {
         "opencode"
     }
 
-    async fn run(&self, request: RunRequest, ctx: RunContext) -> RunOutcome {
+    async fn run(&self, mut request: RunRequest, ctx: RunContext) -> RunOutcome {
+        let images = RunImages::write(&request).await;
+        request.content = images.prompt(&request.content);
         let cmd = CliCommand {
             provider: "opencode",
             program: self.program.clone(),
@@ -70,7 +73,10 @@ impl Runtime for OpenCodeRuntime {
             stdin: false,
         };
         let mut parser = OpenCodeParser::default();
-        run_cli(&cmd, &ctx, request.provider_session_id.clone(), &mut parser, RunCliOptions::default()).await
+        let outcome =
+            run_cli(&cmd, &ctx, request.provider_session_id.clone(), &mut parser, RunCliOptions::default()).await;
+        images.cleanup().await;
+        outcome
     }
 }
 
