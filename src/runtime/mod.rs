@@ -7,6 +7,13 @@
 //! gateway's run driver appends the one terminal `complete`. A runtime must
 //! stop promptly (killing its process group) when the context is cancelled.
 
+pub mod claude;
+pub mod codex;
+pub mod cursor;
+pub mod gemini;
+pub mod images;
+pub mod opencode;
+pub mod process;
 pub mod script;
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
@@ -179,6 +186,11 @@ pub fn build_runtimes(providers: &[String]) -> Runtimes {
     let mut runtimes: Runtimes = HashMap::new();
     for provider in providers {
         let runtime: Option<Arc<dyn Runtime>> = match provider.as_str() {
+            "claude" => Some(Arc::new(claude::ClaudeRuntime::new(claude::ClaudeConfig::from_env()))),
+            "codex" => Some(Arc::new(codex::CodexRuntime::from_env())),
+            "cursor" => Some(Arc::new(cursor::CursorRuntime::from_env())),
+            "gemini" => Some(Arc::new(gemini::GeminiRuntime::from_env())),
+            "opencode" => Some(Arc::new(opencode::OpenCodeRuntime::from_env())),
             "script" => Some(Arc::new(script::ScriptRuntime)),
             _ => None,
         };

@@ -1,0 +1,233 @@
+//! The `codex` runtime: `codex exec --json`, resumed with `codex exec … resume <thread id>`.
+//!
+//! The command line is the one the official TypeScript SDK builds
+//! (openai/codex `sdk/typescript/src/exec.ts`): exec-level flags first, then
+//! `resume <id>` when resuming, then `--` and the prompt. Sandbox and approval
+//! policy follow upstream's `mapPermissionModeToCodexOptions` (default:
+//! `workspace-write` + `untrusted`; `acceptEdits`: `workspace-write` + `never`;
+//! `bypassPermissions`: `danger-full-access` + `never`).
+//!
+//! Events are the JSONL `ThreadEvent`s of codex-rs `exec/src/exec_events.rs`
+//! (`thread.started`, `turn.completed {usage}`, `turn.failed {error}`,
+//! `item.completed {item}`, `error {message}`), mapped as upstream's
+//! `transformCodexEvent` + codex `normalizeMessage`: only completed items are
+//! shown; command executions become `Bash`, file changes `FileChanges`, web
+//! searches `WebSearch`, to-do lists `TodoList`, MCP calls the tool's name.
+//! Unlike upstream, `turn.completed` does not produce a bare `complete`: the
+//! gateway appends the one terminal `complete` with `exitCode`/`success`/`aborted`.
+
+use async_trait::async_trait;
+use serde_json::{Map, Value, json};
+
+use super::{
+    RunContext, RunOutcome, RunRequest, Runtime,
+    images::RunImages,
+    process::{self, CliCommand, Emit, RunCliOptions, StreamParser, number, run_cli, str_field},
+};
+
+/// `tokenBudget.total` when Codex does not say (upstream's default).
+const DEFAULT_CONTEXT_WINDOW: u64 = 200_000;
+
+/// The `codex` provider.
+pub struct CodexRuntime {
+    program: String,
+}
+
+impl CodexRuntime {
+    pub fn new(program: String) -> Self {
+        CodexRuntime { program }
+    }
+
+    /// Program from env `CHATGATE_CODEX_BIN`, default `codex`.
+    pub fn from_env() -> Self {
+        CodexRuntime::new(process::program_from_env("CHATGATE_CODEX_BIN", "codex"))
+    }
+}
+
+/// Upstream's sandbox mode and approval policy for a permission mode.
+fn sandbox_and_approval(request: &RunRequest) -> (&'static str, &'static str) {
+    let mode = if request.options.skip_permissions {
+        "bypassPermissions"
+    } else {
+        request.options.permission_mode.as_deref().unwrap_or("default")
+    };
+    match mode {
+        "acceptEdits" => ("workspace-write", "never"),
+        "bypassPermissions" => ("danger-full-access", "never"),
+        _ => ("workspace-write", "untrusted"),
+    }
+}
+
+/// The CLI's arguments for `request`.
+pub fn codex_args(request: &RunRequest, images: &[std::path::PathBuf]) -> Vec<String> {
+    let mut args = vec!["exec".to_string(), "--json".to_string()];
+    let options = &request.options;
+    if let Some(model) = options.model.as_deref().filter(|m| !m.is_empty()) {
+        args.extend(["--model".to_string(), model.to_string()]);
+    }
+    let (sandbox, approval) = sandbox_and_approval(request);
+    args.extend(["--sandbox".to_string(), sandbox.to_string()]);
+    args.extend(["--cd".to_string(), request.cwd.to_string_lossy().into_owned()]);
+    args.push("--skip-git-repo-check".to_string());
+    if let Some(effort) = options.effort.as_deref().filter(|e| !e.is_empty() && *e != "default") {
+        args.extend(["--config".to_string(), format!("model_reasoning_effort={}", json!(effort))]);
+    }
+    args.extend(["--config".to_string(), format!("approval_policy={}", json!(approval))]);
+    if let Some(id) = request.provider_session_id.as_deref().filter(|id| !id.is_empty()) {
+        args.extend(["resume".to_string(), id.to_string()]);
+    }
+    for image in images {
+        args.extend(["--image".to_string(), image.to_string_lossy().into_owned()]);
+    }
+    args.push("--".to_string());
+    args.push(request.content.clone());
+    args
+}
+
+#[async_trait]
+impl Runtime for CodexRuntime {
+    fn provider(&self) -> &'static str {
+        "codex"
+    }
+
+    async fn run(&self, request: RunRequest, ctx: RunContext) -> RunOutcome {
+        let images = RunImages::write(&request).await;
+        let cmd = CliCommand {
+            provider: "codex",
+            program: self.program.clone(),
+            program_env: "CHATGATE_CODEX_BIN",
+            args: codex_args(&request, images.paths()),
+            cwd: request.cwd.clone(),
+            stdin: false,
+        };
+        let mut parser = CodexParser::default();
+        let outcome =
+            run_cli(&cmd, &ctx, request.provider_session_id.clone(), &mut parser, RunCliOptions::default()).await;
+        images.cleanup().await;
+        outcome
+    }
+}
+
+/// Maps `codex exec --json` events to normalized events.
+#[derive(Debug, Default)]
+pub struct CodexParser {
+    turn_failed: bool,
+}
+
+impl CodexParser {
+    fn item(&mut self, item: &Map<String, Value>, out: &mut Vec<Emit>) {
+        let id = item.get("id").cloned().unwrap_or(Value::Null);
+        let field = |key: &str| item.get(key).cloned().unwrap_or(Value::Null);
+        let text = || str_field(item, "text").unwrap_or("").to_string();
+        match str_field(item, "type").unwrap_or("") {
+            "agent_message" => out.push(Emit::event("text", json!({ "role": "assistant", "content": text() }))),
+            "reasoning" => out.push(Emit::event("thinking", json!({ "content": text() }))),
+            "command_execution" => out.push(Emit::event(
+                "tool_use",
+                json!({
+                    "toolName": "Bash",
+                    "toolInput": { "command": field("command") },
+                    "toolId": id,
+                    "output": field("aggregated_output"),
+                    "exitCode": field("exit_code"),
+                    "status": field("status"),
+                }),
+            )),
+            "file_change" => out.push(Emit::event(
+                "tool_use",
+                json!({ "toolName": "FileChanges", "toolInput": field("changes"), "toolId": id, "status": field("status") }),
+            )),
+            "mcp_tool_call" => {
+                let tool = str_field(item, "tool").filter(|t| !t.is_empty()).unwrap_or("MCP");
+                out.push(Emit::event(
+                    "tool_use",
+                    json!({
+                        "toolName": tool,
+                        "toolInput": field("arguments"),
+                        "toolId": id,
+                        "server": field("server"),
+                        "result": field("result"),
+                        "error": field("error"),
+                        "status": field("status"),
+                    }),
+                ));
+            }
+            "web_search" => out.push(Emit::event(
+                "tool_use",
+                json!({ "toolName": "WebSearch", "toolInput": { "query": field("query") }, "toolId": id }),
+            )),
+            "todo_list" => out.push(Emit::event(
+                "tool_use",
+                json!({ "toolName": "TodoList", "toolInput": { "items": field("items") }, "toolId": id }),
+            )),
+            "error" => {
+                let message = str_field(item, "message").unwrap_or("Unknown error");
+                out.push(Emit::event("error", json!({ "content": message })));
+            }
+            other => out.push(Emit::event(
+                "tool_use",
+                json!({ "toolName": if other.is_empty() { "Unknown" } else { other }, "toolInput": Value::Object(item.clone()), "toolId": id }),
+            )),
+        }
+    }
+
+    fn token_budget(usage: &Map<String, Value>) -> Value {
+        let input = number(usage.get("input_tokens"));
+        let output = number(usage.get("output_tokens"));
+        let used = match number(usage.get("total_tokens")) {
+            0 => input + output,
+            total => total,
+        };
+        let total = match number(usage.get("model_context_window")) {
+            0 => DEFAULT_CONTEXT_WINDOW,
+            window => window,
+        };
+        json!({
+            "used": used,
+            "total": total,
+            "inputTokens": input,
+            "outputTokens": output,
+            "breakdown": { "input": input, "output": output },
+        })
+    }
+}
+
+impl StreamParser for CodexParser {
+    fn on_json(&mut self, event: Map<String, Value>, out: &mut Vec<Emit>) {
+        match str_field(&event, "type").unwrap_or("") {
+            "thread.started" => {
+                if let Some(id) = str_field(&event, "thread_id").or(str_field(&event, "id")) {
+                    out.push(Emit::ProviderSessionId(id.to_string()));
+                }
+            }
+            "item.completed" => {
+                if let Some(Value::Object(item)) = event.get("item") {
+                    self.item(item, out);
+                }
+            }
+            "turn.completed" => {
+                if let Some(Value::Object(usage)) = event.get("usage") {
+                    out.push(Emit::event(
+                        "status",
+                        json!({ "text": "token_budget", "tokenBudget": Self::token_budget(usage) }),
+                    ));
+                }
+            }
+            "turn.failed" => {
+                self.turn_failed = true;
+                let message =
+                    event.get("error").and_then(|e| e.get("message")).and_then(Value::as_str).unwrap_or("Turn failed");
+                out.push(Emit::event("error", json!({ "content": message })));
+            }
+            "error" => {
+                let message = str_field(&event, "message").unwrap_or("Unknown Codex error");
+                out.push(Emit::event("error", json!({ "content": message })));
+            }
+            _ => {}
+        }
+    }
+
+    fn on_exit(&mut self, exit_code: i32, _out: &mut Vec<Emit>) -> RunOutcome {
+        if exit_code == 0 && self.turn_failed { RunOutcome::exit(1) } else { RunOutcome::exit(exit_code) }
+    }
+}
