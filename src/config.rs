@@ -87,6 +87,27 @@ pub struct Config {
     /// `text` or `json`.
     #[arg(long, env = "CHATGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"], global = true)]
     pub log_format: String,
+    /// Claude Code CLI program.
+    #[arg(long, env = "CHATGATE_CLAUDE_BIN", default_value = "claude", global = true)]
+    pub claude_bin: String,
+    /// Codex CLI program.
+    #[arg(long, env = "CHATGATE_CODEX_BIN", default_value = "codex", global = true)]
+    pub codex_bin: String,
+    /// Cursor agent CLI program.
+    #[arg(long, env = "CHATGATE_CURSOR_BIN", default_value = "cursor-agent", global = true)]
+    pub cursor_bin: String,
+    /// Gemini CLI program.
+    #[arg(long, env = "CHATGATE_GEMINI_BIN", default_value = "gemini", global = true)]
+    pub gemini_bin: String,
+    /// OpenCode CLI program.
+    #[arg(long, env = "CHATGATE_OPENCODE_BIN", default_value = "opencode", global = true)]
+    pub opencode_bin: String,
+    /// How long a Claude tool approval waits for an answer (none for AskUserQuestion and ExitPlanMode).
+    #[arg(long, env = "CHATGATE_CLAUDE_APPROVAL_TIMEOUT", default_value = "55s", value_parser = parse_duration, global = true)]
+    pub claude_approval_timeout: Duration,
+    /// Let clients ask for `permissionMode: bypassPermissions` / `skipPermissions`.
+    #[arg(long, env = "CHATGATE_ALLOW_BYPASS_PERMISSIONS", global = true)]
+    pub allow_bypass_permissions: bool,
     /// Interval of server pings (a socket missing two pongs is dropped). For tests.
     #[arg(long, env = "CHATGATE_PING_INTERVAL", default_value = "30s", value_parser = parse_duration, global = true, hide = true)]
     pub ping_interval: Duration,

@@ -17,7 +17,7 @@ use crate::{
     config::{Config, ConfigError},
     gateway::{Gateway, GatewaySettings},
     runs::{SharedRegistry, memory::MemoryRegistry},
-    runtime::build_runtimes,
+    runtime::{RuntimeSettings, build_runtimes},
     store::{Store, StoreError},
 };
 
@@ -116,12 +116,13 @@ impl Node {
                 return Err(NodeError::Registry("cluster mode (--redis-url) is not available in this build".into()));
             }
         };
-        let runtimes = build_runtimes(&config.providers.0);
+        let runtimes = build_runtimes(&config.providers.0, &RuntimeSettings::from_config(config));
         let settings = GatewaySettings {
             node_id: node_id.clone(),
             workspaces_root: workspaces_root.clone(),
             run_lease: config.run_lease,
             send_queue_bytes: config.send_queue_bytes,
+            allow_bypass_permissions: config.allow_bypass_permissions,
         };
         let gateway = Gateway::new(settings, store, registry, runtimes);
         let auth = Arc::new(Auth::new(secret.as_bytes()));

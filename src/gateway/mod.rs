@@ -39,6 +39,8 @@ pub struct GatewaySettings {
     pub workspaces_root: PathBuf,
     pub run_lease: Duration,
     pub send_queue_bytes: usize,
+    /// Clients may ask for `bypassPermissions` / `skipPermissions`.
+    pub allow_bypass_permissions: bool,
 }
 
 /// A run this node owns, as the drain sees it.

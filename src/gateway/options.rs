@@ -46,6 +46,7 @@ pub fn validate_options(
     session_id: &str,
     project_path: &Path,
     options: &Map<String, Value>,
+    allow_bypass: bool,
 ) -> Result<(RunOptions, PathBuf), ProtocolError> {
     let invalid = |message: String| ProtocolError::new(ErrorCode::InvalidOptions, message).with_session(session_id);
     let string = |key: &str| -> Result<Option<String>, ProtocolError> {
@@ -86,6 +87,11 @@ pub fn validate_options(
     };
     let skip_permissions = flag(options.get("skipPermissions"), "options.skipPermissions")?
         || flag(tools.get("skipPermissions"), "options.toolsSettings.skipPermissions")?;
+    if !allow_bypass && (skip_permissions || permission_mode.as_deref() == Some("bypassPermissions")) {
+        return Err(invalid(
+            "bypassPermissions / skipPermissions are not allowed on this gateway (--allow-bypass-permissions).".into(),
+        ));
+    }
     if let Some(images) = options.get("images")
         && !images.is_array()
         && !images.is_null()
@@ -145,7 +151,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let project = std::fs::canonicalize(dir.path()).unwrap();
         std::fs::create_dir(project.join("sub")).unwrap();
-        let ok = |o: Value| validate_options("s", &project, o.as_object().unwrap());
+        let ok = |o: Value| validate_options("s", &project, o.as_object().unwrap(), true);
         assert_eq!(ok(json!({})).unwrap().1, project);
         assert_eq!(ok(json!({"cwd": "sub"})).unwrap().1, project.join("sub"));
         for bad in [json!({"cwd": ".."}), json!({"cwd": "/tmp"}), json!({"cwd": "missing"}), json!({"cwd": 3})] {
@@ -159,5 +165,9 @@ mod tests {
         assert_eq!(opts.model.as_deref(), Some("m"));
         assert_eq!(opts.allowed_tools, vec!["Bash(git:*)"]);
         assert!(opts.skip_permissions);
+        let strict = |o: Value| validate_options("s", &project, o.as_object().unwrap(), false);
+        assert_eq!(strict(json!({"permissionMode": "bypassPermissions"})).unwrap_err().code, ErrorCode::InvalidOptions);
+        assert_eq!(strict(json!({"skipPermissions": true})).unwrap_err().code, ErrorCode::InvalidOptions);
+        assert!(strict(json!({"permissionMode": "acceptEdits"})).is_ok());
     }
 }

@@ -87,7 +87,8 @@ impl Gateway {
             .with_session(session_id));
         };
         let project_path = PathBuf::from(&session.project_path);
-        let (run_options, cwd) = validate_options(session_id, &project_path, options)?;
+        let (run_options, cwd) =
+            validate_options(session_id, &project_path, options, self.settings.allow_bypass_permissions)?;
         let run_id = uuid::Uuid::new_v4().to_string();
         let start = RunStart {
             session_id: session_id.to_string(),

@@ -71,7 +71,7 @@ const STDIN_QUEUE: usize = 64;
 /// Settings of the Claude runtime.
 #[derive(Debug, Clone)]
 pub struct ClaudeConfig {
-    /// Program to run (env `CHATGATE_CLAUDE_BIN`, default `claude`).
+    /// Program to run (`--claude-bin`, default `claude`).
     pub program: String,
     /// Wait for a tool approval (env `CLAUDE_TOOL_APPROVAL_TIMEOUT_MS`, default 55 s).
     pub approval_timeout: Duration,
@@ -84,7 +84,7 @@ impl ClaudeConfig {
         let positive =
             |var: &str| std::env::var(var).ok().and_then(|v| v.trim().parse::<u64>().ok()).filter(|v| *v > 0);
         ClaudeConfig {
-            program: process::program_from_env("CHATGATE_CLAUDE_BIN", "claude"),
+            program: "claude".to_string(),
             approval_timeout: Duration::from_millis(
                 positive("CLAUDE_TOOL_APPROVAL_TIMEOUT_MS").unwrap_or(DEFAULT_APPROVAL_TIMEOUT_MS),
             ),

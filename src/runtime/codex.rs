@@ -22,7 +22,7 @@ use serde_json::{Map, Value, json};
 use super::{
     RunContext, RunOutcome, RunRequest, Runtime,
     images::RunImages,
-    process::{self, CliCommand, Emit, RunCliOptions, StreamParser, number, run_cli, str_field},
+    process::{CliCommand, Emit, RunCliOptions, StreamParser, number, run_cli, str_field},
 };
 
 /// `tokenBudget.total` when Codex does not say (upstream's default).
@@ -36,11 +36,6 @@ pub struct CodexRuntime {
 impl CodexRuntime {
     pub fn new(program: String) -> Self {
         CodexRuntime { program }
-    }
-
-    /// Program from env `CHATGATE_CODEX_BIN`, default `codex`.
-    pub fn from_env() -> Self {
-        CodexRuntime::new(process::program_from_env("CHATGATE_CODEX_BIN", "codex"))
     }
 }
 

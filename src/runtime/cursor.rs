@@ -15,7 +15,7 @@ use serde_json::{Map, Value, json};
 use super::{
     RunContext, RunOutcome, RunRequest, Runtime,
     images::RunImages,
-    process::{self, CliCommand, Emit, RunCliOptions, StreamParser, prompt_arg, run_cli, str_field},
+    process::{CliCommand, Emit, RunCliOptions, StreamParser, prompt_arg, run_cli, str_field},
 };
 
 /// The `cursor` provider.
@@ -26,11 +26,6 @@ pub struct CursorRuntime {
 impl CursorRuntime {
     pub fn new(program: String) -> Self {
         CursorRuntime { program }
-    }
-
-    /// Program from env `CHATGATE_CURSOR_BIN`, default `cursor-agent`.
-    pub fn from_env() -> Self {
-        CursorRuntime::new(process::program_from_env("CHATGATE_CURSOR_BIN", "cursor-agent"))
     }
 }
 

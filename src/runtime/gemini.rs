@@ -21,7 +21,7 @@ use serde_json::{Map, Value, json};
 use super::{
     RunContext, RunOutcome, RunRequest, Runtime,
     images::RunImages,
-    process::{self, CliCommand, Emit, RunCliOptions, StreamParser, prompt_arg, run_cli, str_field},
+    process::{CliCommand, Emit, RunCliOptions, StreamParser, prompt_arg, run_cli, str_field},
 };
 
 /// Upstream's inactivity limit.
@@ -36,11 +36,6 @@ pub struct GeminiRuntime {
 impl GeminiRuntime {
     pub fn new(program: String, inactivity_timeout: Duration) -> Self {
         GeminiRuntime { program, inactivity_timeout }
-    }
-
-    /// Program from env `CHATGATE_GEMINI_BIN`, default `gemini`; 120 s inactivity limit.
-    pub fn from_env() -> Self {
-        GeminiRuntime::new(process::program_from_env("CHATGATE_GEMINI_BIN", "gemini"), DEFAULT_INACTIVITY_TIMEOUT)
     }
 }
 

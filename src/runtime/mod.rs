@@ -181,16 +181,48 @@ pub trait Runtime: Send + Sync + 'static {
 /// Enabled runtimes by provider id.
 pub type Runtimes = HashMap<String, Arc<dyn Runtime>>;
 
+/// Operator settings of the runtimes (`--claude-bin` and friends).
+#[derive(Debug, Clone)]
+pub struct RuntimeSettings {
+    pub claude_bin: String,
+    pub codex_bin: String,
+    pub cursor_bin: String,
+    pub gemini_bin: String,
+    pub opencode_bin: String,
+    pub claude_approval_timeout: Duration,
+}
+
+impl RuntimeSettings {
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        RuntimeSettings {
+            claude_bin: config.claude_bin.clone(),
+            codex_bin: config.codex_bin.clone(),
+            cursor_bin: config.cursor_bin.clone(),
+            gemini_bin: config.gemini_bin.clone(),
+            opencode_bin: config.opencode_bin.clone(),
+            claude_approval_timeout: config.claude_approval_timeout,
+        }
+    }
+}
+
 /// Builds the runtimes named in `--providers`.
-pub fn build_runtimes(providers: &[String]) -> Runtimes {
+pub fn build_runtimes(providers: &[String], settings: &RuntimeSettings) -> Runtimes {
     let mut runtimes: Runtimes = HashMap::new();
     for provider in providers {
         let runtime: Option<Arc<dyn Runtime>> = match provider.as_str() {
-            "claude" => Some(Arc::new(claude::ClaudeRuntime::new(claude::ClaudeConfig::from_env()))),
-            "codex" => Some(Arc::new(codex::CodexRuntime::from_env())),
-            "cursor" => Some(Arc::new(cursor::CursorRuntime::from_env())),
-            "gemini" => Some(Arc::new(gemini::GeminiRuntime::from_env())),
-            "opencode" => Some(Arc::new(opencode::OpenCodeRuntime::from_env())),
+            "claude" => {
+                let mut config = claude::ClaudeConfig::from_env();
+                config.program = settings.claude_bin.clone();
+                config.approval_timeout = settings.claude_approval_timeout;
+                Some(Arc::new(claude::ClaudeRuntime::new(config)))
+            }
+            "codex" => Some(Arc::new(codex::CodexRuntime::new(settings.codex_bin.clone()))),
+            "cursor" => Some(Arc::new(cursor::CursorRuntime::new(settings.cursor_bin.clone()))),
+            "gemini" => Some(Arc::new(gemini::GeminiRuntime::new(
+                settings.gemini_bin.clone(),
+                gemini::DEFAULT_INACTIVITY_TIMEOUT,
+            ))),
+            "opencode" => Some(Arc::new(opencode::OpenCodeRuntime::new(settings.opencode_bin.clone()))),
             "script" => Some(Arc::new(script::ScriptRuntime)),
             _ => None,
         };

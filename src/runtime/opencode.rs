@@ -19,7 +19,7 @@ use serde_json::{Map, Value, json};
 use super::{
     RunContext, RunOutcome, RunRequest, Runtime,
     images::RunImages,
-    process::{self, CliCommand, Emit, RunCliOptions, StreamParser, number, prompt_arg, run_cli, str_field},
+    process::{CliCommand, Emit, RunCliOptions, StreamParser, number, prompt_arg, run_cli, str_field},
 };
 
 /// The `opencode` provider.
@@ -30,11 +30,6 @@ pub struct OpenCodeRuntime {
 impl OpenCodeRuntime {
     pub fn new(program: String) -> Self {
         OpenCodeRuntime { program }
-    }
-
-    /// Program from env `CHATGATE_OPENCODE_BIN`, default `opencode`.
-    pub fn from_env() -> Self {
-        OpenCodeRuntime::new(process::program_from_env("CHATGATE_OPENCODE_BIN", "opencode"))
     }
 }
 

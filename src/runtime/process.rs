@@ -53,15 +53,6 @@ pub const NOT_FOUND_EXIT_CODE: i32 = 127;
 /// Exit code of a program that exists but cannot be executed.
 pub const NOT_EXECUTABLE_EXIT_CODE: i32 = 126;
 
-/// The program to run: the value of `env_var` when set and not blank, else `default`.
-pub fn program_from_env(env_var: &str, default: &str) -> String {
-    program_or_default(std::env::var(env_var).ok(), default)
-}
-
-fn program_or_default(value: Option<String>, default: &str) -> String {
-    value.filter(|v| !v.trim().is_empty()).unwrap_or_else(|| default.to_string())
-}
-
 /// A prompt passed as a command-line argument: one starting with `-` gets a
 /// leading space so the CLI cannot read it as a flag.
 pub fn prompt_arg(content: &str) -> String {
@@ -602,13 +593,6 @@ mod tests {
         assert_eq!(got[0].text.len(), 50_000);
         assert_eq!(got[0].len, 100_000);
         assert_eq!(got[1].text, "{\"a\":1}");
-    }
-
-    #[test]
-    fn program_override_ignores_blank_values() {
-        assert_eq!(program_or_default(None, "claude"), "claude");
-        assert_eq!(program_or_default(Some("  ".into()), "claude"), "claude");
-        assert_eq!(program_or_default(Some("/opt/c".into()), "claude"), "/opt/c");
     }
 
     #[test]
