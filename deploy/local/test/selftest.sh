@@ -111,7 +111,9 @@ check "an upgrade without a token is refused with 401" grep -q '"status": 401' <
 # --- drain of one node through the balancer ----------------------------------------------------
 probe_out="$state/probe.out"
 ready_flag="$state/probe.ready"
-"$python" "$here/ws_probe.py" "ws://127.0.0.1:$lb_port/ws?token=$token" 3 12 --ready-file "$ready_flag" >"$probe_out" &
+stop_flag="$state/probe.stop"
+"$python" "$here/ws_probe.py" "ws://127.0.0.1:$lb_port/ws?token=$token" 3 60 \
+    --ready-file "$ready_flag" --stop-file "$stop_flag" >"$probe_out" &
 probe_pid=$!
 for _ in $(seq 1 50); do [[ -e "$ready_flag" ]] && break; sleep 0.1; done
 check "3 WebSocket upgrades through the balancer" test -e "$ready_flag"
@@ -135,6 +137,8 @@ check "node 2 is back on its port" \
     test "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$(cat "$state/node-2.port")/readyz")" = 200
 check "nodes 1 and 3 were not restarted" \
     test "$(cat "$state/node-1.pid") $(cat "$state/node-3.pid")" = "${pids_before[0]} ${pids_before[2]}"
+sleep 0.5
+touch "$stop_flag"
 wait "$probe_pid"
 check "all 3 sockets were upgraded (101)" test "$(grep -c '"status": 101' "$probe_out")" -eq 3
 check "exactly one socket was closed with 1012 (node draining)" test "$(grep -c '"close_code": 1012' "$probe_out")" -eq 1

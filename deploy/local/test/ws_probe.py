@@ -4,10 +4,11 @@
 Used by deploy/local/test/selftest.sh to check the nginx upgrade path and the drain of one
 node (its sockets closed with 1012, the others untouched). Standard library only.
 
-  ws_probe.py URL COUNT SECONDS [--ready-file PATH]
+  ws_probe.py URL COUNT SECONDS [--ready-file PATH] [--stop-file PATH]
 
-Connects COUNT sockets to URL (ws://host:port/path?query), one after the other, writes
-PATH once all are connected (so the caller knows when to act), then waits up to SECONDS and
+Connects COUNT sockets to URL (ws://host:port/path?query), one after the other, writes the
+ready file once all are connected (so the caller knows when to act), then waits up to SECONDS
+(or until the stop file exists) and
 prints one JSON line per socket: {"index", "status", "first_text", "close_code", "closed"}.
 status is the HTTP status of the upgrade (101 when it worked); close_code is the code of a
 close frame received from the server (null if none); closed tells whether the socket ended
@@ -77,6 +78,7 @@ def main(argv):
         return 2
     url, count, seconds = argv[1], int(argv[2]), float(argv[3])
     ready_file = argv[argv.index("--ready-file") + 1] if "--ready-file" in argv else None
+    stop_file = argv[argv.index("--stop-file") + 1] if "--stop-file" in argv else None
     results, sockets = [], {}
     for index in range(count):
         result = {"index": index, "status": 0, "first_text": None, "close_code": None, "closed": False}
@@ -94,7 +96,7 @@ def main(argv):
         with open(ready_file, "w", encoding="utf-8") as handle:
             handle.write("connected\n")
     deadline = time.monotonic() + seconds
-    while sockets and time.monotonic() < deadline:
+    while sockets and time.monotonic() < deadline and not (stop_file and os.path.exists(stop_file)):
         readable, _, _ = select.select(list(sockets), [], [], 0.2)
         for sock in readable:
             result, buffer = sockets[sock]
