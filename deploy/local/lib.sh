@@ -51,6 +51,20 @@ pid_is_ours() {
     [[ "$cmdline" == *"$expect"* ]]
 }
 
+# Whether node I's recorded pid is alive and is that node: its environment holds the node's
+# listen address (kept across a wrapper's exec), or else its command line names the binary.
+node_is_running() {
+    local index="$1" pid port
+    pid="$(node_pid "$index")"
+    port="$(node_port "$index")"
+    pid_alive "$pid" || return 1
+    if [[ -r "/proc/$pid/environ" ]]; then
+        tr '\0' '\n' <"/proc/$pid/environ" | grep -qx "CHATGATE_LISTEN=127.0.0.1:$port"
+    else
+        pid_is_ours "$pid" "$(cat "$STATE_DIR/bin" 2>/dev/null || echo chatgate)"
+    fi
+}
+
 node_pid() {
     cat "$STATE_DIR/node-$1.pid" 2>/dev/null || true
 }
@@ -122,8 +136,7 @@ wait_node_ready() {
 stop_node() {
     local index="$1" pid bin timeout waited=0
     pid="$(node_pid "$index")"
-    bin="$(cat "$STATE_DIR/bin" 2>/dev/null || echo chatgate)"
-    if ! pid_is_ours "$pid" "$bin"; then
+    if ! node_is_running "$index"; then
         rm -f "$STATE_DIR/node-$index.pid"
         return 0
     fi

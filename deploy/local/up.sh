@@ -31,7 +31,7 @@ database_url="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 mkdir -p "$STATE_DIR"
 if [[ -f "$STATE_DIR/nodes" ]]; then
     for ((i = 1; i <= $(cat "$STATE_DIR/nodes"); i++)); do
-        if pid_is_ours "$(node_pid "$i")" "$(cat "$STATE_DIR/bin" 2>/dev/null || echo chatgate)"; then
+        if node_is_running "$i"; then
             die "a local stack is already running (state in $STATE_DIR): run deploy/local/down.sh first"
         fi
     done

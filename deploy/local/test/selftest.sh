@@ -65,7 +65,11 @@ check "restart-node.sh refuses a node that does not exist" bash -c "! '$local_di
 up_output="$("$local_dir/up.sh" 3 2>&1)"
 up_status=$?
 check "up.sh 3 succeeds" test "$up_status" -eq 0
-[[ "$up_status" -eq 0 ]] || echo "$up_output"
+if [[ "$up_status" -ne 0 ]]; then
+    echo "$up_output"
+    echo "selftest: $passed passed, $((failed + 1)) failed (stopped: the stack did not come up)"
+    exit 1
+fi
 check "up.sh prints the balancer URL" grep -q "load balancer   $lb" <<<"$up_output"
 
 pids_before=()
