@@ -200,6 +200,20 @@ for bad in "$ROOT"/deploy/validate/bad-values/*.yaml; do
 done
 step "values.schema.json errors are the schema's (not a template failure)" \
     expect_failure "values don't meet the specifications" "$HELM" template chatgate "$CHART" -f "$ROOT/deploy/validate/bad-values/unknown-key.yaml"
+# NOTES.txt is only rendered by `helm install`, which needs a cluster: render it through a
+# throwaway template in a copy of the chart.
+render_notes() { # [helm template args...]
+    local copy="$WORK/notes-chart"
+    rm -rf "$copy" && cp -r "$CHART" "$copy"
+    printf '%s\n' 'apiVersion: v1' 'kind: ConfigMap' 'metadata:' '  name: notes' 'data:' \
+        '  notes: {{ include (print $.Template.BasePath "/NOTES.txt") . | quote }}' >"$copy/templates/zz-notes.yaml"
+    "$HELM" template chatgate "$copy" --show-only templates/zz-notes.yaml "$@" >"$WORK/notes.yaml" || return 1
+    "$PY" -c 'import sys, yaml; notes = yaml.safe_load(open(sys.argv[1]))["data"]["notes"]; print(notes); sys.exit(0 if "chatgate token --user" in notes and "{{" not in notes else 1)' "$WORK/notes.yaml"
+}
+step "NOTES.txt renders (default values)" render_notes
+for values in "${values_files[@]}"; do
+    step "NOTES.txt renders -f ci/$(basename "$values")" render_notes -f "$values"
+done
 step "chart README documents every value" "$PY" "$CHECKER" readme "$CHART/values.yaml" "$CHART/README.md"
 
 # ---------------------------------------------------------------------------------------------
