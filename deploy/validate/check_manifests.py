@@ -1,0 +1,372 @@
+#!/usr/bin/env python3
+"""Offline checks of chatgate's deployment files that schema validation cannot make.
+
+kubernetes-validate checks each resource against the Kubernetes schemas; this script checks
+what ties them together and to the gateway's contract (docs/interface.md sections 1 and 2):
+
+  manifests FILE...   rendered manifests (helm template / kustomize build output): selectors
+                      match pods, references resolve, probes, drain timing, env names,
+                      restricted security context, WebSocket-safe ingress timeouts
+  dockerfile DOCKERFILE DOCKERIGNORE
+                      the image's contract: non-root user, entrypoint, no HEALTHCHECK, the
+                      WITH_PROVIDERS build argument and the four provider packages, a build
+                      context that keeps the sources and leaves target/ and .git out
+  readme VALUES README
+                      every value in the chart's values.yaml is documented in its README
+
+Exit status 0 when every check passes, 1 otherwise (each failure printed on its own line).
+"""
+
+import fnmatch
+import json
+import re
+import sys
+
+import yaml
+
+# Environment variables of interface.md section 1 (the flags' env names).
+CONTRACT_ENV = {
+    "CHATGATE_LISTEN", "DATABASE_URL", "REDIS_URL", "CHATGATE_JWT_SECRET", "CHATGATE_NODE_ID",
+    "CHATGATE_PROVIDERS", "CHATGATE_WORKSPACES_ROOT", "CHATGATE_RUN_LEASE",
+    "CHATGATE_REPLAY_RETENTION", "CHATGATE_REPLAY_MAX_EVENTS", "CHATGATE_ALLOWED_ORIGINS",
+    "CHATGATE_MAX_FRAME_BYTES", "CHATGATE_SEND_QUEUE_BYTES", "CHATGATE_DRAIN_GRACE",
+    "CHATGATE_LOG_FORMAT",
+}
+# The server pings every 30 s and drops a socket after two missed pongs.
+MIN_PROXY_TIMEOUT_SECONDS = 75
+# Room after the drain grace to end the remaining runs and exit.
+MIN_SHUTDOWN_MARGIN_SECONDS = 10
+WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet"}
+NGINX_TIMEOUT_ANNOTATIONS = (
+    "nginx.ingress.kubernetes.io/proxy-read-timeout",
+    "nginx.ingress.kubernetes.io/proxy-send-timeout",
+)
+
+
+class Report:
+    """Collects failures; prints them as they come."""
+
+    def __init__(self, label):
+        self.label = label
+        self.failures = 0
+        self.checks = 0
+
+    def check(self, ok, message):
+        self.checks += 1
+        if not ok:
+            self.failures += 1
+            print(f"FAIL {self.label}: {message}")
+        return ok
+
+
+def parse_duration_seconds(text):
+    """Seconds of an interface duration (`ms`, `s`, `m`, `h`), None if unparsable."""
+    match = re.fullmatch(r"([0-9]+)(ms|s|m|h)", str(text).strip())
+    if not match:
+        return None
+    value, unit = int(match.group(1)), match.group(2)
+    return {"ms": value / 1000, "s": value, "m": value * 60, "h": value * 3600}[unit]
+
+
+def name_of(doc):
+    return f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+
+
+def selector_matches(selector, labels):
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def pod_spec(doc):
+    return doc.get("spec", {}).get("template", {}).get("spec", {})
+
+
+def pod_labels(doc):
+    return doc.get("spec", {}).get("template", {}).get("metadata", {}).get("labels", {}) or {}
+
+
+def container_ports(doc):
+    return {
+        port.get("name"): port.get("containerPort")
+        for container in pod_spec(doc).get("containers", [])
+        for port in container.get("ports", []) or []
+    }
+
+
+def gateway_container(doc):
+    for container in pod_spec(doc).get("containers", []):
+        if container.get("name") == "chatgate":
+            return container
+    return None
+
+
+def check_gateway(report, doc, configmaps):
+    """Contract checks of the chatgate Deployment."""
+    name = name_of(doc)
+    container = gateway_container(doc)
+    spec = pod_spec(doc)
+    env = {e["name"]: e for e in container.get("env", []) or []}
+
+    config_env = {}
+    for source in container.get("envFrom", []) or []:
+        ref = source.get("configMapRef", {}).get("name")
+        if ref is not None:
+            if report.check(ref in configmaps, f"{name}: envFrom ConfigMap {ref} is not in the output"):
+                config_env.update(configmaps[ref].get("data", {}) or {})
+
+    for var in list(env) + list(config_env):
+        if var.startswith("CHATGATE_"):
+            report.check(var in CONTRACT_ENV, f"{name}: {var} is not a chatgate variable (typo?)")
+
+    node_id = env.get("CHATGATE_NODE_ID", {})
+    report.check(
+        node_id.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name",
+        f"{name}: CHATGATE_NODE_ID must be the pod name (downward API metadata.name)",
+    )
+    for var in ("CHATGATE_JWT_SECRET", "REDIS_URL", "DATABASE_URL"):
+        entry = env.get(var)
+        report.check(entry is not None, f"{name}: {var} is not set")
+        if entry is not None and var != "DATABASE_URL":
+            report.check("secretKeyRef" in entry.get("valueFrom", {}), f"{name}: {var} must come from a Secret")
+    database = env.get("DATABASE_URL", {})
+    if "value" in database:
+        report.check("$(" in database["value"], f"{name}: DATABASE_URL holds a literal password")
+
+    listen = config_env.get("CHATGATE_LISTEN") or env.get("CHATGATE_LISTEN", {}).get("value")
+    ports = {p.get("name"): p.get("containerPort") for p in container.get("ports", []) or []}
+    report.check(listen is not None and listen.startswith("0.0.0.0:"), f"{name}: CHATGATE_LISTEN must be 0.0.0.0:<port>, got {listen}")
+    if listen:
+        report.check(str(ports.get("http")) == listen.rsplit(":", 1)[-1], f"{name}: containerPort http {ports.get('http')} differs from CHATGATE_LISTEN {listen}")
+    report.check(config_env.get("CHATGATE_LOG_FORMAT") == "json", f"{name}: CHATGATE_LOG_FORMAT should be json in a cluster")
+    report.check(config_env.get("CHATGATE_WORKSPACES_ROOT") == "/data/workspaces", f"{name}: CHATGATE_WORKSPACES_ROOT should be /data/workspaces")
+    report.check(env.get("HOME", {}).get("value") == "/data/home", f"{name}: HOME should be /data/home (providers' home on the data volume)")
+
+    def probe_path(probe):
+        return (container.get(probe) or {}).get("httpGet", {}).get("path")
+
+    report.check(probe_path("readinessProbe") == "/readyz", f"{name}: readiness probe must GET /readyz")
+    report.check(probe_path("livenessProbe") == "/healthz", f"{name}: liveness probe must GET /healthz")
+    report.check(probe_path("startupProbe") is not None, f"{name}: startup probe missing")
+
+    grace = parse_duration_seconds(config_env.get("CHATGATE_DRAIN_GRACE", "25s"))
+    report.check(grace is not None, f"{name}: CHATGATE_DRAIN_GRACE unparsable")
+    pre_stop = container.get("lifecycle", {}).get("preStop", {})
+    sleep = 0
+    if "exec" in pre_stop:
+        command = pre_stop["exec"].get("command", [])
+        if report.check(command[:1] == ["sleep"] and len(command) == 2, f"{name}: preStop should be `sleep N`"):
+            sleep = float(command[1])
+    elif "sleep" in pre_stop:
+        sleep = float(pre_stop["sleep"].get("seconds", 0))
+    report.check(sleep > 0, f"{name}: preStop sleep missing (endpoints need time to drop the pod)")
+    termination = spec.get("terminationGracePeriodSeconds", 30)
+    if grace is not None:
+        need = sleep + grace + MIN_SHUTDOWN_MARGIN_SECONDS
+        report.check(termination >= need, f"{name}: terminationGracePeriodSeconds {termination} < preStop {sleep} + drain grace {grace} + {MIN_SHUTDOWN_MARGIN_SECONDS}")
+
+    pod_sc = spec.get("securityContext", {}) or {}
+    report.check(pod_sc.get("runAsNonRoot") is True, f"{name}: pod runAsNonRoot must be true")
+    report.check(pod_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{name}: seccompProfile RuntimeDefault missing")
+    for c in spec.get("containers", []) + (spec.get("initContainers") or []):
+        sc = c.get("securityContext", {}) or {}
+        cname = f"{name} container {c.get('name')}"
+        report.check(sc.get("allowPrivilegeEscalation") is False, f"{cname}: allowPrivilegeEscalation must be false")
+        report.check(sc.get("readOnlyRootFilesystem") is True, f"{cname}: readOnlyRootFilesystem must be true")
+        report.check("ALL" in (sc.get("capabilities", {}) or {}).get("drop", []), f"{cname}: capabilities must drop ALL")
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", []) or []}
+    report.check("/data" in mounts and "/tmp" in mounts, f"{name}: /data and /tmp must be volumes (read-only root fs)")
+    report.check(spec.get("enableServiceLinks") is False, f"{name}: enableServiceLinks must be false (a Service named chatgate injects CHATGATE_* vars)")
+    report.check("resources" in container and container["resources"].get("requests"), f"{name}: resource requests missing")
+    affinity = spec.get("affinity", {}) or {}
+    report.check(bool(affinity) or bool(spec.get("topologySpreadConstraints")), f"{name}: no anti-affinity or spread")
+
+
+def check_manifests(path):
+    report = Report(path)
+    with open(path, encoding="utf-8") as handle:
+        docs = [d for d in yaml.safe_load_all(handle) if d]
+    report.check(bool(docs), "no resources rendered")
+    by_kind = {}
+    for doc in docs:
+        by_kind.setdefault(doc.get("kind"), {})[doc.get("metadata", {}).get("name")] = doc
+    names = [name_of(d) for d in docs]
+    for dup in {n for n in names if names.count(n) > 1}:
+        report.check(False, f"{dup} rendered twice")
+
+    workloads = [d for d in docs if d.get("kind") in WORKLOAD_KINDS]
+    services = by_kind.get("Service", {})
+    configmaps = by_kind.get("ConfigMap", {})
+    secrets = by_kind.get("Secret", {})
+    claims = by_kind.get("PersistentVolumeClaim", {})
+
+    for doc in workloads:
+        name = name_of(doc)
+        selector = doc.get("spec", {}).get("selector", {}).get("matchLabels", {})
+        report.check(selector_matches(selector, pod_labels(doc)), f"{name}: selector does not match its pod labels")
+        spec = pod_spec(doc)
+        for container in spec.get("containers", []) + (spec.get("initContainers") or []):
+            for entry in container.get("env", []) or []:
+                ref = entry.get("valueFrom", {}).get("secretKeyRef")
+                if ref and ref["name"] in secrets:
+                    data = secrets[ref["name"]].get("data", {}) or {}
+                    report.check(ref["key"] in data, f"{name}: Secret {ref['name']} has no key {ref['key']}")
+        for volume in spec.get("volumes", []) or []:
+            claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+            if claim and claims:
+                report.check(claim in claims, f"{name}: claim {claim} is not in the output")
+        if gateway_container(doc) is not None:
+            check_gateway(report, doc, configmaps)
+
+    for svc in services.values():
+        selector = svc.get("spec", {}).get("selector", {})
+        targets = [w for w in workloads if selector_matches(selector, pod_labels(w))]
+        if report.check(bool(targets), f"{name_of(svc)}: selector matches no workload"):
+            for port in svc["spec"].get("ports", []):
+                target = port.get("targetPort")
+                if isinstance(target, str):
+                    report.check(all(target in container_ports(w) for w in targets), f"{name_of(svc)}: targetPort {target} is not a container port")
+        report.check(svc.get("spec", {}).get("sessionAffinity") in (None, "None"), f"{name_of(svc)}: no session affinity expected")
+
+    for pdb in by_kind.get("PodDisruptionBudget", {}).values():
+        selector = pdb.get("spec", {}).get("selector", {}).get("matchLabels", {})
+        report.check(any(selector_matches(selector, pod_labels(w)) for w in workloads), f"{name_of(pdb)}: selector matches no workload")
+
+    for hpa in by_kind.get("HorizontalPodAutoscaler", {}).values():
+        target = hpa.get("spec", {}).get("scaleTargetRef", {})
+        report.check(target.get("name") in by_kind.get(target.get("kind"), {}), f"{name_of(hpa)}: scale target {target} is not in the output")
+
+    for monitor in by_kind.get("ServiceMonitor", {}).values():
+        selector = monitor.get("spec", {}).get("selector", {}).get("matchLabels", {})
+        matched = [s for s in services.values() if selector_matches(selector, s.get("metadata", {}).get("labels", {}) or {})]
+        report.check(len(matched) == 1, f"{name_of(monitor)}: selects {len(matched)} Services, expected 1")
+        for endpoint in monitor.get("spec", {}).get("endpoints", []):
+            port_names = {p.get("name") for s in matched for p in s["spec"].get("ports", [])}
+            report.check(endpoint.get("port") in port_names, f"{name_of(monitor)}: port {endpoint.get('port')} is not a Service port")
+            report.check(endpoint.get("path") == "/metrics", f"{name_of(monitor)}: path must be /metrics")
+
+    for ingress in by_kind.get("Ingress", {}).values():
+        annotations = ingress.get("metadata", {}).get("annotations", {}) or {}
+        if ingress.get("spec", {}).get("ingressClassName") == "nginx":
+            for key in NGINX_TIMEOUT_ANNOTATIONS:
+                value = annotations.get(key)
+                report.check(value is not None and value.isdigit() and int(value) >= MIN_PROXY_TIMEOUT_SECONDS,
+                             f"{name_of(ingress)}: {key} must be >= {MIN_PROXY_TIMEOUT_SECONDS} (WebSocket idle), got {value}")
+            report.check("nginx.ingress.kubernetes.io/affinity" not in annotations, f"{name_of(ingress)}: no sticky sessions expected")
+        for rule in ingress.get("spec", {}).get("rules", []):
+            for path in rule.get("http", {}).get("paths", []):
+                backend = path.get("backend", {}).get("service", {})
+                svc = services.get(backend.get("name"))
+                if report.check(svc is not None, f"{name_of(ingress)}: backend Service {backend.get('name')} is not in the output"):
+                    port = backend.get("port", {})
+                    known = {p.get("name") for p in svc["spec"]["ports"]} | {p.get("port") for p in svc["spec"]["ports"]}
+                    report.check(port.get("name", port.get("number")) in known, f"{name_of(ingress)}: backend port {port} is not a Service port")
+
+    report.check(any(gateway_container(w) is not None for w in workloads), "no chatgate Deployment rendered")
+    return report
+
+
+def dockerignore_excludes(patterns, path):
+    """Whether the build context leaves `path` out (last matching pattern wins, `!` re-includes)."""
+    excluded = False
+    for raw in patterns:
+        negate = raw.startswith("!")
+        pattern = raw[1:] if negate else raw
+        pattern = pattern.strip("/")
+        candidates = [pattern, pattern.replace("**/", "")]
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        if any(fnmatch.fnmatchcase(prefix, c) for prefix in prefixes for c in candidates):
+            excluded = not negate
+    return excluded
+
+
+def check_dockerfile(dockerfile, dockerignore):
+    report = Report(dockerfile)
+    with open(dockerfile, encoding="utf-8") as handle:
+        text = handle.read()
+    lines = [l.strip() for l in re.sub(r"\\\n", " ", text).splitlines() if l.strip() and not l.strip().startswith("#")]
+    instructions = [(l.split(None, 1)[0].upper(), l.split(None, 1)[1] if " " in l else "") for l in lines]
+    froms = [args for op, args in instructions if op == "FROM"]
+    report.check(len(froms) >= 3, "expected a multi-stage build (builder, providers, runtime)")
+    report.check(any("rust:" in f for f in froms), "no Rust builder stage")
+    report.check(any("debian:" in f and "slim" in f for f in froms), "runtime must be Debian slim")
+    final = len(instructions) - 1 - [op for op, _ in instructions][::-1].index("FROM")
+    final_stage = instructions[final:]
+    final_ops = dict((op, args) for op, args in final_stage)
+    report.check(not any(op == "HEALTHCHECK" for op, _ in instructions), "no HEALTHCHECK expected (Kubernetes probes)")
+    user = final_ops.get("USER", "")
+    report.check(re.fullmatch(r"[1-9][0-9]*(:[0-9]+)?", user) is not None, f"final USER must be a numeric non-root uid, got {user!r}")
+    report.check(json.loads(final_ops.get("ENTRYPOINT", "null")) == ["chatgate"], "ENTRYPOINT must be [\"chatgate\"]")
+    report.check(json.loads(final_ops.get("CMD", "null")) == ["serve"], "CMD must be [\"serve\"]")
+    report.check("EXPOSE" in final_ops and "3001" in final_ops["EXPOSE"], "EXPOSE 3001 missing")
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1] if "=" in a else None for op, a in instructions if op == "ARG"}
+    report.check(args.get("WITH_PROVIDERS") == "false", "ARG WITH_PROVIDERS=false missing")
+    for package in ("@anthropic-ai/claude-code", "@openai/codex", "@google/gemini-cli", "opencode-ai"):
+        report.check(package in text, f"provider package {package} is not installed")
+    env_text = " ".join(a for op, a in instructions if op == "ENV")
+    for expected in ("CHATGATE_LISTEN=0.0.0.0:3001", "CHATGATE_WORKSPACES_ROOT=/data/workspaces", "HOME=/data/home"):
+        report.check(expected in env_text, f"ENV {expected} missing")
+    report.check("cargo build --release --locked" in text, "the builder must build with --locked")
+    report.check("cargo chef cook" in text, "dependency build is not cached in its own layer")
+
+    with open(dockerignore, encoding="utf-8") as handle:
+        patterns = [l.strip() for l in handle if l.strip() and not l.startswith("#")]
+    for path in ("target", "target/release/chatgate", ".git", ".state/local/pids", "node_modules", "chatgate.db"):
+        report.check(dockerignore_excludes(patterns, path), f".dockerignore keeps {path} in the build context")
+    for path in ("Cargo.toml", "Cargo.lock", "src/main.rs", "src/lib.rs", "migrations/0001_init.sql"):
+        report.check(not dockerignore_excludes(patterns, path), f".dockerignore leaves {path} out of the build context")
+    return report
+
+
+def leaf_paths(value, prefix=""):
+    """Dotted paths of a values tree; lists and empty maps count as leaves."""
+    if isinstance(value, dict) and value:
+        for key, child in value.items():
+            yield from leaf_paths(child, f"{prefix}.{key}" if prefix else key)
+    else:
+        yield prefix
+
+
+def check_readme(values_path, readme_path):
+    report = Report(readme_path)
+    with open(values_path, encoding="utf-8") as handle:
+        values = yaml.safe_load(handle)
+    with open(readme_path, encoding="utf-8") as handle:
+        readme = handle.read()
+    documented = set(re.findall(r"^\|\s*`([^`]+)`\s*\|", readme, re.MULTILINE))
+    free_form = {"probes.startup", "probes.readiness", "probes.liveness", "autoscaling.behavior", "resources", "podSecurityContext", "securityContext",
+                 "redis.resources", "postgresql.resources"}
+    for path in leaf_paths(values):
+        covered = path in documented or any(path == f or path.startswith(f + ".") for f in free_form if f in documented)
+        report.check(covered, f"value {path} is not documented in the README's table")
+    for path in documented:
+        node = values
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) and part in node else KeyError
+            if node is KeyError:
+                break
+        report.check(node is not KeyError, f"README documents {path}, which values.yaml does not have")
+    return report
+
+
+def main(argv):
+    if len(argv) < 2:
+        print(__doc__)
+        return 2
+    mode, rest = argv[1], argv[2:]
+    if mode == "manifests" and rest:
+        reports = [check_manifests(p) for p in rest]
+    elif mode == "dockerfile" and len(rest) == 2:
+        reports = [check_dockerfile(*rest)]
+    elif mode == "readme" and len(rest) == 2:
+        reports = [check_readme(*rest)]
+    else:
+        print(__doc__)
+        return 2
+    failed = sum(r.failures for r in reports)
+    for r in reports:
+        print(f"{'ok  ' if not r.failures else 'FAIL'} {r.label}: {r.checks - r.failures}/{r.checks} checks")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

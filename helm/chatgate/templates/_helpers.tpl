@@ -1,0 +1,118 @@
+{{/* Chart name, truncated to 63 chars (DNS label). */}}
+{{- define "chatgate.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Release-based full name; the bundled services add suffixes, so keep room for them. */}}
+{{- define "chatgate.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "chatgate.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on everything the chart makes, except instance and the selector labels. */}}
+{{- define "chatgate.metaLabels" -}}
+helm.sh/chart: {{ include "chatgate.chart" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: chatgate
+{{- end }}
+
+{{/* Labels of the bundled services' resources (they add name and component). */}}
+{{- define "chatgate.commonLabels" -}}
+{{ include "chatgate.metaLabels" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Labels of the gateway's resources. */}}
+{{- define "chatgate.labels" -}}
+{{ include "chatgate.metaLabels" . }}
+{{ include "chatgate.selectorLabels" . }}
+{{- end }}
+
+{{/* Selector of the gateway pods. */}}
+{{- define "chatgate.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "chatgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
+{{- define "chatgate.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "chatgate.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "chatgate.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* Name of the Secret holding jwt-secret, redis-url and database-url. */}}
+{{- define "chatgate.secretName" -}}
+{{- default (include "chatgate.fullname" .) .Values.auth.existingSecret }}
+{{- end }}
+
+{{/*
+A value kept across upgrades: the given one, else the one already stored in the named Secret,
+else a new random one. Call with (dict "ctx" $ "secret" NAME "key" KEY "given" VALUE).
+*/}}
+{{- define "chatgate.stableSecretValue" -}}
+{{- if .given }}
+{{- .given }}
+{{- else }}
+{{- $existing := lookup "v1" "Secret" .ctx.Release.Namespace .secret }}
+{{- if and $existing $existing.data (hasKey $existing.data .key) }}
+{{- index $existing.data .key | b64dec }}
+{{- else }}
+{{- randAlphaNum 48 }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "chatgate.redisName" -}}
+{{- printf "%s-redis" (include "chatgate.fullname" .) }}
+{{- end }}
+
+{{- define "chatgate.postgresqlName" -}}
+{{- printf "%s-postgresql" (include "chatgate.fullname" .) }}
+{{- end }}
+
+{{- define "chatgate.postgresqlPassword" -}}
+{{- include "chatgate.stableSecretValue" (dict "ctx" . "secret" (include "chatgate.postgresqlName" .) "key" "password" "given" .Values.postgresql.password) }}
+{{- end }}
+
+{{- define "chatgate.redisUrl" -}}
+{{- if .Values.redis.enabled }}
+{{- printf "redis://%s:6379" (include "chatgate.redisName" .) }}
+{{- else }}
+{{- required "externalRedis.url is required (or redis.enabled=true, or auth.existingSecret)" .Values.externalRedis.url }}
+{{- end }}
+{{- end }}
+
+{{/* External database URL (the bundled PostgreSQL's URL is assembled in the pod's env). */}}
+{{- define "chatgate.databaseUrl" -}}
+{{- required "externalDatabase.url is required (or postgresql.enabled=true, or auth.existingSecret)" .Values.externalDatabase.url }}
+{{- end }}
+
+{{/* True when DATABASE_URL points at the bundled PostgreSQL. */}}
+{{- define "chatgate.useBundledPostgresql" -}}
+{{- if and .Values.postgresql.enabled (not .Values.auth.existingSecret) }}true{{ end }}
+{{- end }}
+
+{{/* Name of the claim behind /data when persistence is on. */}}
+{{- define "chatgate.dataClaimName" -}}
+{{- default (printf "%s-data" (include "chatgate.fullname" .)) .Values.persistence.existingClaim }}
+{{- end }}
