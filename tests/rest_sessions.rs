@@ -86,6 +86,16 @@ async fn create_validates_provider_and_path(db: Db) {
         assert_error(&got, 400, "UNSUPPORTED_PROVIDER");
     }
 
+    // Summary: at most 500 characters, a string.
+    let got =
+        create(&node, &token, json!({ "provider": "script", "projectPath": "proj", "summary": "é".repeat(500) })).await;
+    assert_eq!(got.0, 201, "{}", got.1);
+    for summary in [json!("a".repeat(501)), json!(5)] {
+        let got =
+            create(&node, &token, json!({ "provider": "script", "projectPath": "proj", "summary": summary })).await;
+        assert_eq!((got.0, got.1["success"].as_bool()), (400, Some(false)), "{}", got.1);
+    }
+
     // Project path missing or blank.
     for body in [json!({ "provider": "script" }), json!({ "provider": "script", "projectPath": "   " })] {
         assert_error(&create(&node, &token, body).await, 400, "PROJECT_PATH_REQUIRED");
@@ -117,7 +127,7 @@ async fn create_validates_provider_and_path(db: Db) {
 
     // Nothing refused was created.
     let list = assert_ok(&node.request("GET", SESSIONS, &token, None).await, 200);
-    assert_eq!(list["total"], 2, "{list}");
+    assert_eq!(list["total"], 3, "{list}");
 }
 
 async fn list_newest_first_paged_archived_left_out(db: Db) {

@@ -175,6 +175,32 @@ async fn run_in_progress_on_a_concurrent_send(db: Db) {
     assert_contiguous(&events, 2);
     assert_one_terminal_complete(&events);
     assert_eq!(events.last().unwrap()["exitCode"], 0);
+
+    // Five sockets send at the same instant: one run, four RUN_IN_PROGRESS.
+    let top = events.last().unwrap()["seq"].as_u64().unwrap();
+    let mut sockets = Vec::new();
+    for _ in 0..5 {
+        sockets.push(node.connect(&token).await);
+    }
+    let script = paced(20, 10);
+    let sends = sockets.iter_mut().map(|ws| ws.send_chat(&id, &script));
+    futures_util::future::join_all(sends).await;
+    let mut refused = 0;
+    let mut runs = Vec::new();
+    for ws in &mut sockets {
+        let frame = ws.recv_until(|v| v["kind"] == "protocol_error" || v["seq"].is_u64()).await.pop().unwrap();
+        if frame["kind"] == "protocol_error" {
+            assert_protocol_error(&frame, "RUN_IN_PROGRESS");
+            refused += 1;
+        } else {
+            let mut run = vec![frame];
+            run.extend(ws.run_events(&id).await);
+            runs.push(run);
+        }
+    }
+    assert_eq!((refused, runs.len()), (4, 1));
+    assert_contiguous(&runs[0], top + 1);
+    assert_one_terminal_complete(&runs[0]);
 }
 
 async fn abort_while_running_and_when_not(db: Db) {
@@ -205,6 +231,22 @@ async fn abort_while_running_and_when_not(db: Db) {
         assert_eq!(frame["error"], format!("Session \"{session}\" has no active run."));
     }
 
+    // Two aborts in a row: still exactly one complete.
+    ws.send_chat(&id, &paced(400, 5)).await;
+    let mut events = read_until_seq(&mut ws, &id, top + 2).await;
+    abort(&mut ws, &id).await;
+    abort(&mut ws, &id).await;
+    let mut frames = ws.recv_until(|v| v["kind"] == "complete").await;
+    while let Some(Ok(frame)) = ws.try_recv(Duration::from_millis(200)).await {
+        frames.push(frame);
+    }
+    let errors: Vec<&Value> = frames.iter().filter(|v| v["kind"] == "protocol_error").collect();
+    assert!(errors.iter().all(|e| e["code"] == "NO_ACTIVE_RUN"), "{errors:?}");
+    events.extend(frames.into_iter().filter(|v| v["seq"].is_u64()));
+    assert_contiguous(&events, top + 1);
+    assert_one_terminal_complete(&events);
+    let top = events.last().unwrap()["seq"].as_u64().unwrap();
+
     // The session takes a new run, and another tab of the same user may abort it.
     let mut tab = node.connect(&token).await;
     ws.send_chat(&id, &paced(400, 5)).await;
@@ -215,7 +257,7 @@ async fn abort_while_running_and_when_not(db: Db) {
     assert_one_terminal_complete(&events);
     tab.expect_silence(Duration::from_millis(200)).await;
     let history = node.history_complete(&token, &id, events.last().unwrap()["seq"].as_u64()).await;
-    assert_eq!(history.iter().filter(|m| m["kind"] == "complete").count(), 2, "{history:#?}");
+    assert_eq!(history.iter().filter(|m| m["kind"] == "complete").count(), 3, "{history:#?}");
 }
 
 async fn abort_right_after_send_kills_the_run(db: Db) {
@@ -241,6 +283,10 @@ async fn abort_right_after_send_kills_the_run(db: Db) {
             }
         }
         assert!(late.is_empty(), "frames after complete: {late:#?}");
+        // History keeps the prompt and the aborted run's events.
+        let history = node.history_complete(&token, &id, complete["seq"].as_u64()).await;
+        assert_eq!((history[0]["role"].as_str(), history[0]["seq"].clone()), (Some("user"), Value::Null));
+        common::assert_history_matches(&history, &paced(100, 10), &events);
         ws.send_chat(&id, "again").await;
         let next = ws.run_events(&id).await;
         assert_contiguous(&next, complete["seq"].as_u64().unwrap() + 1);
@@ -276,6 +322,32 @@ async fn two_tabs_both_receive_live_events(db: Db) {
     assert_eq!(&watched[2..], &sent[..], "both tabs get the same frames");
     assert_eq!(watched, caught_up, "the late tab gets the whole run");
     assert_eq!(joined["runId"], watched[0]["runId"]);
+}
+
+/// An unpaced run of thousands of events (faster than any socket drains it)
+/// reaches every tab whole and in order.
+async fn fast_big_run_reaches_every_tab_in_order(db: Db) {
+    let node = TestNode::start(db).await;
+    let token = node.token(&user());
+    let id = node.create_session(&token, "script").await;
+    let mut tabs = Vec::new();
+    for _ in 0..3 {
+        let mut tab = node.connect(&token).await;
+        tab.subscribe(&id, 0).await;
+        ack(&mut tab, &id).await;
+        tabs.push(tab);
+    }
+    tabs[0].send_chat(&id, r#"{"events":5000,"payloadBytes":100}"#).await;
+    let mut first: Option<Vec<Value>> = None;
+    for tab in &mut tabs {
+        let events = tab.run_events(&id).await;
+        assert_eq!(events.len(), 5002);
+        assert_contiguous(&events, 1);
+        match &first {
+            None => first = Some(events),
+            Some(first) => assert!(first == &events, "tabs saw different frames"),
+        }
+    }
 }
 
 /// A tab drops mid-run and comes back with the last seq it saw: it gets exactly
@@ -664,6 +736,7 @@ db_tests!(
     abort_while_running_and_when_not,
     abort_right_after_send_kills_the_run,
     two_tabs_both_receive_live_events,
+    fast_big_run_reaches_every_tab_in_order,
     reconnect_with_last_seq_gets_exactly_the_missed_events,
     replay_truncated_when_the_cursor_is_older_than_the_window,
     subscribe_on_an_idle_session_sends_only_the_ack,
