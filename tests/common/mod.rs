@@ -8,7 +8,34 @@ use chatgate::{config::Config, node::Node};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream,
+    tungstenite::{self, Message, client::IntoClientRequest},
+};
+
+/// Generates, for each named `async fn name(db: Db)`, one test per database:
+/// `sqlite::name` and `postgres::name`.
+#[macro_export]
+macro_rules! db_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Db::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Db::Postgres).await
+                }
+            )*
+        }
+    };
+}
 
 pub const SECRET: &str = "test-secret";
 
@@ -31,7 +58,9 @@ pub struct TestNode {
     pub ws_url: String,
     pub workspaces: PathBuf,
     pub http: reqwest::Client,
-    _dir: tempfile::TempDir,
+    pub config: Config,
+    pub db: Db,
+    pub dir: tempfile::TempDir,
 }
 
 /// A fresh random user id, so tests never see each other's sessions.
@@ -66,15 +95,95 @@ impl TestNode {
     }
 
     pub async fn start_config(config: Config, dir: tempfile::TempDir) -> TestNode {
+        let db = if config.database_url.starts_with("sqlite:") { Db::Sqlite } else { Db::Postgres };
         let workspaces = std::fs::canonicalize(config.workspaces_root.clone().unwrap()).unwrap();
         let node = Node::start(&config, SECRET).await.expect("node starts");
         let base = format!("http://{}", node.addr);
         let ws_url = format!("ws://{}/ws", node.addr);
-        TestNode { node: Some(node), base, ws_url, workspaces, http: reqwest::Client::new(), _dir: dir }
+        TestNode { node: Some(node), base, ws_url, workspaces, http: reqwest::Client::new(), config, db, dir }
+    }
+
+    /// Drains this node (if still running) and starts a fresh one on the same
+    /// database and workspaces (a new port, a new in-process registry).
+    pub async fn restart(&mut self) {
+        self.drain().await;
+        let node = Node::start(&self.config, SECRET).await.expect("node restarts");
+        self.base = format!("http://{}", node.addr);
+        self.ws_url = format!("ws://{}/ws", node.addr);
+        self.node = Some(node);
+    }
+
+    /// The running node.
+    pub fn node(&self) -> &Node {
+        self.node.as_ref().expect("node is running")
     }
 
     pub fn token(&self, user: &str) -> String {
-        self.node.as_ref().unwrap().auth.mint(user, Duration::from_secs(3600)).unwrap()
+        mint(user, Duration::from_secs(3600))
+    }
+
+    /// A direct store handle on this node's database.
+    pub async fn store(&self) -> chatgate::store::Store {
+        chatgate::store::Store::connect(&self.config.database_url).await.expect("store connects")
+    }
+
+    /// A REST call with full control: optional bearer token, raw body, extra headers.
+    pub async fn request_raw(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut request = self.http.request(method, format!("{}{}", self.base, path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some((content_type, bytes)) = body {
+            request = request.header("content-type", content_type).body(bytes);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// A plain GET without auth; status and body text.
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        let response = self.http.get(format!("{}{}", self.base, path)).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap())
+    }
+
+    /// `GET …/messages` with everything (no limit), `data` of the envelope.
+    pub async fn history(&self, token: &str, session: &str) -> Value {
+        let (status, body) =
+            self.request("GET", &format!("/api/providers/sessions/{session}/messages"), token, None).await;
+        assert_eq!(status, 200, "{body}");
+        body["data"].clone()
+    }
+
+    /// History once it satisfies `pred` (it is written off the hot path); panics after 10 s.
+    pub async fn history_until(&self, token: &str, session: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let data = self.history(token, session).await;
+            let messages = data["messages"].as_array().cloned().unwrap_or_default();
+            if pred(&messages) {
+                return messages;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "history never matched: {messages:#?}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// History once its last message is the `complete` with seq `last` (or any complete when None).
+    pub async fn history_complete(&self, token: &str, session: &str, last: Option<u64>) -> Vec<Value> {
+        self.history_until(token, session, |m| {
+            m.last().is_some_and(|v| v["kind"] == "complete" && last.is_none_or(|s| v["seq"] == s))
+        })
+        .await
     }
 
     /// Creates a session of `provider` in the workspace's `proj` directory.
@@ -102,6 +211,15 @@ impl TestNode {
         Ws::connect(&format!("{}?token={token}", self.ws_url)).await
     }
 
+    /// An upgrade with extra headers (and the token in the query when given).
+    pub async fn try_connect(&self, token: Option<&str>, headers: &[(&str, &str)]) -> Result<Ws, tungstenite::Error> {
+        let url = match token {
+            Some(token) => format!("{}?token={token}", self.ws_url),
+            None => self.ws_url.clone(),
+        };
+        Ws::try_connect(&url, headers).await
+    }
+
     /// Drains the node (SIGTERM behaviour).
     pub async fn drain(&mut self) {
         if let Some(node) = self.node.take() {
@@ -122,6 +240,41 @@ impl Ws {
     pub async fn connect(url: &str) -> Ws {
         let (stream, _) = tokio_tungstenite::connect_async(url).await.expect("websocket connects");
         Ws { stream }
+    }
+
+    pub async fn try_connect(url: &str, headers: &[(&str, &str)]) -> Result<Ws, tungstenite::Error> {
+        let mut request = url.into_client_request()?;
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                tungstenite::http::HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        let (stream, _) = tokio_tungstenite::connect_async(request).await?;
+        Ok(Ws { stream })
+    }
+
+    /// Waits for the socket to close; the close code (`None`: no close frame). Panics on timeout.
+    pub async fn closed(&mut self, wait: Duration) -> Option<u16> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.try_recv(left).await {
+                Some(Ok(_)) => continue,
+                Some(Err(code)) => return code,
+                None => panic!("socket still open after {wait:?}"),
+            }
+        }
+    }
+
+    /// The next frame that is not a `session_upserted` notice.
+    pub async fn recv_reply(&mut self) -> Value {
+        loop {
+            let frame = self.recv().await;
+            if frame["kind"] != "session_upserted" {
+                return frame;
+            }
+        }
     }
 
     pub async fn send(&mut self, value: Value) {
@@ -268,4 +421,124 @@ pub async fn cluster_node(redis: &str, node_id: &str, tweak: impl FnOnce(&mut Co
         tweak(c);
     })
     .await
+/// A token for `user` signed with the test secret.
+pub fn mint(user: &str, ttl: Duration) -> String {
+    chatgate::auth::Auth::new(SECRET.as_bytes()).mint(user, ttl).unwrap()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// HS256 token with arbitrary claims signed with `secret`.
+pub fn signed(secret: &[u8], claims: Value) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret)).unwrap()
+}
+
+/// A well-formed token signed with the wrong secret.
+pub fn forged_token(user: &str) -> String {
+    signed(b"not-the-secret", json!({ "userId": user, "exp": unix_now() + 3600 }))
+}
+
+/// `{"alg":"none"}` with a valid-looking payload and no signature.
+pub fn alg_none_token(user: &str) -> String {
+    let header = b64(br#"{"alg":"none","typ":"JWT"}"#);
+    let payload = b64(json!({ "userId": user, "exp": unix_now() + 3600 }).to_string().as_bytes());
+    format!("{header}.{payload}.")
+}
+
+/// A correctly signed token that expired a minute ago.
+pub fn expired_token(user: &str) -> String {
+    signed(SECRET.as_bytes(), json!({ "userId": user, "iat": unix_now() - 120, "exp": unix_now() - 60 }))
+}
+
+/// Base64url without padding.
+fn b64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        let chars = chunk.len() + 1;
+        for i in 0..chars {
+            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// The `kind`s of frames.
+pub fn kinds(events: &[Value]) -> Vec<String> {
+    events.iter().map(|v| v["kind"].as_str().unwrap_or("?").to_string()).collect()
+}
+
+/// Asserts a frame is a `protocol_error` with `code` (and returns it).
+#[track_caller]
+pub fn assert_protocol_error(frame: &Value, code: &str) {
+    assert_eq!(frame["kind"], "protocol_error", "{frame}");
+    assert_eq!(frame["code"], code, "{frame}");
+    assert!(frame["error"].as_str().is_some_and(|e| !e.is_empty()), "{frame}");
+    assert!(frame["timestamp"].is_string(), "{frame}");
+}
+
+/// The history a run should leave: what streamed, with each stretch of
+/// `stream_delta`s (and its `stream_end`) merged into one assistant `text`.
+/// Merged texts are compared by role, kind and content only.
+pub fn merged_stream(events: &[Value]) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut text: Option<String> = None;
+    for event in events {
+        match event["kind"].as_str() {
+            Some("stream_delta") => text.get_or_insert_with(String::new).push_str(event["content"].as_str().unwrap()),
+            Some("stream_end") => {
+                if let Some(t) = text.take() {
+                    out.push(json!({ "kind": "text", "role": "assistant", "content": t }));
+                }
+            }
+            _ => {
+                if let Some(t) = text.take() {
+                    out.push(json!({ "kind": "text", "role": "assistant", "content": t }));
+                }
+                out.push(event.clone());
+            }
+        }
+    }
+    if let Some(t) = text.take() {
+        out.push(json!({ "kind": "text", "role": "assistant", "content": t }));
+    }
+    out
+}
+
+/// Asserts stored history `stored` (one run's messages, prompt first) equals
+/// the prompt plus `merged_stream(streamed)`.
+#[track_caller]
+pub fn assert_history_matches(stored: &[Value], prompt: &str, streamed: &[Value]) {
+    let want = merged_stream(streamed);
+    assert_eq!(stored.len(), want.len() + 1, "stored {stored:#?}\nwant prompt + {want:#?}");
+    let first = &stored[0];
+    assert_eq!((first["kind"].as_str(), first["role"].as_str()), (Some("text"), Some("user")), "{first}");
+    assert_eq!(first["content"], prompt, "{first}");
+    assert!(first.get("seq").is_some_and(Value::is_null), "prompt must carry seq: null: {first}");
+    for (got, want) in stored[1..].iter().zip(&want) {
+        if want.get("seq").is_some() {
+            assert_eq!(got, want, "stored event differs from the streamed one");
+        } else {
+            assert_eq!(got["kind"], "text", "{got}");
+            assert_eq!(got["role"], "assistant", "{got}");
+            assert_eq!(got["content"], want["content"], "{got}");
+            assert!(got["seq"].is_u64(), "merged text must carry a seq: {got}");
+        }
+    }
+    let seqs: Vec<u64> = stored[1..].iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "history seqs not increasing: {seqs:?}");
+}
+
+/// Resident set size of this process in KiB (Linux).
+pub fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
