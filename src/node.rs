@@ -161,10 +161,9 @@ impl Node {
     /// runs get the drain grace, the rest end with a terminal `complete`.
     pub async fn drain(self) {
         tracing::info!(runs = self.gateway.local_run_count(), "draining");
-        let gateway = self.gateway.clone();
-        let drained = tokio::spawn(async move { gateway.drain(self.drain_grace).await });
+        // HTTP keeps serving while runs finish: /readyz answers 503, upgrades are refused.
+        self.gateway.drain(self.drain_grace).await;
         self.stop_serving.cancel();
-        let _ = drained.await;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.server).await;
         self.gateway.store.close().await;
         tracing::info!("drained");

@@ -39,6 +39,8 @@ const MAX_MISSED_PONGS: u32 = 2;
 /// Socket read buffer: small, since idle sockets are the common case.
 const READ_BUFFER: usize = 4 * 1024;
 const WRITE_BUFFER: usize = 16 * 1024;
+/// How long a closing socket waits for the peer's Close.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// `GET /ws`: 401 without a valid token, 503 while draining, else upgrade.
 pub async fn upgrade(State(state): State<AppState>, parts: Parts) -> Response {
@@ -155,7 +157,18 @@ async fn serve(socket: WebSocket, state: AppState, identity: Identity, origin_re
         notices.abort();
     }
     outbox.close(CloseReason::Normal);
-    if tokio::time::timeout(Duration::from_secs(5), writer).await.is_err() {
+    // Closing handshake: read (and drop) what the peer still sends until its Close,
+    // so the connection ends with FIN rather than a reset that would discard our
+    // close frame on the peer's side.
+    let _ = tokio::time::timeout(CLOSE_LINGER, async {
+        while let Some(Ok(message)) = stream.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+    if tokio::time::timeout(CLOSE_LINGER, writer).await.is_err() {
         tracing::debug!("socket writer did not finish in time");
     }
     metrics::gauge!("chatgate_connections").decrement(1.0);
@@ -174,15 +187,22 @@ async fn write_loop(
         tokio::select! {
             popped = outbox.pop(&mut batch, WRITE_BATCH) => match popped {
                 Ok(()) => {
-                    let mut failed = false;
-                    for frame in batch.drain(..) {
-                        if sink.feed(Message::Text(frame)).await.is_err() {
-                            failed = true;
+                    // A peer that stops reading stalls the write; after two ping
+                    // intervals it is dead, like one that misses two pongs.
+                    let write = async {
+                        for frame in batch.drain(..) {
+                            sink.feed(Message::Text(frame)).await?;
+                        }
+                        sink.flush().await
+                    };
+                    match tokio::time::timeout(ping_interval * MAX_MISSED_PONGS, write).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => break,
+                        Err(_) => {
+                            tracing::info!("peer stopped reading; dropping the socket");
+                            batch.clear();
                             break;
                         }
-                    }
-                    if failed || sink.flush().await.is_err() {
-                        break;
                     }
                 }
                 Err(reason) => {

@@ -37,8 +37,27 @@ pub fn resolve_project_path(root: &Path, raw: &str) -> Result<PathBuf, PathRefus
     }
     let joined = if path.is_absolute() { path.to_path_buf() } else { root.join(path) };
     let normal: PathBuf = joined.components().filter(|c| !matches!(c, Component::CurDir)).collect();
-    let resolved = std::fs::canonicalize(&normal).unwrap_or(normal);
+    let resolved = resolve_existing_prefix(&normal);
     if resolved.starts_with(root) { Ok(resolved) } else { Err(PathRefusal::Outside) }
+}
+
+/// Canonicalises the longest existing ancestor of `path` (following its
+/// symlinks) and appends the components that do not exist yet.
+fn resolve_existing_prefix(path: &Path) -> PathBuf {
+    let mut existing = path;
+    let mut missing = Vec::new();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(existing) {
+            return missing.iter().rev().fold(real, |acc: PathBuf, part| acc.join(part));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
 }
 
 /// Checks `chat.send` options and resolves the working directory.
@@ -144,6 +163,8 @@ mod tests {
         assert_eq!(resolve_project_path(&root, "/etc"), Err(PathRefusal::Outside));
         std::os::unix::fs::symlink("/etc", root.join("link")).unwrap();
         assert_eq!(resolve_project_path(&root, "link"), Err(PathRefusal::Outside));
+        assert_eq!(resolve_project_path(&root, "link/not/yet"), Err(PathRefusal::Outside));
+        assert_eq!(resolve_project_path(&root, "new/dir").unwrap(), root.join("new/dir"));
     }
 
     #[test]

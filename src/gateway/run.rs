@@ -160,8 +160,13 @@ impl Driver {
             }
         };
         cancel.cancel();
-        // Unanswered approvals end with the run.
-        self.pending.clear();
+        // Unanswered approvals end with the run, visibly for every tab.
+        if matches!(ending, Ending::LeaseLost) {
+            self.pending.clear();
+        } else if self.cancel_pending().await.is_err() {
+            self.finish(Ending::LeaseLost).await;
+            return;
+        }
         if !matches!(ending, Ending::Finished(_))
             && tokio::time::timeout(RUNTIME_EXIT_GRACE, &mut runtime_task).await.is_err()
         {
@@ -268,6 +273,24 @@ impl Driver {
         let rows = self.history_rows(&[body], &events, vec![None]);
         self.gateway.history.write(rows).await;
         let _ = reply.send(answer);
+        Ok(())
+    }
+
+    /// Ends every pending approval with `permission_cancelled {reason: "cancelled"}`.
+    async fn cancel_pending(&mut self) -> Result<(), RegistryError> {
+        let request_ids: Vec<String> = self.pending.drain().map(|(id, _)| id).collect();
+        if request_ids.is_empty() {
+            return Ok(());
+        }
+        let mut bodies = Vec::with_capacity(request_ids.len());
+        for request_id in &request_ids {
+            self.gateway.registry.remove_pending(&self.lease, request_id).await?;
+            let fields = json!({ "kind": "permission_cancelled", "requestId": request_id, "reason": "cancelled" });
+            bodies.push(self.label(object(fields)));
+        }
+        let events = self.append(bodies.clone()).await?;
+        let rows = self.history_rows(&bodies, &events, vec![None; bodies.len()]);
+        self.gateway.history.write(rows).await;
         Ok(())
     }
 

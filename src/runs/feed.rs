@@ -68,7 +68,7 @@ impl LiveFeed {
             }
             match self.rx.recv().await {
                 Ok(event) if event.seq <= self.last_sent => continue,
-                Ok(event) if event.seq == self.last_sent + 1 => {
+                Ok(event) if event.seq == self.last_sent.saturating_add(1) => {
                     self.last_sent = event.seq;
                     return Some(FeedItem::Event(event));
                 }
@@ -95,13 +95,14 @@ impl LiveFeed {
     async fn fill(&mut self, up_to: u64) -> Option<FeedItem> {
         let range = self.source.read_range(&self.session_id, self.last_sent, up_to).await.unwrap_or_default();
         let first = range.events.first().map(|e| e.seq);
-        let contiguous_start = first.is_none_or(|seq| seq == self.last_sent + 1);
+        let contiguous_start = first.is_none_or(|seq| seq == self.last_sent.saturating_add(1));
         if range.complete && contiguous_start {
             self.ready.extend(range.events);
             return None;
         }
         // Skip what cannot be recovered; deliver what the window still has.
-        let resumed_at = first.unwrap_or(if up_to == u64::MAX { self.last_sent + 1 } else { up_to + 1 });
+        let resumed_at =
+            first.unwrap_or(if up_to == u64::MAX { self.last_sent.saturating_add(1) } else { up_to.saturating_add(1) });
         self.last_sent = resumed_at.saturating_sub(1);
         self.ready.extend(range.events);
         Some(FeedItem::Gap { resumed_at })

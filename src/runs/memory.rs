@@ -108,7 +108,7 @@ impl SessionState {
     fn range(&self, after_seq: u64, up_to: u64) -> ReplayRange {
         let events: Vec<Event> = self.window.iter().filter(|e| e.seq > after_seq && e.seq <= up_to).cloned().collect();
         let nothing_newer = self.last_seq <= after_seq;
-        let covered = self.window.front().is_some_and(|e| e.seq <= after_seq + 1);
+        let covered = self.window.front().is_some_and(|e| e.seq <= after_seq.saturating_add(1));
         ReplayRange { events, complete: nothing_newer || covered }
     }
 
@@ -255,7 +255,7 @@ impl RunRegistry for MemoryRegistry {
         let rx = state.live.subscribe();
         let snapshot = state.snapshot();
         let (replay, replay_truncated) = if snapshot.is_processing {
-            let from = after_seq.max(state.window_first_seq - 1);
+            let from = after_seq.max(state.window_first_seq.saturating_sub(1));
             let range = state.range(from, u64::MAX);
             let truncated = !range.complete;
             (range.events, truncated)

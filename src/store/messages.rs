@@ -25,35 +25,46 @@ pub struct MessagePage {
 }
 
 impl Store {
-    /// Writes history rows (idempotent: a row already there is kept) and raises
-    /// each touched session's `last_seq` high-water mark.
+    /// Writes history rows (idempotent: a row already there is kept; rows of a
+    /// deleted session are dropped) and raises each touched session's `last_seq`
+    /// high-water mark.
+    ///
+    /// Each session's row is updated *before* its messages are inserted: the
+    /// update locks the row, so a concurrent delete of the session either waits
+    /// for this transaction (and then removes these messages with the rest) or
+    /// wins, and then the update touches nothing and the messages are skipped.
     pub async fn append_history(&self, rows: &[HistoryRow]) -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
-        for row in rows {
-            sqlx::query(
-                "INSERT INTO messages (session_id, seq, part, kind, body) VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (session_id, seq, part) DO NOTHING",
-            )
-            .bind(&row.session_id)
-            .bind(i64::try_from(row.seq).unwrap_or(i64::MAX))
-            .bind(i64::from(row.part))
-            .bind(&row.kind)
-            .bind(&row.body)
-            .execute(&mut *tx)
-            .await?;
-        }
         let mut tops: Vec<(&str, u64)> = Vec::new();
-        for row in rows.iter().filter(|r| r.part == 1) {
+        for row in rows {
+            let seq = if row.part == 1 { row.seq } else { 0 };
             match tops.iter_mut().find(|(id, _)| *id == row.session_id) {
-                Some((_, top)) => *top = (*top).max(row.seq),
-                None => tops.push((&row.session_id, row.seq)),
+                Some((_, top)) => *top = (*top).max(seq),
+                None => tops.push((&row.session_id, seq)),
             }
         }
+        // One lock order for every writer in the cluster: no deadlocks between nodes.
+        tops.sort_unstable();
+        let mut tx = self.pool.begin().await?;
         for (session_id, top) in tops {
-            self.raise_last_seq(&mut tx, session_id, top).await?;
+            if !self.raise_last_seq(&mut tx, session_id, top).await? {
+                continue;
+            }
+            for row in rows.iter().filter(|r| r.session_id == session_id) {
+                sqlx::query(
+                    "INSERT INTO messages (session_id, seq, part, kind, body) VALUES ($1, $2, $3, $4, $5) \
+                     ON CONFLICT (session_id, seq, part) DO NOTHING",
+                )
+                .bind(&row.session_id)
+                .bind(i64::try_from(row.seq).unwrap_or(i64::MAX))
+                .bind(i64::from(row.part))
+                .bind(&row.kind)
+                .bind(&row.body)
+                .execute(&mut *tx)
+                .await?;
+            }
         }
         tx.commit().await?;
         Ok(())
@@ -64,9 +75,9 @@ impl Store {
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
         session_id: &str,
         top: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let top = i64::try_from(top).unwrap_or(i64::MAX);
-        sqlx::query(
+        let done = sqlx::query(
             "UPDATE sessions SET last_seq = CASE WHEN last_seq < $1 THEN $1 ELSE last_seq END, updated_at = $2 \
              WHERE session_id = $3",
         )
@@ -75,7 +86,7 @@ impl Store {
         .bind(session_id)
         .execute(&mut **tx)
         .await?;
-        Ok(())
+        Ok(done.rows_affected() > 0)
     }
 
     /// Raises a session's seq high-water mark without writing history.
@@ -89,19 +100,24 @@ impl Store {
     /// A page counted from the newest (offset 0 = newest page), oldest first
     /// inside it, as upstream. `limit: None` returns everything after `offset`.
     pub async fn messages(&self, session_id: &str, limit: Option<i64>, offset: i64) -> Result<MessagePage, StoreError> {
-        let total: i64 = sqlx::query("SELECT COUNT(*) AS n FROM messages WHERE session_id = $1")
-            .bind(session_id)
-            .fetch_one(&self.pool)
-            .await?
-            .try_get("n")?;
+        // The count comes from the same statement (one snapshot) as the page.
         let rows = sqlx::query(
-            "SELECT seq, part, body FROM messages WHERE session_id = $1 ORDER BY seq DESC, part DESC LIMIT $2 OFFSET $3",
+            "SELECT seq, part, body, (SELECT COUNT(*) FROM messages WHERE session_id = $1) AS total \
+             FROM messages WHERE session_id = $1 ORDER BY seq DESC, part DESC LIMIT $2 OFFSET $3",
         )
         .bind(session_id)
         .bind(limit.unwrap_or(i64::MAX))
         .bind(offset)
         .fetch_all(&self.pool)
         .await?;
+        let total: i64 = match rows.first() {
+            Some(row) => row.try_get("total")?,
+            None => sqlx::query("SELECT COUNT(*) AS n FROM messages WHERE session_id = $1")
+                .bind(session_id)
+                .fetch_one(&self.pool)
+                .await?
+                .try_get("n")?,
+        };
         let mut messages = Vec::with_capacity(rows.len());
         for row in rows.iter().rev() {
             let seq: i64 = row.try_get("seq")?;

@@ -421,6 +421,8 @@ pub async fn cluster_node(redis: &str, node_id: &str, tweak: impl FnOnce(&mut Co
         tweak(c);
     })
     .await
+}
+
 /// A token for `user` signed with the test secret.
 pub fn mint(user: &str, ttl: Duration) -> String {
     chatgate::auth::Auth::new(SECRET.as_bytes()).mint(user, ttl).unwrap()
