@@ -48,7 +48,7 @@ use self::{
     hub::Hub,
     node::{
         Failure, LocalRun, MAX_SCRIPT_SEQ, Node, PERMISSION_TTL, Probe, Reaped, SEQ_IDLE_TTL, SeenRun, attach_feed,
-        lock, millis, parse_index_member,
+        lock, millis, parse_index_member, run_key,
     },
     scripts::Scripts,
 };
@@ -154,14 +154,25 @@ impl RedisRegistry {
         bodies: &[&str],
         terminal: bool,
     ) -> Result<Vec<Event>, RegistryError> {
+        let batch_id = uuid::Uuid::new_v4().simple().to_string();
+        self.append_batch_as(&batch_id, lease, bodies, terminal).await
+    }
+
+    /// Appends one batch under `batch_id`; a second call with the same id (a
+    /// retry after a lost reply) returns the first call's seqs and appends nothing.
+    async fn append_batch_as(
+        &self,
+        batch_id: &str,
+        lease: &RunLease,
+        bodies: &[&str],
+        terminal: bool,
+    ) -> Result<Vec<Event>, RegistryError> {
         let node = &self.node;
         let session_id = lease.session_id.as_str();
         let (owner_json, floor) = lock(&node.runs)
-            .get(&lease.run_id)
-            .filter(|r| r.session_id == session_id)
+            .get(&run_key(session_id, &lease.run_id))
             .map(|r| (r.owner_json.clone(), r.last_seq))
             .unwrap_or_default();
-        let batch_id = uuid::Uuid::new_v4().simple().to_string();
         let mut inv = node.scripts.append.prepare_invoke();
         inv.key(keys::run(session_id))
             .key(keys::owner(session_id))
@@ -169,7 +180,7 @@ impl RedisRegistry {
             .key(keys::events(session_id))
             .key(keys::pending(session_id))
             .key(keys::live_channel(session_id))
-            .key(keys::batch(session_id, &batch_id))
+            .key(keys::batch(session_id, batch_id))
             .arg(&lease.run_id)
             .arg(millis(node.opts.lease))
             .arg(node.opts.max_events.max(1))
@@ -224,7 +235,7 @@ impl RedisRegistry {
             let user_id = self.drop_local_run(lease).map(|r| r.user_id);
             node.forget_run(session_id, &lease.run_id, user_id.as_deref(), &pending).await;
         } else if let Some(last) = events.last()
-            && let Some(run) = lock(&node.runs).get_mut(&lease.run_id)
+            && let Some(run) = lock(&node.runs).get_mut(&run_key(session_id, &lease.run_id))
         {
             run.last_seq = run.last_seq.max(last.seq);
         }
@@ -232,15 +243,11 @@ impl RedisRegistry {
     }
 
     fn drop_local_run(&self, lease: &RunLease) -> Option<LocalRun> {
-        let mut runs = lock(&self.node.runs);
-        if runs.get(&lease.run_id).is_some_and(|r| r.session_id == lease.session_id) {
-            return runs.remove(&lease.run_id);
-        }
-        None
+        lock(&self.node.runs).remove(&run_key(&lease.session_id, &lease.run_id))
     }
 
     async fn reindex_local_run(&self, lease: &RunLease) {
-        let user_id = lock(&self.node.runs).get(&lease.run_id).map(|r| r.user_id.clone());
+        let user_id = lock(&self.node.runs).get(&run_key(&lease.session_id, &lease.run_id)).map(|r| r.user_id.clone());
         if let Some(user_id) = user_id {
             self.node.index_run(&lease.session_id, &lease.run_id, &user_id).await;
         }
@@ -302,14 +309,14 @@ impl RunRegistry for RedisRegistry {
         let (control, control_rx) = mpsc::channel(CONTROL_CAPACITY);
         {
             let mut runs = lock(&node.runs);
-            if runs.contains_key(&start.run_id) {
+            let key = run_key(&start.session_id, &start.run_id);
+            if runs.contains_key(&key) {
                 return Err(RegistryError::RunInProgress);
             }
             // Registered before the lock is visible, so no control message can miss it.
             runs.insert(
-                start.run_id.clone(),
+                key,
                 LocalRun {
-                    session_id: start.session_id.clone(),
                     user_id: start.user_id.clone(),
                     control,
                     owner_json: String::new(),
@@ -371,7 +378,7 @@ impl RunRegistry for RedisRegistry {
             }
         };
         let owner = OwnerRecord::parse(&owner_json).map_err(Failure::from)?;
-        if let Some(run) = lock(&node.runs).get_mut(&start.run_id) {
+        if let Some(run) = lock(&node.runs).get_mut(&run_key(session_id, &start.run_id)) {
             run.owner_json = owner_json;
             run.last_seq = owner.first_seq.saturating_sub(1);
         }
@@ -397,12 +404,11 @@ impl RunRegistry for RedisRegistry {
 
     async fn renew(&self, lease: &RunLease) -> Result<(), RegistryError> {
         let node = &self.node;
+        let session_id = lease.session_id.as_str();
         let (owner_json, floor) = lock(&node.runs)
-            .get(&lease.run_id)
-            .filter(|r| r.session_id == lease.session_id)
+            .get(&run_key(session_id, &lease.run_id))
             .map(|r| (r.owner_json.clone(), r.last_seq))
             .unwrap_or_default();
-        let session_id = lease.session_id.as_str();
         let mut inv = node.scripts.renew.prepare_invoke();
         inv.key(keys::run(session_id))
             .key(keys::owner(session_id))
@@ -529,7 +535,7 @@ impl RunRegistry for RedisRegistry {
                 return Ok(false);
             }
             let control = Control::Abort { session_id: session_id.to_string(), run_id: owner.run_id.clone() };
-            node.deliver(&owner.node_id, &owner.run_id, control).await?;
+            node.deliver(&owner.node_id, session_id, &owner.run_id, control).await?;
             return Ok(true);
         }
         // An orphan (owner gone, not yet ended): end it now.
@@ -570,8 +576,9 @@ impl RunRegistry for RedisRegistry {
         if owner.user_id != user_id || !known {
             return Ok(false);
         }
-        let control = Control::Permission { session_id, request_id: request_id.to_string(), answer };
-        node.deliver(&owner.node_id, &owner.run_id, control).await?;
+        let control =
+            Control::Permission { session_id: session_id.clone(), request_id: request_id.to_string(), answer };
+        node.deliver(&owner.node_id, &session_id, &owner.run_id, control).await?;
         Ok(true)
     }
 
@@ -672,5 +679,76 @@ impl RunRegistry for RedisRegistry {
             Ok(Err(e)) => Err(format!("Redis does not answer: {e}")),
             Err(_) => Err("Redis does not answer: timed out".into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn redis_url() -> String {
+        std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+    }
+
+    fn options() -> RedisRegistryOptions {
+        RedisRegistryOptions { lease: Duration::from_secs(15), max_events: 100, retention: Duration::from_secs(60) }
+    }
+
+    fn start(session_id: &str, run_id: &str) -> RunStart {
+        RunStart {
+            session_id: session_id.into(),
+            run_id: run_id.into(),
+            provider: "script".into(),
+            user_id: "u".into(),
+            node_id: "unit".into(),
+            seq_floor: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retried_batch_is_appended_once() {
+        let registry = RedisRegistry::connect(&redis_url(), "unit-retry", options()).await.unwrap();
+        let session_id = format!("unit-{}", uuid::Uuid::new_v4().simple());
+        let grant = registry.start_run(start(&session_id, "r1")).await.unwrap();
+        let bodies = [r#"{"kind":"text","content":"a"}"#, r#"{"kind":"text","content":"b"}"#];
+        let first = registry.append_batch_as("batch-1", &grant.lease, &bodies, false).await.unwrap();
+        let retried = registry.append_batch_as("batch-1", &grant.lease, &bodies, false).await.unwrap();
+        assert_eq!(first, retried);
+        assert_eq!(first.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
+        let next = registry.append_batch_as("batch-2", &grant.lease, &bodies[..1], false).await.unwrap();
+        assert_eq!(next[0].seq, 3);
+        // A retried complete is answered too, although the lock is gone by then.
+        let done = registry.append_batch_as("batch-3", &grant.lease, &[r#"{"kind":"complete"}"#], true).await.unwrap();
+        let again = registry.append_batch_as("batch-3", &grant.lease, &[r#"{"kind":"complete"}"#], true).await.unwrap();
+        assert_eq!(done, again);
+        assert_eq!(done[0].seq, 4);
+        let all = registry.read_range(&session_id, 0, u64::MAX).await.unwrap();
+        assert_eq!(all.events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert!(all.complete);
+    }
+
+    #[tokio::test]
+    async fn a_missing_counter_is_restored_above_everything_known() {
+        let registry = RedisRegistry::connect(&redis_url(), "unit-restore", options()).await.unwrap();
+        let session_id = format!("unit-{}", uuid::Uuid::new_v4().simple());
+        let grant = registry.start_run(start(&session_id, "r1")).await.unwrap();
+        registry.append(&grant.lease, vec![EventBody { kind: "text".into(), json: "{}".into() }; 3]).await.unwrap();
+        registry.complete(&grant.lease, EventBody { kind: "complete".into(), json: "{}".into() }).await.unwrap();
+        let mut conn = registry.node.conn().await.unwrap();
+        let _: () = conn.del(keys::seq(&session_id)).await.unwrap();
+        // The stream still holds seq 4: the counter comes back at 4 + margin.
+        let grant = registry.start_run(start(&session_id, "r2")).await.unwrap();
+        let events =
+            registry.append(&grant.lease, vec![EventBody { kind: "text".into(), json: "{}".into() }]).await.unwrap();
+        assert_eq!(events[0].seq, 4 + 100 + 1);
+        registry.complete(&grant.lease, EventBody { kind: "complete".into(), json: "{}".into() }).await.unwrap();
+        // Nothing left in Redis but the database's floor: floor + margin.
+        let _: () = conn.del(&[keys::seq(&session_id), keys::events(&session_id)]).await.unwrap();
+        let mut third = start(&session_id, "r3");
+        third.seq_floor = 500;
+        let grant = registry.start_run(third).await.unwrap();
+        let events =
+            registry.append(&grant.lease, vec![EventBody { kind: "text".into(), json: "{}".into() }]).await.unwrap();
+        assert_eq!(events[0].seq, 500 + 100 + 1);
     }
 }

@@ -153,7 +153,6 @@ pub struct UserNotices {
 
 /// A run this node owns.
 pub struct LocalRun {
-    pub session_id: String,
     pub user_id: String,
     pub control: mpsc::Sender<Control>,
     /// The lock JSON, to re-take the lock if Redis lost it.
@@ -162,10 +161,18 @@ pub struct LocalRun {
     pub last_seq: u64,
 }
 
+/// Local runs are keyed by (session id, run id).
+pub type RunKey = (String, String);
+
+pub fn run_key(session_id: &str, run_id: &str) -> RunKey {
+    (session_id.to_string(), run_id.to_string())
+}
+
 /// A control message on `cg:node:<id>`.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeMessage {
+    pub session_id: String,
     pub run_id: String,
     pub control: Control,
 }
@@ -189,7 +196,7 @@ pub struct Node {
     pub probe_channel: String,
     pub sessions: Mutex<HashMap<String, LiveSession>>,
     pub users: Mutex<HashMap<String, UserNotices>>,
-    pub runs: Mutex<HashMap<String, LocalRun>>,
+    pub runs: Mutex<HashMap<RunKey, LocalRun>>,
     pub probe: Probe,
 }
 
@@ -401,7 +408,7 @@ impl Node {
             }
         };
         let runs = lock(&self.runs);
-        let Some(run) = runs.get(&message.run_id) else {
+        let Some(run) = runs.get(&run_key(&message.session_id, &message.run_id)) else {
             tracing::debug!(run_id = message.run_id, "control message for a run this node no longer owns");
             return;
         };
@@ -432,15 +439,21 @@ impl Node {
     }
 
     /// Delivers a control message to the run's owner node (directly when it is this one).
-    pub async fn deliver(&self, owner_node: &str, run_id: &str, control: Control) -> Result<(), RegistryError> {
-        let local = lock(&self.runs).get(run_id).map(|r| r.control.clone());
+    pub async fn deliver(
+        &self,
+        owner_node: &str,
+        session_id: &str,
+        run_id: &str,
+        control: Control,
+    ) -> Result<(), RegistryError> {
+        let local = lock(&self.runs).get(&run_key(session_id, run_id)).map(|r| r.control.clone());
         if let Some(tx) = local {
             return match tokio::time::timeout(self.retry_window(), tx.send(control)).await {
                 Ok(Ok(())) => Ok(()),
                 _ => Err(RegistryError::Unavailable("the run is not taking control messages".into())),
             };
         }
-        let message = NodeMessage { run_id: run_id.to_string(), control };
+        let message = NodeMessage { session_id: session_id.to_string(), run_id: run_id.to_string(), control };
         let payload = serde_json::to_string(&message).map_err(|e| RegistryError::Unavailable(e.to_string()))?;
         let channel = keys::node_channel(owner_node);
         let receivers: u64 = self

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     keys,
-    node::{Failure, Node, Reaped, SeenRun, lock, parse_index_member},
+    node::{Failure, Node, Reaped, RunKey, SeenRun, lock, parse_index_member, run_key},
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -162,11 +162,11 @@ async fn release_idle_users(node: &Node) {
 /// ended after its lock stayed missing for a whole lease, so that a live owner
 /// re-takes it first.
 async fn sweep_watched(node: &Node) {
-    let owned: HashSet<String> = lock(&node.runs).keys().cloned().collect();
+    let owned: HashSet<RunKey> = lock(&node.runs).keys().cloned().collect();
     let watched: Vec<(String, SeenRun, u64)> = lock(&node.sessions)
         .iter()
         .filter_map(|(id, s)| {
-            let run = s.run.as_ref().filter(|r| !owned.contains(&r.run_id))?;
+            let run = s.run.as_ref().filter(|r| !owned.contains(&run_key(id, &r.run_id)))?;
             Some((id.clone(), run.clone(), s.last_dispatched))
         })
         .collect();
