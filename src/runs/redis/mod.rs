@@ -30,33 +30,33 @@
 mod codec;
 mod hub;
 pub mod keys;
+mod live;
 mod node;
+mod owner;
+mod reads;
+mod routing;
 mod scripts;
 mod tasks;
 
 use std::{sync::Arc, time::Duration};
 
-use ::redis::{AsyncCommands, AsyncConnectionConfig, Client, Value};
+use ::redis::{AsyncConnectionConfig, Client};
 use async_trait::async_trait;
 use deadpool_redis::{Manager, Pool, Runtime};
 use serde_json::Value as Json;
-use tokio::sync::{Notify, broadcast, mpsc, watch};
+use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use self::{
-    codec::OwnerRecord,
     hub::Hub,
-    node::{
-        Failure, LocalRun, MAX_SCRIPT_SEQ, Node, PERMISSION_TTL, Probe, Reaped, SEQ_IDLE_TTL, SeenRun, attach_feed,
-        lock, millis, parse_index_member, run_key,
-    },
+    node::{Node, Probe, Reaped},
     scripts::Scripts,
 };
 use super::{
-    CONTROL_CAPACITY, Control, Event, LiveFeed, RegistryError, ReplayRange, RunGrant, RunLease, RunRegistry, RunStart,
-    RunningRun, Snapshot, Subscription, feed::RangeSource,
+    Event, RegistryError, ReplayRange, RunGrant, RunLease, RunRegistry, RunStart, RunningRun, Snapshot, Subscription,
+    feed::RangeSource,
 };
-use crate::protocol::{EventBody, Frame, PermissionAnswer, now_iso, sequenced};
+use crate::protocol::{EventBody, Frame, PermissionAnswer};
 
 /// Tuning of the Redis registry (interface §1 flags).
 #[derive(Debug, Clone)]
@@ -147,249 +147,12 @@ impl RedisRegistry {
     pub async fn held_channels(&self) -> usize {
         self.node.hub.channel_count().await
     }
-
-    async fn append_batch(
-        &self,
-        lease: &RunLease,
-        bodies: &[&str],
-        terminal: bool,
-    ) -> Result<Vec<Event>, RegistryError> {
-        let batch_id = uuid::Uuid::new_v4().simple().to_string();
-        self.append_batch_as(&batch_id, lease, bodies, terminal).await
-    }
-
-    /// Appends one batch under `batch_id`; a second call with the same id (a
-    /// retry after a lost reply) returns the first call's seqs and appends nothing.
-    async fn append_batch_as(
-        &self,
-        batch_id: &str,
-        lease: &RunLease,
-        bodies: &[&str],
-        terminal: bool,
-    ) -> Result<Vec<Event>, RegistryError> {
-        let node = &self.node;
-        let session_id = lease.session_id.as_str();
-        let (owner_json, floor) = lock(&node.runs)
-            .get(&run_key(session_id, &lease.run_id))
-            .map(|r| (r.owner_json.clone(), r.last_seq))
-            .unwrap_or_default();
-        let mut inv = node.scripts.append.prepare_invoke();
-        inv.key(keys::run(session_id))
-            .key(keys::owner(session_id))
-            .key(keys::seq(session_id))
-            .key(keys::events(session_id))
-            .key(keys::pending(session_id))
-            .key(keys::live_channel(session_id))
-            .key(keys::batch(session_id, batch_id))
-            .arg(&lease.run_id)
-            .arg(millis(node.opts.lease))
-            .arg(node.opts.max_events.max(1))
-            .arg(floor.min(MAX_SCRIPT_SEQ - 1))
-            .arg(node.margin())
-            .arg(if terminal { "1" } else { "0" })
-            .arg(millis(node.opts.retention))
-            .arg(millis(SEQ_IDLE_TTL))
-            .arg(&owner_json);
-        for body in bodies {
-            inv.arg(*body);
-        }
-        // The same batch id on every attempt: a retry of an applied batch answers DUP.
-        let reply = node.retrying(node.opts.lease, || node.invoke(&inv)).await?;
-        let mut items = codec::array(reply).map_err(Failure::from)?.into_iter();
-        let mut next = || items.next().unwrap_or(Value::Nil);
-        let status = codec::text(next()).map_err(Failure::from)?;
-        let (first, retaken, pending) = match status.as_str() {
-            "FENCED" => {
-                self.drop_local_run(lease);
-                return Err(RegistryError::Fenced);
-            }
-            "DUP" => (codec::int(next()).map_err(Failure::from)?, false, Vec::new()),
-            "OK" => {
-                let first = codec::int(next()).map_err(Failure::from)?;
-                let retaken = codec::int(next()).map_err(Failure::from)? == 1;
-                let pending = codec::texts(next()).map_err(Failure::from)?;
-                (first, retaken, pending)
-            }
-            other => return Err(Failure::from(codec::BadReply(format!("append: {other}"))).into()),
-        };
-        let run_id: Arc<str> = Arc::from(lease.run_id.as_str());
-        let last_index = bodies.len().saturating_sub(1);
-        let events: Vec<Event> = bodies
-            .iter()
-            .enumerate()
-            .map(|(i, body)| {
-                let seq = first + i as u64;
-                Event {
-                    seq,
-                    run_id: run_id.clone(),
-                    terminal: terminal && i == last_index,
-                    frame: sequenced(body, seq),
-                }
-            })
-            .collect();
-        if retaken {
-            tracing::warn!(session_id, run_id = lease.run_id, "Redis lost the run's lock; re-took it");
-            self.reindex_local_run(lease).await;
-        }
-        if terminal {
-            let user_id = self.drop_local_run(lease).map(|r| r.user_id);
-            node.forget_run(session_id, &lease.run_id, user_id.as_deref(), &pending).await;
-        } else if let Some(last) = events.last()
-            && let Some(run) = lock(&node.runs).get_mut(&run_key(session_id, &lease.run_id))
-        {
-            run.last_seq = run.last_seq.max(last.seq);
-        }
-        Ok(events)
-    }
-
-    fn drop_local_run(&self, lease: &RunLease) -> Option<LocalRun> {
-        lock(&self.node.runs).remove(&run_key(&lease.session_id, &lease.run_id))
-    }
-
-    async fn reindex_local_run(&self, lease: &RunLease) {
-        let user_id = lock(&self.node.runs).get(&run_key(&lease.session_id, &lease.run_id)).map(|r| r.user_id.clone());
-        if let Some(user_id) = user_id {
-            self.node.index_run(&lease.session_id, &lease.run_id, &user_id).await;
-        }
-    }
-
-    /// One consistent read of the session; with `after = Some(L)` the current run's events after L.
-    async fn read_session(&self, session_id: &str, after: Option<u64>) -> Result<SessionRead, RegistryError> {
-        let node = &self.node;
-        let after_arg = after.map_or(-1i64, |a| i64::try_from(a.min(MAX_SCRIPT_SEQ - 1)).unwrap_or(0));
-        let mut inv = node.scripts.read.prepare_invoke();
-        inv.key(keys::owner(session_id))
-            .key(keys::seq(session_id))
-            .key(keys::events(session_id))
-            .key(keys::pending(session_id))
-            .arg(after_arg);
-        let reply = node.retrying(node.retry_window(), || node.invoke(&inv)).await?;
-        let mut items = codec::array(reply).map_err(Failure::from)?.into_iter();
-        let mut next = || items.next().unwrap_or(Value::Nil);
-        let owner_json = codec::text(next()).map_err(Failure::from)?;
-        let top = codec::int(next()).map_err(Failure::from)?;
-        let replay = codec::decode_entries(next()).map_err(Failure::from)?;
-        let pending = codec::texts(next())
-            .map_err(Failure::from)?
-            .iter()
-            .map(|json| serde_json::from_str(json).unwrap_or_else(|_| Json::String(json.clone())))
-            .collect();
-        let owner =
-            if owner_json.is_empty() { None } else { Some(OwnerRecord::parse(&owner_json).map_err(Failure::from)?) };
-        Ok(SessionRead { owner, top, replay, pending })
-    }
-}
-
-struct SessionRead {
-    owner: Option<OwnerRecord>,
-    top: u64,
-    replay: Vec<Event>,
-    pending: Vec<Json>,
-}
-
-impl SessionRead {
-    fn snapshot(&self) -> Snapshot {
-        match &self.owner {
-            Some(owner) => Snapshot {
-                is_processing: true,
-                run_id: Some(owner.run_id.clone()),
-                owner_node: Some(owner.node_id.clone()),
-                last_seq: self.top,
-                pending_permissions: self.pending.clone(),
-            },
-            None => Snapshot { last_seq: self.top, ..Snapshot::default() },
-        }
-    }
 }
 
 #[async_trait]
 impl RunRegistry for RedisRegistry {
     async fn start_run(&self, start: RunStart) -> Result<RunGrant, RegistryError> {
-        let node = &self.node;
-        let (control, control_rx) = mpsc::channel(CONTROL_CAPACITY);
-        {
-            let mut runs = lock(&node.runs);
-            let key = run_key(&start.session_id, &start.run_id);
-            if runs.contains_key(&key) {
-                return Err(RegistryError::RunInProgress);
-            }
-            // Registered before the lock is visible, so no control message can miss it.
-            runs.insert(
-                key,
-                LocalRun {
-                    user_id: start.user_id.clone(),
-                    control,
-                    owner_json: String::new(),
-                    last_seq: start.seq_floor,
-                },
-            );
-        }
-        let session_id = start.session_id.as_str();
-        let mut inv = node.scripts.start.prepare_invoke();
-        inv.key(keys::run(session_id))
-            .key(keys::owner(session_id))
-            .key(keys::seq(session_id))
-            .key(keys::events(session_id))
-            .key(keys::pending(session_id))
-            .key(keys::live_channel(session_id))
-            .arg(&start.run_id)
-            .arg(&node.id)
-            .arg(&start.provider)
-            .arg(&start.user_id)
-            .arg(now_iso())
-            .arg(millis(node.opts.lease))
-            .arg(start.seq_floor.min(MAX_SCRIPT_SEQ - 1))
-            .arg(node.margin())
-            .arg(node.opts.max_events.max(1))
-            .arg(millis(node.opts.retention))
-            .arg(millis(SEQ_IDLE_TTL))
-            .arg(uuid::Uuid::new_v4().to_string())
-            .arg(now_iso())
-            .arg(session_id)
-            .arg(node::OWNER_LOST);
-        let lease = RunLease { session_id: start.session_id.clone(), run_id: start.run_id.clone() };
-        let outcome = async {
-            let reply = node.retrying(node.retry_window(), || node.invoke(&inv)).await?;
-            let mut items = codec::array(reply)?.into_iter();
-            let mut next = || items.next().unwrap_or(Value::Nil);
-            let status = codec::text(next())?;
-            if status != "OK" {
-                // A retried start whose first attempt went through finds its own lock.
-                let held: Option<String> = node.conn().await?.get(keys::run(session_id)).await?;
-                let ours =
-                    held.as_deref().and_then(|j| OwnerRecord::parse(j).ok()).is_some_and(|o| o.run_id == start.run_id);
-                return Ok::<_, Failure>(ours.then(|| (held.unwrap_or_default(), String::new(), Vec::new())));
-            }
-            let owner_json = codec::text(next())?;
-            let reaped = codec::text(next())?;
-            let reaped_pending = codec::texts(next())?;
-            Ok(Some((owner_json, reaped, reaped_pending)))
-        }
-        .await;
-        let (owner_json, reaped, reaped_pending) = match outcome {
-            Ok(Some(granted)) => granted,
-            Ok(None) => {
-                self.drop_local_run(&lease);
-                return Err(RegistryError::RunInProgress);
-            }
-            Err(e) => {
-                self.drop_local_run(&lease);
-                return Err(e.into());
-            }
-        };
-        let owner = OwnerRecord::parse(&owner_json).map_err(Failure::from)?;
-        if let Some(run) = lock(&node.runs).get_mut(&run_key(session_id, &start.run_id)) {
-            run.owner_json = owner_json;
-            run.last_seq = owner.first_seq.saturating_sub(1);
-        }
-        if !reaped.is_empty()
-            && let Ok(orphan) = OwnerRecord::parse(&reaped)
-        {
-            tracing::warn!(session_id, run_id = orphan.run_id, "ended a run whose owner was lost");
-            node.forget_run(session_id, &orphan.run_id, Some(&orphan.user_id), &reaped_pending).await;
-        }
-        node.index_run(session_id, &start.run_id, &start.user_id).await;
-        Ok(RunGrant { lease, control: control_rx })
+        self.take_run(start).await
     }
 
     async fn append(&self, lease: &RunLease, batch: Vec<EventBody>) -> Result<Vec<Event>, RegistryError> {
@@ -403,80 +166,15 @@ impl RunRegistry for RedisRegistry {
     }
 
     async fn renew(&self, lease: &RunLease) -> Result<(), RegistryError> {
-        let node = &self.node;
-        let session_id = lease.session_id.as_str();
-        let (owner_json, floor) = lock(&node.runs)
-            .get(&run_key(session_id, &lease.run_id))
-            .map(|r| (r.owner_json.clone(), r.last_seq))
-            .unwrap_or_default();
-        let mut inv = node.scripts.renew.prepare_invoke();
-        inv.key(keys::run(session_id))
-            .key(keys::owner(session_id))
-            .key(keys::seq(session_id))
-            .key(keys::events(session_id))
-            .arg(&lease.run_id)
-            .arg(millis(node.opts.lease))
-            .arg(&owner_json)
-            .arg(floor.min(MAX_SCRIPT_SEQ - 1))
-            .arg(node.margin());
-        let reply = node.retrying(node.retry_window(), || node.invoke(&inv)).await?;
-        match codec::text(reply).map_err(Failure::from)?.as_str() {
-            "OK" => Ok(()),
-            "RETAKEN" => {
-                tracing::warn!(session_id, run_id = lease.run_id, "Redis lost the run's lock; re-took it");
-                self.reindex_local_run(lease).await;
-                Ok(())
-            }
-            _ => {
-                self.drop_local_run(lease);
-                Err(RegistryError::Fenced)
-            }
-        }
+        self.renew_lease(lease).await
     }
 
     async fn add_pending(&self, lease: &RunLease, request_id: &str, request: Json) -> Result<(), RegistryError> {
-        let node = &self.node;
-        let json = request.to_string();
-        let mut inv = node.scripts.pending.prepare_invoke();
-        inv.key(keys::run(&lease.session_id))
-            .key(keys::pending(&lease.session_id))
-            .arg(&lease.run_id)
-            .arg(request_id)
-            .arg(&json)
-            .arg("1");
-        let reply = node.retrying(node.retry_window(), || node.invoke(&inv)).await?;
-        if codec::text(reply).map_err(Failure::from)? != "OK" {
-            return Err(RegistryError::Fenced);
-        }
-        let key = keys::permission(request_id);
-        node.retrying(node.retry_window(), || async {
-            let mut conn = node.conn().await?;
-            let _: () = conn.pset_ex(&key, &lease.session_id, millis(PERMISSION_TTL)).await?;
-            Ok(())
-        })
-        .await?;
-        Ok(())
+        self.add_pending_request(lease, request_id, request).await
     }
 
     async fn remove_pending(&self, lease: &RunLease, request_id: &str) -> Result<(), RegistryError> {
-        let node = &self.node;
-        let mut inv = node.scripts.pending.prepare_invoke();
-        inv.key(keys::run(&lease.session_id))
-            .key(keys::pending(&lease.session_id))
-            .arg(&lease.run_id)
-            .arg(request_id)
-            .arg("")
-            .arg("0");
-        // Fenced is fine here: the run's end cleared its approvals already.
-        node.retrying(node.retry_window(), || node.invoke(&inv)).await?;
-        let key = keys::permission(request_id);
-        node.retrying(node.retry_window(), || async {
-            let mut conn = node.conn().await?;
-            let _: () = conn.del(&key).await?;
-            Ok(())
-        })
-        .await?;
-        Ok(())
+        self.remove_pending_request(lease, request_id).await
     }
 
     async fn snapshot(&self, session_id: &str) -> Result<Snapshot, RegistryError> {
@@ -484,33 +182,7 @@ impl RunRegistry for RedisRegistry {
     }
 
     async fn subscribe(&self, session_id: &str, after_seq: u64) -> Result<Subscription, RegistryError> {
-        let node = &self.node;
-        // 1. The node's subscription is confirmed, and this feed's receiver exists,
-        //    before anything is read: every later event arrives live.
-        node.hub.acquire(&keys::live_channel(session_id)).await?;
-        let (rx, guard) = attach_feed(node, session_id);
-        // 2. One atomic read: owner record, seq top, the current run after the cursor.
-        let read = self.read_session(session_id, Some(after_seq)).await?;
-        let (replay_truncated, replay) = match &read.owner {
-            Some(owner) => {
-                let from = after_seq.max(owner.first_seq.saturating_sub(1));
-                (!codec::is_contiguous(&read.replay, from, read.top), read.replay.clone())
-            }
-            None => (false, Vec::new()),
-        };
-        {
-            let mut sessions = lock(&node.sessions);
-            if let Some(session) = sessions.get_mut(session_id)
-                && session.last_dispatched <= read.top
-            {
-                session.last_dispatched = read.top;
-                session.run =
-                    read.owner.as_ref().map(|o| SeenRun { run_id: o.run_id.clone(), provider: o.provider.clone() });
-            }
-        }
-        let source: Arc<dyn RangeSource> = node.clone();
-        let live = LiveFeed::new(session_id.to_string(), rx, read.top, source, Some(Box::new(guard)));
-        Ok(Subscription { snapshot: read.snapshot(), replay_truncated, replay, live })
+        self.open_subscription(session_id, after_seq).await
     }
 
     async fn read_range(&self, session_id: &str, after_seq: u64, up_to: u64) -> Result<ReplayRange, RegistryError> {
@@ -518,32 +190,7 @@ impl RunRegistry for RedisRegistry {
     }
 
     async fn route_abort(&self, session_id: &str, user_id: &str) -> Result<bool, RegistryError> {
-        let node = &self.node;
-        let (held, owner): (Option<String>, Option<String>) = node
-            .retrying(node.retry_window(), || async {
-                let mut conn = node.conn().await?;
-                Ok(::redis::pipe()
-                    .get(keys::run(session_id))
-                    .get(keys::owner(session_id))
-                    .query_async(&mut conn)
-                    .await?)
-            })
-            .await?;
-        if let Some(lock_json) = held {
-            let owner = OwnerRecord::parse(&lock_json).map_err(Failure::from)?;
-            if owner.user_id != user_id {
-                return Ok(false);
-            }
-            let control = Control::Abort { session_id: session_id.to_string(), run_id: owner.run_id.clone() };
-            node.deliver(&owner.node_id, session_id, &owner.run_id, control).await?;
-            return Ok(true);
-        }
-        // An orphan (owner gone, not yet ended): end it now.
-        let Some(owner) = owner.as_deref().and_then(|j| OwnerRecord::parse(j).ok()) else { return Ok(false) };
-        if owner.user_id != user_id {
-            return Ok(false);
-        }
-        Ok(node.reap(session_id, None, 0).await? != Reaped::Alive)
+        self.abort_run(session_id, user_id).await
     }
 
     async fn route_permission(
@@ -552,203 +199,25 @@ impl RunRegistry for RedisRegistry {
         request_id: &str,
         answer: PermissionAnswer,
     ) -> Result<bool, RegistryError> {
-        let node = &self.node;
-        let key = keys::permission(request_id);
-        let session_id: Option<String> = node
-            .retrying(node.retry_window(), || async {
-                let mut conn = node.conn().await?;
-                Ok(conn.get(&key).await?)
-            })
-            .await?;
-        let Some(session_id) = session_id else { return Ok(false) };
-        let (held, known): (Option<String>, bool) = node
-            .retrying(node.retry_window(), || async {
-                let mut conn = node.conn().await?;
-                Ok(::redis::pipe()
-                    .atomic()
-                    .get(keys::run(&session_id))
-                    .hexists(keys::pending(&session_id), request_id)
-                    .query_async(&mut conn)
-                    .await?)
-            })
-            .await?;
-        let Some(owner) = held.as_deref().and_then(|j| OwnerRecord::parse(j).ok()) else { return Ok(false) };
-        if owner.user_id != user_id || !known {
-            return Ok(false);
-        }
-        let control =
-            Control::Permission { session_id: session_id.clone(), request_id: request_id.to_string(), answer };
-        node.deliver(&owner.node_id, &session_id, &owner.run_id, control).await?;
-        Ok(true)
+        self.answer_permission(user_id, request_id, answer).await
     }
 
     async fn running_runs(&self, user_id: &str) -> Result<Vec<RunningRun>, RegistryError> {
-        let node = &self.node;
-        let index = keys::user_runs(user_id);
-        let members: Vec<String> = node
-            .retrying(node.retry_window(), || async {
-                let mut conn = node.conn().await?;
-                Ok(conn.smembers(&index).await?)
-            })
-            .await?;
-        let entries: Vec<(String, (String, String))> =
-            members.into_iter().filter_map(|m| parse_index_member(&m).map(|parsed| (m, parsed))).collect();
-        if entries.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = ::redis::pipe();
-        for (_, (session_id, _)) in &entries {
-            pipe.get(keys::owner(session_id)).get(keys::seq(session_id));
-        }
-        let values: Vec<Option<String>> = node
-            .retrying(node.retry_window(), || async {
-                let mut conn = node.conn().await?;
-                Ok(pipe.query_async(&mut conn).await?)
-            })
-            .await?;
-        let mut runs = Vec::new();
-        let mut stale = Vec::new();
-        for ((member, (session_id, run_id)), pair) in entries.into_iter().zip(values.chunks(2)) {
-            let owner = pair.first().cloned().flatten().and_then(|j| OwnerRecord::parse(&j).ok());
-            match owner {
-                Some(owner) if owner.run_id == run_id && owner.user_id == user_id => {
-                    let last_seq = pair.get(1).cloned().flatten().and_then(|s| s.parse().ok()).unwrap_or(0);
-                    runs.push(RunningRun {
-                        session_id,
-                        provider: owner.provider,
-                        run_id,
-                        started_at: owner.started_at,
-                        last_seq,
-                        node_id: owner.node_id,
-                        user_id: owner.user_id,
-                    });
-                }
-                // The run is over (its owner record is gone or belongs to a later run).
-                _ => stale.push(member),
-            }
-        }
-        if !stale.is_empty() {
-            let mut conn = node.conn().await?;
-            let _: () = conn.srem(&index, stale).await.map_err(Failure::from)?;
-        }
-        runs.sort_by(|a, b| a.started_at.cmp(&b.started_at));
-        Ok(runs)
+        self.runs_of_user(user_id).await
     }
 
     async fn notify_user(&self, user_id: &str, frame: Frame) -> Result<(), RegistryError> {
-        let node = &self.node;
-        let channel = keys::user_channel(user_id);
-        node.retrying(node.retry_window(), || async {
-            let mut conn = node.conn().await?;
-            let _: u64 = conn.publish(&channel, frame.as_str()).await?;
-            Ok(())
-        })
-        .await?;
-        Ok(())
+        self.publish_notice(user_id, frame).await
     }
 
     async fn user_notices(&self, user_id: &str) -> Result<broadcast::Receiver<Frame>, RegistryError> {
-        let node = &self.node;
-        let rx = lock(&node.users)
-            .entry(user_id.to_string())
-            .or_insert_with(|| node::UserNotices { tx: broadcast::channel(node::USER_CAPACITY).0, holds: 0 })
-            .tx
-            .subscribe();
-        let channel = keys::user_channel(user_id);
-        node.hub.acquire(&channel).await?;
-        let recorded = lock(&node.users).get_mut(user_id).map(|u| u.holds += 1).is_some();
-        if !recorded {
-            node.hub.release(&channel).await;
-        }
-        Ok(rx)
+        self.notice_receiver(user_id).await
     }
 
     async fn ready(&self) -> Result<(), String> {
-        let node = &self.node;
-        if !node.hub.is_connected() {
-            return Err("Redis pub/sub connection is down".into());
-        }
-        lock(&node.probe.status).clone()?;
-        let ping = async {
-            let mut conn = node.conn().await?;
-            let _: String = ::redis::cmd("PING").query_async(&mut conn).await?;
-            Ok::<(), Failure>(())
-        };
-        match tokio::time::timeout(RESPONSE_TIMEOUT, ping).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(format!("Redis does not answer: {e}")),
-            Err(_) => Err("Redis does not answer: timed out".into()),
-        }
+        self.check_ready().await
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn redis_url() -> String {
-        std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-    }
-
-    fn options() -> RedisRegistryOptions {
-        RedisRegistryOptions { lease: Duration::from_secs(15), max_events: 100, retention: Duration::from_secs(60) }
-    }
-
-    fn start(session_id: &str, run_id: &str) -> RunStart {
-        RunStart {
-            session_id: session_id.into(),
-            run_id: run_id.into(),
-            provider: "script".into(),
-            user_id: "u".into(),
-            node_id: "unit".into(),
-            seq_floor: 0,
-        }
-    }
-
-    #[tokio::test]
-    async fn a_retried_batch_is_appended_once() {
-        let registry = RedisRegistry::connect(&redis_url(), "unit-retry", options()).await.unwrap();
-        let session_id = format!("unit-{}", uuid::Uuid::new_v4().simple());
-        let grant = registry.start_run(start(&session_id, "r1")).await.unwrap();
-        let bodies = [r#"{"kind":"text","content":"a"}"#, r#"{"kind":"text","content":"b"}"#];
-        let first = registry.append_batch_as("batch-1", &grant.lease, &bodies, false).await.unwrap();
-        let retried = registry.append_batch_as("batch-1", &grant.lease, &bodies, false).await.unwrap();
-        assert_eq!(first, retried);
-        assert_eq!(first.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
-        let next = registry.append_batch_as("batch-2", &grant.lease, &bodies[..1], false).await.unwrap();
-        assert_eq!(next[0].seq, 3);
-        // A retried complete is answered too, although the lock is gone by then.
-        let done = registry.append_batch_as("batch-3", &grant.lease, &[r#"{"kind":"complete"}"#], true).await.unwrap();
-        let again = registry.append_batch_as("batch-3", &grant.lease, &[r#"{"kind":"complete"}"#], true).await.unwrap();
-        assert_eq!(done, again);
-        assert_eq!(done[0].seq, 4);
-        let all = registry.read_range(&session_id, 0, u64::MAX).await.unwrap();
-        assert_eq!(all.events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
-        assert!(all.complete);
-    }
-
-    #[tokio::test]
-    async fn a_missing_counter_is_restored_above_everything_known() {
-        let registry = RedisRegistry::connect(&redis_url(), "unit-restore", options()).await.unwrap();
-        let session_id = format!("unit-{}", uuid::Uuid::new_v4().simple());
-        let grant = registry.start_run(start(&session_id, "r1")).await.unwrap();
-        registry.append(&grant.lease, vec![EventBody { kind: "text".into(), json: "{}".into() }; 3]).await.unwrap();
-        registry.complete(&grant.lease, EventBody { kind: "complete".into(), json: "{}".into() }).await.unwrap();
-        let mut conn = registry.node.conn().await.unwrap();
-        let _: () = conn.del(keys::seq(&session_id)).await.unwrap();
-        // The stream still holds seq 4: the counter comes back at 4 + margin.
-        let grant = registry.start_run(start(&session_id, "r2")).await.unwrap();
-        let events =
-            registry.append(&grant.lease, vec![EventBody { kind: "text".into(), json: "{}".into() }]).await.unwrap();
-        assert_eq!(events[0].seq, 4 + 100 + 1);
-        registry.complete(&grant.lease, EventBody { kind: "complete".into(), json: "{}".into() }).await.unwrap();
-        // Nothing left in Redis but the database's floor: floor + margin.
-        let _: () = conn.del(&[keys::seq(&session_id), keys::events(&session_id)]).await.unwrap();
-        let mut third = start(&session_id, "r3");
-        third.seq_floor = 500;
-        let grant = registry.start_run(third).await.unwrap();
-        let events =
-            registry.append(&grant.lease, vec![EventBody { kind: "text".into(), json: "{}".into() }]).await.unwrap();
-        assert_eq!(events[0].seq, 500 + 100 + 1);
-    }
-}
+mod tests;

@@ -8,26 +8,26 @@
 use std::{
     collections::HashMap,
     future::Future,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
 use ::redis::{ErrorKind, RedisError, ServerErrorKind, Value};
-use async_trait::async_trait;
 use deadpool_redis::{Connection, Pool, PoolError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, watch};
 
 use super::{
     RedisRegistryOptions,
-    codec::{self, BadReply, EventBuilder, OwnerRecord},
+    codec::{self, BadReply, OwnerRecord},
     hub::Hub,
     keys,
+    live::{LiveSession, SeenRun},
     scripts::Scripts,
 };
 use crate::{
     protocol::{Frame, now_iso},
-    runs::{Control, Event, LIVE_CAPACITY, RegistryError, ReplayRange, feed::RangeSource},
+    runs::{Control, Event, RegistryError},
 };
 
 /// Capacity of a user's notice channel on one node.
@@ -84,64 +84,6 @@ impl From<Failure> for RegistryError {
     fn from(failure: Failure) -> Self {
         RegistryError::Unavailable(failure.to_string())
     }
-}
-
-/// A run seen in progress on a watched session (for owner-loss detection).
-#[derive(Debug, Clone)]
-pub struct SeenRun {
-    pub run_id: String,
-    pub provider: String,
-}
-
-/// A session this node has live feeds on.
-pub struct LiveSession {
-    pub tx: broadcast::Sender<Event>,
-    pub feeds: usize,
-    /// Highest seq handed to `tx`; older live messages are dropped.
-    pub last_dispatched: u64,
-    /// The run in progress as far as this node knows.
-    pub run: Option<SeenRun>,
-    /// Since when the lock of `run` was seen missing.
-    pub lock_missing_since: Option<Instant>,
-    builder: EventBuilder,
-}
-
-impl LiveSession {
-    fn new() -> Self {
-        LiveSession {
-            tx: broadcast::channel(LIVE_CAPACITY).0,
-            feeds: 0,
-            last_dispatched: 0,
-            run: None,
-            lock_missing_since: None,
-            builder: EventBuilder::default(),
-        }
-    }
-
-    fn dispatch(&mut self, events: Vec<Event>) {
-        for event in events {
-            if event.seq <= self.last_dispatched {
-                continue;
-            }
-            self.last_dispatched = event.seq;
-            if event.terminal {
-                self.run = None;
-            } else if self.run.as_ref().is_none_or(|r| *r.run_id != *event.run_id) {
-                self.run = Some(SeenRun { run_id: event.run_id.to_string(), provider: provider_of(&event.frame) });
-            }
-            self.lock_missing_since = None;
-            // No receiver is fine: a feed that comes later reads the stream.
-            let _ = self.tx.send(event);
-        }
-    }
-}
-
-fn provider_of(frame: &str) -> String {
-    #[derive(Deserialize)]
-    struct Provider {
-        provider: Option<String>,
-    }
-    serde_json::from_str::<Provider>(frame).ok().and_then(|p| p.provider).unwrap_or_default()
 }
 
 /// A user this node has notice receivers for.
@@ -236,7 +178,8 @@ impl Node {
     }
 
     /// Retries `op` on transient failures until `window` has passed.
-    pub async fn retrying<T, F, Fut>(&self, window: Duration, mut op: F) -> Result<T, Failure>
+    /// Every attempt is counted as a round trip of `what`, every failure as an error.
+    pub async fn retrying<T, F, Fut>(&self, what: &'static str, window: Duration, mut op: F) -> Result<T, Failure>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
@@ -244,9 +187,14 @@ impl Node {
         let deadline = Instant::now() + window;
         let mut pause = Duration::from_millis(20);
         loop {
-            match op().await {
+            metrics::counter!("chatgate_redis_round_trips_total", "op" => what).increment(1);
+            let outcome = op().await;
+            if outcome.is_err() {
+                metrics::counter!("chatgate_redis_errors_total", "op" => what).increment(1);
+            }
+            match outcome {
                 Err(e) if e.is_transient() && Instant::now() + pause < deadline => {
-                    tracing::debug!(error = %e, "Redis call failed; retrying");
+                    tracing::debug!(op = what, error = %e, "Redis call failed; retrying");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(500));
                 }
@@ -288,7 +236,7 @@ impl Node {
             .arg(millis(SEQ_IDLE_TTL))
             .arg(floor.min(MAX_SCRIPT_SEQ - 1))
             .arg(self.margin());
-        let reply: Value = self.retrying(self.retry_window(), || self.invoke(&inv)).await?;
+        let reply: Value = self.retrying("reap", self.retry_window(), || self.invoke(&inv)).await?;
         let mut items = codec::array(reply)?.into_iter();
         let status = codec::text(items.next().unwrap_or(Value::Nil))?;
         match status.as_str() {
@@ -301,6 +249,7 @@ impl Node {
                 let owner = if owner_json.is_empty() { None } else { Some(OwnerRecord::parse(&owner_json)?) };
                 let run_id = owner.as_ref().map(|o| o.run_id.as_str()).unwrap_or(expected);
                 tracing::warn!(session_id, run_id, "ended a run whose owner was lost");
+                metrics::counter!("chatgate_runs_reaped_total").increment(1);
                 self.forget_run(session_id, run_id, owner.as_ref().map(|o| o.user_id.as_str()), &pending).await;
                 Ok(Reaped::Ended)
             }
@@ -340,7 +289,7 @@ impl Node {
         .unwrap_or(0);
         let mut pipe = ::redis::pipe();
         pipe.zadd(keys::RUNS_INDEX, &member, now).ignore().sadd(keys::user_runs(user_id), &member).ignore();
-        let result = self.retrying(self.retry_window(), || self.query_pipe(&pipe)).await;
+        let result = self.retrying("index_run", self.retry_window(), || self.query_pipe(&pipe)).await;
         if let Err(e) = result {
             tracing::warn!(session_id, run_id, error = %e, "could not index a run; only its subscribers will notice if its owner dies");
         }
@@ -359,83 +308,11 @@ impl Node {
         let stop = if up_to >= MAX_SCRIPT_SEQ { "+".to_string() } else { up_to.to_string() };
         let mut inv = self.scripts.read_range.prepare_invoke();
         inv.key(keys::seq(session_id)).key(keys::events(session_id)).arg(after).arg(stop);
-        let reply: Value = self.retrying(self.retry_window(), || self.invoke(&inv)).await?;
+        let reply: Value = self.retrying("read_range", self.retry_window(), || self.invoke(&inv)).await?;
         let mut items = codec::array(reply)?.into_iter();
         let top = codec::int(items.next().unwrap_or(Value::Nil))?;
         let events = codec::decode_entries(items.next().unwrap_or(Value::Nil))?;
         Ok((top, events))
-    }
-
-    /// Routes one pub/sub message.
-    pub fn on_message(&self, channel: &str, payload: &[u8]) {
-        if let Some(session_id) = keys::session_of_live_channel(channel) {
-            self.on_live(session_id, payload);
-        } else if channel == self.node_channel {
-            self.on_control(payload);
-        } else if channel == self.probe_channel {
-            if let Some(nonce) = std::str::from_utf8(payload).ok().and_then(|s| s.parse::<u64>().ok()) {
-                self.probe.echo.send_if_modified(|last| {
-                    let newer = nonce > *last;
-                    if newer {
-                        *last = nonce;
-                    }
-                    newer
-                });
-            }
-        } else if let Some(user_id) = keys::user_of_channel(channel) {
-            let Ok(text) = std::str::from_utf8(payload) else { return };
-            if let Some(user) = lock(&self.users).get(user_id) {
-                let _ = user.tx.send(Frame::from(text));
-            }
-        }
-    }
-
-    fn on_live(&self, session_id: &str, payload: &[u8]) {
-        let mut sessions = lock(&self.sessions);
-        let Some(session) = sessions.get_mut(session_id) else { return };
-        match codec::decode_live(payload, &mut session.builder) {
-            Ok(events) => session.dispatch(events),
-            Err(e) => tracing::warn!(session_id, error = %e, "dropped a malformed live message"),
-        }
-    }
-
-    fn on_control(&self, payload: &[u8]) {
-        let message: NodeMessage = match serde_json::from_slice(payload) {
-            Ok(message) => message,
-            Err(e) => {
-                tracing::warn!(error = %e, "dropped a malformed control message");
-                return;
-            }
-        };
-        let runs = lock(&self.runs);
-        let Some(run) = runs.get(&run_key(&message.session_id, &message.run_id)) else {
-            tracing::debug!(run_id = message.run_id, "control message for a run this node no longer owns");
-            return;
-        };
-        if let Err(e) = run.control.try_send(message.control) {
-            tracing::warn!(run_id = message.run_id, error = %e, "control message dropped: the run's queue is full or closed");
-        }
-    }
-
-    /// Hands the events in the stream after each watched session's last
-    /// dispatched seq to its feeds (after a reconnect, pub/sub lost them).
-    pub async fn catch_up(&self) {
-        let watched: Vec<(String, u64)> =
-            lock(&self.sessions).iter().map(|(id, s)| (id.clone(), s.last_dispatched)).collect();
-        for (session_id, after) in watched {
-            match self.read_events(&session_id, after, u64::MAX).await {
-                Ok((_, events)) if !events.is_empty() => {
-                    let mut sessions = lock(&self.sessions);
-                    if let Some(session) = sessions.get_mut(&session_id) {
-                        session.dispatch(events);
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(session_id, error = %e, "catch-up read failed; feeds fill gaps on the next event")
-                }
-            }
-        }
     }
 
     /// Delivers a control message to the run's owner node (directly when it is this one).
@@ -457,7 +334,7 @@ impl Node {
         let payload = serde_json::to_string(&message).map_err(|e| RegistryError::Unavailable(e.to_string()))?;
         let channel = keys::node_channel(owner_node);
         let receivers: u64 = self
-            .retrying(self.retry_window(), || async {
+            .retrying("publish_control", self.retry_window(), || async {
                 let mut conn = self.conn().await?;
                 Ok(::redis::cmd("PUBLISH").arg(&channel).arg(&payload).query_async(&mut conn).await?)
             })
@@ -471,50 +348,4 @@ impl Node {
         }
         Ok(())
     }
-}
-
-#[async_trait]
-impl RangeSource for Node {
-    async fn read_range(&self, session_id: &str, after_seq: u64, up_to: u64) -> Result<ReplayRange, RegistryError> {
-        if after_seq >= MAX_SCRIPT_SEQ || up_to <= after_seq {
-            return Ok(ReplayRange { events: Vec::new(), complete: true });
-        }
-        let (top, events) = self.read_events(session_id, after_seq, up_to).await?;
-        let complete = codec::is_contiguous(&events, after_seq, up_to.min(top));
-        Ok(ReplayRange { events, complete })
-    }
-}
-
-/// Keeps a feed's session entry and hub subscription; released on drop.
-pub struct FeedGuard {
-    pub node: Arc<Node>,
-    pub session_id: String,
-}
-
-impl Drop for FeedGuard {
-    fn drop(&mut self) {
-        {
-            let mut sessions = lock(&self.node.sessions);
-            if let Some(session) = sessions.get_mut(&self.session_id) {
-                session.feeds = session.feeds.saturating_sub(1);
-                if session.feeds == 0 {
-                    sessions.remove(&self.session_id);
-                }
-            }
-        }
-        let node = self.node.clone();
-        let channel = keys::live_channel(&self.session_id);
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { node.hub.release(&channel).await });
-        }
-    }
-}
-
-/// Registers a new feed on a session: its entry (created if needed) and a receiver.
-pub fn attach_feed(node: &Arc<Node>, session_id: &str) -> (broadcast::Receiver<Event>, FeedGuard) {
-    let mut sessions = lock(&node.sessions);
-    let session = sessions.entry(session_id.to_string()).or_insert_with(LiveSession::new);
-    session.feeds += 1;
-    let rx = session.tx.subscribe();
-    (rx, FeedGuard { node: node.clone(), session_id: session_id.to_string() })
 }

@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     keys,
-    node::{Failure, Node, Reaped, RunKey, SeenRun, lock, parse_index_member, run_key},
+    live::SeenRun,
+    node::{Failure, Node, Reaped, RunKey, lock, parse_index_member, run_key},
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -35,6 +36,7 @@ pub async fn dispatch(node: Arc<Node>, first: PubSubStream, redial: Arc<Notify>,
             None => match node.hub.connect(CONNECT_TIMEOUT).await {
                 Ok(fresh) => {
                     tracing::info!(node = node.id, "Redis pub/sub reconnected; channels restored");
+                    metrics::counter!("chatgate_redis_pubsub_reconnects_total").increment(1);
                     backoff = Duration::from_millis(50);
                     node.catch_up().await;
                     fresh
@@ -111,6 +113,7 @@ pub async fn probe(node: Arc<Node>, redial: Arc<Notify>, cancel: CancellationTok
             Err(_) => Err("Redis probe publish timed out".to_string()),
         };
         if let Err(reason) = &outcome {
+            metrics::counter!("chatgate_redis_probe_failures_total").increment(1);
             tracing::warn!(node = node.id, reason, "Redis probe failed");
         }
         *lock(&node.probe.status) = outcome;
@@ -204,7 +207,12 @@ async fn sweep_watched(node: &Node) {
         let lost = (missing_since.elapsed() >= node.opts.lease).then_some(&run);
         match node.reap(&session_id, lost, floor).await {
             Ok(Reaped::None) if lost.is_some() => {
-                // Nothing left to end: the run ended (its complete is in the stream).
+                // Nothing left to end: the run ended and this node missed its
+                // complete. Hand the stream's tail to the feeds, stop watching.
+                if let Err(e) = node.catch_up_session(&session_id).await {
+                    tracing::debug!(session_id, error = %e, "catch-up failed");
+                    continue;
+                }
                 if let Some(session) = lock(&node.sessions).get_mut(&session_id)
                     && session.run.as_ref().is_some_and(|r| r.run_id == run.run_id)
                 {
