@@ -666,3 +666,48 @@ async fn finished_runs_leave_only_expiring_keys() {
     let user_index: u64 = conn.scard(keys::user_runs(&user)).await.unwrap();
     assert_eq!(user_index, 0);
 }
+
+// ---------------------------------------------------------------- cost
+
+/// `calls` of one command in `INFO commandstats`.
+async fn command_calls(conn: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(conn).await.unwrap();
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// `total_connections_received` of `INFO stats`.
+async fn connections_received(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("stats").query_async(conn).await.unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("total_connections_received:"))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_batch_costs_one_round_trip() {
+    let redis = PrivateRedis::start().await;
+    let a = node(&redis.url(), "cost", Duration::from_secs(30)).await;
+    let s = unique("s");
+    let grant = a.start_run(start(&a, &s, "r1", "u")).await.unwrap();
+    a.append(&grant.lease, bodies(&s, "r1", 1)).await.unwrap(); // warm: script loaded, connection kept
+    let mut admin = raw(&redis.url()).await;
+    let connections = connections_received(&mut admin).await;
+    let (evalsha, ping, publish) = (
+        command_calls(&mut admin, "evalsha").await,
+        command_calls(&mut admin, "ping").await,
+        command_calls(&mut admin, "publish").await,
+    );
+    for _ in 0..50 {
+        a.append(&grant.lease, bodies(&s, "r1", 4)).await.unwrap();
+    }
+    assert_eq!(command_calls(&mut admin, "evalsha").await - evalsha, 50, "one script call per batch");
+    assert_eq!(command_calls(&mut admin, "ping").await - ping, 0, "no connection check per call");
+    assert_eq!(connections_received(&mut admin).await - connections, 0, "no new connection per call");
+    // One PUBLISH per batch from the script; the probe adds at most a few.
+    let published = command_calls(&mut admin, "publish").await - publish;
+    assert!((50..=60).contains(&published), "{published} publishes");
+}

@@ -110,6 +110,7 @@ impl RedisRegistry {
             id: node_id.to_string(),
             opts,
             pool,
+            lanes: Default::default(),
             scripts: Scripts::new(),
             hub,
             node_channel,

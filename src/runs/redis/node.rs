@@ -1,9 +1,10 @@
 //! One node's shared state and its Redis plumbing.
 //!
-//! The [`Node`] holds the command pool, the scripts, the pub/sub [`Hub`], and
-//! three local maps: sessions this node has feeds on (a broadcast channel per
-//! session, filled by the dispatcher), users this node has notice receivers
-//! for, and runs this node owns (their control senders, keyed by run id).
+//! The [`Node`] holds the command pool and the two kept command connections
+//! ([`Lanes`]), the scripts, the pub/sub [`Hub`], and three local maps:
+//! sessions this node has feeds on (a broadcast channel per session, filled
+//! by the dispatcher), users this node has notice receivers for, and runs this
+//! node owns (their control senders, keyed by session and run id).
 
 use std::{
     collections::HashMap,
@@ -12,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ::redis::{ErrorKind, RedisError, ServerErrorKind, Value};
+use ::redis::{ErrorKind, RedisError, ServerErrorKind, Value, aio::MultiplexedConnection};
 use deadpool_redis::{Connection, Pool, PoolError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, watch};
@@ -127,11 +128,30 @@ pub struct Probe {
     pub status: Mutex<Result<(), String>>,
 }
 
+/// Which kept command connection a call uses: replay reads (possibly large)
+/// do not queue in front of the owners' appends.
+#[derive(Debug, Clone, Copy)]
+pub enum Lane {
+    Write,
+    Read,
+}
+
+/// The kept command connections. Each is a multiplexed connection taken from
+/// the pool: a checkout from `deadpool-redis` PINGs the connection first, so
+/// keeping them makes a call cost its own round trip only. A transient
+/// failure drops them and the pool hands out validated or new ones.
+#[derive(Default)]
+pub struct Lanes {
+    write: Mutex<Option<MultiplexedConnection>>,
+    read: Mutex<Option<MultiplexedConnection>>,
+}
+
 /// Shared state of one registry node.
 pub struct Node {
     pub id: String,
     pub opts: RedisRegistryOptions,
     pub pool: Pool,
+    pub lanes: Lanes,
     pub scripts: Scripts,
     pub hub: Hub,
     pub node_channel: String,
@@ -173,8 +193,30 @@ pub enum Reaped {
 }
 
 impl Node {
-    pub async fn conn(&self) -> Result<Connection, Failure> {
-        Ok(self.pool.get().await?)
+    /// A command connection on the write lane (the owner's hot path and small commands).
+    pub async fn conn(&self) -> Result<MultiplexedConnection, Failure> {
+        self.lane(Lane::Write).await
+    }
+
+    /// A command connection: the lane's kept multiplexed connection, or a
+    /// fresh one from the pool (which validates or creates it).
+    pub async fn lane(&self, lane: Lane) -> Result<MultiplexedConnection, Failure> {
+        let slot = match lane {
+            Lane::Write => &self.lanes.write,
+            Lane::Read => &self.lanes.read,
+        };
+        if let Some(conn) = lock(slot).clone() {
+            return Ok(conn);
+        }
+        let fresh = Connection::take(self.pool.get().await?);
+        *lock(slot) = Some(fresh.clone());
+        Ok(fresh)
+    }
+
+    /// Drops the kept connections after a failure; the next calls get fresh ones.
+    pub fn invalidate_connections(&self) {
+        *lock(&self.lanes.write) = None;
+        *lock(&self.lanes.read) = None;
     }
 
     /// Retries `op` on transient failures until `window` has passed.
@@ -192,6 +234,9 @@ impl Node {
             if outcome.is_err() {
                 metrics::counter!("chatgate_redis_errors_total", "op" => what).increment(1);
             }
+            if outcome.as_ref().is_err_and(Failure::is_transient) {
+                self.invalidate_connections();
+            }
             match outcome {
                 Err(e) if e.is_transient() && Instant::now() + pause < deadline => {
                     tracing::debug!(op = what, error = %e, "Redis call failed; retrying");
@@ -201,6 +246,15 @@ impl Node {
                 other => return other,
             }
         }
+    }
+
+    /// One attempt, counted and with failed connections dropped like [`Node::retrying`].
+    pub async fn once<T, F, Fut>(&self, what: &'static str, op: F) -> Result<T, Failure>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        self.retrying(what, Duration::ZERO, op).await
     }
 
     /// How long a call may be retried before the caller is told the backend is away.
@@ -259,7 +313,12 @@ impl Node {
 
     /// Invokes a prepared script on a pooled connection.
     pub async fn invoke(&self, inv: &::redis::ScriptInvocation<'_>) -> Result<Value, Failure> {
-        let mut conn = self.conn().await?;
+        self.invoke_on(Lane::Write, inv).await
+    }
+
+    /// Invokes a prepared script on the given lane.
+    pub async fn invoke_on(&self, lane: Lane, inv: &::redis::ScriptInvocation<'_>) -> Result<Value, Failure> {
+        let mut conn = self.lane(lane).await?;
         Ok(inv.invoke_async(&mut conn).await?)
     }
 
@@ -308,7 +367,8 @@ impl Node {
         let stop = if up_to >= MAX_SCRIPT_SEQ { "+".to_string() } else { up_to.to_string() };
         let mut inv = self.scripts.read_range.prepare_invoke();
         inv.key(keys::seq(session_id)).key(keys::events(session_id)).arg(after).arg(stop);
-        let reply: Value = self.retrying("read_range", self.retry_window(), || self.invoke(&inv)).await?;
+        let reply: Value =
+            self.retrying("read_range", self.retry_window(), || self.invoke_on(Lane::Read, &inv)).await?;
         let mut items = codec::array(reply)?.into_iter();
         let top = codec::int(items.next().unwrap_or(Value::Nil))?;
         let events = codec::decode_entries(items.next().unwrap_or(Value::Nil))?;

@@ -11,7 +11,7 @@ use super::{
     codec::{self, OwnerRecord},
     keys,
     live::{SeenRun, attach_feed},
-    node::{Failure, MAX_SCRIPT_SEQ, lock, parse_index_member},
+    node::{Failure, Lane, MAX_SCRIPT_SEQ, lock, parse_index_member},
 };
 use crate::runs::{Event, LiveFeed, RegistryError, RunningRun, Snapshot, Subscription, feed::RangeSource};
 
@@ -30,7 +30,7 @@ impl RedisRegistry {
             .key(keys::events(session_id))
             .key(keys::pending(session_id))
             .arg(after_arg);
-        let reply = node.retrying("read", node.retry_window(), || node.invoke(&inv)).await?;
+        let reply = node.retrying("read", node.retry_window(), || node.invoke_on(Lane::Read, &inv)).await?;
         let mut items = codec::array(reply).map_err(Failure::from)?.into_iter();
         let mut next = || items.next().unwrap_or(Value::Nil);
         let owner_json = codec::text(next()).map_err(Failure::from)?;

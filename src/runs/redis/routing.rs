@@ -120,11 +120,11 @@ impl RedisRegistry {
             return Err("Redis pub/sub connection is down".into());
         }
         lock(&node.probe.status).clone()?;
-        let ping = async {
+        let ping = node.once("ping", || async {
             let mut conn = node.conn().await?;
             let _: String = ::redis::cmd("PING").query_async(&mut conn).await?;
-            Ok::<(), Failure>(())
-        };
+            Ok(())
+        });
         match tokio::time::timeout(RESPONSE_TIMEOUT, ping).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(format!("Redis does not answer: {e}")),

@@ -93,11 +93,11 @@ pub async fn probe(node: Arc<Node>, redial: Arc<Notify>, cancel: CancellationTok
             continue;
         }
         nonce += 1;
-        let published = async {
+        let published = node.once("probe", || async {
             let mut conn = node.conn().await?;
             let receivers: u64 = conn.publish(&node.probe_channel, nonce).await?;
-            Ok::<u64, Failure>(receivers)
-        };
+            Ok(receivers)
+        });
         let outcome = match tokio::time::timeout(period, published).await {
             Ok(Ok(_)) => {
                 let heard = tokio::time::timeout(period, echo.wait_for(|seen| *seen >= nonce)).await;
@@ -180,11 +180,12 @@ async fn sweep_watched(node: &Node) {
     for (session_id, _, _) in &watched {
         pipe.exists(keys::run(session_id));
     }
-    let held: Vec<bool> = match async {
-        let mut conn = node.conn().await?;
-        Ok::<_, Failure>(pipe.query_async(&mut conn).await?)
-    }
-    .await
+    let held: Vec<bool> = match node
+        .once("sweep_locks", || async {
+            let mut conn = node.conn().await?;
+            Ok(pipe.query_async(&mut conn).await?)
+        })
+        .await
     {
         Ok(held) => held,
         Err(e) => {
@@ -228,21 +229,28 @@ async fn sweep_watched(node: &Node) {
 /// One node per period (a short `SET NX` lock) walks the global run index,
 /// ends orphaned runs and drops entries of finished ones.
 async fn sweep_index(node: &Node, period: Duration) -> Result<(), Failure> {
-    let mut conn = node.conn().await?;
-    let won: bool = ::redis::cmd("SET")
-        .arg(keys::SWEEP_LOCK)
-        .arg(&node.id)
-        .arg("NX")
-        .arg("PX")
-        .arg(super::node::millis(period))
-        .query_async::<Option<String>>(&mut conn)
-        .await?
-        .is_some();
-    if !won {
+    let won: Option<String> = node
+        .once("sweep_lock", || async {
+            let mut conn = node.conn().await?;
+            Ok(::redis::cmd("SET")
+                .arg(keys::SWEEP_LOCK)
+                .arg(&node.id)
+                .arg("NX")
+                .arg("PX")
+                .arg(super::node::millis(period))
+                .query_async(&mut conn)
+                .await?)
+        })
+        .await?;
+    if won.is_none() {
         return Ok(());
     }
-    let members: Vec<String> =
-        ::redis::cmd("ZRANGE").arg(keys::RUNS_INDEX).arg(0).arg(SWEEP_BATCH - 1).query_async(&mut conn).await?;
+    let members: Vec<String> = node
+        .once("sweep_index", || async {
+            let mut conn = node.conn().await?;
+            Ok(::redis::cmd("ZRANGE").arg(keys::RUNS_INDEX).arg(0).arg(SWEEP_BATCH - 1).query_async(&mut conn).await?)
+        })
+        .await?;
     let entries: Vec<(String, (String, String))> =
         members.into_iter().filter_map(|m| parse_index_member(&m).map(|parsed| (m, parsed))).collect();
     if entries.is_empty() {
@@ -252,8 +260,12 @@ async fn sweep_index(node: &Node, period: Duration) -> Result<(), Failure> {
     for (_, (session_id, _)) in &entries {
         pipe.get(keys::run(session_id));
     }
-    let locks: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
-    drop(conn);
+    let locks: Vec<Option<String>> = node
+        .once("sweep_locks", || async {
+            let mut conn = node.conn().await?;
+            Ok(pipe.query_async(&mut conn).await?)
+        })
+        .await?;
     for ((member, (session_id, run_id)), lock_json) in entries.into_iter().zip(locks) {
         let live = lock_json.as_deref().and_then(|j| super::codec::OwnerRecord::parse(j).ok());
         if live.is_some_and(|o| o.run_id == run_id) {
@@ -261,8 +273,12 @@ async fn sweep_index(node: &Node, period: Duration) -> Result<(), Failure> {
         }
         // Ended now, already ended, or another run holds the lock: this entry is stale.
         node.reap(&session_id, None, 0).await?;
-        let mut conn = node.conn().await?;
-        let _: () = conn.zrem(keys::RUNS_INDEX, &member).await?;
+        node.once("sweep_forget", || async {
+            let mut conn = node.conn().await?;
+            let _: () = conn.zrem(keys::RUNS_INDEX, &member).await?;
+            Ok(())
+        })
+        .await?;
     }
     Ok(())
 }
