@@ -29,7 +29,8 @@ pub struct SeenRun {
 pub struct LiveSession {
     pub tx: broadcast::Sender<Event>,
     pub feeds: usize,
-    /// Highest seq handed to `tx`; older live messages are dropped.
+    /// Highest seq seen for the session (handed to `tx`, or read by a subscribe
+    /// that was the session's only feed); a catch-up reads after it.
     pub last_dispatched: u64,
     /// The run in progress as far as this node knows.
     pub run: Option<SeenRun>,
@@ -50,18 +51,20 @@ impl LiveSession {
         }
     }
 
+    /// Hands events to every feed of the session. Nothing is filtered here: a
+    /// feed drops what it already has, and an old event may still be news to
+    /// a feed that subscribed while it was on its way.
     fn dispatch(&mut self, events: Vec<Event>) {
         for event in events {
-            if event.seq <= self.last_dispatched {
-                continue;
+            if event.seq > self.last_dispatched {
+                self.last_dispatched = event.seq;
+                if event.terminal {
+                    self.run = None;
+                } else if self.run.as_ref().is_none_or(|r| *r.run_id != *event.run_id) {
+                    self.run = Some(SeenRun { run_id: event.run_id.to_string(), provider: provider_of(&event.frame) });
+                }
+                self.lock_missing_since = None;
             }
-            self.last_dispatched = event.seq;
-            if event.terminal {
-                self.run = None;
-            } else if self.run.as_ref().is_none_or(|r| *r.run_id != *event.run_id) {
-                self.run = Some(SeenRun { run_id: event.run_id.to_string(), provider: provider_of(&event.frame) });
-            }
-            self.lock_missing_since = None;
             metrics::counter!("chatgate_redis_live_events_total").increment(1);
             // No receiver is fine: a feed that comes later reads the stream.
             let _ = self.tx.send(event);

@@ -52,8 +52,6 @@ pub enum Failure {
     Pool(#[from] PoolError),
     #[error(transparent)]
     Reply(#[from] BadReply),
-    #[error("Redis call timed out")]
-    Timeout,
 }
 
 impl Failure {
@@ -75,7 +73,7 @@ impl Failure {
                         )
                     )
             }
-            Failure::Pool(_) | Failure::Timeout => true,
+            Failure::Pool(_) => true,
             Failure::Reply(_) => false,
         }
     }

@@ -68,7 +68,9 @@ impl RedisRegistry {
         };
         {
             let mut sessions = lock(&node.sessions);
+            // Raised only for a lone feed: other feeds may still wait for older events.
             if let Some(session) = sessions.get_mut(session_id)
+                && session.feeds == 1
                 && session.last_dispatched <= read.top
             {
                 session.last_dispatched = read.top;
