@@ -69,3 +69,26 @@ async fn a_missing_counter_is_restored_above_everything_known() {
         registry.append(&grant.lease, vec![EventBody { kind: "text".into(), json: "{}".into() }]).await.unwrap();
     assert_eq!(events[0].seq, 500 + 100 + 1);
 }
+
+#[tokio::test]
+async fn a_renewal_re_takes_a_lock_that_redis_lost_with_everything_else() {
+    let registry = RedisRegistry::connect(&redis_url(), "unit-retake", options()).await.unwrap();
+    let session_id = format!("unit-{}", uuid::Uuid::new_v4().simple());
+    let grant = registry.start_run(start(&session_id, "r1")).await.unwrap();
+    let text = || vec![EventBody { kind: "text".into(), json: "{}".into() }];
+    assert_eq!(registry.append(&grant.lease, text()).await.unwrap()[0].seq, 1);
+    let mut conn = registry.node.conn().await.unwrap();
+    // What a Redis restart without persistence leaves of the session: nothing.
+    let all = [keys::run(&session_id), keys::owner(&session_id), keys::seq(&session_id), keys::events(&session_id)];
+    let _: () = conn.del(&all).await.unwrap();
+    registry.renew(&grant.lease).await.expect("the owner re-takes its vanished lock");
+    let snapshot = registry.snapshot(&session_id).await.unwrap();
+    assert!(snapshot.is_processing);
+    assert_eq!(snapshot.run_id.as_deref(), Some("r1"));
+    // The counter came back above the owner's last seq plus the margin.
+    assert_eq!(registry.append(&grant.lease, text()).await.unwrap()[0].seq, 1 + 100 + 1);
+    // Only a lock that vanished with the counter is re-taken: a deleted lock alone fences.
+    let _: () = conn.del(keys::run(&session_id)).await.unwrap();
+    assert_eq!(registry.renew(&grant.lease).await, Err(RegistryError::Fenced));
+    assert_eq!(registry.append(&grant.lease, text()).await.err(), Some(RegistryError::Fenced));
+}
