@@ -294,7 +294,7 @@ async fn a_stolen_or_deleted_lock_fences_the_owner() {
     owner.append(&grant.lease, bodies(&s, "r1", 2)).await.unwrap();
     let thief = json!({"runId": "thief", "nodeId": "elsewhere", "provider": "script", "userId": "u",
                        "startedAt": "2024-01-01T00:00:00.000Z", "firstSeq": 3});
-    let _: () = conn.set(keys::run(&s), thief.to_string()).await.unwrap();
+    let _: () = conn.pset_ex(keys::run(&s), thief.to_string(), 2000).await.unwrap();
     assert_eq!(owner.append(&grant.lease, bodies(&s, "r1", 1)).await.err(), Some(RegistryError::Fenced));
     assert_eq!(owner.renew(&grant.lease).await.err(), Some(RegistryError::Fenced));
     assert_eq!(owner.complete(&grant.lease, complete_body(&s, "r1")).await.err(), Some(RegistryError::Fenced));
