@@ -9,6 +9,7 @@
 
 pub mod feed;
 pub mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 

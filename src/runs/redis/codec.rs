@@ -1,0 +1,201 @@
+//! Decoding what the scripts return and publish into [`Event`]s.
+//!
+//! A live message on `cg:{S}:live` is one append batch: records of
+//! `"<seq> <t> <#runId> <#body> " ++ runId ++ body` back to back (lengths in
+//! bytes). Script replies are RESP arrays; the stream entries come flattened
+//! as `seq, runId, t, body` quadruples.
+
+use std::sync::Arc;
+
+use ::redis::Value;
+use serde::Deserialize;
+
+use crate::{protocol::sequenced, runs::Event};
+
+/// A script reply that does not have the expected shape.
+#[derive(Debug, thiserror::Error)]
+#[error("unexpected reply from Redis: {0}")]
+pub struct BadReply(pub String);
+
+/// The lock / owner record (`cg:{S}:run`, `cg:{S}:owner`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OwnerRecord {
+    pub run_id: String,
+    pub node_id: String,
+    pub provider: String,
+    pub user_id: String,
+    pub started_at: String,
+    pub first_seq: u64,
+}
+
+impl OwnerRecord {
+    pub fn parse(json: &str) -> Result<Self, BadReply> {
+        serde_json::from_str(json).map_err(|e| BadReply(format!("owner record {json:?}: {e}")))
+    }
+}
+
+/// Builds events, sharing one `Arc<str>` per run id.
+#[derive(Default)]
+pub struct EventBuilder {
+    run_id: Option<Arc<str>>,
+}
+
+impl EventBuilder {
+    pub fn event(&mut self, seq: u64, run_id: &str, terminal: bool, body: &str) -> Event {
+        let run_id = match &self.run_id {
+            Some(current) if **current == *run_id => current.clone(),
+            _ => {
+                let fresh: Arc<str> = Arc::from(run_id);
+                self.run_id = Some(fresh.clone());
+                fresh
+            }
+        };
+        Event { seq, run_id, terminal, frame: sequenced(body, seq) }
+    }
+}
+
+/// Decodes one live message (a batch) into events.
+pub fn decode_live(payload: &[u8], builder: &mut EventBuilder) -> Result<Vec<Event>, BadReply> {
+    let mut events = Vec::new();
+    let mut rest = payload;
+    while !rest.is_empty() {
+        let seq = take_number(&mut rest)?;
+        let terminal = take_number(&mut rest)? == 1;
+        let run_len = usize::try_from(take_number(&mut rest)?).map_err(|_| bad("run id length"))?;
+        let body_len = usize::try_from(take_number(&mut rest)?).map_err(|_| bad("body length"))?;
+        let run_id = take_str(&mut rest, run_len)?;
+        let body = take_str(&mut rest, body_len)?;
+        events.push(builder.event(seq, run_id, terminal, body));
+    }
+    Ok(events)
+}
+
+fn bad(what: &str) -> BadReply {
+    BadReply(format!("live message: bad {what}"))
+}
+
+fn take_number(rest: &mut &[u8]) -> Result<u64, BadReply> {
+    let space = rest.iter().position(|b| *b == b' ').ok_or_else(|| bad("record header"))?;
+    let text = std::str::from_utf8(&rest[..space]).map_err(|_| bad("number"))?;
+    let number = text.parse().map_err(|_| bad("number"))?;
+    *rest = &rest[space + 1..];
+    Ok(number)
+}
+
+fn take_str<'a>(rest: &mut &'a [u8], len: usize) -> Result<&'a str, BadReply> {
+    if rest.len() < len {
+        return Err(bad("record length"));
+    }
+    let (head, tail) = rest.split_at(len);
+    *rest = tail;
+    std::str::from_utf8(head).map_err(|_| bad("utf-8"))
+}
+
+/// Flattened stream entries (`seq, runId, t, body`…) into events.
+pub fn decode_entries(value: Value) -> Result<Vec<Event>, BadReply> {
+    let items = array(value)?;
+    if items.len() % 4 != 0 {
+        return Err(BadReply(format!("stream entries: {} items", items.len())));
+    }
+    let mut builder = EventBuilder::default();
+    let mut events = Vec::with_capacity(items.len() / 4);
+    let mut it = items.into_iter();
+    while let (Some(seq), Some(run_id), Some(terminal), Some(body)) = (it.next(), it.next(), it.next(), it.next()) {
+        let seq = int(seq)?;
+        let run_id = text(run_id)?;
+        let terminal = text(terminal)? == "1";
+        let body = text(body)?;
+        events.push(builder.event(seq, &run_id, terminal, &body));
+    }
+    Ok(events)
+}
+
+/// True when `events` are exactly the seqs `from + 1 ..= to` (or the range is empty).
+pub fn is_contiguous(events: &[Event], from: u64, to: u64) -> bool {
+    if to <= from {
+        return true;
+    }
+    let Ok(expected) = usize::try_from(to - from) else { return false };
+    events.len() == expected && events.iter().zip(from + 1..).all(|(e, seq)| e.seq == seq)
+}
+
+pub fn array(value: Value) -> Result<Vec<Value>, BadReply> {
+    match value {
+        Value::Array(items) | Value::Set(items) => Ok(items),
+        Value::Nil => Ok(Vec::new()),
+        other => Err(BadReply(format!("expected an array, got {other:?}"))),
+    }
+}
+
+pub fn text(value: Value) -> Result<String, BadReply> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes).map_err(|_| BadReply("non-UTF-8 string".into())),
+        Value::SimpleString(s) => Ok(s),
+        Value::Okay => Ok("OK".into()),
+        Value::Int(n) => Ok(n.to_string()),
+        Value::Nil => Ok(String::new()),
+        other => Err(BadReply(format!("expected a string, got {other:?}"))),
+    }
+}
+
+pub fn int(value: Value) -> Result<u64, BadReply> {
+    match value {
+        Value::Int(n) => u64::try_from(n).map_err(|_| BadReply(format!("negative number {n}"))),
+        Value::BulkString(bytes) => std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| BadReply("expected a number".into())),
+        other => Err(BadReply(format!("expected a number, got {other:?}"))),
+    }
+}
+
+/// A list of strings (e.g. request ids).
+pub fn texts(value: Value) -> Result<Vec<String>, BadReply> {
+    array(value)?.into_iter().map(text).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(seq: u64, terminal: bool, run_id: &str, body: &str) -> String {
+        format!("{seq} {} {} {} {run_id}{body}", u8::from(terminal), run_id.len(), body.len())
+    }
+
+    #[test]
+    fn live_batches_decode_in_order() {
+        let payload = format!(
+            "{}{}",
+            record(7, false, "r 1", r#"{"kind":"text","content":"a 1 2 {"}"#),
+            record(8, true, "r 1", r#"{"kind":"complete","error":"é"}"#)
+        );
+        let events = decode_live(payload.as_bytes(), &mut EventBuilder::default()).unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!((events[0].seq, events[0].terminal, &*events[0].run_id), (7, false, "r 1"));
+        assert_eq!((events[1].seq, events[1].terminal), (8, true));
+        let v: serde_json::Value = serde_json::from_str(&events[1].frame).unwrap();
+        assert_eq!(v["seq"], 8);
+        assert_eq!(v["error"], "é");
+        assert!(Arc::ptr_eq(&events[0].run_id, &events[1].run_id));
+    }
+
+    #[test]
+    fn truncated_live_messages_are_rejected() {
+        let payload = record(1, false, "r", "{}");
+        assert!(decode_live(&payload.as_bytes()[..payload.len() - 1], &mut EventBuilder::default()).is_err());
+        assert!(decode_live(b"1 0 x", &mut EventBuilder::default()).is_err());
+    }
+
+    #[test]
+    fn contiguity() {
+        let mut b = EventBuilder::default();
+        let evs: Vec<Event> = [3, 4, 5].iter().map(|s| b.event(*s, "r", false, "{}")).collect();
+        assert!(is_contiguous(&evs, 2, 5));
+        assert!(!is_contiguous(&evs, 1, 5));
+        assert!(!is_contiguous(&evs, 2, 6));
+        assert!(is_contiguous(&[], 5, 5));
+        assert!(is_contiguous(&[], 6, 5));
+        assert!(!is_contiguous(&[], 4, 5));
+    }
+}

@@ -1,0 +1,100 @@
+//! Redis key and channel names (design.md "Redis keys").
+//!
+//! Every key of one session carries the hash tag `{S}`, so one Lua script may
+//! touch them together and Redis Cluster keeps them on one shard. The run
+//! indexes (`cg:runs`, `cg:user:{U}:runs`) are outside the session's slot and
+//! are written next to the session scripts, never inside them.
+
+/// The run lock: `SET NX PX`, the owner record as JSON.
+pub fn run(session_id: &str) -> String {
+    format!("cg:{{{session_id}}}:run")
+}
+
+/// The owner record: the lock's JSON without a lease, deleted by the terminal
+/// `complete`. "Record present, lock gone" is an orphaned run.
+pub fn owner(session_id: &str) -> String {
+    format!("cg:{{{session_id}}}:owner")
+}
+
+/// The session's last seq.
+pub fn seq(session_id: &str) -> String {
+    format!("cg:{{{session_id}}}:seq")
+}
+
+/// The replay stream: entry id `<seq>-0`, fields `r` (run id), `t` (terminal), `b` (body).
+pub fn events(session_id: &str) -> String {
+    format!("cg:{{{session_id}}}:events")
+}
+
+/// Pending tool approvals of the current run: requestId → request JSON.
+pub fn pending(session_id: &str) -> String {
+    format!("cg:{{{session_id}}}:pending")
+}
+
+/// The result (first seq) of one append batch, kept one lease long for retries.
+pub fn batch(session_id: &str, batch_id: &str) -> String {
+    format!("cg:{{{session_id}}}:batch:{batch_id}")
+}
+
+/// Permission requestId → session id.
+pub fn permission(request_id: &str) -> String {
+    format!("cg:perm:{{{request_id}}}")
+}
+
+/// Pub/sub channel of a session's appended events.
+pub fn live_channel(session_id: &str) -> String {
+    format!("cg:{{{session_id}}}:live")
+}
+
+/// The session id of a live channel name, if it is one.
+pub fn session_of_live_channel(channel: &str) -> Option<&str> {
+    channel.strip_prefix("cg:{")?.strip_suffix("}:live")
+}
+
+/// Pub/sub channel of control messages to one node.
+pub fn node_channel(node_id: &str) -> String {
+    format!("cg:node:{node_id}")
+}
+
+/// Pub/sub channel of per-user notices.
+pub fn user_channel(user_id: &str) -> String {
+    format!("cg:user:{user_id}")
+}
+
+/// The user id of a user channel name, if it is one.
+pub fn user_of_channel(channel: &str) -> Option<&str> {
+    channel.strip_prefix("cg:user:")
+}
+
+/// Pub/sub channel a node publishes its liveness probes to (and hears them back on).
+pub fn probe_channel(node_id: &str, instance: &str) -> String {
+    format!("cg:probe:{node_id}:{instance}")
+}
+
+/// Global index of started runs: sorted set, member `["S","R"]`, score = start time (ms).
+pub const RUNS_INDEX: &str = "cg:runs";
+
+/// Per-user index of started runs, members as in [`RUNS_INDEX`].
+pub fn user_runs(user_id: &str) -> String {
+    format!("cg:user:{{{user_id}}}:runs")
+}
+
+/// Short lock so that one node per period sweeps the global run index.
+pub const SWEEP_LOCK: &str = "cg:sweep";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_keys_share_one_hash_tag() {
+        for key in
+            [run("s1"), owner("s1"), seq("s1"), events("s1"), pending("s1"), batch("s1", "b"), live_channel("s1")]
+        {
+            assert!(key.starts_with("cg:{s1}:"), "{key}");
+        }
+        assert_eq!(session_of_live_channel(&live_channel("a.b-c")), Some("a.b-c"));
+        assert_eq!(session_of_live_channel("cg:{a}:run"), None);
+        assert_eq!(user_of_channel(&user_channel("42")), Some("42"));
+    }
+}

@@ -1,0 +1,205 @@
+//! Live delivery on one node: the per-session broadcast channels that the
+//! pub/sub dispatcher fills, the control and notice routing of incoming
+//! messages, the catch-up after a reconnect, and the feeds' guard.
+
+use std::{sync::Arc, time::Instant};
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use tokio::sync::broadcast;
+
+use super::{
+    codec::{self, EventBuilder},
+    keys,
+    node::{Failure, MAX_SCRIPT_SEQ, Node, NodeMessage, lock, run_key},
+};
+use crate::{
+    protocol::Frame,
+    runs::{Event, LIVE_CAPACITY, RegistryError, ReplayRange, feed::RangeSource},
+};
+
+/// A run seen in progress on a watched session (for owner-loss detection).
+#[derive(Debug, Clone)]
+pub struct SeenRun {
+    pub run_id: String,
+    pub provider: String,
+}
+
+/// A session this node has live feeds on.
+pub struct LiveSession {
+    pub tx: broadcast::Sender<Event>,
+    pub feeds: usize,
+    /// Highest seq seen for the session (handed to `tx`, or read by a subscribe
+    /// that was the session's only feed); a catch-up reads after it.
+    pub last_dispatched: u64,
+    /// The run in progress as far as this node knows.
+    pub run: Option<SeenRun>,
+    /// Since when the lock of `run` was seen missing.
+    pub lock_missing_since: Option<Instant>,
+    builder: EventBuilder,
+}
+
+impl LiveSession {
+    pub fn new() -> Self {
+        LiveSession {
+            tx: broadcast::channel(LIVE_CAPACITY).0,
+            feeds: 0,
+            last_dispatched: 0,
+            run: None,
+            lock_missing_since: None,
+            builder: EventBuilder::default(),
+        }
+    }
+
+    /// Hands events to every feed of the session. Nothing is filtered here: a
+    /// feed drops what it already has, and an old event may still be news to
+    /// a feed that subscribed while it was on its way.
+    fn dispatch(&mut self, events: Vec<Event>) {
+        for event in events {
+            if event.seq > self.last_dispatched {
+                self.last_dispatched = event.seq;
+                if event.terminal {
+                    self.run = None;
+                } else if self.run.as_ref().is_none_or(|r| *r.run_id != *event.run_id) {
+                    self.run = Some(SeenRun { run_id: event.run_id.to_string(), provider: provider_of(&event.frame) });
+                }
+                self.lock_missing_since = None;
+            }
+            metrics::counter!("chatgate_redis_live_events_total").increment(1);
+            // No receiver is fine: a feed that comes later reads the stream.
+            let _ = self.tx.send(event);
+        }
+    }
+}
+
+fn provider_of(frame: &str) -> String {
+    #[derive(Deserialize)]
+    struct Provider {
+        provider: Option<String>,
+    }
+    serde_json::from_str::<Provider>(frame).ok().and_then(|p| p.provider).unwrap_or_default()
+}
+
+impl Node {
+    /// Routes one pub/sub message.
+    pub fn on_message(&self, channel: &str, payload: &[u8]) {
+        if let Some(session_id) = keys::session_of_live_channel(channel) {
+            self.on_live(session_id, payload);
+        } else if channel == self.node_channel {
+            self.on_control(payload);
+        } else if channel == self.probe_channel {
+            if let Some(nonce) = std::str::from_utf8(payload).ok().and_then(|s| s.parse::<u64>().ok()) {
+                self.probe.echo.send_if_modified(|last| {
+                    let newer = nonce > *last;
+                    if newer {
+                        *last = nonce;
+                    }
+                    newer
+                });
+            }
+        } else if let Some(user_id) = keys::user_of_channel(channel) {
+            let Ok(text) = std::str::from_utf8(payload) else { return };
+            if let Some(user) = lock(&self.users).get(user_id) {
+                let _ = user.tx.send(Frame::from(text));
+            }
+        }
+    }
+
+    fn on_live(&self, session_id: &str, payload: &[u8]) {
+        let mut sessions = lock(&self.sessions);
+        let Some(session) = sessions.get_mut(session_id) else { return };
+        match codec::decode_live(payload, &mut session.builder) {
+            Ok(events) => session.dispatch(events),
+            Err(e) => tracing::warn!(session_id, error = %e, "dropped a malformed live message"),
+        }
+    }
+
+    fn on_control(&self, payload: &[u8]) {
+        let message: NodeMessage = match serde_json::from_slice(payload) {
+            Ok(message) => message,
+            Err(e) => {
+                tracing::warn!(error = %e, "dropped a malformed control message");
+                return;
+            }
+        };
+        let runs = lock(&self.runs);
+        let Some(run) = runs.get(&run_key(&message.session_id, &message.run_id)) else {
+            tracing::debug!(run_id = message.run_id, "control message for a run this node no longer owns");
+            return;
+        };
+        if let Err(e) = run.control.try_send(message.control) {
+            tracing::warn!(run_id = message.run_id, error = %e, "control message dropped: the run's queue is full or closed");
+        }
+    }
+
+    /// Hands the events in the stream after each watched session's last
+    /// dispatched seq to its feeds (after a reconnect, pub/sub lost them).
+    pub async fn catch_up(&self) {
+        let watched: Vec<String> = lock(&self.sessions).keys().cloned().collect();
+        for session_id in watched {
+            if let Err(e) = self.catch_up_session(&session_id).await {
+                // Redis failed again; the next reconnect catches up, feeds fill gaps on the next event.
+                tracing::warn!(session_id, error = %e, "catch-up read failed");
+                return;
+            }
+        }
+    }
+
+    /// Hands one session's events after its last dispatched seq to its feeds.
+    pub async fn catch_up_session(&self, session_id: &str) -> Result<(), Failure> {
+        let Some(after) = lock(&self.sessions).get(session_id).map(|s| s.last_dispatched) else { return Ok(()) };
+        let (_, events) = self.read_events(session_id, after, u64::MAX).await?;
+        if !events.is_empty()
+            && let Some(session) = lock(&self.sessions).get_mut(session_id)
+        {
+            session.dispatch(events);
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl RangeSource for Node {
+    async fn read_range(&self, session_id: &str, after_seq: u64, up_to: u64) -> Result<ReplayRange, RegistryError> {
+        if after_seq >= MAX_SCRIPT_SEQ || up_to <= after_seq {
+            return Ok(ReplayRange { events: Vec::new(), complete: true });
+        }
+        let (top, events) = self.read_events(session_id, after_seq, up_to).await?;
+        let complete = codec::is_contiguous(&events, after_seq, up_to.min(top));
+        Ok(ReplayRange { events, complete })
+    }
+}
+
+/// Keeps a feed's session entry and hub subscription; released on drop.
+pub struct FeedGuard {
+    pub node: Arc<Node>,
+    pub session_id: String,
+}
+
+impl Drop for FeedGuard {
+    fn drop(&mut self) {
+        {
+            let mut sessions = lock(&self.node.sessions);
+            if let Some(session) = sessions.get_mut(&self.session_id) {
+                session.feeds = session.feeds.saturating_sub(1);
+                if session.feeds == 0 {
+                    sessions.remove(&self.session_id);
+                }
+            }
+        }
+        let node = self.node.clone();
+        let channel = keys::live_channel(&self.session_id);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { node.hub.release(&channel).await });
+        }
+    }
+}
+
+/// Registers a new feed on a session: its entry (created if needed) and a receiver.
+pub fn attach_feed(node: &Arc<Node>, session_id: &str) -> (broadcast::Receiver<Event>, FeedGuard) {
+    let mut sessions = lock(&node.sessions);
+    let session = sessions.entry(session_id.to_string()).or_insert_with(LiveSession::new);
+    session.feeds += 1;
+    let rx = session.tx.subscribe();
+    (rx, FeedGuard { node: node.clone(), session_id: session_id.to_string() })
+}

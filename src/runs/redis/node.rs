@@ -1,0 +1,409 @@
+//! One node's shared state and its Redis plumbing.
+//!
+//! The [`Node`] holds the command pool and the two kept command connections
+//! ([`Lanes`]), the scripts, the pub/sub [`Hub`], and three local maps:
+//! sessions this node has feeds on (a broadcast channel per session, filled
+//! by the dispatcher), users this node has notice receivers for, and runs this
+//! node owns (their control senders, keyed by session and run id).
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use ::redis::{ErrorKind, RedisError, ServerErrorKind, Value, aio::MultiplexedConnection};
+use deadpool_redis::{Connection, Pool, PoolError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc, watch};
+
+use super::{
+    RedisRegistryOptions,
+    codec::{self, BadReply, OwnerRecord},
+    hub::Hub,
+    keys,
+    live::{LiveSession, SeenRun},
+    scripts::Scripts,
+};
+use crate::{
+    protocol::{Frame, now_iso},
+    runs::{Control, Event, RegistryError},
+};
+
+/// Capacity of a user's notice channel on one node.
+pub const USER_CAPACITY: usize = 64;
+/// How long a finished session's seq counter stays in Redis; after that the
+/// next run restores it from SQL's high-water mark (plus the margin).
+pub const SEQ_IDLE_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Safety expiry of `cg:perm:{R}`; normally deleted when answered or at the run's end.
+pub const PERMISSION_TTL: Duration = Duration::from_secs(24 * 3600);
+/// The `error` of the terminal `complete` that ends an orphaned run.
+pub const OWNER_LOST: &str = "run owner lost";
+/// Seqs at or above this are beyond what Lua numbers hold exactly.
+pub const MAX_SCRIPT_SEQ: u64 = 1 << 53;
+
+/// A Redis call that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error("Redis: {0}")]
+    Redis(#[from] RedisError),
+    #[error("Redis pool: {0}")]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Reply(#[from] BadReply),
+}
+
+impl Failure {
+    /// Worth retrying: the connection failed, not the request.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Failure::Redis(e) => {
+                e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_refusal()
+                    || e.is_connection_dropped()
+                    || matches!(
+                        e.kind(),
+                        ErrorKind::Server(
+                            ServerErrorKind::BusyLoading
+                                | ServerErrorKind::TryAgain
+                                | ServerErrorKind::MasterDown
+                                | ServerErrorKind::ReadOnly
+                        )
+                    )
+            }
+            Failure::Pool(_) => true,
+            Failure::Reply(_) => false,
+        }
+    }
+}
+
+impl From<Failure> for RegistryError {
+    fn from(failure: Failure) -> Self {
+        RegistryError::Unavailable(failure.to_string())
+    }
+}
+
+/// A user this node has notice receivers for.
+pub struct UserNotices {
+    pub tx: broadcast::Sender<Frame>,
+    /// Hub holds taken for this user's channel.
+    pub holds: usize,
+}
+
+/// A run this node owns.
+pub struct LocalRun {
+    pub user_id: String,
+    pub control: mpsc::Sender<Control>,
+    /// The lock JSON, to re-take the lock if Redis lost it.
+    pub owner_json: String,
+    /// The last seq this run was given (or the floor before its first event).
+    pub last_seq: u64,
+}
+
+/// Local runs are keyed by (session id, run id).
+pub type RunKey = (String, String);
+
+pub fn run_key(session_id: &str, run_id: &str) -> RunKey {
+    (session_id.to_string(), run_id.to_string())
+}
+
+/// A control message on `cg:node:<id>`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeMessage {
+    pub session_id: String,
+    pub run_id: String,
+    pub control: Control,
+}
+
+/// The node's view of its own pub/sub probe.
+pub struct Probe {
+    /// Highest probe nonce heard back.
+    pub echo: watch::Sender<u64>,
+    /// `Err(reason)` after an unanswered probe.
+    pub status: Mutex<Result<(), String>>,
+}
+
+/// Which kept command connection a call uses: replay reads (possibly large)
+/// do not queue in front of the owners' appends.
+#[derive(Debug, Clone, Copy)]
+pub enum Lane {
+    Write,
+    Read,
+}
+
+/// The kept command connections. Each is a multiplexed connection taken from
+/// the pool: a checkout from `deadpool-redis` PINGs the connection first, so
+/// keeping them makes a call cost its own round trip only. A transient
+/// failure drops them and the pool hands out validated or new ones.
+#[derive(Default)]
+pub struct Lanes {
+    write: Mutex<Option<MultiplexedConnection>>,
+    read: Mutex<Option<MultiplexedConnection>>,
+}
+
+/// Shared state of one registry node.
+pub struct Node {
+    pub id: String,
+    pub opts: RedisRegistryOptions,
+    pub pool: Pool,
+    pub lanes: Lanes,
+    pub scripts: Scripts,
+    pub hub: Hub,
+    pub node_channel: String,
+    pub probe_channel: String,
+    pub sessions: Mutex<HashMap<String, LiveSession>>,
+    pub users: Mutex<HashMap<String, UserNotices>>,
+    pub runs: Mutex<HashMap<RunKey, LocalRun>>,
+    pub probe: Probe,
+}
+
+/// Locks a map; a poisoned lock (a panic elsewhere) still holds consistent data here.
+pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A `["S","R"]` member of the run indexes.
+pub fn index_member(session_id: &str, run_id: &str) -> String {
+    serde_json::json!([session_id, run_id]).to_string()
+}
+
+/// Reads a `["S","R"]` index member.
+pub fn parse_index_member(member: &str) -> Option<(String, String)> {
+    serde_json::from_str(member).ok()
+}
+
+pub fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// What an orphan reap did.
+#[derive(Debug, PartialEq)]
+pub enum Reaped {
+    /// The lock is held: the owner is alive.
+    Alive,
+    /// Nothing to end.
+    None,
+    /// The run was ended with the terminal `complete`.
+    Ended,
+}
+
+impl Node {
+    /// A command connection on the write lane (the owner's hot path and small commands).
+    pub async fn conn(&self) -> Result<MultiplexedConnection, Failure> {
+        self.lane(Lane::Write).await
+    }
+
+    /// A command connection: the lane's kept multiplexed connection, or a
+    /// fresh one from the pool (which validates or creates it).
+    pub async fn lane(&self, lane: Lane) -> Result<MultiplexedConnection, Failure> {
+        let slot = match lane {
+            Lane::Write => &self.lanes.write,
+            Lane::Read => &self.lanes.read,
+        };
+        if let Some(conn) = lock(slot).clone() {
+            return Ok(conn);
+        }
+        let fresh = Connection::take(self.pool.get().await?);
+        *lock(slot) = Some(fresh.clone());
+        Ok(fresh)
+    }
+
+    /// Drops the kept connections after a failure; the next calls get fresh ones.
+    pub fn invalidate_connections(&self) {
+        *lock(&self.lanes.write) = None;
+        *lock(&self.lanes.read) = None;
+    }
+
+    /// Retries `op` on transient failures until `window` has passed.
+    /// Every attempt is counted as a round trip of `what`, every failure as an error.
+    pub async fn retrying<T, F, Fut>(&self, what: &'static str, window: Duration, mut op: F) -> Result<T, Failure>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        let deadline = Instant::now() + window;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            metrics::counter!("chatgate_redis_round_trips_total", "op" => what).increment(1);
+            let outcome = op().await;
+            if outcome.is_err() {
+                metrics::counter!("chatgate_redis_errors_total", "op" => what).increment(1);
+            }
+            if outcome.as_ref().is_err_and(Failure::is_transient) {
+                self.invalidate_connections();
+            }
+            match outcome {
+                Err(e) if e.is_transient() && Instant::now() + pause < deadline => {
+                    tracing::debug!(op = what, error = %e, "Redis call failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One attempt, counted and with failed connections dropped like [`Node::retrying`].
+    pub async fn once<T, F, Fut>(&self, what: &'static str, op: F) -> Result<T, Failure>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        self.retrying(what, Duration::ZERO, op).await
+    }
+
+    /// How long a call may be retried before the caller is told the backend is away.
+    pub fn retry_window(&self) -> Duration {
+        (self.opts.lease / 3).clamp(Duration::from_millis(100), Duration::from_secs(5))
+    }
+
+    pub fn margin(&self) -> u64 {
+        self.opts.max_events.max(1)
+    }
+
+    /// Ends the session's orphaned run (lock gone, owner record left), or with
+    /// `lost` = (run id, provider) a run Redis lost altogether. Exactly one
+    /// caller across the cluster ends a given run.
+    pub async fn reap(&self, session_id: &str, lost: Option<&SeenRun>, floor: u64) -> Result<Reaped, Failure> {
+        let (expected, provider) = lost.map(|r| (r.run_id.as_str(), r.provider.as_str())).unwrap_or(("", ""));
+        let event_id = uuid::Uuid::new_v4().to_string();
+        let mut inv = self.scripts.reap.prepare_invoke();
+        inv.key(keys::run(session_id))
+            .key(keys::owner(session_id))
+            .key(keys::seq(session_id))
+            .key(keys::events(session_id))
+            .key(keys::pending(session_id))
+            .key(keys::live_channel(session_id))
+            .arg(expected)
+            .arg(if lost.is_some() { provider } else { "" })
+            .arg(session_id)
+            .arg(event_id)
+            .arg(now_iso())
+            .arg(OWNER_LOST)
+            .arg(self.opts.max_events.max(1))
+            .arg(millis(self.opts.retention))
+            .arg(millis(SEQ_IDLE_TTL))
+            .arg(floor.min(MAX_SCRIPT_SEQ - 1))
+            .arg(self.margin());
+        let reply: Value = self.retrying("reap", self.retry_window(), || self.invoke(&inv)).await?;
+        let mut items = codec::array(reply)?.into_iter();
+        let status = codec::text(items.next().unwrap_or(Value::Nil))?;
+        match status.as_str() {
+            "ALIVE" => Ok(Reaped::Alive),
+            "NONE" => Ok(Reaped::None),
+            "REAPED" => {
+                let owner_json = codec::text(items.next().unwrap_or(Value::Nil))?;
+                let _first = codec::int(items.next().unwrap_or(Value::Nil))?;
+                let pending = codec::texts(items.next().unwrap_or(Value::Nil))?;
+                let owner = if owner_json.is_empty() { None } else { Some(OwnerRecord::parse(&owner_json)?) };
+                let run_id = owner.as_ref().map(|o| o.run_id.as_str()).unwrap_or(expected);
+                tracing::warn!(session_id, run_id, "ended a run whose owner was lost");
+                metrics::counter!("chatgate_runs_reaped_total").increment(1);
+                self.forget_run(session_id, run_id, owner.as_ref().map(|o| o.user_id.as_str()), &pending).await;
+                Ok(Reaped::Ended)
+            }
+            other => Err(BadReply(format!("reap: {other}")).into()),
+        }
+    }
+
+    /// Invokes a prepared script on a pooled connection.
+    pub async fn invoke(&self, inv: &::redis::ScriptInvocation<'_>) -> Result<Value, Failure> {
+        self.invoke_on(Lane::Write, inv).await
+    }
+
+    /// Invokes a prepared script on the given lane.
+    pub async fn invoke_on(&self, lane: Lane, inv: &::redis::ScriptInvocation<'_>) -> Result<Value, Failure> {
+        let mut conn = self.lane(lane).await?;
+        Ok(inv.invoke_async(&mut conn).await?)
+    }
+
+    /// Drops the index entries and permission keys of a finished run (best effort:
+    /// stale index entries are skipped by readers and swept later).
+    pub async fn forget_run(&self, session_id: &str, run_id: &str, user_id: Option<&str>, pending: &[String]) {
+        let member = index_member(session_id, run_id);
+        let mut pipe = ::redis::pipe();
+        pipe.zrem(keys::RUNS_INDEX, &member).ignore();
+        if let Some(user_id) = user_id {
+            pipe.srem(keys::user_runs(user_id), &member).ignore();
+        }
+        for request_id in pending {
+            pipe.del(keys::permission(request_id)).ignore();
+        }
+        if let Err(e) = self.query_pipe(&pipe).await {
+            tracing::warn!(session_id, run_id, error = %e, "could not clean a finished run's index entries");
+        }
+    }
+
+    /// Adds a run to the indexes read by `running_runs` and the sweeper.
+    pub async fn index_run(&self, session_id: &str, run_id: &str, user_id: &str) {
+        let member = index_member(session_id, run_id);
+        let now = u64::try_from(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis(),
+        )
+        .unwrap_or(0);
+        let mut pipe = ::redis::pipe();
+        pipe.zadd(keys::RUNS_INDEX, &member, now).ignore().sadd(keys::user_runs(user_id), &member).ignore();
+        let result = self.retrying("index_run", self.retry_window(), || self.query_pipe(&pipe)).await;
+        if let Err(e) = result {
+            tracing::warn!(session_id, run_id, error = %e, "could not index a run; only its subscribers will notice if its owner dies");
+        }
+    }
+
+    pub async fn query_pipe(&self, pipe: &::redis::Pipeline) -> Result<(), Failure> {
+        let mut conn = self.conn().await?;
+        Ok(pipe.query_async::<()>(&mut conn).await?)
+    }
+
+    /// Reads the stream's events with `after < seq <= up_to` and the seq top.
+    pub async fn read_events(&self, session_id: &str, after: u64, up_to: u64) -> Result<(u64, Vec<Event>), Failure> {
+        if after >= MAX_SCRIPT_SEQ || up_to <= after {
+            return Ok((0, Vec::new()));
+        }
+        let stop = if up_to >= MAX_SCRIPT_SEQ { "+".to_string() } else { up_to.to_string() };
+        let mut inv = self.scripts.read_range.prepare_invoke();
+        inv.key(keys::seq(session_id)).key(keys::events(session_id)).arg(after).arg(stop);
+        let reply: Value =
+            self.retrying("read_range", self.retry_window(), || self.invoke_on(Lane::Read, &inv)).await?;
+        let mut items = codec::array(reply)?.into_iter();
+        let top = codec::int(items.next().unwrap_or(Value::Nil))?;
+        let events = codec::decode_entries(items.next().unwrap_or(Value::Nil))?;
+        Ok((top, events))
+    }
+
+    /// Delivers a control message to the run's owner node (directly when it is this one).
+    pub async fn deliver(
+        &self,
+        owner_node: &str,
+        session_id: &str,
+        run_id: &str,
+        control: Control,
+    ) -> Result<(), RegistryError> {
+        let local = lock(&self.runs).get(&run_key(session_id, run_id)).map(|r| r.control.clone());
+        if let Some(tx) = local {
+            return match tokio::time::timeout(self.retry_window(), tx.send(control)).await {
+                Ok(Ok(())) => Ok(()),
+                _ => Err(RegistryError::Unavailable("the run is not taking control messages".into())),
+            };
+        }
+        let message = NodeMessage { session_id: session_id.to_string(), run_id: run_id.to_string(), control };
+        let payload = serde_json::to_string(&message).map_err(|e| RegistryError::Unavailable(e.to_string()))?;
+        let channel = keys::node_channel(owner_node);
+        let receivers: u64 = self
+            .retrying("publish_control", self.retry_window(), || async {
+                let mut conn = self.conn().await?;
+                Ok(::redis::cmd("PUBLISH").arg(&channel).arg(&payload).query_async(&mut conn).await?)
+            })
+            .await?;
+        if receivers == 0 {
+            tracing::warn!(
+                owner_node,
+                run_id,
+                "no node listens on the owner's control channel; the lease will end the run"
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,307 @@
+//! The owner's side: taking the run lock, appending batches, renewing,
+//! pending approvals. Every write is one fenced script (see [`super::scripts`]).
+
+use std::sync::Arc;
+
+use ::redis::{AsyncCommands, Value};
+use serde_json::Value as Json;
+use tokio::sync::mpsc;
+
+use super::{
+    RedisRegistry,
+    codec::{self, OwnerRecord},
+    keys,
+    node::{self, Failure, LocalRun, MAX_SCRIPT_SEQ, PERMISSION_TTL, SEQ_IDLE_TTL, lock, millis, run_key},
+};
+use crate::{
+    protocol::{now_iso, sequenced},
+    runs::{CONTROL_CAPACITY, Event, RegistryError, RunGrant, RunLease, RunStart},
+};
+
+impl RedisRegistry {
+    /// `start_run`: the local run is registered first, then the start script takes
+    /// the lock (ending an orphan first) and the run is indexed.
+    pub(super) async fn take_run(&self, start: RunStart) -> Result<RunGrant, RegistryError> {
+        let node = &self.node;
+        let (control, control_rx) = mpsc::channel(CONTROL_CAPACITY);
+        {
+            let mut runs = lock(&node.runs);
+            let key = run_key(&start.session_id, &start.run_id);
+            if runs.contains_key(&key) {
+                return Err(RegistryError::RunInProgress);
+            }
+            // Registered before the lock is visible, so no control message can miss it.
+            runs.insert(
+                key,
+                LocalRun {
+                    user_id: start.user_id.clone(),
+                    control,
+                    owner_json: String::new(),
+                    last_seq: start.seq_floor,
+                },
+            );
+        }
+        let session_id = start.session_id.as_str();
+        let mut inv = node.scripts.start.prepare_invoke();
+        inv.key(keys::run(session_id))
+            .key(keys::owner(session_id))
+            .key(keys::seq(session_id))
+            .key(keys::events(session_id))
+            .key(keys::pending(session_id))
+            .key(keys::live_channel(session_id))
+            .arg(&start.run_id)
+            .arg(&node.id)
+            .arg(&start.provider)
+            .arg(&start.user_id)
+            .arg(now_iso())
+            .arg(millis(node.opts.lease))
+            .arg(start.seq_floor.min(MAX_SCRIPT_SEQ - 1))
+            .arg(node.margin())
+            .arg(node.opts.max_events.max(1))
+            .arg(millis(node.opts.retention))
+            .arg(millis(SEQ_IDLE_TTL))
+            .arg(uuid::Uuid::new_v4().to_string())
+            .arg(now_iso())
+            .arg(session_id)
+            .arg(node::OWNER_LOST);
+        let lease = RunLease { session_id: start.session_id.clone(), run_id: start.run_id.clone() };
+        let outcome = async {
+            let reply = node.retrying("start", node.retry_window(), || node.invoke(&inv)).await?;
+            let mut items = codec::array(reply)?.into_iter();
+            let mut next = || items.next().unwrap_or(Value::Nil);
+            let status = codec::text(next())?;
+            if status != "OK" {
+                // A retried start whose first attempt went through finds its own lock.
+                let held: Option<String> = node.conn().await?.get(keys::run(session_id)).await?;
+                let ours =
+                    held.as_deref().and_then(|j| OwnerRecord::parse(j).ok()).is_some_and(|o| o.run_id == start.run_id);
+                return Ok::<_, Failure>(ours.then(|| (held.unwrap_or_default(), String::new(), Vec::new())));
+            }
+            let owner_json = codec::text(next())?;
+            let reaped = codec::text(next())?;
+            let reaped_pending = codec::texts(next())?;
+            Ok(Some((owner_json, reaped, reaped_pending)))
+        }
+        .await;
+        let (owner_json, reaped, reaped_pending) = match outcome {
+            Ok(Some(granted)) => granted,
+            Ok(None) => {
+                self.drop_local_run(&lease);
+                return Err(RegistryError::RunInProgress);
+            }
+            Err(e) => {
+                self.drop_local_run(&lease);
+                return Err(e.into());
+            }
+        };
+        let owner = OwnerRecord::parse(&owner_json).map_err(Failure::from)?;
+        if let Some(run) = lock(&node.runs).get_mut(&run_key(session_id, &start.run_id)) {
+            run.owner_json = owner_json;
+            run.last_seq = owner.first_seq.saturating_sub(1);
+        }
+        if !reaped.is_empty()
+            && let Ok(orphan) = OwnerRecord::parse(&reaped)
+        {
+            tracing::warn!(session_id, run_id = orphan.run_id, "ended a run whose owner was lost");
+            metrics::counter!("chatgate_runs_reaped_total").increment(1);
+            node.forget_run(session_id, &orphan.run_id, Some(&orphan.user_id), &reaped_pending).await;
+        }
+        node.index_run(session_id, &start.run_id, &start.user_id).await;
+        Ok(RunGrant { lease, control: control_rx })
+    }
+
+    /// Appends one batch (the last body terminal with `terminal`) under a fresh batch id.
+    pub(super) async fn append_batch(
+        &self,
+        lease: &RunLease,
+        bodies: &[&str],
+        terminal: bool,
+    ) -> Result<Vec<Event>, RegistryError> {
+        let batch_id = uuid::Uuid::new_v4().simple().to_string();
+        self.append_batch_as(&batch_id, lease, bodies, terminal).await
+    }
+
+    /// Appends one batch under `batch_id`; a second call with the same id (a
+    /// retry after a lost reply) returns the first call's seqs and appends nothing.
+    pub(super) async fn append_batch_as(
+        &self,
+        batch_id: &str,
+        lease: &RunLease,
+        bodies: &[&str],
+        terminal: bool,
+    ) -> Result<Vec<Event>, RegistryError> {
+        let node = &self.node;
+        let session_id = lease.session_id.as_str();
+        let (owner_json, floor) = lock(&node.runs)
+            .get(&run_key(session_id, &lease.run_id))
+            .map(|r| (r.owner_json.clone(), r.last_seq))
+            .unwrap_or_default();
+        let mut inv = node.scripts.append.prepare_invoke();
+        inv.key(keys::run(session_id))
+            .key(keys::owner(session_id))
+            .key(keys::seq(session_id))
+            .key(keys::events(session_id))
+            .key(keys::pending(session_id))
+            .key(keys::live_channel(session_id))
+            .key(keys::batch(session_id, batch_id))
+            .arg(&lease.run_id)
+            .arg(millis(node.opts.lease))
+            .arg(node.opts.max_events.max(1))
+            .arg(floor.min(MAX_SCRIPT_SEQ - 1))
+            .arg(node.margin())
+            .arg(if terminal { "1" } else { "0" })
+            .arg(millis(node.opts.retention))
+            .arg(millis(SEQ_IDLE_TTL))
+            .arg(&owner_json);
+        for body in bodies {
+            inv.arg(*body);
+        }
+        // The same batch id on every attempt: a retry of an applied batch answers DUP.
+        let reply = node.retrying("append", node.opts.lease, || node.invoke(&inv)).await?;
+        let mut items = codec::array(reply).map_err(Failure::from)?.into_iter();
+        let mut next = || items.next().unwrap_or(Value::Nil);
+        let status = codec::text(next()).map_err(Failure::from)?;
+        let (first, retaken, pending) = match status.as_str() {
+            "FENCED" => {
+                metrics::counter!("chatgate_redis_fenced_writes_total").increment(1);
+                self.drop_local_run(lease);
+                return Err(RegistryError::Fenced);
+            }
+            "DUP" => (codec::int(next()).map_err(Failure::from)?, false, Vec::new()),
+            "OK" => {
+                let first = codec::int(next()).map_err(Failure::from)?;
+                let retaken = codec::int(next()).map_err(Failure::from)? == 1;
+                let pending = codec::texts(next()).map_err(Failure::from)?;
+                (first, retaken, pending)
+            }
+            other => return Err(Failure::from(codec::BadReply(format!("append: {other}"))).into()),
+        };
+        metrics::histogram!("chatgate_redis_append_batch_events").record(bodies.len() as f64);
+        let run_id: Arc<str> = Arc::from(lease.run_id.as_str());
+        let last_index = bodies.len().saturating_sub(1);
+        let events: Vec<Event> = bodies
+            .iter()
+            .enumerate()
+            .map(|(i, body)| {
+                let seq = first + i as u64;
+                Event {
+                    seq,
+                    run_id: run_id.clone(),
+                    terminal: terminal && i == last_index,
+                    frame: sequenced(body, seq),
+                }
+            })
+            .collect();
+        if retaken {
+            tracing::warn!(session_id, run_id = lease.run_id, "Redis lost the run's lock; re-took it");
+            self.reindex_local_run(lease).await;
+        }
+        if terminal {
+            let user_id = self.drop_local_run(lease).map(|r| r.user_id);
+            node.forget_run(session_id, &lease.run_id, user_id.as_deref(), &pending).await;
+        } else if let Some(last) = events.last()
+            && let Some(run) = lock(&node.runs).get_mut(&run_key(session_id, &lease.run_id))
+        {
+            run.last_seq = run.last_seq.max(last.seq);
+        }
+        Ok(events)
+    }
+
+    /// Forgets a local run (ended or fenced); drops its control sender.
+    pub(super) fn drop_local_run(&self, lease: &RunLease) -> Option<LocalRun> {
+        lock(&self.node.runs).remove(&run_key(&lease.session_id, &lease.run_id))
+    }
+
+    /// After a re-take (Redis lost its data) the run indexes are gone too.
+    async fn reindex_local_run(&self, lease: &RunLease) {
+        let user_id = lock(&self.node.runs).get(&run_key(&lease.session_id, &lease.run_id)).map(|r| r.user_id.clone());
+        if let Some(user_id) = user_id {
+            self.node.index_run(&lease.session_id, &lease.run_id, &user_id).await;
+        }
+    }
+
+    /// Compare-and-PEXPIRE, or a re-take when Redis lost the lock with everything else.
+    pub(super) async fn renew_lease(&self, lease: &RunLease) -> Result<(), RegistryError> {
+        let node = &self.node;
+        let session_id = lease.session_id.as_str();
+        let (owner_json, floor) = lock(&node.runs)
+            .get(&run_key(session_id, &lease.run_id))
+            .map(|r| (r.owner_json.clone(), r.last_seq))
+            .unwrap_or_default();
+        let mut inv = node.scripts.renew.prepare_invoke();
+        inv.key(keys::run(session_id))
+            .key(keys::owner(session_id))
+            .key(keys::seq(session_id))
+            .key(keys::events(session_id))
+            .arg(&lease.run_id)
+            .arg(millis(node.opts.lease))
+            .arg(&owner_json)
+            .arg(floor.min(MAX_SCRIPT_SEQ - 1))
+            .arg(node.margin());
+        let reply = node.retrying("renew", node.retry_window(), || node.invoke(&inv)).await?;
+        match codec::text(reply).map_err(Failure::from)?.as_str() {
+            "OK" => Ok(()),
+            "RETAKEN" => {
+                tracing::warn!(session_id, run_id = lease.run_id, "Redis lost the run's lock; re-took it");
+                self.reindex_local_run(lease).await;
+                Ok(())
+            }
+            _ => {
+                self.drop_local_run(lease);
+                Err(RegistryError::Fenced)
+            }
+        }
+    }
+
+    /// Records a pending approval (fenced), then its `cg:perm:{R}` lookup key.
+    pub(super) async fn add_pending_request(
+        &self,
+        lease: &RunLease,
+        request_id: &str,
+        request: Json,
+    ) -> Result<(), RegistryError> {
+        let node = &self.node;
+        let json = request.to_string();
+        let mut inv = node.scripts.pending.prepare_invoke();
+        inv.key(keys::run(&lease.session_id))
+            .key(keys::pending(&lease.session_id))
+            .arg(&lease.run_id)
+            .arg(request_id)
+            .arg(&json)
+            .arg("1");
+        let reply = node.retrying("pending", node.retry_window(), || node.invoke(&inv)).await?;
+        if codec::text(reply).map_err(Failure::from)? != "OK" {
+            return Err(RegistryError::Fenced);
+        }
+        let key = keys::permission(request_id);
+        node.retrying("permission_key", node.retry_window(), || async {
+            let mut conn = node.conn().await?;
+            let _: () = conn.pset_ex(&key, &lease.session_id, millis(PERMISSION_TTL)).await?;
+            Ok(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets a pending approval; a fenced run has none left anyway.
+    pub(super) async fn remove_pending_request(&self, lease: &RunLease, request_id: &str) -> Result<(), RegistryError> {
+        let node = &self.node;
+        let mut inv = node.scripts.pending.prepare_invoke();
+        inv.key(keys::run(&lease.session_id))
+            .key(keys::pending(&lease.session_id))
+            .arg(&lease.run_id)
+            .arg(request_id)
+            .arg("")
+            .arg("0");
+        // Fenced is fine here: the run's end cleared its approvals already.
+        node.retrying("pending", node.retry_window(), || node.invoke(&inv)).await?;
+        let key = keys::permission(request_id);
+        node.retrying("permission_key", node.retry_window(), || async {
+            let mut conn = node.conn().await?;
+            let _: () = conn.del(&key).await?;
+            Ok(())
+        })
+        .await?;
+        Ok(())
+    }
+}
