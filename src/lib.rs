@@ -5,7 +5,7 @@
 //! - [`config`]: command line and environment (interface §1).
 //! - [`protocol`]: the `/ws` wire format: inbound verbs, outbound frames, error codes.
 //! - [`runs`]: the run registry trait (locks, seq, replay, fan-out) with its
-//!   in-process ([`runs::memory`]) implementation.
+//!   in-process ([`runs::memory`]) and Redis ([`runs::redis`]) implementations.
 //! - [`runtime`]: provider runtimes behind one trait; `script` is the built-in test runtime.
 //! - [`store`]: sessions and durable history in SQL through sqlx (SQLite or PostgreSQL).
 //! - [`gateway`]: the verbs (`chat.send`, `chat.abort`, `chat.subscribe`,

@@ -16,7 +16,11 @@ use crate::{
     auth::Auth,
     config::{Config, ConfigError},
     gateway::{Gateway, GatewaySettings},
-    runs::{SharedRegistry, memory::MemoryRegistry},
+    runs::{
+        SharedRegistry,
+        memory::MemoryRegistry,
+        redis::{RedisRegistry, RedisRegistryOptions},
+    },
     runtime::{RuntimeSettings, build_runtimes},
     store::{Store, StoreError},
 };
@@ -112,8 +116,16 @@ impl Node {
         store.migrate().await?;
         let registry: SharedRegistry = match &config.redis_url {
             None => Arc::new(MemoryRegistry::new(config.replay_max_events, config.replay_retention)),
-            Some(_) => {
-                return Err(NodeError::Registry("cluster mode (--redis-url) is not available in this build".into()));
+            Some(url) => {
+                let options = RedisRegistryOptions {
+                    lease: config.run_lease,
+                    max_events: config.replay_max_events,
+                    retention: config.replay_retention,
+                };
+                let registry = RedisRegistry::connect(url, &node_id, options)
+                    .await
+                    .map_err(|e| NodeError::Registry(format!("--redis-url: {e}")))?;
+                Arc::new(registry)
             }
         };
         let runtimes = build_runtimes(&config.providers.0, &RuntimeSettings::from_config(config));

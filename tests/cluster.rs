@@ -1,0 +1,284 @@
+//! Cluster mode end to end: several nodes on one Redis and one PostgreSQL, as
+//! a load balancer would spread browser tabs over them (interface §3–4).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{PrivateRedis, Ws, assert_contiguous, cluster_node, redis_url, seqs, user};
+use serde_json::{Value, json};
+
+fn paced(events: u64, interval_ms: u64) -> String {
+    json!({ "events": events, "intervalMs": interval_ms }).to_string()
+}
+
+/// Frames of `session` with a seq, until its `complete`.
+async fn until_complete(ws: &mut Ws, session: &str) -> Vec<Value> {
+    ws.run_events(session).await
+}
+
+#[tokio::test]
+async fn tabs_on_other_nodes_watch_live_and_resume_by_last_seq() {
+    let redis = redis_url();
+    let a = cluster_node(&redis, "a", |_| {}).await;
+    let b = cluster_node(&redis, "b", |_| {}).await;
+    let c = cluster_node(&redis, "c", |_| {}).await;
+    let user = user();
+    let token = a.token(&user);
+    let session = a.create_session(&token, "script").await;
+
+    let mut tab1 = a.connect(&token).await;
+    tab1.send_chat(&session, &paced(40, 10)).await;
+    // A second tab on B subscribes from the start while the run is going.
+    let mut tab2 = b.connect(&token).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tab2.subscribe(&session, 0).await;
+    let ack = tab2.recv_reply().await;
+    assert_eq!(ack["kind"], "chat_subscribed");
+    assert_eq!(ack["isProcessing"], true);
+    assert_eq!(ack["replayTruncated"], false);
+    // A third tab on C resumes from seq 5.
+    let mut tab3 = c.connect(&token).await;
+    tab3.subscribe(&session, 5).await;
+    assert_eq!(tab3.recv_reply().await["kind"], "chat_subscribed");
+
+    let one = until_complete(&mut tab1, &session).await;
+    let two = until_complete(&mut tab2, &session).await;
+    let three = until_complete(&mut tab3, &session).await;
+    assert_contiguous(&one, 1);
+    assert_eq!(seqs(&one), seqs(&two), "tab on another node saw the same events");
+    assert_contiguous(&three, 6);
+    assert_eq!(three.last().unwrap()["kind"], "complete");
+    assert_eq!(one.len(), 40 + 2);
+
+    // The next run, started from C, continues the seq and reaches every tab.
+    tab3.send_chat(&session, "again").await;
+    let next = until_complete(&mut tab1, &session).await;
+    assert_eq!(next[0]["seq"].as_u64().unwrap(), 43);
+    assert_contiguous(&until_complete(&mut tab2, &session).await, 43);
+}
+
+#[tokio::test]
+async fn one_run_per_session_in_the_cluster_and_running_lists_every_node() {
+    let redis = redis_url();
+    let a = cluster_node(&redis, "a1", |_| {}).await;
+    let b = cluster_node(&redis, "b1", |_| {}).await;
+    let user = user();
+    let token = a.token(&user);
+    let s1 = a.create_session(&token, "script").await;
+    let s2 = a.create_session(&token, "script").await;
+    let mut on_a = a.connect(&token).await;
+    let mut on_b = b.connect(&token).await;
+    on_a.send_chat(&s1, &paced(30, 20)).await;
+    on_b.send_chat(&s2, &paced(30, 20)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    on_b.send_chat(&s1, "second").await;
+    let refused = on_b.recv_until(|v| v["kind"] == "protocol_error").await;
+    assert_eq!(refused.last().unwrap()["code"], "RUN_IN_PROGRESS");
+
+    let (status, running) = b.request("GET", "/api/providers/sessions/running", &token, None).await;
+    assert_eq!(status, 200);
+    let mut nodes: Vec<(String, String)> = running["data"]["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["sessionId"].as_str().unwrap().to_string(), r["nodeId"].as_str().unwrap().to_string()))
+        .collect();
+    nodes.sort();
+    let mut want = vec![(s1.clone(), "a1".to_string()), (s2.clone(), "b1".to_string())];
+    want.sort();
+    assert_eq!(nodes, want);
+    // Another user sees none of them.
+    let other = a.token(&common::user());
+    let (_, theirs) = a.request("GET", "/api/providers/sessions/running", &other, None).await;
+    assert_eq!(theirs["data"]["sessions"], json!([]));
+    // The session shows as processing from any node.
+    let (_, shown) = b.request("GET", &format!("/api/providers/sessions/{s1}"), &token, None).await;
+    assert_eq!(shown["data"]["isProcessing"], true);
+}
+
+#[tokio::test]
+async fn abort_and_permission_answers_reach_the_owner_from_any_node() {
+    let redis = redis_url();
+    let a = cluster_node(&redis, "a2", |_| {}).await;
+    let b = cluster_node(&redis, "b2", |_| {}).await;
+    let user = user();
+    let token = a.token(&user);
+    let session = a.create_session(&token, "script").await;
+    let mut owner_tab = a.connect(&token).await;
+    let script = json!({ "permission": { "toolName": "Bash", "input": { "command": "ls" } }, "events": 3 }).to_string();
+    owner_tab.send_chat(&session, &script).await;
+    let request = owner_tab.recv_until(|v| v["kind"] == "permission_request").await.pop().unwrap();
+    let request_id = request["requestId"].as_str().unwrap().to_string();
+
+    let mut remote_tab = b.connect(&token).await;
+    remote_tab.subscribe(&session, request["seq"].as_u64().unwrap()).await;
+    let ack = remote_tab.recv_reply().await;
+    assert_eq!(ack["pendingPermissions"][0]["requestId"], request_id.as_str());
+    // Another user's answer from B is ignored.
+    let mut stranger = b.connect(&b.token(&common::user())).await;
+    stranger.send(json!({ "type": "chat.permission-response", "requestId": request_id, "allow": false })).await;
+    remote_tab.send(json!({ "type": "chat.permission-response", "requestId": request_id, "allow": true })).await;
+    let events = until_complete(&mut owner_tab, &session).await;
+    let kinds: Vec<&str> = events.iter().map(|v| v["kind"].as_str().unwrap()).collect();
+    assert!(kinds.starts_with(&["permission_resolved", "tool_use", "tool_result"]), "{kinds:?}");
+    assert_eq!(events[0]["allow"], true);
+    let remote = until_complete(&mut remote_tab, &session).await;
+    assert_eq!(seqs(&remote), seqs(&events));
+
+    // Abort from B of a run owned by A.
+    owner_tab.send_chat(&session, &paced(1000, 20)).await;
+    owner_tab.recv_until(|v| v["kind"] == "stream_delta").await;
+    remote_tab.send(json!({ "type": "chat.abort", "sessionId": session })).await;
+    let ended = until_complete(&mut owner_tab, &session).await;
+    let complete = ended.last().unwrap();
+    assert_eq!(complete["aborted"], true);
+    let remote_end = until_complete(&mut remote_tab, &session).await;
+    assert_eq!(remote_end.last().unwrap()["seq"], complete["seq"]);
+    // Nothing after the complete.
+    owner_tab.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn session_upserted_reaches_the_owner_on_every_node_and_no_one_else() {
+    let redis = redis_url();
+    let a = cluster_node(&redis, "a3", |_| {}).await;
+    let b = cluster_node(&redis, "b3", |_| {}).await;
+    let user = user();
+    let token = a.token(&user);
+    let session = a.create_session(&token, "script").await;
+    let mut watcher = b.connect(&token).await;
+    let mut stranger = b.connect(&b.token(&common::user())).await;
+    let mut sender = a.connect(&token).await;
+    sender.send_chat(&session, "hi").await;
+    let upserted = watcher.recv_until(|v| v["kind"] == "session_upserted").await.pop().unwrap();
+    assert_eq!(upserted["sessionId"], session.as_str());
+    assert!(upserted["providerSessionId"].as_str().unwrap().starts_with("script-"));
+    stranger.expect_silence(Duration::from_millis(500)).await;
+}
+
+/// Spawns a cluster node as a child process (so it can be killed for real).
+struct ChildNode {
+    child: std::process::Child,
+    base: String,
+    ws: String,
+}
+
+fn spawn_child(redis: &str, node_id: &str, lease: &str) -> ChildNode {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_chatgate"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--node-id", node_id, "--run-lease", lease])
+        .args(["--redis-url", redis, "--database-url", &common::pg_url(), "--jwt-secret", common::SECRET])
+        .args(["--workspaces-root", "/tmp"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    ChildNode { child, base: format!("http://127.0.0.1:{port}"), ws: format!("ws://127.0.0.1:{port}/ws") }
+}
+
+async fn wait_ready(base: &str) {
+    for _ in 0..200 {
+        if let Ok(r) = reqwest::get(format!("{base}/readyz")).await
+            && r.status().is_success()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{base} not ready");
+}
+
+#[tokio::test]
+async fn a_dead_owner_s_run_ends_with_run_owner_lost_within_lease_plus_5s() {
+    let redis = redis_url();
+    let mut owner = spawn_child(&redis, "doomed", "2s");
+    let survivor = spawn_child(&redis, "survivor", "2s");
+    wait_ready(&owner.base).await;
+    wait_ready(&survivor.base).await;
+    let auth = chatgate::auth::Auth::new(common::SECRET.as_bytes());
+    let token = auth.mint(&user(), Duration::from_secs(600)).unwrap();
+    let http = reqwest::Client::new();
+    let created: Value = http
+        .post(format!("{}/api/providers/sessions", survivor.base))
+        .bearer_auth(&token)
+        .json(&json!({ "provider": "script", "projectPath": "/tmp" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let session = created["data"]["sessionId"].as_str().unwrap().to_string();
+    let mut on_owner = Ws::connect(&format!("{}?token={token}", owner.ws)).await;
+    on_owner.send_chat(&session, &paced(100_000, 50)).await;
+    on_owner.recv_until(|v| v["kind"] == "stream_delta").await;
+    let mut watcher = Ws::connect(&format!("{}?token={token}", survivor.ws)).await;
+    watcher.subscribe(&session, 0).await;
+    assert_eq!(watcher.recv_reply().await["isProcessing"], true);
+
+    owner.child.kill().unwrap();
+    let _ = owner.child.wait();
+    let killed_at = std::time::Instant::now();
+    let frames = watcher.recv_until(|v| v["kind"] == "complete").await;
+    let complete = frames.last().unwrap().clone();
+    assert!(killed_at.elapsed() < Duration::from_secs(2 + 5), "took {:?}", killed_at.elapsed());
+    assert_eq!(complete["exitCode"], 1);
+    assert_eq!(complete["success"], false);
+    assert_eq!(complete["error"], "run owner lost");
+    let events: Vec<Value> = frames.into_iter().filter(|v| v.get("seq").is_some()).collect();
+    assert_contiguous(&events, events[0]["seq"].as_u64().unwrap());
+    // Exactly one complete, and the session takes a new run.
+    watcher.expect_silence(Duration::from_millis(500)).await;
+    watcher.send_chat(&session, "after").await;
+    let next = watcher.run_events(&session).await;
+    assert_eq!(next[0]["seq"].as_u64().unwrap(), complete["seq"].as_u64().unwrap() + 1);
+    let mut survivor = survivor;
+    survivor.child.kill().unwrap();
+    let _ = survivor.child.wait();
+}
+
+#[tokio::test]
+async fn redis_down_keeps_sockets_refuses_runs_and_recovers() {
+    let mut redis = PrivateRedis::start();
+    let a = cluster_node(&redis.url(), "ra", |_| {}).await;
+    let b = cluster_node(&redis.url(), "rb", |_| {}).await;
+    let user = user();
+    let token = a.token(&user);
+    let session = a.create_session(&token, "script").await;
+    let mut tab_a = a.connect(&token).await;
+    let mut tab_b = b.connect(&token).await;
+    tab_a.send_chat(&session, "before").await;
+    let first = until_complete(&mut tab_a, &session).await;
+    tab_b.subscribe(&session, 0).await;
+    assert_eq!(tab_b.recv_reply().await["kind"], "chat_subscribed");
+
+    redis.stop();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tab_a.send_chat(&session, "during").await;
+    let refused = tab_a.recv_until(|v| v["kind"] == "protocol_error").await.pop().unwrap();
+    assert_eq!(refused["code"], "BACKEND_UNAVAILABLE");
+    let (status, _) = a.request("GET", "/readyz", &token, None).await;
+    assert_eq!(status, 503);
+
+    redis.restart();
+    let mut ready = false;
+    for _ in 0..100 {
+        if a.request("GET", "/readyz", &token, None).await.0 == 200
+            && b.request("GET", "/readyz", &token, None).await.0 == 200
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "nodes became ready again");
+    // Redis came back empty: the seq never goes back, and the watcher on B still gets live events.
+    tab_a.send_chat(&session, "after restart").await;
+    let after = until_complete(&mut tab_a, &session).await;
+    let last_before = first.last().unwrap()["seq"].as_u64().unwrap();
+    assert!(after[0]["seq"].as_u64().unwrap() > last_before);
+    assert_contiguous(&after, after[0]["seq"].as_u64().unwrap());
+    let watched = tab_b.recv_until(|v| v["kind"] == "complete").await;
+    assert!(watched.iter().any(|v| v["seq"] == after[0]["seq"] || v["kind"] == "chat_subscribed"));
+}
