@@ -83,6 +83,13 @@ fn register_families() {
     describe_counter!("chatgate_frames_received_total", "Inbound text frames");
     describe_histogram!("chatgate_append_seconds", "Latency of one registry append (batch)");
     describe_histogram!("chatgate_run_seconds", "Run duration");
+    describe_histogram!("chatgate_pubsub_lag_seconds", "Age of a live event when its pub/sub message reaches a node");
+    describe_counter!("chatgate_redis_round_trips_total", "Redis commands and scripts sent (cluster mode)");
+    describe_histogram!("chatgate_redis_append_batch_events", "Events per append script call (cluster mode)");
+    describe_counter!("chatgate_redis_fenced_writes_total", "Appends refused because the run lost its lock");
+    describe_counter!("chatgate_redis_probe_failures_total", "Pub/sub probes that went unanswered");
+    describe_counter!("chatgate_redis_pubsub_reconnects_total", "Pub/sub connections re-dialled");
+    describe_counter!("chatgate_runs_reaped_total", "Orphaned runs ended with \"run owner lost\"");
     gauge!("chatgate_connections").set(0.0);
     gauge!("chatgate_subscriptions").set(0.0);
     gauge!("chatgate_runs", "state" => "running").set(0.0);
@@ -165,6 +172,12 @@ impl Node {
                 }
             }
         });
+        if config.redis_url.is_some() && config.database_url.starts_with("sqlite:") {
+            tracing::warn!(
+                "cluster mode with a SQLite --database-url: every node must share one database; use postgres://… \
+                 unless this is the only node"
+            );
+        }
         tracing::info!(%addr, node_id = %node_id, cluster = config.redis_url.is_some(), "chatgate node listening");
         Ok(Node { addr, node_id, gateway, auth, stop_serving, server, drain_grace: config.drain_grace })
     }

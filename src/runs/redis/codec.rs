@@ -55,6 +55,17 @@ impl EventBuilder {
     }
 }
 
+/// How old an event is, by the `timestamp` its owner labelled it with: for a
+/// live message, the time from labelling through append and pub/sub to this node.
+pub fn event_age(frame: &str) -> Option<std::time::Duration> {
+    const KEY: &str = "\"timestamp\":\"";
+    let start = frame.find(KEY)? + KEY.len();
+    let raw = frame.get(start..start + 24)?;
+    let at = time::OffsetDateTime::parse(raw, &time::format_description::well_known::Rfc3339).ok()?;
+    let age = time::OffsetDateTime::now_utc() - at;
+    std::time::Duration::try_from(age).ok()
+}
+
 /// Decodes one live message (a batch) into events.
 pub fn decode_live(payload: &[u8], builder: &mut EventBuilder) -> Result<Vec<Event>, BadReply> {
     let mut events = Vec::new();
@@ -153,6 +164,17 @@ pub fn int(value: Value) -> Result<u64, BadReply> {
 /// A list of strings (e.g. request ids).
 pub fn texts(value: Value) -> Result<Vec<String>, BadReply> {
     array(value)?.into_iter().map(text).collect()
+}
+
+#[cfg(test)]
+mod age_tests {
+    #[test]
+    fn event_age_reads_the_owner_timestamp() {
+        let frame = format!(r#"{{"kind":"text","timestamp":"{}","seq":1}}"#, crate::protocol::now_iso());
+        let age = super::event_age(&frame).unwrap();
+        assert!(age < std::time::Duration::from_secs(5));
+        assert!(super::event_age(r#"{"kind":"text"}"#).is_none());
+    }
 }
 
 #[cfg(test)]

@@ -109,7 +109,12 @@ impl Node {
         let mut sessions = lock(&self.sessions);
         let Some(session) = sessions.get_mut(session_id) else { return };
         match codec::decode_live(payload, &mut session.builder) {
-            Ok(events) => session.dispatch(events),
+            Ok(events) => {
+                if let Some(age) = events.first().and_then(|e| codec::event_age(&e.frame)) {
+                    metrics::histogram!("chatgate_pubsub_lag_seconds").record(age.as_secs_f64());
+                }
+                session.dispatch(events)
+            }
             Err(e) => tracing::warn!(session_id, error = %e, "dropped a malformed live message"),
         }
     }
