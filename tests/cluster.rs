@@ -230,6 +230,40 @@ async fn a_dead_owner_s_run_ends_with_run_owner_lost_within_lease_plus_5s() {
     assert_contiguous(&events, events[0]["seq"].as_u64().unwrap());
     // Exactly one complete, and the session takes a new run.
     watcher.expect_silence(Duration::from_millis(500)).await;
+    // The reaper copied the tail the dead owner had not written: history ends with the
+    // terminal complete, and the streamed deltas are there as one merged text.
+    let complete_seq = complete["seq"].as_u64().unwrap();
+    let mut history = Value::Null;
+    for _ in 0..50 {
+        history = http
+            .get(format!("{}/api/providers/sessions/{session}/messages", survivor.base))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if history["data"]["messages"].as_array().unwrap().last().is_some_and(|m| m["seq"] == complete_seq) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let messages = history["data"]["messages"].as_array().unwrap();
+    let last = messages.last().unwrap();
+    assert_eq!(last["kind"], "complete", "{history}");
+    assert_eq!(last["error"], "run owner lost");
+    let merged: String = messages
+        .iter()
+        .filter(|m| m["kind"] == "text" && m["role"] == "assistant")
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    let streamed: String = events
+        .iter()
+        .filter(|e| e["kind"] == "stream_delta")
+        .map(|e| e["content"].as_str().unwrap())
+        .collect();
+    assert!(merged.ends_with(&streamed), "history lacks streamed deltas: {merged:?} vs {streamed:?}");
     watcher.send_chat(&session, "after").await;
     let next = watcher.run_events(&session).await;
     assert_eq!(next[0]["seq"].as_u64().unwrap(), complete["seq"].as_u64().unwrap() + 1);

@@ -8,7 +8,9 @@
 mod connection;
 mod history;
 pub mod options;
+mod orphans;
 mod run;
+mod transcript;
 mod verbs;
 
 pub mod outbox;
@@ -66,6 +68,9 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(settings: GatewaySettings, store: Store, registry: SharedRegistry, runtimes: Runtimes) -> Arc<Self> {
         let history = HistoryWriter::spawn(store.clone());
+        if let Some(notices) = registry.take_orphans() {
+            orphans::spawn(registry.clone(), history.clone(), notices);
+        }
         Arc::new(Gateway {
             settings,
             store,

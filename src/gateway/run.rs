@@ -18,7 +18,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::Gateway;
+use super::{
+    Gateway,
+    transcript::{Labels, Transcript, object},
+};
 use crate::{
     protocol::{EventBody, PermissionAnswer, now_iso, session_upserted},
     runs::{Control, Event, RegistryError, RunGrant, RunLease},
@@ -84,10 +87,9 @@ struct Driver {
     lease: RunLease,
     session: SessionRow,
     user_id: String,
-    prompt: Option<String>,
+    labels: Labels,
+    transcript: Transcript,
     pending: HashMap<String, oneshot::Sender<PermissionAnswer>>,
-    /// Text of the `stream_delta`s since the last `stream_end`, and the last one's seq.
-    streamed: Option<(String, u64)>,
     last_renewal: Instant,
     plan: Option<(RunRequest, Arc<dyn Runtime>, mpsc::Receiver<Control>)>,
 }
@@ -95,14 +97,19 @@ struct Driver {
 impl Driver {
     fn new(gateway: Arc<Gateway>, plan: RunPlan) -> Self {
         let RunGrant { lease, control } = plan.grant;
+        let labels = Labels {
+            session_id: plan.session.session_id.clone(),
+            provider: plan.session.provider.clone(),
+            run_id: lease.run_id.clone(),
+        };
         Driver {
             gateway,
             lease,
-            prompt: Some(plan.request.content.clone()),
+            transcript: Transcript::new(labels.clone(), Some(plan.request.content.clone())),
+            labels,
             session: plan.session,
             user_id: plan.user_id,
             pending: HashMap::new(),
-            streamed: None,
             last_renewal: Instant::now(),
             plan: Some((plan.request, plan.runtime, control)),
         }
@@ -366,72 +373,21 @@ impl Driver {
     }
 
     async fn flush_streamed(&mut self, rows: &mut Vec<HistoryRow>) {
-        if let Some(row) = self.streamed_row(None) {
-            rows.push(row);
-        }
+        self.transcript.flush(rows);
         self.gateway.history.write(std::mem::take(rows)).await;
     }
 
     /// Adds the run's labels to a runtime event.
     fn label(&self, fields: Map<String, Value>) -> EventBody {
-        let kind = fields.get("kind").and_then(Value::as_str).unwrap_or("text").to_string();
-        let mut event = Map::new();
-        event.insert("id".into(), Value::String(format!("{kind}_{}", uuid::Uuid::new_v4())));
-        event.insert("timestamp".into(), Value::String(now_iso()));
-        for (key, value) in fields {
-            if !matches!(key.as_str(), "sessionId" | "provider" | "runId" | "seq") {
-                event.insert(key, value);
-            }
-        }
-        event.insert("kind".into(), Value::String(kind.clone()));
-        event.insert("sessionId".into(), Value::String(self.session.session_id.clone()));
-        event.insert("provider".into(), Value::String(self.session.provider.clone()));
-        event.insert("runId".into(), Value::String(self.lease.run_id.clone()));
-        EventBody { kind, json: Value::Object(event).to_string() }
+        self.labels.label(fields)
     }
 
-    /// History rows of appended events: the prompt before the first one,
-    /// `stream_delta`s merged into one assistant `text` at their `stream_end`.
+    /// History rows of appended events.
     fn history_rows(&mut self, bodies: &[EventBody], events: &[Event], deltas: Vec<Option<String>>) -> Vec<HistoryRow> {
         let mut rows = Vec::new();
         for ((body, event), delta) in bodies.iter().zip(events).zip(deltas) {
-            if let Some(prompt) = self.prompt.take() {
-                let fields = json!({ "kind": "text", "role": "user", "content": prompt });
-                let labelled = self.label(object(fields));
-                rows.push(self.row(event.seq, 0, labelled));
-            }
-            match (body.kind.as_str(), delta) {
-                ("stream_delta", Some(text)) => {
-                    let merged = self.streamed.get_or_insert_with(|| (String::new(), event.seq));
-                    merged.0.push_str(&text);
-                    merged.1 = event.seq;
-                }
-                ("stream_end", _) => rows.extend(self.streamed_row(Some(event.seq))),
-                _ => {
-                    rows.extend(self.streamed_row(None));
-                    rows.push(self.row(event.seq, 1, body.clone()));
-                }
-            }
+            self.transcript.record(body, event.seq, delta, &mut rows);
         }
         rows
-    }
-
-    /// The merged text of pending deltas, stored at `seq` (default: the last delta's).
-    fn streamed_row(&mut self, seq: Option<u64>) -> Option<HistoryRow> {
-        let (text, last) = self.streamed.take()?;
-        let fields = json!({ "kind": "text", "role": "assistant", "content": text });
-        let body = self.label(object(fields));
-        Some(self.row(seq.unwrap_or(last), 1, body))
-    }
-
-    fn row(&self, seq: u64, part: u8, body: EventBody) -> HistoryRow {
-        HistoryRow { session_id: self.session.session_id.clone(), seq, part, kind: body.kind, body: body.json }
-    }
-}
-
-fn object(value: Value) -> Map<String, Value> {
-    match value {
-        Value::Object(map) => map,
-        _ => Map::new(),
     }
 }

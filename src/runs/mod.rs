@@ -112,6 +112,21 @@ pub struct ReplayRange {
     pub complete: bool,
 }
 
+/// A run this node ended because its owner was lost: its events may be missing
+/// from SQL, since the owner wrote history as it streamed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrphanedRun {
+    pub session_id: String,
+    pub run_id: String,
+    /// Seq of the run's first event.
+    pub first_seq: u64,
+    /// Seq of the terminal `complete` the reaper appended.
+    pub complete_seq: u64,
+}
+
+/// Capacity of the orphaned-run notices queue.
+pub const ORPHAN_CAPACITY: usize = 256;
+
 /// Registry failures.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RegistryError {
@@ -178,6 +193,12 @@ pub trait RunRegistry: Send + Sync + 'static {
 
     /// `Err(reason)` when the registry cannot serve (for `/readyz`).
     async fn ready(&self) -> Result<(), String>;
+
+    /// Notices of runs this node ended for a lost owner (taken once, by the
+    /// gateway, which copies their events to SQL). `None`: runs are never orphaned.
+    fn take_orphans(&self) -> Option<mpsc::Receiver<OrphanedRun>> {
+        None
+    }
 }
 
 /// The registry as the gateway holds it.

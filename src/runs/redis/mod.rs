@@ -81,6 +81,7 @@ const POOL_SIZE: usize = 8;
 #[derive(Clone)]
 pub struct RedisRegistry {
     node: Arc<Node>,
+    orphans: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<crate::runs::OrphanedRun>>>>,
     _tasks: Arc<DropGuard>,
 }
 
@@ -106,6 +107,7 @@ impl RedisRegistry {
         let node_channel = keys::node_channel(node_id);
         let probe_channel = keys::probe_channel(node_id, &instance);
         let hub = Hub::new(client, &[node_channel.clone(), probe_channel.clone()]);
+        let (orphans, orphans_rx) = tokio::sync::mpsc::channel(crate::runs::ORPHAN_CAPACITY);
         let node = Arc::new(Node {
             id: node_id.to_string(),
             opts,
@@ -119,6 +121,7 @@ impl RedisRegistry {
             users: Default::default(),
             runs: Default::default(),
             probe: Probe { echo: watch::channel(0).0, status: std::sync::Mutex::new(Ok(())) },
+            orphans,
         });
         let mut conn = node.conn().await.map_err(RegistryError::from)?;
         let _: String = ::redis::cmd("PING").query_async(&mut conn).await.map_err(|e| unavailable("Redis PING", &e))?;
@@ -129,7 +132,11 @@ impl RedisRegistry {
         tokio::spawn(tasks::dispatch(node.clone(), stream, redial.clone(), cancel.clone()));
         tokio::spawn(tasks::probe(node.clone(), redial, cancel.clone()));
         tokio::spawn(tasks::sweep(node.clone(), cancel.clone()));
-        Ok(RedisRegistry { node, _tasks: Arc::new(cancel.drop_guard()) })
+        Ok(RedisRegistry {
+            node,
+            orphans: Arc::new(std::sync::Mutex::new(Some(orphans_rx))),
+            _tasks: Arc::new(cancel.drop_guard()),
+        })
     }
 
     /// This node's id.
@@ -217,6 +224,10 @@ impl RunRegistry for RedisRegistry {
 
     async fn ready(&self) -> Result<(), String> {
         self.check_ready().await
+    }
+
+    fn take_orphans(&self) -> Option<tokio::sync::mpsc::Receiver<crate::runs::OrphanedRun>> {
+        self.orphans.lock().ok()?.take()
     }
 }
 

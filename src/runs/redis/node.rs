@@ -158,6 +158,8 @@ pub struct Node {
     pub users: Mutex<HashMap<String, UserNotices>>,
     pub runs: Mutex<HashMap<RunKey, LocalRun>>,
     pub probe: Probe,
+    /// Runs this node reaped, for the gateway's history copy.
+    pub orphans: tokio::sync::mpsc::Sender<crate::runs::OrphanedRun>,
 }
 
 /// Locks a map; a poisoned lock (a panic elsewhere) still holds consistent data here.
@@ -264,6 +266,19 @@ impl Node {
         self.opts.max_events.max(1)
     }
 
+    /// Queues an orphaned-run notice for the gateway (dropped, and logged, when full).
+    pub fn notify_orphan(&self, session_id: &str, run_id: &str, first_seq: u64, complete_seq: u64) {
+        let notice = crate::runs::OrphanedRun {
+            session_id: session_id.to_string(),
+            run_id: run_id.to_string(),
+            first_seq,
+            complete_seq,
+        };
+        if self.orphans.try_send(notice).is_err() {
+            tracing::warn!(session_id, run_id, "orphaned-run notice dropped; its history may lack the run's tail");
+        }
+    }
+
     /// Ends the session's orphaned run (lock gone, owner record left), or with
     /// `lost` = (run id, provider) a run Redis lost altogether. Exactly one
     /// caller across the cluster ends a given run.
@@ -296,12 +311,15 @@ impl Node {
             "NONE" => Ok(Reaped::None),
             "REAPED" => {
                 let owner_json = codec::text(items.next().unwrap_or(Value::Nil))?;
-                let _first = codec::int(items.next().unwrap_or(Value::Nil))?;
+                let first = codec::int(items.next().unwrap_or(Value::Nil))?;
                 let pending = codec::texts(items.next().unwrap_or(Value::Nil))?;
                 let owner = if owner_json.is_empty() { None } else { Some(OwnerRecord::parse(&owner_json)?) };
                 let run_id = owner.as_ref().map(|o| o.run_id.as_str()).unwrap_or(expected);
                 tracing::warn!(session_id, run_id, "ended a run whose owner was lost");
                 metrics::counter!("chatgate_runs_reaped_total").increment(1);
+                let complete_seq = first;
+                let first_seq = owner.as_ref().map(|o| o.first_seq).unwrap_or(complete_seq);
+                self.notify_orphan(session_id, run_id, first_seq, complete_seq);
                 self.forget_run(session_id, run_id, owner.as_ref().map(|o| o.user_id.as_str()), &pending).await;
                 Ok(Reaped::Ended)
             }

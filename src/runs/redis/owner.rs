@@ -104,6 +104,9 @@ impl RedisRegistry {
         {
             tracing::warn!(session_id, run_id = orphan.run_id, "ended a run whose owner was lost");
             metrics::counter!("chatgate_runs_reaped_total").increment(1);
+            // The orphan's complete took the seq just before this run's first.
+            let complete_seq = owner.first_seq.saturating_sub(1);
+            node.notify_orphan(session_id, &orphan.run_id, orphan.first_seq, complete_seq);
             node.forget_run(session_id, &orphan.run_id, Some(&orphan.user_id), &reaped_pending).await;
         }
         node.index_run(session_id, &start.run_id, &start.user_id).await;
