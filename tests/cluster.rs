@@ -258,11 +258,8 @@ async fn a_dead_owner_s_run_ends_with_run_owner_lost_within_lease_plus_5s() {
         .filter(|m| m["kind"] == "text" && m["role"] == "assistant")
         .map(|m| m["content"].as_str().unwrap())
         .collect();
-    let streamed: String = events
-        .iter()
-        .filter(|e| e["kind"] == "stream_delta")
-        .map(|e| e["content"].as_str().unwrap())
-        .collect();
+    let streamed: String =
+        events.iter().filter(|e| e["kind"] == "stream_delta").map(|e| e["content"].as_str().unwrap()).collect();
     assert!(merged.ends_with(&streamed), "history lacks streamed deltas: {merged:?} vs {streamed:?}");
     watcher.send_chat(&session, "after").await;
     let next = watcher.run_events(&session).await;

@@ -29,7 +29,7 @@ use super::{ApiError, AppState, auth::request_token};
 use crate::{
     auth::Identity,
     gateway::{CloseReason, Connection, Outbox},
-    protocol::{ErrorCode, Frame, protocol_error},
+    protocol::{ErrorCode, Frame, connected, protocol_error},
 };
 
 /// Frames the writer sends per flush, at most.
@@ -86,6 +86,7 @@ async fn serve(socket: WebSocket, state: AppState, identity: Identity, origin_re
     let gateway = state.gateway.clone();
     let outbox = Arc::new(Outbox::new(state.settings.send_queue_bytes));
     let conn = Arc::new(Connection::new(identity.user_id.clone(), outbox.clone()));
+    outbox.push(connected(&gateway.settings.node_id));
     let missed_pongs = Arc::new(AtomicU32::new(0));
     let writer_done = CancellationToken::new();
     let writer = tokio::spawn(write_loop(

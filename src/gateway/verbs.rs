@@ -5,6 +5,7 @@
 use std::{path::PathBuf, sync::Arc};
 
 use serde_json::{Map, Value};
+use tracing::Instrument;
 
 use super::{Connection, Gateway, options::validate_options, run::RunPlan, valid_session_id};
 use crate::{
@@ -17,7 +18,22 @@ use crate::{
 impl Gateway {
     /// Handles one inbound text frame; a rejection is answered as `protocol_error`.
     pub async fn dispatch(self: &Arc<Self>, conn: &Arc<Connection>, text: &str) {
-        let result = match parse_inbound(text) {
+        let parsed = parse_inbound(text);
+        let span = match &parsed {
+            Ok(Inbound::Send { session_id, .. }) => tracing::debug_span!("chat.send", session_id = %session_id),
+            Ok(Inbound::Abort { session_id }) => tracing::debug_span!("chat.abort", session_id = %session_id),
+            Ok(Inbound::Subscribe { targets }) => tracing::debug_span!("chat.subscribe", targets = targets.len()),
+            Ok(Inbound::Unsubscribe { .. }) => tracing::debug_span!("chat.unsubscribe"),
+            Ok(Inbound::PermissionResponse { request_id, .. }) => {
+                tracing::debug_span!("chat.permission-response", request_id = request_id.as_deref().unwrap_or(""))
+            }
+            Err(_) => tracing::debug_span!("invalid frame"),
+        };
+        self.dispatch_parsed(conn, parsed).instrument(span).await;
+    }
+
+    async fn dispatch_parsed(self: &Arc<Self>, conn: &Arc<Connection>, parsed: Result<Inbound, ProtocolError>) {
+        let result = match parsed {
             Ok(Inbound::Send { session_id, content, options }) => {
                 self.chat_send(conn, &session_id, content, &options).await
             }

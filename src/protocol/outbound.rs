@@ -149,6 +149,11 @@ pub fn chat_subscribed(
     )
 }
 
+/// `connected` frame (addition): the first frame of every socket, naming the node serving it.
+pub fn connected(node_id: &str) -> Frame {
+    Frame::from(json!({ "kind": "connected", "nodeId": node_id, "timestamp": now_iso() }).to_string())
+}
+
 /// `session_upserted` frame, sent to the owning user's sockets only.
 pub fn session_upserted(session_id: &str, provider: &str, provider_session_id: Option<&str>, session: &Value) -> Frame {
     Frame::from(

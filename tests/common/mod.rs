@@ -231,15 +231,22 @@ impl TestNode {
 /// A WebSocket test client.
 pub struct Ws {
     pub stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// The node serving this socket (from its `connected` frame).
+    pub node_id: String,
 }
 
 /// How long a test waits for one frame.
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Ws {
+    /// Connects and reads the `connected {nodeId}` frame every socket opens with.
     pub async fn connect(url: &str) -> Ws {
         let (stream, _) = tokio_tungstenite::connect_async(url).await.expect("websocket connects");
-        Ws { stream }
+        let mut ws = Ws { stream, node_id: String::new() };
+        let hello = ws.recv().await;
+        assert_eq!(hello["kind"], "connected", "first frame: {hello}");
+        ws.node_id = hello["nodeId"].as_str().unwrap_or_default().to_string();
+        ws
     }
 
     pub async fn try_connect(url: &str, headers: &[(&str, &str)]) -> Result<Ws, tungstenite::Error> {
@@ -251,7 +258,7 @@ impl Ws {
             );
         }
         let (stream, _) = tokio_tungstenite::connect_async(request).await?;
-        Ok(Ws { stream })
+        Ok(Ws { stream, node_id: String::new() })
     }
 
     /// Waits for the socket to close; the close code (`None`: no close frame). Panics on timeout.

@@ -131,7 +131,12 @@ pub async fn connect(node: &Node, token: &str, source: Option<IpAddr>) -> anyhow
     let stream = socket.connect(node.addr).await?;
     stream.set_nodelay(true)?;
     let url = format!("ws://{}/ws?token={token}", node.addr);
-    let (ws, _) = tokio_tungstenite::client_async(url, stream).await?;
+    let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await?;
+    // Every socket opens with `connected {nodeId}`.
+    let hello = recv(&mut ws, Duration::from_secs(10)).await?;
+    if hello["kind"] != "connected" {
+        bail!("expected the connected frame, got {hello}");
+    }
     Ok(ws)
 }
 
