@@ -216,11 +216,12 @@ fn the_client_side_checker_rejects_duplicates_and_unannounced_gaps() {
 
 /// Runs, each with 3 hops; events per run (plus `stream_end` and `complete`).
 const HOP_RUNS: u64 = 20;
-const HOP_EVENTS: u64 = 36;
+const HOP_EVENTS: u64 = 56;
 const HOP_INTERVAL_MS: u64 = 8;
 /// Hops happen once the tab saw at most this many of the run's events, so at
-/// least 16 events (about 130 ms) remain for the reconnect: the run is still
-/// going when the tab comes back (an ended run is history, not replay).
+/// least 38 events (about 300 ms) remain: the run is still going when the tab
+/// comes back (an ended run is history, not replay) even when the tab reads
+/// late on a loaded machine. A reconnect itself takes about 10-30 ms here.
 const HOP_LATEST: u64 = 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,7 +290,7 @@ async fn two_nodes_racing_chat_send_start_exactly_one_run_each_round() {
         tab.pump_until(|t| t.view(&session).acks.len() == 1).await;
     }
     // Two events 50 ms apart: the run outlasts the loser's trip to Redis by far,
-    // so a second winner would be a second run at once, not one after the other.
+    // so two winners in a round would mean two runs of the session at once.
     let script = paced(2, 50);
     let mut wins = [0usize; 2];
     for round in 0..ROUNDS {
@@ -647,4 +648,28 @@ async fn a_fenced_owner_appends_nothing_more_and_a_sweeper_ends_its_run() {
         assert_eq!(next[0]["seq"].as_u64(), Some(top + 1), "{}", tab.name);
         assert_eq!(next.last().unwrap()["exitCode"], 0, "{}", tab.name);
     }
+}
+
+/// design.md "Ownership, leases and failure": the node that ends an orphaned
+/// run copies what the owner had not written to SQL, so history stays whole
+/// and ends, like the live stream, with the run's one `complete`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reaped_run_s_terminal_complete_is_kept_in_history() {
+    let redis = redis_url();
+    let lease = |c: &mut Config| c.run_lease = Duration::from_millis(1500);
+    let a = cluster_node(&redis, &unique("orphaned"), lease).await;
+    let b = cluster_node(&redis, &unique("reaper"), lease).await;
+    let token = a.token(&user());
+    let session = a.create_session(&token, "script").await;
+    let mut owner = Tab::new("tab on the owner", a.connect(&token).await);
+    owner.follow(&session, 0);
+    owner.ws.send_chat(&session, &paced(500, 20)).await;
+    owner.pump_until(|t| t.view(&session).last >= 5).await;
+    let mut conn = redis::Client::open(redis.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = conn.del(keys::run(&session)).await.unwrap();
+    owner.pump_until(|t| !t.view(&session).completes.is_empty()).await;
+    let complete = owner.view(&session).completes[0].clone();
+    assert_eq!(complete["error"], "run owner lost", "{complete}");
+    let history = b.history_complete(&token, &session, complete["seq"].as_u64()).await;
+    assert_eq!(history.last().unwrap()["error"], "run owner lost");
 }
