@@ -551,3 +551,74 @@ pub fn rss_kib() -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
+
+/// A cluster node run as a child process of the real binary (so it can get
+/// real signals: SIGTERM, SIGKILL). Killed on drop if still running.
+pub struct NodeProcess {
+    pub child: std::process::Child,
+    pub base: String,
+    pub ws_url: String,
+}
+
+impl NodeProcess {
+    /// Starts `chatgate serve` on a free port against `redis` and the test
+    /// PostgreSQL, with `extra` flags appended (e.g. `--drain-grace 2s`).
+    pub fn spawn(redis: &str, node_id: &str, workspaces: &std::path::Path, extra: &[&str]) -> NodeProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_chatgate"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--node-id", node_id])
+            .args(["--redis-url", redis, "--database-url", &pg_url(), "--jwt-secret", SECRET])
+            .arg("--workspaces-root")
+            .arg(workspaces)
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("chatgate binary starts");
+        NodeProcess { child, base: format!("http://127.0.0.1:{port}"), ws_url: format!("ws://127.0.0.1:{port}/ws") }
+    }
+
+    /// Waits until `/readyz` answers 200; panics after 10 s.
+    pub async fn wait_ready(&self) {
+        for _ in 0..200 {
+            if let Ok(r) = reqwest::get(format!("{}/readyz", self.base)).await
+                && r.status().is_success()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{} not ready", self.base);
+    }
+
+    pub async fn connect(&self, token: &str) -> Ws {
+        Ws::connect(&format!("{}?token={token}", self.ws_url)).await
+    }
+
+    /// Sends SIGTERM (the drain signal).
+    pub fn sigterm(&self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    }
+
+    /// The exit status once the process ended; panics after `wait`.
+    pub async fn exited(&mut self, wait: Duration) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "process still running after {wait:?}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

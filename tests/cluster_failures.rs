@@ -1,0 +1,675 @@
+//! Cluster failures end to end (issue 3, "Tests that must exist"): a tab
+//! hopping over three nodes mid-run, two nodes racing `chat.send`, Redis
+//! restarted mid-run, SIGTERM of a node that has sockets and runs, expiry of
+//! finished runs' Redis keys, and an owner fenced behind its back.
+//!
+//! Every client is checked the way a browser tab relies on the stream
+//! ([`View`]): each seq once and in order, a jump ahead only when the server
+//! announced it with `replayTruncated: true`, no event id twice, and exactly
+//! one `complete` per run.
+
+mod common;
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, Instant},
+};
+
+use chatgate::{config::Config, runs::redis::keys};
+use common::{NodeProcess, PrivateRedis, TestNode, Ws, cluster_node, mint, redis_url, seqs, user};
+use rand::{RngExt, SeedableRng, rngs::StdRng};
+use redis::AsyncCommands;
+use serde_json::{Value, json};
+
+fn paced(events: u64, interval_ms: u64) -> String {
+    json!({ "events": events, "intervalMs": interval_ms }).to_string()
+}
+
+/// A node id no other test (or earlier run on the shared Redis) uses.
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// `CHATGATE_TEST_SEED` to replay a failure, else a fresh random seed (printed).
+fn seed() -> u64 {
+    let seed = std::env::var("CHATGATE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random::<u64>());
+    eprintln!("seed {seed} (set CHATGATE_TEST_SEED={seed} to replay)");
+    seed
+}
+
+/// What one client saw of one session, checked frame by frame.
+struct View {
+    who: String,
+    /// The last seq delivered (or the cursor the view started from).
+    last: u64,
+    /// A `chat_subscribed` with `replayTruncated: true` came since the last event.
+    gap_announced: bool,
+    ids: HashSet<String>,
+    events: Vec<Value>,
+    acks: Vec<Value>,
+    completes: Vec<Value>,
+    /// Announced jumps taken.
+    gaps: usize,
+}
+
+impl View {
+    fn new(who: &str, last: u64) -> View {
+        View {
+            who: who.to_string(),
+            last,
+            gap_announced: false,
+            ids: HashSet::new(),
+            events: Vec::new(),
+            acks: Vec::new(),
+            completes: Vec::new(),
+            gaps: 0,
+        }
+    }
+
+    /// Takes one frame; panics on a broken promise (see [`View::check`]).
+    #[track_caller]
+    fn observe(&mut self, frame: &Value) {
+        if let Err(broken) = self.check(frame) {
+            panic!("{broken}");
+        }
+    }
+
+    /// Takes one frame: `Err` on a duplicate or out-of-order seq, a jump
+    /// ahead not announced by `replayTruncated`, or an event id seen before.
+    fn check(&mut self, frame: &Value) -> Result<(), String> {
+        let who = &self.who;
+        if frame["kind"] == "chat_subscribed" {
+            if frame["replayTruncated"] == true {
+                self.gap_announced = true;
+            }
+            self.acks.push(frame.clone());
+            return Ok(());
+        }
+        let Some(seq) = frame["seq"].as_u64() else { return Ok(()) };
+        let last = self.last;
+        if seq <= last {
+            return Err(format!("{who}: seq {seq} after {last} (duplicate or out of order): {frame}"));
+        }
+        if seq != last + 1 {
+            if !self.gap_announced {
+                return Err(format!("{who}: jumped from {last} to {seq} without replayTruncated: {frame}"));
+            }
+            self.gaps += 1;
+        }
+        let id = frame["id"].as_str().unwrap_or_default().to_string();
+        if id.is_empty() || !self.ids.insert(id) {
+            return Err(format!("{who}: event id delivered twice (seq {seq}): {frame}"));
+        }
+        self.gap_announced = false;
+        self.last = seq;
+        if frame["kind"] == "complete" {
+            self.completes.push(frame.clone());
+        }
+        self.events.push(frame.clone());
+        Ok(())
+    }
+
+    /// The events after `seq`.
+    fn after(&self, seq: u64) -> Vec<Value> {
+        self.events.iter().filter(|e| e["seq"].as_u64().is_some_and(|s| s > seq)).cloned().collect()
+    }
+}
+
+/// A browser tab: one socket at a time, and its views of the sessions it follows.
+struct Tab {
+    name: String,
+    ws: Ws,
+    views: HashMap<String, View>,
+    errors: Vec<Value>,
+}
+
+impl Tab {
+    fn new(name: &str, ws: Ws) -> Tab {
+        Tab { name: name.to_string(), ws, views: HashMap::new(), errors: Vec::new() }
+    }
+
+    /// Starts checking `session` from after `last`.
+    fn follow(&mut self, session: &str, last: u64) {
+        let who = format!("{} / {session}", self.name);
+        self.views.insert(session.to_string(), View::new(&who, last));
+    }
+
+    fn view(&self, session: &str) -> &View {
+        &self.views[session]
+    }
+
+    fn observe(&mut self, frame: &Value) {
+        if frame["kind"] == "protocol_error" {
+            self.errors.push(frame.clone());
+            return;
+        }
+        if let Some(view) = frame["sessionId"].as_str().and_then(|s| self.views.get_mut(s)) {
+            view.observe(frame);
+        }
+    }
+
+    /// Reads frames until `done`; panics when nothing comes for 10 s or the socket closes.
+    async fn pump_until(&mut self, done: impl Fn(&Tab) -> bool) {
+        while !done(self) {
+            let frame = self.ws.recv().await;
+            self.observe(&frame);
+        }
+    }
+
+    /// Reads frames until the server closes the socket; its close code.
+    async fn until_closed(&mut self, wait: Duration) -> Option<u16> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.ws.try_recv(left).await {
+                Some(Ok(frame)) => self.observe(&frame),
+                Some(Err(code)) => return code,
+                None => panic!("{}: socket still open after {wait:?}", self.name),
+            }
+        }
+    }
+
+    /// Subscribes every followed session from its last seq.
+    async fn subscribe_all(&mut self) {
+        let sessions: Vec<Value> =
+            self.views.iter().map(|(id, v)| json!({ "sessionId": id, "lastSeq": v.last })).collect();
+        self.ws.send(json!({ "type": "chat.subscribe", "sessions": sessions })).await;
+    }
+
+    /// Closes the socket (if still open), moves to `ws` and resumes every
+    /// followed session by its last seq; returns once every ack arrived.
+    async fn hop(&mut self, ws: Ws) {
+        let _ = self.ws.stream.close(None).await;
+        self.ws = ws;
+        let before: HashMap<String, usize> = self.views.iter().map(|(id, v)| (id.clone(), v.acks.len())).collect();
+        self.subscribe_all().await;
+        self.pump_until(|t| t.views.iter().all(|(id, v)| v.acks.len() > before[id])).await;
+    }
+
+    /// The ack of `session` received last.
+    fn last_ack(&self, session: &str) -> &Value {
+        self.view(session).acks.last().expect("an ack")
+    }
+}
+
+/// The checker itself: these tests are only as strict as [`View`].
+#[test]
+fn the_client_side_checker_rejects_duplicates_and_unannounced_gaps() {
+    let event = |seq: u64, id: &str| json!({ "kind": "stream_delta", "seq": seq, "id": id });
+    let truncated = json!({ "kind": "chat_subscribed", "replayTruncated": true });
+    let fails = |frames: Vec<Value>| {
+        let mut view = View::new("check", 0);
+        frames.iter().any(|frame| view.check(frame).is_err())
+    };
+    assert!(!fails(vec![event(1, "a"), event(2, "b"), truncated.clone(), event(9, "c")]));
+    assert!(fails(vec![event(1, "a"), event(1, "b")]), "duplicate seq");
+    assert!(fails(vec![event(2, "a"), event(1, "b")]), "out of order");
+    assert!(fails(vec![event(1, "a"), event(3, "b")]), "unannounced gap");
+    assert!(fails(vec![truncated.clone(), event(3, "a"), event(5, "b")]), "one announcement covers one gap");
+    assert!(fails(vec![event(1, "a"), truncated, event(7, "a")]), "the same event twice under two seqs");
+}
+
+// ------------------------------------------------------------ hopping tab
+
+/// Runs, each with 3 hops; events per run (plus `stream_end` and `complete`).
+const HOP_RUNS: u64 = 20;
+const HOP_EVENTS: u64 = 56;
+const HOP_INTERVAL_MS: u64 = 8;
+/// Hops happen once the tab saw at most this many of the run's events, so at
+/// least 38 events (about 300 ms) remain: the run is still going when the tab
+/// comes back (an ended run is history, not replay) even when the tab reads
+/// late on a loaded machine. A reconnect itself takes about 10-30 ms here.
+const HOP_LATEST: u64 = 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tab_hopping_a_b_c_mid_run_sees_every_seq_once_and_one_complete() {
+    let redis = redis_url();
+    let nodes = [
+        cluster_node(&redis, &unique("hop-a"), |_| {}).await,
+        cluster_node(&redis, &unique("hop-b"), |_| {}).await,
+        cluster_node(&redis, &unique("hop-c"), |_| {}).await,
+    ];
+    let token = nodes[0].token(&user());
+    let session = nodes[0].create_session(&token, "script").await;
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut first = 1;
+    for run in 0..HOP_RUNS {
+        let start = (run % 3) as usize;
+        let mut hops: Vec<u64> = (0..3).map(|_| rng.random_range(1..=HOP_LATEST)).collect();
+        hops.sort_unstable();
+        let ctx = format!("seed {seed}, run {run} sent on node {start}, hops after events {hops:?}");
+        let mut tab = Tab::new(&format!("hopping tab ({ctx})"), nodes[start].connect(&token).await);
+        tab.follow(&session, first - 1);
+        tab.ws.send_chat(&session, &paced(HOP_EVENTS, HOP_INTERVAL_MS)).await;
+        for (i, hop) in hops.iter().enumerate() {
+            let seen = first - 1 + hop;
+            tab.pump_until(|t| t.view(&session).last >= seen).await;
+            let run_id = tab.view(&session).events[0]["runId"].clone();
+            let last = tab.view(&session).last;
+            tab.hop(nodes[(start + i + 1) % 3].connect(&token).await).await;
+            let ack = tab.last_ack(&session);
+            assert_eq!(ack["isProcessing"], true, "{ctx}: the run ended before the tab was back: {ack}");
+            assert_eq!(ack["replayTruncated"], false, "{ctx}: {ack}");
+            assert_eq!(ack["runId"], run_id, "{ctx}: {ack}");
+            assert!(ack["lastSeq"].as_u64().unwrap() >= last, "{ctx}: ack behind the tab's cursor {last}: {ack}");
+        }
+        tab.pump_until(|t| !t.view(&session).completes.is_empty()).await;
+        tab.ws.expect_silence(Duration::from_millis(50)).await;
+        let view = tab.view(&session);
+        assert!(tab.errors.is_empty(), "{ctx}: {:?}", tab.errors);
+        assert_eq!(view.gaps, 0, "{ctx}");
+        assert_eq!(view.completes.len(), 1, "{ctx}");
+        assert_eq!(view.events.len() as u64, HOP_EVENTS + 2, "{ctx}: {:?}", seqs(&view.events));
+        let complete = view.events.last().unwrap();
+        assert_eq!(complete["kind"], "complete", "{ctx}");
+        assert_eq!(complete["exitCode"], 0, "{ctx}: {complete}");
+        assert!(view.events.iter().all(|e| e["runId"] == complete["runId"]), "{ctx}: events of another run");
+        first = view.last + 1;
+    }
+}
+
+// ------------------------------------------------------------ racing sends
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_racing_chat_send_start_exactly_one_run_each_round() {
+    const ROUNDS: usize = 100;
+    let redis = redis_url();
+    let a = cluster_node(&redis, &unique("race-a"), |_| {}).await;
+    let b = cluster_node(&redis, &unique("race-b"), |_| {}).await;
+    let token = a.token(&user());
+    let session = a.create_session(&token, "script").await;
+    let mut on_a = Tab::new("tab on A", a.connect(&token).await);
+    let mut on_b = Tab::new("tab on B", b.connect(&token).await);
+    for tab in [&mut on_a, &mut on_b] {
+        tab.follow(&session, 0);
+        tab.subscribe_all().await;
+        tab.pump_until(|t| t.view(&session).acks.len() == 1).await;
+    }
+    // Two events 50 ms apart: the run outlasts the loser's trip to Redis by far,
+    // so two winners in a round would mean two runs of the session at once.
+    let script = paced(2, 50);
+    let mut wins = [0usize; 2];
+    for round in 0..ROUNDS {
+        let errors_before = [on_a.errors.len(), on_b.errors.len()];
+        let events_before = on_a.view(&session).events.len();
+        if round % 2 == 0 {
+            tokio::join!(on_a.ws.send_chat(&session, &script), on_b.ws.send_chat(&session, &script));
+        } else {
+            tokio::join!(on_b.ws.send_chat(&session, &script), on_a.ws.send_chat(&session, &script));
+        }
+        let done = |t: &Tab| t.view(&session).completes.len() == round + 1;
+        tokio::join!(on_a.pump_until(done), on_b.pump_until(done));
+        let refused: Vec<(usize, Value)> = [&on_a, &on_b]
+            .iter()
+            .enumerate()
+            .flat_map(|(i, t)| t.errors[errors_before[i]..].iter().map(move |e| (i, e.clone())))
+            .collect();
+        assert_eq!(refused.len(), 1, "round {round}: want exactly one refused send, got {refused:?}");
+        let (loser, error) = &refused[0];
+        assert_eq!(error["code"], "RUN_IN_PROGRESS", "round {round}: {error}");
+        assert_eq!(error["sessionId"], session.as_str(), "round {round}: {error}");
+        wins[1 - loser] += 1;
+        let run = &on_a.view(&session).events[events_before..];
+        assert_eq!(seqs(run), seqs(&on_b.view(&session).events[events_before..]), "round {round}");
+        assert_eq!(run.len(), 4, "round {round}: one run of 2 deltas, stream_end, complete: {run:#?}");
+        assert!(run.iter().all(|e| e["runId"] == run[0]["runId"]), "round {round}: two runs: {run:#?}");
+        assert_eq!(run[3]["exitCode"], 0, "round {round}: {}", run[3]);
+    }
+    // No late second run of any round.
+    on_a.ws.expect_silence(Duration::from_millis(300)).await;
+    on_b.ws.expect_silence(Duration::from_millis(10)).await;
+    eprintln!("wins: node A {}, node B {}", wins[0], wins[1]);
+}
+
+// ------------------------------------------------------------ Redis restart
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_mid_run_leaves_every_tab_contiguous_or_told_and_seq_moves_on() {
+    let mut redis = PrivateRedis::start();
+    let small_margin = |c: &mut Config| c.replay_max_events = 100;
+    let a = cluster_node(&redis.url(), &unique("rr-a"), small_margin).await;
+    let b = cluster_node(&redis.url(), &unique("rr-b"), small_margin).await;
+    let token = a.token(&user());
+    let session = a.create_session(&token, "script").await;
+    let mut sender = Tab::new("sender on owner A", a.connect(&token).await);
+    sender.follow(&session, 0);
+    sender.ws.send_chat(&session, &paced(60, 20)).await;
+    sender.pump_until(|t| t.view(&session).last >= 3).await;
+    let mut beside = Tab::new("second tab on owner A", a.connect(&token).await);
+    let mut remote = Tab::new("tab on B", b.connect(&token).await);
+    for tab in [&mut beside, &mut remote] {
+        tab.follow(&session, 0);
+        tab.subscribe_all().await;
+        tab.pump_until(|t| t.view(&session).acks.len() == 1).await;
+        assert_eq!(tab.last_ack(&session)["isProcessing"], true);
+    }
+    sender.pump_until(|t| t.view(&session).last >= 10).await;
+    assert!(sender.view(&session).completes.is_empty(), "the run must still be going when Redis goes");
+
+    redis.stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.restart();
+
+    for tab in [&mut sender, &mut beside, &mut remote] {
+        tab.pump_until(|t| !t.view(&session).completes.is_empty()).await;
+    }
+    let complete = sender.view(&session).completes[0].clone();
+    let gaps: Vec<usize> = [&sender, &beside, &remote].iter().map(|t| t.view(&session).gaps).collect();
+    eprintln!("the run ended with {complete}; announced gaps per tab {gaps:?}");
+    for tab in [&mut sender, &mut beside, &mut remote] {
+        tab.ws.expect_silence(Duration::from_millis(300)).await;
+        let view = tab.view(&session);
+        assert!(tab.errors.is_empty(), "{}: {:?}", tab.name, tab.errors);
+        assert_eq!(view.completes.len(), 1, "{}", tab.name);
+        assert_eq!(view.events.last().unwrap()["kind"], "complete", "{}", tab.name);
+        assert_eq!(view.completes[0]["seq"], complete["seq"], "{}", tab.name);
+        assert!(view.events.iter().all(|e| e["runId"] == complete["runId"]), "{}: another run's events", tab.name);
+    }
+    let ok = complete["exitCode"] == 0 && complete["success"] == true;
+    let ended = complete["exitCode"] == 1 && complete["error"].is_string();
+    assert!(ok || ended, "neither finished nor ended cleanly: {complete}");
+
+    // The session takes a new run, above every seq anyone saw.
+    let top = complete["seq"].as_u64().unwrap();
+    remote.ws.send_chat(&session, "after the restart").await;
+    for tab in [&mut sender, &mut beside, &mut remote] {
+        tab.pump_until(|t| t.view(&session).completes.len() == 2).await;
+        let next = tab.view(&session).after(top);
+        assert_eq!(next[0]["seq"].as_u64().unwrap(), top + 1, "{}: {next:#?}", tab.name);
+        assert_eq!(next.last().unwrap()["exitCode"], 0, "{}", tab.name);
+    }
+}
+
+// ------------------------------------------------------------ SIGTERM
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_sockets_with_1012_they_resume_elsewhere_and_runs_end_cleanly() {
+    const GRACE: Duration = Duration::from_secs(2);
+    let redis = redis_url();
+    let other = cluster_node(&redis, &unique("stays"), |_| {}).await;
+    let mut doomed = NodeProcess::spawn(
+        &redis,
+        &unique("drained"),
+        &other.workspaces,
+        &["--drain-grace", "2s", "--run-lease", "3s"],
+    );
+    doomed.wait_ready().await;
+    let token = mint(&user(), Duration::from_secs(600));
+    // `short` finishes within the grace, `long` outlives it.
+    let short = other.create_session(&token, "script").await;
+    let long = other.create_session(&token, "script").await;
+    let mut sender = Tab::new("sender on the drained node", doomed.connect(&token).await);
+    let mut beside = Tab::new("second tab on the drained node", doomed.connect(&token).await);
+    let mut watcher = Tab::new("watcher on the other node", other.connect(&token).await);
+    for tab in [&mut sender, &mut beside, &mut watcher] {
+        tab.follow(&short, 0);
+        tab.follow(&long, 0);
+    }
+    sender.ws.send_chat(&short, &paced(50, 20)).await;
+    sender.ws.send_chat(&long, &paced(3000, 20)).await;
+    for tab in [&mut beside, &mut watcher] {
+        tab.subscribe_all().await;
+        tab.pump_until(|t| t.views.values().all(|v| v.acks.len() == 1)).await;
+    }
+    sender.pump_until(|t| t.views.values().all(|v| v.last >= 3)).await;
+
+    let term = Instant::now();
+    doomed.sigterm();
+    for tab in [&mut sender, &mut beside] {
+        assert_eq!(tab.until_closed(Duration::from_secs(3)).await, Some(1012), "{}", tab.name);
+        tab.hop(other.connect(&token).await).await;
+        for id in [&short, &long] {
+            let ack = tab.last_ack(id);
+            assert_eq!(ack["isProcessing"], true, "{}: {ack}", tab.name);
+            assert_eq!(ack["replayTruncated"], false, "{}: {ack}", tab.name);
+        }
+    }
+    for tab in [&mut sender, &mut beside, &mut watcher] {
+        tab.pump_until(|t| t.views.values().all(|v| !v.completes.is_empty())).await;
+    }
+    let ended_after = term.elapsed();
+    assert!(ended_after < GRACE + Duration::from_secs(3), "the long run ended {ended_after:?} after SIGTERM");
+    let status = doomed.exited(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "drained process exit: {status:?}");
+
+    for tab in [&mut sender, &mut beside, &mut watcher] {
+        assert!(tab.errors.is_empty(), "{}: {:?}", tab.name, tab.errors);
+        for id in [&short, &long] {
+            let view = tab.view(id);
+            assert_eq!(view.gaps, 0, "{}", view.who);
+            assert_eq!(view.completes.len(), 1, "{}", view.who);
+            assert_eq!(view.events[0]["seq"], 1, "{}", view.who);
+        }
+        let done = &tab.view(&short).completes[0];
+        assert_eq!((done["exitCode"].as_i64(), done["aborted"].as_bool()), (Some(0), Some(false)), "{done}");
+        assert_eq!(tab.view(&short).events.len(), 52, "{}", tab.name);
+        let cut = &tab.view(&long).completes[0];
+        assert_eq!(cut["aborted"], true, "{cut}");
+        assert_eq!(cut["success"], false, "{cut}");
+        assert_eq!(cut["exitCode"], 1, "{cut}");
+        assert_eq!(cut["error"], "node draining", "{cut}");
+        tab.ws.expect_silence(Duration::from_millis(100)).await;
+    }
+    for id in [&short, &long] {
+        assert_eq!(seqs(&sender.view(id).events), seqs(&watcher.view(id).events));
+        assert_eq!(seqs(&beside.view(id).events), seqs(&watcher.view(id).events));
+    }
+
+    // The other node takes the next run; seq continues.
+    let top = watcher.view(&long).last;
+    watcher.ws.send_chat(&long, "after the drain").await;
+    watcher.pump_until(|t| t.view(&long).completes.len() == 2).await;
+    let next = watcher.view(&long).after(top);
+    assert_eq!(next[0]["seq"].as_u64(), Some(top + 1));
+    assert_eq!(next.last().unwrap()["exitCode"], 0);
+}
+
+// ------------------------------------------------------------ key expiry
+
+/// Every key left in the private Redis, with its PTTL.
+async fn all_keys(conn: &mut redis::aio::MultiplexedConnection) -> Vec<(String, i64)> {
+    let mut names: Vec<String> = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) =
+            redis::cmd("SCAN").arg(cursor).arg("COUNT").arg(1000).query_async(conn).await.unwrap();
+        names.extend(batch);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    names.sort();
+    names.dedup();
+    let mut out = Vec::new();
+    for name in names {
+        let ttl: i64 = conn.pttl(&name).await.unwrap();
+        if ttl != -2 {
+            out.push((name, ttl));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_finished_runs_leave_only_seq_counters_in_redis() {
+    const SESSIONS: usize = 20;
+    const RUNS: usize = 50;
+    const RETENTION: Duration = Duration::from_secs(1);
+    let redis = PrivateRedis::start();
+    // A short lease too: an append's batch id (its retry guard) lives one lease.
+    let short = |c: &mut Config| {
+        c.replay_retention = RETENTION;
+        c.run_lease = Duration::from_secs(1);
+    };
+    let a = cluster_node(&redis.url(), &unique("keys-a"), short).await;
+    let b = cluster_node(&redis.url(), &unique("keys-b"), short).await;
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let token = a.token(&user());
+    let mut sessions = Vec::new();
+    for _ in 0..SESSIONS {
+        sessions.push(a.create_session(&token, "script").await);
+    }
+    let baseline: Vec<(String, i64)> = all_keys(&mut conn).await;
+    let baseline_len = baseline.iter().filter(|(k, _)| k != keys::SWEEP_LOCK).count();
+
+    // Each session alternates its runs between the nodes; sessions run side by side.
+    let started = Instant::now();
+    let nodes: [&TestNode; 2] = [&a, &b];
+    let lasts = futures_util::future::join_all(sessions.iter().enumerate().map(|(i, session)| {
+        let token = &token;
+        async move {
+            let mut tabs = Vec::new();
+            for (n, node) in nodes.iter().enumerate() {
+                let mut tab = Tab::new(&format!("session {i} on node {n}"), node.connect(token).await);
+                tab.follow(session, 0);
+                tab.subscribe_all().await;
+                tab.pump_until(|t| t.view(session).acks.len() == 1).await;
+                tabs.push(tab);
+            }
+            for run in 0..RUNS {
+                let tab = &mut tabs[(i + run) % 2];
+                tab.ws.send_chat(session, &format!("run {run}")).await;
+                tab.pump_until(|t| t.view(session).completes.len() == run + 1).await;
+            }
+            for tab in &mut tabs {
+                tab.pump_until(|t| t.view(session).completes.len() == RUNS).await;
+                assert!(tab.errors.is_empty(), "{}: {:?}", tab.name, tab.errors);
+                assert_eq!(tab.view(session).gaps, 0);
+            }
+            tabs[0].view(session).last
+        }
+    }))
+    .await;
+    let peak: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+    eprintln!("{} runs in {:?}; {peak} keys right after the last one", SESSIONS * RUNS, started.elapsed());
+
+    // Past the retention (and the lease), only the seq counters may remain.
+    tokio::time::sleep(RETENTION).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let size: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+        if size as usize <= baseline_len + SESSIONS + 1 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let left = all_keys(&mut conn).await;
+    // What remains, and why: each session's seq counter `cg:{S}:seq`. Seq is
+    // per session and never reused, so the counter outlives its runs; it
+    // carries an idle expiry (24 h) after which the next run restores it from
+    // SQL's high-water mark. Besides: the sweeper's per-period lock `cg:sweep`
+    // (a few hundred ms), and whatever the baseline had.
+    let mut counters = 0;
+    let mut unexpected = Vec::new();
+    for (key, ttl) in &left {
+        if let Some(i) = sessions.iter().position(|s| *key == keys::seq(s)) {
+            counters += 1;
+            assert!(*ttl > 0 && *ttl <= 24 * 3600 * 1000, "{key} must expire when idle, PTTL {ttl}");
+            let value: u64 = conn.get(key).await.unwrap();
+            assert_eq!(value, lasts[i], "{key} holds the session's last seq");
+        } else if key != keys::SWEEP_LOCK && !baseline.iter().any(|(k, _)| k == key) {
+            unexpected.push((key.clone(), *ttl));
+        }
+    }
+    assert!(unexpected.is_empty(), "keys of finished runs left behind: {unexpected:?}");
+    assert_eq!(counters, SESSIONS, "{left:?}");
+    assert!(left.len() <= baseline_len + SESSIONS + 1, "{left:?}");
+}
+
+// ------------------------------------------------------------ fencing
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_owner_appends_nothing_more_and_a_sweeper_ends_its_run() {
+    let redis = redis_url();
+    let lease = |c: &mut Config| c.run_lease = Duration::from_millis(1500);
+    let a = cluster_node(&redis, &unique("fenced"), lease).await;
+    let b = cluster_node(&redis, &unique("sweeps"), lease).await;
+    let token = a.token(&user());
+    let session = a.create_session(&token, "script").await;
+    let mut owner = Tab::new("tab on the owner", a.connect(&token).await);
+    let mut watcher = Tab::new("tab on another node", b.connect(&token).await);
+    owner.follow(&session, 0);
+    watcher.follow(&session, 0);
+    owner.ws.send_chat(&session, &paced(500, 20)).await;
+    owner.pump_until(|t| t.view(&session).last >= 5).await;
+    watcher.subscribe_all().await;
+    watcher.pump_until(|t| t.view(&session).acks.len() == 1).await;
+    let run_id = owner.view(&session).events[0]["runId"].clone();
+
+    // The lock vanishes behind the owner's back (its owner record stays).
+    let mut conn = redis::Client::open(redis.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let deleted: i64 = conn.del(keys::run(&session)).await.unwrap();
+    assert_eq!(deleted, 1);
+    let cut = Instant::now();
+    for tab in [&mut owner, &mut watcher] {
+        tab.pump_until(|t| !t.view(&session).completes.is_empty()).await;
+    }
+    let took = cut.elapsed();
+    assert!(took < Duration::from_millis(1500) + Duration::from_secs(5), "ended {took:?} after the lock went");
+    let complete = owner.view(&session).completes[0].clone();
+    assert_eq!(complete["error"], "run owner lost", "{complete}");
+    assert_eq!(complete["exitCode"], 1, "{complete}");
+    assert_eq!(complete["success"], false, "{complete}");
+    assert_eq!(complete["runId"], run_id, "{complete}");
+    // Nothing of the run after its complete: the owner stopped (it would emit every 20 ms).
+    for tab in [&mut owner, &mut watcher] {
+        tab.ws.expect_silence(Duration::from_millis(800)).await;
+        let view = tab.view(&session);
+        assert!(tab.errors.is_empty(), "{}: {:?}", tab.name, tab.errors);
+        assert_eq!(view.completes.len(), 1, "{}", tab.name);
+        assert_eq!(view.events.last().unwrap()["seq"], complete["seq"], "{}", tab.name);
+    }
+    assert_eq!(seqs(&watcher.view(&session).events), seqs(&owner.view(&session).events));
+    let top = complete["seq"].as_u64().unwrap();
+    // And nothing reached Redis either: the stream ends with that complete, the counter with its seq.
+    let last: Vec<(String, Vec<String>)> = redis::cmd("XREVRANGE")
+        .arg(keys::events(&session))
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(last[0].0, format!("{top}-0"));
+    let counter: u64 = conn.get(keys::seq(&session)).await.unwrap();
+    assert_eq!(counter, top);
+
+    // The session takes a new run from any node; seq continues.
+    watcher.ws.send_chat(&session, "after the fence").await;
+    for tab in [&mut owner, &mut watcher] {
+        tab.pump_until(|t| t.view(&session).completes.len() == 2).await;
+        let next = tab.view(&session).after(top);
+        assert_eq!(next[0]["seq"].as_u64(), Some(top + 1), "{}", tab.name);
+        assert_eq!(next.last().unwrap()["exitCode"], 0, "{}", tab.name);
+    }
+}
+
+/// design.md "Ownership, leases and failure": the node that ends an orphaned
+/// run copies what the owner had not written to SQL, so history stays whole
+/// and ends, like the live stream, with the run's one `complete`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reaped_run_s_terminal_complete_is_kept_in_history() {
+    let redis = redis_url();
+    let lease = |c: &mut Config| c.run_lease = Duration::from_millis(1500);
+    let a = cluster_node(&redis, &unique("orphaned"), lease).await;
+    let b = cluster_node(&redis, &unique("reaper"), lease).await;
+    let token = a.token(&user());
+    let session = a.create_session(&token, "script").await;
+    let mut owner = Tab::new("tab on the owner", a.connect(&token).await);
+    owner.follow(&session, 0);
+    owner.ws.send_chat(&session, &paced(500, 20)).await;
+    owner.pump_until(|t| t.view(&session).last >= 5).await;
+    let mut conn = redis::Client::open(redis.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = conn.del(keys::run(&session)).await.unwrap();
+    owner.pump_until(|t| !t.view(&session).completes.is_empty()).await;
+    let complete = owner.view(&session).completes[0].clone();
+    assert_eq!(complete["error"], "run owner lost", "{complete}");
+    let history = b.history_complete(&token, &session, complete["seq"].as_u64()).await;
+    assert_eq!(history.last().unwrap()["error"], "run owner lost");
+}
