@@ -267,7 +267,7 @@ async fn abort_right_after_send_kills_the_run(db: Db) {
     for _ in 0..5 {
         // A fresh session: the provider has not announced its id yet.
         let id = node.create_session(&token, "script").await;
-        ws.send_chat(&id, &paced(100, 10)).await;
+        ws.send_chat(&id, &paced(100, 50)).await;
         abort(&mut ws, &id).await;
         let events = ws.run_events(&id).await;
         assert_one_terminal_complete(&events);
@@ -286,7 +286,7 @@ async fn abort_right_after_send_kills_the_run(db: Db) {
         // History keeps the prompt and the aborted run's events.
         let history = node.history_complete(&token, &id, complete["seq"].as_u64()).await;
         assert_eq!((history[0]["role"].as_str(), history[0]["seq"].clone()), (Some("user"), Value::Null));
-        common::assert_history_matches(&history, &paced(100, 10), &events);
+        common::assert_history_matches(&history, &paced(100, 50), &events);
         ws.send_chat(&id, "again").await;
         let next = ws.run_events(&id).await;
         assert_contiguous(&next, complete["seq"].as_u64().unwrap() + 1);
