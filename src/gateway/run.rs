@@ -328,6 +328,7 @@ impl Driver {
             Ending::Stopped(StopReason::Draining) => (1, true, Some("node draining".to_string())),
             Ending::LeaseLost => {
                 metrics::counter!("chatgate_runs_total", "outcome" => "lease_lost").increment(1);
+                self.gateway.registry.abandon(&self.lease).await;
                 self.flush_streamed(&mut Vec::new()).await;
                 return;
             }

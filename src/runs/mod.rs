@@ -153,6 +153,13 @@ pub trait RunRegistry: Send + Sync + 'static {
     /// Extends the lease; `Fenced` when the lock is no longer this run's.
     async fn renew(&self, lease: &RunLease) -> Result<(), RegistryError>;
 
+    /// The owner gives a run up without completing it (its lease could not be
+    /// kept): forget it locally, so the run is reaped like any orphan once its
+    /// lock is gone. Nothing is written.
+    async fn abandon(&self, lease: &RunLease) {
+        let _ = lease;
+    }
+
     /// Records a pending tool approval of the run (shown in `chat_subscribed`).
     async fn add_pending(&self, lease: &RunLease, request_id: &str, request: Value) -> Result<(), RegistryError>;
 

@@ -95,6 +95,10 @@ impl TestNode {
     }
 
     pub async fn start_config(config: Config, dir: tempfile::TempDir) -> TestNode {
+        // `CHATGATE_TEST_LOG=chatgate=debug` shows the nodes' logs while debugging a test.
+        if let Ok(filter) = std::env::var("CHATGATE_TEST_LOG") {
+            let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+        }
         let db = if config.database_url.starts_with("sqlite:") { Db::Sqlite } else { Db::Postgres };
         let workspaces = std::fs::canonicalize(config.workspaces_root.clone().unwrap()).unwrap();
         let node = Node::start(&config, SECRET).await.expect("node starts");

@@ -226,6 +226,10 @@ impl RunRegistry for RedisRegistry {
         self.check_ready().await
     }
 
+    async fn abandon(&self, lease: &RunLease) {
+        self.drop_local_run(lease);
+    }
+
     fn take_orphans(&self) -> Option<tokio::sync::mpsc::Receiver<crate::runs::OrphanedRun>> {
         self.orphans.lock().ok()?.take()
     }
