@@ -61,6 +61,9 @@ pub struct Gateway {
     runs: Mutex<HashMap<String, LocalRun>>,
     tracker: TaskTracker,
     draining: AtomicBool,
+    /// Held (shared) by `chat.send` from its draining check until its run is
+    /// tracked; the drain takes it exclusively, so no run slips past the drain.
+    admission: tokio::sync::RwLock<()>,
     /// Cancelled when the node drains: sockets close with 1012.
     pub sockets_closing: CancellationToken,
 }
@@ -80,6 +83,7 @@ impl Gateway {
             runs: Mutex::new(HashMap::new()),
             tracker: TaskTracker::new(),
             draining: AtomicBool::new(false),
+            admission: tokio::sync::RwLock::new(()),
             sockets_closing: CancellationToken::new(),
         })
     }
@@ -97,6 +101,8 @@ impl Gateway {
     /// to finish, the rest are ended with a terminal `complete`; history flushed.
     pub async fn drain(&self, grace: Duration) {
         self.draining.store(true, Ordering::SeqCst);
+        // Every chat.send past its draining check has tracked its run once this returns.
+        drop(self.admission.write().await);
         self.sockets_closing.cancel();
         self.tracker.close();
         if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {

@@ -91,6 +91,7 @@ impl Gateway {
         content: String,
         options: &Map<String, Value>,
     ) -> Result<(), ProtocolError> {
+        let _admission = self.admission.read().await;
         if self.is_draining() {
             return Err(unavailable(session_id, "This node is draining; reconnect and send again."));
         }
