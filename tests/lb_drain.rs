@@ -10,7 +10,13 @@
 //! each run ends with exactly one `complete` — a normal one or the drain's
 //! `{exitCode: 1, aborted: true, error: "node draining"}`; no run starts on a node while it
 //! drains (`GET /api/providers/sessions/running` gives each run's node and start time); the
-//! history in PostgreSQL holds every run's `complete`.
+//! history in PostgreSQL holds every run's `complete`. A run that ends while its client is
+//! reconnecting is not replayed (protocol: a subscribe to an idle session gets only the ack);
+//! that client reads the missing events from history over REST, as a real client would, and
+//! the summary line counts how often that happened.
+//!
+//! A second test fires `chat.send`s at one node at the moment it gets SIGTERM: every run that
+//! starts must still end with a `complete` from that node and every socket must get 1012.
 
 mod common;
 
@@ -29,19 +35,27 @@ use futures_util::SinkExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
+/// One stack at a time: the machine has two cores, and the timings assume them.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const CLIENTS: usize = 12;
 const NODES: usize = 3;
 /// `--drain-grace` of every node.
 const GRACE: Duration = Duration::from_secs(5);
 /// Pause before each `stream_delta` of a run.
 const INTERVAL_MS: u64 = 20;
-/// Run lengths in events: a short run outlives no drain grace, a long one always does.
+/// Run lengths in events (× `INTERVAL_MS`): a short run fits in the drain grace, a long one
+/// does not.
 const SHORT: u64 = 100;
 const FIRST_SHORT: u64 = 150;
 const LONG: u64 = 400;
 const FIRST_LONG: u64 = 500;
 /// How long a client waits for its next frame before it counts as a stall.
 const FRAME_WAIT: Duration = Duration::from_secs(15);
+/// A `chat.send` the node was already handling when its drain began may still start its run
+/// (which then gets the grace); a run that starts later than this after the drain is visible
+/// is a new run on a draining node.
+const IN_FLIGHT: Duration = Duration::from_millis(250);
 /// How long a client keeps trying to reconnect through nginx.
 const RECONNECT_FOR: Duration = Duration::from_secs(20);
 
@@ -61,8 +75,20 @@ fn node_id(index: usize) -> String {
     format!("local-{index}")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// The first of `count` consecutive free ports, below the kernel's ephemeral range (the nodes'
+/// own outgoing connections to Redis and PostgreSQL take ports from that range, and could take
+/// a node's port between the check and the bind).
+fn free_ports(count: u16) -> u16 {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let low: u16 = range.split_whitespace().next().and_then(|p| p.parse().ok()).unwrap_or(32768);
+    let (from, to) = (low.saturating_sub(12_000).max(10_000), low.saturating_sub(count));
+    for _ in 0..200 {
+        let base = rand::random_range(from..to);
+        if (base..base + count).all(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no {count} consecutive free ports between {from} and {to}");
 }
 
 // --- the local stack ----------------------------------------------------------------------
@@ -87,7 +113,8 @@ fn nginx_installed() -> bool {
 }
 
 impl Stack {
-    async fn up() -> Stack {
+    /// Starts the stack; `extra` settings reach every node.
+    async fn up(extra: &[(&str, &str)]) -> Stack {
         let uid = std::process::Command::new("id").arg("-u").output().map(|o| o.stdout).unwrap_or_default();
         let root_user = String::from_utf8_lossy(&uid).trim() == "0";
         assert!(
@@ -100,12 +127,12 @@ impl Stack {
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let workspaces = dir.path().join("workspaces");
         std::fs::create_dir_all(workspaces.join("proj")).unwrap();
-        let lb_port = free_port();
-        let env = vec![
+        let lb_port = free_ports(NODES as u16 + 1);
+        let mut env = vec![
             ("CHATGATE_BIN".to_string(), env!("CARGO_BIN_EXE_chatgate").to_string()),
             ("CHATGATE_LOCAL_STATE".to_string(), dir.path().join("state").display().to_string()),
             ("CHATGATE_LB_PORT".to_string(), lb_port.to_string()),
-            ("CHATGATE_LOCAL_BASE_PORT".to_string(), free_port().to_string()),
+            ("CHATGATE_LOCAL_BASE_PORT".to_string(), (lb_port + 1).to_string()),
             ("CHATGATE_LB_WORKER_CONNECTIONS".to_string(), "1024".to_string()),
             ("REDIS_URL".to_string(), common::redis_url()),
             ("DATABASE_URL".to_string(), common::pg_url()),
@@ -113,6 +140,7 @@ impl Stack {
             ("CHATGATE_WORKSPACES_ROOT".to_string(), workspaces.display().to_string()),
             ("CHATGATE_DRAIN_GRACE".to_string(), format!("{}s", GRACE.as_secs())),
         ];
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let mut stack = Stack { dir, env, lb_port, node_ports: Vec::new(), secret: String::new() };
         let out = stack.run("up.sh", &[&NODES.to_string()]).await;
         assert!(
@@ -196,7 +224,8 @@ struct RunLog {
     planned: u64,
     run_id: String,
     seqs: Vec<u64>,
-    deltas: Vec<String>,
+    /// The run's streamed text: its deltas, or its merged history text when it ended unseen.
+    text: String,
     complete: Value,
     completed_at: SystemTime,
 }
@@ -206,6 +235,8 @@ struct CloseLog {
     code: Option<u16>,
     /// From the close to the `chat_subscribed` ack on the new socket.
     resumed_in: Duration,
+    /// Connection attempts through nginx that failed before one worked.
+    failed_attempts: Vec<String>,
 }
 
 struct ClientLog {
@@ -215,7 +246,10 @@ struct ClientLog {
     seqs: Vec<u64>,
     runs: Vec<RunLog>,
     closes: Vec<CloseLog>,
-    refused_sends: usize,
+    /// `BACKEND_UNAVAILABLE` answers (nothing was started or subscribed; the client retried).
+    unavailable: usize,
+    /// Seqs of runs that ended while the client was reconnecting, read back from history.
+    from_history: u64,
     problems: Vec<String>,
 }
 
@@ -229,25 +263,33 @@ impl ClientLog {
     }
 }
 
+/// How a client reaches the cluster: nginx, for the socket and for REST.
+struct Lb {
+    ws_url: String,
+    http_url: String,
+    token: String,
+    http: reqwest::Client,
+}
+
 /// Sends a frame; false when the socket is already gone (its close is read next).
 async fn send(ws: &mut Ws, value: Value) -> bool {
     ws.stream.send(Message::Text(value.to_string().into())).await.is_ok()
 }
 
-/// Connects through nginx, retrying with a small backoff.
-async fn connect(url: &str) -> Result<(Ws, u32), String> {
+/// Connects through nginx, retrying with a small backoff; also the failed attempts' errors.
+async fn connect(url: &str) -> Result<(Ws, Vec<String>), String> {
     let deadline = Instant::now() + RECONNECT_FOR;
     let mut delay = Duration::from_millis(25);
-    let mut attempts = 0;
+    let mut errors = Vec::new();
     loop {
-        attempts += 1;
         let error = match tokio::time::timeout(Duration::from_secs(5), Ws::try_connect(url, &[])).await {
-            Ok(Ok(ws)) => return Ok((ws, attempts)),
+            Ok(Ok(ws)) => return Ok((ws, errors)),
             Ok(Err(e)) => e.to_string(),
             Err(_) => "handshake timed out".to_string(),
         };
+        errors.push(error);
         if Instant::now() > deadline {
-            return Err(format!("no connection through nginx after {attempts} attempts: {error}"));
+            return Err(format!("no connection through nginx after {} attempts: {errors:?}", errors.len()));
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_millis(500));
@@ -260,21 +302,25 @@ enum Resumed {
     Following,
     /// The session is idle at our last seq: the `chat.send` started nothing; send it again.
     SendAgain,
+    /// The run ended while the client was away, at seq `top`: as the protocol says, events of a
+    /// run that is over are not replayed; the client reads them from history over REST.
+    EndedAway { top: u64 },
 }
 
 /// One client: its own session, runs until `stop`, following each to its `complete` across
 /// closes and reconnects.
-async fn client(index: usize, url: String, session: String, stop: Arc<AtomicBool>) -> ClientLog {
+async fn client(index: usize, lb: Arc<Lb>, session: String, stop: Arc<AtomicBool>) -> ClientLog {
     let mut log = ClientLog {
         index,
         session: session.clone(),
         seqs: Vec::new(),
         runs: Vec::new(),
         closes: Vec::new(),
-        refused_sends: 0,
+        unavailable: 0,
+        from_history: 0,
         problems: Vec::new(),
     };
-    let mut ws = match connect(&url).await {
+    let mut ws = match connect(&lb.ws_url).await {
         Ok((ws, _)) => ws,
         Err(e) => {
             log.problem(e);
@@ -283,7 +329,7 @@ async fn client(index: usize, url: String, session: String, stop: Arc<AtomicBool
     };
     let mut run = 0;
     while run == 0 || !stop.load(Ordering::SeqCst) {
-        match follow_run(ws, &url, &mut log, planned_events(index, run)).await {
+        match follow_run(ws, &lb, &mut log, planned_events(index, run)).await {
             Some(next) => ws = next,
             None => return log,
         }
@@ -301,7 +347,7 @@ async fn client(index: usize, url: String, session: String, stop: Arc<AtomicBool
 
 /// Sends one run and follows it to its `complete` across closes; returns the socket in use
 /// then (None after a failure that ends the client).
-async fn follow_run(mut ws: Ws, url: &str, log: &mut ClientLog, events: u64) -> Option<Ws> {
+async fn follow_run(mut ws: Ws, lb: &Lb, log: &mut ClientLog, events: u64) -> Option<Ws> {
     let session = log.session.clone();
     let content = json!({ "events": events, "intervalMs": INTERVAL_MS }).to_string();
     let chat_send = json!({ "type": "chat.send", "sessionId": session, "content": content });
@@ -309,24 +355,71 @@ async fn follow_run(mut ws: Ws, url: &str, log: &mut ClientLog, events: u64) -> 
     let mut seqs = Vec::new();
     let mut deltas = Vec::new();
     send(&mut ws, chat_send.clone()).await;
+    // After a BACKEND_UNAVAILABLE: when to send again if the socket is not closed meanwhile.
+    let mut send_again_at: Option<Instant> = None;
     loop {
-        let frame = match ws.try_recv(FRAME_WAIT).await {
+        let wait = send_again_at.map_or(FRAME_WAIT, |at| at.saturating_duration_since(Instant::now()));
+        let frame = match ws.try_recv(wait).await {
+            None if send_again_at.is_some() => {
+                send_again_at = None;
+                send(&mut ws, chat_send.clone()).await;
+                continue;
+            }
             None => {
                 log.problem(format!("no frame for {FRAME_WAIT:?} while following a run (last seq {})", log.last_seq()));
                 return None;
             }
             Some(Err(code)) => {
+                send_again_at = None;
                 let closed_at = SystemTime::now();
                 let started = Instant::now();
-                let resumed = resume(url, log).await;
-                log.closes.push(CloseLog { at: closed_at, code, resumed_in: started.elapsed() });
-                let (mut fresh, resumed) = resumed?;
-                if let Resumed::SendAgain = resumed {
-                    if let Some(id) = &run_id {
-                        log.problem(format!("run {id} is over but its complete never arrived"));
+                let last = log.last_seq();
+                let resumed = resume(&lb.ws_url, log).await;
+                let (mut fresh, resumed, failed_attempts) = match resumed {
+                    Some(resumed) => resumed,
+                    None => {
+                        log.closes.push(CloseLog {
+                            at: closed_at,
+                            code,
+                            resumed_in: started.elapsed(),
+                            failed_attempts: Vec::new(),
+                        });
                         return None;
                     }
-                    send(&mut fresh, chat_send.clone()).await;
+                };
+                log.closes.push(CloseLog { at: closed_at, code, resumed_in: started.elapsed(), failed_attempts });
+                match resumed {
+                    Resumed::Following => {}
+                    Resumed::SendAgain if run_id.is_none() => {
+                        send(&mut fresh, chat_send.clone()).await;
+                    }
+                    Resumed::SendAgain => {
+                        log.problem(format!("run {run_id:?} is over at seq {last} but its complete never arrived"));
+                        return None;
+                    }
+                    Resumed::EndedAway { top } => {
+                        let (complete, text) = read_back(lb, log, last, top).await?;
+                        let recovered: Vec<u64> = (last + 1..=top).collect();
+                        log.from_history += recovered.len() as u64;
+                        log.seqs.extend(&recovered);
+                        seqs.extend(&recovered);
+                        let complete_run = complete["runId"].as_str().unwrap_or_default().to_string();
+                        if run_id.as_ref().is_some_and(|id| *id != complete_run) {
+                            log.problem(format!(
+                                "history's complete at {top} is of run {complete_run}, not {run_id:?}"
+                            ));
+                        }
+                        let text = text.unwrap_or_else(|| deltas.concat());
+                        log.runs.push(RunLog {
+                            planned: events,
+                            run_id: complete_run,
+                            seqs,
+                            text,
+                            complete,
+                            completed_at: SystemTime::now(),
+                        });
+                        return Some(fresh);
+                    }
                 }
                 ws = fresh;
                 continue;
@@ -359,7 +452,7 @@ async fn follow_run(mut ws: Ws, url: &str, log: &mut ClientLog, events: u64) -> 
                     planned: events,
                     run_id: run_id.unwrap_or_default(),
                     seqs,
-                    deltas,
+                    text: deltas.concat(),
                     complete: frame,
                     completed_at: SystemTime::now(),
                 });
@@ -369,9 +462,11 @@ async fn follow_run(mut ws: Ws, url: &str, log: &mut ClientLog, events: u64) -> 
         }
         match kind.as_str() {
             "protocol_error" if frame["code"] == "BACKEND_UNAVAILABLE" && run_id.is_none() => {
-                // The node began draining as the send arrived: nothing started; its close follows
-                // and the send is repeated on the new socket.
-                log.refused_sends += 1;
+                // Nothing was started: the node began draining as the send arrived (its close
+                // follows, and the send is repeated on the new socket), or it could not reach
+                // the database or Redis just then (the send is repeated shortly).
+                log.unavailable += 1;
+                send_again_at = Some(Instant::now() + Duration::from_millis(300));
             }
             "chat_subscribed" if frame["replayTruncated"] == true => {
                 log.problem(format!("told replayTruncated while live: {frame}"));
@@ -383,8 +478,8 @@ async fn follow_run(mut ws: Ws, url: &str, log: &mut ClientLog, events: u64) -> 
 }
 
 /// Reconnects through nginx and re-subscribes with the client's last seq.
-async fn resume(url: &str, log: &mut ClientLog) -> Option<(Ws, Resumed)> {
-    let (mut ws, _) = match connect(url).await {
+async fn resume(url: &str, log: &mut ClientLog) -> Option<(Ws, Resumed, Vec<String>)> {
+    let (mut ws, failed_attempts) = match connect(url).await {
         Ok(connected) => connected,
         Err(e) => {
             log.problem(e);
@@ -393,10 +488,11 @@ async fn resume(url: &str, log: &mut ClientLog) -> Option<(Ws, Resumed)> {
     };
     let last = log.last_seq();
     let subscribe = json!({ "type": "chat.subscribe", "sessions": [{ "sessionId": log.session, "lastSeq": last }] });
-    if !send(&mut ws, subscribe).await {
+    if !send(&mut ws, subscribe.clone()).await {
         log.problem("the new socket closed before the subscribe was sent".to_string());
         return None;
     }
+    let mut unavailable = 0;
     loop {
         let ack = match ws.try_recv(FRAME_WAIT).await {
             Some(Ok(frame)) => frame,
@@ -405,9 +501,17 @@ async fn resume(url: &str, log: &mut ClientLog) -> Option<(Ws, Resumed)> {
                 return None;
             }
         };
+        if ack["kind"] == "protocol_error" && ack["code"] == "BACKEND_UNAVAILABLE" && unavailable < 30 {
+            // The node could not reach the database or Redis for the subscribe: try again.
+            unavailable += 1;
+            log.unavailable += 1;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            send(&mut ws, subscribe.clone()).await;
+            continue;
+        }
         if ack["kind"] != "chat_subscribed" || ack["sessionId"] != log.session.as_str() {
-            if ack.get("seq").is_some() {
-                log.problem(format!("an event before the ack: {ack}"));
+            if ack.get("seq").is_some() || ack["kind"] == "protocol_error" {
+                log.problem(format!("a frame before the ack: {ack}"));
             }
             continue;
         }
@@ -415,14 +519,52 @@ async fn resume(url: &str, log: &mut ClientLog) -> Option<(Ws, Resumed)> {
             log.problem(format!("resubscribe with lastSeq {last} was told replayTruncated: {ack}"));
         }
         let top = ack["lastSeq"].as_u64().unwrap_or(0);
-        return match ack["isProcessing"].as_bool() {
-            Some(true) => Some((ws, Resumed::Following)),
-            Some(false) if top == last => Some((ws, Resumed::SendAgain)),
+        let resumed = match ack["isProcessing"].as_bool() {
+            Some(true) => Resumed::Following,
+            Some(false) if top == last => Resumed::SendAgain,
+            Some(false) if top > last => Resumed::EndedAway { top },
             _ => {
-                log.problem(format!("resubscribed with lastSeq {last}: the run ended unseen: {ack}"));
-                None
+                log.problem(format!("resubscribed with lastSeq {last}: {ack}"));
+                return None;
             }
         };
+        return Some((ws, resumed, failed_attempts));
+    }
+}
+
+/// A run that ended while its client was away, from history: its events after `last` must
+/// end with exactly one `complete`, at `top`. Returns that `complete` and the run's merged
+/// assistant text when it is among them (deltas are stored merged, under their `stream_end`'s seq).
+async fn read_back(lb: &Lb, log: &mut ClientLog, last: u64, top: u64) -> Option<(Value, Option<String>)> {
+    let url = format!("{}/api/providers/sessions/{}/messages", lb.http_url, log.session);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, history) = get(&lb.http, &url, &lb.token).await;
+        let after: Vec<Value> = history["data"]["messages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|m| m["seq"].as_u64().is_some_and(|seq| seq > last))
+            .cloned()
+            .collect();
+        if after.last().is_some_and(|m| m["kind"] == "complete" && m["seq"] == top) {
+            let stored: Vec<u64> = after.iter().filter_map(|m| m["seq"].as_u64()).collect();
+            let completes = after.iter().filter(|m| m["kind"] == "complete").count();
+            if completes != 1 || !stored.windows(2).all(|w| w[0] < w[1]) || stored.iter().any(|s| *s > top) {
+                log.problem(format!("history after seq {last} is not one run ending at {top}: {after:?}"));
+            }
+            let text = after
+                .iter()
+                .find(|m| m["kind"] == "text" && m["role"] == "assistant")
+                .and_then(|m| m["content"].as_str())
+                .map(str::to_string);
+            return after.last().cloned().map(|complete| (complete, text));
+        }
+        if Instant::now() > deadline {
+            log.problem(format!("history never showed the complete at {top} (after seq {last}): {after:?}"));
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -485,10 +627,12 @@ struct DrainWindow {
 }
 
 impl DrainWindow {
-    /// Whether `at` falls where only the draining process could have owned a run there.
+    /// Whether a run started at `at` on this node would be a new run on a draining node: after
+    /// its first 503 (plus the time a send already in hand may still take) and before the old
+    /// process was gone.
     fn draining_at(&self, at: SystemTime) -> bool {
         match (self.unready_at, self.down_at) {
-            (Some(from), Some(to)) => from <= at && at <= to,
+            (Some(from), Some(to)) => from + IN_FLIGHT <= at && at <= to,
             _ => false,
         }
     }
@@ -537,7 +681,8 @@ async fn restart_node(stack: &Stack, index: usize) -> DrainWindow {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_and_rolling_restart_through_nginx_lose_nothing() {
     let began = Instant::now();
-    let stack = Stack::up().await;
+    let _serial = SERIAL.lock().await;
+    let stack = Stack::up(&[]).await;
     let user = common::user();
     let token = stack.token(&user);
     let http = reqwest::Client::new();
@@ -545,16 +690,7 @@ async fn sigterm_and_rolling_restart_through_nginx_lose_nothing() {
 
     let mut sessions = Vec::new();
     for _ in 0..CLIENTS {
-        let created: Value = http
-            .post(format!("{lb}/api/providers/sessions"))
-            .bearer_auth(&token)
-            .json(&json!({ "provider": "script", "projectPath": "proj" }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let (_, created) = post_session(&http, &lb, &token).await;
         sessions.push(created["data"]["sessionId"].as_str().expect("session created through nginx").to_string());
     }
     let client_of: HashMap<String, usize> = sessions.iter().cloned().enumerate().map(|(i, s)| (s, i)).collect();
@@ -564,9 +700,14 @@ async fn sigterm_and_rolling_restart_through_nginx_lose_nothing() {
     let monitor_task = tokio::spawn(monitor(lb.clone(), token.clone(), seen.clone(), monitor_stop.clone()));
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
-    let ws_url = format!("{}?token={token}", stack.lb_ws());
+    let lb_client = Arc::new(Lb {
+        ws_url: format!("{}?token={token}", stack.lb_ws()),
+        http_url: lb.clone(),
+        token: token.clone(),
+        http: http.clone(),
+    });
     for (index, session) in sessions.iter().enumerate() {
-        clients.push(tokio::spawn(client(index, ws_url.clone(), session.clone(), stop.clone())));
+        clients.push(tokio::spawn(client(index, lb_client.clone(), session.clone(), stop.clone())));
         // One socket after the other, so nginx's round robin spreads them over the nodes.
         tokio::time::sleep(Duration::from_millis(15)).await;
     }
@@ -694,8 +835,8 @@ async fn sigterm_and_rolling_restart_through_nginx_lose_nothing() {
                 failures.push(format!("client {}: run {} seqs {:?}", log.index, run.run_id, run.seqs));
             }
             if complete["success"] == true {
-                let chunks: Vec<String> = (1..=run.planned).map(|i| format!("chunk {i}")).collect();
-                if run.seqs.len() as u64 != run.planned + 2 || run.deltas != chunks || complete["exitCode"] != 0 {
+                let text: String = (1..=run.planned).map(|i| format!("chunk {i}")).collect();
+                if run.seqs.len() as u64 != run.planned + 2 || run.text != text || complete["exitCode"] != 0 {
                     failures.push(format!(
                         "client {}: run {} on {} succeeded with {} events for {} planned",
                         log.index,
@@ -789,15 +930,166 @@ async fn sigterm_and_rolling_restart_through_nginx_lose_nothing() {
 
     let runs: usize = logs.iter().map(|l| l.runs.len()).sum();
     let closes: usize = logs.iter().map(|l| l.closes.len()).sum();
-    let refused: usize = logs.iter().map(|l| l.refused_sends).sum();
-    let slowest = logs.iter().flat_map(|l| l.closes.iter().map(|c| c.resumed_in)).max().unwrap_or_default();
+    let refused: usize = logs.iter().map(|l| l.unavailable).sum();
+    let from_history: u64 = logs.iter().map(|l| l.from_history).sum();
+    let slowest = logs.iter().flat_map(|l| &l.closes).max_by_key(|c| c.resumed_in);
     eprintln!(
-        "[lb_drain] {runs} runs ({drain_aborted} ended by a drain), {closes} closes, slowest resume {slowest:?}, \
-         {refused} sends refused while draining, {started_while_draining} runs started elsewhere during drains, \
-         {monitor_failures} failed /running polls, {:?} in all",
+        "[lb_drain] {runs} runs ({drain_aborted} ended by a drain), {closes} closes, slowest resume {:?} \
+         (failed attempts first: {:?}), {refused} BACKEND_UNAVAILABLE answers retried, {from_history} seqs of runs \
+         that ended during a reconnect read from history, {started_while_draining} runs started elsewhere \
+         during drains, {monitor_failures} failed /running polls, {:?} in all",
+        slowest.map(|c| c.resumed_in),
+        slowest.map(|c| &c.failed_attempts),
         began.elapsed()
     );
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// `chat.send`s race a SIGTERM on one node: a send that arrives before the drain starts a run
+/// that gets the grace and ends with a `complete` from that node; one that arrives after is
+/// refused (or its socket is already closed). Every socket of the node gets 1012, no run starts
+/// well after the drain began, and no run is left behind when the node exits: each ends with a
+/// normal `complete` or the drain's, never "run owner lost" after the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_racing_a_sigterm_start_no_run_the_drain_leaves_behind() {
+    const RACERS: usize = 40;
+    const LEASE: Duration = Duration::from_secs(3);
+    let _serial = SERIAL.lock().await;
+    let lease = format!("{}s", LEASE.as_secs());
+    let stack = Stack::up(&[("CHATGATE_RUN_LEASE", lease.as_str())]).await;
+    let token = stack.token(&common::user());
+    let http = reqwest::Client::new();
+    let lb = stack.lb_http();
+    let mut sessions = Vec::new();
+    for _ in 0..RACERS {
+        let (status, created) = post_session(&http, &lb, &token).await;
+        assert_eq!(status, 201, "{created}");
+        sessions.push(created["data"]["sessionId"].as_str().unwrap().to_string());
+    }
+    // The racers sit on node 1 (its own port); the watcher on node 2 follows every session.
+    let doomed = |port: u16| format!("ws://127.0.0.1:{port}/ws?token={token}");
+    let mut racers = Vec::new();
+    for _ in 0..RACERS {
+        racers.push(Ws::connect(&doomed(stack.node_ports[0])).await);
+    }
+    let mut watcher = Ws::connect(&doomed(stack.node_ports[1])).await;
+    let targets: Vec<Value> = sessions.iter().map(|s| json!({ "sessionId": s, "lastSeq": 0 })).collect();
+    watcher.send(json!({ "type": "chat.subscribe", "sessions": targets })).await;
+    for _ in 0..RACERS {
+        assert_eq!(watcher.recv_reply().await["kind"], "chat_subscribed");
+    }
+    let seen: Seen = Arc::default();
+    let monitor_stop = Arc::new(AtomicBool::new(false));
+    let monitor_task = tokio::spawn(monitor(lb.clone(), token.clone(), seen.clone(), monitor_stop.clone()));
+
+    let pid: i32 = std::fs::read_to_string(stack.state().join("node-1.pid")).unwrap().trim().parse().unwrap();
+    let killer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
+    });
+    let script = json!({ "events": 50, "intervalMs": INTERVAL_MS }).to_string();
+    for (ws, session) in racers.iter_mut().zip(&sessions) {
+        send(ws, json!({ "type": "chat.send", "sessionId": session, "content": script })).await;
+    }
+    killer.await.unwrap();
+
+    // Each racer's socket: refused sends, then the drain's 1012.
+    let mut readers = Vec::new();
+    for mut ws in racers {
+        readers.push(tokio::spawn(async move {
+            let mut refused = 0;
+            loop {
+                match ws.try_recv(Duration::from_secs(10)).await {
+                    Some(Ok(frame)) if frame["code"] == "BACKEND_UNAVAILABLE" => refused += 1,
+                    Some(Ok(_)) => {}
+                    Some(Err(code)) => return (refused, code, SystemTime::now()),
+                    None => return (refused, None, SystemTime::now() + Duration::from_secs(3600)),
+                }
+            }
+        }));
+    }
+    let mut refused = 0;
+    let mut first_close = None::<SystemTime>;
+    let mut failures = Vec::new();
+    for reader in readers {
+        let (n, code, at) = reader.await.unwrap();
+        refused += n;
+        if code != Some(1012) {
+            failures.push(format!("a socket on local-1 ended with {code:?}, not 1012"));
+        }
+        first_close = Some(first_close.map_or(at, |t| t.min(at)));
+    }
+    let first_close = first_close.unwrap();
+
+    // Every run of a racing session ends with one `complete`, seen by the watcher.
+    let deadline = Instant::now() + GRACE + LEASE + Duration::from_secs(5);
+    let mut events: HashMap<String, Vec<Value>> = HashMap::new();
+    while Instant::now() < deadline {
+        match watcher.try_recv(Duration::from_millis(200)).await {
+            Some(Ok(frame)) if frame.get("seq").is_some() => {
+                events.entry(frame["runId"].as_str().unwrap_or_default().to_string()).or_default().push(frame);
+            }
+            Some(Ok(_)) | None => {}
+            Some(Err(code)) => panic!("the watcher on local-2 was closed ({code:?})"),
+        }
+        let listed = seen.lock().unwrap().clone();
+        let all_ended = !listed.is_empty()
+            && listed
+                .keys()
+                .chain(events.keys())
+                .all(|run| events.get(run).is_some_and(|frames| frames.iter().any(|f| f["kind"] == "complete")));
+        if all_ended {
+            break;
+        }
+    }
+    monitor_stop.store(true, Ordering::SeqCst);
+    monitor_task.await.unwrap();
+    let listed = seen.lock().unwrap().clone();
+    let mut started_late = 0;
+    for (run_id, run) in &listed {
+        if run.node == "local-1" && run.started_at > first_close {
+            started_late += 1;
+            if run.started_at > first_close + IN_FLIGHT {
+                failures.push(format!(
+                    "run {run_id} started on local-1 at {}, well after it had closed a socket with 1012 at {}",
+                    humantime::format_rfc3339_millis(run.started_at),
+                    humantime::format_rfc3339_millis(first_close)
+                ));
+            }
+        }
+    }
+    let run_ids: BTreeSet<&String> = listed.keys().chain(events.keys()).collect();
+    for run_id in &run_ids {
+        let frames = events.get(*run_id).map(Vec::as_slice).unwrap_or_default();
+        let completes: Vec<&Value> = frames.iter().filter(|f| f["kind"] == "complete").collect();
+        let owner = listed.get(*run_id).map_or("?", |r| r.node.as_str());
+        match completes.as_slice() {
+            [complete] if complete["success"] == true || complete["error"] == "node draining" => {}
+            [complete] => failures.push(format!(
+                "run {run_id} on {owner}: expected a normal complete or {{error: \"node draining\"}}, got {complete}"
+            )),
+            [] => failures.push(format!("run {run_id} on {owner}: no complete after {} events", frames.len())),
+            many => failures.push(format!("run {run_id} on {owner}: {} completes", many.len())),
+        }
+    }
+    eprintln!(
+        "[lb_drain] racing sends: {} runs, {refused} sends refused, {started_late} runs started on local-1 after \
+         its first 1012 (sends it was already handling)",
+        run_ids.len()
+    );
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+async fn post_session(http: &reqwest::Client, lb: &str, token: &str) -> (u16, Value) {
+    let response = http
+        .post(format!("{lb}/api/providers/sessions"))
+        .bearer_auth(token)
+        .json(&json!({ "provider": "script", "projectPath": "proj" }))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
 }
 
 async fn get(http: &reqwest::Client, url: &str, token: &str) -> (u16, Value) {
