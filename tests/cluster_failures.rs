@@ -289,9 +289,10 @@ async fn two_nodes_racing_chat_send_start_exactly_one_run_each_round() {
         tab.subscribe_all().await;
         tab.pump_until(|t| t.view(&session).acks.len() == 1).await;
     }
-    // Two events 50 ms apart: the run outlasts the loser's trip to Redis by far,
-    // so two winners in a round would mean two runs of the session at once.
-    let script = paced(2, 50);
+    // Two events 120 ms apart: the run outlasts the loser's trip to Redis by far
+    // (even on a loaded CI machine), so two winners in a round would mean two
+    // runs of the session at once.
+    let script = paced(2, 120);
     let mut wins = [0usize; 2];
     for round in 0..ROUNDS {
         let errors_before = [on_a.errors.len(), on_b.errors.len()];
