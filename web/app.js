@@ -630,22 +630,28 @@ function noteRun(event) {
 }
 
 async function fillPrompt(placeholder, sessionId, firstSeq) {
-  try {
-    const messages = await client.loadHistory(sessionId);
+  // The owner writes history in batches off the live path: the prompt may take a moment.
+  for (const pause of [0, 250, 500, 1000, 2000, 4000]) {
+    if (pause) await new Promise((resolve) => setTimeout(resolve, pause));
+    if (!client || view.id !== sessionId || !placeholder.isConnected) return;
+    let messages;
+    try {
+      messages = await client.loadHistory(sessionId);
+    } catch {
+      continue;
+    }
     let prompt = null;
     for (const m of messages) {
       if (typeof m.seq === 'number' && m.seq >= firstSeq) break;
       if (m.kind === 'text' && m.role === 'user') prompt = m;
     }
-    if (prompt) {
+    if (prompt && (!prompt.runId || prompt.runId === placeholder.dataset.runId)) {
       placeholder.textContent = contentText(prompt.content);
       placeholder.classList.remove('pending-prompt');
-    } else {
-      placeholder.remove();
+      return;
     }
-  } catch {
-    placeholder.remove();
   }
+  placeholder.remove();
 }
 
 // ---- wiring ----------------------------------------------------------------------------------
