@@ -4,6 +4,7 @@
 import { ChatgateClient, CloseCode } from '/client/chatgate.js';
 
 const TOKEN_KEY = 'chatgate.token';
+const PROVIDER_KEY = 'chatgate.provider';
 const $ = (id) => document.getElementById(id);
 
 const ui = {
@@ -56,6 +57,22 @@ const view = {
 };
 
 // ---- token and sign in -----------------------------------------------------------------------
+
+function remember(key, value) {
+  try {
+    localStorage.setItem(key, value);
+  } catch {
+    /* private mode */
+  }
+}
+
+function recall(key) {
+  try {
+    return localStorage.getItem(key);
+  } catch {
+    return null;
+  }
+}
 
 function storedToken() {
   try {
@@ -128,6 +145,7 @@ function startClient() {
       trackListState(sessionId, event);
     }),
     client.on('session', ({ frame }) => upsertSession(frame.session ?? { sessionId: frame.sessionId })),
+    client.on('sent', onQueuedSent),
     client.on('error', onError),
   ];
   client.connect();
@@ -259,6 +277,7 @@ async function createSession(event) {
   ui.newError.textContent = '';
   const provider = ui.newProvider.value;
   const projectPath = ui.newPath.value.trim();
+  remember(PROVIDER_KEY, provider);
   try {
     const data = await client.request('POST', '/api/providers/sessions', { provider, projectPath });
     upsertSession({ ...data, createdAt: new Date().toISOString(), isProcessing: false });
@@ -337,8 +356,17 @@ function onHistory({ sessionId, messages }) {
   ui.transcript.replaceChildren();
   view.promptedRuns.clear();
   for (const m of messages) renderEvent(m, false);
-  // A prompt typed here and not yet started stays visible after the reload.
+  // A prompt still waiting in the queue stays visible; one already sent is the history's now
+  // (or, if its run has not written it yet, comes back with the run's first event).
+  view.localPrompts = view.localPrompts.filter((el) => el.dataset.state === 'queued');
   for (const el of view.localPrompts) ui.transcript.append(el);
+}
+
+function onQueuedSent({ sessionId, frame }) {
+  updateQueued();
+  if (sessionId !== view.id || frame.type !== 'chat.send') return;
+  const el = view.localPrompts.find((p) => p.dataset.state === 'queued');
+  if (el) el.dataset.state = 'sent';
 }
 
 function sendMessage(event) {
@@ -504,11 +532,10 @@ function renderEvent(event, live) {
         t.append(el);
         break;
       }
-      const last = lastItem();
-      const streamed = last?.dataset.kind === 'stream' && !last.classList.contains('streaming');
-      if (role === 'assistant' && streamed && streamText(last) === contentText(event.content)) {
-        // The whole text after its stream: already shown.
-        last.append(seqMarker(event));
+      if (role === 'assistant' && repeatsLastReply(event)) {
+        // The whole text after its stream (live), or after the stream's merged text (history):
+        // already shown.
+        lastItem().append(seqMarker(event));
         break;
       }
       t.append(mark(item('li', `msg ${role}`, contentText(event.content)), event));
@@ -584,6 +611,8 @@ function renderEvent(event, live) {
       el.dataset.success = String(Boolean(event.success));
       el.dataset.aborted = String(Boolean(event.aborted));
       el.dataset.exitCode = String(event.exitCode);
+      // A run cut short (owner lost, aborted) leaves its stream open: close it.
+      openStream()?.classList.remove('streaming');
       t.append(el);
       t.removeAttribute('aria-busy');
       if (live) {
@@ -604,8 +633,15 @@ function contentText(content) {
   return pretty(content);
 }
 
-function streamText(bubble) {
-  return [...bubble.querySelectorAll('span.chunk')].map((s) => s.textContent).join('');
+/** Whether an assistant `text` repeats the reply just shown for the same run. */
+function repeatsLastReply(event) {
+  const last = lastItem();
+  if (!last || !last.classList.contains('assistant') || last.classList.contains('streaming')) return false;
+  if (event.runId && last.dataset.runId && event.runId !== last.dataset.runId) return false;
+  const shown = last.dataset.kind === 'stream'
+    ? [...last.querySelectorAll('span.chunk')].map((s) => s.textContent).join('')
+    : last.textContent;
+  return shown === contentText(event.content);
 }
 
 /** A live event of a run this view has not seen start: show the run's prompt. */
@@ -680,6 +716,8 @@ ui.message.addEventListener('keydown', (e) => {
 });
 window.addEventListener('hashchange', openFromHash);
 
+const lastProvider = recall(PROVIDER_KEY);
+if (lastProvider && [...ui.newProvider.options].some((o) => o.value === lastProvider)) ui.newProvider.value = lastProvider;
 takeTokenFromUrl();
 const initial = storedToken();
 if (initial) signIn(initial);

@@ -104,6 +104,7 @@ const RECOVERY_PAUSE_MS = 250;
  * - `event` `{sessionId, event}` — a provider event, each seq exactly once, in order
  * - `history` `{sessionId, messages, lastSeq, reason}` — the session's history over REST; the
  *   application replaces what it shows for the session with it; events that follow continue it
+ * - `sent` `{sessionId, frame}` — a queued frame went out (after a reconnect's re-subscribe)
  * - `session` `{frame}` — a `session_upserted` frame (session created, renamed, provider id)
  * - `error` `{code, error, sessionId}` — a `protocol_error` frame, or a client-side failure
  *   (`code` `HISTORY_FAILED`, `QUEUE_FULL`)
@@ -309,6 +310,7 @@ export class ChatgateClient {
     if (code === CloseCode.TOKEN_EXPIRED) {
       const canRefresh = typeof this.tokenSource === 'function';
       this.emit('tokenexpired', { willReconnect: canRefresh });
+      if (!this.wanted) return; // a listener closed the client
       if (!canRefresh) {
         // A string token cannot be refreshed here: wait for setToken().
         this.emit('close', { code, reason, willReconnect: false, delayMs: null });
@@ -340,8 +342,9 @@ export class ChatgateClient {
   /** @private */
   scheduleReconnect(closed) {
     const delayMs = this.delayFor(this.attempt);
-    this.attempt += 1;
     if (closed) this.emit('close', { code: closed.code, reason: closed.reason, willReconnect: true, delayMs });
+    if (!this.wanted) return; // a listener closed the client
+    this.attempt += 1;
     this.setState(State.RECONNECTING, { delayMs });
     if (this.timer !== null) this.clearTimer(this.timer);
     this.timer = this.setTimer(() => {
@@ -615,13 +618,17 @@ export class ChatgateClient {
     if (!this.isOpen() || this.queue.length === 0) return;
     const blocked = new Set();
     const rest = [];
+    const sent = [];
     for (const item of this.queue) {
       if (blocked.has(item.sessionId) || !this.ready(item.sessionId) || !this.sendFrame(item.frame)) {
         blocked.add(item.sessionId);
         rest.push(item);
+      } else {
+        sent.push(item);
       }
     }
     this.queue = rest;
+    for (const item of sent) this.emit('sent', { sessionId: item.sessionId, frame: item.frame });
   }
 
   // ---- inbound -------------------------------------------------------------------------

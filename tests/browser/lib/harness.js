@@ -35,11 +35,7 @@ const b64url = (data) => Buffer.from(data).toString('base64url');
 
 /** An HS256 token for `user`, signed with the stack's secret. */
 export function mintToken(user, ttlSeconds = 3600) {
-  const now = Math.floor(Date.now() / 1000);
-  const head = b64url(JSON.stringify({ alg: 'HS256', typ: 'JWT' }));
-  const body = b64url(JSON.stringify({ userId: user, iat: now, exp: now + ttlSeconds }));
-  const sig = createHmac('sha256', need('CHATGATE_JWT_SECRET')).update(`${head}.${body}`).digest('base64url');
-  return `${head}.${body}.${sig}`;
+  return mintWith(need('CHATGATE_JWT_SECRET'), user, ttlSeconds);
 }
 
 /** A fresh user id, so each test sees only its own sessions. */
@@ -111,11 +107,11 @@ export async function shot(page, name) {
   return file;
 }
 
-/** The console at `/` signed in with `token` (passed once as ?token=), optionally on a session. */
-export async function openConsole(context, token, sessionId) {
+/** The console at `/` of `base` (the balancer) signed in with `token` (passed once as ?token=). */
+export async function openConsole(context, token, sessionId, base = lbUrl()) {
   const page = await context.newPage();
   const hash = sessionId ? `#/s/${sessionId}` : '';
-  await page.goto(`${lbUrl()}/?token=${encodeURIComponent(token)}${hash}`);
+  await page.goto(`${base}/?token=${encodeURIComponent(token)}${hash}`);
   await waitConnected(page);
   return page;
 }
@@ -205,4 +201,78 @@ export function contiguous(seqs) {
     if (seqs[i] !== seqs[i - 1] + 1) return `seq ${seqs[i]} follows ${seqs[i - 1]} at index ${i}`;
   }
   return null;
+}
+
+/** A free TCP port on 127.0.0.1. */
+export async function freePort() {
+  const { createServer } = await import('node:net');
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address();
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+/**
+ * One gateway node on the embedded default (SQLite in `dir`, no Redis), started by the test
+ * with the stack's binary. `secret` null starts it without --jwt-secret (it prints a token).
+ * Returns {url, port, output(), stop(signal), exited}.
+ */
+export async function startSingleNode({ dir, port, secret, nodeId = 'single-1' }) {
+  const { spawn } = await import('node:child_process');
+  const env = {};
+  for (const [key, value] of Object.entries(process.env)) {
+    if (!key.startsWith('CHATGATE_') && key !== 'REDIS_URL' && key !== 'DATABASE_URL') env[key] = value;
+  }
+  const args = [
+    'serve',
+    '--listen', `127.0.0.1:${port}`,
+    '--database-url', `sqlite://${path.join(dir, 'chatgate.db')}?mode=rwc`,
+    '--workspaces-root', dir,
+    '--node-id', nodeId,
+    '--drain-grace', '1s',
+  ];
+  if (secret) args.push('--jwt-secret', secret);
+  const child = spawn(need('CHATGATE_BIN'), args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  let output = '';
+  child.stdout.on('data', (d) => { output += d; });
+  child.stderr.on('data', (d) => { output += d; });
+  const exited = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
+  const url = `http://127.0.0.1:${port}`;
+  const deadline = Date.now() + 30000;
+  for (;;) {
+    if (child.exitCode !== null) throw new Error(`single node exited: ${output}`);
+    try {
+      if ((await fetch(`${url}/readyz`)).ok) break;
+    } catch {
+      /* not listening yet */
+    }
+    if (Date.now() > deadline) {
+      child.kill('SIGKILL');
+      throw new Error(`single node not ready: ${output}`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  return {
+    url,
+    port,
+    output: () => output,
+    exited,
+    stop: async (signal = 'SIGTERM') => {
+      if (child.exitCode === null && child.signalCode === null) child.kill(signal);
+      return exited;
+    },
+  };
+}
+
+/** An HS256 token for `user` signed with `secret`, valid `ttlSeconds`. */
+export function mintWith(secret, user, ttlSeconds) {
+  const now = Math.floor(Date.now() / 1000);
+  const head = b64url(JSON.stringify({ alg: 'HS256', typ: 'JWT' }));
+  const body = b64url(JSON.stringify({ userId: user, iat: now, exp: now + ttlSeconds }));
+  const sig = createHmac('sha256', secret).update(`${head}.${body}`).digest('base64url');
+  return `${head}.${body}.${sig}`;
 }

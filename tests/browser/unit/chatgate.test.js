@@ -368,6 +368,8 @@ test('a failing history reload is reported and the client still subscribes', asy
 
 test('chat.send while disconnected is queued and sent after the re-subscribe is acknowledged', async () => {
   const { client, timers, socket } = setup();
+  const flushed = [];
+  client.on('sent', ({ sessionId, frame }) => flushed.push(`${sessionId}:${frame.type}`));
   client.connect();
   await settle();
   socket().accept();
@@ -392,6 +394,7 @@ test('chat.send while disconnected is queued and sent after the re-subscribe is 
   );
   assert.equal(fresh.sent[1].content, 'first');
   assert.equal(client.queued(), 0);
+  assert.deepEqual(flushed, ['s:chat.send', 's:chat.abort'], 'the application is told');
   // Connected and acknowledged: sent at once.
   assert.equal(client.send('s', 'second'), 'sent');
 });
@@ -498,4 +501,19 @@ test('protocol errors and session notices are surfaced', async () => {
   socket().push({ kind: 'session_upserted', sessionId: 'n', provider: 'script', session: {} });
   assert.deepEqual(seen.errors.at(-1), { code: 'RUN_IN_PROGRESS', error: 'busy', sessionId: 's' });
   assert.deepEqual(sessions, ['n']);
+});
+
+test('a listener that closes the client on tokenexpired or close stops every reconnect', async () => {
+  for (const type of ['tokenexpired', 'close']) {
+    const { client, timers, socket } = setup({ token: () => 'fresh' });
+    client.on(type, () => client.close());
+    client.connect();
+    await settle();
+    socket().accept();
+    socket().drop(CloseCode.TOKEN_EXPIRED);
+    await timers.advance(60000);
+    assert.equal(FakeSocket.all.length, 1, type);
+    assert.equal(client.state, State.CLOSED, type);
+    assert.equal(timers.pending.length, 0, type);
+  }
 });
