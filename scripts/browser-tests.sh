@@ -57,6 +57,8 @@ export CHATGATE_LOCAL_BASE_PORT="$(( 20000 + RANDOM % 20000 ))"
 export CHATGATE_WORKSPACES_ROOT="$state/workspaces"
 export CHATGATE_RUN_LEASE="${CHATGATE_RUN_LEASE:-3s}"
 export CHATGATE_DRAIN_GRACE="${CHATGATE_DRAIN_GRACE:-2s}"
+# A small replay window, so a tab joining a long run late gets replayTruncated.
+export CHATGATE_REPLAY_MAX_EVENTS="${CHATGATE_REPLAY_MAX_EVENTS:-300}"
 export CHATGATE_LOCAL_USER="browser-$(od -An -tx1 -N4 /dev/urandom | tr -d ' \n')"
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 export DATABASE_URL="${DATABASE_URL:-${CHATGATE_TEST_PG_URL:-postgres://postgres@127.0.0.1:5432/test}}"
@@ -73,7 +75,7 @@ stop_stack() {
 trap stop_stack EXIT
 trap 'exit 130' INT TERM
 
-log "starting the local stack (3 nodes + nginx on :$CHATGATE_LB_PORT, run lease $CHATGATE_RUN_LEASE)"
+log "starting the local stack (3 nodes + nginx on :$CHATGATE_LB_PORT, run lease $CHATGATE_RUN_LEASE, replay window $CHATGATE_REPLAY_MAX_EVENTS)"
 deploy/local/up.sh 3 >"$state/up.log" 2>&1 || { cat "$state/up.log" >&2; die "deploy/local/up.sh failed"; }
 # shellcheck source=/dev/null
 . "$CHATGATE_LOCAL_STATE/env"

@@ -351,9 +351,10 @@ function onSubscribed({ sessionId, ack }) {
   updateQueued();
 }
 
-function onHistory({ sessionId, messages }) {
+function onHistory({ sessionId, messages, reason }) {
   if (sessionId !== view.id) return;
   ui.transcript.replaceChildren();
+  ui.transcript.dataset.history = reason;
   view.promptedRuns.clear();
   for (const m of messages) renderEvent(m, false);
   // A prompt still waiting in the queue stays visible; one already sent is the history's now

@@ -91,6 +91,7 @@ const RECOVERY_PAUSE_MS = 250;
  * @property {number} recoveries history reloads in a row without progress
  * @property {number} gapResubscribes gap-driven resubscribes in a row without progress
  * @property {boolean} acceptJump deliver the next event even if seq jumps (after giving up)
+ * @property {boolean} incomplete a jump was accepted: reload the history after the run's complete
  */
 
 /**
@@ -103,7 +104,10 @@ const RECOVERY_PAUSE_MS = 250;
  *   `pendingPermissions`, `lastSeq`, `replayTruncated`)
  * - `event` `{sessionId, event}` — a provider event, each seq exactly once, in order
  * - `history` `{sessionId, messages, lastSeq, reason}` — the session's history over REST; the
- *   application replaces what it shows for the session with it; events that follow continue it
+ *   application replaces what it shows for the session with it; events that follow continue it.
+ *   `reason`: `initial` (subscribe without lastSeq), `truncated` (replayTruncated), `missed`
+ *   (whole runs finished while away), `gap` (a live gap the replay could not fill), `completed`
+ *   (a run whose start was never replayable ended: its full text is history now)
  * - `sent` `{sessionId, frame}` — a queued frame went out (after a reconnect's re-subscribe)
  * - `session` `{frame}` — a `session_upserted` frame (session created, renamed, provider id)
  * - `error` `{code, error, sessionId}` — a `protocol_error` frame, or a client-side failure
@@ -447,6 +451,7 @@ export class ChatgateClient {
         recoveries: 0,
         gapResubscribes: 0,
         acceptJump: false,
+        incomplete: false,
       };
       this.sessions.set(id, s);
     }
@@ -472,7 +477,7 @@ export class ChatgateClient {
     s.syncing = true;
     s.acked = false;
     s.awaitingAck = false;
-    if (reason !== 'initial') s.recoveries += 1;
+    if (reason !== 'initial' && reason !== 'completed') s.recoveries += 1;
     const pause = Math.min(2000, RECOVERY_PAUSE_MS * Math.max(0, s.recoveries - 1));
     if (pause > 0) await new Promise((resolve) => this.setTimer(resolve, pause));
     let messages;
@@ -712,12 +717,18 @@ export class ChatgateClient {
       else this.subscribeNow(s);
       return;
     }
+    if (seq !== s.lastSeq + 1) s.incomplete = true; // gave up on a gap: the history has it later
     s.lastSeq = seq;
     s.expectReplay = false;
     s.acceptJump = false;
     s.gapResubscribes = 0;
     s.recoveries = 0;
     this.emit('event', { sessionId: s.id, event });
+    if (event.kind === 'complete' && s.incomplete) {
+      // The run is over and its history whole: reload it to fill what the replay lacked.
+      s.incomplete = false;
+      this.recover(s, 'completed');
+    }
   }
 }
 

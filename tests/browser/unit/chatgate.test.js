@@ -517,3 +517,37 @@ test('a listener that closes the client on tokenexpired or close stops every rec
     assert.equal(timers.pending.length, 0, type);
   }
 });
+
+test('after giving up on a truncated replay, the run\'s complete reloads the whole history', async () => {
+  const history = { s: [{ kind: 'text', role: 'user', content: 'go', seq: null }] };
+  const { client, socket, seen, timers, fetches } = setup({ history });
+  client.connect();
+  await settle();
+  socket().accept();
+  client.subscribe('s');
+  await timers.advance(10);
+  // The window lost the run's start: every reload still ends truncated (the stream is not in
+  // the history before its stream_end).
+  for (let i = 0; i < 3; i += 1) {
+    socket().push(ack('s', 500, { isProcessing: true, replayTruncated: true }));
+    await timers.advance(5000);
+  }
+  assert.equal(fetches.length, 4);
+  socket().push(ack('s', 500, { isProcessing: true, replayTruncated: true }));
+  for (let seq = 200; seq <= 202; seq += 1) socket().push(event('s', seq));
+  assert.deepEqual(seqsOf(seen.events, 's'), [200, 201, 202], 'what the window had, once the client gave up');
+  assert.equal(fetches.length, 4);
+  history.s.push({ kind: 'text', role: 'assistant', content: 'all of it', seq: 203 }, { kind: 'complete', seq: 204 });
+  socket().push(event('s', 203, 'stream_end'));
+  socket().push(event('s', 204, 'complete'));
+  await timers.advance(10);
+  assert.equal(fetches.length, 5);
+  assert.equal(seen.history.at(-1).reason, 'completed');
+  assert.equal(seen.history.at(-1).lastSeq, 204);
+  assert.deepEqual(socket().ofType('chat.subscribe').at(-1).sessions, [{ sessionId: 's', lastSeq: 204 }]);
+  // A complete after an ordinary, whole replay reloads nothing.
+  socket().push(ack('s', 204));
+  for (const seq of [205, 206]) socket().push(event('s', seq, seq === 206 ? 'complete' : 'stream_delta'));
+  await timers.advance(10);
+  assert.equal(fetches.length, 5);
+});

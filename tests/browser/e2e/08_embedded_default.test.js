@@ -50,7 +50,7 @@ test('the printed token signs in on the embedded default; a reload shows the his
     assert.equal(reloaded.completes[0].seq, live.completes[0].seq);
     const answers = await page.$$eval('#transcript .msg.assistant', (els) => els.map((e) => e.textContent));
     assert.deepEqual(answers, [words], 'the merged reply, once');
-    await shot(page, '06-embedded-default-history');
+    await shot(page, '08-embedded-default-history');
     assert.deepEqual(errors, []);
   } finally {
     await close();
@@ -79,7 +79,7 @@ test('a message typed while the node is down is queued and sent after the reconn
     const queued = '#transcript [data-kind="prompt"][data-local="true"]:last-child';
     assert.equal(await page.getAttribute(queued, 'data-state'), 'queued');
     assert.match(await page.textContent('#queued'), /1 waiting for the connection/);
-    await shot(page, '06-queued-while-disconnected');
+    await shot(page, '08-queued-while-disconnected');
 
     node = await startSingleNode({ dir, port, secret });
     await page.waitForSelector('#conn[data-state="open"]', { timeout: 20000 });
@@ -111,7 +111,7 @@ test('an expired token (4401) sends the console back to the sign-in form', async
     await page.waitForSelector('#signin:not([hidden])', { timeout: 10000 });
     assert.match(await page.textContent('#signin-error'), /expired/);
     assert.equal(await page.getAttribute('#conn', 'data-state'), 'offline');
-    await shot(page, '06-token-expired');
+    await shot(page, '08-token-expired');
     assert.deepEqual(errors, []);
   } finally {
     await close();

@@ -44,7 +44,7 @@ test('killing the owner node ends the run in both tabs within lease + 5 s', asyn
     await Promise.all([waitChunks(tabA, 5), waitChunks(tabB, 5)]);
     const owner = await runOwner(token, sessionId);
     assert.equal(owner, nodeA, 'the run lives on the node of the tab that sent it');
-    await shot(tabB, '05-before-kill-tab-b');
+    await shot(tabB, '06-before-kill-tab-b');
 
     killed = owner.replace('local-', '');
     process.kill(nodePid(owner), 'SIGKILL');
@@ -53,8 +53,8 @@ test('killing the owner node ends the run in both tabs within lease + 5 s', asyn
     await Promise.all([waitComplete(tabA, 1, limit), waitComplete(tabB, 1, limit)]);
     const took = Date.now() - killedAt;
     assert.ok(took <= limit, `complete after ${took} ms (limit ${limit})`);
-    await shot(tabA, '05-owner-killed-tab-a');
-    await shot(tabB, '05-owner-killed-tab-b');
+    await shot(tabA, '06-owner-killed-tab-a');
+    await shot(tabB, '06-owner-killed-tab-b');
 
     for (const [name, tab] of [['A', tabA], ['B', tabB]]) {
       const t = await transcript(tab);
