@@ -58,7 +58,7 @@ export CHATGATE_WORKSPACES_ROOT="$state/workspaces"
 export CHATGATE_RUN_LEASE="${CHATGATE_RUN_LEASE:-3s}"
 export CHATGATE_DRAIN_GRACE="${CHATGATE_DRAIN_GRACE:-2s}"
 # A small replay window, so a tab joining a long run late gets replayTruncated.
-export CHATGATE_REPLAY_MAX_EVENTS="${CHATGATE_REPLAY_MAX_EVENTS:-300}"
+export CHATGATE_REPLAY_MAX_EVENTS="${CHATGATE_REPLAY_MAX_EVENTS:-150}"
 export CHATGATE_LOCAL_USER="browser-$(od -An -tx1 -N4 /dev/urandom | tr -d ' \n')"
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 export DATABASE_URL="${DATABASE_URL:-${CHATGATE_TEST_PG_URL:-postgres://postgres@127.0.0.1:5432/test}}"
