@@ -65,7 +65,7 @@ export DATABASE_URL="${DATABASE_URL:-${CHATGATE_TEST_PG_URL:-postgres://postgres
 
 stop_stack() {
     local status=$?
-    deploy/local/down.sh >/dev/null 2>&1 || true
+    "$repo/deploy/local/down.sh" >"$state/down.log" 2>&1 || cat "$state/down.log" >&2
     for f in "$CHATGATE_LOCAL_STATE"/node-*.log "$CHATGATE_LOCAL_STATE"/nginx-error.log; do
         [[ -e "$f" ]] && cp "$f" "$artifacts/" 2>/dev/null
     done
@@ -76,7 +76,7 @@ trap stop_stack EXIT
 trap 'exit 130' INT TERM
 
 log "starting the local stack (3 nodes + nginx on :$CHATGATE_LB_PORT, run lease $CHATGATE_RUN_LEASE, replay window $CHATGATE_REPLAY_MAX_EVENTS)"
-deploy/local/up.sh 3 >"$state/up.log" 2>&1 || { cat "$state/up.log" >&2; die "deploy/local/up.sh failed"; }
+"$repo/deploy/local/up.sh" 3 >"$state/up.log" 2>&1 || { cat "$state/up.log" >&2; die "deploy/local/up.sh failed"; }
 # shellcheck source=/dev/null
 . "$CHATGATE_LOCAL_STATE/env"
 export CHATGATE_CHROMIUM="$chromium_bin" CHATGATE_BROWSER_ARTIFACTS="$artifacts"
