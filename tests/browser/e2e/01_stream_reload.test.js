@@ -62,6 +62,19 @@ test('a script run streams into the page and survives a reload onto another node
     assert.deepEqual(after.prompts, [script(events, 80)], 'the prompt from the history, once');
     assert.equal(await page.getAttribute('#run-state', 'data-state'), 'idle');
     assert.equal(await shownNode(page), secondNode);
+
+    // Accessible names and live regions; one pane at a time on a phone.
+    assert.equal(await page.getAttribute('#transcript', 'role'), 'log');
+    assert.equal(await page.getAttribute('#transcript', 'aria-live'), 'polite');
+    assert.equal(await page.getByLabel('Message').count(), 1);
+    await page.setViewportSize({ width: 390, height: 844 });
+    assert.equal(await page.isHidden('#sidebar'), true);
+    assert.equal(await page.isVisible('#transcript'), true);
+    await shot(page, '01-phone-chat');
+    await page.getByRole('button', { name: 'Sessions', exact: true }).click();
+    assert.equal(await page.isVisible('#sidebar'), true);
+    assert.equal(await page.isHidden('#chat'), true);
+    await shot(page, '01-phone-sessions');
     assert.deepEqual(errors, []);
   } finally {
     await close();
