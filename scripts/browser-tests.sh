@@ -51,6 +51,7 @@ free_port() {
 }
 state="$(mktemp -d /tmp/chatgate-browser.XXXXXX)"
 mkdir -p "$state/workspaces" "$artifacts"
+rm -f "$artifacts"/*.png "$artifacts"/*.log # this run's screenshots and logs only
 export CHATGATE_LOCAL_STATE="$state/stack"
 export CHATGATE_LB_PORT="$(free_port)"
 export CHATGATE_LOCAL_BASE_PORT="$(( 20000 + RANDOM % 20000 ))"
