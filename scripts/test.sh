@@ -64,6 +64,7 @@ cargo clippy --all-targets --locked -- -D warnings
 
 log "tests"
 cargo test --all-targets --locked
+log "browser tests (web console and JS client in headless Chromium, 3-node stack)"; scripts/browser-tests.sh
 
 if [ -x scripts/check-deploy.sh ]; then
   log "deploy manifests (offline validation)"

@@ -8,6 +8,7 @@ mod auth;
 mod error;
 mod health;
 mod sessions;
+mod web;
 mod ws;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
@@ -57,6 +58,10 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .route("/", get(web::index))
+        .route("/app.js", get(web::app_js))
+        .route("/app.css", get(web::app_css))
+        .route("/client/chatgate.js", get(web::client_js))
         .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
         .with_state(state)
 }

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Browser suite: the web console and the client module in headless Chromium against the local
+# 3-node stack behind nginx (deploy/local/up.sh), plus the client's Node unit tests.
+#
+# Installs what is missing (as root, Debian's chromium; the npm packages of tests/browser from
+# its lockfile), builds the debug binary, starts the stack in a temp state dir on free ports
+# (Redis 127.0.0.1:6379 and PostgreSQL postgres://postgres@127.0.0.1:5432/test by default),
+# runs the tests and always stops the stack. Screenshots and node logs go to
+# tests/browser/artifacts/ (CHATGATE_BROWSER_ARTIFACTS to change).
+#
+#   scripts/browser-tests.sh [node --test file filters...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo="$(pwd)"
+
+log() { printf '\n== %s\n' "$*"; }
+die() { echo "browser-tests: $*" >&2; exit 1; }
+
+chromium_bin="${CHATGATE_CHROMIUM:-/usr/bin/chromium}"
+artifacts="${CHATGATE_BROWSER_ARTIFACTS:-$repo/tests/browser/artifacts}"
+
+# --- tools -------------------------------------------------------------------------------------
+command -v node >/dev/null 2>&1 || die "node (20+) is required"
+command -v npm >/dev/null 2>&1 || die "npm is required"
+if [[ ! -x "$chromium_bin" ]]; then
+    [[ "$(id -u)" == 0 ]] || die "Chromium is not installed (as root: apt-get install chromium)"
+    log "installing Chromium (Debian package)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq chromium >/dev/null 2>&1 \
+        || { apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null; } \
+        || die "could not install chromium"
+    [[ -x "$chromium_bin" ]] || die "no $chromium_bin after installing chromium"
+fi
+pinned="$(node -p 'require("./tests/browser/package.json").devDependencies["playwright-core"]')"
+installed="$(node -p 'require("./tests/browser/node_modules/playwright-core/package.json").version' 2>/dev/null || true)"
+if [[ "$installed" != "$pinned" ]]; then
+    log "installing tests/browser npm packages (npm ci)"
+    npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error >/dev/null
+fi
+
+# --- binary -------------------------------------------------------------------------------------
+if [[ -z "${CHATGATE_BIN:-}" ]]; then
+    log "building the debug binary"
+    cargo build --locked --bin chatgate
+    export CHATGATE_BIN="$repo/target/debug/chatgate"
+fi
+
+# --- the stack ----------------------------------------------------------------------------------
+free_port() {
+    node -e 'const s = require("net").createServer(); s.listen(0, "127.0.0.1", () => { console.log(s.address().port); s.close(); });'
+}
+state="$(mktemp -d /tmp/chatgate-browser.XXXXXX)"
+mkdir -p "$state/workspaces" "$artifacts"
+rm -f "$artifacts"/*.png "$artifacts"/*.log # this run's screenshots and logs only
+export CHATGATE_LOCAL_STATE="$state/stack"
+export CHATGATE_LB_PORT="$(free_port)"
+export CHATGATE_LOCAL_BASE_PORT="$(( 20000 + RANDOM % 20000 ))"
+export CHATGATE_WORKSPACES_ROOT="$state/workspaces"
+export CHATGATE_RUN_LEASE="${CHATGATE_RUN_LEASE:-3s}"
+export CHATGATE_DRAIN_GRACE="${CHATGATE_DRAIN_GRACE:-2s}"
+# A small replay window, so a tab joining a long run late gets replayTruncated.
+export CHATGATE_REPLAY_MAX_EVENTS="${CHATGATE_REPLAY_MAX_EVENTS:-150}"
+export CHATGATE_LOCAL_USER="browser-$(od -An -tx1 -N4 /dev/urandom | tr -d ' \n')"
+export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
+export DATABASE_URL="${DATABASE_URL:-${CHATGATE_TEST_PG_URL:-postgres://postgres@127.0.0.1:5432/test}}"
+
+stop_stack() {
+    local status=$?
+    "$repo/deploy/local/down.sh" >"$state/down.log" 2>&1 || cat "$state/down.log" >&2
+    for f in "$CHATGATE_LOCAL_STATE"/node-*.log "$CHATGATE_LOCAL_STATE"/nginx-error.log; do
+        [[ -e "$f" ]] && cp "$f" "$artifacts/" 2>/dev/null
+    done
+    rm -rf "$state"
+    exit "$status"
+}
+trap stop_stack EXIT
+trap 'exit 130' INT TERM
+
+log "starting the local stack (3 nodes + nginx on :$CHATGATE_LB_PORT, run lease $CHATGATE_RUN_LEASE, replay window $CHATGATE_REPLAY_MAX_EVENTS)"
+"$repo/deploy/local/up.sh" 3 >"$state/up.log" 2>&1 || { cat "$state/up.log" >&2; die "deploy/local/up.sh failed"; }
+# shellcheck source=/dev/null
+. "$CHATGATE_LOCAL_STATE/env"
+export CHATGATE_CHROMIUM="$chromium_bin" CHATGATE_BROWSER_ARTIFACTS="$artifacts"
+
+log "browser tests (Chromium $("$chromium_bin" --version 2>/dev/null | awk '{print $2}'))"
+cd tests/browser
+if (( $# > 0 )); then
+    node --test --test-concurrency=1 "$@"
+else
+    node --test --test-concurrency=1 unit/ e2e/
+fi

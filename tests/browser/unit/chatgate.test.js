@@ -1,0 +1,553 @@
+// Unit tests of web/chatgate.js (Node's test runner, no browser): reconnect and backoff,
+// re-subscribe with lastSeq, dedupe, gap repair, replayTruncated, the send queue, close codes.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+
+import { ChatgateClient, CloseCode, State } from '../../../web/chatgate.js';
+
+/** A WebSocket stand-in: records what the client sends; the test plays the server. */
+class FakeSocket {
+  static all = [];
+  constructor(url) {
+    this.url = url;
+    this.sent = [];
+    this.closedWith = null;
+    FakeSocket.all.push(this);
+  }
+  send(text) {
+    this.sent.push(JSON.parse(text));
+  }
+  close(code, reason) {
+    this.closedWith = { code, reason };
+  }
+  // server side
+  accept(nodeId = 'node-a') {
+    this.onopen?.();
+    this.push({ kind: 'connected', nodeId, timestamp: new Date().toISOString() });
+  }
+  push(frame) {
+    this.onmessage?.({ data: JSON.stringify(frame) });
+  }
+  drop(code = 1006, reason = '') {
+    this.onclose?.({ code, reason });
+  }
+  ofType(type) {
+    return this.sent.filter((f) => f.type === type);
+  }
+}
+
+/** Manual timers: nothing fires until `advance`. */
+class Timers {
+  constructor() {
+    this.now = 0;
+    this.pending = [];
+    this.scheduled = [];
+    this.nextId = 1;
+  }
+  setTimeout = (fn, ms) => {
+    const id = this.nextId++;
+    this.pending.push({ id, at: this.now + ms, fn });
+    this.scheduled.push(ms);
+    return id;
+  };
+  clearTimeout = (id) => {
+    this.pending = this.pending.filter((t) => t.id !== id);
+  };
+  async advance(ms) {
+    const until = this.now + ms;
+    for (;;) {
+      await settle();
+      this.pending.sort((a, b) => a.at - b.at);
+      const next = this.pending[0];
+      if (!next || next.at > until) break;
+      this.pending.shift();
+      this.now = next.at;
+      next.fn();
+    }
+    this.now = until;
+    await settle();
+  }
+}
+
+/** Lets pending promise callbacks run. */
+async function settle() {
+  for (let i = 0; i < 5; i += 1) await new Promise((resolve) => setImmediate(resolve));
+}
+
+function event(sessionId, seq, kind = 'stream_delta', extra = {}) {
+  return { id: `e${seq}`, kind, sessionId, provider: 'script', runId: 'r1', timestamp: 't', seq, content: `c${seq}`, ...extra };
+}
+
+function ack(sessionId, lastSeq, extra = {}) {
+  return {
+    kind: 'chat_subscribed',
+    sessionId,
+    isProcessing: false,
+    lastSeq,
+    runId: null,
+    pendingPermissions: [],
+    replayTruncated: false,
+    ...extra,
+  };
+}
+
+/** A client wired to fakes; `history` maps session id → messages served over REST. */
+function setup(options = {}) {
+  FakeSocket.all = [];
+  const timers = new Timers();
+  const history = options.history ?? {};
+  const fetches = [];
+  const fetch = async (url, init) => {
+    fetches.push({ url, init });
+    if (options.fetchFails) return { ok: false, status: 503, json: async () => ({ success: false, error: { code: 'X', message: 'down' } }) };
+    const id = decodeURIComponent(url.match(/sessions\/([^/]+)\/messages/)?.[1] ?? '');
+    const messages = history[id] ?? [];
+    return { ok: true, status: 200, json: async () => ({ success: true, data: { messages, total: messages.length } }) };
+  };
+  const client = new ChatgateClient({
+    token: options.token ?? 'tok',
+    url: 'ws://gw/ws',
+    baseUrl: 'http://gw',
+    WebSocket: FakeSocket,
+    fetch,
+    random: options.random ?? (() => 0),
+    now: () => timers.now,
+    setTimeout: timers.setTimeout,
+    clearTimeout: timers.clearTimeout,
+    backoff: { initialMs: 100, maxMs: 1000, factor: 2, jitter: 0.5, stableMs: 5000, ...(options.backoff ?? {}) },
+    maxQueued: options.maxQueued,
+  });
+  const seen = { events: [], history: [], errors: [], closes: [], states: [], expired: [] };
+  client.on('event', (e) => seen.events.push(e));
+  client.on('history', (h) => seen.history.push(h));
+  client.on('error', (e) => seen.errors.push(e));
+  client.on('close', (c) => seen.closes.push(c));
+  client.on('state', (s) => seen.states.push(s.state));
+  client.on('tokenexpired', (t) => seen.expired.push(t));
+  const socket = () => FakeSocket.all.at(-1);
+  return { client, timers, fetches, seen, socket, history };
+}
+
+const seqsOf = (events, id) => events.filter((e) => e.sessionId === id).map((e) => e.event.seq);
+
+test('connects with the token and reports the serving node id', async () => {
+  const { client, socket, seen } = setup({ token: 'a b' });
+  client.connect();
+  await settle();
+  assert.equal(socket().url, 'ws://gw/ws?token=a%20b');
+  socket().accept('local-2');
+  assert.equal(client.nodeId, 'local-2');
+  assert.equal(client.state, State.OPEN);
+  assert.deepEqual(seen.states.slice(0, 2), [State.CONNECTING, State.OPEN]);
+});
+
+test('reconnects with exponential backoff, capped, and jitter inside its bounds', async () => {
+  const { client, timers, socket } = setup();
+  client.connect();
+  await settle();
+  for (let i = 0; i < 6; i += 1) {
+    socket().drop(1006);
+    await timers.advance(2000);
+  }
+  assert.deepEqual(timers.scheduled, [100, 200, 400, 800, 1000, 1000]);
+  assert.equal(FakeSocket.all.length, 7);
+
+  // With jitter 0.5 the delay lies in [base/2, base]; random() = 0.999 draws near the bottom.
+  const jittered = setup({ random: () => 0.999 });
+  jittered.client.connect();
+  await settle();
+  for (let i = 0; i < 4; i += 1) {
+    jittered.socket().drop(1006);
+    await jittered.timers.advance(2000);
+  }
+  const bases = [100, 200, 400, 800];
+  jittered.timers.scheduled.forEach((ms, i) => {
+    assert.ok(ms >= bases[i] / 2 && ms < bases[i], `delay ${ms} outside [${bases[i] / 2}, ${bases[i]})`);
+  });
+});
+
+test('a connection that stayed up resets the backoff; a flapping one does not', async () => {
+  const { client, timers, socket } = setup();
+  client.connect();
+  await settle();
+  socket().drop(1006);
+  await timers.advance(100);
+  socket().drop(1006);
+  await timers.advance(200);
+  socket().accept();
+  socket().drop(1006); // opened, but closed at once: still backing off
+  await timers.advance(400);
+  socket().accept();
+  await timers.advance(6000);
+  socket().drop(1006); // had been open 6 s: starts over
+  await timers.advance(100);
+  assert.deepEqual(timers.scheduled, [100, 200, 400, 100]);
+});
+
+test('re-subscribes every open session with its lastSeq after a reconnect', async () => {
+  const { client, timers, socket, seen } = setup();
+  client.connect();
+  await settle();
+  socket().accept();
+  client.subscribe('s1', { lastSeq: 0 });
+  client.subscribe('s2', { lastSeq: 7 });
+  socket().push(ack('s1', 0, { isProcessing: true }));
+  socket().push(ack('s2', 7, { isProcessing: true }));
+  for (const seq of [1, 2, 3]) socket().push(event('s1', seq));
+  socket().push(event('s2', 8));
+  socket().drop(1006);
+  await timers.advance(100);
+  const fresh = socket();
+  fresh.accept('node-b');
+  const subscribe = fresh.ofType('chat.subscribe');
+  assert.equal(subscribe.length, 1);
+  assert.deepEqual(subscribe[0].sessions, [
+    { sessionId: 's1', lastSeq: 3 },
+    { sessionId: 's2', lastSeq: 8 },
+  ]);
+  assert.equal(client.nodeId, 'node-b');
+  // The replay continues exactly after lastSeq.
+  fresh.push(ack('s1', 5, { isProcessing: true }));
+  fresh.push(event('s1', 4));
+  fresh.push(event('s1', 5));
+  assert.deepEqual(seqsOf(seen.events, 's1'), [1, 2, 3, 4, 5]);
+  assert.deepEqual(seqsOf(seen.events, 's2'), [8]);
+});
+
+test('delivers each seq once and in order: duplicates are dropped', async () => {
+  const { client, socket, seen } = setup();
+  client.connect();
+  await settle();
+  socket().accept();
+  client.subscribe('s', { lastSeq: 0 });
+  socket().push(ack('s', 0, { isProcessing: true }));
+  for (const seq of [1, 2, 2, 3, 1, 3, 4]) socket().push(event('s', seq));
+  assert.deepEqual(seqsOf(seen.events, 's'), [1, 2, 3, 4]);
+  // A duplicate is no gap: nothing was resubscribed.
+  assert.equal(socket().ofType('chat.subscribe').length, 1);
+  assert.equal(client.lastSeq('s'), 4);
+});
+
+test('a gap on the live path resubscribes from the last delivered seq', async () => {
+  const { client, socket, seen } = setup();
+  client.connect();
+  await settle();
+  socket().accept();
+  client.subscribe('s', { lastSeq: 0 });
+  socket().push(ack('s', 0, { isProcessing: true }));
+  socket().push(event('s', 1));
+  socket().push(event('s', 2));
+  socket().push(event('s', 5)); // 3 and 4 lost
+  socket().push(event('s', 6)); // the old subscription's tail: ignored until the new ack
+  const subs = socket().ofType('chat.subscribe');
+  assert.equal(subs.length, 2, 'one resubscribe for the gap, none for the tail');
+  assert.deepEqual(subs.at(-1).sessions, [{ sessionId: 's', lastSeq: 2 }]);
+  socket().push(ack('s', 6, { isProcessing: true }));
+  for (const seq of [3, 4, 5, 6, 7]) socket().push(event('s', seq));
+  assert.deepEqual(seqsOf(seen.events, 's'), [1, 2, 3, 4, 5, 6, 7]);
+});
+
+test('repeated gaps without progress fall back to a history reload', async () => {
+  const history = { s: [{ kind: 'text', role: 'user', content: 'hi', seq: null }, { kind: 'text', seq: 9 }] };
+  const { client, socket, seen, timers, fetches } = setup({ history });
+  client.connect();
+  await settle();
+  socket().accept();
+  client.subscribe('s', { lastSeq: 1 });
+  socket().push(ack('s', 1, { isProcessing: true }));
+  // The server keeps skipping seq 2..9 (its acks claim nothing past 1): two resubscribes, then
+  // the history.
+  for (let i = 0; i < 3; i += 1) {
+    socket().push(event('s', 10));
+    assert.equal(fetches.length, 0);
+    if (i < 2) {
+      assert.deepEqual(socket().ofType('chat.subscribe').at(-1).sessions, [{ sessionId: 's', lastSeq: 1 }]);
+      socket().push(ack('s', 1, { isProcessing: true }));
+    }
+  }
+  assert.equal(socket().ofType('chat.subscribe').length, 3);
+  await timers.advance(5000);
+  assert.equal(fetches.length, 1);
+  assert.equal(seen.history.length, 1);
+  assert.equal(seen.history[0].lastSeq, 9);
+  assert.deepEqual(socket().ofType('chat.subscribe').at(-1).sessions, [{ sessionId: 's', lastSeq: 9 }]);
+  socket().push(ack('s', 10, { isProcessing: true }));
+  socket().push(event('s', 10));
+  assert.deepEqual(seqsOf(seen.events, 's'), [10]);
+});
+
+test('replayTruncated reloads the history over REST, then continues after its last seq', async () => {
+  const history = {
+    s: [
+      { kind: 'text', role: 'user', content: 'go', seq: null },
+      { kind: 'text', role: 'assistant', content: 'merged', seq: 40 },
+      { kind: 'complete', seq: 41 },
+      { kind: 'text', role: 'user', content: 'again', seq: null },
+      { kind: 'stream_end', seq: 60 },
+    ],
+  };
+  const { client, socket, seen, timers, fetches } = setup({ history });
+  client.connect();
+  await settle();
+  socket().accept();
+  client.subscribe('s', { lastSeq: 3 });
+  socket().push(ack('s', 70, { isProcessing: true, replayTruncated: true }));
+  socket().push(event('s', 55)); // what was left of the window: not delivered, history covers it
+  await timers.advance(1000);
+  assert.equal(fetches.length, 1);
+  assert.match(fetches[0].url, /^http:\/\/gw\/api\/providers\/sessions\/s\/messages$/);
+  assert.equal(fetches[0].init.headers.authorization, 'Bearer tok');
+  assert.equal(seen.history.length, 1);
+  assert.equal(seen.history[0].messages.length, 5);
+  assert.equal(seen.history[0].reason, 'truncated');
+  assert.deepEqual(socket().ofType('chat.subscribe').at(-1).sessions, [{ sessionId: 's', lastSeq: 60 }]);
+  socket().push(ack('s', 70, { isProcessing: true }));
+  for (let seq = 61; seq <= 70; seq += 1) socket().push(event('s', seq));
+  assert.deepEqual(seqsOf(seen.events, 's'), [61, 62, 63, 64, 65, 66, 67, 68, 69, 70]);
+});
+
+test('subscribe without lastSeq loads history first, then subscribes from it', async () => {
+  const history = { s: [{ kind: 'text', role: 'user', content: 'x', seq: null }, { kind: 'complete', seq: 12 }] };
+  const { client, socket, seen, timers } = setup({ history });
+  client.connect();
+  await settle();
+  socket().accept();
+  client.subscribe('s');
+  await timers.advance(10);
+  assert.equal(seen.history.length, 1);
+  assert.equal(seen.history[0].reason, 'initial');
+  assert.deepEqual(socket().ofType('chat.subscribe').at(-1).sessions, [{ sessionId: 's', lastSeq: 12 }]);
+});
+
+test('an idle ack past our lastSeq (runs finished while away) reloads history', async () => {
+  const history = { s: [{ kind: 'complete', seq: 20 }] };
+  const { client, socket, seen, timers } = setup({ history });
+  client.connect();
+  await settle();
+  socket().accept();
+  client.subscribe('s', { lastSeq: 5 });
+  socket().push(ack('s', 20, { isProcessing: false }));
+  await timers.advance(1000);
+  assert.equal(seen.history.length, 1);
+  assert.equal(seen.history[0].reason, 'missed');
+  socket().push(ack('s', 20));
+  assert.equal(client.lastSeq('s'), 20);
+});
+
+test('a replay that starts past lastSeq + 1 (an earlier run missed) reloads history', async () => {
+  const history = { s: [{ kind: 'complete', seq: 30 }] };
+  const { client, socket, seen, timers } = setup({ history });
+  client.connect();
+  await settle();
+  socket().accept();
+  client.subscribe('s', { lastSeq: 5 });
+  socket().push(ack('s', 33, { isProcessing: true }));
+  socket().push(event('s', 31)); // first event of the current run
+  await timers.advance(1000);
+  assert.equal(seen.history.length, 1);
+  assert.deepEqual(socket().ofType('chat.subscribe').at(-1).sessions, [{ sessionId: 's', lastSeq: 30 }]);
+  socket().push(ack('s', 33, { isProcessing: true }));
+  for (const seq of [31, 32, 33]) socket().push(event('s', seq));
+  assert.deepEqual(seqsOf(seen.events, 's'), [31, 32, 33]);
+});
+
+test('a failing history reload is reported and the client still subscribes', async () => {
+  const { client, socket, seen, timers } = setup({ fetchFails: true });
+  client.connect();
+  await settle();
+  socket().accept();
+  client.subscribe('s', { lastSeq: 2 });
+  socket().push(ack('s', 9, { isProcessing: true, replayTruncated: true }));
+  await timers.advance(1000);
+  assert.equal(seen.errors.at(-1).code, 'HISTORY_FAILED');
+  socket().push(ack('s', 9, { isProcessing: true, replayTruncated: true }));
+  socket().push(event('s', 8));
+  socket().push(event('s', 9));
+  assert.deepEqual(seqsOf(seen.events, 's'), [8, 9]);
+});
+
+test('chat.send while disconnected is queued and sent after the re-subscribe is acknowledged', async () => {
+  const { client, timers, socket } = setup();
+  const flushed = [];
+  client.on('sent', ({ sessionId, frame }) => flushed.push(`${sessionId}:${frame.type}`));
+  client.connect();
+  await settle();
+  socket().accept();
+  client.subscribe('s', { lastSeq: 4 });
+  socket().push(ack('s', 4));
+  socket().drop(1006);
+  assert.equal(client.send('s', 'first'), 'queued');
+  assert.equal(client.abort('s'), 'queued');
+  assert.equal(client.queued(), 2);
+  await timers.advance(100);
+  const fresh = socket();
+  fresh.accept();
+  assert.deepEqual(
+    fresh.sent.map((f) => f.type),
+    ['chat.subscribe'],
+    'nothing but the subscribe before its ack',
+  );
+  fresh.push(ack('s', 4));
+  assert.deepEqual(
+    fresh.sent.map((f) => f.type),
+    ['chat.subscribe', 'chat.send', 'chat.abort'],
+  );
+  assert.equal(fresh.sent[1].content, 'first');
+  assert.equal(client.queued(), 0);
+  assert.deepEqual(flushed, ['s:chat.send', 's:chat.abort'], 'the application is told');
+  // Connected and acknowledged: sent at once.
+  assert.equal(client.send('s', 'second'), 'sent');
+});
+
+test('the send queue is bounded', async () => {
+  const { client, seen } = setup({ maxQueued: 2 });
+  client.subscribe('s', { lastSeq: 0 });
+  client.send('s', 'a');
+  client.send('s', 'b');
+  assert.throws(() => client.send('s', 'c'), /queue full/);
+  assert.equal(seen.errors.at(-1).code, 'QUEUE_FULL');
+  assert.equal(client.queued(), 2);
+});
+
+test('4401 calls the token function for a fresh token and reconnects with it', async () => {
+  const reasons = [];
+  let n = 0;
+  const token = ({ reason }) => {
+    reasons.push(reason);
+    n += 1;
+    return `t${n}`;
+  };
+  const { client, timers, socket, seen } = setup({ token });
+  client.connect();
+  await settle();
+  socket().accept();
+  socket().drop(CloseCode.TOKEN_EXPIRED, 'token expired');
+  assert.equal(seen.expired.length, 1);
+  assert.equal(seen.expired[0].willReconnect, true);
+  assert.equal(seen.closes.at(-1).code, 4401);
+  await timers.advance(100);
+  assert.deepEqual(reasons, ['connect', 'expired']);
+  assert.equal(socket().url, 'ws://gw/ws?token=t2');
+});
+
+test('4401 with a fixed token stops until setToken', async () => {
+  const { client, timers, socket, seen } = setup({ token: 'old' });
+  client.connect();
+  await settle();
+  socket().accept();
+  socket().drop(CloseCode.TOKEN_EXPIRED);
+  await timers.advance(60000);
+  assert.equal(FakeSocket.all.length, 1);
+  assert.equal(client.state, State.CLOSED);
+  assert.equal(seen.expired[0].willReconnect, false);
+  client.setToken('new');
+  await settle();
+  assert.equal(FakeSocket.all.length, 2);
+  assert.equal(socket().url, 'ws://gw/ws?token=new');
+});
+
+test('1008 (Origin refused) does not reconnect; 1012 and 4008 reconnect promptly', async () => {
+  const refused = setup();
+  refused.client.connect();
+  await settle();
+  refused.socket().accept();
+  refused.socket().drop(CloseCode.POLICY);
+  await refused.timers.advance(60000);
+  assert.equal(FakeSocket.all.length, 1);
+  assert.equal(refused.seen.closes[0].willReconnect, false);
+
+  for (const code of [CloseCode.DRAINING, CloseCode.SLOW_CONSUMER]) {
+    const { client, timers, socket, seen } = setup();
+    client.connect();
+    await settle();
+    // Some failed attempts first: the server's request to reconnect still starts over.
+    socket().drop(1006);
+    await timers.advance(100);
+    socket().drop(1006);
+    await timers.advance(200);
+    socket().accept('a');
+    socket().drop(code);
+    assert.equal(seen.closes.at(-1).code, code);
+    assert.equal(seen.closes.at(-1).willReconnect, true);
+    assert.ok(seen.closes.at(-1).delayMs <= 100, `reconnect delay ${seen.closes.at(-1).delayMs}`);
+    assert.equal(client.nodeId, null);
+    await timers.advance(100);
+    socket().accept('b');
+    assert.equal(client.nodeId, 'b');
+  }
+});
+
+test('close() stops for good', async () => {
+  const { client, timers, socket } = setup();
+  client.connect();
+  await settle();
+  socket().accept();
+  client.close();
+  assert.equal(socket().closedWith.code, 1000);
+  socket().drop(1000);
+  await timers.advance(60000);
+  assert.equal(FakeSocket.all.length, 1);
+  assert.equal(client.state, State.CLOSED);
+});
+
+test('protocol errors and session notices are surfaced', async () => {
+  const { client, socket, seen } = setup();
+  const sessions = [];
+  client.on('session', (s) => sessions.push(s.frame.sessionId));
+  client.connect();
+  await settle();
+  socket().accept();
+  socket().push({ kind: 'protocol_error', code: 'RUN_IN_PROGRESS', error: 'busy', sessionId: 's' });
+  socket().push({ kind: 'session_upserted', sessionId: 'n', provider: 'script', session: {} });
+  assert.deepEqual(seen.errors.at(-1), { code: 'RUN_IN_PROGRESS', error: 'busy', sessionId: 's' });
+  assert.deepEqual(sessions, ['n']);
+});
+
+test('a listener that closes the client on tokenexpired or close stops every reconnect', async () => {
+  for (const type of ['tokenexpired', 'close']) {
+    const { client, timers, socket } = setup({ token: () => 'fresh' });
+    client.on(type, () => client.close());
+    client.connect();
+    await settle();
+    socket().accept();
+    socket().drop(CloseCode.TOKEN_EXPIRED);
+    await timers.advance(60000);
+    assert.equal(FakeSocket.all.length, 1, type);
+    assert.equal(client.state, State.CLOSED, type);
+    assert.equal(timers.pending.length, 0, type);
+  }
+});
+
+test('after giving up on a truncated replay, the run\'s complete reloads the whole history', async () => {
+  const history = { s: [{ kind: 'text', role: 'user', content: 'go', seq: null }] };
+  const { client, socket, seen, timers, fetches } = setup({ history });
+  client.connect();
+  await settle();
+  socket().accept();
+  client.subscribe('s');
+  await timers.advance(10);
+  // The window lost the run's start: every reload still ends truncated (the stream is not in
+  // the history before its stream_end).
+  for (let i = 0; i < 3; i += 1) {
+    socket().push(ack('s', 500, { isProcessing: true, replayTruncated: true }));
+    await timers.advance(5000);
+  }
+  assert.equal(fetches.length, 4);
+  socket().push(ack('s', 500, { isProcessing: true, replayTruncated: true }));
+  for (let seq = 200; seq <= 202; seq += 1) socket().push(event('s', seq));
+  assert.deepEqual(seqsOf(seen.events, 's'), [200, 201, 202], 'what the window had, once the client gave up');
+  assert.equal(fetches.length, 4);
+  history.s.push({ kind: 'text', role: 'assistant', content: 'all of it', seq: 203 }, { kind: 'complete', seq: 204 });
+  socket().push(event('s', 203, 'stream_end'));
+  socket().push(event('s', 204, 'complete'));
+  await timers.advance(10);
+  assert.equal(fetches.length, 5);
+  assert.equal(seen.history.at(-1).reason, 'completed');
+  assert.equal(seen.history.at(-1).lastSeq, 204);
+  assert.deepEqual(socket().ofType('chat.subscribe').at(-1).sessions, [{ sessionId: 's', lastSeq: 204 }]);
+  // A complete after an ordinary, whole replay reloads nothing.
+  socket().push(ack('s', 204));
+  for (const seq of [205, 206]) socket().push(event('s', seq, seq === 206 ? 'complete' : 'stream_delta'));
+  await timers.advance(10);
+  assert.equal(fetches.length, 5);
+});
