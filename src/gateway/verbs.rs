@@ -133,7 +133,9 @@ impl Gateway {
         if !conn.is_subscribed(session_id)
             && let Ok(subscription) = self.registry.subscribe(session_id, u64::MAX).await
         {
-            conn.attach(session_id, subscription.live, self.registry.clone());
+            let mut live = subscription.live;
+            live.raise_floor(session.last_seq);
+            conn.attach(session_id, live, self.registry.clone());
         }
         let request = RunRequest {
             session_id: session_id.to_string(),
@@ -207,7 +209,9 @@ impl Gateway {
             for event in subscription.replay {
                 conn.send(event.frame);
             }
-            conn.attach(id, subscription.live, self.registry.clone());
+            let mut live = subscription.live;
+            live.raise_floor(last_seq);
+            conn.attach(id, live, self.registry.clone());
         }
     }
 

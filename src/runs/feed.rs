@@ -56,6 +56,12 @@ impl LiveFeed {
         self.last_sent
     }
 
+    /// Raises the cursor to a seq known to be taken (the session's high-water mark
+    /// in SQL), for a registry that no longer remembers the session.
+    pub fn raise_floor(&mut self, seq: u64) {
+        self.last_sent = self.last_sent.max(seq);
+    }
+
     /// The next event. `None` when the session's channel is gone.
     pub async fn next(&mut self) -> Option<FeedItem> {
         loop {
