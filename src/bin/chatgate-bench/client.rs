@@ -43,7 +43,12 @@ pub struct Node {
 
 impl Node {
     /// Starts `chatgate serve` on a free port (only the `script` provider enabled).
-    pub async fn spawn(bin: &Path, backend: &Backend, extra: &[String]) -> anyhow::Result<Node> {
+    pub async fn spawn(
+        bin: &Path,
+        backend: &Backend,
+        extra: &[String],
+        env: &[(String, String)],
+    ) -> anyhow::Result<Node> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
@@ -70,7 +75,12 @@ impl Node {
                     .arg(node_id);
             }
         }
-        cmd.args(extra).env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::inherit()).kill_on_drop(true);
+        cmd.args(extra)
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
         let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
         let pid = child.id();
         let node = Node { addr, pid, child: Some(child), _dir: Some(dir) };
@@ -237,6 +247,11 @@ pub fn kernel_tcp_bytes() -> Option<u64> {
         }
     }
     None
+}
+
+/// Parses `KEY=VALUE`.
+pub fn parse_env(raw: &str) -> Result<(String, String), String> {
+    raw.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("{raw}: expected KEY=VALUE"))
 }
 
 /// The chatgate binary: `--chatgate-bin`, else next to this one.

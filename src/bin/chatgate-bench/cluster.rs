@@ -7,7 +7,10 @@ use std::{collections::BTreeMap, net::SocketAddr, path::Path};
 
 use anyhow::{Context, bail};
 
-use crate::client::{Api, Backend, Node};
+use crate::{
+    client::{Api, Backend, Node},
+    services::{PrivatePostgres, PrivateRedis},
+};
 
 /// Where cluster nodes find Redis and PostgreSQL.
 #[derive(Debug, Clone, clap::Args)]
@@ -22,6 +25,13 @@ pub struct ClusterArgs {
     /// of using `--redis-url`, so that its CPU time is the scenario's alone.
     #[arg(long, global = true)]
     pub private_redis: bool,
+    /// Start a private PostgreSQL (fsync off, as the `postgres` user) instead
+    /// of using `--database-url`: its CPU time is then reported too.
+    #[arg(long, global = true)]
+    pub private_postgres: bool,
+    /// An environment variable for every spawned node (repeatable), e.g. `TOKIO_WORKER_THREADS=1`.
+    #[arg(long = "node-env", value_parser = crate::client::parse_env, global = true)]
+    pub node_env: Vec<(String, String)>,
 }
 
 /// The nodes of one scenario.
@@ -31,39 +41,50 @@ pub struct Cluster {
     pub redis_pid: Option<u32>,
     /// The Redis the nodes use (cluster mode).
     pub redis_url: Option<String>,
-    /// A private `redis-server`, stopped with the cluster.
-    private_redis: Option<tokio::process::Child>,
+    /// Private services, stopped with the cluster.
+    private_redis: Option<PrivateRedis>,
+    private_postgres: Option<PrivatePostgres>,
     pub api: Api,
 }
 
 impl Cluster {
+    /// Whether the PostgreSQL CPU figure covers this scenario's database alone.
+    pub fn postgres_is_private(&self) -> bool {
+        self.private_postgres.is_some()
+    }
+
     /// `count` cluster-mode nodes with unique ids, started one after another
     /// (each applies the migrations at start).
     pub async fn start(bin: &Path, args: &ClusterArgs, count: usize, extra: &[String]) -> anyhow::Result<Cluster> {
         let run = uuid::Uuid::new_v4().simple().to_string();
-        let (redis_url, private_redis) = if args.private_redis {
-            let (url, child) = start_private_redis().await?;
-            (url, Some(child))
-        } else {
-            (args.redis_url.clone(), None)
-        };
+        let private_redis = if args.private_redis { Some(PrivateRedis::start().await?) } else { None };
+        let redis_url = private_redis.as_ref().map_or(args.redis_url.clone(), |r| r.url.clone());
+        let private_postgres = if args.private_postgres { Some(PrivatePostgres::start().await?) } else { None };
+        let database_url = private_postgres.as_ref().map_or(args.database_url.clone(), |p| p.url.clone());
         let mut nodes = Vec::with_capacity(count);
         for i in 0..count {
             let backend = Backend::Cluster {
                 redis_url: redis_url.clone(),
-                database_url: args.database_url.clone(),
+                database_url: database_url.clone(),
                 node_id: format!("bench-{}-{i}", &run[..8]),
             };
-            nodes.push(Node::spawn(bin, &backend, extra).await?);
+            nodes.push(Node::spawn(bin, &backend, extra, &args.node_env).await?);
         }
         let redis_pid = redis_pid(&redis_url).await.ok();
-        Ok(Cluster { nodes, redis_pid, redis_url: Some(redis_url), private_redis, api: Api::new() })
+        Ok(Cluster { nodes, redis_pid, redis_url: Some(redis_url), private_redis, private_postgres, api: Api::new() })
     }
 
     /// One single node (SQLite, in-process registry).
-    pub async fn single(bin: &Path, extra: &[String]) -> anyhow::Result<Cluster> {
-        let node = Node::spawn(bin, &Backend::Sqlite, extra).await?;
-        Ok(Cluster { nodes: vec![node], redis_pid: None, redis_url: None, private_redis: None, api: Api::new() })
+    pub async fn single(bin: &Path, args: &ClusterArgs, extra: &[String]) -> anyhow::Result<Cluster> {
+        let node = Node::spawn(bin, &Backend::Sqlite, extra, &args.node_env).await?;
+        Ok(Cluster {
+            nodes: vec![node],
+            redis_pid: None,
+            redis_url: None,
+            private_redis: None,
+            private_postgres: None,
+            api: Api::new(),
+        })
     }
 
     pub fn addr(&self, i: usize) -> SocketAddr {
@@ -81,7 +102,10 @@ impl Cluster {
         }
         let redis_cpu = self.redis_pid.and_then(cpu_seconds);
         let client_cpu = cpu_seconds(std::process::id()).unwrap_or(0.0);
-        let postgres_cpu = postgres_cpu_seconds();
+        let postgres_cpu = match &self.private_postgres {
+            Some(pg) => pg.cpu_seconds().unwrap_or(0.0),
+            None => postgres_cpu_seconds(),
+        };
         let redis_commands = match &self.redis_url {
             Some(url) => command_stats(url).await.unwrap_or_default(),
             None => BTreeMap::new(),
@@ -93,32 +117,13 @@ impl Cluster {
         for node in self.nodes {
             node.stop().await;
         }
-        if let Some(mut redis) = self.private_redis {
-            let _ = redis.kill().await;
+        if let Some(redis) = self.private_redis {
+            redis.stop().await;
+        }
+        if let Some(postgres) = self.private_postgres {
+            postgres.stop().await;
         }
     }
-}
-
-/// Starts `redis-server` on a free port without persistence; returns its URL.
-async fn start_private_redis() -> anyhow::Result<(String, tokio::process::Child)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let child = tokio::process::Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting redis-server")?;
-    let url = format!("redis://127.0.0.1:{port}");
-    let client = redis::Client::open(url.as_str())?;
-    for _ in 0..100 {
-        if let Ok(mut conn) = client.get_multiplexed_async_connection().await
-            && redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
-        {
-            return Ok((url, child));
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    bail!("private redis-server on port {port} did not answer")
 }
 
 /// CPU seconds (user + system, all threads) of a process.

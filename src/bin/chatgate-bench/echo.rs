@@ -10,12 +10,18 @@ use tokio::time::Instant;
 
 use crate::{
     client,
-    cluster::Cluster,
+    cluster::{Cluster, ClusterArgs},
     stats::{Head, round},
 };
 
-pub async fn run(bin: &Path, events: u64, payload_bytes: u64, runs: u32) -> anyhow::Result<Value> {
-    let cluster = Cluster::single(bin, &[]).await?;
+pub async fn run(
+    bin: &Path,
+    cluster_args: &ClusterArgs,
+    events: u64,
+    payload_bytes: u64,
+    runs: u32,
+) -> anyhow::Result<Value> {
+    let cluster = Cluster::single(bin, cluster_args, &[]).await?;
     let result = measure(&cluster, events, payload_bytes, runs).await;
     cluster.stop().await;
     result

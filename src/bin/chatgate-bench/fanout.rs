@@ -5,7 +5,7 @@
 //! receive); the nodes' and Redis's CPU time and the nodes' counters are read
 //! before and after.
 
-use std::{sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
 use futures_util::{StreamExt, stream};
@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::{
     client::{self, Socket},
-    cluster::Cluster,
+    cluster::{Cluster, ClusterArgs},
     stats::{Head, Latencies, SeqCheck, round, unix_micros},
 };
 
@@ -36,12 +36,95 @@ pub struct FanoutArgs {
     /// Target deliveries per second over all sockets (paced); unset: as fast as possible.
     #[arg(long)]
     pub rate: Option<f64>,
+    /// Paced: how long the runs last (sets the events per run).
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
 }
 
 /// How long a socket may wait for its next frame before the scenario fails.
 const FRAME_WAIT: Duration = Duration::from_secs(120);
 /// Sockets being set up at once.
 const SETUP_CONCURRENCY: usize = 32;
+
+/// A chatgate build and the environment its nodes run with.
+pub struct Variant {
+    pub bin: PathBuf,
+    pub env: Vec<(String, String)>,
+}
+
+/// Figures compared between variants.
+const COMPARED: [&str; 7] = [
+    "/latency/p50_ms",
+    "/latency/p99_ms",
+    "/delivered_per_sec",
+    "/cpu_us_per_delivered_event/nodes_plus_redis",
+    "/cpu_us_per_delivered_event/nodes",
+    "/cpu_us_per_delivered_event/redis",
+    "/redis_round_trips_per_appended_event",
+];
+
+/// Measures each binary in turn (A B A B …) on fresh nodes. One binary, one
+/// measurement: its full result. Otherwise the compared figures of each
+/// measurement, their medians and the ratios of the medians to the first binary's.
+pub async fn compare(
+    variants: &[Variant],
+    cluster_args: &ClusterArgs,
+    nodes: usize,
+    args: &FanoutArgs,
+    repeat: usize,
+) -> anyhow::Result<Value> {
+    let mut results: Vec<Vec<Value>> = vec![Vec::new(); variants.len()];
+    for _ in 0..repeat.max(1) {
+        for (i, variant) in variants.iter().enumerate() {
+            let mut args_here = cluster_args.clone();
+            args_here.node_env = variant.env.clone();
+            let cluster = Cluster::start(&variant.bin, &args_here, nodes, &[]).await?;
+            let result = measure(&cluster, args).await;
+            cluster.stop().await;
+            results[i].push(result?);
+        }
+    }
+    if results.len() == 1 && results[0].len() == 1 {
+        return Ok(results.remove(0).remove(0));
+    }
+    let median = |runs: &[Value], pointer: &str| {
+        let mut values: Vec<f64> = runs.iter().filter_map(|r| r.pointer(pointer)?.as_f64()).collect();
+        values.sort_by(|a, b| a.total_cmp(b));
+        values.get(values.len() / 2).copied()
+    };
+    let mut out = serde_json::Map::new();
+    for (i, (variant, runs)) in variants.iter().zip(&results).enumerate() {
+        let mut figures = serde_json::Map::new();
+        figures.insert("binary".into(), json!(variant.bin.display().to_string()));
+        let env: Vec<String> = variant.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        figures.insert("node_env".into(), json!(env.join(" ")));
+        for pointer in COMPARED {
+            let name = pointer.trim_start_matches('/').replace('/', ".");
+            let each: Vec<Value> = runs.iter().map(|r| r.pointer(pointer).cloned().unwrap_or(Value::Null)).collect();
+            figures.insert(format!("{name} (each)"), json!(each));
+            let m = median(runs, pointer);
+            figures.insert(format!("{name} (median)"), json!(m));
+            if i > 0
+                && let (Some(m), Some(base)) = (m, median(&results[0], pointer))
+                && base != 0.0
+            {
+                figures.insert(format!("{name} (ratio to A)"), json!(round(m / base, 3)));
+            }
+        }
+        let seq_clean =
+            runs.iter().all(|r| r["seq"]["gaps"] == 0 && r["seq"]["duplicates"] == 0 && r["seq"]["reorders"] == 0);
+        figures.insert("seq_clean".into(), json!(seq_clean));
+        out.insert(((b'A' + i as u8) as char).to_string(), Value::Object(figures));
+    }
+    out.insert(
+        "shape".into(),
+        json!({
+            "runs": args.runs, "subscribers": args.subscribers, "events": args.events,
+            "payload_bytes": args.payload_bytes, "rate": args.rate, "nodes": nodes, "repeat": repeat,
+        }),
+    );
+    Ok(Value::Object(out))
+}
 
 /// One watching socket, ready to read.
 struct Watcher {
@@ -73,8 +156,9 @@ pub async fn measure(cluster: &Cluster, args: &FanoutArgs) -> anyhow::Result<Val
         }
         None => 0,
     };
+    let events = if interval_ms > 0 { ((args.seconds * 1000.0) as u64 / interval_ms).max(1) } else { args.events };
     let script = json!({
-        "events": args.events, "payloadBytes": args.payload_bytes,
+        "events": events, "payloadBytes": args.payload_bytes,
         "intervalMs": interval_ms, "stamp": true,
     })
     .to_string();
@@ -110,14 +194,14 @@ pub async fn measure(cluster: &Cluster, args: &FanoutArgs) -> anyhow::Result<Val
         .collect()
         .await;
     let watchers: Vec<Watcher> = watchers.into_iter().collect::<anyhow::Result<_>>()?;
-    let expected = args.events + 2;
+    let expected = events + 2;
 
     let load_average = crate::cluster::load_average();
     let before = cluster.sample().await?;
     let start = Instant::now() + Duration::from_millis(100);
     let tasks: Vec<_> = watchers.into_iter().map(|w| tokio::spawn(watch(w, start, expected as usize))).collect();
     let mut check = SeqCheck::default();
-    let mut latencies = Latencies::with_capacity((args.events as usize) * args.runs * args.subscribers);
+    let mut latencies = Latencies::with_capacity((events as usize) * args.runs * args.subscribers);
     let mut bytes = 0u64;
     let mut last_done = start;
     for task in tasks {
@@ -150,13 +234,15 @@ pub async fn measure(cluster: &Cluster, args: &FanoutArgs) -> anyhow::Result<Val
             "nodes": round(usage.node_cpu, 2),
             "redis": usage.redis_cpu.map(|c| round(c, 2)),
             "load_generator": round(usage.client_cpu, 2),
-            "postgres_all": round(usage.postgres_cpu, 2),
+            "postgres": round(usage.postgres_cpu, 2),
+            "postgres_scope": if cluster.postgres_is_private() { "private to this scenario" } else { "every postgres process on the machine" },
         },
         "cpu_us_per_delivered_event": {
             "nodes_plus_redis": per_event_us(server_cpu),
             "nodes": per_event_us(usage.node_cpu),
             "redis": usage.redis_cpu.map(per_event_us),
             "load_generator": per_event_us(usage.client_cpu),
+            "postgres": per_event_us(usage.postgres_cpu),
         },
         "appended_events": usage.metrics.events_appended,
         "redis_round_trips_per_appended_event": if usage.metrics.events_appended > 0.0 {

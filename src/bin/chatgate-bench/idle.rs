@@ -48,8 +48,11 @@ pub async fn run(bin: &Path, cluster_args: &ClusterArgs, args: &IdleArgs) -> any
     if args.sockets.div_ceil(processes) > per_process_max {
         bail!("{processes} client processes cannot hold {} sockets under a limit of {limit} files", args.sockets);
     }
-    let cluster =
-        if args.cluster { Cluster::start(bin, cluster_args, 1, &[]).await? } else { Cluster::single(bin, &[]).await? };
+    let cluster = if args.cluster {
+        Cluster::start(bin, cluster_args, 1, &[]).await?
+    } else {
+        Cluster::single(bin, cluster_args, &[]).await?
+    };
     let result = measure(&cluster, args, processes).await;
     cluster.stop().await;
     result

@@ -18,6 +18,7 @@ mod echo;
 mod fanout;
 mod idle;
 mod reconnect;
+mod services;
 mod stats;
 
 use std::{net::SocketAddr, path::PathBuf};
@@ -63,6 +64,15 @@ enum Scenario {
         /// Cluster nodes to spread the sockets over.
         #[arg(long, default_value_t = 3)]
         nodes: usize,
+        /// Another chatgate binary to measure alternately with this one (A B A B …), with ratios B/A.
+        #[arg(long)]
+        compare_bin: Option<PathBuf>,
+        /// Environment for B's nodes (repeatable; with or without --compare-bin).
+        #[arg(long, value_parser = client::parse_env)]
+        compare_env: Vec<(String, String)>,
+        /// Measurements per binary.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
     },
     /// Delivery latency paced at `--rate`, then at saturation, on the same nodes.
     Latency {
@@ -103,14 +113,17 @@ fn main() -> anyhow::Result<()> {
         let bin = client::chatgate_bin(cli.chatgate_bin.as_ref())?;
         let (name, result) = match cli.scenario {
             Scenario::Echo { events, payload_bytes, runs } => {
-                ("echo", echo::run(&bin, events, payload_bytes, runs).await?)
+                ("echo", echo::run(&bin, &cli.cluster, events, payload_bytes, runs).await?)
             }
             Scenario::Idle(args) => ("idle", idle::run(&bin, &cli.cluster, &args).await?),
-            Scenario::Fanout { shape, nodes } => {
-                let cluster = Cluster::start(&bin, &cli.cluster, nodes, &[]).await?;
-                let result = fanout::measure(&cluster, &shape).await;
-                cluster.stop().await;
-                ("fanout", result?)
+            Scenario::Fanout { shape, nodes, compare_bin, compare_env, repeat } => {
+                let mut variants = vec![fanout::Variant { bin: bin.clone(), env: cli.cluster.node_env.clone() }];
+                if compare_bin.is_some() || !compare_env.is_empty() {
+                    let mut env = cli.cluster.node_env.clone();
+                    env.extend(compare_env);
+                    variants.push(fanout::Variant { bin: compare_bin.unwrap_or(bin.clone()), env });
+                }
+                ("fanout", fanout::compare(&variants, &cli.cluster, nodes, &shape, repeat).await?)
             }
             Scenario::Latency { shape, nodes, saturated_events } => {
                 let cluster = Cluster::start(&bin, &cli.cluster, nodes, &[]).await?;
@@ -134,16 +147,33 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-/// Paced (default 10 000 deliveries/s), then as fast as possible, on the same nodes.
+/// Paced at `--rate` (default 10 000 deliveries/s); then as fast as possible,
+/// which gives the capacity; then paced at that capacity (saturation). Same nodes.
 async fn latency(cluster: &Cluster, shape: &fanout::FanoutArgs, saturated_events: u64) -> anyhow::Result<Value> {
     let mut paced = shape.clone();
     paced.rate = Some(shape.rate.unwrap_or(10_000.0));
     let paced_result = fanout::measure(cluster, &paced).await?;
+    let mut flat_out = shape.clone();
+    flat_out.rate = None;
+    flat_out.events = saturated_events;
+    let flat_out_result = fanout::measure(cluster, &flat_out).await?;
+    let capacity = flat_out_result["delivered_per_sec"].as_f64().unwrap_or(0.0);
     let mut saturated = shape.clone();
-    saturated.rate = None;
-    saturated.events = saturated_events;
+    saturated.rate = Some(capacity);
     let saturated_result = fanout::measure(cluster, &saturated).await?;
-    Ok(json!({ "paced": paced_result, "saturated": saturated_result }))
+    let brief = |r: &Value| {
+        json!({
+            "mode": r["mode"], "delivered_per_sec": r["delivered_per_sec"], "latency": r["latency"],
+            "cpu_us_per_delivered_event": r["cpu_us_per_delivered_event"]["nodes_plus_redis"],
+            "seq": r["seq"], "load_average_before": r["load_average_before"],
+        })
+    };
+    Ok(json!({
+        "runs": shape.runs, "subscribers_per_run": shape.subscribers, "payload_bytes": shape.payload_bytes,
+        "paced": brief(&paced_result),
+        "flat_out": brief(&flat_out_result),
+        "paced_at_capacity": brief(&saturated_result),
+    }))
 }
 
 fn report(name: &str, result: &Value, json: bool) {

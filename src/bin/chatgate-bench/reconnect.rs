@@ -283,5 +283,6 @@ async fn come_back(
     if !resumed {
         to_resume = began.elapsed();
     }
+
     Ok(Back { to_ack, to_resume, missed: top.saturating_sub(last_seq), check: a.check, last, truncated })
 }
