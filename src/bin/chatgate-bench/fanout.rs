@@ -156,7 +156,7 @@ pub async fn measure(cluster: &Cluster, args: &FanoutArgs) -> anyhow::Result<Val
         }
         None => 0,
     };
-    let events = if interval_ms > 0 { ((args.seconds * 1000.0) as u64 / interval_ms).max(1) } else { args.events };
+    let events = ((args.seconds * 1000.0) as u64).checked_div(interval_ms).map_or(args.events, |n| n.max(1));
     let script = json!({
         "events": events, "payloadBytes": args.payload_bytes,
         "intervalMs": interval_ms, "stamp": true,

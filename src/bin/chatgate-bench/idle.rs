@@ -4,7 +4,12 @@
 //! slabinfo) per socket, both ends counted. The client side may be spread
 //! over several processes (`hold` children) when one cannot hold every socket.
 
-use std::{net::SocketAddr, path::Path, process::Stdio, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
 
 use anyhow::{Context, bail};
 use futures_util::{StreamExt, stream};
@@ -36,6 +41,12 @@ pub struct IdleArgs {
     /// Client processes holding the sockets (0: as many as the file limit needs).
     #[arg(long, default_value_t = 0)]
     pub processes: usize,
+    /// Another chatgate binary to measure alternately with this one (A B A B …).
+    #[arg(long)]
+    pub compare_bin: Option<PathBuf>,
+    /// Measurements per binary.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
 }
 
 pub async fn run(bin: &Path, cluster_args: &ClusterArgs, args: &IdleArgs) -> anyhow::Result<Value> {
@@ -48,14 +59,48 @@ pub async fn run(bin: &Path, cluster_args: &ClusterArgs, args: &IdleArgs) -> any
     if args.sockets.div_ceil(processes) > per_process_max {
         bail!("{processes} client processes cannot hold {} sockets under a limit of {limit} files", args.sockets);
     }
-    let cluster = if args.cluster {
-        Cluster::start(bin, cluster_args, 1, &[]).await?
-    } else {
-        Cluster::single(bin, cluster_args, &[]).await?
+    let mut bins = vec![bin.to_path_buf()];
+    bins.extend(args.compare_bin.clone());
+    let mut results: Vec<Vec<Value>> = vec![Vec::new(); bins.len()];
+    for _ in 0..args.repeat.max(1) {
+        for (i, bin) in bins.iter().enumerate() {
+            let cluster = if args.cluster {
+                Cluster::start(bin, cluster_args, 1, &[]).await?
+            } else {
+                Cluster::single(bin, cluster_args, &[]).await?
+            };
+            let result = measure(&cluster, args, processes).await;
+            cluster.stop().await;
+            results[i].push(result?);
+        }
+    }
+    if results.len() == 1 && results[0].len() == 1 {
+        return Ok(results.remove(0).remove(0));
+    }
+    let pointer = "/node_rss_kib_per_socket";
+    let median = |runs: &[Value]| {
+        let mut values: Vec<f64> = runs.iter().filter_map(|r| r.pointer(pointer)?.as_f64()).collect();
+        values.sort_by(|a, b| a.total_cmp(b));
+        values.get(values.len() / 2).copied()
     };
-    let result = measure(&cluster, args, processes).await;
-    cluster.stop().await;
-    result
+    let base = median(&results[0]);
+    let mut out = serde_json::Map::new();
+    for (i, (bin, runs)) in bins.iter().zip(&results).enumerate() {
+        let each: Vec<Value> = runs.iter().map(|r| r.pointer(pointer).cloned().unwrap_or(Value::Null)).collect();
+        let m = median(runs);
+        out.insert(
+            ((b'A' + i as u8) as char).to_string(),
+            json!({
+                "binary": bin.display().to_string(),
+                "node_rss_kib_per_socket (each)": each,
+                "node_rss_kib_per_socket (median)": m,
+                "ratio to A": m.zip(base).filter(|(_, b)| *b != 0.0).map(|(m, b)| round(m / b, 3)),
+            }),
+        );
+    }
+    out.insert("sockets".into(), json!(args.sockets));
+    out.insert("mode".into(), results[0][0]["mode"].clone());
+    Ok(Value::Object(out))
 }
 
 async fn measure(cluster: &Cluster, args: &IdleArgs, processes: usize) -> anyhow::Result<Value> {

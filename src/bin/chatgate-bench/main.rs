@@ -10,14 +10,18 @@
 //!   per delivered event (nodes + Redis), latency, Redis round trips per event.
 //! - `latency`: the same paced at a delivery rate, then saturated, side by side.
 //! - `reconnect`: clients miss M events and resume on another node.
-//! - `storm`: `reconnect` at scale (thousands of sockets dropping at once).
+//!   At scale (thousands of sockets dropping at once) it is the storm.
+//! - `replay`: a live run with 10 000 retained events replayed from seq 0 on another node.
+//! - `ceiling`: the machine's Redis limits, for ratios.
 
+mod ceiling;
 mod client;
 mod cluster;
 mod echo;
 mod fanout;
 mod idle;
 mod reconnect;
+mod replay;
 mod services;
 mod stats;
 
@@ -91,6 +95,15 @@ enum Scenario {
         #[arg(long, default_value_t = 3)]
         nodes: usize,
     },
+    /// A live run with N retained events; sockets on another node replay it from seq 0.
+    Replay {
+        #[command(flatten)]
+        shape: replay::ReplayArgs,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
+    /// This machine's Redis limits (redis-benchmark XADD and PUBLISH, one at a time and pipelined).
+    Ceiling,
     /// Holds sockets for `idle` in a child process (internal).
     #[command(hide = true)]
     Hold {
@@ -136,6 +149,22 @@ fn main() -> anyhow::Result<()> {
                 let result = reconnect::measure(&cluster, &shape).await;
                 cluster.stop().await;
                 ("reconnect", result?)
+            }
+            Scenario::Replay { shape, nodes } => {
+                let cluster = Cluster::start(&bin, &cli.cluster, nodes, &[]).await?;
+                let result = replay::measure(&cluster, &shape).await;
+                cluster.stop().await;
+                ("replay", result?)
+            }
+            Scenario::Ceiling => {
+                let private =
+                    if cli.cluster.private_redis { Some(services::PrivateRedis::start().await?) } else { None };
+                let url = private.as_ref().map_or(cli.cluster.redis_url.clone(), |r| r.url.clone());
+                let result = ceiling::measure(&url).await;
+                if let Some(redis) = private {
+                    redis.stop().await;
+                }
+                ("ceiling", result?)
             }
             Scenario::Hold { addr, tag, offset, count } => {
                 idle::hold_child(addr, &tag, offset, count).await?;

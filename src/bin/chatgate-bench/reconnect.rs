@@ -51,6 +51,7 @@ const SETUP_CONCURRENCY: usize = 32;
 /// One round's client figures.
 #[derive(Default)]
 struct Outcome {
+    to_connect: Latencies,
     to_ack: Latencies,
     to_resume: Latencies,
     ack_to_resume: Latencies,
@@ -66,8 +67,10 @@ pub async fn measure(cluster: &Cluster, args: &ReconnectArgs) -> anyhow::Result<
     }
     let mut total = Outcome::default();
     let started = Instant::now();
+    let overflows_before = listen_overflows();
     for _ in 0..args.rounds.max(1) {
         let outcome = round_once(cluster, args).await?;
+        total.to_connect.extend(outcome.to_connect);
         total.to_ack.extend(outcome.to_ack);
         total.to_resume.extend(outcome.to_resume);
         total.ack_to_resume.extend(outcome.ack_to_resume);
@@ -86,6 +89,7 @@ pub async fn measure(cluster: &Cluster, args: &ReconnectArgs) -> anyhow::Result<
         "rounds": args.rounds.max(1),
         "interval_ms": args.interval_ms,
         "missed_events_per_client": { "min": missed_min, "mean": round(missed_mean, 1) },
+        "reconnect_to_websocket_open": total.to_connect.summary(),
         "reconnect_to_ack": total.to_ack.summary(),
         "reconnect_to_last_missed_event": total.to_resume.summary(),
         "ack_to_last_missed_event": total.ack_to_resume.summary(),
@@ -93,6 +97,7 @@ pub async fn measure(cluster: &Cluster, args: &ReconnectArgs) -> anyhow::Result<
         "delivery_percent": round(unique as f64 * 100.0 / total.expected.max(1) as f64, 3),
         "replay_truncated_acks": total.truncated,
         "seq": total.check.to_json(),
+        "listen_queue_overflows": listen_overflows().zip(overflows_before).map(|(a, b)| a.saturating_sub(b)),
         "seconds": round(started.elapsed().as_secs_f64(), 1),
     }))
 }
@@ -190,6 +195,7 @@ async fn round_once(cluster: &Cluster, args: &ReconnectArgs) -> anyhow::Result<O
     let mut outcome = Outcome::default();
     for task in tasks {
         let back = task.await.context("a client task panicked")??;
+        outcome.to_connect.record(back.to_connect.as_micros() as u64);
         outcome.to_ack.record(back.to_ack.as_micros() as u64);
         outcome.to_resume.record(back.to_resume.as_micros() as u64);
         outcome.ack_to_resume.record(back.to_resume.saturating_sub(back.to_ack).as_micros() as u64);
@@ -245,6 +251,7 @@ async fn read_until(
 }
 
 struct Back {
+    to_connect: Duration,
     to_ack: Duration,
     to_resume: Duration,
     missed: u64,
@@ -266,6 +273,7 @@ async fn come_back(
     let last_seq = a.check.last();
     let began = Instant::now();
     let mut ws = client::connect(addr, &a.token, Some(client::source_address(i))).await?;
+    let to_connect = began.elapsed();
     let ack = client::subscribe(&mut ws, &session, last_seq).await?;
     let to_ack = began.elapsed();
     let truncated = ack["replayTruncated"] == true;
@@ -284,5 +292,16 @@ async fn come_back(
         to_resume = began.elapsed();
     }
 
-    Ok(Back { to_ack, to_resume, missed: top.saturating_sub(last_seq), check: a.check, last, truncated })
+    Ok(Back { to_connect, to_ack, to_resume, missed: top.saturating_sub(last_seq), check: a.check, last, truncated })
+}
+
+/// The kernel's count of connections dropped or overflowed at a full listen
+/// queue (`ListenOverflows` + `ListenDrops` in `/proc/net/netstat`).
+fn listen_overflows() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let names: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let values: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let get = |name: &str| names.iter().position(|n| *n == name).and_then(|i| values.get(i)?.parse::<u64>().ok());
+    Some(get("ListenOverflows")? + get("ListenDrops")?)
 }
