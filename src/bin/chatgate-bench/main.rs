@@ -12,8 +12,10 @@
 //! - `reconnect`: clients miss M events and resume on another node.
 //!   At scale (thousands of sockets dropping at once) it is the storm.
 //! - `replay`: a live run with 10 000 retained events replayed from seq 0 on another node.
+//! - `start`: `chat.send` → first event latency under a paced load.
 //! - `ceiling`: the machine's Redis limits, for ratios.
 
+mod all;
 mod ceiling;
 mod client;
 mod cluster;
@@ -23,6 +25,7 @@ mod idle;
 mod reconnect;
 mod replay;
 mod services;
+mod start;
 mod stats;
 
 use std::{net::SocketAddr, path::PathBuf};
@@ -102,8 +105,22 @@ enum Scenario {
         #[arg(long, default_value_t = 3)]
         nodes: usize,
     },
+    /// `chat.send` → first event latency under a paced fan-out load.
+    Start {
+        #[command(flatten)]
+        shape: start::StartArgs,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
     /// This machine's Redis limits (redis-benchmark XADD and PUBLISH, one at a time and pipelined).
     Ceiling,
+    /// Every scenario at the documented size; prints the Markdown table of docs/benchmarks.md.
+    All {
+        #[arg(long, default_value_t = 19_000)]
+        idle_sockets: usize,
+        #[arg(long, default_value_t = 10_000)]
+        storm_clients: usize,
+    },
     /// Holds sockets for `idle` in a child process (internal).
     #[command(hide = true)]
     Hold {
@@ -151,10 +168,16 @@ fn main() -> anyhow::Result<()> {
                 ("reconnect", result?)
             }
             Scenario::Replay { shape, nodes } => {
-                let cluster = Cluster::start(&bin, &cli.cluster, nodes, &[]).await?;
+                let cluster = Cluster::start(&bin, &cli.cluster, nodes, &replay::node_flags(&shape)).await?;
                 let result = replay::measure(&cluster, &shape).await;
                 cluster.stop().await;
                 ("replay", result?)
+            }
+            Scenario::Start { shape, nodes } => {
+                let cluster = Cluster::start(&bin, &cli.cluster, nodes, &[]).await?;
+                let result = start::measure(&cluster, &shape).await;
+                cluster.stop().await;
+                ("start", result?)
             }
             Scenario::Ceiling => {
                 let private =
@@ -165,6 +188,15 @@ fn main() -> anyhow::Result<()> {
                     redis.stop().await;
                 }
                 ("ceiling", result?)
+            }
+            Scenario::All { idle_sockets, storm_clients } => {
+                let result = all::run(&bin, &cli.cluster, idle_sockets, storm_clients).await?;
+                if !cli.json {
+                    println!("{}", result["markdown"].as_str().unwrap_or_default());
+                    report("ceiling", &result["ceiling"], false);
+                    return Ok(());
+                }
+                ("all", result)
             }
             Scenario::Hold { addr, tag, offset, count } => {
                 idle::hold_child(addr, &tag, offset, count).await?;

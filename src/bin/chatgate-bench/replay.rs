@@ -29,6 +29,12 @@ pub struct ReplayArgs {
 
 const FRAME_WAIT: Duration = Duration::from_secs(120);
 
+/// Node flags for the scenario: a replay window with room for the events
+/// the run adds while the readers subscribe, so that `lastSeq = 0` is never truncated.
+pub fn node_flags(args: &ReplayArgs) -> Vec<String> {
+    vec!["--replay-max-events".into(), (args.events * 2).to_string()]
+}
+
 pub async fn measure(cluster: &Cluster, args: &ReplayArgs) -> anyhow::Result<Value> {
     if cluster.nodes.len() < 2 {
         bail!("replay needs two nodes");
