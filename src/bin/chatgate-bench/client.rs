@@ -1,9 +1,10 @@
-//! The load generator's client side: nodes (spawned or given), tokens,
-//! sessions over REST, and WebSocket connections bound to chosen source addresses.
+//! The load generator's client side: nodes (spawned single-node or in cluster
+//! mode), tokens, sessions over REST, and WebSocket connections bound to
+//! chosen source addresses.
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Stdio,
     time::Duration,
 };
@@ -20,6 +21,18 @@ use tokio_tungstenite::{WebSocketStream, tungstenite::Message};
 
 pub type Socket = WebSocketStream<TcpStream>;
 
+/// The secret every spawned node signs tokens with.
+pub const SECRET: &str = "chatgate-bench-secret";
+
+/// Where a spawned node keeps sessions and coordinates runs.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// Single node: its own SQLite file, runs coordinated in process.
+    Sqlite,
+    /// Cluster mode: the shared Redis and PostgreSQL, under a unique node id.
+    Cluster { redis_url: String, database_url: String, node_id: String },
+}
+
 /// A gateway node the bench talks to.
 pub struct Node {
     pub addr: SocketAddr,
@@ -29,8 +42,13 @@ pub struct Node {
 }
 
 impl Node {
-    /// Starts `chatgate serve` on a free port with its own SQLite file.
-    pub async fn spawn(bin: &PathBuf, secret: &str, extra: &[String]) -> anyhow::Result<Node> {
+    /// Starts `chatgate serve` on a free port (only the `script` provider enabled).
+    pub async fn spawn(
+        bin: &Path,
+        backend: &Backend,
+        extra: &[String],
+        env: &[(String, String)],
+    ) -> anyhow::Result<Node> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
@@ -38,14 +56,28 @@ impl Node {
         cmd.arg("serve")
             .arg("--listen")
             .arg(addr.to_string())
-            .arg("--database-url")
-            .arg(format!("sqlite://{}?mode=rwc", dir.path().join("bench.db").display()))
             .arg("--jwt-secret")
-            .arg(secret)
+            .arg(SECRET)
+            .arg("--providers")
+            .arg("script")
             .arg("--workspaces-root")
-            .arg(dir.path())
-            .args(extra)
+            .arg(dir.path());
+        match backend {
+            Backend::Sqlite => {
+                cmd.arg("--database-url").arg(format!("sqlite://{}?mode=rwc", dir.path().join("bench.db").display()));
+            }
+            Backend::Cluster { redis_url, database_url, node_id } => {
+                cmd.arg("--database-url")
+                    .arg(database_url)
+                    .arg("--redis-url")
+                    .arg(redis_url)
+                    .arg("--node-id")
+                    .arg(node_id);
+            }
+        }
+        cmd.args(extra)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
@@ -58,7 +90,7 @@ impl Node {
 
     async fn wait_ready(&self) -> anyhow::Result<()> {
         let client = reqwest::Client::new();
-        for _ in 0..200 {
+        for _ in 0..400 {
             if let Ok(r) = client.get(format!("http://{}/readyz", self.addr)).send().await
                 && r.status().is_success()
             {
@@ -71,10 +103,7 @@ impl Node {
 
     /// The node's resident set size in bytes (Linux).
     pub fn rss_bytes(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid?)).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kib * 1024)
+        rss_of(self.pid?)
     }
 
     pub async fn stop(mut self) {
@@ -83,9 +112,19 @@ impl Node {
                 let _ =
                     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
             }
-            let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+            if tokio::time::timeout(Duration::from_secs(40), child.wait()).await.is_err() {
+                let _ = child.kill().await;
+            }
         }
     }
+}
+
+/// A process's resident set size in bytes.
+pub fn rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -94,14 +133,15 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 /// Mints tokens and creates sessions.
+#[derive(Clone)]
 pub struct Api {
     pub auth: Auth,
     http: reqwest::Client,
 }
 
 impl Api {
-    pub fn new(secret: &str) -> Self {
-        Api { auth: Auth::new(secret.as_bytes()), http: reqwest::Client::new() }
+    pub fn new() -> Self {
+        Api { auth: Auth::new(SECRET.as_bytes()), http: reqwest::Client::new() }
     }
 
     pub fn token(&self, user: &str) -> anyhow::Result<String> {
@@ -109,10 +149,10 @@ impl Api {
     }
 
     /// Creates a `script` session for the token's user.
-    pub async fn create_session(&self, node: &Node, token: &str) -> anyhow::Result<String> {
+    pub async fn create_session(&self, addr: SocketAddr, token: &str) -> anyhow::Result<String> {
         let response = self
             .http
-            .post(format!("http://{}/api/providers/sessions", node.addr))
+            .post(format!("http://{addr}/api/providers/sessions"))
             .bearer_auth(token)
             .json(&json!({ "provider": "script", "projectPath": "." }))
             .send()
@@ -120,17 +160,22 @@ impl Api {
         let body: Value = response.json().await?;
         body["data"]["sessionId"].as_str().map(str::to_string).ok_or_else(|| anyhow!("create session: {body}"))
     }
+
+    /// The node's Prometheus text.
+    pub async fn metrics(&self, addr: SocketAddr) -> anyhow::Result<String> {
+        Ok(self.http.get(format!("http://{addr}/metrics")).send().await?.text().await?)
+    }
 }
 
-/// Opens a WebSocket to `node`, from `source` when given (to spread over 127.0.0.x).
-pub async fn connect(node: &Node, token: &str, source: Option<IpAddr>) -> anyhow::Result<Socket> {
+/// Opens a WebSocket to `addr`, from `source` when given (to spread over 127.0.0.x).
+pub async fn connect(addr: SocketAddr, token: &str, source: Option<IpAddr>) -> anyhow::Result<Socket> {
     let socket = TcpSocket::new_v4()?;
     if let Some(ip) = source {
         socket.bind(SocketAddr::new(ip, 0))?;
     }
-    let stream = socket.connect(node.addr).await?;
+    let stream = socket.connect(addr).await?;
     stream.set_nodelay(true)?;
-    let url = format!("ws://{}/ws?token={token}", node.addr);
+    let url = format!("ws://{addr}/ws?token={token}");
     let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await?;
     // Every socket opens with `connected {nodeId}`.
     let hello = recv(&mut ws, Duration::from_secs(10)).await?;
@@ -140,21 +185,46 @@ pub async fn connect(node: &Node, token: &str, source: Option<IpAddr>) -> anyhow
     Ok(ws)
 }
 
+/// The i-th client source address: 127.0.0.2 to 127.0.0.251, so one source
+/// address never runs out of ports.
+pub fn source_address(i: usize) -> IpAddr {
+    IpAddr::from([127, 0, 0, 2 + (i % 250) as u8])
+}
+
 pub async fn send(ws: &mut Socket, value: Value) -> anyhow::Result<()> {
     ws.send(Message::Text(value.to_string().into())).await?;
     Ok(())
 }
 
-/// The next JSON frame (pings skipped).
-pub async fn recv(ws: &mut Socket, wait: Duration) -> anyhow::Result<Value> {
+/// The next text frame (pings skipped).
+pub async fn recv_text(ws: &mut Socket, wait: Duration) -> anyhow::Result<tokio_tungstenite::tungstenite::Utf8Bytes> {
     loop {
         let frame = tokio::time::timeout(wait, ws.next()).await.context("timed out waiting for a frame")?;
         match frame {
-            Some(Ok(Message::Text(text))) => return Ok(serde_json::from_str(&text)?),
+            Some(Ok(Message::Text(text))) => return Ok(text),
             Some(Ok(Message::Close(frame))) => bail!("socket closed: {frame:?}"),
             Some(Ok(_)) => continue,
             Some(Err(e)) => return Err(e.into()),
             None => bail!("socket ended"),
+        }
+    }
+}
+
+/// The next JSON frame (pings skipped).
+pub async fn recv(ws: &mut Socket, wait: Duration) -> anyhow::Result<Value> {
+    let text = recv_text(ws, wait).await?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// Subscribes to `session` after `last_seq`; returns the ack.
+pub async fn subscribe(ws: &mut Socket, session: &str, last_seq: u64) -> anyhow::Result<Value> {
+    send(ws, json!({ "type": "chat.subscribe", "sessions": [{ "sessionId": session, "lastSeq": last_seq }] })).await?;
+    loop {
+        let frame = recv(ws, Duration::from_secs(60)).await?;
+        match frame["kind"].as_str() {
+            Some("chat_subscribed") if frame["sessionId"] == session => return Ok(frame),
+            Some("session_upserted") => continue,
+            _ => bail!("expected chat_subscribed, got {frame}"),
         }
     }
 }
@@ -182,4 +252,17 @@ pub fn kernel_tcp_bytes() -> Option<u64> {
         }
     }
     None
+}
+
+/// Parses `KEY=VALUE`.
+pub fn parse_env(raw: &str) -> Result<(String, String), String> {
+    raw.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("{raw}: expected KEY=VALUE"))
+}
+
+/// The chatgate binary: `--chatgate-bin`, else next to this one.
+pub fn chatgate_bin(given: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(bin) => Ok(bin.clone()),
+        None => Ok(std::env::current_exe()?.with_file_name("chatgate")),
+    }
 }

@@ -1,20 +1,39 @@
 //! `chatgate-bench`: a load generator that speaks chatgate's real protocol over
-//! real sockets and prints what it measured (a table, or JSON with `--json`).
+//! real sockets against nodes it spawns itself, and prints what it measured
+//! (a table, or JSON with `--json`). See docs/benchmarks.md.
 //!
 //! Scenarios:
 //! - `echo`: one `script` run of N events streamed to one socket: events per second.
 //! - `idle`: N authenticated sockets each subscribed to its own session on one
 //!   node: the node's RSS per socket, and the kernel's TCP memory per socket.
+//! - `fanout`: R runs × S subscribers over 3 cluster nodes: deliveries/s, CPU
+//!   per delivered event (nodes + Redis), latency, Redis round trips per event.
+//! - `latency`: the same paced at a delivery rate, then saturated, side by side.
+//! - `reconnect`: clients miss M events and resume on another node.
+//!   At scale (thousands of sockets dropping at once) it is the storm.
+//! - `replay`: a live run with 10 000 retained events replayed from seq 0 on another node.
+//! - `start`: `chat.send` → first event latency under a paced load.
+//! - `ceiling`: the machine's Redis limits, for ratios.
 
+mod all;
+mod ceiling;
 mod client;
+mod cluster;
+mod echo;
+mod fanout;
+mod idle;
+mod reconnect;
+mod replay;
+mod services;
+mod start;
+mod stats;
 
-use std::{net::IpAddr, path::PathBuf, time::Instant};
+use std::{net::SocketAddr, path::PathBuf};
 
-use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
-use client::{Api, Node};
+use cluster::{Cluster, ClusterArgs};
 
 #[derive(Parser)]
 #[command(name = "chatgate-bench", about = "Load generator for chatgate")]
@@ -25,13 +44,15 @@ struct Cli {
     /// The chatgate binary to spawn nodes from (default: next to this binary).
     #[arg(long, global = true)]
     chatgate_bin: Option<PathBuf>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     #[command(subcommand)]
     scenario: Scenario,
 }
 
 #[derive(Subcommand)]
 enum Scenario {
-    /// One run of N events to one socket.
+    /// One run of N events to one socket (single node).
     Echo {
         #[arg(long, default_value_t = 20_000)]
         events: u64,
@@ -42,140 +63,206 @@ enum Scenario {
         runs: u32,
     },
     /// N idle subscribed sockets on one node.
-    Idle {
-        #[arg(long, default_value_t = 1000)]
-        sockets: usize,
+    Idle(idle::IdleArgs),
+    /// R concurrent runs × S subscribers over cluster nodes.
+    Fanout {
+        #[command(flatten)]
+        shape: fanout::FanoutArgs,
+        /// Cluster nodes to spread the sockets over.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Another chatgate binary to measure alternately with this one (A B A B …), with ratios B/A.
+        #[arg(long)]
+        compare_bin: Option<PathBuf>,
+        /// Environment for B's nodes (repeatable; with or without --compare-bin).
+        #[arg(long, value_parser = client::parse_env)]
+        compare_env: Vec<(String, String)>,
+        /// Measurements per binary.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+    },
+    /// Delivery latency paced at `--rate`, then at saturation, on the same nodes.
+    Latency {
+        #[command(flatten)]
+        shape: fanout::FanoutArgs,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Events per run in the saturated measurement.
+        #[arg(long, default_value_t = 500)]
+        saturated_events: u64,
+    },
+    /// Clients miss M events and resume on another node.
+    Reconnect {
+        #[command(flatten)]
+        shape: reconnect::ReconnectArgs,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
+    /// A live run with N retained events; sockets on another node replay it from seq 0.
+    Replay {
+        #[command(flatten)]
+        shape: replay::ReplayArgs,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
+    /// `chat.send` → first event latency under a paced fan-out load.
+    Start {
+        #[command(flatten)]
+        shape: start::StartArgs,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
+    /// This machine's Redis limits (redis-benchmark XADD and PUBLISH, one at a time and pipelined).
+    Ceiling,
+    /// Every scenario at the documented size; prints the Markdown table of docs/benchmarks.md.
+    All {
+        #[arg(long, default_value_t = 19_000)]
+        idle_sockets: usize,
+        #[arg(long, default_value_t = 10_000)]
+        storm_clients: usize,
+    },
+    /// Holds sockets for `idle` in a child process (internal).
+    #[command(hide = true)]
+    Hold {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        tag: String,
+        #[arg(long)]
+        offset: usize,
+        #[arg(long)]
+        count: usize,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    client::raise_nofile();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let bin = match &cli.chatgate_bin {
-            Some(bin) => bin.clone(),
-            None => std::env::current_exe()?.with_file_name("chatgate"),
+        let bin = client::chatgate_bin(cli.chatgate_bin.as_ref())?;
+        let (name, result) = match cli.scenario {
+            Scenario::Echo { events, payload_bytes, runs } => {
+                ("echo", echo::run(&bin, &cli.cluster, events, payload_bytes, runs).await?)
+            }
+            Scenario::Idle(args) => ("idle", idle::run(&bin, &cli.cluster, &args).await?),
+            Scenario::Fanout { shape, nodes, compare_bin, compare_env, repeat } => {
+                let mut variants = vec![fanout::Variant { bin: bin.clone(), env: cli.cluster.node_env.clone() }];
+                if compare_bin.is_some() || !compare_env.is_empty() {
+                    let mut env = cli.cluster.node_env.clone();
+                    env.extend(compare_env);
+                    variants.push(fanout::Variant { bin: compare_bin.unwrap_or(bin.clone()), env });
+                }
+                ("fanout", fanout::compare(&variants, &cli.cluster, nodes, &shape, repeat).await?)
+            }
+            Scenario::Latency { shape, nodes, saturated_events } => {
+                let cluster = Cluster::start(&bin, &cli.cluster, nodes, &[]).await?;
+                let result = latency(&cluster, &shape, saturated_events).await;
+                cluster.stop().await;
+                ("latency", result?)
+            }
+            Scenario::Reconnect { shape, nodes } => {
+                let cluster = Cluster::start(&bin, &cli.cluster, nodes, &[]).await?;
+                let result = reconnect::measure(&cluster, &shape).await;
+                cluster.stop().await;
+                ("reconnect", result?)
+            }
+            Scenario::Replay { shape, nodes } => {
+                let cluster = Cluster::start(&bin, &cli.cluster, nodes, &replay::node_flags(&shape)).await?;
+                let result = replay::measure(&cluster, &shape).await;
+                cluster.stop().await;
+                ("replay", result?)
+            }
+            Scenario::Start { shape, nodes } => {
+                let cluster = Cluster::start(&bin, &cli.cluster, nodes, &[]).await?;
+                let result = start::measure(&cluster, &shape).await;
+                cluster.stop().await;
+                ("start", result?)
+            }
+            Scenario::Ceiling => {
+                let private =
+                    if cli.cluster.private_redis { Some(services::PrivateRedis::start().await?) } else { None };
+                let url = private.as_ref().map_or(cli.cluster.redis_url.clone(), |r| r.url.clone());
+                let result = ceiling::measure(&url).await;
+                if let Some(redis) = private {
+                    redis.stop().await;
+                }
+                ("ceiling", result?)
+            }
+            Scenario::All { idle_sockets, storm_clients } => {
+                let result = all::run(&bin, &cli.cluster, idle_sockets, storm_clients).await?;
+                if !cli.json {
+                    println!("{}", result["markdown"].as_str().unwrap_or_default());
+                    report("ceiling", &result["ceiling"], false);
+                    return Ok(());
+                }
+                ("all", result)
+            }
+            Scenario::Hold { addr, tag, offset, count } => {
+                idle::hold_child(addr, &tag, offset, count).await?;
+                return Ok(());
+            }
         };
-        let result = match cli.scenario {
-            Scenario::Echo { events, payload_bytes, runs } => echo(&bin, events, payload_bytes, runs).await?,
-            Scenario::Idle { sockets } => idle(&bin, sockets).await?,
-        };
-        report(&result, cli.json);
+        report(name, &result, cli.json);
         Ok(())
     })
 }
 
-fn report(result: &Value, json: bool) {
+/// Paced at `--rate` (default 10 000 deliveries/s); then as fast as possible,
+/// which gives the capacity; then paced at that capacity (saturation). Same nodes.
+async fn latency(cluster: &Cluster, shape: &fanout::FanoutArgs, saturated_events: u64) -> anyhow::Result<Value> {
+    let mut paced = shape.clone();
+    paced.rate = Some(shape.rate.unwrap_or(10_000.0));
+    let paced_result = fanout::measure(cluster, &paced).await?;
+    let mut flat_out = shape.clone();
+    flat_out.rate = None;
+    flat_out.events = saturated_events;
+    let flat_out_result = fanout::measure(cluster, &flat_out).await?;
+    let capacity = flat_out_result["delivered_per_sec"].as_f64().unwrap_or(0.0);
+    let mut saturated = shape.clone();
+    saturated.rate = Some(capacity);
+    let saturated_result = fanout::measure(cluster, &saturated).await?;
+    let brief = |r: &Value| {
+        json!({
+            "mode": r["mode"], "delivered_per_sec": r["delivered_per_sec"], "latency": r["latency"],
+            "cpu_us_per_delivered_event": r["cpu_us_per_delivered_event"]["nodes_plus_redis"],
+            "seq": r["seq"], "load_average_before": r["load_average_before"],
+        })
+    };
+    Ok(json!({
+        "runs": shape.runs, "subscribers_per_run": shape.subscribers, "payload_bytes": shape.payload_bytes,
+        "paced": brief(&paced_result),
+        "flat_out": brief(&flat_out_result),
+        "paced_at_capacity": brief(&saturated_result),
+    }))
+}
+
+fn report(name: &str, result: &Value, json: bool) {
     if json {
-        println!("{result}");
+        println!("{}", json!({ "scenario": name, "result": result }));
         return;
     }
-    if let Some(map) = result.as_object() {
-        let width = map.keys().map(String::len).max().unwrap_or(0);
-        for (key, value) in map {
-            println!("{key:<width$}  {value}");
-        }
+    let mut rows = Vec::new();
+    flatten("", result, &mut rows);
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    println!("{name}");
+    for (key, value) in rows {
+        println!("  {key:<width$}  {value}");
     }
 }
 
-const SECRET: &str = "chatgate-bench-secret";
-
-async fn echo(bin: &PathBuf, events: u64, payload_bytes: u64, runs: u32) -> anyhow::Result<Value> {
-    let node = Node::spawn(bin, SECRET, &[]).await?;
-    let api = Api::new(SECRET);
-    let token = api.token("bench")?;
-    let session = api.create_session(&node, &token).await?;
-    let mut ws = client::connect(&node, &token, None).await?;
-    let mut rates = Vec::new();
-    let mut expected_seq = 1;
-    for _ in 0..runs {
-        let script = json!({ "events": events, "payloadBytes": payload_bytes }).to_string();
-        let started = Instant::now();
-        client::send(&mut ws, json!({ "type": "chat.send", "sessionId": session, "content": script })).await?;
-        let mut received = 0u64;
-        loop {
-            let frame = client::recv(&mut ws, std::time::Duration::from_secs(60)).await?;
-            let Some(seq) = frame["seq"].as_u64() else { continue };
-            if seq != expected_seq {
-                bail!("seq {seq} arrived, expected {expected_seq}");
-            }
-            expected_seq += 1;
-            received += 1;
-            if frame["kind"] == "complete" {
-                break;
-            }
-        }
-        let elapsed = started.elapsed().as_secs_f64();
-        rates.push(received as f64 / elapsed);
+/// `a.b.c  value` rows of nested objects.
+fn flatten(prefix: &str, value: &Value, rows: &mut Vec<(String, String)>) {
+    match value {
+        Value::Object(map) => flatten_map(prefix, map, rows),
+        Value::String(s) => rows.push((prefix.to_string(), s.clone())),
+        other => rows.push((prefix.to_string(), other.to_string())),
     }
-    let rss = node.rss_bytes();
-    node.stop().await;
-    rates.sort_by(|a, b| a.total_cmp(b));
-    Ok(json!({
-        "scenario": "echo",
-        "events_per_run": events + 2,
-        "payload_bytes": payload_bytes,
-        "runs": runs,
-        "events_per_sec_median": rates[rates.len() / 2].round(),
-        "events_per_sec_best": rates[rates.len() - 1].round(),
-        "seq_check": "contiguous, no duplicate",
-        "node_rss_mib_after": rss.map(|b| (b as f64 / 1048576.0 * 10.0).round() / 10.0),
-    }))
 }
 
-async fn idle(bin: &PathBuf, sockets: usize) -> anyhow::Result<Value> {
-    let limit = client::raise_nofile();
-    if (limit as usize) < sockets + 64 {
-        bail!("open-file limit {limit} is too low for {sockets} sockets");
+fn flatten_map(prefix: &str, map: &Map<String, Value>, rows: &mut Vec<(String, String)>) {
+    for (key, value) in map {
+        let key = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+        flatten(&key, value, rows);
     }
-    let node = Node::spawn(bin, SECRET, &[]).await?;
-    let api = Api::new(SECRET);
-    // Warm up: one socket through the whole path, so lazily built state is counted in the baseline.
-    let warm = api.token("warm")?;
-    let warm_session = api.create_session(&node, &warm).await?;
-    let mut warm_ws = client::connect(&node, &warm, None).await?;
-    subscribe(&mut warm_ws, &warm_session).await?;
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let rss_before = node.rss_bytes().context("cannot read the node's RSS")?;
-    let kernel_before = client::kernel_tcp_bytes();
-    let mut open = Vec::with_capacity(sockets);
-    let started = Instant::now();
-    for i in 0..sockets {
-        let token = api.token(&format!("idle-{i}"))?;
-        let session = api.create_session(&node, &token).await?;
-        // Spread the client side over 127.0.0.2-254 so one source address never runs out of ports.
-        let source: IpAddr = format!("127.0.0.{}", 2 + (i % 250)).parse()?;
-        let mut ws = client::connect(&node, &token, Some(source)).await?;
-        subscribe(&mut ws, &session).await?;
-        open.push(ws);
-    }
-    let connect_secs = started.elapsed().as_secs_f64();
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    let rss_after = node.rss_bytes().context("cannot read the node's RSS")?;
-    let kernel_after = client::kernel_tcp_bytes();
-    let per_socket = (rss_after.saturating_sub(rss_before)) as f64 / sockets as f64;
-    let kernel_per_socket = match (kernel_before, kernel_after) {
-        (Some(b), Some(a)) => Some((a.saturating_sub(b)) as f64 / sockets as f64 / 1024.0),
-        _ => None,
-    };
-    drop(open);
-    node.stop().await;
-    Ok(json!({
-        "scenario": "idle",
-        "sockets": sockets,
-        "node_rss_mib_before": (rss_before as f64 / 1048576.0 * 10.0).round() / 10.0,
-        "node_rss_mib_after": (rss_after as f64 / 1048576.0 * 10.0).round() / 10.0,
-        "node_rss_kib_per_socket": (per_socket / 1024.0 * 10.0).round() / 10.0,
-        "kernel_tcp_kib_per_socket_both_ends": kernel_per_socket.map(|k| (k * 10.0).round() / 10.0),
-        "connect_and_subscribe_secs": (connect_secs * 100.0).round() / 100.0,
-    }))
-}
-
-async fn subscribe(ws: &mut client::Socket, session: &str) -> anyhow::Result<()> {
-    client::send(ws, json!({ "type": "chat.subscribe", "sessions": [{ "sessionId": session, "lastSeq": 0 }] })).await?;
-    let ack = client::recv(ws, std::time::Duration::from_secs(30)).await?;
-    if ack["kind"] != "chat_subscribed" {
-        bail!("expected chat_subscribed, got {ack}");
-    }
-    Ok(())
 }

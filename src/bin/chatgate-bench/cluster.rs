@@ -1,0 +1,282 @@
+//! Nodes for a scenario (one single node, or several cluster nodes on the
+//! shared Redis and PostgreSQL) and what is read from them around a
+//! measurement: CPU time from `/proc/<pid>/stat` (nodes and `redis-server`)
+//! and counters from each node's `/metrics`.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::Path};
+
+use anyhow::{Context, bail};
+
+use crate::{
+    client::{Api, Backend, Node},
+    services::{PrivatePostgres, PrivateRedis},
+};
+
+/// Where cluster nodes find Redis and PostgreSQL.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClusterArgs {
+    /// Redis shared by the cluster nodes.
+    #[arg(long, default_value = "redis://127.0.0.1:6379", global = true)]
+    pub redis_url: String,
+    /// PostgreSQL shared by the cluster nodes.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test", global = true)]
+    pub database_url: String,
+    /// Start a private `redis-server` (no persistence) for the scenario instead
+    /// of using `--redis-url`, so that its CPU time is the scenario's alone.
+    #[arg(long, global = true)]
+    pub private_redis: bool,
+    /// Start a private PostgreSQL (fsync off, as the `postgres` user) instead
+    /// of using `--database-url`: its CPU time is then reported too.
+    #[arg(long, global = true)]
+    pub private_postgres: bool,
+    /// An environment variable for every spawned node (repeatable), e.g. `TOKIO_WORKER_THREADS=1`.
+    #[arg(long = "node-env", value_parser = crate::client::parse_env, global = true)]
+    pub node_env: Vec<(String, String)>,
+}
+
+/// The nodes of one scenario.
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    /// `redis-server`'s pid (cluster mode, when it runs on this machine).
+    pub redis_pid: Option<u32>,
+    /// The Redis the nodes use (cluster mode).
+    pub redis_url: Option<String>,
+    /// Private services, stopped with the cluster.
+    private_redis: Option<PrivateRedis>,
+    private_postgres: Option<PrivatePostgres>,
+    pub api: Api,
+}
+
+impl Cluster {
+    /// Whether the PostgreSQL CPU figure covers this scenario's database alone.
+    pub fn postgres_is_private(&self) -> bool {
+        self.private_postgres.is_some()
+    }
+
+    /// `count` cluster-mode nodes with unique ids, started one after another
+    /// (each applies the migrations at start).
+    pub async fn start(bin: &Path, args: &ClusterArgs, count: usize, extra: &[String]) -> anyhow::Result<Cluster> {
+        let run = uuid::Uuid::new_v4().simple().to_string();
+        let private_redis = if args.private_redis { Some(PrivateRedis::start().await?) } else { None };
+        let redis_url = private_redis.as_ref().map_or(args.redis_url.clone(), |r| r.url.clone());
+        let private_postgres = if args.private_postgres { Some(PrivatePostgres::start().await?) } else { None };
+        let database_url = private_postgres.as_ref().map_or(args.database_url.clone(), |p| p.url.clone());
+        let mut nodes = Vec::with_capacity(count);
+        for i in 0..count {
+            let backend = Backend::Cluster {
+                redis_url: redis_url.clone(),
+                database_url: database_url.clone(),
+                node_id: format!("bench-{}-{i}", &run[..8]),
+            };
+            nodes.push(Node::spawn(bin, &backend, extra, &args.node_env).await?);
+        }
+        let redis_pid = redis_pid(&redis_url).await.ok();
+        Ok(Cluster { nodes, redis_pid, redis_url: Some(redis_url), private_redis, private_postgres, api: Api::new() })
+    }
+
+    /// One single node (SQLite, in-process registry).
+    pub async fn single(bin: &Path, args: &ClusterArgs, extra: &[String]) -> anyhow::Result<Cluster> {
+        let node = Node::spawn(bin, &Backend::Sqlite, extra, &args.node_env).await?;
+        Ok(Cluster {
+            nodes: vec![node],
+            redis_pid: None,
+            redis_url: None,
+            private_redis: None,
+            private_postgres: None,
+            api: Api::new(),
+        })
+    }
+
+    pub fn addr(&self, i: usize) -> SocketAddr {
+        self.nodes[i % self.nodes.len()].addr
+    }
+
+    /// CPU times and counters, to subtract from a later sample.
+    pub async fn sample(&self) -> anyhow::Result<Sample> {
+        let mut node_cpu = 0.0;
+        let mut metrics = Counters::default();
+        for node in &self.nodes {
+            node_cpu += node.pid.and_then(cpu_seconds).context("cannot read a node's CPU time")?;
+            let text = self.api.metrics(node.addr).await?;
+            metrics.add(&text);
+        }
+        let redis_cpu = self.redis_pid.and_then(cpu_seconds);
+        let client_cpu = cpu_seconds(std::process::id()).unwrap_or(0.0);
+        let postgres_cpu = match &self.private_postgres {
+            Some(pg) => pg.cpu_seconds().unwrap_or(0.0),
+            None => postgres_cpu_seconds(),
+        };
+        let redis_commands = match &self.redis_url {
+            Some(url) => command_stats(url).await.unwrap_or_default(),
+            None => BTreeMap::new(),
+        };
+        Ok(Sample { node_cpu, redis_cpu, client_cpu, postgres_cpu, metrics, redis_commands })
+    }
+
+    pub async fn stop(self) {
+        for node in self.nodes {
+            node.stop().await;
+        }
+        if let Some(redis) = self.private_redis {
+            redis.stop().await;
+        }
+        if let Some(postgres) = self.private_postgres {
+            postgres.stop().await;
+        }
+    }
+}
+
+/// CPU seconds (user + system, all threads) of a process.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // USER_HZ, the unit of /proc times, is 100 on Linux for x86 and arm.
+    Some((utime + stime) as f64 / 100.0)
+}
+
+/// CPU seconds of every `postgres` process on the machine (shared with others).
+fn postgres_cpu_seconds() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return 0.0 };
+    dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "postgres"))
+        .filter_map(cpu_seconds)
+        .sum()
+}
+
+/// The 1-minute load average (other work on the machine).
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
+}
+
+/// `INFO commandstats`: command → (calls, microseconds).
+async fn command_stats(url: &str) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await?;
+    let mut stats = BTreeMap::new();
+    for line in info.lines() {
+        let Some((name, fields)) = line.strip_prefix("cmdstat_").and_then(|l| l.split_once(':')) else { continue };
+        let field = |key: &str| {
+            fields.split(',').find_map(|f| f.strip_prefix(key)?.strip_prefix('=')?.parse::<u64>().ok()).unwrap_or(0)
+        };
+        stats.insert(name.to_string(), (field("calls"), field("usec")));
+    }
+    Ok(stats)
+}
+
+/// `redis-server`'s pid from `INFO server` (only meaningful when it runs here).
+async fn redis_pid(url: &str) -> anyhow::Result<u32> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let info: String = redis::cmd("INFO").arg("server").query_async(&mut conn).await?;
+    let pid = info
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .context("no process_id in INFO")?
+        .trim()
+        .parse::<u32>()?;
+    if !Path::new(&format!("/proc/{pid}")).exists() {
+        bail!("redis-server {pid} is not a process on this machine");
+    }
+    Ok(pid)
+}
+
+/// Counters summed over the nodes' `/metrics`.
+#[derive(Debug, Default, Clone)]
+pub struct Counters {
+    pub redis_round_trips: f64,
+    /// Round trips by `op` label.
+    pub round_trips_by_op: BTreeMap<String, f64>,
+    pub events_appended: f64,
+    pub events_delivered: f64,
+    pub slow_consumer_closes: f64,
+    pub replay_truncated: f64,
+}
+
+impl Counters {
+    fn add(&mut self, text: &str) {
+        for line in text.lines() {
+            if line.starts_with('#') {
+                continue;
+            }
+            let Some((name, value)) = line.rsplit_once(' ') else { continue };
+            let Ok(value) = value.parse::<f64>() else { continue };
+            let metric = name.split('{').next().unwrap_or(name);
+            match metric {
+                "chatgate_redis_round_trips_total" => {
+                    self.redis_round_trips += value;
+                    let op = name.split("op=\"").nth(1).and_then(|rest| rest.split('"').next()).unwrap_or("?");
+                    *self.round_trips_by_op.entry(op.to_string()).or_default() += value;
+                }
+                "chatgate_events_appended_total" => self.events_appended += value,
+                "chatgate_events_delivered_total" => self.events_delivered += value,
+                "chatgate_slow_consumer_closes_total" => self.slow_consumer_closes += value,
+                "chatgate_replay_truncated_total" => self.replay_truncated += value,
+                _ => {}
+            }
+        }
+    }
+
+    fn minus(&self, before: &Counters) -> Counters {
+        Counters {
+            redis_round_trips: self.redis_round_trips - before.redis_round_trips,
+            round_trips_by_op: self
+                .round_trips_by_op
+                .iter()
+                .map(|(op, n)| (op.clone(), n - before.round_trips_by_op.get(op).copied().unwrap_or(0.0)))
+                .filter(|(_, n)| *n > 0.0)
+                .collect(),
+            events_appended: self.events_appended - before.events_appended,
+            events_delivered: self.events_delivered - before.events_delivered,
+            slow_consumer_closes: self.slow_consumer_closes - before.slow_consumer_closes,
+            replay_truncated: self.replay_truncated - before.replay_truncated,
+        }
+    }
+}
+
+/// CPU seconds and counters at one moment.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub node_cpu: f64,
+    pub redis_cpu: Option<f64>,
+    pub client_cpu: f64,
+    pub postgres_cpu: f64,
+    pub metrics: Counters,
+    pub redis_commands: BTreeMap<String, (u64, u64)>,
+}
+
+/// What happened between two samples.
+#[derive(Debug, Clone)]
+pub struct Usage {
+    pub node_cpu: f64,
+    pub redis_cpu: Option<f64>,
+    pub client_cpu: f64,
+    pub postgres_cpu: f64,
+    pub metrics: Counters,
+    /// Redis commands run in between (scripts' inner calls included): calls, microseconds.
+    pub redis_commands: BTreeMap<String, (u64, u64)>,
+}
+
+impl Sample {
+    pub fn since(&self, before: &Sample) -> Usage {
+        Usage {
+            node_cpu: self.node_cpu - before.node_cpu,
+            redis_cpu: self.redis_cpu.zip(before.redis_cpu).map(|(a, b)| a - b),
+            client_cpu: self.client_cpu - before.client_cpu,
+            postgres_cpu: self.postgres_cpu - before.postgres_cpu,
+            metrics: self.metrics.minus(&before.metrics),
+            redis_commands: self
+                .redis_commands
+                .iter()
+                .filter_map(|(name, (calls, usec))| {
+                    let (c0, u0) = before.redis_commands.get(name).copied().unwrap_or((0, 0));
+                    (*calls > c0).then(|| (name.clone(), (calls - c0, usec.saturating_sub(u0))))
+                })
+                .collect(),
+        }
+    }
+}
