@@ -46,7 +46,7 @@ pub async fn run(bin: &Path, args: &ClusterArgs, idle_sockets: usize, storm_clie
     say("latency, paced at 10 000 deliveries/s");
     let paced =
         on_cluster!(bin, args, 3, |c| fanout::measure(&c, &FanoutArgs { rate: Some(10_000.0), ..shape.clone() }));
-    let capacity = flat_out["delivered_per_sec"].as_f64().unwrap_or(10_000.0);
+    let capacity = flat_out["delivered_per_sec"].as_f64().unwrap_or(10_000.0).min(fanout::max_paced_rate(&shape));
     say("latency, paced at the flat-out rate");
     let saturated =
         on_cluster!(bin, args, 3, |c| fanout::measure(&c, &FanoutArgs { rate: Some(capacity), ..shape.clone() }));
