@@ -46,7 +46,7 @@ pub async fn run(bin: &Path, args: &ClusterArgs, idle_sockets: usize, storm_clie
     say("latency, paced at 10 000 deliveries/s");
     let paced =
         on_cluster!(bin, args, 3, |c| fanout::measure(&c, &FanoutArgs { rate: Some(10_000.0), ..shape.clone() }));
-    let capacity = flat_out["delivered_per_sec"].as_f64().unwrap_or(10_000.0);
+    let capacity = flat_out["delivered_per_sec"].as_f64().unwrap_or(10_000.0).min(fanout::max_paced_rate(&shape));
     say("latency, paced at the flat-out rate");
     let saturated =
         on_cluster!(bin, args, 3, |c| fanout::measure(&c, &FanoutArgs { rate: Some(capacity), ..shape.clone() }));
@@ -110,7 +110,10 @@ struct Figures<'a> {
 
 fn num(value: &Value, pointer: &str) -> String {
     match value.pointer(pointer) {
-        Some(Value::Number(n)) => n.to_string(),
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(x) if x.fract() == 0.0 && x.abs() < 1e15 => format!("{}", x as i64),
+            _ => n.to_string(),
+        },
         Some(Value::String(s)) => s.clone(),
         Some(other) => other.to_string(),
         None => "?".into(),
@@ -188,8 +191,9 @@ fn table(f: &Figures) -> String {
         [
             "200 missed events replayed on another node".into(),
             format!(
-                "{}, {} ms incl. reconnect (p50), {} ms after the ack",
-                num(f.reconnect, "/delivered"),
+                "{} missed (min), {} % of the run delivered; {} ms incl. reconnect (p50), {} ms after the ack",
+                num(f.reconnect, "/missed_events_per_client/min"),
+                num(f.reconnect, "/delivery_percent"),
                 num(f.reconnect, "/reconnect_to_last_missed_event/p50_ms"),
                 num(f.reconnect, "/ack_to_last_missed_event/p50_ms")
             ),

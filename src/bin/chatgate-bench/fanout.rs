@@ -142,6 +142,11 @@ struct Seen {
     done_at: Instant,
 }
 
+/// The highest rate `--rate` can pace: one event per millisecond per run.
+pub fn max_paced_rate(args: &FanoutArgs) -> f64 {
+    (args.runs * args.subscribers) as f64 * 1000.0
+}
+
 /// Runs one fan-out measurement on `cluster`.
 pub async fn measure(cluster: &Cluster, args: &FanoutArgs) -> anyhow::Result<Value> {
     let nodes = cluster.nodes.len();

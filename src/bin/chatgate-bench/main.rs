@@ -218,7 +218,7 @@ async fn latency(cluster: &Cluster, shape: &fanout::FanoutArgs, saturated_events
     flat_out.rate = None;
     flat_out.events = saturated_events;
     let flat_out_result = fanout::measure(cluster, &flat_out).await?;
-    let capacity = flat_out_result["delivered_per_sec"].as_f64().unwrap_or(0.0);
+    let capacity = flat_out_result["delivered_per_sec"].as_f64().unwrap_or(0.0).min(fanout::max_paced_rate(shape));
     let mut saturated = shape.clone();
     saturated.rate = Some(capacity);
     let saturated_result = fanout::measure(cluster, &saturated).await?;
