@@ -7,6 +7,7 @@ use std::{
     time::Duration,
 };
 
+use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -161,6 +162,12 @@ impl Node {
             .await
             .map_err(|source| NodeError::Listen { addr: config.listen, source })?;
         let addr = listener.local_addr().map_err(|source| NodeError::Listen { addr: config.listen, source })?;
+        // Frames are small and latency-bound: no Nagle delay on accepted sockets.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set");
+            }
+        });
         let stop_serving = CancellationToken::new();
         let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
         let server = tokio::spawn({
