@@ -36,8 +36,8 @@ use crate::{
 const WRITE_BATCH: usize = 64;
 /// Pings without a pong after which the socket is dropped.
 const MAX_MISSED_PONGS: u32 = 2;
-/// Socket read buffer: small, since idle sockets are the common case.
-const READ_BUFFER: usize = 4 * 1024;
+/// Socket read buffer: small, since idle sockets are the common case (it grows for big frames).
+const READ_BUFFER: usize = 1024;
 const WRITE_BUFFER: usize = 16 * 1024;
 /// How long a closing socket waits for the peer's Close.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -183,7 +183,8 @@ async fn write_loop(
     done: CancellationToken,
 ) {
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
-    let mut batch: Vec<Frame> = Vec::with_capacity(WRITE_BATCH);
+    // Allocated on first use: most sockets are idle most of the time.
+    let mut batch: Vec<Frame> = Vec::new();
     loop {
         tokio::select! {
             popped = outbox.pop(&mut batch, WRITE_BATCH) => match popped {

@@ -337,7 +337,7 @@ impl RunRegistry for MemoryRegistry {
 
     async fn user_notices(&self, user_id: &str) -> Result<broadcast::Receiver<Frame>, RegistryError> {
         let mut users = lock(&self.inner.users);
-        Ok(users.entry(user_id.to_string()).or_insert_with(|| broadcast::channel(64).0).subscribe())
+        Ok(users.entry(user_id.to_string()).or_insert_with(|| broadcast::channel(super::NOTICE_CAPACITY).0).subscribe())
     }
 
     async fn ready(&self) -> Result<(), String> {

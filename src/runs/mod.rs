@@ -24,6 +24,9 @@ pub use feed::{FeedItem, LiveFeed};
 
 /// Capacity of control channels from the registry to a local run.
 pub const CONTROL_CAPACITY: usize = 64;
+/// Capacity of per-user notice channels (`session_upserted` is rare; a lagging
+/// socket skips notices rather than holding memory for them).
+pub const NOTICE_CAPACITY: usize = 8;
 /// Capacity of per-session live broadcast channels; laggards refill from the replay window.
 pub const LIVE_CAPACITY: usize = 32;
 

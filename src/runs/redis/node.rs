@@ -32,7 +32,7 @@ use crate::{
 };
 
 /// Capacity of a user's notice channel on one node.
-pub const USER_CAPACITY: usize = 64;
+pub const USER_CAPACITY: usize = crate::runs::NOTICE_CAPACITY;
 /// How long a finished session's seq counter stays in Redis; after that the
 /// next run restores it from SQL's high-water mark (plus the margin).
 pub const SEQ_IDLE_TTL: Duration = Duration::from_secs(24 * 3600);
