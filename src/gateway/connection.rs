@@ -46,10 +46,12 @@ impl Connection {
         let outbox = self.outbox.clone();
         let session = session_id.to_string();
         let task = tokio::spawn(async move {
+            // Looked up once: this loop is the per-event delivery path.
+            let delivered_total = metrics::counter!("chatgate_events_delivered_total");
             while let Some(item) = feed.next().await {
                 let delivered = match item {
                     FeedItem::Event(event) => {
-                        metrics::counter!("chatgate_events_delivered_total").increment(1);
+                        delivered_total.increment(1);
                         outbox.push(event.frame)
                     }
                     FeedItem::Gap { .. } => {

@@ -229,26 +229,35 @@ impl Driver {
     }
 
     /// Appends with retries while the backend is away, until the lease would be gone.
-    async fn append(&mut self, batch: Vec<EventBody>) -> Result<Vec<Event>, RegistryError> {
+    async fn append(&self, batch: Vec<EventBody>) -> Result<Vec<Event>, RegistryError> {
         let started = Instant::now();
+        let events = self.while_leased("append", || self.gateway.registry.append(&self.lease, batch.clone())).await?;
+        metrics::counter!("chatgate_events_appended_total").increment(events.len() as u64);
+        metrics::histogram!("chatgate_append_seconds").record(started.elapsed().as_secs_f64());
+        Ok(events)
+    }
+
+    /// Runs a registry write, retrying with backoff while the backend is
+    /// unavailable and the lease may still be ours; any other error is final.
+    async fn while_leased<T, F, Fut>(&self, what: &str, mut write: F) -> Result<T, RegistryError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, RegistryError>>,
+    {
         let mut delay = Duration::from_millis(50);
         loop {
-            match self.gateway.registry.append(&self.lease, batch.clone()).await {
-                Ok(events) => {
-                    metrics::counter!("chatgate_events_appended_total").increment(events.len() as u64);
-                    metrics::histogram!("chatgate_append_seconds").record(started.elapsed().as_secs_f64());
-                    return Ok(events);
-                }
+            match write().await {
                 Err(RegistryError::Unavailable(e)) if self.last_renewal.elapsed() < self.gateway.settings.run_lease => {
                     metrics::counter!("chatgate_backend_errors_total", "backend" => "redis").increment(1);
-                    tracing::warn!(error = %e, "append failed; retrying");
+                    tracing::warn!(error = %e, what, "registry write failed; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(1));
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "append refused; the run lost its lock");
+                    tracing::warn!(error = %e, what, "registry write refused");
                     return Err(e);
                 }
+                Ok(value) => return Ok(value),
             }
         }
     }
@@ -329,7 +338,7 @@ impl Driver {
             Ending::LeaseLost => {
                 metrics::counter!("chatgate_runs_total", "outcome" => "lease_lost").increment(1);
                 self.gateway.registry.abandon(&self.lease).await;
-                self.flush_streamed(&mut Vec::new()).await;
+                self.flush_streamed().await;
                 return;
             }
         };
@@ -341,21 +350,8 @@ impl Driver {
             fields["error"] = Value::String(error);
         }
         let body = self.label(object(fields));
-        let mut delay = Duration::from_millis(50);
-        let event = loop {
-            match self.gateway.registry.complete(&self.lease, body.clone()).await {
-                Ok(event) => break Some(event),
-                Err(RegistryError::Unavailable(e)) if self.last_renewal.elapsed() < self.gateway.settings.run_lease => {
-                    tracing::warn!(error = %e, "complete failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(1));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not append the terminal complete");
-                    break None;
-                }
-            }
-        };
+        let event =
+            self.while_leased("complete", || self.gateway.registry.complete(&self.lease, body.clone())).await.ok();
         let outcome = if aborted {
             "aborted"
         } else if exit_code == 0 {
@@ -364,18 +360,20 @@ impl Driver {
             "failure"
         };
         metrics::counter!("chatgate_runs_total", "outcome" => outcome).increment(1);
-        let mut rows = Vec::new();
-        if let Some(event) = event {
-            rows = self.history_rows(&[body], &[event], vec![None]);
-        } else {
-            self.flush_streamed(&mut rows).await;
+        match event {
+            Some(event) => {
+                let rows = self.history_rows(&[body], &[event], vec![None]);
+                self.gateway.history.write(rows).await;
+            }
+            None => self.flush_streamed().await,
         }
-        self.gateway.history.write(rows).await;
     }
 
-    async fn flush_streamed(&mut self, rows: &mut Vec<HistoryRow>) {
-        self.transcript.flush(rows);
-        self.gateway.history.write(std::mem::take(rows)).await;
+    /// Writes the merged text of deltas no `stream_end` closed (a run cut short).
+    async fn flush_streamed(&mut self) {
+        let mut rows = Vec::new();
+        self.transcript.flush(&mut rows);
+        self.gateway.history.write(rows).await;
     }
 
     /// Adds the run's labels to a runtime event.
