@@ -1,18 +1,18 @@
 //! The live half of a subscription: dedupe by seq and gap repair.
 //!
-//! Live events arrive through a bounded broadcast channel. The feed remembers
-//! the last seq it handed out: older or equal seqs are dropped (they were
-//! replayed already), and a jump ahead (pub/sub loss, or a receiver that lagged
-//! behind the channel) is filled from the replay window before moving on. When
-//! the window cannot fill it, the caller is told with [`FeedItem::Gap`] so the
-//! client can reload history (`replayTruncated`).
+//! Live events arrive in batches through a bounded broadcast channel. The feed
+//! remembers the last seq it handed out: older or equal seqs are dropped (they
+//! were replayed already), and a jump ahead (pub/sub loss, a hole in a batch, or
+//! a receiver that lagged behind the channel) is filled from the replay window
+//! before moving on. When the window cannot fill it, the caller is told with
+//! [`FeedItem::Gap`] so the client can reload history (`replayTruncated`).
 
 use std::{any::Any, collections::VecDeque, sync::Arc};
 
 use async_trait::async_trait;
 use tokio::sync::broadcast::{self, error::RecvError};
 
-use super::{Event, RegistryError, ReplayRange};
+use super::{Event, LiveBatch, RegistryError, ReplayRange};
 
 /// Where a feed fills gaps from.
 #[async_trait]
@@ -33,7 +33,7 @@ pub enum FeedItem {
 /// Live events of one session for one socket, in order, each seq once.
 pub struct LiveFeed {
     session_id: String,
-    rx: broadcast::Receiver<Event>,
+    rx: broadcast::Receiver<LiveBatch>,
     last_sent: u64,
     ready: VecDeque<Event>,
     source: Arc<dyn RangeSource>,
@@ -44,7 +44,7 @@ pub struct LiveFeed {
 impl LiveFeed {
     pub fn new(
         session_id: String,
-        rx: broadcast::Receiver<Event>,
+        rx: broadcast::Receiver<LiveBatch>,
         last_sent: u64,
         source: Arc<dyn RangeSource>,
         guard: Option<Box<dyn Any + Send + Sync>>,
@@ -65,30 +65,38 @@ impl LiveFeed {
     /// The next event. `None` when the session's channel is gone.
     pub async fn next(&mut self) -> Option<FeedItem> {
         loop {
-            if let Some(event) = self.ready.pop_front() {
-                if event.seq <= self.last_sent {
+            while let Some(front) = self.ready.front() {
+                let seq = front.seq;
+                if seq <= self.last_sent {
+                    self.ready.pop_front();
                     continue;
                 }
-                self.last_sent = event.seq;
-                return Some(FeedItem::Event(event));
+                if seq == self.last_sent.saturating_add(1) {
+                    self.last_sent = seq;
+                    return self.ready.pop_front().map(FeedItem::Event);
+                }
+                // A hole before `seq`: fill it in front of what is queued.
+                let (filled, gap) = self.fill(seq - 1).await;
+                let progressed = !filled.is_empty();
+                for event in filled.into_iter().rev() {
+                    self.ready.push_front(event);
+                }
+                if gap.is_some() {
+                    return gap;
+                }
+                if !progressed {
+                    // The window says nothing is missing yet holds nothing: it is gone.
+                    self.last_sent = seq - 1;
+                    return Some(FeedItem::Gap { resumed_at: seq });
+                }
             }
             match self.rx.recv().await {
-                Ok(event) if event.seq <= self.last_sent => continue,
-                Ok(event) if event.seq == self.last_sent.saturating_add(1) => {
-                    self.last_sent = event.seq;
-                    return Some(FeedItem::Event(event));
-                }
-                Ok(event) => {
-                    let up_to = event.seq - 1;
-                    if let Some(gap) = self.fill(up_to).await {
-                        self.ready.push_back(event);
-                        return Some(gap);
-                    }
-                    self.ready.push_back(event);
-                }
+                Ok(batch) => self.ready.extend(batch.iter().filter(|e| e.seq > self.last_sent).cloned()),
                 Err(RecvError::Lagged(_)) => {
-                    if let Some(gap) = self.fill(u64::MAX).await {
-                        return Some(gap);
+                    let (filled, gap) = self.fill(u64::MAX).await;
+                    self.ready.extend(filled);
+                    if gap.is_some() {
+                        return gap;
                     }
                 }
                 Err(RecvError::Closed) => return None,
@@ -96,21 +104,19 @@ impl LiveFeed {
         }
     }
 
-    /// Queues the window's events after `last_sent` up to `up_to`; a `Gap` when
-    /// the window does not hold all of them.
-    async fn fill(&mut self, up_to: u64) -> Option<FeedItem> {
+    /// The window's events after `last_sent` up to `up_to`, and a `Gap` when
+    /// the window does not hold all of them (the cursor then skips the loss).
+    async fn fill(&mut self, up_to: u64) -> (Vec<Event>, Option<FeedItem>) {
         let range = self.source.read_range(&self.session_id, self.last_sent, up_to).await.unwrap_or_default();
         let first = range.events.first().map(|e| e.seq);
         let contiguous_start = first.is_none_or(|seq| seq == self.last_sent.saturating_add(1));
         if range.complete && contiguous_start {
-            self.ready.extend(range.events);
-            return None;
+            return (range.events, None);
         }
         // Skip what cannot be recovered; deliver what the window still has.
         let resumed_at =
             first.unwrap_or(if up_to == u64::MAX { self.last_sent.saturating_add(1) } else { up_to.saturating_add(1) });
         self.last_sent = resumed_at.saturating_sub(1);
-        self.ready.extend(range.events);
-        Some(FeedItem::Gap { resumed_at })
+        (range.events, Some(FeedItem::Gap { resumed_at }))
     }
 }

@@ -15,8 +15,8 @@ use serde_json::Value;
 use tokio::sync::{broadcast, mpsc};
 
 use super::{
-    CONTROL_CAPACITY, Control, Event, LIVE_CAPACITY, LiveFeed, RegistryError, ReplayRange, RunGrant, RunLease,
-    RunRegistry, RunStart, RunningRun, Snapshot, Subscription, feed::RangeSource,
+    CONTROL_CAPACITY, Control, Event, LIVE_CAPACITY, LiveBatch, LiveFeed, RegistryError, ReplayRange, RunGrant,
+    RunLease, RunRegistry, RunStart, RunningRun, Snapshot, Subscription, feed::RangeSource,
 };
 use crate::protocol::{EventBody, Frame, PermissionAnswer, now_iso, sequenced};
 
@@ -43,7 +43,7 @@ struct SessionState {
     /// First seq of the run the window belongs to.
     window_first_seq: u64,
     finished_at: Option<Instant>,
-    live: broadcast::Sender<Event>,
+    live: broadcast::Sender<LiveBatch>,
 }
 
 struct ActiveRun {
@@ -87,9 +87,13 @@ impl SessionState {
         while self.window.len() > max_events {
             self.window.pop_front();
         }
-        // No receivers is fine: the event stays replayable in the window.
-        let _ = self.live.send(event.clone());
         event
+    }
+
+    /// Hands appended events to the session's live feeds.
+    fn publish(&self, events: &[Event]) {
+        // No receivers is fine: the events stay replayable in the window.
+        let _ = self.live.send(LiveBatch::from(events));
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -198,7 +202,9 @@ impl RunRegistry for MemoryRegistry {
         let mut sessions = lock(&self.inner.sessions);
         let state = sessions.get_mut(&lease.session_id).ok_or(RegistryError::Fenced)?;
         let run_id = state.running(lease)?.run_id.clone();
-        Ok(batch.iter().map(|body| state.push(&run_id, body, self.inner.max_events)).collect())
+        let events: Vec<Event> = batch.iter().map(|body| state.push(&run_id, body, self.inner.max_events)).collect();
+        state.publish(&events);
+        Ok(events)
     }
 
     async fn complete(&self, lease: &RunLease, body: EventBody) -> Result<Event, RegistryError> {
@@ -206,6 +212,7 @@ impl RunRegistry for MemoryRegistry {
         let state = sessions.get_mut(&lease.session_id).ok_or(RegistryError::Fenced)?;
         let run_id = state.running(lease)?.run_id.clone();
         let event = state.push(&run_id, &body, self.inner.max_events);
+        state.publish(std::slice::from_ref(&event));
         if let Some(run) = state.run.take() {
             let mut permissions = lock(&self.inner.permissions);
             for (request_id, _) in run.pending {

@@ -27,8 +27,14 @@ pub const CONTROL_CAPACITY: usize = 64;
 /// Capacity of per-user notice channels (`session_upserted` is rare; a lagging
 /// socket skips notices rather than holding memory for them).
 pub const NOTICE_CAPACITY: usize = 8;
-/// Capacity of per-session live broadcast channels; laggards refill from the replay window.
+/// Capacity, in batches, of per-session live broadcast channels; laggards
+/// refill from the replay window. One slot holds a whole append batch, so the
+/// ring covers more events the busier a session is, at the same memory.
 pub const LIVE_CAPACITY: usize = 32;
+
+/// Events appended together (one append batch, or one catch-up read), in seq
+/// order: what a session's live channel carries, shared by every receiver.
+pub type LiveBatch = Arc<[Event]>;
 
 /// One sequenced event of a session, ready for the wire.
 #[derive(Debug, Clone, PartialEq)]

@@ -220,6 +220,8 @@ pub async fn measure(cluster: &Cluster, args: &FanoutArgs) -> anyhow::Result<Val
     let usage = after.since(&before);
     let elapsed = last_done.duration_since(start).as_secs_f64();
     let delivered = check.received as f64;
+    let unique = check.received.saturating_sub(check.duplicates);
+    let expected_deliveries = expected * (args.runs * args.subscribers) as u64;
     let per_event_us = |cpu: f64| round(cpu / delivered * 1e6, 2);
     let server_cpu = usage.node_cpu + usage.redis_cpu.unwrap_or(0.0);
     Ok(json!({
@@ -231,6 +233,8 @@ pub async fn measure(cluster: &Cluster, args: &FanoutArgs) -> anyhow::Result<Val
         "mean_frame_bytes": round(bytes as f64 / delivered.max(1.0), 0),
         "mode": match args.rate { Some(rate) => format!("paced at {rate} deliveries/s (intervalMs {interval_ms})"), None => "as fast as possible".into() },
         "delivered_events": check.received,
+        "expected_deliveries": expected_deliveries,
+        "delivery_percent": round(unique as f64 * 100.0 / expected_deliveries.max(1) as f64, 3),
         "seconds": round(elapsed, 3),
         "delivered_per_sec": round(delivered / elapsed, 0),
         "latency": latencies.summary(),

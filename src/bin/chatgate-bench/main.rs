@@ -10,7 +10,7 @@
 //!   per delivered event (nodes + Redis), latency, Redis round trips per event.
 //! - `latency`: the same paced at a delivery rate, then saturated, side by side.
 //! - `reconnect`: clients miss M events and resume on another node.
-//!   At scale (thousands of sockets dropping at once) it is the storm.
+//! - `storm`: `reconnect` at scale: thousands of sockets drop at once and resume.
 //! - `replay`: a live run with 10 000 retained events replayed from seq 0 on another node.
 //! - `start`: `chat.send` → first event latency under a paced load.
 //! - `ceiling`: the machine's Redis limits, for ratios.
@@ -98,6 +98,22 @@ enum Scenario {
         #[arg(long, default_value_t = 3)]
         nodes: usize,
     },
+    /// The storm: thousands of sockets on live runs drop at once and resume on other nodes.
+    Storm {
+        #[arg(long, default_value_t = 10_000)]
+        clients: usize,
+        /// Live runs the clients watch.
+        #[arg(long, default_value_t = 100)]
+        sessions: usize,
+        /// Pause before each event of a run.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// Nominal length of a run; it must outlast setting the sockets up and the storm.
+        #[arg(long, default_value_t = 40_000)]
+        run_ms: u64,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
     /// A live run with N retained events; sockets on another node replay it from seq 0.
     Replay {
         #[command(flatten)]
@@ -166,6 +182,13 @@ fn main() -> anyhow::Result<()> {
                 let result = reconnect::measure(&cluster, &shape).await;
                 cluster.stop().await;
                 ("reconnect", result?)
+            }
+            Scenario::Storm { clients, sessions, interval_ms, run_ms, nodes } => {
+                let shape = reconnect::ReconnectArgs { clients, sessions, missed: 0, interval_ms, run_ms, rounds: 1 };
+                let cluster = Cluster::start(&bin, &cli.cluster, nodes, &[]).await?;
+                let result = reconnect::measure(&cluster, &shape).await;
+                cluster.stop().await;
+                ("storm", result?)
             }
             Scenario::Replay { shape, nodes } => {
                 let cluster = Cluster::start(&bin, &cli.cluster, nodes, &replay::node_flags(&shape)).await?;

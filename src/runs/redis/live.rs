@@ -15,7 +15,7 @@ use super::{
 };
 use crate::{
     protocol::Frame,
-    runs::{Event, LIVE_CAPACITY, RegistryError, ReplayRange, feed::RangeSource},
+    runs::{Event, LIVE_CAPACITY, LiveBatch, RegistryError, ReplayRange, feed::RangeSource},
 };
 
 /// A run seen in progress on a watched session (for owner-loss detection).
@@ -27,7 +27,7 @@ pub struct SeenRun {
 
 /// A session this node has live feeds on.
 pub struct LiveSession {
-    pub tx: broadcast::Sender<Event>,
+    pub tx: broadcast::Sender<LiveBatch>,
     pub feeds: usize,
     /// Highest seq seen for the session (handed to `tx`, or read by a subscribe
     /// that was the session's only feed); a catch-up reads after it.
@@ -55,7 +55,7 @@ impl LiveSession {
     /// feed drops what it already has, and an old event may still be news to
     /// a feed that subscribed while it was on its way.
     fn dispatch(&mut self, events: Vec<Event>) {
-        for event in events {
+        for event in &events {
             if event.seq > self.last_dispatched {
                 self.last_dispatched = event.seq;
                 if event.terminal {
@@ -65,10 +65,10 @@ impl LiveSession {
                 }
                 self.lock_missing_since = None;
             }
-            metrics::counter!("chatgate_redis_live_events_total").increment(1);
-            // No receiver is fine: a feed that comes later reads the stream.
-            let _ = self.tx.send(event);
         }
+        metrics::counter!("chatgate_redis_live_events_total").increment(events.len() as u64);
+        // No receiver is fine: a feed that comes later reads the stream.
+        let _ = self.tx.send(LiveBatch::from(events));
     }
 }
 
@@ -201,7 +201,7 @@ impl Drop for FeedGuard {
 }
 
 /// Registers a new feed on a session: its entry (created if needed) and a receiver.
-pub fn attach_feed(node: &Arc<Node>, session_id: &str) -> (broadcast::Receiver<Event>, FeedGuard) {
+pub fn attach_feed(node: &Arc<Node>, session_id: &str) -> (broadcast::Receiver<LiveBatch>, FeedGuard) {
     let mut sessions = lock(&node.sessions);
     let session = sessions.entry(session_id.to_string()).or_insert_with(LiveSession::new);
     session.feeds += 1;
