@@ -81,7 +81,9 @@ impl Auth {
             .into_iter()
             .flatten()
             .find_map(|v| match v {
-                Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+                // Verbatim: " alice" is not "alice" (trimming would merge two identities).
+                // A NUL cannot be stored (PostgreSQL text), so it names no user.
+                Value::String(s) if !s.trim().is_empty() && !s.contains('\0') => Some(s.clone()),
                 Value::Number(n) => Some(n.to_string()),
                 _ => None,
             })
@@ -135,6 +137,10 @@ mod tests {
             assert!(matches!(auth.verify(&token), Err(AuthError::Invalid(_))), "{token}");
         }
         assert_eq!(auth.verify(&no_user), Err(AuthError::NoUser));
+        let nul_user = sign(b"s", Algorithm::HS256, json!({"userId": "a\u{0}b", "exp": exp}));
+        assert_eq!(auth.verify(&nul_user), Err(AuthError::NoUser));
+        let padded = sign(b"s", Algorithm::HS256, json!({"userId": " u ", "exp": exp}));
+        assert_eq!(auth.verify(&padded).unwrap().user_id, " u ");
         assert_eq!(auth.verify(""), Err(AuthError::Missing));
     }
 }

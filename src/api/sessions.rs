@@ -106,7 +106,7 @@ pub async fn create(State(state): State<AppState>, User(user): User, body: Bytes
     };
     let summary = match body.get("summary") {
         None | Some(Value::Null) => String::new(),
-        Some(Value::String(s)) if s.chars().count() <= MAX_SUMMARY => s.trim().to_string(),
+        Some(Value::String(s)) if s.chars().count() <= MAX_SUMMARY && !s.contains('\0') => s.trim().to_string(),
         Some(_) => {
             return Err(ApiError::bad_request(
                 "INVALID_SUMMARY",
@@ -202,7 +202,8 @@ pub async fn rename(
     check_id(&id)?;
     let body = json_body(&body)?;
     let summary = body.get("summary").and_then(Value::as_str).map(str::trim).unwrap_or("");
-    if summary.is_empty() || summary.chars().count() > MAX_SUMMARY {
+    // A NUL cannot be stored in PostgreSQL text: a bad request, not a backend failure.
+    if summary.is_empty() || summary.chars().count() > MAX_SUMMARY || summary.contains('\0') {
         return Err(ApiError::bad_request("INVALID_SUMMARY", "summary must be 1-500 characters."));
     }
     if !state.gateway.store.set_summary(&user.user_id, &id, summary).await? {

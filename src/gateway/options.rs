@@ -25,7 +25,8 @@ pub enum PathRefusal {
 
 /// Resolves a `projectPath` for a new session inside `root` (already canonical).
 /// Relative paths are taken from the root; `..` is refused outright; an existing
-/// path is canonicalised so a symlink cannot lead outside.
+/// path is canonicalised so a symlink cannot lead outside, and a symlink that
+/// cannot be resolved (dangling or a loop) is refused: it could lead outside later.
 pub fn resolve_project_path(root: &Path, raw: &str) -> Result<PathBuf, PathRefusal> {
     let raw = raw.trim();
     if raw.is_empty() {
@@ -37,25 +38,31 @@ pub fn resolve_project_path(root: &Path, raw: &str) -> Result<PathBuf, PathRefus
     }
     let joined = if path.is_absolute() { path.to_path_buf() } else { root.join(path) };
     let normal: PathBuf = joined.components().filter(|c| !matches!(c, Component::CurDir)).collect();
-    let resolved = resolve_existing_prefix(&normal);
-    if resolved.starts_with(root) { Ok(resolved) } else { Err(PathRefusal::Outside) }
+    match resolve_existing_prefix(&normal) {
+        Some(resolved) if resolved.starts_with(root) => Ok(resolved),
+        _ => Err(PathRefusal::Outside),
+    }
 }
 
 /// Canonicalises the longest existing ancestor of `path` (following its
-/// symlinks) and appends the components that do not exist yet.
-fn resolve_existing_prefix(path: &Path) -> PathBuf {
+/// symlinks) and appends the components that do not exist yet. `None` when a
+/// component is a symlink that does not resolve (dangling or a loop).
+fn resolve_existing_prefix(path: &Path) -> Option<PathBuf> {
     let mut existing = path;
     let mut missing = Vec::new();
     loop {
         if let Ok(real) = std::fs::canonicalize(existing) {
-            return missing.iter().rev().fold(real, |acc: PathBuf, part| acc.join(part));
+            return Some(missing.iter().rev().fold(real, |acc: PathBuf, part| acc.join(part)));
+        }
+        if std::fs::symlink_metadata(existing).is_ok_and(|m| m.file_type().is_symlink()) {
+            return None;
         }
         match (existing.parent(), existing.file_name()) {
             (Some(parent), Some(name)) => {
                 missing.push(name.to_os_string());
                 existing = parent;
             }
-            _ => return path.to_path_buf(),
+            _ => return Some(path.to_path_buf()),
         }
     }
 }
@@ -165,6 +172,10 @@ mod tests {
         assert_eq!(resolve_project_path(&root, "link"), Err(PathRefusal::Outside));
         assert_eq!(resolve_project_path(&root, "link/not/yet"), Err(PathRefusal::Outside));
         assert_eq!(resolve_project_path(&root, "new/dir").unwrap(), root.join("new/dir"));
+        std::os::unix::fs::symlink(root.join("gone"), root.join("dangling")).unwrap();
+        assert_eq!(resolve_project_path(&root, "dangling"), Err(PathRefusal::Outside));
+        std::os::unix::fs::symlink("loop", root.join("loop")).unwrap();
+        assert_eq!(resolve_project_path(&root, "loop/x"), Err(PathRefusal::Outside));
     }
 
     #[test]
