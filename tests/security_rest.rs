@@ -278,20 +278,11 @@ async fn project_dir_swapped_for_a_symlink_out_starts_no_run(db: Db) {
     assert_eq!(shown["data"]["lastSeq"], 0, "{shown}");
 }
 
-mod swapped {
-    //! Known gap, kept visible: see `project_dir_swapped_for_a_symlink_out_starts_no_run`.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "chat.send does not re-check that the stored projectPath still resolves inside --workspaces-root \
-                (src/gateway/verbs.rs chat_send, src/gateway/options.rs resolve_cwd); the refusal code is a contract choice"]
-    async fn sqlite() {
-        super::project_dir_swapped_for_a_symlink_out_starts_no_run(super::Db::Sqlite).await
-    }
-}
-
 db_tests!(
     foreign_session_on_every_route_while_an_approval_waits,
     every_bad_token_is_401_and_creates_nothing,
     header_and_query_tokens_precedence_on_rest,
     nul_in_a_summary_is_invalid_summary,
     project_path_traversal_forms_are_refused_or_stay_literal,
+    project_dir_swapped_for_a_symlink_out_starts_no_run,
 );

@@ -2,12 +2,17 @@
 //! fixes of interface §3 (ownership on every verb, confined `cwd`, per-session
 //! seq, fan-out to every subscriber).
 
-use std::{path::PathBuf, sync::Arc};
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 use tracing::Instrument;
 
-use super::{Connection, Gateway, options::validate_options, run::RunPlan, valid_session_id};
+use super::{
+    Connection, Gateway,
+    options::{resolve_project_path, validate_options},
+    run::RunPlan,
+    valid_session_id,
+};
 use crate::{
     protocol::{ErrorCode, Inbound, PermissionAnswer, ProtocolError, SubscribeTarget, chat_subscribed, parse_inbound},
     runs::{RegistryError, RunStart},
@@ -103,7 +108,15 @@ impl Gateway {
             )
             .with_session(session_id));
         };
-        let project_path = PathBuf::from(&session.project_path);
+        // Checked again at every run: the directory may have been swapped for a symlink out.
+        let project_path =
+            resolve_project_path(&self.settings.workspaces_root, &session.project_path).map_err(|_| {
+                ProtocolError::new(
+                    ErrorCode::InvalidOptions,
+                    "The session's project path no longer resolves inside the workspaces root.".to_string(),
+                )
+                .with_session(session_id)
+            })?;
         let (run_options, cwd) =
             validate_options(session_id, &project_path, options, self.settings.allow_bypass_permissions)?;
         let run_id = uuid::Uuid::new_v4().to_string();
