@@ -278,8 +278,10 @@ async fn a_tab_hopping_a_b_c_mid_run_sees_every_seq_once_and_one_complete() {
 async fn two_nodes_racing_chat_send_start_exactly_one_run_each_round() {
     const ROUNDS: usize = 100;
     let redis = redis_url();
-    let a = cluster_node(&redis, &unique("race-a"), |_| {}).await;
-    let b = cluster_node(&redis, &unique("race-b"), |_| {}).await;
+    // Two sends per round from one user, far above the default --max-sends-per-minute.
+    let sends = |c: &mut Config| c.max_sends_per_minute = 1_000_000;
+    let a = cluster_node(&redis, &unique("race-a"), sends).await;
+    let b = cluster_node(&redis, &unique("race-b"), sends).await;
     let token = a.token(&user());
     let session = a.create_session(&token, "script").await;
     let mut on_a = Tab::new("tab on A", a.connect(&token).await);
@@ -503,9 +505,11 @@ async fn a_thousand_finished_runs_leave_only_seq_counters_in_redis() {
     const RETENTION: Duration = Duration::from_secs(1);
     let redis = PrivateRedis::start();
     // A short lease too: an append's batch id (its retry guard) lives one lease.
+    // A thousand runs of one user: far above the default --max-sends-per-minute.
     let short = |c: &mut Config| {
         c.replay_retention = RETENTION;
         c.run_lease = Duration::from_secs(1);
+        c.max_sends_per_minute = 1_000_000;
     };
     let a = cluster_node(&redis.url(), &unique("keys-a"), short).await;
     let b = cluster_node(&redis.url(), &unique("keys-b"), short).await;
