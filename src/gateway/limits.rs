@@ -178,6 +178,7 @@ impl IpBuckets {
             }
             self.current.insert(key, bucket);
         }
+        // Present: found or inserted above.
         self.current.entry(key).or_insert_with(|| TokenBucket::full(burst, now))
     }
 
