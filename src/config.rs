@@ -108,6 +108,39 @@ pub struct Config {
     /// Let clients ask for `permissionMode: bypassPermissions` / `skipPermissions`.
     #[arg(long, env = "CHATGATE_ALLOW_BYPASS_PERMISSIONS", global = true)]
     pub allow_bypass_permissions: bool,
+    /// New WebSocket connections per second per client IP (token bucket, sustained rate).
+    #[arg(long, env = "CHATGATE_CONN_RATE_PER_IP", default_value = "20", value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub conn_rate_per_ip: u32,
+    /// New WebSocket connections one client IP may open at once (token bucket size).
+    #[arg(long, env = "CHATGATE_CONN_BURST_PER_IP", default_value = "100", value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub conn_burst_per_ip: u32,
+    /// Comma list of proxy addresses or CIDRs whose `X-Forwarded-For` names the client (unset: the peer address is the client).
+    #[arg(long, env = "CHATGATE_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_ip_net, global = true)]
+    pub trusted_proxies: Option<Vec<ipnet::IpNet>>,
+    /// Open WebSockets per user on one node.
+    #[arg(long, env = "CHATGATE_MAX_SOCKETS_PER_USER", default_value = "100", value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub max_sockets_per_user: u32,
+    /// Session subscriptions per socket.
+    #[arg(long, env = "CHATGATE_MAX_SUBSCRIPTIONS_PER_SOCKET", default_value = "1000", value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub max_subscriptions_per_socket: u32,
+    /// `chat.send` per user per minute, across the cluster.
+    #[arg(long, env = "CHATGATE_MAX_SENDS_PER_MINUTE", default_value = "120", value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub max_sends_per_minute: u32,
+    /// Inbound frames per second per socket (token bucket, sustained rate).
+    #[arg(long, env = "CHATGATE_FRAME_RATE", default_value = "100", value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub frame_rate: u32,
+    /// Inbound frames one socket may send at once (token bucket size).
+    #[arg(long, env = "CHATGATE_FRAME_BURST", default_value = "200", value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub frame_burst: u32,
+    /// How long a client may take to send its HTTP request headers (slowloris guard; also the keep-alive idle limit).
+    #[arg(long, env = "CHATGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration, global = true)]
+    pub handshake_timeout: Duration,
+    /// Largest REST request body.
+    #[arg(long, env = "CHATGATE_MAX_BODY_BYTES", default_value = "64KiB", value_parser = parse_size, global = true)]
+    pub max_body_bytes: usize,
+    /// Replayed bytes one `chat.subscribe` target may send; beyond, only the newest events, with `replayTruncated`.
+    #[arg(long, env = "CHATGATE_MAX_REPLAY_BYTES", default_value = "4MiB", value_parser = parse_size, global = true)]
+    pub max_replay_bytes: usize,
     /// Interval of server pings (a socket missing two pongs is dropped). For tests.
     #[arg(long, env = "CHATGATE_PING_INTERVAL", default_value = "30s", value_parser = parse_duration, global = true, hide = true)]
     pub ping_interval: Duration,
@@ -183,6 +216,25 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     humantime::parse_duration(raw.trim()).map_err(|e| format!("expected a duration like 15s or 5m ({e})"))
 }
 
+fn parse_positive_duration(raw: &str) -> Result<Duration, String> {
+    let duration = parse_duration(raw)?;
+    if duration.is_zero() {
+        return Err("duration must be positive".into());
+    }
+    Ok(duration)
+}
+
+/// Parses an address (`10.0.0.7`, `::1`) or a network (`10.0.0.0/8`).
+pub fn parse_ip_net(raw: &str) -> Result<ipnet::IpNet, String> {
+    let raw = raw.trim();
+    if let Ok(net) = raw.parse::<ipnet::IpNet>() {
+        return Ok(net.trunc());
+    }
+    raw.parse::<std::net::IpAddr>()
+        .map(ipnet::IpNet::from)
+        .map_err(|_| format!("expected an IP address or a CIDR like 10.0.0.0/8, got \"{raw}\""))
+}
+
 fn parse_lease(raw: &str) -> Result<Duration, String> {
     let lease = parse_duration(raw)?;
     if lease < Duration::from_millis(300) {
@@ -251,6 +303,13 @@ mod tests {
         assert_eq!(c.drain_grace, Duration::from_secs(25));
         assert_eq!(c.providers.0.len(), 6);
         assert!(c.redis_url.is_none() && c.jwt_secret.is_none() && c.allowed_origins.is_none());
+        assert_eq!((c.conn_rate_per_ip, c.conn_burst_per_ip), (20, 100));
+        assert!(c.trusted_proxies.is_none());
+        assert_eq!((c.max_sockets_per_user, c.max_subscriptions_per_socket, c.max_sends_per_minute), (100, 1000, 120));
+        assert_eq!((c.frame_rate, c.frame_burst), (100, 200));
+        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.max_body_bytes, 64 * 1024);
+        assert_eq!(c.max_replay_bytes, 4 * 1024 * 1024);
     }
 
     #[test]
@@ -261,6 +320,17 @@ mod tests {
             vec!["chatgate", "--max-frame-bytes", "lots"],
             vec!["chatgate", "--database-url", "mysql://x"],
             vec!["chatgate", "--redis-url", "http://x"],
+            vec!["chatgate", "--conn-rate-per-ip", "0"],
+            vec!["chatgate", "--conn-burst-per-ip", "many"],
+            vec!["chatgate", "--trusted-proxies", "10.0.0.0/8,proxy"],
+            vec!["chatgate", "--max-sockets-per-user", "none"],
+            vec!["chatgate", "--max-subscriptions-per-socket", "0"],
+            vec!["chatgate", "--max-sends-per-minute", "x"],
+            vec!["chatgate", "--frame-rate", "0"],
+            vec!["chatgate", "--frame-burst", "1.5"],
+            vec!["chatgate", "--handshake-timeout", "0s"],
+            vec!["chatgate", "--max-body-bytes", "0"],
+            vec!["chatgate", "--max-replay-bytes", "big"],
         ] {
             let err = Cli::try_parse_from(&args).unwrap_err().to_string();
             assert!(err.contains(args[1]), "{err}");
@@ -275,5 +345,9 @@ mod tests {
         assert_eq!(parse_size("512B").unwrap(), 512);
         assert_eq!(parse_duration("100ms").unwrap(), Duration::from_millis(100));
         assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert_eq!(parse_ip_net("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(parse_ip_net(" 10.1.2.3 ").unwrap().to_string(), "10.1.2.3/32");
+        assert_eq!(parse_ip_net("fd00::1").unwrap().to_string(), "fd00::1/128");
+        assert!(parse_ip_net("10.0.0.0/33").is_err());
     }
 }

@@ -9,9 +9,11 @@
 //! - [`runtime`]: provider runtimes behind one trait; `script` is the built-in test runtime.
 //! - [`store`]: sessions and durable history in SQL through sqlx (SQLite or PostgreSQL).
 //! - [`gateway`]: the verbs (`chat.send`, `chat.abort`, `chat.subscribe`,
-//!   `chat.permission-response`, `chat.unsubscribe`) and the owner-side run driver.
+//!   `chat.permission-response`, `chat.unsubscribe`), the owner-side run driver and the
+//!   abuse limits ([`gateway::limits`]).
 //! - [`auth`]: HS256 JWTs.
-//! - [`api`]: axum routes (REST, `/ws` socket task, health, metrics).
+//! - [`api`]: axum routes (REST, `/ws` socket task, health, metrics) and the HTTP/1.1
+//!   accept loop ([`api::serve`]).
 //! - [`node`]: wiring one gateway node together, serving and draining it.
 
 pub mod api;

@@ -7,7 +7,6 @@ use std::{
     time::Duration,
 };
 
-use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -16,7 +15,7 @@ use crate::{
     api::{self, ApiSettings, AppState},
     auth::Auth,
     config::{Config, ConfigError},
-    gateway::{Gateway, GatewaySettings},
+    gateway::{ConnectionLimits, Gateway, GatewaySettings, LimitSettings, limits::Limit},
     runs::{
         SharedRegistry,
         memory::MemoryRegistry,
@@ -91,6 +90,13 @@ fn register_families() {
     describe_counter!("chatgate_redis_probe_failures_total", "Pub/sub probes that went unanswered");
     describe_counter!("chatgate_redis_pubsub_reconnects_total", "Pub/sub connections re-dialled");
     describe_counter!("chatgate_runs_reaped_total", "Orphaned runs ended with \"run owner lost\"");
+    describe_counter!(
+        "chatgate_limit_refusals_total",
+        "Abuse-limit refusals, by limit (refused upgrades, requests and verbs, dropped frames, cut replays)"
+    );
+    for limit in Limit::ALL {
+        counter!("chatgate_limit_refusals_total", "limit" => limit.label()).absolute(0);
+    }
     gauge!("chatgate_connections").set(0.0);
     gauge!("chatgate_subscriptions").set(0.0);
     gauge!("chatgate_runs", "state" => "running").set(0.0);
@@ -143,6 +149,7 @@ impl Node {
             run_lease: config.run_lease,
             send_queue_bytes: config.send_queue_bytes,
             allow_bypass_permissions: config.allow_bypass_permissions,
+            limits: LimitSettings::from_config(config),
         };
         let gateway = Gateway::new(settings, store, registry, runtimes);
         let auth = Arc::new(Auth::new(secret.as_bytes()));
@@ -155,30 +162,22 @@ impl Node {
                 send_queue_bytes: config.send_queue_bytes,
                 workspaces_root,
                 ping_interval: config.ping_interval,
+                max_body_bytes: config.max_body_bytes,
             }),
             metrics,
+            connection_limits: Arc::new(ConnectionLimits::new(LimitSettings::from_config(config))),
         };
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| NodeError::Listen { addr: config.listen, source })?;
         let addr = listener.local_addr().map_err(|source| NodeError::Listen { addr: config.listen, source })?;
-        // Frames are small and latency-bound: no Nagle delay on accepted sockets.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "TCP_NODELAY not set");
-            }
-        });
         let stop_serving = CancellationToken::new();
-        let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
-        let server = tokio::spawn({
-            let stop = stop_serving.clone();
-            async move {
-                let serve = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await });
-                if let Err(e) = serve.await {
-                    tracing::error!(error = %e, "server stopped");
-                }
-            }
-        });
+        let server = tokio::spawn(api::serve::serve(
+            listener,
+            api::router(state),
+            config.handshake_timeout,
+            stop_serving.clone(),
+        ));
         if config.redis_url.is_some() && config.database_url.starts_with("sqlite:") {
             tracing::warn!(
                 "cluster mode with a SQLite --database-url: every node must share one database; use postgres://… \

@@ -33,8 +33,12 @@ fn run(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
 #[test]
 fn bad_config_is_one_line_naming_the_flag_and_exit_2() {
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 7] = [
+    let cases: [Case; 11] = [
         (&["--run-lease", "soon"], &[], "--run-lease"),
+        (&["--trusted-proxies", "10.0.0.0/8,lb"], &[], "--trusted-proxies"),
+        (&[], &[("CHATGATE_MAX_SENDS_PER_MINUTE", "0")], "--max-sends-per-minute"),
+        (&[], &[("CHATGATE_HANDSHAKE_TIMEOUT", "never")], "--handshake-timeout"),
+        (&["--max-replay-bytes", "0"], &[], "--max-replay-bytes"),
         (&["--providers", "claude,nope"], &[], "--providers"),
         (&["--database-url", "mysql://x"], &[], "--database-url"),
         (&["--redis-url", "http://nope"], &[], "--redis-url"),

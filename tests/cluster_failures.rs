@@ -278,8 +278,10 @@ async fn a_tab_hopping_a_b_c_mid_run_sees_every_seq_once_and_one_complete() {
 async fn two_nodes_racing_chat_send_start_exactly_one_run_each_round() {
     const ROUNDS: usize = 100;
     let redis = redis_url();
-    let a = cluster_node(&redis, &unique("race-a"), |_| {}).await;
-    let b = cluster_node(&redis, &unique("race-b"), |_| {}).await;
+    // Two sends per round from one user, far above the default --max-sends-per-minute.
+    let sends = |c: &mut Config| c.max_sends_per_minute = 1_000_000;
+    let a = cluster_node(&redis, &unique("race-a"), sends).await;
+    let b = cluster_node(&redis, &unique("race-b"), sends).await;
     let token = a.token(&user());
     let session = a.create_session(&token, "script").await;
     let mut on_a = Tab::new("tab on A", a.connect(&token).await);
@@ -503,14 +505,17 @@ async fn a_thousand_finished_runs_leave_only_seq_counters_in_redis() {
     const RETENTION: Duration = Duration::from_secs(1);
     let redis = PrivateRedis::start();
     // A short lease too: an append's batch id (its retry guard) lives one lease.
+    // A thousand runs of one user: far above the default --max-sends-per-minute.
     let short = |c: &mut Config| {
         c.replay_retention = RETENTION;
         c.run_lease = Duration::from_secs(1);
+        c.max_sends_per_minute = 1_000_000;
     };
     let a = cluster_node(&redis.url(), &unique("keys-a"), short).await;
     let b = cluster_node(&redis.url(), &unique("keys-b"), short).await;
     let mut conn = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
-    let token = a.token(&user());
+    let who = user();
+    let token = a.token(&who);
     let mut sessions = Vec::new();
     for _ in 0..SESSIONS {
         sessions.push(a.create_session(&token, "script").await);
@@ -554,7 +559,7 @@ async fn a_thousand_finished_runs_leave_only_seq_counters_in_redis() {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let size: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
-        if size as usize <= baseline_len + SESSIONS + 1 || Instant::now() > deadline {
+        if size as usize <= baseline_len + SESSIONS + 2 || Instant::now() > deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -564,7 +569,8 @@ async fn a_thousand_finished_runs_leave_only_seq_counters_in_redis() {
     // per session and never reused, so the counter outlives its runs; it
     // carries an idle expiry (24 h) after which the next run restores it from
     // SQL's high-water mark. Besides: the sweeper's per-period lock `cg:sweep`
-    // (a few hundred ms), and whatever the baseline had.
+    // (a few hundred ms), the user's `chat.send` count of the current minute
+    // (it expires with its window), and whatever the baseline had.
     let mut counters = 0;
     let mut unexpected = Vec::new();
     for (key, ttl) in &left {
@@ -573,13 +579,15 @@ async fn a_thousand_finished_runs_leave_only_seq_counters_in_redis() {
             assert!(*ttl > 0 && *ttl <= 24 * 3600 * 1000, "{key} must expire when idle, PTTL {ttl}");
             let value: u64 = conn.get(key).await.unwrap();
             assert_eq!(value, lasts[i], "{key} holds the session's last seq");
+        } else if *key == keys::user_sends(&who) {
+            assert!(*ttl > 0 && *ttl <= 60_000, "{key} must expire with its window, PTTL {ttl}");
         } else if key != keys::SWEEP_LOCK && !baseline.iter().any(|(k, _)| k == key) {
             unexpected.push((key.clone(), *ttl));
         }
     }
     assert!(unexpected.is_empty(), "keys of finished runs left behind: {unexpected:?}");
     assert_eq!(counters, SESSIONS, "{left:?}");
-    assert!(left.len() <= baseline_len + SESSIONS + 1, "{left:?}");
+    assert!(left.len() <= baseline_len + SESSIONS + 2, "{left:?}");
 }
 
 // ------------------------------------------------------------ fencing

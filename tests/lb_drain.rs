@@ -139,6 +139,8 @@ impl Stack {
             ("CHATGATE_PROVIDERS".to_string(), "script".to_string()),
             ("CHATGATE_WORKSPACES_ROOT".to_string(), workspaces.display().to_string()),
             ("CHATGATE_DRAIN_GRACE".to_string(), format!("{}s", GRACE.as_secs())),
+            // One user drives every client and racer: far above the default --max-sends-per-minute.
+            ("CHATGATE_MAX_SENDS_PER_MINUTE".to_string(), "1000000".to_string()),
         ];
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let mut stack = Stack { dir, env, lb_port, node_ports: Vec::new(), secret: String::new() };

@@ -86,6 +86,7 @@ macro_rules! conformance {
                 read_range_reports_completeness,
                 running_runs_lists_the_users_runs_on_every_node,
                 user_notices_reach_only_that_user,
+                sends_are_counted_per_user_across_nodes,
                 registries_are_ready,
             );
         }
@@ -646,6 +647,33 @@ async fn user_notices_reach_only_that_user(make: Factory) {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(alice_a.try_recv().is_err() && alice_b.try_recv().is_err(), "alice never sees bob's notices");
     assert!(bob_a.try_recv().is_err(), "bob never sees alice's notices");
+}
+
+async fn sends_are_counted_per_user_across_nodes(make: Factory) {
+    let n = make(Opts::default()).await;
+    let (alice, bob) = (unique("alice"), unique("bob"));
+    let window = Duration::from_millis(1500);
+    let before_first = tokio::time::Instant::now();
+    // Three per window, counted on whichever node the send arrives.
+    assert!(n.a.admit_send(&alice, 3, window).await.unwrap());
+    // The window opened during that call: it is over by `after_first + window`.
+    let after_first = tokio::time::Instant::now();
+    assert!(n.b.admit_send(&alice, 3, window).await.unwrap());
+    assert!(n.a.admit_send(&alice, 3, window).await.unwrap());
+    assert!(!n.b.admit_send(&alice, 3, window).await.unwrap(), "4th send of the window, on the other node");
+    assert!(!n.a.admit_send(&alice, 3, window).await.unwrap(), "refused sends do not reopen the budget");
+    // Another user has a budget of their own.
+    for _ in 0..3 {
+        assert!(n.b.admit_send(&bob, 3, window).await.unwrap());
+    }
+    assert!(!n.a.admit_send(&bob, 3, window).await.unwrap());
+    assert!(before_first.elapsed() < window, "the calls above took longer than the window");
+    // The next window opens with a fresh budget.
+    tokio::time::sleep_until(after_first + window + Duration::from_millis(50)).await;
+    assert!(n.b.admit_send(&alice, 3, window).await.unwrap());
+    assert!(n.a.admit_send(&alice, 3, window).await.unwrap());
+    assert!(n.b.admit_send(&alice, 3, window).await.unwrap());
+    assert!(!n.a.admit_send(&alice, 3, window).await.unwrap());
 }
 
 async fn registries_are_ready(make: Factory) {

@@ -28,7 +28,13 @@ async fn silence(ws: &mut Ws, wait: Duration) {
 }
 
 async fn burst_of_1000_frames_is_answered_and_bounded(db: Db) {
-    let node = TestNode::start(db).await;
+    // Bursts far above the default --frame-burst: this test is about answering
+    // every frame in bounded memory, not about the frame rate (tests/abuse_limits.rs).
+    let node = TestNode::start_with(db, |c| {
+        c.frame_rate = 100_000;
+        c.frame_burst = 100_000;
+    })
+    .await;
     let token = node.token(&user());
     let session = node.create_session(&token, "script").await;
     let mut ws = node.connect(&token).await;

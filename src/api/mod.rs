@@ -7,6 +7,7 @@
 mod auth;
 mod error;
 mod health;
+pub mod serve;
 mod sessions;
 mod web;
 mod ws;
@@ -15,6 +16,9 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use axum::{
     Router,
+    http::StatusCode,
+    middleware,
+    response::{IntoResponse, Response},
     routing::{get, post},
 };
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -22,10 +26,10 @@ use tower_http::limit::RequestBodyLimitLayer;
 
 pub use error::ApiError;
 
-use crate::{auth::Auth, gateway::Gateway};
-
-/// Largest REST request body.
-const MAX_BODY_BYTES: usize = 64 * 1024;
+use crate::{
+    auth::Auth,
+    gateway::{ConnectionLimits, Gateway, limits::Limit},
+};
 
 /// Settings of the HTTP layer.
 #[derive(Debug, Clone)]
@@ -35,6 +39,8 @@ pub struct ApiSettings {
     pub send_queue_bytes: usize,
     pub workspaces_root: PathBuf,
     pub ping_interval: Duration,
+    /// `--max-body-bytes`: largest REST request body.
+    pub max_body_bytes: usize,
 }
 
 /// Shared state of every handler.
@@ -44,10 +50,13 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     pub settings: Arc<ApiSettings>,
     pub metrics: Option<PrometheusHandle>,
+    /// Per-address connection rate and per-user socket counts of `/ws`.
+    pub connection_limits: Arc<ConnectionLimits>,
 }
 
 /// The node's router.
 pub fn router(state: AppState) -> Router {
+    let max_body_bytes = state.settings.max_body_bytes;
     Router::new()
         .route("/api/providers/sessions", post(sessions::create).get(sessions::list))
         .route("/api/providers/sessions/running", get(sessions::running))
@@ -62,6 +71,20 @@ pub fn router(state: AppState) -> Router {
         .route("/app.js", get(web::app_js))
         .route("/app.css", get(web::app_css))
         .route("/client/chatgate.js", get(web::client_js))
-        .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
+        .layer(RequestBodyLimitLayer::new(max_body_bytes))
+        .layer(middleware::map_response(move |response: Response| async move {
+            body_too_large_envelope(response, max_body_bytes)
+        }))
         .with_state(state)
+}
+
+/// A 413 (from the body limit layer, or a body extractor that hit it while
+/// reading a chunked body) answered in the REST error envelope.
+fn body_too_large_envelope(response: Response, max_body_bytes: usize) -> Response {
+    if response.status() != StatusCode::PAYLOAD_TOO_LARGE {
+        return response;
+    }
+    Limit::BodyBytes.refused();
+    let message = format!("The request body is larger than {max_body_bytes} bytes.");
+    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", message).into_response()
 }

@@ -3,19 +3,22 @@
 //! Each socket is two halves joined by its byte-bounded [`Outbox`]: this task
 //! reads frames and dispatches verbs; a writer task drains the outbox, pings
 //! every interval and closes with the reason the outbox carries (4008 slow
-//! consumer, 4401 token expired, 1012 draining, 1009 frame too large).
+//! consumer, 4401 token expired, 1012 draining, 1009 frame too large, 1008
+//! frame flood). The abuse limits of the upgrade and of inbound frames are
+//! decided in [`crate::gateway::limits`].
 
 use std::{
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicU32, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use axum::{
     extract::{
-        FromRequestParts, State,
+        ConnectInfo, FromRequestParts, State,
         ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection},
     },
     http::{StatusCode, request::Parts},
@@ -28,7 +31,10 @@ use tracing::Instrument;
 use super::{ApiError, AppState, auth::request_token};
 use crate::{
     auth::Identity,
-    gateway::{CloseReason, Connection, Outbox},
+    gateway::{
+        CloseReason, Connection, Outbox,
+        limits::{FrameLimiter, FrameVerdict, SocketSlot, too_many_requests},
+    },
     protocol::{ErrorCode, Frame, connected, protocol_error},
 };
 
@@ -42,9 +48,20 @@ const WRITE_BUFFER: usize = 16 * 1024;
 /// How long a closing socket waits for the peer's Close.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
-/// `GET /ws`: 401 without a valid token, 503 while draining, else upgrade.
+/// `GET /ws`: 429 over the client address's connection rate, 401 without a
+/// valid token, 503 while draining, 429 when the user has all their sockets
+/// open, else upgrade.
 pub async fn upgrade(State(state): State<AppState>, parts: Parts) -> Response {
     let mut parts = parts;
+    let limits = &state.connection_limits;
+    if let Some(ConnectInfo(peer)) = parts.extensions.get::<ConnectInfo<SocketAddr>>() {
+        let client = limits.client_ip(peer.ip(), &parts.headers);
+        if !limits.admit_connection(client) {
+            tracing::debug!(%client, "connection rate exceeded");
+            let rate = limits.settings().conn_rate_per_ip;
+            return too_many_requests(format!("Too many new connections from {client}: at most {rate} per second."), 1);
+        }
+    }
     let identity = match request_token(&parts).map(|t| state.auth.verify(&t)) {
         Some(Ok(identity)) => identity,
         Some(Err(e)) => return ApiError::unauthorized(format!("Access denied. {e}.")).into_response(),
@@ -53,6 +70,11 @@ pub async fn upgrade(State(state): State<AppState>, parts: Parts) -> Response {
     if state.gateway.is_draining() {
         return (StatusCode::SERVICE_UNAVAILABLE, "node draining").into_response();
     }
+    // Held by the socket task; released when it ends, or here if the upgrade fails.
+    let Some(slot) = limits.acquire_socket(&identity.user_id) else {
+        let max = limits.settings().max_sockets_per_user;
+        return too_many_requests(format!("Too many open sockets: at most {max} per user on this node."), 5);
+    };
     let origin_refused = match (&state.settings.allowed_origins, parts.headers.get(axum::http::header::ORIGIN)) {
         (Some(allowed), Some(origin)) => {
             let origin = origin.to_str().unwrap_or("");
@@ -73,10 +95,11 @@ pub async fn upgrade(State(state): State<AppState>, parts: Parts) -> Response {
         .write_buffer_size(WRITE_BUFFER)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| serve(socket, state, identity, origin_refused).instrument(span))
+        .on_upgrade(move |socket| serve(socket, state, identity, origin_refused, slot).instrument(span))
 }
 
-async fn serve(socket: WebSocket, state: AppState, identity: Identity, origin_refused: bool) {
+async fn serve(socket: WebSocket, state: AppState, identity: Identity, origin_refused: bool, slot: SocketSlot) {
+    let _slot = slot;
     let (mut sink, mut stream) = socket.split();
     if origin_refused {
         let _ = sink.send(close_message(CloseReason::Policy)).await;
@@ -120,19 +143,40 @@ async fn serve(socket: WebSocket, state: AppState, identity: Identity, origin_re
     };
     let expiry = tokio::time::sleep(identity.remaining());
     tokio::pin!(expiry);
+    let limits = &gateway.settings.limits;
+    let mut frame_limiter = FrameLimiter::new(limits.frame_rate, limits.frame_burst);
+    let frames_dropped = format!(
+        "Too many frames: at most {} per second (bursts of {}); frames were dropped.",
+        limits.frame_rate, limits.frame_burst
+    );
     loop {
         tokio::select! {
             frame = stream.next() => match frame {
-                Some(Ok(Message::Text(text))) => {
-                    metrics::counter!("chatgate_frames_received_total").increment(1);
-                    gateway.dispatch(&conn, text.as_str()).await;
-                }
-                Some(Ok(Message::Binary(_))) => {
-                    conn.send(protocol_error(ErrorCode::InvalidPayload, "Binary frames are not supported; send JSON text.", None));
-                }
                 Some(Ok(Message::Pong(_))) => missed_pongs.store(0, Ordering::Relaxed),
-                Some(Ok(Message::Ping(_))) => {}
                 Some(Ok(Message::Close(_))) | None => break,
+                // Text, binary and ping frames count against the frame rate.
+                Some(Ok(message)) => match frame_limiter.check(Instant::now()) {
+                    FrameVerdict::Accept => match message {
+                        Message::Text(text) => {
+                            metrics::counter!("chatgate_frames_received_total").increment(1);
+                            gateway.dispatch(&conn, text.as_str()).await;
+                        }
+                        Message::Binary(_) => {
+                            conn.send(protocol_error(ErrorCode::InvalidPayload, "Binary frames are not supported; send JSON text.", None));
+                        }
+                        _ => {}
+                    },
+                    FrameVerdict::Drop { notify: true } => {
+                        metrics::counter!("chatgate_protocol_errors_total", "code" => ErrorCode::RateLimited.as_str()).increment(1);
+                        conn.send(protocol_error(ErrorCode::RateLimited, &frames_dropped, None));
+                    }
+                    FrameVerdict::Drop { notify: false } => {}
+                    FrameVerdict::Close => {
+                        tracing::info!("inbound frame flood; closing the socket");
+                        outbox.close(CloseReason::Flood);
+                        break;
+                    }
+                },
                 Some(Err(e)) => {
                     if is_too_large(e) {
                         outbox.close(CloseReason::TooLarge);

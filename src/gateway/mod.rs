@@ -7,6 +7,7 @@
 
 mod connection;
 mod history;
+pub mod limits;
 pub mod options;
 mod orphans;
 mod run;
@@ -29,6 +30,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use connection::Connection;
 pub use history::HistoryWriter;
+pub use limits::{ConnectionLimits, LimitSettings};
 pub use outbox::{CloseReason, Outbox};
 pub use run::StopReason;
 
@@ -43,6 +45,8 @@ pub struct GatewaySettings {
     pub send_queue_bytes: usize,
     /// Clients may ask for `bypassPermissions` / `skipPermissions`.
     pub allow_bypass_permissions: bool,
+    /// Abuse limits (subscriptions, sends, frames, replay bytes).
+    pub limits: LimitSettings,
 }
 
 /// A run this node owns, as the drain sees it.

@@ -27,6 +27,8 @@ pub enum CloseReason {
     TooLarge,
     /// 1008: policy (Origin refused).
     Policy,
+    /// 1008: the client kept flooding frames far beyond `--frame-rate`.
+    Flood,
     /// 1000: the peer went away or closed.
     Normal,
 }
@@ -38,7 +40,7 @@ impl CloseReason {
             CloseReason::TokenExpired => 4401,
             CloseReason::Draining => 1012,
             CloseReason::TooLarge => 1009,
-            CloseReason::Policy => 1008,
+            CloseReason::Policy | CloseReason::Flood => 1008,
             CloseReason::Normal => 1000,
         }
     }
@@ -50,6 +52,7 @@ impl CloseReason {
             CloseReason::Draining => "node draining",
             CloseReason::TooLarge => "frame too large",
             CloseReason::Policy => "origin not allowed",
+            CloseReason::Flood => "inbound frame rate exceeded",
             CloseReason::Normal => "bye",
         }
     }

@@ -9,6 +9,7 @@ use tracing::Instrument;
 
 use super::{
     Connection, Gateway,
+    limits::{Limit, SEND_WINDOW, cap_replay},
     options::{resolve_project_path, validate_options},
     run::RunPlan,
     valid_session_id,
@@ -100,6 +101,7 @@ impl Gateway {
         if self.is_draining() {
             return Err(unavailable(session_id, "This node is draining; reconnect and send again."));
         }
+        self.admit_send(conn, session_id).await?;
         let session = self.owned_session(conn, session_id).await?;
         let Some(runtime) = self.runtimes.get(&session.provider).cloned() else {
             return Err(ProtocolError::new(
@@ -119,6 +121,10 @@ impl Gateway {
             })?;
         let (run_options, cwd) =
             validate_options(session_id, &project_path, options, self.settings.allow_bypass_permissions)?;
+        // The sender follows its own run, which takes a subscription slot.
+        if !conn.is_subscribed(session_id) {
+            self.check_subscription_slot(conn, session_id)?;
+        }
         let run_id = uuid::Uuid::new_v4().to_string();
         let start = RunStart {
             session_id: session_id.to_string(),
@@ -163,6 +169,41 @@ impl Gateway {
         Ok(())
     }
 
+    /// `--max-sends-per-minute`, counted by the registry (cluster-wide).
+    async fn admit_send(&self, conn: &Connection, session_id: &str) -> Result<(), ProtocolError> {
+        let limit = self.settings.limits.max_sends_per_minute;
+        match self.registry.admit_send(&conn.user_id, limit, SEND_WINDOW).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                Limit::SendsPerMinute.refused();
+                Err(ProtocolError::new(
+                    ErrorCode::RateLimited,
+                    format!("Too many chat.send: at most {limit} per minute; nothing was started."),
+                )
+                .with_session(session_id))
+            }
+            Err(e) => {
+                metrics::counter!("chatgate_backend_errors_total", "backend" => "redis").increment(1);
+                tracing::warn!(error = %e, "send rate check failed");
+                Err(unavailable(session_id, "The run coordinator cannot be reached; nothing was started."))
+            }
+        }
+    }
+
+    /// `--max-subscriptions-per-socket`: a new subscription needs a free slot.
+    fn check_subscription_slot(&self, conn: &Connection, session_id: &str) -> Result<(), ProtocolError> {
+        let max = self.settings.limits.max_subscriptions_per_socket;
+        if conn.subscription_count() < usize::try_from(max).unwrap_or(usize::MAX) {
+            return Ok(());
+        }
+        Limit::SubscriptionsPerSocket.refused();
+        Err(ProtocolError::new(
+            ErrorCode::RateLimited,
+            format!("This socket already has {max} subscriptions; unsubscribe from one first."),
+        )
+        .with_session(session_id))
+    }
+
     async fn chat_abort(&self, conn: &Connection, session_id: &str) -> Result<(), ProtocolError> {
         let routed = if valid_session_id(session_id) {
             self.registry.route_abort(session_id, &conn.user_id).await.map_err(|e| {
@@ -183,6 +224,13 @@ impl Gateway {
     async fn chat_subscribe(&self, conn: &Arc<Connection>, targets: Vec<SubscribeTarget>) {
         for target in targets {
             let id = target.session_id.as_str();
+            if !conn.is_subscribed(id)
+                && let Err(error) = self.check_subscription_slot(conn, id)
+            {
+                metrics::counter!("chatgate_protocol_errors_total", "code" => error.code.as_str()).increment(1);
+                conn.send(error.to_frame());
+                continue;
+            }
             let owned = match self.owned_or_archived(conn, id).await {
                 Ok(owned) => owned,
                 Err(error) => {
@@ -204,22 +252,25 @@ impl Gateway {
                     continue;
                 }
             };
+            let mut replay = subscription.replay;
+            let cut = cap_replay(&mut replay, self.settings.limits.max_replay_bytes);
+            let replay_truncated = subscription.replay_truncated || cut;
             let snapshot = &subscription.snapshot;
             let last_seq = snapshot.last_seq.max(session.last_seq);
             metrics::counter!("chatgate_subscribes_total").increment(1);
-            if subscription.replay_truncated {
+            if replay_truncated {
                 metrics::counter!("chatgate_replay_truncated_total").increment(1);
             }
-            metrics::counter!("chatgate_replayed_events_total").increment(subscription.replay.len() as u64);
+            metrics::counter!("chatgate_replayed_events_total").increment(replay.len() as u64);
             conn.send(chat_subscribed(
                 id,
                 snapshot.is_processing,
                 last_seq,
                 snapshot.run_id.as_deref(),
                 &snapshot.pending_permissions,
-                subscription.replay_truncated,
+                replay_truncated,
             ));
-            for event in subscription.replay {
+            for event in replay {
                 conn.send(event.frame);
             }
             let mut live = subscription.live;

@@ -31,8 +31,16 @@ struct Inner {
     users: Mutex<HashMap<String, broadcast::Sender<Frame>>>,
     /// requestId → session id, for approvals answered from any socket.
     permissions: Mutex<HashMap<String, String>>,
+    /// Users' `chat.send` windows; expired ones are swept.
+    sends: Mutex<HashMap<String, SendWindow>>,
     max_events: usize,
     retention: Duration,
+}
+
+/// One user's current `chat.send` window.
+struct SendWindow {
+    ends_at: Instant,
+    count: u64,
 }
 
 struct SessionState {
@@ -131,6 +139,7 @@ impl MemoryRegistry {
             sessions: Mutex::new(HashMap::new()),
             users: Mutex::new(HashMap::new()),
             permissions: Mutex::new(HashMap::new()),
+            sends: Mutex::new(HashMap::new()),
             max_events: usize::try_from(max_events).unwrap_or(usize::MAX).max(1),
             retention,
         });
@@ -155,6 +164,8 @@ async fn sweep(inner: Weak<Inner>) {
         }
         drop(sessions);
         lock(&inner.users).retain(|_, tx| tx.receiver_count() > 0);
+        let now = Instant::now();
+        lock(&inner.sends).retain(|_, window| window.ends_at > now);
     }
 }
 
@@ -345,6 +356,17 @@ impl RunRegistry for MemoryRegistry {
     async fn user_notices(&self, user_id: &str) -> Result<broadcast::Receiver<Frame>, RegistryError> {
         let mut users = lock(&self.inner.users);
         Ok(users.entry(user_id.to_string()).or_insert_with(|| broadcast::channel(super::NOTICE_CAPACITY).0).subscribe())
+    }
+
+    async fn admit_send(&self, user_id: &str, limit: u32, window: Duration) -> Result<bool, RegistryError> {
+        let now = Instant::now();
+        let mut sends = lock(&self.inner.sends);
+        let current = sends.entry(user_id.to_string()).or_insert(SendWindow { ends_at: now + window, count: 0 });
+        if current.ends_at <= now {
+            *current = SendWindow { ends_at: now + window, count: 0 };
+        }
+        current.count += 1;
+        Ok(current.count <= u64::from(limit))
     }
 
     async fn ready(&self) -> Result<(), String> {

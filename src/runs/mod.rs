@@ -11,7 +11,7 @@ pub mod feed;
 pub mod memory;
 pub mod redis;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -206,6 +206,12 @@ pub trait RunRegistry: Send + Sync + 'static {
 
     /// Per-user notices for one socket.
     async fn user_notices(&self, user_id: &str) -> Result<broadcast::Receiver<Frame>, RegistryError>;
+
+    /// Counts one `chat.send` of `user_id` against `limit` per `window`, on every
+    /// node alike: a fixed window that opens with the user's first send after the
+    /// previous one closed. `Ok(false)` when this send is over the limit (refused
+    /// sends count too, so hammering does not reopen the budget).
+    async fn admit_send(&self, user_id: &str, limit: u32, window: Duration) -> Result<bool, RegistryError>;
 
     /// `Err(reason)` when the registry cannot serve (for `/readyz`).
     async fn ready(&self) -> Result<(), String>;

@@ -77,6 +77,13 @@ impl Node {
         }
         cmd.args(extra)
             .env("RUST_LOG", "warn")
+            // The bench stands for many clients with few users and 250 loopback addresses:
+            // the per-user and per-address abuse limits would refuse it, not measure it
+            // (a scenario's `--node-env` or extra flags still override these).
+            .env("CHATGATE_MAX_SOCKETS_PER_USER", "1000000")
+            .env("CHATGATE_MAX_SENDS_PER_MINUTE", "1000000")
+            .env("CHATGATE_CONN_RATE_PER_IP", "1000000")
+            .env("CHATGATE_CONN_BURST_PER_IP", "1000000")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -79,6 +79,11 @@ pub fn user_runs(user_id: &str) -> String {
     format!("cg:user:{{{user_id}}}:runs")
 }
 
+/// A user's `chat.send` count in the current window (INCR, PEXPIRE = the window).
+pub fn user_sends(user_id: &str) -> String {
+    format!("cg:user:{{{user_id}}}:sends")
+}
+
 /// Short lock so that one node per period sweeps the global run index.
 pub const SWEEP_LOCK: &str = "cg:sweep";
 

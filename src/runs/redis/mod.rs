@@ -222,6 +222,10 @@ impl RunRegistry for RedisRegistry {
         self.notice_receiver(user_id).await
     }
 
+    async fn admit_send(&self, user_id: &str, limit: u32, window: Duration) -> Result<bool, RegistryError> {
+        self.count_send(user_id, limit, window).await
+    }
+
     async fn ready(&self) -> Result<(), String> {
         self.check_ready().await
     }

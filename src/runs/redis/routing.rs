@@ -1,12 +1,14 @@
 //! Cross-node verbs: aborts and approval answers routed to the owner node,
 //! per-user notices, readiness.
 
+use std::time::Duration;
+
 use ::redis::AsyncCommands;
 use tokio::sync::broadcast;
 
 use super::{
     RESPONSE_TIMEOUT, RedisRegistry,
-    codec::OwnerRecord,
+    codec::{self, OwnerRecord},
     keys,
     node::{self, Failure, Reaped, lock},
 };
@@ -111,6 +113,18 @@ impl RedisRegistry {
             node.hub.release(&channel).await;
         }
         Ok(rx)
+    }
+
+    /// `admit_send`: one script (INCR, PEXPIRE on the window's first send) on `cg:user:{U}:sends`.
+    pub(super) async fn count_send(&self, user_id: &str, limit: u32, window: Duration) -> Result<bool, RegistryError> {
+        let node = &self.node;
+        let mut inv = node.scripts.count_send.prepare_invoke();
+        inv.key(keys::user_sends(user_id)).arg(node::millis(window));
+        // Retried like every call: a retry after a lost reply may count a send twice,
+        // which errs on the strict side by one.
+        let reply = node.retrying("count_send", node.retry_window(), || node.invoke(&inv)).await?;
+        let count = codec::int(reply).map_err(Failure::from)?;
+        Ok(count <= u64::from(limit))
     }
 
     /// `ready`: pub/sub connected, last probe answered, PING answered.

@@ -255,7 +255,19 @@ return {top, flat}
 "#;
 
 /// The registry's scripts, hashed once.
+/// `chat.send` rate: KEYS[1] = `cg:user:{U}:sends`, ARGV[1] = window in ms.
+/// Counts one send; the first of a window (or a counter left without expiry)
+/// sets the window. Returns the count in the window.
+const COUNT_SEND: &str = r#"
+local n = redis.call('INCR', KEYS[1])
+if n == 1 or redis.call('PTTL', KEYS[1]) < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return n
+"#;
+
 pub struct Scripts {
+    pub count_send: Script,
     pub start: Script,
     pub append: Script,
     pub renew: Script,
@@ -269,6 +281,7 @@ impl Scripts {
     pub fn new() -> Self {
         let with_prelude = |body: &str| Script::new(&format!("{PRELUDE}\n{body}"));
         Scripts {
+            count_send: Script::new(COUNT_SEND),
             start: with_prelude(START),
             append: with_prelude(APPEND),
             renew: with_prelude(RENEW),
