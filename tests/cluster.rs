@@ -169,7 +169,8 @@ fn spawn_child(redis: &str, node_id: &str, lease: &str) -> ChildNode {
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_chatgate"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--node-id", node_id, "--run-lease", lease])
         .args(["--redis-url", redis, "--database-url", &common::pg_url(), "--jwt-secret", common::SECRET])
-        .args(["--workspaces-root", "/tmp"])
+        .arg("--workspaces-root")
+        .arg(common::cluster_workspaces())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -202,7 +203,7 @@ async fn a_dead_owner_s_run_ends_with_run_owner_lost_within_lease_plus_5s() {
     let created: Value = http
         .post(format!("{}/api/providers/sessions", survivor.base))
         .bearer_auth(&token)
-        .json(&json!({ "provider": "script", "projectPath": "/tmp" }))
+        .json(&json!({ "provider": "script", "projectPath": "proj" }))
         .send()
         .await
         .unwrap()

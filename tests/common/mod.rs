@@ -2,7 +2,10 @@
 //! WebSocket client over real sockets (tokio-tungstenite).
 #![allow(dead_code)]
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use chatgate::{config::Config, node::Node};
 use futures_util::{SinkExt, StreamExt};
@@ -422,6 +425,14 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// The workspaces root every cluster node of the tests shares, as the nodes of
+/// a real cluster share one volume: a run may start on any node.
+pub fn cluster_workspaces() -> PathBuf {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cluster-workspaces");
+    std::fs::create_dir_all(root.join("proj")).unwrap();
+    root
+}
+
 /// Starts a cluster-mode node on PostgreSQL and the given Redis.
 pub async fn cluster_node(redis: &str, node_id: &str, tweak: impl FnOnce(&mut Config)) -> TestNode {
     let redis = redis.to_string();
@@ -429,6 +440,7 @@ pub async fn cluster_node(redis: &str, node_id: &str, tweak: impl FnOnce(&mut Co
     TestNode::start_with(Db::Postgres, move |c| {
         c.redis_url = Some(redis);
         c.node_id = Some(node_id);
+        c.workspaces_root = Some(cluster_workspaces());
         tweak(c);
     })
     .await

@@ -29,8 +29,9 @@ pub const SECRET: &str = "chatgate-bench-secret";
 pub enum Backend {
     /// Single node: its own SQLite file, runs coordinated in process.
     Sqlite,
-    /// Cluster mode: the shared Redis and PostgreSQL, under a unique node id.
-    Cluster { redis_url: String, database_url: String, node_id: String },
+    /// Cluster mode: the shared Redis and PostgreSQL, under a unique node id,
+    /// with the workspaces root every node of the cluster shares.
+    Cluster { redis_url: String, database_url: String, node_id: String, workspaces: PathBuf },
 }
 
 /// A gateway node the bench talks to.
@@ -61,12 +62,15 @@ impl Node {
             .arg("--providers")
             .arg("script")
             .arg("--workspaces-root")
-            .arg(dir.path());
+            .arg(match backend {
+                Backend::Cluster { workspaces, .. } => workspaces.as_path(),
+                Backend::Sqlite => dir.path(),
+            });
         match backend {
             Backend::Sqlite => {
                 cmd.arg("--database-url").arg(format!("sqlite://{}?mode=rwc", dir.path().join("bench.db").display()));
             }
-            Backend::Cluster { redis_url, database_url, node_id } => {
+            Backend::Cluster { redis_url, database_url, node_id, .. } => {
                 cmd.arg("--database-url")
                     .arg(database_url)
                     .arg("--redis-url")

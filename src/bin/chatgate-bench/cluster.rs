@@ -45,6 +45,8 @@ pub struct Cluster {
     private_redis: Option<PrivateRedis>,
     private_postgres: Option<PrivatePostgres>,
     pub api: Api,
+    /// The workspaces root the cluster's nodes share (as on a shared volume).
+    _workspaces: Option<tempfile::TempDir>,
 }
 
 impl Cluster {
@@ -61,17 +63,27 @@ impl Cluster {
         let redis_url = private_redis.as_ref().map_or(args.redis_url.clone(), |r| r.url.clone());
         let private_postgres = if args.private_postgres { Some(PrivatePostgres::start().await?) } else { None };
         let database_url = private_postgres.as_ref().map_or(args.database_url.clone(), |p| p.url.clone());
+        let workspaces = tempfile::tempdir()?;
         let mut nodes = Vec::with_capacity(count);
         for i in 0..count {
             let backend = Backend::Cluster {
                 redis_url: redis_url.clone(),
                 database_url: database_url.clone(),
                 node_id: format!("bench-{}-{i}", &run[..8]),
+                workspaces: workspaces.path().to_path_buf(),
             };
             nodes.push(Node::spawn(bin, &backend, extra, &args.node_env).await?);
         }
         let redis_pid = redis_pid(&redis_url).await.ok();
-        Ok(Cluster { nodes, redis_pid, redis_url: Some(redis_url), private_redis, private_postgres, api: Api::new() })
+        Ok(Cluster {
+            nodes,
+            redis_pid,
+            redis_url: Some(redis_url),
+            private_redis,
+            private_postgres,
+            api: Api::new(),
+            _workspaces: Some(workspaces),
+        })
     }
 
     /// One single node (SQLite, in-process registry).
@@ -84,6 +96,7 @@ impl Cluster {
             private_redis: None,
             private_postgres: None,
             api: Api::new(),
+            _workspaces: None,
         })
     }
 
