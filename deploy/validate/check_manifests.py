@@ -19,6 +19,7 @@ Exit status 0 when every check passes, 1 otherwise (each failure printed on its 
 
 import fnmatch
 import json
+import pathlib
 import re
 import sys
 
@@ -32,6 +33,10 @@ CONTRACT_ENV = {
     "CHATGATE_MAX_FRAME_BYTES", "CHATGATE_SEND_QUEUE_BYTES", "CHATGATE_DRAIN_GRACE",
     "CHATGATE_LOG_FORMAT",
 }
+# Every variable the binary reads: the contract's and chatgate's own (limits, provider binaries, ...),
+# taken from the flag definitions so that this list cannot fall behind src/config.rs.
+CONFIG_RS = pathlib.Path(__file__).resolve().parents[2] / "src" / "config.rs"
+KNOWN_ENV = CONTRACT_ENV | set(re.findall(r'env = "(CHATGATE_[A-Z0-9_]+)"', CONFIG_RS.read_text()))
 # The server pings every 30 s and drops a socket after two missed pongs.
 MIN_PROXY_TIMEOUT_SECONDS = 75
 # Room after the drain grace to end the remaining runs and exit.
@@ -115,7 +120,7 @@ def check_gateway(report, doc, configmaps):
 
     for var in list(env) + list(config_env):
         if var.startswith("CHATGATE_"):
-            report.check(var in CONTRACT_ENV, f"{name}: {var} is not a chatgate variable (typo?)")
+            report.check(var in KNOWN_ENV, f"{name}: {var} is not a chatgate variable (typo?)")
 
     node_id = env.get("CHATGATE_NODE_ID", {})
     report.check(
