@@ -1,0 +1,317 @@
+//! Property test of the subscribe merge (`runs::feed::LiveFeed`): replay from a
+//! trimmed window interleaved with an adversarial live channel.
+//!
+//! A session's events 1..=N are published over time. A subscriber with cursor
+//! `lastSeq` gets a feed whose window ([`Window`], a [`RangeSource`]) keeps only
+//! the newest `retain` events, and whose live channel (capacity `capacity`)
+//! sees every delivery the registries can produce: in order, dropped (pub/sub
+//! loss), repeated or late (a catch-up re-sending what pub/sub already
+//! delivered), and more than the channel holds (the receiver lags). Reads of
+//! the window may also fail (backend unavailable). The last event is always
+//! delivered, then the channel closes.
+//!
+//! Properties, checked per `next()` call against the window reads it made:
+//! - events come out strictly increasing by 1 from `lastSeq + 1`, each once,
+//!   with the published frame; the only jumps are announced by `FeedItem::Gap`;
+//! - a `Gap` comes exactly when a read found events it needed trimmed (or the
+//!   read failed), and `resumed_at` is the first event the window still had;
+//! - the feed ends having delivered or announced as lost every event up to N.
+//!
+//! Deliveries go through [`deliver`], the one place that knows the channel's
+//! item type: a change to batched delivery only touches it and [`LiveSender`].
+
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use chatgate::{
+    protocol::sequenced,
+    runs::{Event, FeedItem, LiveFeed, RegistryError, ReplayRange, feed::RangeSource},
+};
+use futures_util::FutureExt;
+use proptest::prelude::*;
+use tokio::sync::broadcast;
+
+/// The live channel as the registries hold it.
+type LiveSender = broadcast::Sender<Event>;
+
+/// Hands one delivery (what one registry step sends) to the live channel.
+fn deliver(tx: &LiveSender, delivery: &[Event]) {
+    for event in delivery {
+        // No receiver left is fine, as in the registries.
+        let _ = tx.send(event.clone());
+    }
+}
+
+fn event(seq: u64) -> Event {
+    Event {
+        seq,
+        run_id: Arc::from("run-1"),
+        terminal: false,
+        frame: sequenced(&format!(r#"{{"kind":"stream_delta","content":"chunk {seq}"}}"#), seq),
+    }
+}
+
+/// One `read_range` as the window answered it.
+#[derive(Debug, Clone)]
+struct Read {
+    after: u64,
+    up_to: u64,
+    /// Events published at the time.
+    published: u64,
+    /// Oldest seq still retained at the time.
+    front: u64,
+    failed: bool,
+}
+
+impl Read {
+    /// The last seq this read had to cover.
+    fn needed_to(&self) -> u64 {
+        self.up_to.min(self.published)
+    }
+
+    /// Some event the read had to return was trimmed, or the read failed.
+    fn lost_something(&self) -> bool {
+        self.failed || (self.needed_to() > self.after && self.front > self.after + 1)
+    }
+}
+
+struct WindowState {
+    /// Seqs 1..=published exist.
+    published: u64,
+    retain: u64,
+    /// Reads fail while this is set (backend unavailable).
+    failing: bool,
+    reads: Vec<Read>,
+}
+
+/// A replay window keeping the newest `retain` events of the session.
+struct Window {
+    state: Mutex<WindowState>,
+}
+
+impl Window {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WindowState> {
+        self.state.lock().unwrap()
+    }
+}
+
+#[async_trait]
+impl RangeSource for Window {
+    async fn read_range(&self, _session_id: &str, after_seq: u64, up_to: u64) -> Result<ReplayRange, RegistryError> {
+        let mut state = self.lock();
+        let published = state.published;
+        let front = published.saturating_sub(state.retain) + 1;
+        let read = Read { after: after_seq, up_to, published, front, failed: state.failing };
+        state.reads.push(read.clone());
+        if read.failed {
+            return Err(RegistryError::Unavailable("window down".into()));
+        }
+        let last = read.needed_to();
+        let first = after_seq.saturating_add(1).max(front);
+        let events: Vec<Event> = (first..=last).map(event).collect();
+        // Complete: every seq from after+1 to the covered end is present (the Redis registry's rule).
+        let complete = last <= after_seq || first == after_seq + 1;
+        Ok(ReplayRange { events, complete })
+    }
+}
+
+/// What happens to one freshly published event on its way to the channel.
+#[derive(Debug, Clone, Copy)]
+enum Fate {
+    Delivered,
+    /// Lost on the way (pub/sub loss); the window still has it.
+    Dropped,
+    /// Delivered twice.
+    Repeated,
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// Publish events, each with its fate, as one delivery.
+    Publish(Vec<Fate>),
+    /// Re-send an already published event `back` seqs before the newest (a late catch-up).
+    Resend { back: u64 },
+    /// Call `next()` up to this many times while it is ready.
+    Consume(usize),
+    /// Window reads fail (true) or work again (false).
+    Failing(bool),
+}
+
+fn fate() -> impl Strategy<Value = Fate> {
+    prop_oneof![6 => Just(Fate::Delivered), 2 => Just(Fate::Dropped), 1 => Just(Fate::Repeated)]
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        5 => prop::collection::vec(fate(), 1..12).prop_map(Step::Publish),
+        2 => (0u64..20).prop_map(|back| Step::Resend { back }),
+        4 => (1usize..8).prop_map(Step::Consume),
+        1 => any::<bool>().prop_map(Step::Failing),
+    ]
+}
+
+#[derive(Debug, Clone)]
+struct Scenario {
+    /// Events published before the subscribe.
+    before: u64,
+    /// The subscriber's cursor, at most `before`.
+    last_seq: u64,
+    retain: u64,
+    capacity: usize,
+    steps: Vec<Step>,
+}
+
+fn scenario(with_failures: bool) -> impl Strategy<Value = Scenario> {
+    (0u64..60, 1u64..40, 1usize..8, prop::collection::vec(step(), 0..40), any::<prop::sample::Index>()).prop_map(
+        move |(before, retain, capacity, steps, cursor)| {
+            let last_seq = cursor.index(before as usize + 1) as u64;
+            let steps =
+                steps.into_iter().filter(|s| with_failures || !matches!(s, Step::Failing(_))).collect::<Vec<_>>();
+            Scenario { before, last_seq, retain, capacity, steps }
+        },
+    )
+}
+
+/// Checks the feed's output as it comes, against the window reads.
+struct Checker {
+    /// Next seq the subscriber must get (or be told is lost).
+    expected: u64,
+    reads_seen: usize,
+}
+
+impl Checker {
+    /// One `next()` result; `reads` are all window reads so far.
+    fn item(&mut self, item: &FeedItem, reads: &[Read]) -> Result<(), TestCaseError> {
+        let new_reads = &reads[self.reads_seen..];
+        self.reads_seen = reads.len();
+        // Reads before the last one of this call found nothing lost (they would have ended the call).
+        if let Some((_, earlier)) = new_reads.split_last() {
+            for read in earlier {
+                prop_assert!(!read.lost_something(), "a read lost events without a Gap: {read:?}");
+            }
+        }
+        match item {
+            FeedItem::Event(event) => {
+                prop_assert_eq!(event.seq, self.expected, "events must be contiguous");
+                prop_assert_eq!(&event.frame, &self::event(event.seq).frame);
+                if let Some(read) = new_reads.last() {
+                    prop_assert!(!read.lost_something(), "lost events without a Gap: {read:?}");
+                }
+                self.expected += 1;
+            }
+            FeedItem::Gap { resumed_at } => {
+                let read = new_reads.last();
+                prop_assert!(read.is_some_and(Read::lost_something), "Gap without a lossy read: {read:?}");
+                let read = read.unwrap();
+                prop_assert_eq!(read.after + 1, self.expected, "the read starts at the next needed seq");
+                if read.failed {
+                    prop_assert!(*resumed_at >= self.expected);
+                } else {
+                    // The first event the window still had, or past the range when it had none of it.
+                    let expected_resume = read.front.min(read.up_to.saturating_add(1));
+                    prop_assert_eq!(*resumed_at, expected_resume);
+                    prop_assert!(*resumed_at > self.expected, "a Gap skips at least one event");
+                }
+                self.expected = *resumed_at;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn run_scenario(s: Scenario) -> Result<(), TestCaseError> {
+    let window = Arc::new(Window {
+        state: Mutex::new(WindowState { published: s.before, retain: s.retain, failing: false, reads: Vec::new() }),
+    });
+    let (tx, rx) = broadcast::channel(s.capacity);
+    let source: Arc<dyn RangeSource> = window.clone();
+    let mut feed = LiveFeed::new("s".into(), rx, s.last_seq, source, None);
+    let mut checker = Checker { expected: s.last_seq + 1, reads_seen: 0 };
+    let mut consume = |feed: &mut LiveFeed, limit: usize| -> Result<bool, TestCaseError> {
+        for _ in 0..limit {
+            match feed.next().now_or_never() {
+                None => return Ok(true),
+                Some(None) => return Ok(false),
+                Some(Some(item)) => {
+                    let reads = window.lock().reads.clone();
+                    checker.item(&item, &reads)?;
+                }
+            }
+        }
+        Ok(true)
+    };
+    for step in &s.steps {
+        match step {
+            Step::Publish(fates) => {
+                let mut delivery = Vec::new();
+                for fate in fates {
+                    let seq = {
+                        let mut state = window.lock();
+                        state.published += 1;
+                        state.published
+                    };
+                    match fate {
+                        Fate::Delivered => delivery.push(event(seq)),
+                        Fate::Dropped => {}
+                        Fate::Repeated => delivery.extend([event(seq), event(seq)]),
+                    }
+                }
+                deliver(&tx, &delivery);
+            }
+            Step::Resend { back } => {
+                let published = window.lock().published;
+                if published > *back {
+                    deliver(&tx, &[event(published - back)]);
+                }
+            }
+            Step::Consume(limit) => {
+                consume(&mut feed, *limit)?;
+            }
+            Step::Failing(failing) => window.lock().failing = *failing,
+        }
+    }
+    // The last event always arrives, with the window readable; then the channel closes.
+    let last = {
+        let mut state = window.lock();
+        state.failing = false;
+        state.published += 1;
+        state.published
+    };
+    deliver(&tx, &[event(last)]);
+    drop(tx);
+    let mut rounds = 0;
+    while consume(&mut feed, 64)? {
+        rounds += 1;
+        prop_assert!(rounds < 1000, "the feed neither ends nor yields");
+    }
+    prop_assert_eq!(checker.expected, last + 1, "the feed ended before the last event");
+    prop_assert_eq!(feed.last_sent(), last);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn merge_is_contiguous_and_gaps_only_where_trimmed(s in scenario(false)) {
+        run_scenario(s)?;
+    }
+
+    #[test]
+    fn failed_reads_are_announced_never_duplicated(s in scenario(true)) {
+        run_scenario(s)?;
+    }
+}
+
+/// A fixed case: a subscriber far behind a short window, with a lagging receiver.
+#[test]
+fn lag_past_the_window_resumes_at_its_front() {
+    let s = Scenario {
+        before: 10,
+        last_seq: 2,
+        retain: 4,
+        capacity: 2,
+        steps: vec![Step::Publish(vec![Fate::Delivered; 5]), Step::Consume(10)],
+    };
+    run_scenario(s).unwrap();
+}
