@@ -1,0 +1,557 @@
+//! Checks of a session once it is done (its driver moved on and history had
+//! time to settle): its SQL history (REST) against what every client saw,
+//! with the transcript rules of `src/gateway/transcript.rs` (the user's
+//! prompt as a row without seq before the run's first event; consecutive
+//! `stream_delta`s folded into one assistant `text` at their `stream_end`'s
+//! seq, or at the last delta's when the run was cut; every other event as it
+//! streamed), one `complete` per run and nothing after it, runs' seq ranges
+//! apart, each run's events in its script's order, the jumps clients were not
+//! told about, and how soon runs ended after their owner died. Also Redis's
+//! keys and memory against the baseline.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    time::{Duration, SystemTime},
+};
+
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use super::{
+    Ctx,
+    faults::FaultKind,
+    ledger::{self, Kind, SessionLog},
+};
+
+/// One history row with a seq.
+struct Row {
+    run: u32,
+    kind: Kind,
+    digest: u64,
+    value: Value,
+}
+
+/// A merged assistant text: its seq and chunk numbers.
+struct Merged {
+    seq: u64,
+    chunks: Vec<u32>,
+}
+
+#[derive(Default)]
+struct RunView {
+    completes: Vec<u64>,
+    complete: Option<Value>,
+    merged: Vec<Merged>,
+    prompts: Vec<String>,
+    in_history: bool,
+    /// When its first event was recorded (the prompt row's timestamp) and when it ended.
+    started: Option<SystemTime>,
+    ended: Option<SystemTime>,
+}
+
+impl RunView {
+    /// Whether Redis was restarted while the run went on (its seqs may jump then).
+    fn spans_redis_restart(&self, restarts: &[SystemTime]) -> bool {
+        let (Some(from), Some(to)) = (self.started, self.ended) else { return !restarts.is_empty() };
+        let from = from.checked_sub(Duration::from_secs(2)).unwrap_or(from);
+        restarts.iter().any(|at| *at >= from && *at <= to)
+    }
+
+    fn cut_by_owner_loss(&self) -> bool {
+        self.complete.as_ref().is_some_and(|c| c["error"] == "run owner lost")
+    }
+}
+
+fn parse_time(value: &Value) -> Option<SystemTime> {
+    humantime::parse_rfc3339(value.as_str()?).ok()
+}
+
+/// Verifies one finished session; failures go to the tally.
+pub async fn session(ctx: &Ctx, mut log: SessionLog) {
+    let observed_runs: HashSet<u32> = log.known.values().map(|o| o.run).collect();
+    // History settles shortly after a run ends (the owner's, or the reaper's, writer).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let history = loop {
+        let history = ctx.history(log.user, &log.id).await;
+        if let Some(messages) = &history {
+            let complete_runs: HashSet<&str> =
+                messages.iter().filter(|m| m["kind"] == "complete").filter_map(|m| m["runId"].as_str()).collect();
+            let runs_with_rows: HashSet<&str> = messages.iter().filter_map(|m| m["runId"].as_str()).collect();
+            let observed_complete =
+                observed_runs.iter().all(|r| complete_runs.contains(log.run_ids[*r as usize].as_str()));
+            if observed_complete && runs_with_rows.iter().all(|r| complete_runs.contains(r)) {
+                break history;
+            }
+        }
+        if Instant::now() > deadline {
+            break history;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let Some(history) = history else {
+        ctx.fail(ledger::AVAILABILITY, format!("session {}: history could not be read", log.id));
+        return;
+    };
+    let id = log.id.clone();
+    let restarts: Vec<SystemTime> =
+        ctx.fault_log().iter().filter(|f| f.kind == FaultKind::RedisRestart).map(|f| f.at).collect();
+
+    // History rows by seq, and per run.
+    let mut rows: BTreeMap<u64, Row> = BTreeMap::new();
+    let mut runs: HashMap<u32, RunView> = HashMap::new();
+    for message in &history {
+        let run = log.run(message["runId"].as_str().unwrap_or_default());
+        let view = runs.entry(run).or_default();
+        view.in_history = true;
+        let Some(seq) = message["seq"].as_u64() else {
+            view.prompts.push(message["content"].as_str().unwrap_or_default().to_string());
+            view.started = parse_time(&message["timestamp"]);
+            continue;
+        };
+        let kind = Kind::parse(message["kind"].as_str().unwrap_or_default());
+        if kind == Kind::Complete {
+            view.completes.push(seq);
+            view.complete = Some(message.clone());
+            view.ended = parse_time(&message["timestamp"]);
+        }
+        if kind == Kind::Text && message["role"] == "assistant" {
+            match message["content"].as_str().and_then(ledger::merged_chunks) {
+                Some(chunks) => {
+                    if !chunks.windows(2).all(|w| w[1] == w[0] + 1) {
+                        ctx.fail(
+                            ledger::HISTORY_MISMATCH,
+                            format!("session {id} seq {seq}: merged deltas out of order: {chunks:?}"),
+                        );
+                    }
+                    view.merged.push(Merged { seq, chunks });
+                }
+                None => ctx.fail(
+                    ledger::HISTORY_MISMATCH,
+                    format!("session {id} seq {seq}: assistant text that is no merge of script deltas: {message}"),
+                ),
+            }
+        }
+        rows.insert(seq, Row { run, kind, digest: ledger::digest(message), value: message.clone() });
+    }
+    for run in &observed_runs {
+        runs.entry(*run).or_default();
+    }
+
+    // Which seqs are known to belong to which run: seen by a client, in history, or folded into a merge.
+    let mut owner_of: BTreeMap<u64, u32> = log.known.iter().map(|(seq, o)| (*seq, o.run)).collect();
+    for (seq, row) in &rows {
+        owner_of.entry(*seq).or_insert(row.run);
+    }
+    for (run, view) in &runs {
+        for merged in &view.merged {
+            for seq in merged_seqs(&log, *run, merged, view.spans_redis_restart(&restarts)) {
+                owner_of.entry(seq).or_insert(*run);
+            }
+        }
+    }
+
+    // Every event a client saw is in history as it streamed.
+    for (seq, seen) in &log.known {
+        let run_id = &log.run_ids[seen.run as usize];
+        match seen.kind {
+            Kind::Delta => {
+                let Some(view) = runs.get(&seen.run) else { continue };
+                // The merge that took this delta: the run's first one at or after it.
+                let placed = view
+                    .merged
+                    .iter()
+                    .filter(|m| m.seq >= *seq)
+                    .min_by_key(|m| m.seq)
+                    .is_some_and(|m| m.chunks.contains(&seen.chunk));
+                if placed {
+                    continue;
+                }
+                let window_outgrown =
+                    view.completes.first().is_some_and(|c| c.saturating_sub(*seq) >= ctx.settings.replay_max_events);
+                if view.cut_by_owner_loss() && (window_outgrown || view.spans_redis_restart(&restarts)) {
+                    // A run cut by its owner's death keeps in history only the deltas its stream still holds.
+                    ctx.add("deltas_of_cut_runs_missing_from_history", 1);
+                    if ctx.args.tolerate_cut_stream_history_loss {
+                        continue;
+                    }
+                }
+                ctx.fail(
+                    ledger::HISTORY_MISMATCH,
+                    format!(
+                        "session {id} seq {seq}: delta chunk {} of run {run_id} is in no merged history text{}",
+                        seen.chunk,
+                        if view.cut_by_owner_loss() { " (run cut by its owner's loss)" } else { "" }
+                    ),
+                );
+            }
+            Kind::StreamEnd => {
+                if !rows.get(seq).is_some_and(|r| r.kind == Kind::Text && r.run == seen.run) {
+                    ctx.fail(
+                        ledger::HISTORY_MISMATCH,
+                        format!(
+                            "session {id} seq {seq}: stream_end of run {run_id} without the merged text in history"
+                        ),
+                    );
+                }
+            }
+            _ => match rows.get(seq) {
+                Some(row) if row.digest == seen.digest && row.run == seen.run => {}
+                Some(row) => ctx.fail(
+                    ledger::HISTORY_MISMATCH,
+                    format!(
+                        "session {id} seq {seq}: streamed {:?} of run {run_id}, history has {}",
+                        seen.kind, row.value
+                    ),
+                ),
+                None => ctx.fail(
+                    ledger::HISTORY_MISMATCH,
+                    format!("session {id} seq {seq}: streamed {:?} of run {run_id} is missing from history", seen.kind),
+                ),
+            },
+        }
+    }
+
+    // Plans by nonce (from the drivers' sends).
+    let plans: HashMap<String, (&'static str, u64, SystemTime, Option<String>)> =
+        log.sent.iter().map(|s| (s.nonce.clone(), (s.plan, s.events, s.sent_at, s.node.clone()))).collect();
+    let nonce_of = |prompt: &str| -> Option<String> {
+        serde_json::from_str::<Value>(prompt).ok()?["nonce"].as_str().map(str::to_string)
+    };
+
+    // Per run: one complete, nothing after it, a prompt, script order.
+    let mut ranges: Vec<(u64, u64, u32)> = Vec::new();
+    let mut nonces_seen: HashMap<String, usize> = HashMap::new();
+    for (run, view) in &runs {
+        let run_id = &log.run_ids[*run as usize];
+        if !view.in_history {
+            ctx.fail(
+                ledger::HISTORY_MISMATCH,
+                format!("session {id}: run {run_id} streamed but has no row in history"),
+            );
+        }
+        if view.completes.len() != 1 {
+            ctx.fail(
+                ledger::COMPLETE_NOT_ONCE,
+                format!(
+                    "session {id}: run {run_id} has {} completes in history {:?}",
+                    view.completes.len(),
+                    view.completes
+                ),
+            );
+        }
+        if view.in_history && view.prompts.len() != 1 {
+            ctx.fail(
+                ledger::HISTORY_MISMATCH,
+                format!("session {id}: run {run_id} has {} prompt rows in history", view.prompts.len()),
+            );
+        }
+        let plan = view.prompts.first().and_then(|p| nonce_of(p)).and_then(|nonce| {
+            *nonces_seen.entry(nonce.clone()).or_default() += 1;
+            plans.get(&nonce).cloned()
+        });
+        let seqs: Vec<u64> = owner_of.iter().filter(|(_, r)| **r == *run).map(|(s, _)| *s).collect();
+        if let (Some(first), Some(last)) = (seqs.first(), seqs.last()) {
+            ranges.push((*first, *last, *run));
+        }
+        let complete_seq = view.completes.iter().min().copied();
+        if let Some(complete_seq) = complete_seq {
+            let after: Vec<u64> = seqs.iter().copied().filter(|s| *s > complete_seq).collect();
+            if !after.is_empty() {
+                ctx.fail(
+                    ledger::EVENT_AFTER_COMPLETE,
+                    format!("session {id}: run {run_id} has events at {after:?} after its complete at {complete_seq}"),
+                );
+            }
+        }
+        script_order(ctx, &log, &rows, *run, &id, view.spans_redis_restart(&restarts));
+        if let Some(complete) = &view.complete {
+            outcome(ctx, complete);
+            if complete["success"] == true
+                && let Some((_, events, _, _)) = plan
+                && events > 0
+            {
+                let has_last =
+                    log.known.values().any(|o| o.run == *run && o.kind == Kind::Delta && o.chunk as u64 == events)
+                        || view.merged.iter().any(|m| m.chunks.contains(&(events as u32)));
+                if !has_last {
+                    ctx.fail(
+                        ledger::SCRIPT_ORDER,
+                        format!("session {id}: run {run_id} succeeded but its delta {events} is nowhere"),
+                    );
+                }
+            }
+            stuck(ctx, &log, *run, view, plan.as_ref().map(|p| (p.2, p.3.clone())));
+        }
+    }
+    ctx.add("runs", runs.values().filter(|v| v.in_history).count() as u64);
+    ctx.add("runs_sent_again_and_started_twice", nonces_seen.values().filter(|n| **n > 1).count() as u64);
+    ranges.sort();
+    for pair in ranges.windows(2) {
+        if pair[1].0 <= pair[0].1 {
+            ctx.fail(
+                ledger::SEQ_REUSED,
+                format!(
+                    "session {id}: runs {} (seqs {}..={}) and {} (seqs {}..={}) overlap",
+                    log.run_ids[pair[0].2 as usize],
+                    pair[0].0,
+                    pair[0].1,
+                    log.run_ids[pair[1].2 as usize],
+                    pair[1].0,
+                    pair[1].1
+                ),
+            );
+        }
+    }
+
+    // Jumps clients were not told about.
+    for gap in &log.gaps {
+        let between: Vec<(u64, u32)> = owner_of.range(gap.after + 1..gap.seq).map(|(s, r)| (*s, *r)).collect();
+        let run_id = &log.run_ids[gap.run as usize];
+        let failure = if gap.previous_run == Some(gap.run) {
+            Some(format!("seq jumped from {} to {} inside run {run_id}", gap.after, gap.seq))
+        } else if let Some((missed, _)) = between.iter().find(|(_, r)| *r == gap.run) {
+            Some(format!(
+                "got seq {} after {}; seq {missed} of the same run {run_id} was never delivered",
+                gap.seq, gap.after
+            ))
+        } else {
+            None
+        };
+        match failure {
+            Some(what) => ctx.fail(
+                ledger::SEQ_GAP_UNTOLD,
+                format!("{} session {id}: {what}, without replayTruncated; trace: {}", gap.client, gap.trace),
+            ),
+            None if between.is_empty() => ctx.add("run_starts_after_a_seq_jump", 1),
+            None => ctx.add("resubscribes_past_ended_runs", 1),
+        }
+    }
+
+    // The session is idle now, at the seq history ends with.
+    let top = rows.keys().next_back().copied().unwrap_or(0);
+    if let Some(shown) = ctx.get_json(log.user, &format!("/api/providers/sessions/{id}")).await {
+        if shown["data"]["isProcessing"] != false {
+            ctx.fail(
+                ledger::STUCK_PROCESSING,
+                format!("session {id}: still processing after its driver is done: {shown}"),
+            );
+        }
+        if shown["data"]["lastSeq"].as_u64() != Some(top) {
+            ctx.fail(
+                ledger::HISTORY_MISMATCH,
+                format!("session {id}: lastSeq {} but history ends at seq {top}", shown["data"]["lastSeq"]),
+            );
+        }
+    }
+    let mut owners = ctx.owners.lock().unwrap_or_else(|e| e.into_inner());
+    for run_id in &log.run_ids {
+        owners.remove(run_id);
+    }
+}
+
+/// The seqs of the deltas folded into a merged text. Exact when clients saw
+/// some of them (one offset from chunk number to seq); else, when the run's
+/// seqs cannot have jumped, the ones that are deltas whether a `stream_end`
+/// or the last delta holds the merge.
+fn merged_seqs(log: &SessionLog, run: u32, merged: &Merged, may_jump: bool) -> Vec<u64> {
+    let offsets: HashSet<i64> = log
+        .known
+        .iter()
+        .filter(|(_, o)| o.run == run && o.kind == Kind::Delta && merged.chunks.contains(&o.chunk))
+        .map(|(seq, o)| *seq as i64 - i64::from(o.chunk))
+        .collect();
+    if offsets.len() == 1 {
+        let offset = offsets.into_iter().next().unwrap_or(0);
+        return merged.chunks.iter().filter_map(|c| u64::try_from(offset + i64::from(*c)).ok()).collect();
+    }
+    if !offsets.is_empty() || may_jump {
+        return Vec::new();
+    }
+    let span = merged.chunks.len() as u64;
+    ((merged.seq + 1).saturating_sub(span)..merged.seq).collect()
+}
+
+/// Events of one run (seen by clients, or in history) in its script's order.
+/// Its deltas keep one chunk-to-seq offset, which may only grow when Redis
+/// restarted during the run (seqs jump ahead then).
+fn script_order(ctx: &Ctx, log: &SessionLog, rows: &BTreeMap<u64, Row>, run: u32, id: &str, may_jump: bool) {
+    let mut items: BTreeMap<u64, (Kind, u32)> = BTreeMap::new();
+    for (seq, row) in rows.iter().filter(|(_, r)| r.run == run && r.kind != Kind::Text) {
+        items.insert(*seq, (row.kind, 0));
+    }
+    for (seq, seen) in log.known.iter().filter(|(_, o)| o.run == run) {
+        items.insert(*seq, (seen.kind, seen.chunk));
+    }
+    let run_id = &log.run_ids[run as usize];
+    let mut previous: Option<(u64, Kind)> = None;
+    let mut delta_offset: Option<i64> = None;
+    for (seq, (kind, chunk)) in &items {
+        if let Some((prev_seq, prev_kind)) = previous
+            && (prev_kind.rank() > kind.rank() || prev_kind == Kind::Complete)
+        {
+            ctx.fail(
+                ledger::SCRIPT_ORDER,
+                format!("session {id} run {run_id}: {kind:?} at seq {seq} after {prev_kind:?} at seq {prev_seq}"),
+            );
+        }
+        if *kind == Kind::Delta {
+            let offset = *seq as i64 - i64::from(*chunk);
+            match delta_offset {
+                Some(known) if offset > known && may_jump => {
+                    ctx.add("in_run_seq_jumps_after_redis_restart", 1);
+                    delta_offset = Some(offset);
+                }
+                Some(known) if known != offset => ctx.fail(
+                    ledger::SCRIPT_ORDER,
+                    format!("session {id} run {run_id}: delta chunk {chunk} at seq {seq} out of place"),
+                ),
+                _ => delta_offset = Some(offset),
+            }
+        }
+        previous = Some((*seq, *kind));
+    }
+}
+
+fn outcome(ctx: &Ctx, complete: &Value) {
+    let name = match (complete["error"].as_str(), complete["aborted"] == true, complete["success"] == true) {
+        (Some("run owner lost"), _, _) => "outcome_owner_lost",
+        (Some("node draining"), _, _) => "outcome_ended_by_drain",
+        (_, true, _) => "outcome_aborted",
+        (_, _, true) => "outcome_success",
+        _ => "outcome_failed_as_scripted",
+    };
+    ctx.add(name, 1);
+}
+
+/// A run alive when its owner died (or began to drain) must have ended by the fault's deadline.
+fn stuck(ctx: &Ctx, log: &SessionLog, run: u32, view: &RunView, sent: Option<(SystemTime, Option<String>)>) {
+    let run_id = &log.run_ids[run as usize];
+    let owner = ctx.owners.lock().unwrap_or_else(|e| e.into_inner()).get(run_id).cloned();
+    let (node, started) = match (owner, sent) {
+        (Some(owner), _) => (owner.0, owner.1),
+        (None, Some((sent_at, Some(node)))) => (node, sent_at),
+        _ => return,
+    };
+    let Some(ended) = view.ended else { return };
+    let settings = &ctx.settings;
+    let acks: Vec<SystemTime> = log.processing_acks.iter().filter(|(_, r)| *r == run).map(|(t, _)| *t).collect();
+    for fault in ctx.fault_log().iter().filter(|f| f.node.as_deref() == Some(node.as_str())) {
+        let Some(deadline) = fault.deadline(settings.lease, settings.drain_grace) else { continue };
+        if started >= fault.at || ended <= fault.at {
+            continue;
+        }
+        ctx.add("runs_whose_owner_failed", 1);
+        let late_ack = acks.iter().any(|t| *t > deadline);
+        if ended > deadline || late_ack {
+            ctx.fail(
+                ledger::STUCK_PROCESSING,
+                format!(
+                    "session {} run {run_id} on {node}: owner {} at {:?}, run ended {:.1}s later (limit {:.1}s){}",
+                    log.id,
+                    fault.kind.name(),
+                    fault.at,
+                    ended.duration_since(fault.at).unwrap_or_default().as_secs_f64(),
+                    deadline.duration_since(fault.at).unwrap_or_default().as_secs_f64(),
+                    if late_ack { "; an ack showed it processing after the limit" } else { "" }
+                ),
+            );
+        }
+    }
+}
+
+/// Redis's keys by kind, and `used_memory`.
+pub async fn redis_usage(url: &str) -> anyhow::Result<(BTreeMap<&'static str, u64>, u64)> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut cursor: u64 = 0;
+    let mut keys: BTreeMap<&'static str, u64> = BTreeMap::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) =
+            redis::cmd("SCAN").arg(cursor).arg("COUNT").arg(1000).query_async(&mut conn).await?;
+        for key in batch {
+            *keys.entry(key_class(&key)).or_default() += 1;
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let info: String = redis::cmd("INFO").arg("memory").query_async(&mut conn).await?;
+    let used =
+        info.lines().find_map(|l| l.strip_prefix("used_memory:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+    Ok((keys, used))
+}
+
+fn key_class(key: &str) -> &'static str {
+    if key == "cg:runs" {
+        "runs_index"
+    } else if key == "cg:sweep" {
+        "sweep_lock"
+    } else if key.starts_with("cg:perm:") {
+        "permission"
+    } else if key.starts_with("cg:user:") {
+        "user_runs"
+    } else if key.ends_with(":seq") {
+        "session_seq"
+    } else if key.ends_with(":events") {
+        "events"
+    } else if key.ends_with(":run") {
+        "run_lock"
+    } else if key.ends_with(":owner") {
+        "owner"
+    } else if key.ends_with(":pending") {
+        "pending"
+    } else if key.contains(":batch:") {
+        "batch"
+    } else {
+        "other"
+    }
+}
+
+/// Key kinds that stay by design: a finished session's seq counter (a day),
+/// and the sweeper's short lock.
+const LASTING: &[&str] = &["session_seq", "sweep_lock"];
+/// Bytes per lasting seq counter allowed above the baseline.
+const BYTES_PER_SEQ_KEY: u64 = 256;
+/// Allowance above the baseline for everything else (allocator, buffers).
+const MEMORY_SLACK: u64 = 1 << 20;
+
+/// After the load and the retention: only lasting keys left, memory near the baseline.
+pub async fn redis_after_retention(ctx: &Ctx, url: &str, baseline: u64) -> Value {
+    let deadline = Instant::now() + ctx.settings.retention + Duration::from_secs(60);
+    let mut last = (BTreeMap::new(), 0);
+    let mut waited = Duration::ZERO;
+    let started = Instant::now();
+    while Instant::now() < deadline {
+        match redis_usage(url).await {
+            Ok(usage) => {
+                let leftover: u64 = usage.0.iter().filter(|(k, _)| !LASTING.contains(k)).map(|(_, n)| n).sum();
+                last = usage;
+                waited = started.elapsed();
+                if leftover == 0 {
+                    break;
+                }
+            }
+            Err(e) => ctx.add(&format!("redis_usage_errors: {e}"), 1),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let (keys, used) = last;
+    let leftover: BTreeMap<&str, u64> =
+        keys.iter().filter(|(k, _)| !LASTING.contains(k)).map(|(k, n)| (*k, *n)).collect();
+    let seq_keys = keys.get("session_seq").copied().unwrap_or(0);
+    let allowed = baseline + seq_keys * BYTES_PER_SEQ_KEY + MEMORY_SLACK;
+    if !leftover.is_empty() {
+        ctx.fail(ledger::REDIS_MEMORY, format!("keys left after retention: {leftover:?}"));
+    }
+    if used > allowed {
+        ctx.fail(
+            ledger::REDIS_MEMORY,
+            format!("used_memory {used} B after retention, baseline {baseline} B (+{seq_keys} seq counters): allowed {allowed} B"),
+        );
+    }
+    json!({
+        "baseline_used_memory_bytes": baseline, "after_used_memory_bytes": used, "allowed_bytes": allowed,
+        "keys_after": keys, "waited_after_load_s": waited.as_secs(),
+    })
+}
