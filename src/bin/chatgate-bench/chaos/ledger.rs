@@ -50,6 +50,20 @@ pub const REDIS_MEMORY: &str = "redis_memory";
 /// A client could not reach any node for a minute, or a node did not come back.
 pub const AVAILABILITY: &str = "availability";
 
+/// Gateway bugs the soak found that stay open for now (docs/reliability.md): each
+/// occurrence is counted and shown; with `--tolerate-known-bug ID` it is not a failure.
+pub const KNOWN_BUGS: &[(&str, &str)] = &[
+    (
+        CUT_STREAM_HISTORY,
+        "a run cut by its owner's death keeps in history only the deltas its replay stream still held",
+    ),
+    (PROMPT_LOST, "a run whose owner died before its first event has no prompt row in history"),
+    (ROWS_LOST_ON_KILL, "events of a run that ended just before its owner was killed never reach history"),
+];
+pub const CUT_STREAM_HISTORY: &str = "cut-stream-history";
+pub const PROMPT_LOST: &str = "prompt-lost";
+pub const ROWS_LOST_ON_KILL: &str = "rows-lost-on-kill";
+
 /// Examples kept per invariant.
 const EXAMPLES_PER_INVARIANT: usize = 8;
 
@@ -176,6 +190,10 @@ pub struct SessionLog {
     pub sent: Vec<SentRun>,
     /// Acks that showed the session processing: when, and which run.
     pub processing_acks: Vec<(SystemTime, u32)>,
+    /// When each run's `complete` was made, as a client saw it.
+    pub completed_at: HashMap<u32, SystemTime>,
+    /// Runs that ended while their driver was away: nonce, and the driver's seq before the send.
+    pub ended_away: Vec<(String, u64, String)>,
 }
 
 impl SessionLog {
@@ -195,6 +213,8 @@ impl SessionLog {
 pub struct Tally {
     pub failures: BTreeMap<&'static str, u64>,
     pub examples: BTreeMap<&'static str, Vec<String>>,
+    /// Examples of tolerated known bugs.
+    pub known_examples: BTreeMap<&'static str, Vec<String>>,
     pub totals: BTreeMap<String, u64>,
 }
 
@@ -204,6 +224,20 @@ impl Tally {
         let examples = self.examples.entry(invariant).or_default();
         if examples.len() < EXAMPLES_PER_INVARIANT {
             examples.push(example);
+        }
+    }
+
+    /// An occurrence of a known bug: counted and shown, and a failure of `invariant` unless tolerated.
+    pub fn known(&mut self, bug: &'static str, invariant: &'static str, example: String, tolerated: bool) {
+        let key = KNOWN_BUGS.iter().find(|(id, _)| *id == bug).map_or(bug, |(id, _)| *id);
+        self.add(&format!("known_bug_{key}"), 1);
+        if tolerated {
+            let examples = self.known_examples.entry(key).or_default();
+            if examples.len() < EXAMPLES_PER_INVARIANT {
+                examples.push(example);
+            }
+        } else {
+            self.fail(invariant, format!("[known bug {key}] {example}"));
         }
     }
 
@@ -220,7 +254,8 @@ impl Tally {
             .iter()
             .map(|name| (name.to_string(), json!(self.failures.get(name).copied().unwrap_or(0))))
             .collect();
-        json!({ "failures": failures, "examples": self.examples, "totals": self.totals })
+        json!({ "failures": failures, "examples": self.examples, "known_bug_examples": self.known_examples,
+                "totals": self.totals })
     }
 }
 
@@ -244,6 +279,8 @@ impl Book {
                 gaps: Vec::new(),
                 sent: Vec::new(),
                 processing_acks: Vec::new(),
+                completed_at: HashMap::new(),
+                ended_away: Vec::new(),
             },
         );
     }

@@ -85,12 +85,18 @@ pub struct ChaosArgs {
     /// Seconds of load before the first fault.
     #[arg(long, default_value_t = 8)]
     pub warmup_s: u64,
-    /// Do not count as failures the deltas of a run cut by its owner's death that history
-    /// lacks because the run's stream no longer held them (it outgrew `--replay-max-events`, or
-    /// Redis restarted during the run): a known gateway bug, see docs/reliability.md. They are
-    /// still counted in the totals.
-    #[arg(long)]
-    pub tolerate_cut_stream_history_loss: bool,
+    /// A known gateway bug (docs/reliability.md) not to count as a failure while it is open
+    /// (repeatable; its occurrences are still counted and shown): `cut-stream-history`,
+    /// `prompt-lost`, `rows-lost-on-kill`.
+    #[arg(long = "tolerate-known-bug", value_parser = known_bug)]
+    pub tolerate: Vec<String>,
+}
+
+fn known_bug(raw: &str) -> Result<String, String> {
+    ledger::KNOWN_BUGS.iter().find(|(id, _)| *id == raw).map(|(id, _)| id.to_string()).ok_or_else(|| {
+        let ids: Vec<&str> = ledger::KNOWN_BUGS.iter().map(|(id, _)| *id).collect();
+        format!("unknown bug {raw:?}; known: {}", ids.join(", "))
+    })
 }
 
 /// What every task of the soak shares.
@@ -127,6 +133,12 @@ impl Ctx {
 
     pub fn fail(&self, invariant: &'static str, example: String) {
         self.book().tally.fail(invariant, example);
+    }
+
+    /// An occurrence of a known gateway bug (a failure of `invariant` unless tolerated).
+    pub fn known(&self, bug: &'static str, invariant: &'static str, example: String) {
+        let tolerated = self.args.tolerate.iter().any(|t| t == bug);
+        self.book().tally.known(bug, invariant, example, tolerated);
     }
 
     pub fn add(&self, total: &str, n: u64) {
@@ -332,6 +344,8 @@ async fn soak(stack: &Arc<Stack>, args: &ChaosArgs, settings: NodeSettings) -> a
         "faults": faults,
         "totals": tally["totals"],
         "examples": tally["examples"],
+        "known_bugs_tolerated": args.tolerate,
+        "known_bug_examples": tally["known_bug_examples"],
         "redis": redis,
         "resources": monitor::summary(&samples),
         "drivers_finished_s_after_load": drivers_done_in.as_secs(),

@@ -75,6 +75,8 @@ pub enum Step {
 #[derive(Debug, Default)]
 struct Cursor {
     last: u64,
+    /// The highest seq the client knows was taken: its events and every ack's `lastSeq`.
+    top_seen: u64,
     last_run: Option<u32>,
     last_was_complete: bool,
     told: bool,
@@ -131,8 +133,9 @@ impl Peer {
         self.trace.iter().cloned().collect::<Vec<_>>().join(" | ")
     }
 
-    pub fn last_seq(&self) -> u64 {
-        self.cursor.last
+    /// The highest seq known to be taken in the session (events and acks).
+    pub fn top_seen(&self) -> u64 {
+        self.cursor.top_seen.max(self.cursor.last)
     }
 
     pub fn connected(&self) -> bool {
@@ -339,6 +342,7 @@ impl Peer {
             ack.processing, ack.last_seq, ack.truncated, frame["runId"]
         ));
         let cursor = &mut self.cursor;
+        cursor.top_seen = cursor.top_seen.max(ack.last_seq);
         if ack.truncated {
             cursor.told = true;
             self.ctx.add("replay_truncated_told", 1);
@@ -372,7 +376,17 @@ impl Peer {
         let seen = Observed { run: 0, kind, digest: ledger::digest(&frame), chunk };
         self.ctx.add("events_delivered", 1);
         let session = self.session.id.clone();
-        let run = self.ctx.book().observe(&session, seq, &run_id, seen, &self.name)?;
+        let run = {
+            let mut book = self.ctx.book();
+            let run = book.observe(&session, seq, &run_id, seen, &self.name)?;
+            if kind == Kind::Complete
+                && let Some(at) = frame["timestamp"].as_str().and_then(|t| humantime::parse_rfc3339(t).ok())
+                && let Some(log) = book.sessions.get_mut(&session)
+            {
+                log.completed_at.entry(run).or_insert(at);
+            }
+            run
+        };
         self.note(format!("{seq} {kind:?} r{run}"));
         let implicit = if self.implicit { " (subscribed by chat.send on a fresh socket)" } else { "" };
         let cursor = &self.cursor;

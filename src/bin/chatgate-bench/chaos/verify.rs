@@ -150,6 +150,40 @@ pub async fn session(ctx: &Ctx, mut log: SessionLog) {
         }
     }
 
+    // Plans by nonce (from the drivers' sends).
+    let plans: HashMap<String, (&'static str, u64, SystemTime, Option<String>)> =
+        log.sent.iter().map(|s| (s.nonce.clone(), (s.plan, s.events, s.sent_at, s.node.clone()))).collect();
+    let nonce_of = |prompt: &str| -> Option<String> {
+        serde_json::from_str::<Value>(prompt).ok()?["nonce"].as_str().map(str::to_string)
+    };
+    let plan_of = |view: &RunView| view.prompts.first().and_then(|p| nonce_of(p)).and_then(|n| plans.get(&n).cloned());
+
+    // Runs that ended (as a client saw) just before their owner was killed: what their owner had
+    // not written to SQL yet is lost (known bug).
+    let faults = ctx.fault_log();
+    let killed_after_end: HashSet<u32> = runs
+        .iter()
+        .filter(|(run, view)| {
+            let Some(done) = log.completed_at.get(run) else { return false };
+            let sent = plan_of(view).map(|p| (p.2, p.3));
+            let Some((node, _)) = run_owner(ctx, &log.run_ids[**run as usize], sent) else { return false };
+            faults.iter().any(|f| {
+                f.kind == FaultKind::Kill
+                    && f.node.as_deref() == Some(node.as_str())
+                    && f.at + Duration::from_millis(500) >= *done
+                    && f.at <= *done + Duration::from_secs(3)
+            })
+        })
+        .map(|(run, _)| *run)
+        .collect();
+    let missing = |run: u32, invariant: &'static str, what: String| {
+        if killed_after_end.contains(&run) {
+            ctx.known(ledger::ROWS_LOST_ON_KILL, invariant, what);
+        } else {
+            ctx.fail(invariant, what);
+        }
+    };
+
     // Every event a client saw is in history as it streamed.
     for (seq, seen) in &log.known {
         let run_id = &log.run_ids[seen.run as usize];
@@ -166,27 +200,26 @@ pub async fn session(ctx: &Ctx, mut log: SessionLog) {
                 if placed {
                     continue;
                 }
+                let what = format!(
+                    "session {id} seq {seq}: delta chunk {} of run {run_id} is in no merged history text{}",
+                    seen.chunk,
+                    if view.cut_by_owner_loss() { " (run cut by its owner's loss)" } else { "" }
+                );
                 let window_outgrown =
                     view.completes.first().is_some_and(|c| c.saturating_sub(*seq) >= ctx.settings.replay_max_events);
-                if view.cut_by_owner_loss() && (window_outgrown || view.spans_redis_restart(&restarts)) {
-                    // A run cut by its owner's death keeps in history only the deltas its stream still holds.
-                    ctx.add("deltas_of_cut_runs_missing_from_history", 1);
-                    if ctx.args.tolerate_cut_stream_history_loss {
-                        continue;
-                    }
+                if view.merged.iter().all(|m| m.seq < *seq) && killed_after_end.contains(&seen.run) {
+                    ctx.known(ledger::ROWS_LOST_ON_KILL, ledger::HISTORY_MISMATCH, what);
+                } else if view.cut_by_owner_loss() && (window_outgrown || view.spans_redis_restart(&restarts)) {
+                    // The reaper copies the run's stream, which no longer held these deltas.
+                    ctx.known(ledger::CUT_STREAM_HISTORY, ledger::HISTORY_MISMATCH, what);
+                } else {
+                    ctx.fail(ledger::HISTORY_MISMATCH, what);
                 }
-                ctx.fail(
-                    ledger::HISTORY_MISMATCH,
-                    format!(
-                        "session {id} seq {seq}: delta chunk {} of run {run_id} is in no merged history text{}",
-                        seen.chunk,
-                        if view.cut_by_owner_loss() { " (run cut by its owner's loss)" } else { "" }
-                    ),
-                );
             }
             Kind::StreamEnd => {
                 if !rows.get(seq).is_some_and(|r| r.kind == Kind::Text && r.run == seen.run) {
-                    ctx.fail(
+                    missing(
+                        seen.run,
                         ledger::HISTORY_MISMATCH,
                         format!(
                             "session {id} seq {seq}: stream_end of run {run_id} without the merged text in history"
@@ -203,7 +236,8 @@ pub async fn session(ctx: &Ctx, mut log: SessionLog) {
                         seen.kind, row.value
                     ),
                 ),
-                None => ctx.fail(
+                None => missing(
+                    seen.run,
                     ledger::HISTORY_MISMATCH,
                     format!("session {id} seq {seq}: streamed {:?} of run {run_id} is missing from history", seen.kind),
                 ),
@@ -211,25 +245,21 @@ pub async fn session(ctx: &Ctx, mut log: SessionLog) {
         }
     }
 
-    // Plans by nonce (from the drivers' sends).
-    let plans: HashMap<String, (&'static str, u64, SystemTime, Option<String>)> =
-        log.sent.iter().map(|s| (s.nonce.clone(), (s.plan, s.events, s.sent_at, s.node.clone()))).collect();
-    let nonce_of = |prompt: &str| -> Option<String> {
-        serde_json::from_str::<Value>(prompt).ok()?["nonce"].as_str().map(str::to_string)
-    };
-
     // Per run: one complete, nothing after it, a prompt, script order.
     let mut ranges: Vec<(u64, u64, u32)> = Vec::new();
     let mut nonces_seen: HashMap<String, usize> = HashMap::new();
     for (run, view) in &runs {
         let run_id = &log.run_ids[*run as usize];
         if !view.in_history {
-            ctx.fail(
+            missing(
+                *run,
                 ledger::HISTORY_MISMATCH,
                 format!("session {id}: run {run_id} streamed but has no row in history"),
             );
         }
-        if view.completes.len() != 1 {
+        if view.completes.is_empty() {
+            missing(*run, ledger::COMPLETE_NOT_ONCE, format!("session {id}: run {run_id} has no complete in history"));
+        } else if view.completes.len() > 1 {
             ctx.fail(
                 ledger::COMPLETE_NOT_ONCE,
                 format!(
@@ -239,7 +269,13 @@ pub async fn session(ctx: &Ctx, mut log: SessionLog) {
                 ),
             );
         }
-        if view.in_history && view.prompts.len() != 1 {
+        if view.in_history && view.prompts.is_empty() && view.cut_by_owner_loss() {
+            ctx.known(
+                ledger::PROMPT_LOST,
+                ledger::HISTORY_MISMATCH,
+                format!("session {id}: run {run_id}, ended for its lost owner, has no prompt row in history"),
+            );
+        } else if view.in_history && view.prompts.len() != 1 {
             ctx.fail(
                 ledger::HISTORY_MISMATCH,
                 format!("session {id}: run {run_id} has {} prompt rows in history", view.prompts.len()),
@@ -281,6 +317,23 @@ pub async fn session(ctx: &Ctx, mut log: SessionLog) {
                 }
             }
             stuck(ctx, &log, *run, view, plan.as_ref().map(|p| (p.2, p.3.clone())));
+        }
+    }
+    // Runs that ended while their driver was away are in history with their complete.
+    for (nonce, base, detail) in &log.ended_away {
+        let by_nonce = runs.values().any(|v| v.prompts.first().and_then(|p| nonce_of(p)).as_deref() == Some(nonce));
+        if by_nonce {
+            continue; // its complete was checked with the run
+        }
+        if runs.values().any(|v| v.prompts.is_empty() && v.completes.iter().any(|c| c > base)) {
+            ctx.add("runs_ended_away_found_without_prompt", 1);
+        } else {
+            ctx.fail(
+                ledger::COMPLETE_NOT_ONCE,
+                format!(
+                    "session {id}: run {nonce} ended while its driver was away but history has no such run ({detail})"
+                ),
+            );
         }
     }
     ctx.add("runs", runs.values().filter(|v| v.in_history).count() as u64);
@@ -337,10 +390,12 @@ pub async fn session(ctx: &Ctx, mut log: SessionLog) {
             );
         }
         if shown["data"]["lastSeq"].as_u64() != Some(top) {
-            ctx.fail(
-                ledger::HISTORY_MISMATCH,
-                format!("session {id}: lastSeq {} but history ends at seq {top}", shown["data"]["lastSeq"]),
-            );
+            let what = format!("session {id}: lastSeq {} but history ends at seq {top}", shown["data"]["lastSeq"]);
+            if killed_after_end.is_empty() {
+                ctx.fail(ledger::HISTORY_MISMATCH, what);
+            } else {
+                ctx.known(ledger::ROWS_LOST_ON_KILL, ledger::HISTORY_MISMATCH, what);
+            }
         }
     }
     let mut owners = ctx.owners.lock().unwrap_or_else(|e| e.into_inner());
@@ -423,15 +478,20 @@ fn outcome(ctx: &Ctx, complete: &Value) {
     ctx.add(name, 1);
 }
 
+/// A run's owner node and start: from `GET …/running`, else the driver's socket when it sent it.
+fn run_owner(ctx: &Ctx, run_id: &str, sent: Option<(SystemTime, Option<String>)>) -> Option<(String, SystemTime)> {
+    let owner = ctx.owners.lock().unwrap_or_else(|e| e.into_inner()).get(run_id).cloned();
+    match (owner, sent) {
+        (Some(owner), _) => Some(owner),
+        (None, Some((sent_at, Some(node)))) => Some((node, sent_at)),
+        _ => None,
+    }
+}
+
 /// A run alive when its owner died (or began to drain) must have ended by the fault's deadline.
 fn stuck(ctx: &Ctx, log: &SessionLog, run: u32, view: &RunView, sent: Option<(SystemTime, Option<String>)>) {
     let run_id = &log.run_ids[run as usize];
-    let owner = ctx.owners.lock().unwrap_or_else(|e| e.into_inner()).get(run_id).cloned();
-    let (node, started) = match (owner, sent) {
-        (Some(owner), _) => (owner.0, owner.1),
-        (None, Some((sent_at, Some(node)))) => (node, sent_at),
-        _ => return,
-    };
+    let Some((node, started)) = run_owner(ctx, run_id, sent) else { return };
     let Some(ended) = view.ended else { return };
     let settings = &ctx.settings;
     let acks: Vec<SystemTime> = log.processing_acks.iter().filter(|(_, r)| *r == run).map(|(t, _)| *t).collect();
