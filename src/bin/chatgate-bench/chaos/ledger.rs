@@ -59,10 +59,16 @@ pub const KNOWN_BUGS: &[(&str, &str)] = &[
     ),
     (PROMPT_LOST, "a run whose owner died before its first event has no prompt row in history"),
     (ROWS_LOST_ON_KILL, "events of a run that ended just before its owner was killed never reach history"),
+    (
+        RUN_SUPERSEDED_AFTER_REDIS_LOSS,
+        "after Redis restarts empty, a chat.send starts a second run before the live owner re-takes its lock; \
+         the first run is fenced and never gets a complete",
+    ),
 ];
 pub const CUT_STREAM_HISTORY: &str = "cut-stream-history";
 pub const PROMPT_LOST: &str = "prompt-lost";
 pub const ROWS_LOST_ON_KILL: &str = "rows-lost-on-kill";
+pub const RUN_SUPERSEDED_AFTER_REDIS_LOSS: &str = "run-superseded-after-redis-loss";
 
 /// Examples kept per invariant.
 const EXAMPLES_PER_INVARIANT: usize = 8;

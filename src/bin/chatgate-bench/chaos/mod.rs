@@ -87,7 +87,7 @@ pub struct ChaosArgs {
     pub warmup_s: u64,
     /// A known gateway bug (docs/reliability.md) not to count as a failure while it is open
     /// (repeatable; its occurrences are still counted and shown): `cut-stream-history`,
-    /// `prompt-lost`, `rows-lost-on-kill`.
+    /// `prompt-lost`, `rows-lost-on-kill`, `run-superseded-after-redis-loss`.
     #[arg(long = "tolerate-known-bug", value_parser = known_bug)]
     pub tolerate: Vec<String>,
 }

@@ -62,7 +62,7 @@ impl ChaosNode {
         let log = File::options().create(true).append(true).open(&self.log)?;
         let mut cmd = Command::new(&self.bin);
         cmd.args(&self.args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,chatgate::gateway::verbs=info")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))

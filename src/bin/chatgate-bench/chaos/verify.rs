@@ -258,7 +258,18 @@ pub async fn session(ctx: &Ctx, mut log: SessionLog) {
             );
         }
         if view.completes.is_empty() {
-            missing(*run, ledger::COMPLETE_NOT_ONCE, format!("session {id}: run {run_id} has no complete in history"));
+            let what = format!("session {id}: run {run_id} has no complete in history");
+            // A later run started after a Redis restart that this run was alive for.
+            let superseded = view.started.is_some_and(|start| {
+                restarts
+                    .iter()
+                    .any(|at| *at > start && runs.values().any(|other| other.started.is_some_and(|s| s > *at)))
+            });
+            if superseded && !killed_after_end.contains(run) {
+                ctx.known(ledger::RUN_SUPERSEDED_AFTER_REDIS_LOSS, ledger::COMPLETE_NOT_ONCE, what);
+            } else {
+                missing(*run, ledger::COMPLETE_NOT_ONCE, what);
+            }
         } else if view.completes.len() > 1 {
             ctx.fail(
                 ledger::COMPLETE_NOT_ONCE,
