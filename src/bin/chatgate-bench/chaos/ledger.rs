@@ -173,6 +173,16 @@ pub struct Gap {
     pub trace: String,
 }
 
+/// A client-side failure judged when the session is verified (a seq seen twice may
+/// come from a known bug that is only recognisable once the session's runs are known).
+#[derive(Debug, Clone)]
+pub struct Suspect {
+    pub invariant: &'static str,
+    /// The runs involved.
+    pub runs: Vec<u32>,
+    pub text: String,
+}
+
 /// A run a driver sent.
 #[derive(Debug, Clone)]
 pub struct SentRun {
@@ -198,6 +208,8 @@ pub struct SessionLog {
     pub processing_acks: Vec<(SystemTime, u32)>,
     /// When each run's `complete` was made, as a client saw it.
     pub completed_at: HashMap<u32, SystemTime>,
+    /// Client-side failures to judge with the session.
+    pub suspects: Vec<Suspect>,
     /// Runs that ended while their driver was away: nonce, and the driver's seq before the send.
     pub ended_away: Vec<(String, u64, String)>,
 }
@@ -221,6 +233,8 @@ pub struct Tally {
     pub examples: BTreeMap<&'static str, Vec<String>>,
     /// Examples of tolerated known bugs.
     pub known_examples: BTreeMap<&'static str, Vec<String>>,
+    /// Runs each known bug was found in.
+    known_runs: std::collections::HashSet<(&'static str, String)>,
     pub totals: BTreeMap<String, u64>,
 }
 
@@ -233,10 +247,14 @@ impl Tally {
         }
     }
 
-    /// An occurrence of a known bug: counted and shown, and a failure of `invariant` unless tolerated.
-    pub fn known(&mut self, bug: &'static str, invariant: &'static str, example: String, tolerated: bool) {
+    /// A finding of a known bug in run `run` (counted once per run, every finding shown in the
+    /// findings total), a failure of `invariant` unless tolerated.
+    pub fn known(&mut self, bug: &'static str, run: &str, invariant: &'static str, example: String, tolerated: bool) {
         let key = KNOWN_BUGS.iter().find(|(id, _)| *id == bug).map_or(bug, |(id, _)| *id);
-        self.add(&format!("known_bug_{key}"), 1);
+        self.add(&format!("known_bug_{key}_findings"), 1);
+        if self.known_runs.insert((key, run.to_string())) {
+            self.add(&format!("known_bug_{key}_runs"), 1);
+        }
         if tolerated {
             let examples = self.known_examples.entry(key).or_default();
             if examples.len() < EXAMPLES_PER_INVARIANT {
@@ -286,6 +304,7 @@ impl Book {
                 sent: Vec::new(),
                 processing_acks: Vec::new(),
                 completed_at: HashMap::new(),
+                suspects: Vec::new(),
                 ended_away: Vec::new(),
             },
         );
@@ -299,13 +318,11 @@ impl Book {
         match log.known.get(&seq) {
             Some(known) if known.digest != seen.digest || known.run != run => {
                 let first = log.run_ids[known.run as usize].clone();
-                self.tally.fail(
-                    SEQ_REUSED,
-                    format!(
-                        "session {session} seq {seq}: {client} got {:?} of run {run_id}, another client {:?} of run {first}",
-                        seen.kind, known.kind
-                    ),
+                let text = format!(
+                    "session {session} seq {seq}: {client} got {:?} of run {run_id}, another client {:?} of run {first}",
+                    seen.kind, known.kind
                 );
+                log.suspects.push(Suspect { invariant: SEQ_REUSED, runs: vec![known.run, run], text });
             }
             Some(_) => {}
             None => {

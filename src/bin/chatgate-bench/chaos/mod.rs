@@ -136,9 +136,9 @@ impl Ctx {
     }
 
     /// An occurrence of a known gateway bug (a failure of `invariant` unless tolerated).
-    pub fn known(&self, bug: &'static str, invariant: &'static str, example: String) {
+    pub fn known(&self, bug: &'static str, run: &str, invariant: &'static str, example: String) {
         let tolerated = self.args.tolerate.iter().any(|t| t == bug);
-        self.book().tally.known(bug, invariant, example, tolerated);
+        self.book().tally.known(bug, run, invariant, example, tolerated);
     }
 
     pub fn add(&self, total: &str, n: u64) {

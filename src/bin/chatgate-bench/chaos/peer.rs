@@ -22,7 +22,7 @@ use tokio_tungstenite::{
 
 use super::{
     Ctx,
-    ledger::{self, Gap, Kind, Observed},
+    ledger::{self, Gap, Kind, Observed, Suspect},
 };
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -410,7 +410,11 @@ impl Peer {
             None
         };
         if let Some((invariant, what)) = failure {
-            self.ctx.fail(invariant, format!("{} session {session}: {what}; trace: {}", self.name, self.traced()));
+            let text = format!("{} session {session}: {what}; trace: {}", self.name, self.traced());
+            let runs = [Some(run), self.cursor.last_run].into_iter().flatten().collect();
+            if let Some(log) = self.ctx.book().sessions.get_mut(&session) {
+                log.suspects.push(Suspect { invariant, runs, text });
+            }
             if invariant == ledger::DUPLICATE_DELIVERED || invariant == ledger::SEQ_ORDER {
                 return Some(Ev { seq, kind, frame });
             }

@@ -178,7 +178,7 @@ pub async fn session(ctx: &Ctx, mut log: SessionLog) {
         .collect();
     let missing = |run: u32, invariant: &'static str, what: String| {
         if killed_after_end.contains(&run) {
-            ctx.known(ledger::ROWS_LOST_ON_KILL, invariant, what);
+            ctx.known(ledger::ROWS_LOST_ON_KILL, &log.run_ids[run as usize], invariant, what);
         } else {
             ctx.fail(invariant, what);
         }
@@ -208,10 +208,10 @@ pub async fn session(ctx: &Ctx, mut log: SessionLog) {
                 let window_outgrown =
                     view.completes.first().is_some_and(|c| c.saturating_sub(*seq) >= ctx.settings.replay_max_events);
                 if view.merged.iter().all(|m| m.seq < *seq) && killed_after_end.contains(&seen.run) {
-                    ctx.known(ledger::ROWS_LOST_ON_KILL, ledger::HISTORY_MISMATCH, what);
+                    ctx.known(ledger::ROWS_LOST_ON_KILL, run_id, ledger::HISTORY_MISMATCH, what);
                 } else if view.cut_by_owner_loss() && (window_outgrown || view.spans_redis_restart(&restarts)) {
                     // The reaper copies the run's stream, which no longer held these deltas.
-                    ctx.known(ledger::CUT_STREAM_HISTORY, ledger::HISTORY_MISMATCH, what);
+                    ctx.known(ledger::CUT_STREAM_HISTORY, run_id, ledger::HISTORY_MISMATCH, what);
                 } else {
                     ctx.fail(ledger::HISTORY_MISMATCH, what);
                 }
@@ -245,6 +245,33 @@ pub async fn session(ctx: &Ctx, mut log: SessionLog) {
         }
     }
 
+    // Runs without a complete that a later run superseded after a Redis restart they were alive
+    // for (known bug): the second run may even reuse their seqs.
+    let superseded: HashSet<u32> = runs
+        .iter()
+        .filter(|(run, view)| {
+            view.completes.is_empty()
+                && !killed_after_end.contains(run)
+                && view.started.is_some_and(|start| {
+                    restarts
+                        .iter()
+                        .any(|at| *at > start && runs.values().any(|other| other.started.is_some_and(|s| s > *at)))
+                })
+        })
+        .map(|(run, _)| *run)
+        .collect();
+    for suspect in &log.suspects {
+        match suspect.runs.iter().find(|r| superseded.contains(r)) {
+            Some(run) => ctx.known(
+                ledger::RUN_SUPERSEDED_AFTER_REDIS_LOSS,
+                &log.run_ids[*run as usize],
+                suspect.invariant,
+                suspect.text.clone(),
+            ),
+            None => ctx.fail(suspect.invariant, suspect.text.clone()),
+        }
+    }
+
     // Per run: one complete, nothing after it, a prompt, script order.
     let mut ranges: Vec<(u64, u64, u32)> = Vec::new();
     let mut nonces_seen: HashMap<String, usize> = HashMap::new();
@@ -259,14 +286,8 @@ pub async fn session(ctx: &Ctx, mut log: SessionLog) {
         }
         if view.completes.is_empty() {
             let what = format!("session {id}: run {run_id} has no complete in history");
-            // A later run started after a Redis restart that this run was alive for.
-            let superseded = view.started.is_some_and(|start| {
-                restarts
-                    .iter()
-                    .any(|at| *at > start && runs.values().any(|other| other.started.is_some_and(|s| s > *at)))
-            });
-            if superseded && !killed_after_end.contains(run) {
-                ctx.known(ledger::RUN_SUPERSEDED_AFTER_REDIS_LOSS, ledger::COMPLETE_NOT_ONCE, what);
+            if superseded.contains(run) {
+                ctx.known(ledger::RUN_SUPERSEDED_AFTER_REDIS_LOSS, run_id, ledger::COMPLETE_NOT_ONCE, what);
             } else {
                 missing(*run, ledger::COMPLETE_NOT_ONCE, what);
             }
@@ -283,14 +304,29 @@ pub async fn session(ctx: &Ctx, mut log: SessionLog) {
         if view.in_history && view.prompts.is_empty() && view.cut_by_owner_loss() {
             ctx.known(
                 ledger::PROMPT_LOST,
+                run_id,
                 ledger::HISTORY_MISMATCH,
                 format!("session {id}: run {run_id}, ended for its lost owner, has no prompt row in history"),
             );
         } else if view.in_history && view.prompts.len() != 1 {
-            ctx.fail(
-                ledger::HISTORY_MISMATCH,
-                format!("session {id}: run {run_id} has {} prompt rows in history", view.prompts.len()),
-            );
+            let what = format!("session {id}: run {run_id} has {} prompt rows in history", view.prompts.len());
+            // A run that reused a superseded run's first seq lost its prompt row to the other's.
+            let first = owner_of.iter().find(|(_, r)| **r == *run).map(|(s, _)| *s);
+            let reused = superseded.iter().find(|other| {
+                let seqs = owner_of.iter().filter(|(_, r)| **r == **other).map(|(s, _)| *s);
+                first.is_some_and(|f| {
+                    seqs.clone().min().is_some_and(|lo| lo <= f) && seqs.max().is_some_and(|hi| f <= hi)
+                })
+            });
+            match reused {
+                Some(other) => ctx.known(
+                    ledger::RUN_SUPERSEDED_AFTER_REDIS_LOSS,
+                    &log.run_ids[*other as usize],
+                    ledger::HISTORY_MISMATCH,
+                    what,
+                ),
+                None => ctx.fail(ledger::HISTORY_MISMATCH, what),
+            }
         }
         let plan = view.prompts.first().and_then(|p| nonce_of(p)).and_then(|nonce| {
             *nonces_seen.entry(nonce.clone()).or_default() += 1;
@@ -352,18 +388,24 @@ pub async fn session(ctx: &Ctx, mut log: SessionLog) {
     ranges.sort();
     for pair in ranges.windows(2) {
         if pair[1].0 <= pair[0].1 {
-            ctx.fail(
-                ledger::SEQ_REUSED,
-                format!(
-                    "session {id}: runs {} (seqs {}..={}) and {} (seqs {}..={}) overlap",
-                    log.run_ids[pair[0].2 as usize],
-                    pair[0].0,
-                    pair[0].1,
-                    log.run_ids[pair[1].2 as usize],
-                    pair[1].0,
-                    pair[1].1
-                ),
+            let what = format!(
+                "session {id}: runs {} (seqs {}..={}) and {} (seqs {}..={}) overlap",
+                log.run_ids[pair[0].2 as usize],
+                pair[0].0,
+                pair[0].1,
+                log.run_ids[pair[1].2 as usize],
+                pair[1].0,
+                pair[1].1
             );
+            match [pair[0].2, pair[1].2].into_iter().find(|r| superseded.contains(r)) {
+                Some(run) => ctx.known(
+                    ledger::RUN_SUPERSEDED_AFTER_REDIS_LOSS,
+                    &log.run_ids[run as usize],
+                    ledger::SEQ_REUSED,
+                    what,
+                ),
+                None => ctx.fail(ledger::SEQ_REUSED, what),
+            }
         }
     }
 
@@ -405,7 +447,7 @@ pub async fn session(ctx: &Ctx, mut log: SessionLog) {
             if killed_after_end.is_empty() {
                 ctx.fail(ledger::HISTORY_MISMATCH, what);
             } else {
-                ctx.known(ledger::ROWS_LOST_ON_KILL, ledger::HISTORY_MISMATCH, what);
+                ctx.known(ledger::ROWS_LOST_ON_KILL, &id, ledger::HISTORY_MISMATCH, what);
             }
         }
     }
