@@ -231,7 +231,7 @@ pub async fn run(bin: &Path, cluster: &ClusterArgs, args: &ChaosArgs) -> anyhow:
     if args.watchers == 0 || args.users == 0 || args.drivers == 0 || args.runs_per_session == 0 {
         bail!("--drivers, --watchers, --users and --runs-per-session must be at least 1");
     }
-    if !(args.minutes > 0.0) {
+    if args.minutes.is_nan() || args.minutes <= 0.0 {
         bail!("--minutes must be positive");
     }
     let settings = NodeSettings {
