@@ -249,7 +249,7 @@ async fn drive_run(ctx: &Arc<Ctx>, peer: &mut Peer, plan: &Plan) {
             peer.implicit = true;
         }
     }
-    let base = peer.top_seen();
+    let mut base = peer.top_seen();
     let sent = SentRun {
         nonce: nonce.clone(),
         plan: plan.name,
@@ -264,7 +264,11 @@ async fn drive_run(ctx: &Arc<Ctx>, peer: &mut Peer, plan: &Plan) {
     ctx.add(&format!("plan_{}", plan.name), 1);
     let started = Instant::now();
     let mut resend_at = (!peer.send(chat_send.clone()).await).then_some(started);
+    let mut sends = u32::from(resend_at.is_none());
     let mut ours_seen = false;
+    // Our only send was refused with RUN_IN_PROGRESS: a run we took for ended is still going
+    // (an ack said idle while it was not); wait for its end, then send again.
+    let mut waiting_for_earlier = false;
     let mut next_hop = started + exp_pause(Duration::from_secs(4));
     let mut abort_at = plan.abort_after.map(|d| started + d);
     let mut abandon_at = plan.abandon.map(|(after, _)| started + after);
@@ -305,6 +309,7 @@ async fn drive_run(ctx: &Arc<Ctx>, peer: &mut Peer, plan: &Plan) {
             resend_at = None;
             ctx.add("sends_repeated", 1);
             if peer.send(chat_send.clone()).await {
+                sends += 1;
                 if let Some(log) = ctx.book().sessions.get_mut(&session.id)
                     && let Some(sent) = log.sent.last_mut()
                 {
@@ -316,6 +321,14 @@ async fn drive_run(ctx: &Arc<Ctx>, peer: &mut Peer, plan: &Plan) {
             }
         } else {
             match peer.next(Duration::from_millis(250)).await {
+                Step::Event(ev) if waiting_for_earlier => {
+                    last_frame = now;
+                    if ev.kind == Kind::Complete {
+                        waiting_for_earlier = false;
+                        base = base.max(ev.seq);
+                        resend_at = Some(now);
+                    }
+                }
                 Step::Event(ev) => {
                     last_frame = now;
                     if ev.seq > base {
@@ -330,6 +343,11 @@ async fn drive_run(ctx: &Arc<Ctx>, peer: &mut Peer, plan: &Plan) {
                 Step::Error(code) if code == "BACKEND_UNAVAILABLE" && !ours_seen => {
                     ctx.add("backend_unavailable_retries", 1);
                     resend_at = Some(now + Duration::from_millis(300));
+                }
+                Step::Error(code) if code == "RUN_IN_PROGRESS" && sends == 1 => {
+                    ctx.add("sends_refused_an_earlier_run_was_still_going", 1);
+                    waiting_for_earlier = true;
+                    ours_seen = false;
                 }
                 Step::Error(code) if code == "RUN_IN_PROGRESS" => {
                     // An earlier send of this run started after all: follow it.
@@ -349,6 +367,14 @@ async fn drive_run(ctx: &Arc<Ctx>, peer: &mut Peer, plan: &Plan) {
         let Some(ack) = ack else { continue };
         let Some(ack) = ack else { return };
         last_frame = Instant::now();
+        if waiting_for_earlier {
+            if !ack.processing {
+                waiting_for_earlier = false;
+                base = base.max(ack.last_seq);
+                resend_at = Some(Instant::now());
+            }
+            continue;
+        }
         match resumed(&ack, base, ours_seen) {
             Resumed::Following => {}
             Resumed::SendAgain => resend_at = Some(Instant::now()),

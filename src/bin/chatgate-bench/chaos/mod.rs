@@ -256,7 +256,7 @@ pub async fn run(bin: &Path, cluster: &ClusterArgs, args: &ChaosArgs) -> anyhow:
 }
 
 async fn soak(stack: &Arc<Stack>, args: &ChaosArgs, settings: NodeSettings) -> anyhow::Result<Value> {
-    let (_, baseline) = verify::redis_usage(&stack.redis_url).await?;
+    let baseline = verify::redis_usage(&stack.redis_url).await?;
     let auth = chatgate::auth::Auth::new(SECRET.as_bytes());
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let tokens = (0..args.users)
@@ -315,7 +315,7 @@ async fn soak(stack: &Arc<Stack>, args: &ChaosArgs, settings: NodeSettings) -> a
     let _ = running.await;
     let samples = sampler.await.unwrap_or_default();
     let _ = checker.await;
-    let redis = verify::redis_after_retention(&ctx, &stack.redis_url, baseline).await;
+    let redis = verify::redis_after_retention(&ctx, &stack.redis_url, &baseline).await;
 
     let origin = ctx.started_wall;
     let fault_log: Vec<Value> = ctx.fault_log().iter().map(|f| f.to_json(origin)).collect();
