@@ -545,7 +545,9 @@ fn run_owner(ctx: &Ctx, run_id: &str, sent: Option<(SystemTime, Option<String>)>
 fn stuck(ctx: &Ctx, log: &SessionLog, run: u32, view: &RunView, sent: Option<(SystemTime, Option<String>)>) {
     let run_id = &log.run_ids[run as usize];
     let Some((node, started)) = run_owner(ctx, run_id, sent) else { return };
-    let Some(ended) = view.ended else { return };
+    // A run without a complete never ended (a failure of its own); acks may still show it stuck.
+    let never_ended = view.ended.is_none();
+    let ended = view.ended.unwrap_or(SystemTime::now());
     let settings = &ctx.settings;
     let acks: Vec<SystemTime> = log.processing_acks.iter().filter(|(_, r)| *r == run).map(|(t, _)| *t).collect();
     for fault in ctx.fault_log().iter().filter(|f| f.node.as_deref() == Some(node.as_str())) {
@@ -555,7 +557,7 @@ fn stuck(ctx: &Ctx, log: &SessionLog, run: u32, view: &RunView, sent: Option<(Sy
         }
         ctx.add("runs_whose_owner_failed", 1);
         let late_ack = acks.iter().any(|t| *t > deadline);
-        if ended > deadline || late_ack {
+        if (ended > deadline && !never_ended) || late_ack {
             ctx.fail(
                 ledger::STUCK_PROCESSING,
                 format!(
