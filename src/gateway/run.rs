@@ -201,7 +201,10 @@ impl Driver {
                         "requestId": request_id, "toolName": tool_name, "input": input,
                         "sessionId": self.session.session_id, "receivedAt": now_iso(),
                     });
-                    self.gateway.registry.add_pending(&self.lease, &request_id, request).await?;
+                    self.while_leased("add_pending", || {
+                        self.gateway.registry.add_pending(&self.lease, &request_id, request.clone())
+                    })
+                    .await?;
                     self.pending.insert(request_id.clone(), reply);
                     let fields = json!({ "kind": "permission_request", "requestId": request_id,
                         "toolName": tool_name, "input": input });
@@ -210,7 +213,10 @@ impl Driver {
                 }
                 RuntimeMsg::PermissionCancelled { request_id, reason } => {
                     if self.pending.remove(&request_id).is_some() {
-                        self.gateway.registry.remove_pending(&self.lease, &request_id).await?;
+                        self.while_leased("remove_pending", || {
+                            self.gateway.registry.remove_pending(&self.lease, &request_id)
+                        })
+                        .await?;
                         let fields =
                             json!({ "kind": "permission_cancelled", "requestId": request_id, "reason": reason });
                         batch.push(self.label(object(fields)));
@@ -238,13 +244,16 @@ impl Driver {
     }
 
     /// Runs a registry write, retrying with backoff while the backend is
-    /// unavailable and the lease may still be ours; any other error is final.
+    /// unavailable and the lease may still be ours. A fenced write is tried once
+    /// more after a renewal that re-took the lock (Redis came back empty and no
+    /// append re-took it yet); any other error is final.
     async fn while_leased<T, F, Fut>(&self, what: &str, mut write: F) -> Result<T, RegistryError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, RegistryError>>,
     {
         let mut delay = Duration::from_millis(50);
+        let mut retook = false;
         loop {
             match write().await {
                 Err(RegistryError::Unavailable(e)) if self.last_renewal.elapsed() < self.gateway.settings.run_lease => {
@@ -252,6 +261,9 @@ impl Driver {
                     tracing::warn!(error = %e, what, "registry write failed; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(RegistryError::Fenced) if !retook && self.gateway.registry.renew(&self.lease).await.is_ok() => {
+                    retook = true;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, what, "registry write refused");
@@ -282,7 +294,7 @@ impl Driver {
     /// Resolves a pending approval: `permission_resolved` for every tab, then the runtime goes on.
     async fn answer(&mut self, request_id: &str, answer: PermissionAnswer) -> Result<(), RegistryError> {
         let Some(reply) = self.pending.remove(request_id) else { return Ok(()) };
-        self.gateway.registry.remove_pending(&self.lease, request_id).await?;
+        self.while_leased("remove_pending", || self.gateway.registry.remove_pending(&self.lease, request_id)).await?;
         let fields = json!({ "kind": "permission_resolved", "requestId": request_id, "allow": answer.allow });
         let body = self.label(object(fields));
         let events = self.append(vec![body.clone()]).await?;
@@ -300,7 +312,8 @@ impl Driver {
         }
         let mut bodies = Vec::with_capacity(request_ids.len());
         for request_id in &request_ids {
-            self.gateway.registry.remove_pending(&self.lease, request_id).await?;
+            self.while_leased("remove_pending", || self.gateway.registry.remove_pending(&self.lease, request_id))
+                .await?;
             let fields = json!({ "kind": "permission_cancelled", "requestId": request_id, "reason": "cancelled" });
             bodies.push(self.label(object(fields)));
         }

@@ -39,7 +39,10 @@ impl Store {
         }
         let mut tops: Vec<(&str, u64)> = Vec::new();
         for row in rows {
-            let seq = if row.part == 1 { row.seq } else { 0 };
+            // A prompt row carries its run's first seq, which is taken: counting it keeps the
+            // mark above a run whose deltas are not stored yet (they are folded at their
+            // `stream_end`), so a counter Redis lost is restored past them, never reusing them.
+            let seq = row.seq;
             match tops.iter_mut().find(|(id, _)| *id == row.session_id) {
                 Some((_, top)) => *top = (*top).max(seq),
                 None => tops.push((&row.session_id, seq)),

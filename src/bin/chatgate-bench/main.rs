@@ -14,9 +14,12 @@
 //! - `replay`: a live run with 10 000 retained events replayed from seq 0 on another node.
 //! - `start`: `chat.send` → first event latency under a paced load.
 //! - `ceiling`: the machine's Redis limits, for ratios.
+//! - `chaos`: a soak under faults (nodes killed, frozen, drained; Redis
+//!   restarted) with every delivery invariant checked; exit code 1 on a failure.
 
 mod all;
 mod ceiling;
+mod chaos;
 mod client;
 mod cluster;
 mod echo;
@@ -128,6 +131,9 @@ enum Scenario {
         #[arg(long, default_value_t = 3)]
         nodes: usize,
     },
+    /// Soak under faults: 3 nodes behind nginx, a private Redis, runs with approvals and aborts,
+    /// clients hopping nodes; every invariant checked (exit code 1 if one failed).
+    Chaos(chaos::ChaosArgs),
     /// This machine's Redis limits (redis-benchmark XADD and PUBLISH, one at a time and pipelined).
     Ceiling,
     /// Every scenario at the documented size; prints the Markdown table of docs/benchmarks.md.
@@ -201,6 +207,14 @@ fn main() -> anyhow::Result<()> {
                 let result = start::measure(&cluster, &shape).await;
                 cluster.stop().await;
                 ("start", result?)
+            }
+            Scenario::Chaos(args) => {
+                let result = chaos::run(&bin, &cli.cluster, &args).await?;
+                report("chaos", &result, cli.json);
+                if result["passed"] != true {
+                    std::process::exit(1);
+                }
+                return Ok(());
             }
             Scenario::Ceiling => {
                 let private =

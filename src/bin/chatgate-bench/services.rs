@@ -18,33 +18,54 @@ fn free_port() -> anyhow::Result<u16> {
 /// A `redis-server` of this scenario.
 pub struct PrivateRedis {
     pub url: String,
-    child: Child,
+    pub port: u16,
+    child: Option<Child>,
 }
 
 impl PrivateRedis {
     pub async fn start() -> anyhow::Result<PrivateRedis> {
-        let port = free_port()?;
+        PrivateRedis::start_on(free_port()?).await
+    }
+
+    /// An empty server on `port` (the chaos soak restarts it on the same port).
+    pub async fn start_on(port: u16) -> anyhow::Result<PrivateRedis> {
+        let mut redis = PrivateRedis { url: format!("redis://127.0.0.1:{port}"), port, child: None };
+        redis.restart().await?;
+        Ok(redis)
+    }
+
+    /// Kills the server (if it runs) and starts an empty one on the same port.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill().await;
+        let port = self.port;
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .context("starting redis-server")?;
-        let url = format!("redis://127.0.0.1:{port}");
-        let client = redis::Client::open(url.as_str())?;
-        for _ in 0..100 {
+        self.child = Some(child);
+        let client = redis::Client::open(self.url.as_str())?;
+        for _ in 0..200 {
             if let Ok(mut conn) = client.get_multiplexed_async_connection().await
                 && redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
             {
-                return Ok(PrivateRedis { url, child });
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         bail!("private redis-server on port {port} did not answer")
     }
 
+    /// Kills the server (SIGKILL: whatever it held is gone) and waits for it.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
     pub async fn stop(mut self) {
-        let _ = self.child.kill().await;
+        self.kill().await;
     }
 }
 

@@ -1,0 +1,540 @@
+//! The soak's load. Each driver owns one session at a time and sends its
+//! `script` runs one after the other (a new session every few runs); each
+//! session has watchers, other tabs of the same user. Everyone hops between
+//! nginx and the nodes at random, resuming by `lastSeq`.
+//!
+//! Run plans: plain runs (some failing as scripted), a tool approval answered
+//! allow or deny by a watcher (another socket, usually another node), one left
+//! to time out, one left waiting and aborted, runs aborted from another socket
+//! on another node, runs whose every client goes away for a while (nobody
+//! watches the session while the faults go on), and long fast runs that
+//! outgrow the replay window of a client that was away (`replayTruncated`).
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, SystemTime},
+};
+
+use serde_json::{Value, json};
+use tokio::{sync::watch, time::Instant};
+
+use super::{
+    Ctx,
+    ledger::{self, Kind, SentRun},
+    peer::{Ack, Peer, SessionRef, Step, Target},
+};
+
+/// How long a driver waits for its run's `complete` before the run counts as never ended.
+const RUN_DEADLINE: Duration = Duration::from_secs(120);
+/// A driver hops when its socket was silent this long.
+const DRIVER_PATIENCE: Duration = Duration::from_secs(5);
+
+/// A tool approval in a run's script, and who answers it.
+#[derive(Debug, Clone)]
+pub struct Approval {
+    /// `allow`, `deny` or `none` (nobody answers).
+    pub answer: &'static str,
+    /// The watcher (by index within the session's watchers) that answers.
+    pub by: usize,
+    pub timeout_ms: u64,
+    /// An allow with `updatedInput`.
+    pub updated: bool,
+}
+
+/// What one run does.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub name: &'static str,
+    pub events: u64,
+    pub interval_ms: u64,
+    pub payload_bytes: usize,
+    pub approval: Option<Approval>,
+    pub fail: bool,
+    pub exit_code: i32,
+    /// Abort from another socket this long after the send.
+    pub abort_after: Option<Duration>,
+    /// Every client of the session goes away after the first, for the second.
+    pub abandon: Option<(Duration, Duration)>,
+}
+
+fn millis(from: u64, to: u64) -> Duration {
+    Duration::from_millis(rand::random_range(from..to))
+}
+
+impl Plan {
+    pub fn pick(watchers: usize) -> Plan {
+        let base = Plan {
+            name: "plain",
+            events: rand::random_range(10..40),
+            interval_ms: 40,
+            payload_bytes: rand::random_range(0..48),
+            approval: None,
+            fail: false,
+            exit_code: 0,
+            abort_after: None,
+            abandon: None,
+        };
+        let by = rand::random_range(0..watchers.max(1));
+        let approval = |answer, timeout_ms| Approval { answer, by, timeout_ms, updated: rand::random_bool(0.5) };
+        match rand::random_range(0..100) {
+            0..25 => base,
+            25..32 => {
+                let fail = rand::random_bool(0.5);
+                Plan {
+                    name: "failing",
+                    events: rand::random_range(5..15),
+                    fail,
+                    exit_code: if fail { 0 } else { 3 },
+                    ..base
+                }
+            }
+            32..44 => Plan {
+                name: "allow",
+                events: rand::random_range(5..20),
+                approval: Some(approval("allow", 20_000)),
+                ..base
+            },
+            44..52 => Plan {
+                name: "deny",
+                events: rand::random_range(5..20),
+                approval: Some(approval("deny", 20_000)),
+                ..base
+            },
+            52..58 => Plan {
+                name: "approval_timeout",
+                events: rand::random_range(5..10),
+                approval: Some(approval("none", 1500)),
+                ..base
+            },
+            58..70 => Plan {
+                name: "aborted",
+                events: rand::random_range(150..250),
+                abort_after: Some(millis(1000, 3000)),
+                ..base
+            },
+            70..76 => Plan {
+                name: "aborted_waiting",
+                events: 5,
+                approval: Some(approval("none", 30_000)),
+                abort_after: Some(millis(1000, 2500)),
+                ..base
+            },
+            76..88 => Plan {
+                name: "abandoned",
+                events: rand::random_range(120..250),
+                abandon: Some((millis(500, 1500), millis(3000, 12_000))),
+                ..base
+            },
+            _ => {
+                Plan { name: "long", events: rand::random_range(300..500), interval_ms: 10, payload_bytes: 32, ..base }
+            }
+        }
+    }
+
+    /// The `script` content (the nonce ties the run in history to this plan).
+    pub fn content(&self, nonce: &str) -> String {
+        let mut script = json!({
+            "nonce": nonce, "events": self.events, "intervalMs": self.interval_ms,
+            "payloadBytes": self.payload_bytes, "exitCode": self.exit_code,
+        });
+        if self.fail {
+            script["fail"] = json!("planned failure");
+        }
+        if let Some(approval) = &self.approval {
+            script["permission"] = json!({
+                "toolName": "Bash",
+                "input": { "command": "ls", "answer": approval.answer, "by": approval.by,
+                           "updated": approval.updated, "nonce": nonce },
+                "timeoutMs": approval.timeout_ms,
+            });
+        }
+        script.to_string()
+    }
+}
+
+/// An exponentially distributed pause with the given mean.
+fn exp_pause(mean: Duration) -> Duration {
+    let u: f64 = rand::random_range(0.0001..1.0);
+    mean.mul_f64(-u.ln()).min(mean * 5)
+}
+
+/// Creates a `script` session over REST (nginx, then the nodes), retrying.
+async fn create_session(ctx: &Ctx, user: usize) -> Option<String> {
+    let body = json!({ "provider": "script", "projectPath": "." });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut attempt = 0usize;
+    while Instant::now() < deadline {
+        let port = ctx.rest_port(attempt);
+        attempt += 1;
+        let answer = ctx
+            .http
+            .post(format!("http://127.0.0.1:{port}/api/providers/sessions"))
+            .bearer_auth(&ctx.tokens[user])
+            .json(&body)
+            .send()
+            .await;
+        if let Ok(response) = answer
+            && response.status().is_success()
+            && let Ok(created) = response.json::<Value>().await
+            && let Some(id) = created["data"]["sessionId"].as_str()
+        {
+            return Some(id.to_string());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ctx.fail(ledger::AVAILABILITY, format!("user {user}: no session could be created for 60 s"));
+    None
+}
+
+/// One driver: sessions one after the other, each with `runs_per_session` runs.
+pub async fn driver(ctx: Arc<Ctx>, slot: usize, sessions: watch::Sender<Option<Arc<SessionRef>>>) {
+    let user = slot % ctx.tokens.len();
+    while !ctx.stop_sending.load(Ordering::SeqCst) {
+        let Some(id) = create_session(&ctx, user).await else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        ctx.book().open_session(&id, user);
+        ctx.add("sessions", 1);
+        let session = Arc::new(SessionRef { id: id.clone(), user, quiet_until_ms: Default::default() });
+        let _ = sessions.send(Some(session.clone()));
+        let mut peer = Peer::new(ctx.clone(), format!("driver-{slot}"), session);
+        for _ in 0..ctx.args.runs_per_session {
+            if ctx.stop_sending.load(Ordering::SeqCst) {
+                break;
+            }
+            let plan = Plan::pick(ctx.args.watchers);
+            drive_run(&ctx, &mut peer, &plan).await;
+            tokio::time::sleep(millis(0, 300)).await;
+        }
+        peer.close().await;
+        ctx.retire(&id);
+    }
+    let _ = sessions.send(None);
+}
+
+/// What the driver does next after a subscribe ack.
+enum Resumed {
+    Following,
+    SendAgain,
+    EndedAway,
+}
+
+fn resumed(ack: &Ack, base: u64, ours_seen: bool) -> Resumed {
+    if ack.processing {
+        Resumed::Following
+    } else if ack.last_seq > base || ours_seen {
+        Resumed::EndedAway
+    } else {
+        Resumed::SendAgain
+    }
+}
+
+/// Sends one run and follows it to its `complete`, across hops, closes and faults.
+async fn drive_run(ctx: &Arc<Ctx>, peer: &mut Peer, plan: &Plan) {
+    let nonce = uuid::Uuid::new_v4().simple().to_string();
+    let session = peer.session.clone();
+    let chat_send = json!({ "type": "chat.send", "sessionId": session.id, "content": plan.content(&nonce) });
+    if !peer.connected() {
+        if peer.connect_any().await.is_err() {
+            return;
+        }
+        if rand::random_bool(0.7) {
+            if peer.subscribe().await.is_none() && peer.resume().await.is_none() {
+                return;
+            }
+        } else {
+            // The run's own `chat.send` subscribes the fresh socket.
+            peer.implicit = true;
+        }
+    }
+    let mut base = peer.top_seen();
+    let sent = SentRun {
+        nonce: nonce.clone(),
+        plan: plan.name,
+        events: plan.events,
+        sent_at: SystemTime::now(),
+        node: peer.node.clone(),
+    };
+    if let Some(log) = ctx.book().sessions.get_mut(&session.id) {
+        log.sent.push(sent);
+    }
+    ctx.add("runs_sent", 1);
+    ctx.add(&format!("plan_{}", plan.name), 1);
+    let started = Instant::now();
+    let mut resend_at = (!peer.send(chat_send.clone()).await).then_some(started);
+    let mut sends = u32::from(resend_at.is_none());
+    let mut ours_seen = false;
+    // Our only send was refused with RUN_IN_PROGRESS: a run we took for ended is still going
+    // (an ack said idle while it was not); wait for its end, then send again.
+    let mut waiting_for_earlier = false;
+    let mut next_hop = started + exp_pause(Duration::from_secs(4));
+    let mut abort_at = plan.abort_after.map(|d| started + d);
+    let mut abandon_at = plan.abandon.map(|(after, _)| started + after);
+    let mut last_frame = Instant::now();
+    loop {
+        let now = Instant::now();
+        if now > started + RUN_DEADLINE {
+            ctx.fail(
+                ledger::COMPLETE_NOT_ONCE,
+                format!(
+                    "{}: session {} run {nonce} ({}) saw no complete in {RUN_DEADLINE:?}",
+                    peer.name, session.id, plan.name
+                ),
+            );
+            peer.drop_socket();
+            return;
+        }
+        let mut ack = None;
+        if let Some(at) = abandon_at
+            && now >= at
+        {
+            abandon_at = None;
+            let away = plan.abandon.map_or(Duration::ZERO, |(_, away)| away);
+            peer.close().await;
+            session.quiet_until_ms.store(ctx.elapsed_ms() + away.as_millis() as u64, Ordering::SeqCst);
+            ctx.add("runs_abandoned_for_a_while", 1);
+            tokio::time::sleep(away).await;
+            ack = Some(peer.resume().await);
+        } else if let Some(at) = abort_at
+            && now >= at
+        {
+            abort_at = None;
+            tokio::spawn(abort_elsewhere(ctx.clone(), session.clone(), peer.node.clone()));
+        } else if now >= next_hop {
+            next_hop = now + exp_pause(Duration::from_secs(4));
+            ack = Some(peer.hop().await);
+        } else if resend_at.is_some_and(|at| now >= at) {
+            resend_at = None;
+            ctx.add("sends_repeated", 1);
+            if peer.send(chat_send.clone()).await {
+                sends += 1;
+                if let Some(log) = ctx.book().sessions.get_mut(&session.id)
+                    && let Some(sent) = log.sent.last_mut()
+                {
+                    sent.node = peer.node.clone();
+                    sent.sent_at = SystemTime::now();
+                }
+            } else {
+                ack = Some(peer.resume().await);
+            }
+        } else {
+            match peer.next(Duration::from_millis(250)).await {
+                Step::Event(ev) if waiting_for_earlier => {
+                    last_frame = now;
+                    if ev.kind == Kind::Complete {
+                        waiting_for_earlier = false;
+                        base = base.max(ev.seq);
+                        resend_at = Some(now);
+                    }
+                }
+                Step::Event(ev) => {
+                    last_frame = now;
+                    if ev.seq > base {
+                        ours_seen = true;
+                        if ev.kind == Kind::Complete {
+                            ctx.add("runs_completed_live", 1);
+                            return;
+                        }
+                    }
+                }
+                Step::Ack(mid_stream) => ack = Some(Some(mid_stream)),
+                Step::Error(code) if code == "BACKEND_UNAVAILABLE" && !ours_seen => {
+                    ctx.add("backend_unavailable_retries", 1);
+                    resend_at = Some(now + Duration::from_millis(300));
+                }
+                Step::Error(code) if code == "RUN_IN_PROGRESS" && sends == 1 => {
+                    ctx.add("sends_refused_an_earlier_run_was_still_going", 1);
+                    waiting_for_earlier = true;
+                    ours_seen = false;
+                }
+                Step::Error(code) if code == "RUN_IN_PROGRESS" => {
+                    // An earlier send of this run started after all: follow it.
+                    ctx.add("run_in_progress_answers", 1);
+                    ack = Some(peer.hop().await);
+                }
+                Step::Error(code) => ctx.add(&format!("protocol_error_{code}"), 1),
+                Step::Closed => ack = Some(peer.resume().await),
+                Step::Silent if now.duration_since(last_frame) > DRIVER_PATIENCE => {
+                    last_frame = now;
+                    ctx.add("hops_after_silence", 1);
+                    ack = Some(peer.hop().await);
+                }
+                Step::Silent | Step::Other => {}
+            }
+        }
+        let Some(ack) = ack else { continue };
+        let Some(ack) = ack else { return };
+        last_frame = Instant::now();
+        if waiting_for_earlier {
+            if !ack.processing {
+                waiting_for_earlier = false;
+                base = base.max(ack.last_seq);
+                resend_at = Some(Instant::now());
+            }
+            continue;
+        }
+        match resumed(&ack, base, ours_seen) {
+            Resumed::Following => {}
+            Resumed::SendAgain => resend_at = Some(Instant::now()),
+            Resumed::EndedAway => {
+                // History must hold its complete (checked with the session).
+                ctx.add("runs_ended_while_away", 1);
+                let detail = format!("ack {ack:?} after base {base}; trace: {}", peer.traced());
+                if let Some(log) = ctx.book().sessions.get_mut(&session.id) {
+                    log.ended_away.push((nonce.clone(), base, detail));
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// `chat.abort` from a socket on another node than the driver's.
+async fn abort_elsewhere(ctx: Arc<Ctx>, session: Arc<SessionRef>, avoid: Option<String>) {
+    let mut peer = Peer::new(ctx.clone(), "aborter".to_string(), session.clone());
+    let candidates: Vec<usize> =
+        (0..ctx.node_ids.len()).filter(|i| avoid.as_deref() != Some(ctx.node_ids[*i].as_str())).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut answered = false;
+    while Instant::now() < deadline && !answered {
+        let node = candidates[rand::random_range(0..candidates.len())];
+        if peer.connect_to(Target::Node(node)).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        if !peer.send(json!({ "type": "chat.abort", "sessionId": session.id })).await {
+            continue;
+        }
+        ctx.add("aborts_sent", 1);
+        let wait_until = Instant::now() + Duration::from_secs(1);
+        answered = true;
+        while Instant::now() < wait_until {
+            match peer.next(Duration::from_millis(200)).await {
+                Step::Error(code) if code == "BACKEND_UNAVAILABLE" => {
+                    answered = false;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    break;
+                }
+                Step::Error(code) => {
+                    ctx.add(&format!("aborts_answered_{code}"), 1);
+                    break;
+                }
+                Step::Closed => {
+                    answered = false;
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+    peer.close().await;
+}
+
+/// One watcher of a driver's sessions: another tab of the same user.
+pub async fn watcher(ctx: Arc<Ctx>, slot: usize, index: usize, mut sessions: watch::Receiver<Option<Arc<SessionRef>>>) {
+    let mut answered: HashSet<String> = HashSet::new();
+    let mut tab = 0;
+    'sessions: loop {
+        let current = sessions.borrow_and_update().clone();
+        let Some(session) = current else {
+            if sessions.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        tab += 1;
+        let mut peer = Peer::new(ctx.clone(), format!("watcher-{slot}.{index}#{tab}"), session.clone());
+        let mut ack = peer.resume().await;
+        let patience = Duration::from_secs(rand::random_range(3..20));
+        let mut next_hop = Instant::now() + exp_pause(Duration::from_secs(5));
+        let mut last_frame = Instant::now();
+        loop {
+            if ctx.stop_all.load(Ordering::SeqCst) {
+                peer.close().await;
+                return;
+            }
+            if sessions.has_changed().unwrap_or(true) {
+                peer.close().await;
+                continue 'sessions;
+            }
+            for request in ack.take().map(|a| a.pending).unwrap_or_default() {
+                answer(&ctx, &mut peer, index, &request, &mut answered).await;
+            }
+            let now = Instant::now();
+            let quiet_until = session.quiet_until_ms.load(Ordering::SeqCst);
+            if quiet_until > ctx.elapsed_ms() {
+                peer.close().await;
+                while session.quiet_until_ms.load(Ordering::SeqCst) > ctx.elapsed_ms()
+                    && !sessions.has_changed().unwrap_or(true)
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                ack = peer.resume().await;
+                last_frame = Instant::now();
+                continue;
+            }
+            if now >= next_hop || (!peer.connected() && ack.is_none()) {
+                next_hop = now + exp_pause(Duration::from_secs(5));
+                last_frame = now;
+                if rand::random_bool(0.1) {
+                    // A fresh tab: no cursor, so the current run is replayed from its start.
+                    peer.close().await;
+                    tab += 1;
+                    peer = Peer::new(ctx.clone(), format!("watcher-{slot}.{index}#{tab}"), session.clone());
+                    ctx.add("fresh_tabs", 1);
+                    ack = peer.resume().await;
+                } else {
+                    ack = peer.hop().await;
+                }
+                if ack.is_none() {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                continue;
+            }
+            match peer.next(Duration::from_millis(500)).await {
+                Step::Event(ev) => {
+                    last_frame = now;
+                    if ev.kind == Kind::PermissionRequest {
+                        answer(&ctx, &mut peer, index, &ev.frame, &mut answered).await;
+                    }
+                }
+                Step::Ack(mid_stream) => ack = Some(mid_stream),
+                Step::Closed => {
+                    ack = peer.resume().await;
+                    last_frame = Instant::now();
+                }
+                Step::Silent if now.duration_since(last_frame) > patience => {
+                    last_frame = now;
+                    ctx.add("hops_after_silence", 1);
+                    ack = peer.hop().await;
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Answers a tool approval when this watcher is the one its script names.
+async fn answer(ctx: &Ctx, peer: &mut Peer, index: usize, request: &Value, answered: &mut HashSet<String>) {
+    let input = &request["input"];
+    let Some(request_id) = request["requestId"].as_str() else { return };
+    if input["by"].as_u64() != Some(index as u64) || answered.contains(request_id) {
+        return;
+    }
+    let response = match input["answer"].as_str() {
+        Some("allow") if input["updated"] == true => {
+            json!({ "type": "chat.permission-response", "requestId": request_id,
+            "allow": true, "updatedInput": { "command": "ls -la" } })
+        }
+        Some("allow") => json!({ "type": "chat.permission-response", "requestId": request_id, "allow": true }),
+        Some("deny") => json!({ "type": "chat.permission-response", "requestId": request_id, "allow": false,
+            "message": "denied by a watcher" }),
+        _ => return,
+    };
+    if peer.send(response).await {
+        answered.insert(request_id.to_string());
+        ctx.add("approval_answers_sent", 1);
+    }
+}
