@@ -25,21 +25,23 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use chatgate::{
     protocol::sequenced,
-    runs::{Event, FeedItem, LiveFeed, RegistryError, ReplayRange, feed::RangeSource},
+    runs::{Event, FeedItem, LiveBatch, LiveFeed, RegistryError, ReplayRange, feed::RangeSource},
 };
 use futures_util::FutureExt;
 use proptest::prelude::*;
 use tokio::sync::broadcast;
 
-/// The live channel as the registries hold it.
-type LiveSender = broadcast::Sender<Event>;
+/// The live channel as the registries hold it: one slot per published batch.
+type LiveSender = broadcast::Sender<LiveBatch>;
 
-/// Hands one delivery (what one registry step sends) to the live channel.
+/// Hands one delivery (what one registry step sends: an append batch, or a
+/// catch-up read) to the live channel as one batch.
 fn deliver(tx: &LiveSender, delivery: &[Event]) {
-    for event in delivery {
-        // No receiver left is fine, as in the registries.
-        let _ = tx.send(event.clone());
+    if delivery.is_empty() {
+        return;
     }
+    // No receiver left is fine, as in the registries.
+    let _ = tx.send(LiveBatch::from(delivery));
 }
 
 fn event(seq: u64) -> Event {

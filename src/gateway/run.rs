@@ -363,6 +363,10 @@ impl Driver {
             fields["error"] = Value::String(error);
         }
         let body = self.label(object(fields));
+        // History is durable before the run is announced over: a client that
+        // reloads history on `complete` finds every row, and an owner killed
+        // right after the `complete` loses none of the run's rows.
+        self.gateway.history.flush().await;
         let event =
             self.while_leased("complete", || self.gateway.registry.complete(&self.lease, body.clone())).await.ok();
         let outcome = if aborted {
@@ -377,6 +381,7 @@ impl Driver {
             Some(event) => {
                 let rows = self.history_rows(&[body], &[event], vec![None]);
                 self.gateway.history.write(rows).await;
+                self.gateway.history.flush().await;
             }
             None => self.flush_streamed().await,
         }
