@@ -41,7 +41,7 @@ use std::{
 };
 
 use chatgate::{
-    gateway::{CloseReason, Connection, Gateway, GatewaySettings, Outbox},
+    gateway::{CloseReason, Connection, Gateway, GatewaySettings, LimitSettings, Outbox},
     protocol::{ErrorCode, Inbound, ProtocolError, parse_inbound},
     runs::{SharedRegistry, memory::MemoryRegistry},
     runtime::{Runtimes, script::ScriptRuntime},
@@ -129,6 +129,8 @@ async fn run_input(text: &str) {
         run_lease: Duration::from_secs(30),
         send_queue_bytes: SEND_QUEUE_BYTES,
         allow_bypass_permissions: false,
+        // The defaults: a flood of frames reaches the limits' refusals too.
+        limits: LimitSettings::from_config(&chatgate::config::Config::for_tests()),
     };
     let gateway = Gateway::new(settings, store.clone(), registry, runtimes);
     let approvals = Rc::new(RefCell::new(Approvals::default()));
