@@ -13,6 +13,10 @@ use super::{PermissionOutcome, RunContext, RunOutcome, RunRequest, Runtime};
 
 /// Default wait for a tool approval, as upstream.
 const DEFAULT_PERMISSION_TIMEOUT_MS: u64 = 55_000;
+/// Largest `payloadBytes` a script may ask for. Each event's padding is
+/// allocated at once, and the queues from a runtime to the sockets are bounded
+/// in events, not bytes: an unbounded size let one frame exhaust the node's memory.
+pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
 
 /// The `script` provider.
 pub struct ScriptRuntime;
@@ -78,6 +82,11 @@ async fn echo(text: &str, ctx: &RunContext) -> RunOutcome {
 }
 
 async fn run_script(script: Script, ctx: &RunContext) -> RunOutcome {
+    if script.payload_bytes > MAX_PAYLOAD_BYTES {
+        let content = format!("script: payloadBytes must be at most {MAX_PAYLOAD_BYTES}");
+        ctx.emit("error", json!({ "content": content })).await;
+        return RunOutcome::exit(1);
+    }
     if let Some(step) = script.permission {
         let timeout = Duration::from_millis(step.timeout_ms.unwrap_or(DEFAULT_PERMISSION_TIMEOUT_MS));
         let tool_id = format!("tool_{}", uuid::Uuid::new_v4().simple());
@@ -127,4 +136,54 @@ async fn run_script(script: Script, ctx: &RunContext) -> RunOutcome {
 
 fn unix_micros() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::mpsc;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::runtime::{RunOptions, RuntimeMsg};
+
+    /// Runs a script to its end; returns its outcome and the kinds and contents it emitted.
+    async fn run(content: &str) -> (RunOutcome, Vec<(String, String)>) {
+        let (tx, mut rx) = mpsc::channel(crate::runtime::RUNTIME_EVENT_CAPACITY);
+        let request = RunRequest {
+            session_id: "s".into(),
+            content: content.into(),
+            provider_session_id: Some("script-1".into()),
+            cwd: std::env::temp_dir(),
+            project_path: std::env::temp_dir(),
+            options: RunOptions::default(),
+        };
+        let outcome = ScriptRuntime.run(request, RunContext::new(tx, CancellationToken::new())).await;
+        let mut events = Vec::new();
+        while let Ok(msg) = rx.try_recv() {
+            if let RuntimeMsg::Event(fields) = msg {
+                let field = |k: &str| fields.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+                events.push((field("kind"), field("content")));
+            }
+        }
+        (outcome, events)
+    }
+
+    #[tokio::test]
+    async fn oversized_payloads_are_refused_before_allocating() {
+        // Found by fuzz/fuzz_targets/dispatcher.rs: this asked for a 4 GB string per event.
+        let (outcome, events) = run(r#"{"events":1,"payloadBytes":4000000000}"#).await;
+        assert_eq!(outcome.exit_code, 1);
+        assert_eq!(events, vec![("error".into(), format!("script: payloadBytes must be at most {MAX_PAYLOAD_BYTES}"))]);
+    }
+
+    #[tokio::test]
+    async fn payloads_up_to_the_limit_are_padded() {
+        let script = format!(r#"{{"events":2,"payloadBytes":{MAX_PAYLOAD_BYTES}}}"#);
+        let (outcome, events) = run(&script).await;
+        assert_eq!(outcome.exit_code, 0);
+        let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(kinds, ["stream_delta", "stream_delta", "stream_end"]);
+        assert_eq!(events[1].1.len(), MAX_PAYLOAD_BYTES);
+        assert!(events[1].1.starts_with("chunk 2."));
+    }
 }
