@@ -161,12 +161,23 @@ pub async fn session(ctx: &Ctx, mut log: SessionLog) {
     // Runs that ended (as a client saw) just before their owner was killed: what their owner had
     // not written to SQL yet is lost (known bug).
     let faults = ctx.fault_log();
+    // A run nobody saw end counts when its whole stream is in history (its merged text holds
+    // the planned last delta), the seq after that merge is no other run's (its complete had it),
+    // and its owner was killed after it started.
+    let ended_unseen = |run: u32, view: &RunView, node: &str, started: SystemTime| {
+        let Some((_, events, _, _)) = plan_of(view) else { return false };
+        let Some(last) = view.merged.iter().find(|m| m.chunks.last() == Some(&(events as u32))) else { return false };
+        let next_is_free = owner_of.get(&(last.seq + 1)).is_none_or(|r| *r == run);
+        next_is_free
+            && view.completes.is_empty()
+            && faults.iter().any(|f| f.kind == FaultKind::Kill && f.node.as_deref() == Some(node) && f.at > started)
+    };
     let killed_after_end: HashSet<u32> = runs
         .iter()
         .filter(|(run, view)| {
-            let Some(done) = log.completed_at.get(run) else { return false };
             let sent = plan_of(view).map(|p| (p.2, p.3));
-            let Some((node, _)) = run_owner(ctx, &log.run_ids[**run as usize], sent) else { return false };
+            let Some((node, started)) = run_owner(ctx, &log.run_ids[**run as usize], sent) else { return false };
+            let Some(done) = log.completed_at.get(run) else { return ended_unseen(**run, view, &node, started) };
             faults.iter().any(|f| {
                 f.kind == FaultKind::Kill
                     && f.node.as_deref() == Some(node.as_str())
