@@ -71,9 +71,10 @@ const INPUT_BUDGET: Duration = Duration::from_secs(5);
 static RUNTIME: LazyLock<tokio::runtime::Runtime> =
     LazyLock::new(|| tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime"));
 
-/// Project directory of every session (with a `sub` directory for `options.cwd`).
+/// Project directory of every session (with a `sub` directory for `options.cwd`),
+/// shared by every fuzzing process.
 static PROJECT: LazyLock<PathBuf> = LazyLock::new(|| {
-    let dir = std::env::temp_dir().join(format!("chatgate-fuzz-{}", std::process::id()));
+    let dir = std::env::temp_dir().join("chatgate-fuzz-project");
     std::fs::create_dir_all(dir.join("sub")).expect("project dir");
     std::fs::canonicalize(&dir).expect("project dir")
 });
