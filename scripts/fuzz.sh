@@ -41,7 +41,7 @@ else
     echo "fuzz.sh: sanitizer '$sanitizer' needs a nightly toolchain (rustup toolchain install nightly)" >&2
     exit 2
   fi
-  echo "== no nightly toolchain: building with $toolchain and no sanitizer (-s none)"
+  echo "== $toolchain toolchain: building without a sanitizer (-s none); install nightly for AddressSanitizer"
 fi
 
 cd fuzz

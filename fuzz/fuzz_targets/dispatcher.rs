@@ -6,11 +6,13 @@
 //! reads instead of a socket writer). One tokio runtime and one in-memory
 //! SQLite store serve every input; the store's sessions are created afresh.
 //!
-//! The input is text, one line per step (at most [`MAX_STEPS`]):
+//! The input is text, one line per step (at most [`MAX_STEPS`], started within
+//! [`INPUT_BUDGET`]):
 //! - a frame for Alice's socket, sent as is (`$REQ` in it becomes the latest
 //!   permission request id either socket saw);
 //! - `@b <frame>`: a frame for Bob's socket;
-//! - `@settle`: let runs go on until none is running (at most [`SETTLE_FOR`]);
+//! - `@settle`: let runs go on until none is running (at most [`SETTLE_FOR`],
+//!   four times per input);
 //! - `@stall` / `@read`: Alice's reader stops / resumes reading (her outbox fills).
 //!
 //! Alice owns `s1`, `s2` (script), `s3` (script, archived) and `c1` (a provider
@@ -61,13 +63,18 @@ const SEND_QUEUE_BYTES: usize = 64 * 1024;
 const REPLAY_MAX_EVENTS: u64 = 24;
 /// Scheduler turns given to background tasks after each frame.
 const YIELDS_PER_STEP: usize = 16;
+/// Steps start only within this time of the input's start: one scheduler turn of
+/// a run may take long under the fuzzer's instrumentation (a batch of 256 events
+/// of 64 KiB), so inputs are cut here rather than hit libFuzzer's timeout.
+const INPUT_BUDGET: Duration = Duration::from_secs(5);
 
 static RUNTIME: LazyLock<tokio::runtime::Runtime> =
     LazyLock::new(|| tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime"));
 
-/// Project directory of every session (with a `sub` directory for `options.cwd`).
+/// Project directory of every session (with a `sub` directory for `options.cwd`),
+/// shared by every fuzzing process.
 static PROJECT: LazyLock<PathBuf> = LazyLock::new(|| {
-    let dir = std::env::temp_dir().join(format!("chatgate-fuzz-{}", std::process::id()));
+    let dir = std::env::temp_dir().join("chatgate-fuzz-project");
     std::fs::create_dir_all(dir.join("sub")).expect("project dir");
     std::fs::canonicalize(&dir).expect("project dir")
 });
@@ -137,8 +144,12 @@ async fn run_input(text: &str) {
     let mut alice = Socket::new(ALICE, &["s1", "s2", "s3", "c1"], &["s1", "s2", "c1"], &approvals);
     let mut bob = Socket::new(BOB, &["b1"], &["b1"], &approvals);
     let mut settles = 0;
+    let started = Instant::now();
 
     for line in text.lines().take(MAX_STEPS) {
+        if started.elapsed() > INPUT_BUDGET {
+            break;
+        }
         match line {
             "@settle" => {
                 settles += 1;
@@ -162,6 +173,9 @@ async fn run_input(text: &str) {
             }
         }
         for _ in 0..YIELDS_PER_STEP {
+            if started.elapsed() > INPUT_BUDGET {
+                break;
+            }
             tokio::task::yield_now().await;
         }
         alice.read_background();
