@@ -203,15 +203,7 @@ impl TestNode {
 
     /// A REST call; returns status and JSON body.
     pub async fn request(&self, method: &str, path: &str, token: &str, body: Option<Value>) -> (u16, Value) {
-        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut request = self.http.request(method, format!("{}{}", self.base, path)).bearer_auth(token);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await.unwrap();
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        rest(&self.http, &self.base, method, path, token, body).await
     }
 
     pub async fn connect(&self, token: &str) -> Ws {
@@ -444,6 +436,27 @@ pub async fn cluster_node(redis: &str, node_id: &str, tweak: impl FnOnce(&mut Co
         tweak(c);
     })
     .await
+}
+
+/// A REST call with a bearer token to `base`; returns status and JSON body
+/// (the raw text as a JSON string when the body is not JSON).
+pub async fn rest(
+    http: &reqwest::Client,
+    base: &str,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let mut request = http.request(method, format!("{base}{path}")).bearer_auth(token);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
 }
 
 /// A token for `user` signed with the test secret.

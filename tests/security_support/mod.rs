@@ -31,15 +31,7 @@ impl Endpoint {
     }
 
     pub async fn request(&self, method: &str, path: &str, token: &str, body: Option<Value>) -> (u16, Value) {
-        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut request = self.http.request(method, format!("{}{}", self.base, path)).bearer_auth(token);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await.unwrap();
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        crate::common::rest(&self.http, &self.base, method, path, token, body).await
     }
 
     /// A socket with Nagle off (many small frames in a row), past its `connected` frame.

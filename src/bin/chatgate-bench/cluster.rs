@@ -262,17 +262,8 @@ pub struct Sample {
     pub redis_commands: BTreeMap<String, (u64, u64)>,
 }
 
-/// What happened between two samples.
-#[derive(Debug, Clone)]
-pub struct Usage {
-    pub node_cpu: f64,
-    pub redis_cpu: Option<f64>,
-    pub client_cpu: f64,
-    pub postgres_cpu: f64,
-    pub metrics: Counters,
-    /// Redis commands run in between (scripts' inner calls included): calls, microseconds.
-    pub redis_commands: BTreeMap<String, (u64, u64)>,
-}
+/// What happened between two samples: the same figures, as differences.
+pub type Usage = Sample;
 
 impl Sample {
     pub fn since(&self, before: &Sample) -> Usage {
