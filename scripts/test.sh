@@ -72,9 +72,7 @@ log "tests"
 cargo test --all-targets --locked
 
 log "chaos soak (2 minutes: 3 nodes behind nginx, kill -9, SIGSTOP past the lease, Redis restart, drain)"
-target/debug/chatgate-bench chaos --minutes 2 --tolerate-known-bug cut-stream-history \
-  --tolerate-known-bug prompt-lost --tolerate-known-bug run-superseded-after-redis-loss \
-  --tolerate-known-bug rows-lost-on-kill
+target/debug/chatgate-bench chaos --minutes 2
 
 log "fuzzing (libFuzzer, ${FUZZ_SECONDS:-20} s per target, from the committed corpora)"
 scripts/fuzz.sh "${FUZZ_SECONDS:-20}"

@@ -150,6 +150,7 @@ impl Node {
             send_queue_bytes: config.send_queue_bytes,
             allow_bypass_permissions: config.allow_bypass_permissions,
             limits: LimitSettings::from_config(config),
+            replay_max_events: config.replay_max_events,
         };
         let gateway = Gateway::new(settings, store, registry, runtimes);
         let auth = Arc::new(Auth::new(secret.as_bytes()));

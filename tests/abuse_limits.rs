@@ -339,14 +339,16 @@ async fn send_rate_without_redis_is_backend_unavailable() {
     assert_protocol_error(&refused, "BACKEND_UNAVAILABLE");
     assert_eq!(refused["sessionId"], session.as_str());
     redis.restart();
-    // Once Redis is back, sends go through again (the socket stayed open).
+    // Once Redis is back, sends go through again (the socket stayed open): after one lease,
+    // since Redis came back empty and a run could have been live. Refused sends count
+    // against the limit (5 a minute here), so they are spaced out.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         ws.send_chat(&session, "redis is back").await;
         let frame = reply(&mut ws).await;
         if frame["kind"] == "protocol_error" && frame["code"] == "BACKEND_UNAVAILABLE" {
             assert!(tokio::time::Instant::now() < deadline, "sends never recovered");
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(600)).await;
             continue;
         }
         let mut run = vec![frame];
@@ -362,8 +364,8 @@ async fn send_rate_without_redis_is_backend_unavailable() {
 
 // ---------------------------------------------------------------- 5. inbound frames per socket
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn frames_over_the_rate_are_dropped_with_one_notice() {
+/// A node allowing one frame a second with a burst of 10, a user's token and session.
+async fn frame_limited_node() -> (TestNode, String, String) {
     let node = TestNode::start_with(Db::Sqlite, |c| {
         c.frame_rate = 1;
         c.frame_burst = 10;
@@ -371,6 +373,12 @@ async fn frames_over_the_rate_are_dropped_with_one_notice() {
     .await;
     let token = node.token(&user());
     let session = node.create_session(&token, "script").await;
+    (node, token, session)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_over_the_rate_are_dropped_with_one_notice() {
+    let (node, token, session) = frame_limited_node().await;
     let mut ws = node.connect(&token).await;
     for _ in 0..15 {
         let frame = json!({ "type": "chat.nope" }).to_string();
@@ -402,13 +410,7 @@ async fn frames_over_the_rate_are_dropped_with_one_notice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_flood_is_closed_with_1008() {
-    let node = TestNode::start_with(Db::Sqlite, |c| {
-        c.frame_rate = 1;
-        c.frame_burst = 10;
-    })
-    .await;
-    let token = node.token(&user());
-    let session = node.create_session(&token, "script").await;
+    let (node, token, session) = frame_limited_node().await;
     let mut bystander = node.connect(&token).await;
     bystander.subscribe(&session, 0).await;
     assert_eq!(reply(&mut bystander).await["kind"], "chat_subscribed");

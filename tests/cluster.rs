@@ -3,9 +3,13 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::{PrivateRedis, Ws, assert_contiguous, cluster_node, redis_url, seqs, user};
+use chatgate::config::Config;
+use common::{
+    NodeProcess, PrivateRedis, Ws, assert_contiguous, assert_history_matches, cluster_node, cluster_workspaces,
+    redis_url, seqs, user,
+};
 use serde_json::{Value, json};
 
 fn paced(events: u64, interval_ms: u64) -> String {
@@ -270,11 +274,72 @@ async fn a_dead_owner_s_run_ends_with_run_owner_lost_within_lease_plus_5s() {
     let _ = survivor.child.wait();
 }
 
+/// Bug C (`cut-stream-history`, docs/reliability.md): deltas were stored only at
+/// their `stream_end`, so a stream cut with its owner was in history only as far
+/// as the replay stream (trimmed to `--replay-max-events`) still held it. The
+/// owner now stores each append batch's deltas as a draft, and the reaper
+/// resumes the stream from them: history holds every delta, in order, in one
+/// merged text at the last delta's seq.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_with_its_owner_is_whole_in_history_past_the_replay_window() {
+    const WINDOW: u64 = 20;
+    let redis = redis_url();
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let survivor = cluster_node(&redis, &format!("cut-reaper-{suffix}"), |c| {
+        c.run_lease = Duration::from_secs(2);
+        c.replay_max_events = WINDOW;
+    })
+    .await;
+    let owner = NodeProcess::spawn(
+        &redis,
+        &format!("cut-owner-{suffix}"),
+        &cluster_workspaces(),
+        &["--run-lease", "2s", "--replay-max-events", &WINDOW.to_string()],
+    );
+    owner.wait_ready().await;
+    let token = survivor.token(&user());
+    let session = survivor.create_session(&token, "script").await;
+    let mut watcher = survivor.connect(&token).await;
+    watcher.subscribe(&session, 0).await;
+    assert_eq!(watcher.recv_reply().await["isProcessing"], false);
+    let prompt = paced(100_000, 5);
+    let mut on_owner = owner.connect(&token).await;
+    on_owner.send_chat(&session, &prompt).await;
+    // Well past the replay window: the stream no longer holds the run's start.
+    let mut events = Vec::new();
+    while events.iter().filter(|e: &&Value| e["kind"] == "stream_delta").count() < 10 * WINDOW as usize {
+        let frame = watcher.recv().await;
+        if frame["sessionId"] == session.as_str() && frame.get("seq").is_some() {
+            events.push(frame);
+        }
+    }
+    let mut owner = owner;
+    owner.child.kill().unwrap();
+    let _ = owner.child.wait();
+    events.extend(watcher.run_events(&session).await);
+    assert_contiguous(&events, events[0]["seq"].as_u64().unwrap());
+    let complete = events.last().unwrap().clone();
+    assert_eq!(complete["error"], "run owner lost", "{complete}");
+    let deltas = events.iter().filter(|e| e["kind"] == "stream_delta").count();
+    assert!(deltas as u64 > 5 * WINDOW, "{deltas} deltas");
+    assert!(events.iter().all(|e| ["stream_delta", "complete"].contains(&e["kind"].as_str().unwrap())));
+
+    let history = survivor.history_complete(&token, &session, complete["seq"].as_u64()).await;
+    assert_history_matches(&history, &prompt, &events);
+    let last_delta = events.iter().rev().find(|e| e["kind"] == "stream_delta").unwrap();
+    assert_eq!(history[1]["seq"], last_delta["seq"], "a cut run's merged text sits at its last delta's seq");
+    // The drafts were durable progress only: the merged text deleted them.
+    let store = survivor.store().await;
+    assert_eq!(store.drafts(&session, 0, u64::MAX >> 1).await.unwrap(), vec![]);
+}
+
 #[tokio::test]
 async fn redis_down_keeps_sockets_refuses_runs_and_recovers() {
     let mut redis = PrivateRedis::start();
-    let a = cluster_node(&redis.url(), "ra", |_| {}).await;
-    let b = cluster_node(&redis.url(), "rb", |_| {}).await;
+    // A short lease: after Redis comes back empty, sends wait one lease for live owners.
+    let lease = |c: &mut Config| c.run_lease = Duration::from_secs(2);
+    let a = cluster_node(&redis.url(), "ra", lease).await;
+    let b = cluster_node(&redis.url(), "rb", lease).await;
     let user = user();
     let token = a.token(&user);
     let session = a.create_session(&token, "script").await;
@@ -305,9 +370,23 @@ async fn redis_down_keeps_sockets_refuses_runs_and_recovers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ready, "nodes became ready again");
-    // Redis came back empty: the seq never goes back, and the watcher on B still gets live events.
-    tab_a.send_chat(&session, "after restart").await;
-    let after = until_complete(&mut tab_a, &session).await;
+    // Redis came back empty: for one lease no run starts (one could still be live on an owner
+    // that has not re-taken its lock: BACKEND_UNAVAILABLE), then the session takes runs again.
+    let waited = Instant::now();
+    let after = loop {
+        tab_a.send_chat(&session, "after restart").await;
+        let reply = tab_a.recv_reply().await;
+        if reply["kind"] == "protocol_error" {
+            assert_eq!(reply["code"], "BACKEND_UNAVAILABLE", "{reply}");
+            assert!(waited.elapsed() < Duration::from_secs(10), "still refused: {reply}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        let mut events = vec![reply];
+        events.extend(until_complete(&mut tab_a, &session).await);
+        break events.into_iter().filter(|v| v.get("seq").is_some()).collect::<Vec<_>>();
+    };
+    // ... and the seq never goes back, and the watcher on B still gets live events.
     let last_before = first.last().unwrap()["seq"].as_u64().unwrap();
     assert!(after[0]["seq"].as_u64().unwrap() > last_before);
     assert_contiguous(&after, after[0]["seq"].as_u64().unwrap());

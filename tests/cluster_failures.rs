@@ -387,6 +387,83 @@ async fn a_redis_restart_mid_run_leaves_every_tab_contiguous_or_told_and_seq_mov
     }
 }
 
+/// Redis comes back empty while a run is between two events: until its owner re-took its
+/// vanished lock the session looks idle, and a `chat.send` on another node must still not start
+/// a second run beside the live one (the chaos soak's bug D: the first run was then fenced and
+/// never completed, and clients saw seqs twice with different content).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_redis_comes_back_empty_no_second_run_starts_beside_the_live_one() {
+    let mut redis = PrivateRedis::start();
+    // Renewals (the owner's way back to its lock) come every 2 s.
+    let lease = |c: &mut Config| c.run_lease = Duration::from_secs(6);
+    let a = cluster_node(&redis.url(), &unique("lost-a"), lease).await;
+    let b = cluster_node(&redis.url(), &unique("lost-b"), lease).await;
+    let token = a.token(&user());
+    let session = a.create_session(&token, "script").await;
+    let mut owner = Tab::new("sender on A", a.connect(&token).await);
+    owner.follow(&session, 0);
+    let plan = json!({ "events": 3, "intervalMs": 2500 });
+    owner.ws.send_chat(&session, &plan.to_string()).await;
+    owner.pump_until(|t| !t.view(&session).events.is_empty()).await;
+
+    redis.stop();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.restart();
+
+    // Meanwhile a tab opened on the other node is told the truth: the run is going on (its
+    // subscribe waits for the owner to re-take its lock rather than answer "idle") ...
+    let watch = async {
+        let mut watcher = Tab::new("fresh tab on B", b.connect(&token).await);
+        watcher.follow(&session, 0);
+        // Until the node's pub/sub is back, a subscribe is refused (BACKEND_UNAVAILABLE).
+        loop {
+            watcher.subscribe_all().await;
+            watcher.pump_until(|t| !t.view(&session).acks.is_empty() || !t.errors.is_empty()).await;
+            if let Some(error) = watcher.errors.pop() {
+                assert_eq!(error["code"], "BACKEND_UNAVAILABLE", "{error}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            break watcher.last_ack(&session).clone();
+        }
+    };
+    // ... and a send there is refused (BACKEND_UNAVAILABLE while it waits for a live owner,
+    // RUN_IN_PROGRESS once the owner re-took its lock): it never starts a second run.
+    let sends = async {
+        let mut other = b.connect(&token).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut answers: Vec<String> = Vec::new();
+        while answers.last().is_none_or(|code| code != "RUN_IN_PROGRESS") {
+            assert!(Instant::now() < deadline, "no RUN_IN_PROGRESS in time: {answers:?}");
+            other.send_chat(&session, "a second run").await;
+            let frame = other.recv_reply().await;
+            assert_eq!(frame["kind"], "protocol_error", "a second run started beside the live one: {frame}");
+            let code = frame["code"].as_str().unwrap_or_default().to_string();
+            assert!(["BACKEND_UNAVAILABLE", "RUN_IN_PROGRESS"].contains(&code.as_str()), "{frame}");
+            answers.push(code);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        answers
+    };
+    let (ack, answers) = tokio::join!(watch, sends);
+    assert_eq!(ack["isProcessing"], true, "{ack}");
+    assert_eq!(ack["runId"], owner.view(&session).events[0]["runId"], "{ack}");
+    eprintln!("answers on B after the restart: {answers:?}");
+
+    // The live run goes on and ends once, with all of its events.
+    owner.pump_until(|t| !t.view(&session).completes.is_empty()).await;
+    let view = owner.view(&session);
+    let complete = &view.completes[0];
+    assert_eq!(complete["exitCode"], 0, "{complete}");
+    assert!(view.events.iter().all(|e| e["runId"] == complete["runId"]), "another run's events: {:#?}", view.events);
+    let deltas = view.events.iter().filter(|e| e["kind"] == "stream_delta").count();
+    assert_eq!(deltas, 3);
+    let history = a.history_complete(&token, &session, complete["seq"].as_u64()).await;
+    let prompts: Vec<&Value> = history.iter().filter(|m| m["role"] == "user").collect();
+    assert_eq!(prompts.len(), 1, "{history:#?}");
+    assert_eq!(prompts[0]["content"], plan.to_string());
+}
+
 // ------------------------------------------------------------ SIGTERM
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -475,19 +552,7 @@ async fn sigterm_closes_sockets_with_1012_they_resume_elsewhere_and_runs_end_cle
 
 /// Every key left in the private Redis, with its PTTL.
 async fn all_keys(conn: &mut redis::aio::MultiplexedConnection) -> Vec<(String, i64)> {
-    let mut names: Vec<String> = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) =
-            redis::cmd("SCAN").arg(cursor).arg("COUNT").arg(1000).query_async(conn).await.unwrap();
-        names.extend(batch);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
-    names.sort();
-    names.dedup();
+    let names = common::key_names(conn).await;
     let mut out = Vec::new();
     for name in names {
         let ttl: i64 = conn.pttl(&name).await.unwrap();

@@ -51,6 +51,8 @@ fn start(registry: &RedisRegistry, session_id: &str, run_id: &str, user_id: &str
         user_id: user_id.into(),
         node_id: registry.node_id().into(),
         seq_floor: 0,
+        last_active_ms: 0,
+        prompt: "hello".into(),
     }
 }
 
@@ -710,4 +712,110 @@ async fn an_append_batch_costs_one_round_trip() {
     // One PUBLISH per batch from the script; the probe adds at most a few.
     let published = command_calls(&mut admin, "publish").await - publish;
     assert!((50..=60).contains(&published), "{published} publishes");
+}
+
+// ------------------------------------------------ Redis coming back empty under live runs
+
+fn now_ms() -> i64 {
+    i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()).unwrap()
+}
+
+/// A start on a session that had events (SQL's mark `floor`) and was active just now.
+fn recent(registry: &RedisRegistry, session_id: &str, run_id: &str, floor: u64) -> RunStart {
+    RunStart { seq_floor: floor, last_active_ms: now_ms(), ..start(registry, session_id, run_id, "u") }
+}
+
+/// Starts until granted (refused while Redis is younger than a lease); the grant and the wait.
+async fn start_when_recovered(registry: &RedisRegistry, start: RunStart) -> (chatgate::runs::RunGrant, Duration) {
+    let began = Instant::now();
+    loop {
+        match registry.start_run(start.clone()).await {
+            Err(RegistryError::Recovering { retry_after }) => tokio::time::sleep(retry_after).await,
+            Err(RegistryError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+            granted => return (granted.expect("granted"), began.elapsed()),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_empty_restart_no_run_starts_until_the_live_owner_re_took_its_lock() {
+    let mut redis = PrivateRedis::start().await;
+    let lease = Duration::from_secs(2);
+    let (owner, other) = (node(&redis.url(), "owner", lease).await, node(&redis.url(), "other", lease).await);
+    let s = unique("s");
+    let grant = owner.start_run(recent(&owner, &s, "r1", 0)).await.unwrap();
+    owner.append(&grant.lease, bodies(&s, "r1", 2)).await.unwrap();
+    redis.kill();
+    redis.spawn().await; // back, and empty: the session looks idle
+
+    // A start elsewhere is refused (not granted beside the live run) until the owner is back.
+    let refused = loop {
+        match other.start_run(recent(&other, &s, "r2", 1)).await {
+            Err(RegistryError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+            answer => break answer,
+        }
+    };
+    let Err(RegistryError::Recovering { retry_after }) = refused else { panic!("{refused:?}") };
+    assert!(retry_after <= lease + Duration::from_secs(1), "{retry_after:?}");
+    // A reader waits too, rather than reading "idle".
+    assert!(other.settle(&s, 1, now_ms()).await.unwrap() > Duration::ZERO);
+    eventually("the owner re-takes its lock", || async { owner.renew(&grant.lease).await.is_ok() }).await;
+    assert_eq!(other.settle(&s, 1, now_ms()).await.unwrap(), Duration::ZERO);
+    assert!(other.snapshot(&s).await.unwrap().is_processing);
+    assert_eq!(other.start_run(recent(&other, &s, "r2", 1)).await.err(), Some(RegistryError::RunInProgress));
+    // The run goes on above everything it had, and ends once.
+    let resumed = owner.append(&grant.lease, bodies(&s, "r1", 1)).await.unwrap();
+    assert!(resumed[0].seq > 2 + 1000, "{}", resumed[0].seq);
+    owner.complete(&grant.lease, complete_body(&s, "r1")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_empty_restart_a_dead_owners_session_takes_runs_once_redis_is_a_lease_old() {
+    let mut redis = PrivateRedis::start().await;
+    let lease = Duration::from_secs(1);
+    let (owner, other) = (node(&redis.url(), "dead", lease).await, node(&redis.url(), "next", lease).await);
+    let s = unique("s");
+    let grant = owner.start_run(recent(&owner, &s, "r1", 0)).await.unwrap();
+    owner.append(&grant.lease, bodies(&s, "r1", 3)).await.unwrap();
+    owner.abandon(&grant.lease).await; // the owner is gone: nobody will re-take
+    redis.kill();
+    redis.spawn().await;
+    let restarted = Instant::now();
+
+    // Readers wait, then read the session idle, at what SQL knows (no seq is announced that no
+    // event has).
+    let mut waited_reading = Duration::ZERO;
+    loop {
+        match other.settle(&s, 3, now_ms()).await {
+            Ok(wait) if wait.is_zero() => break,
+            Ok(wait) => {
+                waited_reading += wait;
+                tokio::time::sleep(wait).await;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    assert!(waited_reading > Duration::ZERO);
+    assert!(restarted.elapsed() >= lease, "{:?}", restarted.elapsed());
+    let snapshot = other.snapshot(&s).await.unwrap();
+    assert!(!snapshot.is_processing);
+    assert_eq!(snapshot.last_seq, 0, "Redis knows nothing; the gateway adds SQL's mark");
+    // From then on nothing waits, and a new run starts past everything known plus the margin.
+    let (next, waited) = start_when_recovered(&other, recent(&other, &s, "r2", 3)).await;
+    assert!(waited < Duration::from_millis(500), "{waited:?}");
+    assert_eq!(next.first_seq, 3 + 1000 + 1);
+    assert_eq!(owner.renew(&grant.lease).await, Err(RegistryError::Fenced));
+
+    // Never waited on after a restart: a session without events, or one idle for a day.
+    redis.kill();
+    redis.spawn().await;
+    let fresh = unique("s");
+    let (_, waited) = start_when_recovered(&other, recent(&other, &fresh, "r1", 0)).await;
+    assert!(waited < lease, "{waited:?}");
+    let idle = unique("s");
+    let day_ago = now_ms() - 24 * 3600 * 1000;
+    let idle_start = RunStart { seq_floor: 40, last_active_ms: day_ago, ..start(&other, &idle, "r1", "u") };
+    let (grant, waited) = start_when_recovered(&other, idle_start).await;
+    assert!(waited < lease, "{waited:?}");
+    assert_eq!(grant.first_seq, 40 + 1000 + 1);
 }

@@ -120,6 +120,8 @@ fn start(session_id: &str, run_id: &str, user_id: &str, node_id: &str, seq_floor
         user_id: user_id.into(),
         node_id: node_id.into(),
         seq_floor,
+        last_active_ms: 0,
+        prompt: "hello".into(),
     }
 }
 
@@ -241,6 +243,7 @@ async fn seq_is_per_session_and_strictly_increasing(make: Factory) {
     let n = make(Opts::default()).await;
     let s = unique("s");
     let g1 = n.a.start_run(start(&s, "r1", "u", &n.node_a, 0)).await.unwrap();
+    assert_eq!(g1.first_seq, 1, "the grant names the seq its first event gets");
     let batch = n.a.append(&g1.lease, bodies(&s, "r1", 3)).await.unwrap();
     assert_eq!(seqs(&batch), vec![1, 2, 3]);
     for (i, event) in batch.iter().enumerate() {
@@ -261,6 +264,7 @@ async fn seq_is_per_session_and_strictly_increasing(make: Factory) {
 
     // The next run, on the other node, continues the session's seq.
     let g2 = n.b.start_run(start(&s, "r2", "u", &n.node_b, 0)).await.unwrap();
+    assert_eq!(g2.first_seq, 6);
     assert_eq!(seqs(&n.b.append(&g2.lease, bodies(&s, "r2", 2)).await.unwrap()), vec![6, 7]);
     assert_eq!(n.b.complete(&g2.lease, complete_body(&s, "r2")).await.unwrap().seq, 8);
     assert_eq!(n.a.snapshot(&s).await.unwrap().last_seq, 8);
@@ -279,12 +283,14 @@ async fn seq_continues_from_the_floor_and_never_goes_back(make: Factory) {
     let g1 = n.a.start_run(start(&s, "r1", "u", &n.node_a, 41)).await.unwrap();
     let first = n.a.append(&g1.lease, bodies(&s, "r1", 3)).await.unwrap();
     assert!(first[0].seq > 41, "first seq {} must be above the floor 41", first[0].seq);
+    assert_eq!(g1.first_seq, first[0].seq);
     assert_eq!(seqs(&first), vec![first[0].seq, first[0].seq + 1, first[0].seq + 2]);
     let end1 = n.a.complete(&g1.lease, complete_body(&s, "r1")).await.unwrap();
     assert_eq!(end1.seq, first[0].seq + 3);
 
     // A lower floor (the database lags) does not move the counter back.
     let g2 = n.b.start_run(start(&s, "r2", "u", &n.node_b, 5)).await.unwrap();
+    assert_eq!(g2.first_seq, end1.seq + 1);
     assert_eq!(seqs(&n.b.append(&g2.lease, bodies(&s, "r2", 1)).await.unwrap()), vec![end1.seq + 1]);
     let end2 = n.b.complete(&g2.lease, complete_body(&s, "r2")).await.unwrap();
 
@@ -293,6 +299,7 @@ async fn seq_continues_from_the_floor_and_never_goes_back(make: Factory) {
     let g3 = n.a.start_run(start(&s, "r3", "u", &n.node_a, floor)).await.unwrap();
     let third = n.a.append(&g3.lease, bodies(&s, "r3", 2)).await.unwrap();
     assert!(third[0].seq > floor);
+    assert_eq!(g3.first_seq, third[0].seq);
     assert_eq!(third[1].seq, third[0].seq + 1);
     assert!(n.a.snapshot(&s).await.unwrap().last_seq >= third[1].seq);
 }

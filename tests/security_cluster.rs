@@ -35,17 +35,7 @@ async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
 
 /// Every key of the Redis with its serialized value (`DUMP`; TTLs left out).
 async fn snapshot(conn: &mut redis::aio::MultiplexedConnection) -> BTreeMap<String, Vec<u8>> {
-    let mut names: Vec<String> = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) =
-            redis::cmd("SCAN").arg(cursor).arg("COUNT").arg(1000).query_async(conn).await.unwrap();
-        names.extend(batch);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
+    let names = common::key_names(conn).await;
     let mut out = BTreeMap::new();
     for name in names {
         let dump: Option<Vec<u8>> = redis::cmd("DUMP").arg(&name).query_async(conn).await.unwrap();

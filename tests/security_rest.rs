@@ -21,19 +21,11 @@ mod security_support;
 use std::time::Duration;
 
 use common::{Db, TestNode, forged_token, user};
-use security_support::{Endpoint, Intruder, SESSIONS, Victim, bad_tokens, next, urlencode};
+use security_support::{SESSIONS, Surface, bad_tokens, foreign_ids_against_a_waiting_run, next, urlencode};
 use serde_json::{Value, json};
 
 async fn foreign_session_on_every_route_while_an_approval_waits(db: Db) {
-    let node = TestNode::start(db).await;
-    let endpoint = Endpoint::of(&node);
-    let project = node.workspaces.join("proj");
-    let mut victim = Victim::setup(&endpoint, &project).await;
-    let mut intruder = Intruder::new(&endpoint, &project).await;
-    intruder.listen(&endpoint).await;
-    intruder.attack_routes(&endpoint, &victim).await;
-    victim.assert_untouched_then_finish(&endpoint).await;
-    intruder.assert_learned_nothing(&victim).await;
+    foreign_ids_against_a_waiting_run(db, Surface::Routes).await;
 }
 
 /// Asserts a 401 in the error envelope that does not echo the token's user.

@@ -30,7 +30,7 @@ use common::{
     Db, SECRET, TestNode, Ws, assert_contiguous, assert_protocol_error, expired_token, forged_token, kinds, mint, user,
 };
 use futures_util::SinkExt;
-use security_support::{Endpoint, Intruder, Victim, bad_tokens, next, silent, unix_now, urlencode};
+use security_support::{Surface, bad_tokens, foreign_ids_against_a_waiting_run, next, silent, unix_now, urlencode};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::{
     self, Message,
@@ -75,15 +75,7 @@ async fn assert_socket_belongs_to(ws: &mut Ws, mine: &str, not_mine: &str, what:
 // Another user's session and request ids on every verb.
 
 async fn foreign_session_and_request_ids_on_every_verb(db: Db) {
-    let node = TestNode::start(db).await;
-    let endpoint = Endpoint::of(&node);
-    let project = node.workspaces.join("proj");
-    let mut victim = Victim::setup(&endpoint, &project).await;
-    let mut intruder = Intruder::new(&endpoint, &project).await;
-    intruder.listen(&endpoint).await;
-    intruder.attack_verbs(&endpoint, &victim).await;
-    victim.assert_untouched_then_finish(&endpoint).await;
-    intruder.assert_learned_nothing(&victim).await;
+    foreign_ids_against_a_waiting_run(db, Surface::Verbs).await;
 }
 
 // ---------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 //! The store on its own (SQLite and PostgreSQL): sessions scoped by user,
-//! archive/restore/delete, idempotent history writes, history paging and the
-//! `last_seq` high-water mark that only rises.
+//! archive/restore/delete, idempotent history writes, history paging, the
+//! `last_seq` high-water mark that only rises, and stream drafts (hidden, and
+//! deleted by their stream's merged text).
 
 mod common;
 
 use std::time::Duration;
 
-use chatgate::store::{HistoryRow, NewSession, Store};
+use chatgate::store::{DRAFT_PART, HistoryRow, NewSession, Store};
 use common::{Db, user};
 use serde_json::{Value, json};
 
@@ -42,12 +43,26 @@ async fn new_session(store: &Store, user_id: &str, summary: &str) -> String {
 fn event(session: &str, seq: u64, content: &str) -> HistoryRow {
     let body = json!({ "id": format!("text_{seq}"), "kind": "text", "role": "assistant", "content": content,
         "sessionId": session });
-    HistoryRow { session_id: session.into(), seq, part: 1, kind: "text".into(), body: body.to_string() }
+    HistoryRow {
+        session_id: session.into(),
+        seq,
+        part: 1,
+        kind: "text".into(),
+        body: body.to_string(),
+        supersedes_drafts_from: None,
+    }
 }
 
 fn prompt(session: &str, seq: u64, content: &str) -> HistoryRow {
     let body = json!({ "id": format!("prompt_{seq}"), "kind": "text", "role": "user", "content": content });
-    HistoryRow { session_id: session.into(), seq, part: 0, kind: "text".into(), body: body.to_string() }
+    HistoryRow {
+        session_id: session.into(),
+        seq,
+        part: 0,
+        kind: "text".into(),
+        body: body.to_string(),
+        supersedes_drafts_from: None,
+    }
 }
 
 async fn ids(store: &Store, user_id: &str, limit: i64, offset: i64) -> (Vec<String>, i64) {
@@ -165,4 +180,46 @@ async fn last_seq_high_water_mark_only_rises(db: Db) {
     assert_eq!((last_seq(id).await, last_seq(other).await), (21, 7));
 }
 
-db_tests!(sessions_are_scoped_by_user, history_writes_are_idempotent, last_seq_high_water_mark_only_rises);
+fn draft(session: &str, seq: u64, content: &str) -> HistoryRow {
+    HistoryRow { part: DRAFT_PART, ..event(session, seq, content) }
+}
+
+/// A stream's merged text, superseding its drafts from `from`.
+fn merged(session: &str, seq: u64, from: u64, content: &str) -> HistoryRow {
+    HistoryRow { supersedes_drafts_from: Some(from), ..event(session, seq, content) }
+}
+
+async fn drafts_are_not_history_and_their_merged_text_deletes_them(db: Db) {
+    let (store, _dir) = store(db).await;
+    let owner = user();
+    let id = new_session(&store, &owner, "").await;
+    store.append_history(&[prompt(&id, 1, "question"), event(&id, 1, "tool")]).await.unwrap();
+    store.append_history(&[draft(&id, 3, "ab"), draft(&id, 5, "cd")]).await.unwrap();
+    let (items, total) = contents(&store, &id, None, 0).await;
+    assert_eq!((items.len(), total), (2, 2), "drafts are neither listed nor counted");
+    assert_eq!(contents(&store, &id, Some(1), 0).await, (vec![(json!(1), "tool".into())], 2));
+    assert_eq!(store.session(&owner, &id).await.unwrap().unwrap().last_seq, 5, "drafts raise the mark");
+    let drafts = store.drafts(&id, 2, 9).await.unwrap();
+    assert_eq!(drafts.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [3, 5]);
+    assert_eq!(serde_json::from_str::<Value>(&drafts[1].1).unwrap()["content"], "cd");
+    assert_eq!(store.drafts(&id, 4, 9).await.unwrap().len(), 1);
+
+    // The merged text deletes its stream's drafts in its transaction, not a later stream's
+    // draft written with it.
+    store.append_history(&[merged(&id, 6, 2, "abcde"), draft(&id, 8, "f")]).await.unwrap();
+    assert_eq!(store.drafts(&id, 0, 100).await.unwrap().iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [8]);
+    let (items, total) = contents(&store, &id, None, 0).await;
+    assert_eq!(items.last(), Some(&(json!(6), "abcde".into())));
+    assert_eq!(total, 3);
+    // A cut stream's merged text sits at its last delta's seq, beside that delta's draft.
+    store.append_history(&[merged(&id, 8, 8, "f")]).await.unwrap();
+    assert!(store.drafts(&id, 0, 100).await.unwrap().is_empty());
+    assert_eq!(contents(&store, &id, None, 0).await.1, 4);
+}
+
+db_tests!(
+    sessions_are_scoped_by_user,
+    history_writes_are_idempotent,
+    last_seq_high_water_mark_only_rises,
+    drafts_are_not_history_and_their_merged_text_deletes_them,
+);

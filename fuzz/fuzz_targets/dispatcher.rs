@@ -138,6 +138,7 @@ async fn run_input(text: &str) {
         allow_bypass_permissions: false,
         // The defaults: a flood of frames reaches the limits' refusals too.
         limits: LimitSettings::from_config(&chatgate::config::Config::for_tests()),
+        replay_max_events: REPLAY_MAX_EVENTS,
     };
     let gateway = Gateway::new(settings, store.clone(), registry, runtimes);
     let approvals = Rc::new(RefCell::new(Approvals::default()));

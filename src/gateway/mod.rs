@@ -33,6 +33,7 @@ pub use history::HistoryWriter;
 pub use limits::{ConnectionLimits, LimitSettings};
 pub use outbox::{CloseReason, Outbox};
 pub use run::StopReason;
+pub use transcript::DraftPolicy;
 
 use crate::{runs::SharedRegistry, runtime::Runtimes, store::Store};
 
@@ -47,6 +48,8 @@ pub struct GatewaySettings {
     pub allow_bypass_permissions: bool,
     /// Abuse limits (subscriptions, sends, frames, replay bytes).
     pub limits: LimitSettings,
+    /// `--replay-max-events`: stream drafts are kept well inside it.
+    pub replay_max_events: u64,
 }
 
 /// A run this node owns, as the drain sees it.
@@ -70,13 +73,18 @@ pub struct Gateway {
     admission: tokio::sync::RwLock<()>,
     /// Cancelled when the node drains: sockets close with 1012.
     pub sockets_closing: CancellationToken,
+    /// How runs store their open streams' drafts (cluster mode only).
+    stream_drafts: Option<DraftPolicy>,
 }
 
 impl Gateway {
     pub fn new(settings: GatewaySettings, store: Store, registry: SharedRegistry, runtimes: Runtimes) -> Arc<Self> {
         let history = HistoryWriter::spawn(store.clone());
-        if let Some(notices) = registry.take_orphans() {
-            orphans::spawn(registry.clone(), history.clone(), notices);
+        let orphans = registry.take_orphans();
+        // Only where a node that ends a lost owner's run resumes from them (cluster mode).
+        let stream_drafts = orphans.is_some().then(|| DraftPolicy::for_replay_window(settings.replay_max_events));
+        if let Some(notices) = orphans {
+            orphans::spawn(registry.clone(), store.clone(), history.clone(), notices);
         }
         Arc::new(Gateway {
             settings,
@@ -89,6 +97,7 @@ impl Gateway {
             draining: AtomicBool::new(false),
             admission: tokio::sync::RwLock::new(()),
             sockets_closing: CancellationToken::new(),
+            stream_drafts,
         })
     }
 

@@ -31,6 +31,8 @@ use crate::{
 
 /// Most runtime messages folded into one append.
 const MAX_BATCH: usize = 256;
+/// Direct writes of the prompt row before it is queued to the history writer.
+const PROMPT_ATTEMPTS: u32 = 3;
 /// How long a stopped runtime may take to exit before its task is dropped.
 const RUNTIME_EXIT_GRACE: Duration = Duration::from_secs(5);
 
@@ -88,6 +90,8 @@ struct Driver {
     session: SessionRow,
     user_id: String,
     labels: Labels,
+    /// Where the prompt's history row goes: the seq the first event is due to get.
+    first_seq: u64,
     transcript: Transcript,
     pending: HashMap<String, oneshot::Sender<PermissionAnswer>>,
     last_renewal: Instant,
@@ -96,17 +100,19 @@ struct Driver {
 
 impl Driver {
     fn new(gateway: Arc<Gateway>, plan: RunPlan) -> Self {
-        let RunGrant { lease, control } = plan.grant;
+        let RunGrant { lease, first_seq, control } = plan.grant;
         let labels = Labels {
             session_id: plan.session.session_id.clone(),
             provider: plan.session.provider.clone(),
             run_id: lease.run_id.clone(),
         };
+        let drafting = gateway.stream_drafts;
         Driver {
             gateway,
             lease,
-            transcript: Transcript::new(labels.clone(), Some(plan.request.content.clone())),
+            transcript: Transcript::new(labels.clone()).drafting(drafting),
             labels,
+            first_seq,
             session: plan.session,
             user_id: plan.user_id,
             pending: HashMap::new(),
@@ -117,12 +123,15 @@ impl Driver {
 
     async fn run(mut self, stop: CancellationToken, reason: Arc<Mutex<Option<StopReason>>>) {
         let Some((request, runtime, mut control)) = self.plan.take() else { return };
+        let prompt = self.labels.prompt_row(self.first_seq, &request.content);
         let (tx, mut rx) = mpsc::channel(RUNTIME_EVENT_CAPACITY);
         let cancel = CancellationToken::new();
         let mut runtime_task = tokio::spawn({
             let ctx = RunContext::new(tx, cancel.clone());
             async move { runtime.run(request, ctx).await }
         });
+        // While the runtime starts: the prompt is durable before any event of the run is appended.
+        self.store_prompt(prompt).await;
         let lease_len = self.gateway.settings.run_lease;
         let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + lease_len / 3, lease_len / 3);
         let mut control_open = true;
@@ -181,6 +190,25 @@ impl Driver {
             runtime_task.abort();
         }
         self.finish(ending).await;
+    }
+
+    /// Writes the prompt's history row at once (a few tries), else hands it to
+    /// the history writer, which keeps trying. A run whose owner dies right
+    /// after its start still has its prompt: the reaper stores it from Redis.
+    async fn store_prompt(&self, row: HistoryRow) {
+        let mut delay = Duration::from_millis(50);
+        for attempt in 1..=PROMPT_ATTEMPTS {
+            match self.gateway.store.append_history(std::slice::from_ref(&row)).await {
+                Ok(()) => return,
+                Err(e) => {
+                    metrics::counter!("chatgate_backend_errors_total", "backend" => "database").increment(1);
+                    tracing::warn!(attempt, error = %e, "could not store the prompt; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+            }
+        }
+        self.gateway.history.write(vec![row]).await;
     }
 
     /// Labels, appends and records one batch of runtime messages.
@@ -399,12 +427,13 @@ impl Driver {
         self.labels.label(fields)
     }
 
-    /// History rows of appended events.
+    /// History rows of one appended batch (with a draft of its deltas while their stream is open).
     fn history_rows(&mut self, bodies: &[EventBody], events: &[Event], deltas: Vec<Option<String>>) -> Vec<HistoryRow> {
         let mut rows = Vec::new();
         for ((body, event), delta) in bodies.iter().zip(events).zip(deltas) {
             self.transcript.record(body, event.seq, delta, &mut rows);
         }
+        self.transcript.end_batch(Instant::now(), &mut rows);
         rows
     }
 }

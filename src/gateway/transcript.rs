@@ -2,16 +2,23 @@
 //!
 //! [`Labels`] put a run's envelope on an event (id, timestamp, sessionId,
 //! provider, runId). A [`Transcript`] turns the run's sequenced events into
-//! history rows: the user's prompt before the first event, consecutive
-//! `stream_delta`s folded into one assistant `text` at their `stream_end` (or
-//! every [`MAX_MERGED_BYTES`]), every other event as it streamed. The owner's run driver and the node that ends an
-//! orphaned run share it, so both write the same rows (and duplicates collapse).
+//! history rows (the user's prompt is stored apart, when the run starts, by
+//! [`Labels::prompt_row`]): consecutive `stream_delta`s folded into one assistant `text` at their `stream_end` (or
+//! every [`MAX_MERGED_BYTES`]), every other event as it streamed. While a
+//! stream is open, its deltas are also stored as drafts at append ends, as a
+//! [`DraftPolicy`] says ([`DRAFT_PART`], hidden from history; cluster mode
+//! only), which the merged text deletes: the node that ends an orphaned run
+//! resumes the stream from its drafts, since the replay stream may no longer
+//! hold its start. The owner's run driver and that node share this, so both
+//! write the same rows (and duplicates collapse).
+
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 
 use crate::{
     protocol::{EventBody, now_iso},
-    store::HistoryRow,
+    store::{DRAFT_PART, EVENT_PART, HistoryRow, PROMPT_PART},
 };
 
 /// Merged `stream_delta` text held at most (plus one delta). A longer stream is
@@ -19,6 +26,25 @@ use crate::{
 /// a run whose stream never ends cannot grow its owner's memory without bound;
 /// far above any real reply, so a stream is still one message (interface §5).
 pub const MAX_MERGED_BYTES: usize = 32 * 1024 * 1024;
+
+/// How often an open stream's deltas are stored as a draft. Each draft is one
+/// more SQL row (and tokens often come one per append), so undrafted deltas
+/// are held until the oldest is [`DraftPolicy::interval`] old or there are
+/// [`DraftPolicy::max_deltas`] of them; the replay stream holds them meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DraftPolicy {
+    pub interval: Duration,
+    /// Keep well inside the replay window (`--replay-max-events`).
+    pub max_deltas: usize,
+}
+
+impl DraftPolicy {
+    /// Drafts at most every 250 ms, and every quarter of the replay window (at most 256 deltas).
+    pub fn for_replay_window(replay_max_events: u64) -> Self {
+        let quarter = usize::try_from(replay_max_events / 4).unwrap_or(usize::MAX);
+        DraftPolicy { interval: Duration::from_millis(250), max_deltas: quarter.clamp(1, 256) }
+    }
+}
 
 /// The envelope of one run's events.
 #[derive(Debug, Clone)]
@@ -47,43 +73,114 @@ impl Labels {
         event.insert("runId".into(), Value::String(self.run_id.clone()));
         EventBody { kind, json: Value::Object(event).to_string() }
     }
+
+    /// The user's prompt as a history row, placed before the event with `seq`.
+    pub fn prompt_row(&self, seq: u64, prompt: &str) -> HistoryRow {
+        let body = self.label(object(json!({ "kind": "text", "role": "user", "content": prompt })));
+        HistoryRow {
+            session_id: self.session_id.clone(),
+            seq,
+            part: PROMPT_PART,
+            kind: body.kind,
+            body: body.json,
+            supersedes_drafts_from: None,
+        }
+    }
 }
 
 /// Turns a run's sequenced events into history rows.
 pub struct Transcript {
     labels: Labels,
-    prompt: Option<String>,
-    /// Text of the `stream_delta`s since the last `stream_end`, and the last one's seq.
-    streamed: Option<(String, u64)>,
+    /// The `stream_delta`s since the last `stream_end` (the open stream).
+    streamed: Option<OpenStream>,
+    /// The open stream's deltas not in a draft yet.
+    undrafted: Option<Undrafted>,
+    /// When [`Transcript::end_batch`] writes drafts (never: `None`).
+    drafts: Option<DraftPolicy>,
     /// [`MAX_MERGED_BYTES`] (smaller in tests).
     merge_limit: usize,
 }
 
+/// Deltas of the open stream not in a draft yet.
+struct Undrafted {
+    text: String,
+    /// The last one's seq.
+    last: u64,
+    deltas: usize,
+    /// When the first one was recorded.
+    since: Instant,
+}
+
+/// A stream not closed yet: its merged text and its first and last delta's seqs.
+struct OpenStream {
+    text: String,
+    first: u64,
+    last: u64,
+}
+
 impl Transcript {
-    pub fn new(labels: Labels, prompt: Option<String>) -> Self {
-        Transcript { labels, prompt, streamed: None, merge_limit: MAX_MERGED_BYTES }
+    pub fn new(labels: Labels) -> Self {
+        Transcript { labels, streamed: None, undrafted: None, drafts: None, merge_limit: MAX_MERGED_BYTES }
+    }
+
+    /// Stores the open stream's deltas as drafts by `policy` (see
+    /// [`Transcript::end_batch`]); without one (the default) none are written:
+    /// a single node's runs end with it, and nothing would resume from them.
+    pub fn drafting(mut self, policy: Option<DraftPolicy>) -> Self {
+        self.drafts = policy;
+        self
+    }
+
+    /// A transcript that goes on with a stream its drafts hold: their text
+    /// (concatenated in seq order) from the first draft's seq to the last's.
+    pub fn resuming(labels: Labels, text: String, first: u64, last: u64) -> Self {
+        let mut transcript = Transcript::new(labels);
+        transcript.streamed = Some(OpenStream { text, first, last });
+        transcript
     }
 
     /// Rows for one appended event; `delta` is the text of a `stream_delta`.
     pub fn record(&mut self, body: &EventBody, seq: u64, delta: Option<String>, rows: &mut Vec<HistoryRow>) {
-        if let Some(prompt) = self.prompt.take() {
-            let labelled = self.labels.label(object(json!({ "kind": "text", "role": "user", "content": prompt })));
-            rows.push(self.row(seq, 0, labelled));
-        }
         match (body.kind.as_str(), delta) {
             ("stream_delta", Some(text)) => {
-                let merged = self.streamed.get_or_insert_with(|| (String::new(), seq));
-                merged.0.push_str(&text);
-                merged.1 = seq;
-                if merged.0.len() >= self.merge_limit {
+                if self.drafts.is_some() {
+                    let undrafted = self.undrafted.get_or_insert_with(|| Undrafted {
+                        text: String::new(),
+                        last: seq,
+                        deltas: 0,
+                        since: Instant::now(),
+                    });
+                    undrafted.text.push_str(&text);
+                    undrafted.last = seq;
+                    undrafted.deltas += 1;
+                }
+                let merged =
+                    self.streamed.get_or_insert_with(|| OpenStream { text: String::new(), first: seq, last: seq });
+                merged.text.push_str(&text);
+                merged.last = seq;
+                if merged.text.len() >= self.merge_limit {
                     rows.extend(self.streamed_row(None));
                 }
             }
             ("stream_end", _) => rows.extend(self.streamed_row(Some(seq))),
             _ => {
                 rows.extend(self.streamed_row(None));
-                rows.push(self.row(seq, 1, body.clone()));
+                rows.push(self.row(seq, EVENT_PART, body.clone()));
             }
+        }
+    }
+
+    /// Ends one append batch at `now`: the deltas the open stream holds
+    /// undrafted become a draft at the last one's seq when the policy says
+    /// so, so a stream cut with its owner is in SQL up to there even when the
+    /// replay stream no longer holds it.
+    pub fn end_batch(&mut self, now: Instant, rows: &mut Vec<HistoryRow>) {
+        let (Some(policy), Some(undrafted)) = (self.drafts, self.undrafted.as_ref()) else { return };
+        if undrafted.deltas < policy.max_deltas && now.saturating_duration_since(undrafted.since) < policy.interval {
+            return;
+        }
+        if let Some(Undrafted { text, last, .. }) = self.undrafted.take() {
+            rows.push(self.row(last, DRAFT_PART, self.assistant_text(text)));
         }
     }
 
@@ -92,15 +189,29 @@ impl Transcript {
         rows.extend(self.streamed_row(None));
     }
 
-    /// The merged text of pending deltas, stored at `seq` (default: the last delta's).
+    /// The merged text of pending deltas, stored at `seq` (default: the last
+    /// delta's); it supersedes the stream's drafts.
     fn streamed_row(&mut self, seq: Option<u64>) -> Option<HistoryRow> {
-        let (text, last) = self.streamed.take()?;
-        let body = self.labels.label(object(json!({ "kind": "text", "role": "assistant", "content": text })));
-        Some(self.row(seq.unwrap_or(last), 1, body))
+        let OpenStream { text, first, last } = self.streamed.take()?;
+        self.undrafted = None;
+        let mut row = self.row(seq.unwrap_or(last), EVENT_PART, self.assistant_text(text));
+        row.supersedes_drafts_from = Some(first);
+        Some(row)
+    }
+
+    fn assistant_text(&self, text: String) -> EventBody {
+        self.labels.label(object(json!({ "kind": "text", "role": "assistant", "content": text })))
     }
 
     fn row(&self, seq: u64, part: u8, body: EventBody) -> HistoryRow {
-        HistoryRow { session_id: self.labels.session_id.clone(), seq, part, kind: body.kind, body: body.json }
+        HistoryRow {
+            session_id: self.labels.session_id.clone(),
+            seq,
+            part,
+            kind: body.kind,
+            body: body.json,
+            supersedes_drafts_from: None,
+        }
     }
 }
 
@@ -130,7 +241,7 @@ mod tests {
         // A run streaming without stream_end held every delta in memory until it ended.
         let labels = labels();
         let limit = 1024 * 1024;
-        let mut transcript = Transcript::new(labels.clone(), None);
+        let mut transcript = Transcript::new(labels.clone());
         assert_eq!(transcript.merge_limit, MAX_MERGED_BYTES);
         transcript.merge_limit = limit;
         let chunk = "x".repeat(100 * 1024);
@@ -141,7 +252,7 @@ mod tests {
             streamed.push_str(&delta);
             let body = labels.label(object(json!({ "kind": "stream_delta", "content": delta })));
             transcript.record(&body, seq, Some(delta), &mut rows);
-            let held = transcript.streamed.as_ref().map_or(0, |(text, _)| text.len());
+            let held = transcript.streamed.as_ref().map_or(0, |s| s.text.len());
             assert!(held < limit, "{held} bytes held after {seq} deltas");
         }
         let end = labels.label(object(json!({ "kind": "stream_end" })));
@@ -155,7 +266,7 @@ mod tests {
     #[test]
     fn short_streams_stay_one_text_at_their_end() {
         let labels = labels();
-        let mut transcript = Transcript::new(labels.clone(), Some("hi".into()));
+        let mut transcript = Transcript::new(labels.clone());
         let mut rows = Vec::new();
         for (seq, word) in [(1, "hello"), (2, " world")] {
             let body = labels.label(object(json!({ "kind": "stream_delta", "content": word })));
@@ -163,6 +274,114 @@ mod tests {
         }
         transcript.record(&labels.label(object(json!({ "kind": "stream_end" }))), 3, None, &mut rows);
         let got: Vec<(u64, String)> = rows.iter().map(|r| (r.seq, content(r))).collect();
-        assert_eq!(got, [(1, "hi".to_string()), (3, "hello world".to_string())]);
+        assert_eq!(got, [(3, "hello world".to_string())]);
+    }
+
+    const EVERY_BATCH: DraftPolicy = DraftPolicy { interval: Duration::ZERO, max_deltas: 1 };
+
+    #[test]
+    fn drafts_wait_for_the_policy_s_interval_or_delta_count() {
+        let labels = labels();
+        let policy = DraftPolicy { interval: Duration::from_millis(250), max_deltas: 3 };
+        let mut transcript = Transcript::new(labels.clone()).drafting(Some(policy));
+        let mut rows = Vec::new();
+        for (seq, word) in [(1, "a"), (2, "b"), (3, "c"), (4, "d")] {
+            transcript.record(&delta(&labels, word), seq, Some(word.to_string()), &mut rows);
+            transcript.end_batch(Instant::now(), &mut rows);
+        }
+        assert_eq!(
+            rows.iter().map(|r| (r.seq, r.part, content(r))).collect::<Vec<_>>(),
+            [(3, DRAFT_PART, "abc".into())]
+        );
+        rows.clear();
+        transcript.end_batch(Instant::now() + Duration::from_millis(300), &mut rows);
+        assert_eq!(rows.iter().map(|r| (r.seq, r.part, content(r))).collect::<Vec<_>>(), [(4, DRAFT_PART, "d".into())]);
+        assert_eq!(DraftPolicy::for_replay_window(20).max_deltas, 5);
+        assert_eq!(DraftPolicy::for_replay_window(2).max_deltas, 1);
+        assert_eq!(DraftPolicy::for_replay_window(10_000).max_deltas, 256);
+    }
+
+    fn delta(labels: &Labels, word: &str) -> EventBody {
+        labels.label(object(json!({ "kind": "stream_delta", "content": word })))
+    }
+
+    #[test]
+    fn open_streams_leave_a_draft_per_batch_that_their_merged_text_supersedes() {
+        // Deltas were stored only at their stream_end: a stream cut with its owner was in SQL
+        // only as far as the replay stream still held it.
+        let labels = labels();
+        let mut transcript = Transcript::new(labels.clone()).drafting(Some(EVERY_BATCH));
+        let mut rows = Vec::new();
+        for (seq, word) in [(1, "a"), (2, "b")] {
+            transcript.record(&delta(&labels, word), seq, Some(word.to_string()), &mut rows);
+        }
+        transcript.end_batch(Instant::now(), &mut rows);
+        let got: Vec<(u64, u8, String)> = rows.iter().map(|r| (r.seq, r.part, content(r))).collect();
+        assert_eq!(got, [(2, DRAFT_PART, "ab".into())]);
+        assert!(rows.iter().all(|r| r.supersedes_drafts_from.is_none()));
+        assert_eq!(serde_json::from_str::<Value>(&rows[0].body).unwrap()["runId"], "r");
+
+        // A batch that closes its stream and opens the next: the merged text supersedes the
+        // first stream's drafts; the second stream's deltas of this batch are a draft.
+        rows.clear();
+        transcript.record(&delta(&labels, "c"), 3, Some("c".into()), &mut rows);
+        transcript.record(&labels.label(object(json!({ "kind": "stream_end" }))), 4, None, &mut rows);
+        for (seq, word) in [(5, "d"), (6, "e")] {
+            transcript.record(&delta(&labels, word), seq, Some(word.to_string()), &mut rows);
+        }
+        transcript.end_batch(Instant::now(), &mut rows);
+        let got: Vec<(u64, u8, String, Option<u64>)> =
+            rows.iter().map(|r| (r.seq, r.part, content(r), r.supersedes_drafts_from)).collect();
+        assert_eq!(got, [(4, EVENT_PART, "abc".into(), Some(1)), (6, DRAFT_PART, "de".into(), None)]);
+
+        // A batch without deltas drafts nothing; a cut run's flush supersedes the drafts.
+        rows.clear();
+        transcript.end_batch(Instant::now(), &mut rows);
+        assert!(rows.is_empty());
+        transcript.record(&delta(&labels, "f"), 7, Some("f".into()), &mut rows);
+        transcript.end_batch(Instant::now(), &mut rows);
+        transcript.flush(&mut rows);
+        let got: Vec<(u64, u8, String, Option<u64>)> =
+            rows.iter().map(|r| (r.seq, r.part, content(r), r.supersedes_drafts_from)).collect();
+        assert_eq!(got, [(7, DRAFT_PART, "f".into(), None), (7, EVENT_PART, "def".into(), Some(5))]);
+    }
+
+    #[test]
+    fn a_transcript_without_a_draft_policy_writes_no_drafts() {
+        let labels = labels();
+        let mut transcript = Transcript::new(labels.clone());
+        let mut rows = Vec::new();
+        transcript.record(&delta(&labels, "a"), 1, Some("a".into()), &mut rows);
+        transcript.end_batch(Instant::now() + Duration::from_secs(60), &mut rows);
+        assert!(rows.is_empty());
+        transcript.flush(&mut rows);
+        assert_eq!(rows.iter().map(|r| (r.seq, r.part, content(r))).collect::<Vec<_>>(), [(1, EVENT_PART, "a".into())]);
+    }
+
+    #[test]
+    fn a_split_stream_drafts_only_what_it_holds_open() {
+        let labels = labels();
+        let mut transcript = Transcript::new(labels.clone()).drafting(Some(EVERY_BATCH));
+        transcript.merge_limit = 4;
+        let mut rows = Vec::new();
+        for (seq, word) in [(1, "ab"), (2, "cd"), (3, "e")] {
+            transcript.record(&delta(&labels, word), seq, Some(word.to_string()), &mut rows);
+        }
+        transcript.end_batch(Instant::now(), &mut rows);
+        let got: Vec<(u64, u8, String, Option<u64>)> =
+            rows.iter().map(|r| (r.seq, r.part, content(r), r.supersedes_drafts_from)).collect();
+        assert_eq!(got, [(2, EVENT_PART, "abcd".into(), Some(1)), (3, DRAFT_PART, "e".into(), None)]);
+    }
+
+    #[test]
+    fn a_resumed_stream_merges_its_drafts_with_the_deltas_after_them() {
+        let labels = labels();
+        let mut transcript = Transcript::resuming(labels.clone(), "abc".into(), 2, 4);
+        let mut rows = Vec::new();
+        transcript.record(&delta(&labels, "d"), 5, Some("d".into()), &mut rows);
+        transcript.record(&labels.label(object(json!({ "kind": "stream_end" }))), 6, None, &mut rows);
+        let got: Vec<(u64, u8, String, Option<u64>)> =
+            rows.iter().map(|r| (r.seq, r.part, content(r), r.supersedes_drafts_from)).collect();
+        assert_eq!(got, [(6, EVENT_PART, "abcd".into(), Some(2))]);
     }
 }

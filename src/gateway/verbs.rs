@@ -2,7 +2,7 @@
 //! fixes of interface §3 (ownership on every verb, confined `cwd`, per-session
 //! seq, fan-out to every subscriber).
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use serde_json::{Map, Value};
 use tracing::Instrument;
@@ -16,10 +16,13 @@ use super::{
 };
 use crate::{
     protocol::{ErrorCode, Inbound, PermissionAnswer, ProtocolError, SubscribeTarget, chat_subscribed, parse_inbound},
-    runs::{RegistryError, RunStart},
+    runs::{RegistryError, RunStart, Subscription},
     runtime::RunRequest,
     store::SessionRow,
 };
+
+/// How often a subscribe waiting out a registry's recovery reads again.
+const SETTLE_POLL: Duration = Duration::from_millis(200);
 
 impl Gateway {
     /// Handles one inbound text frame; a rejection is answered as `protocol_error`.
@@ -133,6 +136,8 @@ impl Gateway {
             user_id: conn.user_id.clone(),
             node_id: self.settings.node_id.clone(),
             seq_floor: session.last_seq,
+            last_active_ms: session.updated_at,
+            prompt: content.clone(),
         };
         let grant = match self.registry.start_run(start).await {
             Ok(grant) => grant,
@@ -142,6 +147,16 @@ impl Gateway {
                     format!("Session \"{session_id}\" already has a run in progress."),
                 )
                 .with_session(session_id));
+            }
+            Err(RegistryError::Recovering { retry_after }) => {
+                return Err(unavailable(
+                    session_id,
+                    &format!(
+                        "Redis lost this session's run state (it restarted); a run that may still be live \
+                         gets {} s to return. Nothing was started; send again then.",
+                        retry_after.as_millis().div_ceil(1000)
+                    ),
+                ));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "start_run failed");
@@ -244,7 +259,7 @@ impl Gateway {
                 continue;
             };
             conn.detach(id).await;
-            let subscription = match self.registry.subscribe(id, target.last_seq).await {
+            let subscription = match self.subscribe_settled(&session, target.last_seq).await {
                 Ok(subscription) => subscription,
                 Err(e) => {
                     tracing::warn!(error = %e, "subscribe failed");
@@ -256,7 +271,7 @@ impl Gateway {
             let cut = cap_replay(&mut replay, self.settings.limits.max_replay_bytes);
             let replay_truncated = subscription.replay_truncated || cut;
             let snapshot = &subscription.snapshot;
-            let last_seq = snapshot.last_seq.max(session.last_seq);
+            let last_seq = session.visible_last_seq(snapshot.is_processing, snapshot.last_seq);
             metrics::counter!("chatgate_subscribes_total").increment(1);
             if replay_truncated {
                 metrics::counter!("chatgate_replay_truncated_total").increment(1);
@@ -277,6 +292,30 @@ impl Gateway {
             live.raise_floor(last_seq);
             conn.attach(id, live, self.registry.clone());
         }
+    }
+
+    /// `registry.subscribe`, answered only once the registry's view of the session
+    /// can be trusted: when it knows less than SQL (`lastSeq` below the session's
+    /// and no run) it may have lost the session's state, and a run still live on
+    /// its owner comes back within a lease ([`crate::runs::RunRegistry::settle`]).
+    async fn subscribe_settled(&self, session: &SessionRow, after: u64) -> Result<Subscription, RegistryError> {
+        let id = session.session_id.as_str();
+        let subscription = self.registry.subscribe(id, after).await?;
+        let snapshot = &subscription.snapshot;
+        if snapshot.is_processing || snapshot.last_seq >= session.last_seq {
+            return Ok(subscription);
+        }
+        drop(subscription);
+        let give_up = tokio::time::Instant::now() + self.settings.run_lease * 2;
+        loop {
+            let wait = self.registry.settle(id, session.last_seq, session.updated_at).await?;
+            if wait.is_zero() || tokio::time::Instant::now() >= give_up {
+                break;
+            }
+            tokio::time::sleep(wait.min(SETTLE_POLL)).await;
+        }
+        // Nothing was lost, the owner is back, or the wait is over: read again.
+        self.registry.subscribe(id, after).await
     }
 
     /// Like `owned_session`, but archived sessions may be watched and a missing one is `None`.

@@ -206,7 +206,11 @@ impl RunRegistry for MemoryRegistry {
             control,
             pending: Vec::new(),
         });
-        Ok(RunGrant { lease: RunLease { session_id: start.session_id, run_id: start.run_id }, control: control_rx })
+        Ok(RunGrant {
+            lease: RunLease { session_id: start.session_id, run_id: start.run_id },
+            first_seq: state.last_seq + 1,
+            control: control_rx,
+        })
     }
 
     async fn append(&self, lease: &RunLease, batch: Vec<EventBody>) -> Result<Vec<Event>, RegistryError> {

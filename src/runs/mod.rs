@@ -56,6 +56,15 @@ pub struct RunStart {
     pub node_id: String,
     /// The session's last seq as the database knows it; the counter never goes below it.
     pub seq_floor: u64,
+    /// When the database last saw the session change (ms since the Unix epoch).
+    /// A session that had events and changed more recently than the registry
+    /// keeps an idle session's state, but whose state the registry no longer
+    /// has, lost it (Redis came back empty): a run may still be live on its
+    /// owner, so the start waits until that owner could have re-taken its lock.
+    pub last_active_ms: i64,
+    /// The user's message, kept with the run so that a node ending it for a
+    /// lost owner can store it in history.
+    pub prompt: String,
 }
 
 /// Proof of ownership of a session's run; every write is fenced by it.
@@ -69,6 +78,9 @@ pub struct RunLease {
 #[derive(Debug)]
 pub struct RunGrant {
     pub lease: RunLease,
+    /// The seq the run's first event is due to get (later only when Redis
+    /// loses the counter meanwhile); the prompt's history row is stored there.
+    pub first_seq: u64,
     pub control: mpsc::Receiver<Control>,
 }
 
@@ -131,6 +143,8 @@ pub struct OrphanedRun {
     pub first_seq: u64,
     /// Seq of the terminal `complete` the reaper appended.
     pub complete_seq: u64,
+    /// The user's message that started the run, when the registry still had it.
+    pub prompt: Option<String>,
 }
 
 /// Capacity of the orphaned-run notices queue.
@@ -145,6 +159,10 @@ pub enum RegistryError {
     Fenced,
     #[error("coordination backend unavailable: {0}")]
     Unavailable(String),
+    /// The registry lost the session's state (Redis came back empty) while it
+    /// may have had a live run; no run starts until its owner could re-take it.
+    #[error("the session's run state is being recovered; retry in {}ms", .retry_after.as_millis())]
+    Recovering { retry_after: Duration },
 }
 
 /// The run registry (design.md "The seam").
@@ -212,6 +230,16 @@ pub trait RunRegistry: Send + Sync + 'static {
     /// previous one closed. `Ok(false)` when this send is over the limit (refused
     /// sends count too, so hammering does not reopen the budget).
     async fn admit_send(&self, user_id: &str, limit: u32, window: Duration) -> Result<bool, RegistryError>;
+
+    /// How long to wait before trusting what the registry says of a session
+    /// (zero: now). Non-zero only when the backend lost the state of a session
+    /// that had events (`seq_floor`, from SQL) and changed recently
+    /// (`last_active_ms`), e.g. Redis came back empty: a run may still be live
+    /// on an owner that has not re-taken its lock yet (at most one lease).
+    async fn settle(&self, session_id: &str, seq_floor: u64, last_active_ms: i64) -> Result<Duration, RegistryError> {
+        let _ = (session_id, seq_floor, last_active_ms);
+        Ok(Duration::ZERO)
+    }
 
     /// `Err(reason)` when the registry cannot serve (for `/readyz`).
     async fn ready(&self) -> Result<(), String>;

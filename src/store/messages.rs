@@ -5,16 +5,30 @@ use sqlx::Row;
 
 use super::{Store, StoreError, now_ms};
 
+/// [`HistoryRow::part`] of a user's prompt, placed before the event with its seq.
+pub const PROMPT_PART: u8 = 0;
+/// [`HistoryRow::part`] of an event (or a stream's merged text).
+pub const EVENT_PART: u8 = 1;
+/// [`HistoryRow::part`] of a draft: the text of one append batch's
+/// `stream_delta`s of a stream not closed yet, at the batch's last delta's seq.
+/// Drafts are the owner's durable progress, not history: `GET …/messages`
+/// never shows them, and the stream's merged text deletes them.
+pub const DRAFT_PART: u8 = 2;
+
 /// One history row to write.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HistoryRow {
     pub session_id: String,
     pub seq: u64,
-    /// 0: the user's prompt, placed before the event with this seq; 1: an event.
+    /// [`PROMPT_PART`], [`EVENT_PART`] or [`DRAFT_PART`].
     pub part: u8,
     pub kind: String,
     /// The event JSON without `seq`.
     pub body: String,
+    /// Set on a stream's merged text: the seq of the stream's first delta. The
+    /// session's drafts from there up to this row's seq are deleted in the same
+    /// transaction that writes it (seqs of one stream are its run's alone).
+    pub supersedes_drafts_from: Option<u64>,
 }
 
 /// A page of history, as `GET …/messages` returns it.
@@ -26,8 +40,8 @@ pub struct MessagePage {
 
 impl Store {
     /// Writes history rows (idempotent: a row already there is kept; rows of a
-    /// deleted session are dropped) and raises each touched session's `last_seq`
-    /// high-water mark.
+    /// deleted session are dropped), deletes the drafts a merged text supersedes,
+    /// and raises each touched session's `last_seq` high-water mark.
     ///
     /// Each session's row is updated *before* its messages are inserted: the
     /// update locks the row, so a concurrent delete of the session either waits
@@ -39,9 +53,12 @@ impl Store {
         }
         let mut tops: Vec<(&str, u64)> = Vec::new();
         for row in rows {
-            // A prompt row carries its run's first seq, which is taken: counting it keeps the
-            // mark above a run whose deltas are not stored yet (they are folded at their
-            // `stream_end`), so a counter Redis lost is restored past them, never reusing them.
+            // A prompt row carries its run's first seq (it is stored when the run starts) and a
+            // draft its batch's last delta's, both taken: counting them keeps the mark above a
+            // run whose deltas are not merged yet (at their `stream_end`), so a counter Redis
+            // lost is restored past them, and marks the session as having had a run. The mark
+            // may be above the last event sent, so `chat.subscribe` does not announce it while
+            // the registry knows a run.
             let seq = row.seq;
             match tops.iter_mut().find(|(id, _)| *id == row.session_id) {
                 Some((_, top)) => *top = (*top).max(seq),
@@ -67,6 +84,15 @@ impl Store {
                 .bind(&row.body)
                 .execute(&mut *tx)
                 .await?;
+                if let Some(from) = row.supersedes_drafts_from {
+                    sqlx::query("DELETE FROM messages WHERE session_id = $1 AND part = $2 AND seq >= $3 AND seq <= $4")
+                        .bind(&row.session_id)
+                        .bind(i64::from(DRAFT_PART))
+                        .bind(i64::try_from(from).unwrap_or(i64::MAX))
+                        .bind(i64::try_from(row.seq).unwrap_or(i64::MAX))
+                        .execute(&mut *tx)
+                        .await?;
+                }
             }
         }
         tx.commit().await?;
@@ -100,23 +126,47 @@ impl Store {
         Ok(())
     }
 
+    /// Drafts of a session with seqs in `from..=to`, by seq: (seq, body).
+    pub async fn drafts(&self, session_id: &str, from: u64, to: u64) -> Result<Vec<(u64, String)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, body FROM messages WHERE session_id = $1 AND part = $2 AND seq >= $3 AND seq <= $4 \
+             ORDER BY seq",
+        )
+        .bind(session_id)
+        .bind(i64::from(DRAFT_PART))
+        .bind(i64::try_from(from).unwrap_or(i64::MAX))
+        .bind(i64::try_from(to).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut drafts = Vec::with_capacity(rows.len());
+        for row in rows {
+            let seq: i64 = row.try_get("seq")?;
+            drafts.push((u64::try_from(seq).unwrap_or(0), row.try_get("body")?));
+        }
+        Ok(drafts)
+    }
+
     /// A page counted from the newest (offset 0 = newest page), oldest first
     /// inside it, as upstream. `limit: None` returns everything after `offset`.
+    /// Drafts are not history: neither listed nor counted.
     pub async fn messages(&self, session_id: &str, limit: Option<i64>, offset: i64) -> Result<MessagePage, StoreError> {
         // The count comes from the same statement (one snapshot) as the page.
         let rows = sqlx::query(
-            "SELECT seq, part, body, (SELECT COUNT(*) FROM messages WHERE session_id = $1) AS total \
-             FROM messages WHERE session_id = $1 ORDER BY seq DESC, part DESC LIMIT $2 OFFSET $3",
+            "SELECT seq, part, body, \
+             (SELECT COUNT(*) FROM messages WHERE session_id = $1 AND part < $4) AS total \
+             FROM messages WHERE session_id = $1 AND part < $4 ORDER BY seq DESC, part DESC LIMIT $2 OFFSET $3",
         )
         .bind(session_id)
         .bind(limit.unwrap_or(i64::MAX))
         .bind(offset)
+        .bind(i64::from(DRAFT_PART))
         .fetch_all(&self.pool)
         .await?;
         let total: i64 = match rows.first() {
             Some(row) => row.try_get("total")?,
-            None => sqlx::query("SELECT COUNT(*) AS n FROM messages WHERE session_id = $1")
+            None => sqlx::query("SELECT COUNT(*) AS n FROM messages WHERE session_id = $1 AND part < $2")
                 .bind(session_id)
+                .bind(i64::from(DRAFT_PART))
                 .fetch_one(&self.pool)
                 .await?
                 .try_get("n")?,
@@ -130,7 +180,7 @@ impl Store {
                 Ok(Value::Object(object)) => object,
                 _ => Map::new(),
             };
-            object.insert("seq".into(), if part == 1 { Value::from(seq) } else { Value::Null });
+            object.insert("seq".into(), if part == i64::from(EVENT_PART) { Value::from(seq) } else { Value::Null });
             messages.push(Value::Object(object));
         }
         Ok(MessagePage { messages, total })

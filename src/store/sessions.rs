@@ -22,6 +22,14 @@ pub struct SessionRow {
 
 impl SessionRow {
     /// The `Session` JSON of interface §2.
+    /// The session's `lastSeq` as clients are told it, given the registry's
+    /// view. SQL's mark may hold a running run's first seq before its first
+    /// event exists (its prompt row): while a run is known, the registry's top
+    /// is the truth; otherwise the higher of the two (the registry may have lost it).
+    pub fn visible_last_seq(&self, is_processing: bool, live_last_seq: u64) -> u64 {
+        if is_processing { live_last_seq } else { self.last_seq.max(live_last_seq) }
+    }
+
     pub fn to_json(&self, is_processing: bool, live_last_seq: u64) -> Value {
         json!({
             "sessionId": self.session_id,
@@ -32,7 +40,7 @@ impl SessionRow {
             "isArchived": self.is_archived,
             "createdAt": iso_ms(self.created_at),
             "updatedAt": iso_ms(self.updated_at),
-            "lastSeq": self.last_seq.max(live_last_seq),
+            "lastSeq": self.visible_last_seq(is_processing, live_last_seq),
             "isProcessing": is_processing,
         })
     }

@@ -362,6 +362,20 @@ pub fn assert_contiguous(events: &[Value], from: u64) {
     assert_eq!(got, want, "seqs not contiguous from {from}");
 }
 
+/// Every key name in a Redis (SCAN through the redis crate's iterator), sorted, once each.
+pub async fn key_names(conn: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
+    use redis::AsyncCommands;
+    let mut iter: redis::AsyncIter<String> = conn.scan().await.unwrap();
+    let mut names = Vec::new();
+    while let Some(name) = iter.next_item().await {
+        names.push(name.unwrap());
+    }
+    drop(iter);
+    names.sort();
+    names.dedup();
+    names
+}
+
 /// The shared Redis of the test machine.
 pub fn redis_url() -> String {
     std::env::var("CHATGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())

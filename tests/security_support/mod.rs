@@ -12,8 +12,8 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
 use crate::common::{
-    SECRET, Ws, alg_none_token, assert_contiguous, assert_history_matches, expired_token, forged_token, kinds, mint,
-    user,
+    Db, SECRET, TestNode, Ws, alg_none_token, assert_contiguous, assert_history_matches, expired_token, forged_token,
+    kinds, mint, user,
 };
 
 pub const SESSIONS: &str = "/api/providers/sessions";
@@ -548,4 +548,30 @@ pub fn urlencode(raw: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// Where an intruder tries the victim's ids.
+pub enum Surface {
+    /// Every WebSocket verb.
+    Verbs,
+    /// Every REST route.
+    Routes,
+}
+
+/// A victim whose run waits on an approval, an intruder listening on its own
+/// sockets who tries the victim's session and request ids on `surface`: the
+/// victim's run, approval and history are untouched, and the intruder learned nothing.
+pub async fn foreign_ids_against_a_waiting_run(db: Db, surface: Surface) {
+    let node = TestNode::start(db).await;
+    let endpoint = Endpoint::of(&node);
+    let project = node.workspaces.join("proj");
+    let mut victim = Victim::setup(&endpoint, &project).await;
+    let mut intruder = Intruder::new(&endpoint, &project).await;
+    intruder.listen(&endpoint).await;
+    match surface {
+        Surface::Verbs => intruder.attack_verbs(&endpoint, &victim).await,
+        Surface::Routes => intruder.attack_routes(&endpoint, &victim).await,
+    }
+    victim.assert_untouched_then_finish(&endpoint).await;
+    intruder.assert_learned_nothing(&victim).await;
 }

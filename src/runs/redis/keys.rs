@@ -31,6 +31,11 @@ pub fn pending(session_id: &str) -> String {
     format!("cg:{{{session_id}}}:pending")
 }
 
+/// The current run's prompt (the user's message), deleted with the owner record.
+pub fn prompt(session_id: &str) -> String {
+    format!("cg:{{{session_id}}}:prompt")
+}
+
 /// The result (first seq) of one append batch, kept one lease long for retries.
 pub fn batch(session_id: &str, batch_id: &str) -> String {
     format!("cg:{{{session_id}}}:batch:{batch_id}")
@@ -93,9 +98,16 @@ mod tests {
 
     #[test]
     fn session_keys_share_one_hash_tag() {
-        for key in
-            [run("s1"), owner("s1"), seq("s1"), events("s1"), pending("s1"), batch("s1", "b"), live_channel("s1")]
-        {
+        for key in [
+            run("s1"),
+            owner("s1"),
+            seq("s1"),
+            events("s1"),
+            pending("s1"),
+            prompt("s1"),
+            batch("s1", "b"),
+            live_channel("s1"),
+        ] {
             assert!(key.starts_with("cg:{s1}:"), "{key}");
         }
         assert_eq!(session_of_live_channel(&live_channel("a.b-c")), Some("a.b-c"));

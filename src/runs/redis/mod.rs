@@ -34,6 +34,7 @@ mod live;
 mod node;
 mod owner;
 mod reads;
+mod recovery;
 mod routing;
 mod scripts;
 mod tasks;
@@ -224,6 +225,10 @@ impl RunRegistry for RedisRegistry {
 
     async fn admit_send(&self, user_id: &str, limit: u32, window: Duration) -> Result<bool, RegistryError> {
         self.count_send(user_id, limit, window).await
+    }
+
+    async fn settle(&self, session_id: &str, seq_floor: u64, last_active_ms: i64) -> Result<Duration, RegistryError> {
+        self.settle_session(session_id, seq_floor, last_active_ms).await
     }
 
     async fn ready(&self) -> Result<(), String> {

@@ -100,6 +100,9 @@ pub struct LocalRun {
     pub owner_json: String,
     /// The last seq this run was given (or the floor before its first event).
     pub last_seq: u64,
+    /// Its pending approvals (request id, request JSON), to record them again
+    /// when Redis lost them with the lock (they are few: the runtime waits on each).
+    pub pending: Vec<(String, String)>,
 }
 
 /// Local runs are keyed by (session id, run id).
@@ -267,12 +270,20 @@ impl Node {
     }
 
     /// Queues an orphaned-run notice for the gateway (dropped, and logged, when full).
-    pub fn notify_orphan(&self, session_id: &str, run_id: &str, first_seq: u64, complete_seq: u64) {
+    pub fn notify_orphan(
+        &self,
+        session_id: &str,
+        run_id: &str,
+        first_seq: u64,
+        complete_seq: u64,
+        prompt: Option<String>,
+    ) {
         let notice = crate::runs::OrphanedRun {
             session_id: session_id.to_string(),
             run_id: run_id.to_string(),
             first_seq,
             complete_seq,
+            prompt,
         };
         if self.orphans.try_send(notice).is_err() {
             tracing::warn!(session_id, run_id, "orphaned-run notice dropped; its history may lack the run's tail");
@@ -292,6 +303,7 @@ impl Node {
             .key(keys::events(session_id))
             .key(keys::pending(session_id))
             .key(keys::live_channel(session_id))
+            .key(keys::prompt(session_id))
             .arg(expected)
             .arg(if lost.is_some() { provider } else { "" })
             .arg(session_id)
@@ -313,13 +325,14 @@ impl Node {
                 let owner_json = codec::text(items.next().unwrap_or(Value::Nil))?;
                 let first = codec::int(items.next().unwrap_or(Value::Nil))?;
                 let pending = codec::texts(items.next().unwrap_or(Value::Nil))?;
+                let prompt = codec::text(items.next().unwrap_or(Value::Nil))?;
                 let owner = if owner_json.is_empty() { None } else { Some(OwnerRecord::parse(&owner_json)?) };
                 let run_id = owner.as_ref().map(|o| o.run_id.as_str()).unwrap_or(expected);
                 tracing::warn!(session_id, run_id, "ended a run whose owner was lost");
                 metrics::counter!("chatgate_runs_reaped_total").increment(1);
                 let complete_seq = first;
                 let first_seq = owner.as_ref().map(|o| o.first_seq).unwrap_or(complete_seq);
-                self.notify_orphan(session_id, run_id, first_seq, complete_seq);
+                self.notify_orphan(session_id, run_id, first_seq, complete_seq, Some(prompt).filter(|p| !p.is_empty()));
                 self.forget_run(session_id, run_id, owner.as_ref().map(|o| o.user_id.as_str()), &pending).await;
                 Ok(Reaped::Ended)
             }

@@ -1,7 +1,7 @@
 //! The owner's side: taking the run lock, appending batches, renewing,
 //! pending approvals. Every write is one fenced script (see [`super::scripts`]).
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use ::redis::{AsyncCommands, Value};
 use serde_json::Value as Json;
@@ -12,11 +12,28 @@ use super::{
     codec::{self, OwnerRecord},
     keys,
     node::{self, Failure, LocalRun, MAX_SCRIPT_SEQ, PERMISSION_TTL, SEQ_IDLE_TTL, lock, millis, run_key},
+    recovery::recently_active,
 };
 use crate::{
     protocol::{now_iso, sequenced},
     runs::{CONTROL_CAPACITY, Event, RegistryError, RunGrant, RunLease, RunStart},
 };
+
+/// What the start script answered.
+enum Started {
+    Granted(Granted),
+    Busy,
+    Recovering(Duration),
+}
+
+/// A granted start: the lock JSON, and the orphan it ended first (if any).
+#[derive(Default)]
+struct Granted {
+    owner_json: String,
+    reaped: String,
+    reaped_pending: Vec<String>,
+    reaped_prompt: String,
+}
 
 impl RedisRegistry {
     /// `start_run`: the local run is registered first, then the start script takes
@@ -38,6 +55,7 @@ impl RedisRegistry {
                     control,
                     owner_json: String::new(),
                     last_seq: start.seq_floor,
+                    pending: Vec::new(),
                 },
             );
         }
@@ -49,6 +67,7 @@ impl RedisRegistry {
             .key(keys::events(session_id))
             .key(keys::pending(session_id))
             .key(keys::live_channel(session_id))
+            .key(keys::prompt(session_id))
             .arg(&start.run_id)
             .arg(&node.id)
             .arg(&start.provider)
@@ -63,31 +82,51 @@ impl RedisRegistry {
             .arg(uuid::Uuid::new_v4().to_string())
             .arg(now_iso())
             .arg(session_id)
-            .arg(node::OWNER_LOST);
+            .arg(node::OWNER_LOST)
+            .arg(if recently_active(start.last_active_ms) { "1" } else { "0" })
+            .arg(&start.prompt);
         let lease = RunLease { session_id: start.session_id.clone(), run_id: start.run_id.clone() };
         let outcome = async {
             let reply = node.retrying("start", node.retry_window(), || node.invoke(&inv)).await?;
             let mut items = codec::array(reply)?.into_iter();
             let mut next = || items.next().unwrap_or(Value::Nil);
             let status = codec::text(next())?;
+            if status == "RECOVERING" {
+                let retry_ms = codec::int(next())?;
+                return Ok::<_, Failure>(Started::Recovering(Duration::from_millis(retry_ms)));
+            }
             if status != "OK" {
                 // A retried start whose first attempt went through finds its own lock.
                 let held: Option<String> = node.conn().await?.get(keys::run(session_id)).await?;
                 let ours =
                     held.as_deref().and_then(|j| OwnerRecord::parse(j).ok()).is_some_and(|o| o.run_id == start.run_id);
-                return Ok::<_, Failure>(ours.then(|| (held.unwrap_or_default(), String::new(), Vec::new())));
+                return Ok(match held.filter(|_| ours) {
+                    Some(owner_json) => Started::Granted(Granted { owner_json, ..Granted::default() }),
+                    None => Started::Busy,
+                });
             }
-            let owner_json = codec::text(next())?;
-            let reaped = codec::text(next())?;
-            let reaped_pending = codec::texts(next())?;
-            Ok(Some((owner_json, reaped, reaped_pending)))
+            Ok(Started::Granted(Granted {
+                owner_json: codec::text(next())?,
+                reaped: codec::text(next())?,
+                reaped_pending: codec::texts(next())?,
+                reaped_prompt: codec::text(next())?,
+            }))
         }
         .await;
-        let (owner_json, reaped, reaped_pending) = match outcome {
-            Ok(Some(granted)) => granted,
-            Ok(None) => {
+        let Granted { owner_json, reaped, reaped_pending, reaped_prompt } = match outcome {
+            Ok(Started::Granted(granted)) => granted,
+            Ok(Started::Busy) => {
                 self.drop_local_run(&lease);
                 return Err(RegistryError::RunInProgress);
+            }
+            Ok(Started::Recovering(retry_after)) => {
+                self.drop_local_run(&lease);
+                metrics::counter!("chatgate_runs_refused_recovering_total").increment(1);
+                tracing::warn!(
+                    session_id,
+                    "Redis lost this session's state; refusing new runs until a live owner could re-take its lock"
+                );
+                return Err(RegistryError::Recovering { retry_after });
             }
             Err(e) => {
                 self.drop_local_run(&lease);
@@ -106,11 +145,12 @@ impl RedisRegistry {
             metrics::counter!("chatgate_runs_reaped_total").increment(1);
             // The orphan's complete took the seq just before this run's first.
             let complete_seq = owner.first_seq.saturating_sub(1);
-            node.notify_orphan(session_id, &orphan.run_id, orphan.first_seq, complete_seq);
+            let prompt = Some(reaped_prompt).filter(|p| !p.is_empty());
+            node.notify_orphan(session_id, &orphan.run_id, orphan.first_seq, complete_seq, prompt);
             node.forget_run(session_id, &orphan.run_id, Some(&orphan.user_id), &reaped_pending).await;
         }
         node.index_run(session_id, &start.run_id, &start.user_id).await;
-        Ok(RunGrant { lease, control: control_rx })
+        Ok(RunGrant { lease, first_seq: owner.first_seq, control: control_rx })
     }
 
     /// Appends one batch (the last body terminal with `terminal`) under a fresh batch id.
@@ -147,6 +187,7 @@ impl RedisRegistry {
             .key(keys::pending(session_id))
             .key(keys::live_channel(session_id))
             .key(keys::batch(session_id, batch_id))
+            .key(keys::prompt(session_id))
             .arg(&lease.run_id)
             .arg(millis(node.opts.lease))
             .arg(node.opts.max_events.max(1))
@@ -197,7 +238,7 @@ impl RedisRegistry {
             .collect();
         if retaken {
             tracing::warn!(session_id, run_id = lease.run_id, "Redis lost the run's lock; re-took it");
-            self.reindex_local_run(lease).await;
+            self.restore_local_run(lease).await;
         }
         if terminal {
             let user_id = self.drop_local_run(lease).map(|r| r.user_id);
@@ -215,11 +256,19 @@ impl RedisRegistry {
         lock(&self.node.runs).remove(&run_key(&lease.session_id, &lease.run_id))
     }
 
-    /// After a re-take (Redis lost its data) the run indexes are gone too.
-    async fn reindex_local_run(&self, lease: &RunLease) {
-        let user_id = lock(&self.node.runs).get(&run_key(&lease.session_id, &lease.run_id)).map(|r| r.user_id.clone());
-        if let Some(user_id) = user_id {
-            self.node.index_run(&lease.session_id, &lease.run_id, &user_id).await;
+    /// After a re-take (Redis lost its data) the run indexes and the pending
+    /// approvals (with their lookup keys, which answers from any node need) are
+    /// gone too: record them again.
+    async fn restore_local_run(&self, lease: &RunLease) {
+        let local = lock(&self.node.runs)
+            .get(&run_key(&lease.session_id, &lease.run_id))
+            .map(|r| (r.user_id.clone(), r.pending.clone()));
+        let Some((user_id, pending)) = local else { return };
+        self.node.index_run(&lease.session_id, &lease.run_id, &user_id).await;
+        for (request_id, json) in pending {
+            if let Err(e) = self.record_pending(lease, &request_id, &json).await {
+                tracing::warn!(session_id = lease.session_id, request_id, error = %e, "could not restore a pending approval");
+            }
         }
     }
 
@@ -246,7 +295,7 @@ impl RedisRegistry {
             "OK" => Ok(()),
             "RETAKEN" => {
                 tracing::warn!(session_id, run_id = lease.run_id, "Redis lost the run's lock; re-took it");
-                self.reindex_local_run(lease).await;
+                self.restore_local_run(lease).await;
                 Ok(())
             }
             _ => {
@@ -263,14 +312,23 @@ impl RedisRegistry {
         request_id: &str,
         request: Json,
     ) -> Result<(), RegistryError> {
-        let node = &self.node;
         let json = request.to_string();
+        self.record_pending(lease, request_id, &json).await?;
+        if let Some(run) = lock(&self.node.runs).get_mut(&run_key(&lease.session_id, &lease.run_id)) {
+            run.pending.push((request_id.to_string(), json));
+        }
+        Ok(())
+    }
+
+    /// Writes a pending approval (fenced) and its `cg:perm:{R}` lookup key.
+    async fn record_pending(&self, lease: &RunLease, request_id: &str, json: &str) -> Result<(), RegistryError> {
+        let node = &self.node;
         let mut inv = node.scripts.pending.prepare_invoke();
         inv.key(keys::run(&lease.session_id))
             .key(keys::pending(&lease.session_id))
             .arg(&lease.run_id)
             .arg(request_id)
-            .arg(&json)
+            .arg(json)
             .arg("1");
         let reply = node.retrying("pending", node.retry_window(), || node.invoke(&inv)).await?;
         if codec::text(reply).map_err(Failure::from)? != "OK" {
@@ -289,6 +347,9 @@ impl RedisRegistry {
     /// Forgets a pending approval; a fenced run has none left anyway.
     pub(super) async fn remove_pending_request(&self, lease: &RunLease, request_id: &str) -> Result<(), RegistryError> {
         let node = &self.node;
+        if let Some(run) = lock(&node.runs).get_mut(&run_key(&lease.session_id, &lease.run_id)) {
+            run.pending.retain(|(id, _)| id != request_id);
+        }
         let mut inv = node.scripts.pending.prepare_invoke();
         inv.key(keys::run(&lease.session_id))
             .key(keys::pending(&lease.session_id))

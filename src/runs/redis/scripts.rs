@@ -51,9 +51,9 @@ local function append_entries(events, channel, run_id, first, bodies, last_termi
   redis.call('PUBLISH', channel, table.concat(out))
 end
 
-local function finish(run, owner, seq_key, events, pending, retention_ms, seq_ttl_ms)
+local function finish(run, owner, seq_key, events, pending, prompt, retention_ms, seq_ttl_ms)
   local ids = redis.call('HKEYS', pending)
-  redis.call('DEL', run, owner, pending)
+  redis.call('DEL', run, owner, pending, prompt)
   redis.call('PEXPIRE', events, retention_ms)
   redis.call('PEXPIRE', seq_key, seq_ttl_ms)
   return ids
@@ -76,19 +76,50 @@ end
 local function holds(lock, run_id)
   return lock and cjson.decode(lock).runId == run_id
 end
+
+-- A session that had events (floor > 0) and was active recently (by SQL) has a
+-- seq counter unless Redis lost it; with neither lock, owner record nor counter
+-- its run (if any) may still be live on an owner that has not re-taken its lock.
+local function state_lost(run, owner, seq_key, floor, recently_active)
+  return recently_active == '1' and floor > 0 and redis.call('EXISTS', run) == 0
+    and redis.call('EXISTS', owner) == 0 and redis.call('EXISTS', seq_key) == 0
+end
+
+-- ms until Redis has been up for one lease (plus a second: INFO counts whole
+-- seconds), by when every live owner re-took its lock; 0 from then on.
+local function recovery_left(lease_ms)
+  local up = tonumber(string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)')) or 0
+  return math.max(0, lease_ms + 1000 - up * 1000)
+end
 "#;
 
 /// Takes the run lock (reaping an orphan first).
-/// KEYS: run owner seq events pending live.
+/// KEYS: run owner seq events pending live prompt.
 /// ARGV: runId nodeId provider userId startedAt lease_ms floor margin max_events
-///       retention_ms seq_ttl_ms orphan_event_id orphan_timestamp session_id orphan_error.
-/// Returns `{'BUSY'}` or `{'OK', owner_json, reaped_owner_json|'', reaped_pending_ids}`.
+///       retention_ms seq_ttl_ms orphan_event_id orphan_timestamp session_id orphan_error
+///       recently_active prompt.
+/// Returns `{'BUSY'}`, `{'RECOVERING', retry_ms}` or
+/// `{'OK', owner_json, reaped_owner_json|'', reaped_pending_ids, reaped_prompt|''}`.
+///
+/// Recovery: a session whose state Redis lost (`state_lost`; `recently_active`
+/// is judged by the caller from SQL against [`SEQ_IDLE_TTL`]) may still have a
+/// run live on a node that has not re-taken its lock yet (it does within a
+/// third of the lease). While Redis has been up for less than a lease, such a
+/// start is refused with the time left: by then a live owner holds its lock
+/// again (`BUSY`) or is gone.
+///
+/// [`SEQ_IDLE_TTL`]: super::node::SEQ_IDLE_TTL
 const START: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'BUSY'} end
 local floor = tonumber(ARGV[7])
 local margin = tonumber(ARGV[8])
+if state_lost(KEYS[1], KEYS[2], KEYS[3], floor, ARGV[16]) then
+  local left = recovery_left(tonumber(ARGV[6]))
+  if left > 0 then return {'RECOVERING', left} end
+end
 local reaped = ''
 local reaped_ids = {}
+local reaped_prompt = ''
 local prev = redis.call('GET', KEYS[2])
 if prev then
   local o = cjson.decode(prev)
@@ -96,7 +127,8 @@ if prev then
   redis.call('SET', KEYS[3], string.format('%d', first))
   append_entries(KEYS[4], KEYS[6], o.runId, first,
     {orphan_complete(o.runId, o.provider, ARGV[14], ARGV[12], ARGV[13], ARGV[15])}, true, ARGV[9])
-  reaped_ids = finish(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[10], ARGV[11])
+  reaped_prompt = redis.call('GET', KEYS[7]) or ''
+  reaped_ids = finish(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[7], ARGV[10], ARGV[11])
   reaped = prev
 end
 local last = current_seq(KEYS[3], KEYS[4], floor, margin)
@@ -107,12 +139,13 @@ local owner_json = cjson.encode({runId = ARGV[1], nodeId = ARGV[2], provider = A
   startedAt = ARGV[5], firstSeq = last + 1})
 redis.call('SET', KEYS[1], owner_json, 'PX', ARGV[6])
 redis.call('SET', KEYS[2], owner_json)
-return {'OK', owner_json, reaped, reaped_ids}
+redis.call('SET', KEYS[7], ARGV[17])
+return {'OK', owner_json, reaped, reaped_ids, reaped_prompt}
 "#;
 
 /// Appends one batch, fenced; with `terminal = 1` the last body is the run's
 /// `complete` and the run is finished in the same step.
-/// KEYS: run owner seq events pending live batch.
+/// KEYS: run owner seq events pending live batch prompt.
 /// ARGV: runId lease_ms max_events floor margin terminal retention_ms seq_ttl_ms owner_json bodies…
 /// Returns `{'FENCED'}`, `{'DUP', first}` (a retried batch) or `{'OK', first, retaken, pending_ids}`.
 const APPEND: &str = r#"
@@ -137,7 +170,7 @@ append_entries(KEYS[4], KEYS[6], ARGV[1], first, bodies, ARGV[6] == '1', ARGV[3]
 redis.call('SET', KEYS[7], string.format('%d', first), 'PX', ARGV[2])
 local ids = {}
 if ARGV[6] == '1' then
-  ids = finish(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[7], ARGV[8])
+  ids = finish(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[8], ARGV[7], ARGV[8])
 end
 return {'OK', first, retaken, ids}
 "#;
@@ -174,10 +207,10 @@ return 'OK'
 /// An orphan is "owner record present, lock gone". With `lost_provider` set it
 /// also ends run `expected` when Redis lost its state altogether (no owner
 /// record, no counter, and the stream does not already end that run).
-/// KEYS: run owner seq events pending live.
+/// KEYS: run owner seq events pending live prompt.
 /// ARGV: expected lost_provider session_id event_id timestamp error max_events
 ///       retention_ms seq_ttl_ms floor margin.
-/// Returns `{'ALIVE'}`, `{'NONE'}` or `{'REAPED', owner_json|'', first, pending_ids}`.
+/// Returns `{'ALIVE'}`, `{'NONE'}` or `{'REAPED', owner_json|'', first, pending_ids, prompt|''}`.
 const REAP: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'ALIVE'} end
 local prev = redis.call('GET', KEYS[2])
@@ -205,8 +238,21 @@ local first = current_seq(KEYS[3], KEYS[4], tonumber(ARGV[10]), tonumber(ARGV[11
 redis.call('SET', KEYS[3], string.format('%d', first))
 append_entries(KEYS[4], KEYS[6], run_id, first, {orphan_complete(run_id, provider, ARGV[3], ARGV[4], ARGV[5], ARGV[6])},
   true, ARGV[7])
-local ids = finish(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[8], ARGV[9])
-return {'REAPED', prev, first, ids}
+local prompt = redis.call('GET', KEYS[7]) or ''
+local ids = finish(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[7], ARGV[8], ARGV[9])
+return {'REAPED', prev, first, ids, prompt}
+"#;
+
+/// Waits out a session whose state Redis lost, for readers (START does the
+/// same for writers): while Redis has been up for less than a lease, answers how
+/// long to wait; after that the session reads as it is (idle, SQL's mark). Its
+/// counter is left missing, so that the next run restores it above the mark
+/// plus the margin and the session's `lastSeq` stays the last event's.
+/// KEYS: run owner seq. ARGV: floor lease_ms recently_active.
+/// Returns 0 (nothing to wait for) or the ms to wait.
+const SETTLE: &str = r#"
+if not state_lost(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]), ARGV[3]) then return 0 end
+return recovery_left(tonumber(ARGV[2]))
 "#;
 
 /// One consistent read of a session for `chat.subscribe` and snapshots.
@@ -275,6 +321,7 @@ pub struct Scripts {
     pub reap: Script,
     pub read: Script,
     pub read_range: Script,
+    pub settle: Script,
 }
 
 impl Scripts {
@@ -289,6 +336,7 @@ impl Scripts {
             reap: with_prelude(REAP),
             read: with_prelude(READ),
             read_range: with_prelude(READ_RANGE),
+            settle: with_prelude(SETTLE),
         }
     }
 }

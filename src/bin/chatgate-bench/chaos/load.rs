@@ -231,6 +231,21 @@ fn resumed(ack: &Ack, base: u64, ours_seen: bool) -> Resumed {
     }
 }
 
+/// Whether the session's history holds the run sent with `nonce` (polled for a
+/// few seconds: the rows of a run that just ended may still be on their way).
+async fn in_history(ctx: &Ctx, session: &SessionRef, nonce: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let found = ctx.history(session.user, &session.id).await.is_some_and(|messages| {
+            messages.iter().any(|m| m["role"] == "user" && m["content"].as_str().is_some_and(|c| c.contains(nonce)))
+        });
+        if found || Instant::now() >= deadline {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// Sends one run and follows it to its `complete`, across hops, closes and faults.
 async fn drive_run(ctx: &Arc<Ctx>, peer: &mut Peer, plan: &Plan) {
     let nonce = uuid::Uuid::new_v4().simple().to_string();
@@ -378,6 +393,14 @@ async fn drive_run(ctx: &Arc<Ctx>, peer: &mut Peer, plan: &Plan) {
         match resumed(&ack, base, ours_seen) {
             Resumed::Following => {}
             Resumed::SendAgain => resend_at = Some(Instant::now()),
+            Resumed::EndedAway if !ours_seen && !in_history(ctx, &session, &nonce).await => {
+                // Idle and ahead of our cursor, yet nothing of ours anywhere: the seq moved
+                // without our run (a counter restored above SQL after Redis came back empty,
+                // while our send was refused). A client that reloads history sees the same.
+                ctx.add("idle_acks_ahead_without_our_run", 1);
+                base = base.max(ack.last_seq);
+                resend_at = Some(Instant::now());
+            }
             Resumed::EndedAway => {
                 // History must hold its complete (checked with the session).
                 ctx.add("runs_ended_while_away", 1);

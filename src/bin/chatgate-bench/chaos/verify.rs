@@ -17,6 +17,8 @@ use std::{
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
+use chatgate::runs::redis::keys;
+
 use super::{
     Ctx,
     faults::FaultKind,
@@ -617,30 +619,33 @@ pub async fn redis_usage(url: &str) -> anyhow::Result<RedisUsage> {
     Ok(RedisUsage { keys, used: field("used_memory:"), dataset: field("used_memory_dataset:") })
 }
 
+/// The kind of a gateway key, by the names of `chatgate::runs::redis::keys`
+/// (built for a probe session and user, so a renamed key is classed here too).
 fn key_class(key: &str) -> &'static str {
-    if key == "cg:runs" {
-        "runs_index"
-    } else if key == "cg:sweep" {
-        "sweep_lock"
-    } else if key.starts_with("cg:perm:") {
-        "permission"
-    } else if key.starts_with("cg:user:") {
-        "user_runs"
-    } else if key.ends_with(":seq") {
-        "session_seq"
-    } else if key.ends_with(":events") {
-        "events"
-    } else if key.ends_with(":run") {
-        "run_lock"
-    } else if key.ends_with(":owner") {
-        "owner"
-    } else if key.ends_with(":pending") {
-        "pending"
-    } else if key.contains(":batch:") {
-        "batch"
-    } else {
-        "other"
+    const S: &str = "\u{1}";
+    if key == keys::RUNS_INDEX {
+        return "runs_index";
     }
+    if key == keys::SWEEP_LOCK {
+        return "sweep_lock";
+    }
+    let by_shape: [(String, &'static str); 10] = [
+        (keys::permission(S), "permission"),
+        (keys::user_runs(S), "user_runs"),
+        (keys::user_sends(S), "user_sends"),
+        (keys::seq(S), "session_seq"),
+        (keys::events(S), "events"),
+        (keys::run(S), "run_lock"),
+        (keys::owner(S), "owner"),
+        (keys::pending(S), "pending"),
+        (keys::prompt(S), "prompt"),
+        (keys::batch(S, S), "batch"),
+    ];
+    let matches = |pattern: &str| {
+        let parts: Vec<&str> = pattern.split(S).collect();
+        key.starts_with(parts[0]) && key.ends_with(parts[parts.len() - 1]) && parts.iter().all(|p| key.contains(p))
+    };
+    by_shape.iter().find(|(pattern, _)| matches(pattern)).map_or("other", |(_, class)| class)
 }
 
 /// Key kinds that stay by design: a finished session's seq counter (a day),
@@ -694,4 +699,31 @@ pub async fn redis_after_retention(ctx: &Ctx, url: &str, baseline: &RedisUsage) 
         "baseline_dataset_bytes": baseline.dataset, "after_dataset_bytes": last.dataset,
         "keys_after": last.keys, "seconds_until_only_lasting_keys": waited.as_secs(),
     })
+}
+
+#[cfg(test)]
+mod key_class_tests {
+    use super::*;
+
+    #[test]
+    fn gateway_keys_are_classed_by_the_keys_module() {
+        let classes = [
+            (keys::RUNS_INDEX.to_string(), "runs_index"),
+            (keys::SWEEP_LOCK.to_string(), "sweep_lock"),
+            (keys::seq("a.b-1"), "session_seq"),
+            (keys::events("s"), "events"),
+            (keys::run("s"), "run_lock"),
+            (keys::owner("s"), "owner"),
+            (keys::pending("s"), "pending"),
+            (keys::prompt("s"), "prompt"),
+            (keys::batch("s", "0f3a"), "batch"),
+            (keys::permission("rq-1"), "permission"),
+            (keys::user_runs("42"), "user_runs"),
+            (keys::user_sends("42"), "user_sends"),
+            ("cg:something-else".to_string(), "other"),
+        ];
+        for (key, class) in classes {
+            assert_eq!(key_class(&key), class, "{key}");
+        }
+    }
 }
