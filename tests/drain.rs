@@ -125,30 +125,57 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// The real `chatgate` binary, serving on a free port with a short drain grace.
+struct Binary {
+    child: tokio::process::Child,
+    addr: String,
+    database_url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Binary {
+    async fn start(db: Db, extra: &[&str]) -> Binary {
+        let dir = tempfile::tempdir().unwrap();
+        let config = common::config(db, &dir);
+        let addr = format!("127.0.0.1:{}", free_port());
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_chatgate"))
+            .args(["serve", "--listen", &addr, "--database-url", &config.database_url, "--jwt-secret", SECRET])
+            .arg("--workspaces-root")
+            .arg(config.workspaces_root.as_ref().unwrap())
+            .args(["--drain-grace", "500ms", "--providers", "script"])
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chatgate binary starts");
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !http.get(format!("http://{addr}/healthz")).send().await.is_ok_and(|r| r.status().is_success()) {
+            assert!(Instant::now() < deadline, "chatgate never answered /healthz");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Binary { child, addr, database_url: config.database_url, _dir: dir }
+    }
+
+    fn sigterm(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id().unwrap() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    }
+
+    async fn exit_code(&mut self) -> Option<i32> {
+        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.expect("exits").unwrap();
+        status.code()
+    }
+}
+
 /// The real `chatgate` binary gets SIGTERM during a run: its socket is closed
 /// with 1012, the run ends with a terminal `complete` in history, exit code 0.
 async fn sigterm_ends_the_run_and_exits_0(db: Db) {
-    let dir = tempfile::tempdir().unwrap();
-    let config = common::config(db, &dir);
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_chatgate"))
-        .args(["serve", "--listen", &addr, "--database-url", &config.database_url, "--jwt-secret", SECRET])
-        .arg("--workspaces-root")
-        .arg(config.workspaces_root.as_ref().unwrap())
-        .args(["--drain-grace", "500ms", "--providers", "script"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("chatgate binary starts");
-    let base = format!("http://{addr}");
+    let mut binary = Binary::start(db, &[]).await;
+    let (addr, base) = (binary.addr.clone(), format!("http://{}", binary.addr));
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !http.get(format!("{base}/healthz")).send().await.is_ok_and(|r| r.status().is_success()) {
-        assert!(Instant::now() < deadline, "chatgate never answered /healthz");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let token = mint(&user(), Duration::from_secs(600));
     let created: Value = http
         .post(format!("{base}/api/providers/sessions"))
@@ -165,13 +192,11 @@ async fn sigterm_ends_the_run_and_exits_0(db: Db) {
     ws.send_chat(&id, &paced(400, 10)).await;
     ws.recv_until(|v| v["kind"] == "stream_delta").await;
 
-    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    binary.sigterm();
     assert_eq!(ws.closed(Duration::from_secs(3)).await, Some(1012));
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.expect("exits").unwrap();
-    assert_eq!(status.code(), Some(0), "{status}");
+    assert_eq!(binary.exit_code().await, Some(0));
 
-    let store = chatgate::store::Store::connect(&config.database_url).await.unwrap();
+    let store = chatgate::store::Store::connect(&binary.database_url).await.unwrap();
     let page = store.messages(&id, None, 0).await.unwrap();
     let complete = page.messages.last().expect("history written");
     assert_eq!(complete["kind"], "complete", "{:#?}", page.messages);
@@ -179,9 +204,36 @@ async fn sigterm_ends_the_run_and_exits_0(db: Db) {
     store.close().await;
 }
 
+/// A node with nothing to wait for exits at once on SIGTERM, yet only after every
+/// socket's 1012 went out: a WebSocket is not one of the HTTP server's connections,
+/// so the drain waits for the socket tasks themselves. Whether a socket task loses the
+/// race against the process exit is timing, so the test drains a few crowded nodes.
+async fn sigterm_with_no_runs_closes_every_socket_with_1012_before_exiting(db: Db) {
+    const SOCKETS: usize = 400;
+    const ROUNDS: usize = 3;
+    let limit = SOCKETS.to_string();
+    for round in 0..ROUNDS {
+        let mut binary = Binary::start(db, &["--conn-burst-per-ip", &limit, "--max-sockets-per-user", &limit]).await;
+        let url = format!("ws://{}/ws?token={}", binary.addr, mint(&user(), Duration::from_secs(600)));
+        let mut sockets = Vec::new();
+        for _ in 0..SOCKETS {
+            sockets.push(Ws::connect(&url).await);
+        }
+        binary.sigterm();
+        let mut codes = Vec::new();
+        for ws in &mut sockets {
+            codes.push(ws.closed(Duration::from_secs(5)).await);
+        }
+        let not_1012 = codes.iter().filter(|c| **c != Some(1012)).count();
+        assert_eq!(not_1012, 0, "round {round}: {not_1012} of {SOCKETS} sockets not closed with 1012");
+        assert_eq!(binary.exit_code().await, Some(0));
+    }
+}
+
 db_tests!(
     drain_lets_runs_finish_within_the_grace,
     short_grace_ends_runs_with_a_terminal_complete,
     readyz_is_503_while_draining,
     sigterm_ends_the_run_and_exits_0,
+    sigterm_with_no_runs_closes_every_socket_with_1012_before_exiting,
 );

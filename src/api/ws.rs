@@ -100,6 +100,7 @@ pub async fn upgrade(State(state): State<AppState>, parts: Parts) -> Response {
 
 async fn serve(socket: WebSocket, state: AppState, identity: Identity, origin_refused: bool, slot: SocketSlot) {
     let _slot = slot;
+    let _open = state.gateway.track_socket();
     let (mut sink, mut stream) = socket.split();
     if origin_refused {
         let _ = sink.send(close_message(CloseReason::Policy)).await;

@@ -26,7 +26,10 @@ use std::{
     time::Duration,
 };
 
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::{
+    sync::CancellationToken,
+    task::{TaskTracker, task_tracker::TaskTrackerToken},
+};
 
 pub use connection::Connection;
 pub use history::HistoryWriter;
@@ -36,6 +39,10 @@ pub use run::StopReason;
 pub use transcript::DraftPolicy;
 
 use crate::{runs::SharedRegistry, runtime::Runtimes, store::Store};
+
+/// How long the drain waits for socket tasks to finish their closing handshake
+/// (the socket task lingers at most twice 2 s: for the peer's Close, then its writer).
+const SOCKETS_CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// Node settings the gateway logic needs.
 #[derive(Debug, Clone)]
@@ -73,6 +80,8 @@ pub struct Gateway {
     admission: tokio::sync::RwLock<()>,
     /// Cancelled when the node drains: sockets close with 1012.
     pub sockets_closing: CancellationToken,
+    /// Every open socket task, so the drain ends only after their close frames went out.
+    sockets: TaskTracker,
     /// How runs store their open streams' drafts (cluster mode only).
     stream_drafts: Option<DraftPolicy>,
 }
@@ -97,6 +106,7 @@ impl Gateway {
             draining: AtomicBool::new(false),
             admission: tokio::sync::RwLock::new(()),
             sockets_closing: CancellationToken::new(),
+            sockets: TaskTracker::new(),
             stream_drafts,
         })
     }
@@ -124,6 +134,17 @@ impl Gateway {
             let _ = tokio::time::timeout(Duration::from_secs(10), self.tracker.wait()).await;
         }
         self.history.flush().await;
+        // An upgraded socket is not one of the HTTP server's connections: wait for the
+        // socket tasks themselves, or the process could exit before a 1012 reached the wire.
+        self.sockets.close();
+        if tokio::time::timeout(SOCKETS_CLOSE_WAIT, self.sockets.wait()).await.is_err() {
+            tracing::warn!(open = self.sockets.len(), "sockets still closing when the drain ended");
+        }
+    }
+
+    /// Held by a socket task for as long as it runs; the drain waits for all of them.
+    pub fn track_socket(&self) -> TaskTrackerToken {
+        self.sockets.token()
     }
 
     /// Stops every local run with `reason`.
