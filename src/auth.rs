@@ -88,7 +88,13 @@ impl Auth {
                 _ => None,
             })
             .ok_or(AuthError::NoUser)?;
-        let expires_at = claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
+        // A NumericDate may have a fraction (RFC 7519 §2): the socket expires at its whole second.
+        let expires_at = claims
+            .get("exp")
+            .and_then(|exp| {
+                exp.as_u64().or_else(|| exp.as_f64().filter(|f| f.is_finite() && *f >= 0.0).map(|f| f as u64))
+            })
+            .unwrap_or(0);
         Ok(Identity { user_id, expires_at })
     }
 }
@@ -119,6 +125,16 @@ mod tests {
         );
         assert_eq!(auth.verify(&sign(b"s", Algorithm::HS256, json!({"sub": "u2", "exp": exp}))).unwrap().user_id, "u2");
         assert_eq!(auth.verify(&auth.mint("u3", Duration::from_secs(60)).unwrap()).unwrap().user_id, "u3");
+    }
+
+    #[test]
+    fn a_fractional_exp_is_its_whole_second() {
+        let auth = Auth::new(b"s");
+        let exp = unix_now() + 60;
+        let identity =
+            auth.verify(&sign(b"s", Algorithm::HS256, json!({"userId": "u", "exp": exp as f64 + 0.75}))).unwrap();
+        assert_eq!(identity.expires_at, exp);
+        assert!(identity.remaining() > Duration::from_secs(50), "{:?}", identity.remaining());
     }
 
     #[test]
