@@ -132,7 +132,7 @@ pub struct Config {
     /// Inbound frames one socket may send at once (token bucket size).
     #[arg(long, env = "CHATGATE_FRAME_BURST", default_value = "200", value_parser = clap::value_parser!(u32).range(1..), global = true)]
     pub frame_burst: u32,
-    /// How long a client may take to send its HTTP request headers (slowloris guard; also the keep-alive idle limit).
+    /// How long a client may take to send its HTTP request headers, and a REST request its body (slowloris guard; also the keep-alive idle limit).
     #[arg(long, env = "CHATGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration, global = true)]
     pub handshake_timeout: Duration,
     /// Largest REST request body.

@@ -164,6 +164,7 @@ impl Node {
                 workspaces_root,
                 ping_interval: config.ping_interval,
                 max_body_bytes: config.max_body_bytes,
+                body_timeout: config.handshake_timeout,
             }),
             metrics,
             connection_limits: Arc::new(ConnectionLimits::new(LimitSettings::from_config(config))),

@@ -473,6 +473,44 @@ async fn slow_request_headers_are_cut_off() {
     echo_run(&mut ws, &session, 1).await;
 }
 
+/// A REST body trickled in must still arrive whole within the timeout (counted from the
+/// end of the head): 408 in the error envelope, nothing created, the node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_rest_bodies_are_cut_off_with_408() {
+    let node = TestNode::start_with(Db::Sqlite, |c| c.handshake_timeout = Duration::from_secs(1)).await;
+    let token = node.token(&user());
+    let before = refusals(&node, "handshake_timeout").await;
+    let project = node.workspaces.join("proj");
+    let body = json!({ "provider": "script", "projectPath": project }).to_string();
+    let head = format!(
+        "POST /api/providers/sessions HTTP/1.1\r\nHost: chatgate\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let started = tokio::time::Instant::now();
+    let mut slow = TcpStream::connect(node.node().addr).await.unwrap();
+    slow.write_all(head.as_bytes()).await.unwrap();
+    // One byte every 200 ms: never idle for long, but the whole body would take seconds.
+    let mut response = Vec::new();
+    for byte in body.as_bytes().iter().take(15) {
+        if slow.write_all(&[*byte]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut response)).await;
+    let elapsed = started.elapsed();
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    assert!(response.contains("\"REQUEST_TIMEOUT\""), "{response}");
+    assert!(elapsed >= Duration::from_millis(900), "answered after {elapsed:?}, before the timeout");
+    assert!(refusals(&node, "handshake_timeout").await > before);
+    // Nothing was created; a body sent at once is served.
+    let (_, list) = node.request("GET", "/api/providers/sessions", &token, None).await;
+    assert_eq!(list["data"]["total"], 0, "{list}");
+    node.create_session(&token, "script").await;
+}
+
 // ---------------------------------------------------------------- 7. REST body size
 
 async fn rest_bodies_over_the_limit_get_413(db: Db) {

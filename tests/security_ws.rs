@@ -374,16 +374,11 @@ fn deep_objects(n: usize) -> String {
     format!("{}1{}", r#"{"a":"#.repeat(n), "}".repeat(n))
 }
 
-/// The socket closes without answering, with close code `want` (None: a normal or protocol close).
-async fn assert_closed(ws: &mut Ws, want: Option<u16>, what: &str) {
+/// The socket closes without answering, with close code `want`.
+async fn assert_closed(ws: &mut Ws, want: u16, what: &str) {
     match ws.try_recv(Duration::from_secs(5)).await {
         Some(Ok(frame)) => panic!("{what}: answered instead of closed: {frame}"),
-        Some(Err(code)) => match want {
-            Some(_) => assert_eq!(code, want, "{what}: close code"),
-            // Interface §3 names no code for these; a close frame is sent
-            // (1000 today; RFC 6455 suggests 1007 / 1002).
-            None => assert!(matches!(code, Some(1000 | 1002 | 1007)), "{what}: close code {code:?}"),
-        },
+        Some(Err(code)) => assert_eq!(code, Some(want), "{what}: close code"),
         None => panic!("{what}: socket still open"),
     }
 }
@@ -471,7 +466,7 @@ async fn bombs_and_huge_strings_get_answers_and_spare_everyone_else(db: Db) {
 
     // Frames that end the socket: fragmented past the limit (1009), invalid
     // UTF-8 (whole or across fragments), a reserved opcode.
-    let closers: Vec<(&str, Vec<Frame>, Option<u16>)> = vec![
+    let closers: Vec<(&str, Vec<Frame>, u16)> = vec![
         (
             "three 400 KiB fragments",
             vec![
@@ -488,7 +483,7 @@ async fn bombs_and_huge_strings_get_answers_and_spare_everyone_else(db: Db) {
                     true,
                 ),
             ],
-            Some(1009),
+            1009,
         ),
         (
             "invalid UTF-8",
@@ -497,7 +492,7 @@ async fn bombs_and_huge_strings_get_answers_and_spare_everyone_else(db: Db) {
                 OpCode::Data(Data::Text),
                 true,
             )],
-            None,
+            1007,
         ),
         (
             "UTF-8 split across fragments, then invalid",
@@ -505,13 +500,13 @@ async fn bombs_and_huge_strings_get_answers_and_spare_everyone_else(db: Db) {
                 Frame::message(b"{\"type\":\"\xc3".to_vec(), OpCode::Data(Data::Text), false),
                 Frame::message(b"\x28\"}".to_vec(), OpCode::Data(Data::Continue), true),
             ],
-            None,
+            1007,
         ),
-        ("reserved opcode 3", vec![Frame::message(b"{}".to_vec(), OpCode::Data(Data::Reserved(3)), true)], None),
+        ("reserved opcode 3", vec![Frame::message(b"{}".to_vec(), OpCode::Data(Data::Reserved(3)), true)], 1002),
         (
             "continuation without a start",
             vec![Frame::message(b"{}".to_vec(), OpCode::Data(Data::Continue), true)],
-            None,
+            1002,
         ),
     ];
     for (what, frames, code) in closers {

@@ -5,6 +5,7 @@
 //! [`ApiError`]s, answered in upstream's envelope.
 
 mod auth;
+mod body;
 mod error;
 mod health;
 pub mod serve;
@@ -22,7 +23,7 @@ use axum::{
     routing::{get, post},
 };
 use metrics_exporter_prometheus::PrometheusHandle;
-use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::{limit::RequestBodyLimitLayer, timeout::RequestBodyDeadlineLayer};
 
 pub use error::ApiError;
 
@@ -41,6 +42,8 @@ pub struct ApiSettings {
     pub ping_interval: Duration,
     /// `--max-body-bytes`: largest REST request body.
     pub max_body_bytes: usize,
+    /// `--handshake-timeout`: how long a REST request body may take to arrive.
+    pub body_timeout: Duration,
 }
 
 /// Shared state of every handler.
@@ -72,6 +75,7 @@ pub fn router(state: AppState) -> Router {
         .route("/app.css", get(web::app_css))
         .route("/client/chatgate.js", get(web::client_js))
         .layer(RequestBodyLimitLayer::new(max_body_bytes))
+        .layer(RequestBodyDeadlineLayer::new(state.settings.body_timeout))
         .layer(middleware::map_response(move |response: Response| async move {
             body_too_large_envelope(response, max_body_bytes)
         }))

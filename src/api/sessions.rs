@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 
 use axum::{
-    body::Bytes,
     extract::{Path, Query, State},
     http::StatusCode,
     response::Response,
@@ -14,7 +13,7 @@ use axum::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, AppState, auth::User, error::ok};
+use super::{ApiError, AppState, auth::User, body::RequestBody, error::ok};
 use crate::{
     gateway::{
         options::{PathRefusal, resolve_project_path},
@@ -63,7 +62,7 @@ fn check_id(id: &str) -> Result<(), ApiError> {
     }
 }
 
-fn json_body(body: &Bytes) -> Result<serde_json::Map<String, Value>, ApiError> {
+fn json_body(body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(map)) => Ok(map),
         _ => Err(ApiError::bad_request("INVALID_REQUEST_BODY", "The request body must be a JSON object.")),
@@ -82,7 +81,11 @@ async fn session_json(state: &AppState, row: &SessionRow) -> Result<Value, ApiEr
 }
 
 /// `POST /api/providers/sessions`
-pub async fn create(State(state): State<AppState>, User(user): User, body: Bytes) -> Result<Response, ApiError> {
+pub async fn create(
+    State(state): State<AppState>,
+    User(user): User,
+    RequestBody(body): RequestBody,
+) -> Result<Response, ApiError> {
     let body = json_body(&body)?;
     let provider = body.get("provider").and_then(Value::as_str).unwrap_or("").trim().to_string();
     if !state.gateway.runtimes.contains_key(&provider) {
@@ -197,7 +200,7 @@ pub async fn rename(
     State(state): State<AppState>,
     User(user): User,
     Path(id): Path<String>,
-    body: Bytes,
+    RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
     check_id(&id)?;
     let body = json_body(&body)?;

@@ -4,8 +4,8 @@
 //! reads frames and dispatches verbs; a writer task drains the outbox, pings
 //! every interval and closes with the reason the outbox carries (4008 slow
 //! consumer, 4401 token expired, 1012 draining, 1009 frame too large, 1008
-//! frame flood). The abuse limits of the upgrade and of inbound frames are
-//! decided in [`crate::gateway::limits`].
+//! frame flood, 1007 text not UTF-8, 1002 broken framing). The abuse limits
+//! of the upgrade and of inbound frames are decided in [`crate::gateway::limits`].
 
 use std::{
     net::SocketAddr,
@@ -179,11 +179,7 @@ async fn serve(socket: WebSocket, state: AppState, identity: Identity, origin_re
                     }
                 },
                 Some(Err(e)) => {
-                    if is_too_large(e) {
-                        outbox.close(CloseReason::TooLarge);
-                    } else {
-                        outbox.close(CloseReason::Normal);
-                    }
+                    outbox.close(read_error_close(e));
                     break;
                 }
             },
@@ -281,7 +277,13 @@ fn close_message(reason: CloseReason) -> Message {
 }
 
 /// True when the read failed because a frame passed `--max-frame-bytes`.
-fn is_too_large(error: axum::Error) -> bool {
-    let inner = error.into_inner();
-    matches!(inner.downcast_ref::<tungstenite::Error>(), Some(tungstenite::Error::Capacity(_)))
+/// The close a failed read earns: the peer's fault gets its RFC 6455 code; a
+/// connection that simply went away gets a normal close (which it may never see).
+fn read_error_close(error: axum::Error) -> CloseReason {
+    match error.into_inner().downcast_ref::<tungstenite::Error>() {
+        Some(tungstenite::Error::Capacity(_)) => CloseReason::TooLarge,
+        Some(tungstenite::Error::Utf8(_)) => CloseReason::InvalidUtf8,
+        Some(tungstenite::Error::Protocol(_)) => CloseReason::ProtocolViolation,
+        _ => CloseReason::Normal,
+    }
 }

@@ -25,6 +25,10 @@ pub enum CloseReason {
     Draining,
     /// 1009: an inbound frame was too large.
     TooLarge,
+    /// 1007: an inbound text frame was not UTF-8.
+    InvalidUtf8,
+    /// 1002: the peer broke the WebSocket framing (reserved opcode, stray continuation, …).
+    ProtocolViolation,
     /// 1008: policy (Origin refused).
     Policy,
     /// 1008: the client kept flooding frames far beyond `--frame-rate`.
@@ -40,6 +44,8 @@ impl CloseReason {
             CloseReason::TokenExpired => 4401,
             CloseReason::Draining => 1012,
             CloseReason::TooLarge => 1009,
+            CloseReason::InvalidUtf8 => 1007,
+            CloseReason::ProtocolViolation => 1002,
             CloseReason::Policy | CloseReason::Flood => 1008,
             CloseReason::Normal => 1000,
         }
@@ -51,6 +57,8 @@ impl CloseReason {
             CloseReason::TokenExpired => "token expired",
             CloseReason::Draining => "node draining",
             CloseReason::TooLarge => "frame too large",
+            CloseReason::InvalidUtf8 => "text frame not UTF-8",
+            CloseReason::ProtocolViolation => "protocol violation",
             CloseReason::Policy => "origin not allowed",
             CloseReason::Flood => "inbound frame rate exceeded",
             CloseReason::Normal => "bye",
