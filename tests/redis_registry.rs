@@ -125,6 +125,9 @@ fn assert_owner_lost(event: &Event, session_id: &str, run_id: &str) {
     assert_eq!(v["aborted"], false);
     assert_eq!(v["error"], "run owner lost");
     assert_eq!(v["seq"], event.seq);
+    // Shaped like the owner's own `complete`.
+    assert_eq!(v["actualSessionId"], session_id);
+    assert!(v["id"].as_str().is_some_and(|id| id.starts_with("complete_")), "{v}");
 }
 
 /// A `redis-server` owned by one test, on a free port, without persistence.

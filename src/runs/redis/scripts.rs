@@ -69,8 +69,9 @@ local function retake(run, owner, seq_key, events, owner_json, lease_ms, floor, 
 end
 
 local function orphan_complete(run_id, provider, session_id, event_id, timestamp, error_text)
-  return cjson.encode({id = event_id, kind = 'complete', sessionId = session_id, provider = provider,
-    timestamp = timestamp, runId = run_id, exitCode = 1, success = false, aborted = false, error = error_text})
+  return cjson.encode({id = 'complete_' .. event_id, kind = 'complete', sessionId = session_id,
+    provider = provider, timestamp = timestamp, runId = run_id, exitCode = 1, success = false,
+    aborted = false, error = error_text, actualSessionId = session_id})
 end
 
 local function holds(lock, run_id)
