@@ -14,7 +14,13 @@ use serde_json::{Map, Value, json};
 pub enum AuthError {
     #[error("missing token")]
     Missing,
-    #[error("invalid token: {0}")]
+    #[error("token expired")]
+    Expired,
+    #[error("token not valid yet")]
+    NotYetValid,
+    /// Forged, malformed, another algorithm, no `exp`, …: the detail (the
+    /// library's words) goes to the debug log, never to the client.
+    #[error("invalid token")]
     Invalid(String),
     #[error("token names no user (userId or sub)")]
     NoUser,
@@ -35,6 +41,12 @@ impl Identity {
     pub fn remaining(&self) -> Duration {
         Duration::from_secs(self.expires_at.saturating_sub(unix_now()))
     }
+}
+
+/// Whether a `userId` string names a user: not blank, and no NUL (which
+/// PostgreSQL text cannot store). Kept verbatim: " alice" is not "alice".
+pub fn names_a_user(user_id: &str) -> bool {
+    !user_id.trim().is_empty() && !user_id.contains('\0')
 }
 
 /// Signs and verifies tokens with one HS256 secret.
@@ -74,16 +86,23 @@ impl Auth {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.decoding, &self.validation)
-            .map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let data =
+            jsonwebtoken::decode::<Map<String, Value>>(token, &self.decoding, &self.validation).map_err(|e| match e
+                .kind()
+            {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                jsonwebtoken::errors::ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                _ => {
+                    tracing::debug!(error = %e, "token refused");
+                    AuthError::Invalid(e.to_string())
+                }
+            })?;
         let claims = data.claims;
         let user_id = [claims.get("userId"), claims.get("sub")]
             .into_iter()
             .flatten()
             .find_map(|v| match v {
-                // Verbatim: " alice" is not "alice" (trimming would merge two identities).
-                // A NUL cannot be stored (PostgreSQL text), so it names no user.
-                Value::String(s) if !s.trim().is_empty() && !s.contains('\0') => Some(s.clone()),
+                Value::String(s) if names_a_user(s) => Some(s.clone()),
                 Value::Number(n) => Some(n.to_string()),
                 _ => None,
             })
@@ -149,9 +168,14 @@ mod tests {
         let no_user = sign(b"s", Algorithm::HS256, json!({"exp": exp}));
         // alg: none — header {"alg":"none","typ":"JWT"}, no signature.
         let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJ1c2VySWQiOiJ1IiwiZXhwIjo5OTk5OTk5OTk5fQ.";
-        for token in [forged, expired, no_exp, hs512, not_yet, none.to_string(), "garbage".into()] {
-            assert!(matches!(auth.verify(&token), Err(AuthError::Invalid(_))), "{token}");
+        for token in [forged, no_exp, hs512, none.to_string(), "garbage".into()] {
+            let refused = auth.verify(&token);
+            assert!(matches!(refused, Err(AuthError::Invalid(_))), "{token}");
+            // The client is told no more than that.
+            assert_eq!(refused.unwrap_err().to_string(), "invalid token");
         }
+        assert_eq!(auth.verify(&expired), Err(AuthError::Expired));
+        assert_eq!(auth.verify(&not_yet), Err(AuthError::NotYetValid));
         assert_eq!(auth.verify(&no_user), Err(AuthError::NoUser));
         let nul_user = sign(b"s", Algorithm::HS256, json!({"userId": "a\u{0}b", "exp": exp}));
         assert_eq!(auth.verify(&nul_user), Err(AuthError::NoUser));

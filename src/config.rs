@@ -29,7 +29,7 @@ pub enum Command {
     /// Print a JWT for a user, signed with the configured secret.
     Token {
         /// The user id to put in the `userId` claim.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_user_id)]
         user: String,
         /// Lifetime of the token (`ms`, `s`, `m`, `h`).
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
@@ -208,6 +208,15 @@ impl Config {
     pub fn for_tests() -> Config {
         let cli = Cli::parse_from(["chatgate", "--listen", "127.0.0.1:0", "--database-url", "sqlite::memory:"]);
         cli.config
+    }
+}
+
+/// `token --user`: an id the server will accept as a user.
+fn parse_user_id(raw: &str) -> Result<String, String> {
+    if crate::auth::names_a_user(raw) {
+        Ok(raw.to_string())
+    } else {
+        Err("a user id must not be blank or contain NUL".to_string())
     }
 }
 

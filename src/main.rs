@@ -39,10 +39,27 @@ fn main() -> ExitCode {
         Err(e) => {
             let config_error = e.downcast_ref::<ConfigError>().is_some()
                 || matches!(e.downcast_ref::<NodeError>(), Some(NodeError::Config(_)));
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             if config_error { ExitCode::from(EXIT_CONFIG) } else { ExitCode::FAILURE }
         }
     }
+}
+
+/// The error and its causes on one line, each said once: a cause whose text its
+/// wrapper already quotes is left out.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn init_logging(format: &str) {

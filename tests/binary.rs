@@ -33,7 +33,7 @@ fn run(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
 #[test]
 fn bad_config_is_one_line_naming_the_flag_and_exit_2() {
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 11] = [
+    let cases: [Case; 13] = [
         (&["--run-lease", "soon"], &[], "--run-lease"),
         (&["--trusted-proxies", "10.0.0.0/8,lb"], &[], "--trusted-proxies"),
         (&[], &[("CHATGATE_MAX_SENDS_PER_MINUTE", "0")], "--max-sends-per-minute"),
@@ -45,6 +45,8 @@ fn bad_config_is_one_line_naming_the_flag_and_exit_2() {
         (&["--redis-url", "redis://127.0.0.1:6379"], &[], "--jwt-secret"),
         (&[], &[("CHATGATE_MAX_FRAME_BYTES", "lots")], "--max-frame-bytes"),
         (&["token", "--user", "u"], &[], "--jwt-secret"),
+        (&["token", "--user", ""], &[("CHATGATE_JWT_SECRET", "s3")], "--user"),
+        (&["token", "--user", "  "], &[("CHATGATE_JWT_SECRET", "s3")], "--user"),
     ];
     for (args, envs, flag) in cases {
         let (code, _, stderr) = run(args, envs);
@@ -68,6 +70,30 @@ fn token_and_migrate() {
     assert_eq!(code, 0, "{stderr}");
     let (code, _, _) = run(&["migrate", "--database-url", &common::pg_url()], &[]);
     assert_eq!(code, 0);
+}
+
+/// A start that fails past parsing (a database that cannot be opened, a taken
+/// port) is one line too, naming the flag, each cause said once; exit 1.
+#[test]
+fn start_failures_are_one_line_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let unopenable = format!("sqlite://{}?mode=rw", dir.path().join("missing/x.db").display());
+    let (code, _, stderr) = run(&["serve", "--listen", "127.0.0.1:0", "--database-url", &unopenable], &[]);
+    assert_eq!(code, 1, "{stderr}");
+    let line = stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("{stderr}"));
+    assert!(line.contains("--database-url"), "{line}");
+    let cause = line.rsplit(": ").next().unwrap();
+    assert_eq!(line.matches(cause).count(), 1, "a cause repeated: {line}");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let db = format!("sqlite://{}?mode=rwc", dir.path().join("ok.db").display());
+    let (code, _, stderr) = run(&["serve", "--listen", &addr, "--database-url", &db], &[]);
+    assert_eq!(code, 1, "{stderr}");
+    let line = stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("{stderr}"));
+    assert!(line.contains(&addr), "{line}");
+    let cause = line.rsplit(": ").next().unwrap();
+    assert_eq!(line.matches(cause).count(), 1, "a cause repeated: {line}");
 }
 
 /// Starts the binary; returns it and the lines it printed on stdout at start.

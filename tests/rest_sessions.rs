@@ -256,7 +256,9 @@ async fn delete_archives_and_restore_brings_back(db: Db) {
     assert_eq!(node.history(&token, &id).await["messages"].as_array().unwrap(), &stored);
     let mut ws = node.connect(&token).await;
     ws.send_chat(&id, "hi").await;
-    common::assert_protocol_error(&ws.recv_reply().await, "SESSION_NOT_FOUND");
+    let refused = ws.recv_reply().await;
+    common::assert_protocol_error(&refused, "SESSION_NOT_FOUND");
+    assert!(refused["error"].as_str().is_some_and(|e| e.contains("archived") && e.contains("/restore")), "{refused}");
 
     let got = node.request("POST", &format!("{SESSIONS}/{id}/restore"), &token, None).await;
     assert_eq!(assert_ok(&got, 200), json!({ "sessionId": id, "isArchived": false }));
@@ -481,6 +483,22 @@ async fn invalid_session_ids_are_400_on_every_route(db: Db) {
     assert_error(&node.request("GET", &format!("{SESSIONS}/{max}"), &token, None).await, 404, "SESSION_NOT_FOUND");
 }
 
+/// A path or method no route serves is answered in the envelope too, not an empty body.
+async fn unknown_routes_and_methods_answer_in_the_envelope(db: Db) {
+    let node = TestNode::start(db).await;
+    let token = node.token(&user());
+    let id = node.create_session(&token, "script").await;
+    assert_error(&node.request("GET", "/api/nope", &token, None).await, 404, "NOT_FOUND");
+    assert_error(&node.request("GET", &format!("{SESSIONS}/{id}/nope"), &token, None).await, 404, "NOT_FOUND");
+    let patched = node.request("PATCH", &format!("{SESSIONS}/{id}"), &token, Some(json!({ "summary": "x" }))).await;
+    assert_error(&patched, 405, "METHOD_NOT_ALLOWED");
+    assert_error(&node.request("DELETE", SESSIONS, &token, None).await, 405, "METHOD_NOT_ALLOWED");
+    // Nothing changed.
+    let (status, shown) = node.request("GET", &format!("{SESSIONS}/{id}"), &token, None).await;
+    assert_eq!(status, 200, "{shown}");
+    assert_ne!(shown["data"]["summary"], "x", "{shown}");
+}
+
 async fn another_users_session_is_404_everywhere_and_never_listed(db: Db) {
     let node = TestNode::start(db).await;
     let (alice, bob) = (node.token(&user()), node.token(&user()));
@@ -635,6 +653,7 @@ db_tests!(
     messages_page_from_the_newest,
     history_equals_what_streamed,
     invalid_session_ids_are_400_on_every_route,
+    unknown_routes_and_methods_answer_in_the_envelope,
     another_users_session_is_404_everywhere_and_never_listed,
     bad_tokens_are_401_on_every_route,
     query_token_and_numeric_or_sub_user_ids,

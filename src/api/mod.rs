@@ -74,12 +74,24 @@ pub fn router(state: AppState) -> Router {
         .route("/app.js", get(web::app_js))
         .route("/app.css", get(web::app_css))
         .route("/client/chatgate.js", get(web::client_js))
+        .fallback(no_route)
+        .method_not_allowed_fallback(no_method)
         .layer(RequestBodyLimitLayer::new(max_body_bytes))
         .layer(RequestBodyDeadlineLayer::new(state.settings.body_timeout))
         .layer(middleware::map_response(move |response: Response| async move {
             body_too_large_envelope(response, max_body_bytes)
         }))
         .with_state(state)
+}
+
+/// A path no route serves, answered in the REST error envelope.
+async fn no_route() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "No such route.")
+}
+
+/// A method the path does not take, answered in the REST error envelope.
+async fn no_method() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED", "This route does not take that method.")
 }
 
 /// A 413 (from the body limit layer, or a body extractor that hit it while

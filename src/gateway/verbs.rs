@@ -84,7 +84,15 @@ impl Gateway {
         }
         match self.store.session(&conn.user_id, session_id).await {
             Ok(Some(row)) if !row.is_archived => Ok(row),
-            Ok(_) => Err(not_found()),
+            // The caller's own session: say why, and how to bring it back.
+            Ok(Some(_)) => Err(ProtocolError::new(
+                ErrorCode::SessionNotFound,
+                format!(
+                    "Session \"{session_id}\" is archived. Restore it via POST /api/providers/sessions/{session_id}/restore first."
+                ),
+            )
+            .with_session(session_id)),
+            Ok(None) => Err(not_found()),
             Err(e) => {
                 metrics::counter!("chatgate_backend_errors_total", "backend" => "database").increment(1);
                 tracing::warn!(error = %e, "session lookup failed");
