@@ -747,3 +747,42 @@ async fn a_reaped_run_s_terminal_complete_is_kept_in_history() {
     let history = b.history_complete(&token, &session, complete["seq"].as_u64()).await;
     assert_eq!(history.last().unwrap()["error"], "run owner lost");
 }
+
+/// The owner appended its run's `complete` and died before storing it in SQL: the
+/// `saving` marker and the index entry it leaves lead a sweeper to copy the complete.
+/// (Killing a node inside that window cannot be timed, so the test puts history and
+/// Redis back into the state the dead owner leaves: the complete row gone, the marker set.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_its_owner_died_before_storing_reaches_history() {
+    let redis = PrivateRedis::start();
+    let lease = |c: &mut Config| c.run_lease = Duration::from_millis(900);
+    let a = cluster_node(&redis.url(), &unique("owner"), lease).await;
+    let b = cluster_node(&redis.url(), &unique("sweeper"), lease).await;
+    let token = a.token(&user());
+    let session = a.create_session(&token, "script").await;
+    let mut ws = a.connect(&token).await;
+    ws.send_chat(&session, "three little words").await;
+    let complete = ws.run_events(&session).await.pop().unwrap();
+    let seq = complete["seq"].as_u64().unwrap();
+    let run_id = complete["runId"].as_str().unwrap().to_string();
+    let stored = a.history_complete(&token, &session, Some(seq)).await;
+
+    let pool = sqlx::PgPool::connect(&a.config.database_url).await.unwrap();
+    let deleted = sqlx::query("DELETE FROM messages WHERE session_id = $1 AND seq = $2")
+        .bind(&session)
+        .bind(i64::try_from(seq).unwrap())
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(deleted.rows_affected(), 1);
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let _: () = conn.set_ex(keys::saving(&session, &run_id), seq, 60).await.unwrap();
+    let _: () = conn.zadd(keys::RUNS_INDEX, json!([session, run_id]).to_string(), 1).await.unwrap();
+
+    let restored = b.history_complete(&token, &session, Some(seq)).await;
+    assert_eq!(restored, stored, "the copied complete is the streamed one");
+    assert_eq!(restored.last().unwrap()["id"], complete["id"]);
+    let marker: bool = conn.exists(keys::saving(&session, &run_id)).await.unwrap();
+    assert!(!marker, "the marker is cleared");
+    pool.close().await;
+}

@@ -632,11 +632,17 @@ async fn finished_runs_leave_only_expiring_keys() {
     let member = json!([s, "r1"]).to_string();
     let indexed: Option<f64> = conn.zscore(keys::RUNS_INDEX, &member).await.unwrap();
     assert!(indexed.is_some());
-    registry.complete(&grant.lease, complete_body(&s, "r1")).await.unwrap();
+    let complete = registry.complete(&grant.lease, complete_body(&s, "r1")).await.unwrap();
 
     for gone in [keys::run(&s), keys::owner(&s), keys::pending(&s), keys::permission("rq-x")] {
         assert!(!conn.exists::<_, bool>(&gone).await.unwrap(), "{gone} is deleted at complete");
     }
+    // Until the owner stored the complete in SQL, the sweeper's lead to it stays.
+    assert!(!conn.sismember::<_, _, bool>(keys::user_runs(&user), &member).await.unwrap(), "not running any more");
+    let saving: Option<u64> = conn.get(keys::saving(&s, "r1")).await.unwrap();
+    assert_eq!(saving, Some(complete.seq));
+    registry.history_saved(&grant.lease).await;
+    assert!(!conn.exists::<_, bool>(keys::saving(&s, "r1")).await.unwrap());
     let events_ttl: i64 = conn.pttl(keys::events(&s)).await.unwrap();
     assert!(events_ttl > 0 && events_ttl <= 60_000, "the replay window expires after the retention: {events_ttl}");
     let seq_ttl: i64 = conn.pttl(keys::seq(&s)).await.unwrap();
@@ -651,6 +657,7 @@ async fn finished_runs_leave_only_expiring_keys() {
         let grant = registry.start_run(start(&registry, &s, &run_id, &user)).await.unwrap();
         registry.append(&grant.lease, bodies(&s, &run_id, 1)).await.unwrap();
         registry.complete(&grant.lease, complete_body(&s, &run_id)).await.unwrap();
+        registry.history_saved(&grant.lease).await;
     }
     let pattern = format!("cg:{{{s}}}:*");
     let mut keys_left: Vec<String> = Vec::new();
@@ -670,6 +677,56 @@ async fn finished_runs_leave_only_expiring_keys() {
     assert!(registry.running_runs(&user).await.unwrap().is_empty());
     let user_index: u64 = conn.scard(keys::user_runs(&user)).await.unwrap();
     assert_eq!(user_index, 0);
+}
+
+/// An owner that appended its run's `complete` and died before storing it in SQL (the
+/// history_saved call never came): a sweeper hands that event to the copier, once, and
+/// clears the marker and the index entry. A run whose owner did confirm is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_its_owner_did_not_store_is_handed_to_the_copier() {
+    let redis = PrivateRedis::start().await;
+    let url = redis.url();
+    let lease = Duration::from_millis(600);
+    let owner = node(&url, "unsaved-owner", lease).await;
+    let sweeper = node(&url, "unsaved-sweeper", lease).await;
+    let (mut a, mut b) = (owner.take_orphans().unwrap(), sweeper.take_orphans().unwrap());
+    let mut conn = raw(&url).await;
+    let (saved, unsaved) = (unique("saved"), unique("unsaved"));
+    let mut unsaved_seq = 0;
+    for s in [&saved, &unsaved] {
+        let grant = owner.start_run(start(&owner, s, "r1", "u")).await.unwrap();
+        owner.append(&grant.lease, bodies(s, "r1", 2)).await.unwrap();
+        let complete = owner.complete(&grant.lease, complete_body(s, "r1")).await.unwrap();
+        if s == &saved {
+            owner.history_saved(&grant.lease).await;
+        } else {
+            unsaved_seq = complete.seq;
+        }
+    }
+    let notice = tokio::time::timeout(WAIT, async {
+        tokio::select! { n = a.recv() => n, n = b.recv() => n }
+    })
+    .await
+    .expect("a sweeper hands the complete over")
+    .unwrap();
+    assert_eq!(notice.session_id, unsaved);
+    assert_eq!((notice.run_id.as_str(), notice.complete_seq, notice.unsaved_complete), ("r1", unsaved_seq, true));
+    let member = json!([unsaved, "r1"]).to_string();
+    eventually("marker and index entry cleared", || {
+        let mut conn = conn.clone();
+        let member = member.clone();
+        let key = keys::saving(&unsaved, "r1");
+        async move {
+            let indexed: Option<f64> = conn.zscore(keys::RUNS_INDEX, &member).await.unwrap();
+            indexed.is_none() && !conn.exists::<_, bool>(&key).await.unwrap()
+        }
+    })
+    .await;
+    // Once only, and nothing for the run whose owner stored its complete.
+    tokio::time::sleep(lease * 2).await;
+    assert!(a.try_recv().is_err() && b.try_recv().is_err(), "a second notice");
+    let left: u64 = conn.zcard(keys::RUNS_INDEX).await.unwrap();
+    assert_eq!(left, 0);
 }
 
 // ---------------------------------------------------------------- cost

@@ -1,4 +1,5 @@
-//! Copies into SQL the events of runs this node ended for a lost owner.
+//! Copies into SQL the events of runs this node ended for a lost owner, and the
+//! `complete` of a run whose owner died right after appending it.
 //!
 //! The owner writes history while its run streams; when it dies, what it had
 //! not written yet (and the terminal `complete` the reaper appended) exists
@@ -11,6 +12,11 @@
 //! and lost when Redis restarts, so it may no longer hold the stream's start.
 //! The owner's history writer is FIFO, so every row of events up to its last
 //! draft's seq was written before that draft: only later events are copied.
+//!
+//! An owner stores all of its run's rows before appending the `complete`, and
+//! the `complete` row right after; the registry keeps a marker between the two
+//! (`RunRegistry::history_saved`), so a sweeper that finds it left by a dead
+//! owner hands over just that event (`OrphanedRun::unsaved_complete`).
 
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -34,6 +40,10 @@ pub(super) fn spawn(
 ) {
     tokio::spawn(async move {
         while let Some(run) = notices.recv().await {
+            if run.unsaved_complete {
+                copy_complete(&registry, &history, &run).await;
+                continue;
+            }
             // Without its owner record (Redis lost it) the run's first seq is unknown: the
             // reaper reports its complete's. Drafts are few (open streams only), so look lower.
             let from = if run.first_seq < run.complete_seq { run.first_seq } else { 0 };
@@ -79,6 +89,29 @@ pub(super) fn spawn(
             history.write(rows).await;
         }
     });
+}
+
+/// Stores the `complete` a run's owner appended but may not have stored.
+async fn copy_complete(registry: &SharedRegistry, history: &HistoryWriter, run: &OrphanedRun) {
+    let events = match registry.read_range(&run.session_id, run.complete_seq.saturating_sub(1), run.complete_seq).await
+    {
+        Ok(range) => range.events,
+        Err(e) => {
+            tracing::warn!(session_id = run.session_id, error = %e, "cannot read a completed run's complete");
+            return;
+        }
+    };
+    let complete: Vec<Event> =
+        events.into_iter().filter(|e| e.seq == run.complete_seq && *e.run_id == *run.run_id && e.terminal).collect();
+    if complete.is_empty() {
+        tracing::warn!(
+            session_id = run.session_id,
+            run_id = run.run_id,
+            "the replay stream no longer holds the run's complete"
+        );
+        return;
+    }
+    history.write(history_rows(run, None, &complete)).await;
 }
 
 /// The run's prompt row, at its first seq (where its owner stored it too, if it could).
@@ -156,7 +189,14 @@ mod tests {
     use crate::store::{DRAFT_PART, EVENT_PART};
 
     fn run() -> OrphanedRun {
-        OrphanedRun { session_id: "s".into(), run_id: "r".into(), first_seq: 1, complete_seq: 9, prompt: None }
+        OrphanedRun {
+            session_id: "s".into(),
+            run_id: "r".into(),
+            first_seq: 1,
+            complete_seq: 9,
+            prompt: None,
+            unsaved_complete: false,
+        }
     }
 
     fn draft(run_id: &str, seq: u64, content: &str) -> (u64, String) {

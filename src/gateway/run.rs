@@ -410,6 +410,7 @@ impl Driver {
                 let rows = self.history_rows(&[body], &[event], vec![None]);
                 self.gateway.history.write(rows).await;
                 self.gateway.history.flush().await;
+                self.gateway.registry.history_saved(&self.lease).await;
             }
             None => self.flush_streamed().await,
         }

@@ -141,10 +141,13 @@ pub struct OrphanedRun {
     pub run_id: String,
     /// Seq of the run's first event.
     pub first_seq: u64,
-    /// Seq of the terminal `complete` the reaper appended.
+    /// Seq of the terminal `complete` (the reaper's, or the owner's when `unsaved_complete`).
     pub complete_seq: u64,
     /// The user's message that started the run, when the registry still had it.
     pub prompt: Option<String>,
+    /// The owner appended the `complete` itself (at `complete_seq`) but died before
+    /// storing it; every earlier row was stored first, so only that event is copied.
+    pub unsaved_complete: bool,
 }
 
 /// Capacity of the orphaned-run notices queue.
@@ -179,6 +182,13 @@ pub trait RunRegistry: Send + Sync + 'static {
 
     /// Extends the lease; `Fenced` when the lock is no longer this run's.
     async fn renew(&self, lease: &RunLease) -> Result<(), RegistryError>;
+
+    /// The owner stored its completed run's `complete` in history. Until then a
+    /// cluster backend keeps what a surviving node needs to store it, should the
+    /// owner die between the `complete` and the SQL write.
+    async fn history_saved(&self, lease: &RunLease) {
+        let _ = lease;
+    }
 
     /// The owner gives a run up without completing it (its lease could not be
     /// kept): forget it locally, so the run is reaped like any orphan once its

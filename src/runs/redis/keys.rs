@@ -41,6 +41,12 @@ pub fn batch(session_id: &str, batch_id: &str) -> String {
     format!("cg:{{{session_id}}}:batch:{batch_id}")
 }
 
+/// The seq of a finished run's `complete` until its owner stored it in SQL: if the
+/// owner dies first, the sweeper copies it (set by the terminal append, one retention long).
+pub fn saving(session_id: &str, run_id: &str) -> String {
+    format!("cg:{{{session_id}}}:saving:{run_id}")
+}
+
 /// Permission requestId → session id.
 pub fn permission(request_id: &str) -> String {
     format!("cg:perm:{{{request_id}}}")
@@ -106,6 +112,7 @@ mod tests {
             pending("s1"),
             prompt("s1"),
             batch("s1", "b"),
+            saving("s1", "r"),
             live_channel("s1"),
         ] {
             assert!(key.starts_with("cg:{s1}:"), "{key}");

@@ -235,6 +235,10 @@ impl RunRegistry for RedisRegistry {
         self.check_ready().await
     }
 
+    async fn history_saved(&self, lease: &RunLease) {
+        self.node.run_saved(&lease.session_id, &lease.run_id).await;
+    }
+
     async fn abandon(&self, lease: &RunLease) {
         self.drop_local_run(lease);
     }

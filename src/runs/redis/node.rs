@@ -278,15 +278,25 @@ impl Node {
         complete_seq: u64,
         prompt: Option<String>,
     ) {
-        let notice = crate::runs::OrphanedRun {
+        self.send_orphan(crate::runs::OrphanedRun {
             session_id: session_id.to_string(),
             run_id: run_id.to_string(),
             first_seq,
             complete_seq,
             prompt,
-        };
-        if self.orphans.try_send(notice).is_err() {
-            tracing::warn!(session_id, run_id, "orphaned-run notice dropped; its history may lack the run's tail");
+            unsaved_complete: false,
+        });
+    }
+
+    /// Hands a run whose history needs copying to the gateway's copier.
+    pub fn send_orphan(&self, notice: crate::runs::OrphanedRun) {
+        if let Err(e) = self.orphans.try_send(notice) {
+            let notice = e.into_inner();
+            tracing::warn!(
+                session_id = notice.session_id,
+                run_id = notice.run_id,
+                "orphaned-run notice dropped; its history may lack the run's tail"
+            );
         }
     }
 
@@ -351,12 +361,34 @@ impl Node {
         Ok(inv.invoke_async(&mut conn).await?)
     }
 
-    /// Drops the index entries and permission keys of a finished run (best effort:
+    /// Drops the index entries and permission keys of a reaped run (best effort:
     /// stale index entries are skipped by readers and swept later).
     pub async fn forget_run(&self, session_id: &str, run_id: &str, user_id: Option<&str>, pending: &[String]) {
+        self.forget(session_id, run_id, user_id, pending, true).await;
+    }
+
+    /// As [`Node::forget_run`] for a run its owner ended, but the global index entry
+    /// stays until [`Node::run_saved`]: the sweeper's lead to a `complete` not in SQL yet.
+    pub async fn forget_ended_run(&self, session_id: &str, run_id: &str, user_id: Option<&str>, pending: &[String]) {
+        self.forget(session_id, run_id, user_id, pending, false).await;
+    }
+
+    /// The owner stored its run's `complete` in SQL: nothing is left for the sweeper.
+    pub async fn run_saved(&self, session_id: &str, run_id: &str) {
+        let mut pipe = ::redis::pipe();
+        pipe.zrem(keys::RUNS_INDEX, index_member(session_id, run_id)).ignore();
+        pipe.del(keys::saving(session_id, run_id)).ignore();
+        if let Err(e) = self.query_pipe(&pipe).await {
+            tracing::debug!(session_id, run_id, error = %e, "could not clear a saved run's marker; the sweeper will");
+        }
+    }
+
+    async fn forget(&self, session_id: &str, run_id: &str, user_id: Option<&str>, pending: &[String], index: bool) {
         let member = index_member(session_id, run_id);
         let mut pipe = ::redis::pipe();
-        pipe.zrem(keys::RUNS_INDEX, &member).ignore();
+        if index {
+            pipe.zrem(keys::RUNS_INDEX, &member).ignore();
+        }
         if let Some(user_id) = user_id {
             pipe.srem(keys::user_runs(user_id), &member).ignore();
         }

@@ -188,6 +188,7 @@ impl RedisRegistry {
             .key(keys::live_channel(session_id))
             .key(keys::batch(session_id, batch_id))
             .key(keys::prompt(session_id))
+            .key(keys::saving(session_id, &lease.run_id))
             .arg(&lease.run_id)
             .arg(millis(node.opts.lease))
             .arg(node.opts.max_events.max(1))
@@ -241,8 +242,9 @@ impl RedisRegistry {
             self.restore_local_run(lease).await;
         }
         if terminal {
+            // The global index entry stays until the owner stored the `complete` (`history_saved`).
             let user_id = self.drop_local_run(lease).map(|r| r.user_id);
-            node.forget_run(session_id, &lease.run_id, user_id.as_deref(), &pending).await;
+            node.forget_ended_run(session_id, &lease.run_id, user_id.as_deref(), &pending).await;
         } else if let Some(last) = events.last()
             && let Some(run) = lock(&node.runs).get_mut(&run_key(session_id, &lease.run_id))
         {

@@ -146,8 +146,9 @@ return {'OK', owner_json, reaped, reaped_ids, reaped_prompt}
 
 /// Appends one batch, fenced; with `terminal = 1` the last body is the run's
 /// `complete` and the run is finished in the same step.
-/// KEYS: run owner seq events pending live batch prompt.
+/// KEYS: run owner seq events pending live batch prompt saving.
 /// ARGV: runId lease_ms max_events floor margin terminal retention_ms seq_ttl_ms owner_json bodies…
+/// A terminal batch also records the `complete`'s seq in `saving` until the owner stored it.
 /// Returns `{'FENCED'}`, `{'DUP', first}` (a retried batch) or `{'OK', first, retaken, pending_ids}`.
 const APPEND: &str = r#"
 local done = redis.call('GET', KEYS[7])
@@ -172,6 +173,7 @@ redis.call('SET', KEYS[7], string.format('%d', first), 'PX', ARGV[2])
 local ids = {}
 if ARGV[6] == '1' then
   ids = finish(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[8], ARGV[7], ARGV[8])
+  redis.call('SET', KEYS[9], string.format('%d', first + #bodies - 1), 'PX', ARGV[7])
 end
 return {'OK', first, retaken, ids}
 "#;

@@ -272,7 +272,9 @@ async fn sweep_index(node: &Node, period: Duration) -> Result<(), Failure> {
             continue;
         }
         // Ended now, already ended, or another run holds the lock: this entry is stale.
-        node.reap(&session_id, None, 0).await?;
+        if node.reap(&session_id, None, 0).await? != Reaped::Ended {
+            hand_over_unsaved_complete(node, &session_id, &run_id).await?;
+        }
         node.once("sweep_forget", || async {
             let mut conn = node.conn().await?;
             let _: () = conn.zrem(keys::RUNS_INDEX, &member).await?;
@@ -281,4 +283,39 @@ async fn sweep_index(node: &Node, period: Duration) -> Result<(), Failure> {
         .await?;
     }
     Ok(())
+}
+
+/// A run its owner completed stays indexed until the owner stored the `complete`
+/// in SQL; if its `saving` marker is still there, the owner may have died in
+/// between: the gateway's copier stores that event (a duplicate of the owner's
+/// own row, should it have been just slow, collapses with it).
+async fn hand_over_unsaved_complete(node: &Node, session_id: &str, run_id: &str) -> Result<(), Failure> {
+    let key = keys::saving(session_id, run_id);
+    let seq: Option<u64> = node
+        .once("sweep_saving", || async {
+            let mut conn = node.conn().await?;
+            Ok(conn.get(&key).await?)
+        })
+        .await?;
+    let Some(seq) = seq else { return Ok(()) };
+    tracing::info!(
+        session_id,
+        run_id,
+        seq,
+        "a completed run's owner did not confirm its history; copying the complete"
+    );
+    node.send_orphan(crate::runs::OrphanedRun {
+        session_id: session_id.to_string(),
+        run_id: run_id.to_string(),
+        first_seq: seq,
+        complete_seq: seq,
+        prompt: None,
+        unsaved_complete: true,
+    });
+    node.once("sweep_saved", || async {
+        let mut conn = node.conn().await?;
+        let _: () = conn.del(&key).await?;
+        Ok(())
+    })
+    .await
 }

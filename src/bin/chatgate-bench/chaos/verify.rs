@@ -629,7 +629,7 @@ fn key_class(key: &str) -> &'static str {
     if key == keys::SWEEP_LOCK {
         return "sweep_lock";
     }
-    let by_shape: [(String, &'static str); 10] = [
+    let by_shape: [(String, &'static str); 11] = [
         (keys::permission(S), "permission"),
         (keys::user_runs(S), "user_runs"),
         (keys::user_sends(S), "user_sends"),
@@ -640,6 +640,7 @@ fn key_class(key: &str) -> &'static str {
         (keys::pending(S), "pending"),
         (keys::prompt(S), "prompt"),
         (keys::batch(S, S), "batch"),
+        (keys::saving(S, S), "saving"),
     ];
     let matches = |pattern: &str| {
         let parts: Vec<&str> = pattern.split(S).collect();
@@ -717,6 +718,7 @@ mod key_class_tests {
             (keys::pending("s"), "pending"),
             (keys::prompt("s"), "prompt"),
             (keys::batch("s", "0f3a"), "batch"),
+            (keys::saving("s", "r-1"), "saving"),
             (keys::permission("rq-1"), "permission"),
             (keys::user_runs("42"), "user_runs"),
             (keys::user_sends("42"), "user_sends"),
