@@ -7,8 +7,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Db, SECRET, TestNode, Ws, assert_contiguous, mint, user};
-use serde_json::{Value, json};
+use chatgate::config::Config;
+use common::{Db, NodeProcess, TestNode, assert_contiguous, mint, user};
+use serde_json::json;
 
 fn paced(n: u64, ms: u64) -> String {
     format!(r#"{{"events":{n},"intervalMs":{ms}}}"#)
@@ -120,83 +121,35 @@ async fn readyz_is_503_while_draining(db: Db) {
     drain.await.unwrap();
 }
 
-/// A free local port (bound and released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// The real `chatgate` binary, serving on a free port with a short drain grace.
-struct Binary {
-    child: tokio::process::Child,
-    addr: String,
-    database_url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Binary {
-    async fn start(db: Db, extra: &[&str]) -> Binary {
-        let dir = tempfile::tempdir().unwrap();
-        let config = common::config(db, &dir);
-        let addr = format!("127.0.0.1:{}", free_port());
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_chatgate"))
-            .args(["serve", "--listen", &addr, "--database-url", &config.database_url, "--jwt-secret", SECRET])
-            .arg("--workspaces-root")
-            .arg(config.workspaces_root.as_ref().unwrap())
-            .args(["--drain-grace", "500ms", "--providers", "script"])
-            .args(extra)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("chatgate binary starts");
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !http.get(format!("http://{addr}/healthz")).send().await.is_ok_and(|r| r.status().is_success()) {
-            assert!(Instant::now() < deadline, "chatgate never answered /healthz");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Binary { child, addr, database_url: config.database_url, _dir: dir }
-    }
-
-    fn sigterm(&self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id().unwrap() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    }
-
-    async fn exit_code(&mut self) -> Option<i32> {
-        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.expect("exits").unwrap();
-        status.code()
-    }
+/// The real `chatgate` binary on `db` with a short drain grace and `extra` flags,
+/// ready; the temp dir holds its workspaces (and SQLite file).
+async fn binary(db: Db, extra: &[&str]) -> (NodeProcess, Config, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::config(db, &dir);
+    let args = [&["--drain-grace", "500ms", "--providers", "script"][..], extra].concat();
+    let node = NodeProcess::start(&config.database_url, config.workspaces_root.as_ref().unwrap(), &args);
+    node.wait_ready().await;
+    (node, config, dir)
 }
 
 /// The real `chatgate` binary gets SIGTERM during a run: its socket is closed
 /// with 1012, the run ends with a terminal `complete` in history, exit code 0.
 async fn sigterm_ends_the_run_and_exits_0(db: Db) {
-    let mut binary = Binary::start(db, &[]).await;
-    let (addr, base) = (binary.addr.clone(), format!("http://{}", binary.addr));
-    let http = reqwest::Client::new();
+    let (mut node, config, _dir) = binary(db, &[]).await;
     let token = mint(&user(), Duration::from_secs(600));
-    let created: Value = http
-        .post(format!("{base}/api/providers/sessions"))
-        .bearer_auth(&token)
-        .json(&json!({ "provider": "script", "projectPath": "proj" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let http = reqwest::Client::new();
+    let body = json!({ "provider": "script", "projectPath": "proj" });
+    let (_, created) = common::rest(&http, &node.base, "POST", "/api/providers/sessions", &token, Some(body)).await;
     let id = created["data"]["sessionId"].as_str().expect("session created").to_string();
-    let mut ws = Ws::connect(&format!("ws://{addr}/ws?token={token}")).await;
+    let mut ws = node.connect(&token).await;
     ws.send_chat(&id, &paced(400, 10)).await;
     ws.recv_until(|v| v["kind"] == "stream_delta").await;
 
-    binary.sigterm();
+    node.sigterm();
     assert_eq!(ws.closed(Duration::from_secs(3)).await, Some(1012));
-    assert_eq!(binary.exit_code().await, Some(0));
+    assert_eq!(node.exited(Duration::from_secs(10)).await.code(), Some(0));
 
-    let store = chatgate::store::Store::connect(&binary.database_url).await.unwrap();
+    let store = chatgate::store::Store::connect(&config.database_url).await.unwrap();
     let page = store.messages(&id, None, 0).await.unwrap();
     let complete = page.messages.last().expect("history written");
     assert_eq!(complete["kind"], "complete", "{:#?}", page.messages);
@@ -213,20 +166,20 @@ async fn sigterm_with_no_runs_closes_every_socket_with_1012_before_exiting(db: D
     const ROUNDS: usize = 3;
     let limit = SOCKETS.to_string();
     for round in 0..ROUNDS {
-        let mut binary = Binary::start(db, &["--conn-burst-per-ip", &limit, "--max-sockets-per-user", &limit]).await;
-        let url = format!("ws://{}/ws?token={}", binary.addr, mint(&user(), Duration::from_secs(600)));
+        let (mut node, _, _dir) = binary(db, &["--conn-burst-per-ip", &limit, "--max-sockets-per-user", &limit]).await;
+        let token = mint(&user(), Duration::from_secs(600));
         let mut sockets = Vec::new();
         for _ in 0..SOCKETS {
-            sockets.push(Ws::connect(&url).await);
+            sockets.push(node.connect(&token).await);
         }
-        binary.sigterm();
+        node.sigterm();
         let mut codes = Vec::new();
         for ws in &mut sockets {
             codes.push(ws.closed(Duration::from_secs(5)).await);
         }
         let not_1012 = codes.iter().filter(|c| **c != Some(1012)).count();
         assert_eq!(not_1012, 0, "round {round}: {not_1012} of {SOCKETS} sockets not closed with 1012");
-        assert_eq!(binary.exit_code().await, Some(0));
+        assert_eq!(node.exited(Duration::from_secs(10)).await.code(), Some(0));
     }
 }
 

@@ -607,13 +607,19 @@ impl NodeProcess {
     /// Starts `chatgate serve` on a free port against `redis` and the test
     /// PostgreSQL, with `extra` flags appended (e.g. `--drain-grace 2s`).
     pub fn spawn(redis: &str, node_id: &str, workspaces: &std::path::Path, extra: &[&str]) -> NodeProcess {
+        let cluster = ["--node-id", node_id, "--redis-url", redis];
+        NodeProcess::start(&pg_url(), workspaces, &[&cluster[..], extra].concat())
+    }
+
+    /// Starts `chatgate serve` on a free port on `database_url`, with `args` appended.
+    pub fn start(database_url: &str, workspaces: &std::path::Path, args: &[&str]) -> NodeProcess {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_chatgate"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--node-id", node_id])
-            .args(["--redis-url", redis, "--database-url", &pg_url(), "--jwt-secret", SECRET])
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--database-url", database_url, "--jwt-secret", SECRET])
             .arg("--workspaces-root")
             .arg(workspaces)
-            .args(extra)
+            .args(args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
