@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Offline validation of everything chatgate ships for deployment (no Docker engine, no cluster):
 #
-#   Dockerfile      hadolint; the image contract (non-root, entrypoint, no HEALTHCHECK, provider
-#                   build argument, build context)
+#   Dockerfile      hadolint; the image contract (non-root, tini entrypoint, bubblewrap, per-user
+#                   layout, no HEALTHCHECK, provider build argument, build context)
 #   Helm chart      helm lint --strict (default and ci/ values); helm template for the default
 #                   values and every helm/chatgate/ci/*.yaml through kubernetes-validate --strict
 #                   (newest schemas and the chart's oldest supported Kubernetes, 1.27); the strict
@@ -11,8 +11,10 @@
 #   kustomize       kubectl kustomize of deploy/k8s/base and every overlay, through the same
 #                   validator
 #   all manifests   yamllint; deploy/validate/check_manifests.py (selectors, references, probes,
-#                   drain timing, env names, security context, ingress timeouts) — and proof that
-#                   each checker fails on a broken input
+#                   drain timing, env names, security context and the bubblewrap opt-in, each
+#                   secret once from a secretKeyRef and never a file, a literal or an argument,
+#                   entrypoint kept, ingress timeouts)
+#                   — and proof that each checker fails on a broken input
 #   shell scripts   shellcheck
 #   local stack     deploy/local/test/selftest.sh with the stand-in node (skip: CHATGATE_CHECK_SKIP_LOCAL=1)
 #
@@ -172,6 +174,12 @@ sed -e 's/^USER 10001:10001$/USER root/' -e '$a HEALTHCHECK CMD ["chatgate", "--
     "$ROOT/deploy/Dockerfile" >"$broken_dockerfile"
 step "image contract refuses a root user and a HEALTHCHECK" \
     expect_failure "numeric non-root uid" "$PY" "$CHECKER" dockerfile "$broken_dockerfile" "$ROOT/.dockerignore"
+sed -e 's|^ENTRYPOINT .*|ENTRYPOINT ["chatgate"]|' "$ROOT/deploy/Dockerfile" >"$broken_dockerfile"
+step "image contract refuses an entrypoint without tini" \
+    expect_failure "ENTRYPOINT must be" "$PY" "$CHECKER" dockerfile "$broken_dockerfile" "$ROOT/.dockerignore"
+sed -e 's/ tini bubblewrap / tini /' "$ROOT/deploy/Dockerfile" >"$broken_dockerfile"
+step "image contract refuses an image without bubblewrap" \
+    expect_failure "bubblewrap is not installed" "$PY" "$CHECKER" dockerfile "$broken_dockerfile" "$ROOT/.dockerignore"
 
 # ---------------------------------------------------------------------------------------------
 # Helm chart
@@ -275,6 +283,41 @@ step "contract checks refuse a Service that misses the pods" \
 step "contract checks refuse a short ingress timeout" \
     mutate_and_expect 's/proxy-read-timeout: "7200"/proxy-read-timeout: "60"/' "$WORK/rendered/helm-full-values.yaml" \
     "proxy-read-timeout must be >= 75" "$PY" "$CHECKER" manifests
+# shellcheck disable=SC2016 # $(CHATGATE_JWT_SECRET) is Kubernetes' expansion, not the shell's
+step "contract checks refuse a secret on the command line" \
+    mutate_and_expect 's|args: \["serve"\]|args: ["serve", "--jwt-secret=$(CHATGATE_JWT_SECRET)"]|' "$default" \
+    "secret on the command line" "$PY" "$CHECKER" manifests
+step "contract checks refuse a command that replaces the tini entrypoint" \
+    mutate_and_expect 's|args: \["serve"\]|command: ["chatgate", "serve"]|' "$default" \
+    "must not set \`command\`" "$PY" "$CHECKER" manifests
+step "contract checks refuse a writable provider-credentials mount" \
+    mutate_and_expect '\|mountPath: /var/run/secrets/chatgate-providers$|{n;s/readOnly: true/readOnly: false/}' \
+    "$WORK/rendered/helm-full-values.yaml" "mounted without readOnly: true" "$PY" "$CHECKER" manifests
+# The secretKeyRef of REDIS_URL (valueFrom, secretKeyRef, name, key) replaced by a literal.
+step "contract checks refuse a secret as a literal env value" \
+    mutate_and_expect '/^            - name: REDIS_URL$/{n;s|valueFrom:|value: "redis://:hunter2hunter2@redis:6379"|;n;N;N;d}' "$default" \
+    "REDIS_URL must come from a secretKeyRef" "$PY" "$CHECKER" manifests
+step "contract checks refuse a secret set twice" \
+    mutate_and_expect 's|^            - name: HOME$|            - name: DATABASE_URL\n              value: "postgres://chatgate@db:5432/chatgate"\n            - name: HOME|' "$default" \
+    "DATABASE_URL must be set exactly once, found 2" "$PY" "$CHECKER" manifests
+# A secret as a file: readable by an unsandboxed CLI running as the gateway's uid.
+step "contract checks refuse a secret file (*_FILE)" \
+    mutate_and_expect 's|^            - name: HOME$|            - name: CHATGATE_JWT_SECRET_FILE\n              value: /var/run/secrets/chatgate/jwt-secret\n            - name: HOME|' "$default" \
+    "CHATGATE_JWT_SECRET_FILE is set: a secret file is readable" "$PY" "$CHECKER" manifests
+step "contract checks refuse a missing secret" \
+    mutate_and_expect '/^            - name: CHATGATE_JWT_SECRET$/,/^                  key: jwt-secret$/d' "$default" \
+    "CHATGATE_JWT_SECRET must be set exactly once, found 0" "$PY" "$CHECKER" manifests
+step "contract checks refuse procMount Unmasked without a pod user namespace" \
+    mutate_and_expect '/^      hostUsers: false$/d' "$WORK/rendered/helm-existing-secret-values.yaml" \
+    "procMount Unmasked only for" "$PY" "$CHECKER" manifests
+# appArmorProfile is a Kubernetes 1.30+ field, so this rendering is validated against the newest
+# schemas only (the ci/ files stay valid for the 1.27 floor).
+apparmor="$WORK/helm-sandbox-apparmor.yaml"
+step "helm template sandbox.podSettings with an AppArmor profile (Kubernetes 1.30+)" bash -c \
+    "'$HELM' template chatgate '$CHART' --namespace chatgate --set sandbox.podSettings=true --set sandbox.appArmorProfile.type=Unconfined >'$apparmor' \
+     && grep -q 'appArmorProfile:' '$apparmor' \
+     && '$KV' --strict --quiet --kubernetes-version ${KUBE_VERSIONS[0]} '$apparmor' \
+     && '$PY' '$CHECKER' manifests '$apparmor'"
 step "yamllint refuses a duplicated key" \
     mutate_and_expect '0,/^  labels:$/s//  labels:\n    app.kubernetes.io\/part-of: chatgate/' "$default" \
     "key-duplicates" "$YAMLLINT" -c "$ROOT/deploy/yamllint-rendered.yaml" -f parsable

@@ -60,9 +60,25 @@ ensure_nginx() {
   command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { log "installing nginx"; apt_install nginx; }
 }
 
+ensure_real_clis() {
+  # The real Claude Code CLI of tests/real_claude.rs, pinned in tests/real-cli/package-lock.json.
+  if [ "${CHATGATE_SKIP_REAL_CLIS:-}" = 1 ]; then return; fi
+  if ! command -v npm >/dev/null; then log "installing Node.js and npm"; apt_install nodejs npm; fi
+  log "installing the real provider CLIs (npm ci --prefix tests/real-cli)"
+  npm ci --prefix tests/real-cli --no-audit --no-fund
+  tests/real-cli/node_modules/.bin/claude --version
+}
+
+ensure_bwrap() {
+  # The sandbox of the provider CLIs (--sandbox bwrap), attacked by tests/containment.rs.
+  command -v bwrap >/dev/null || { log "installing bubblewrap"; apt_install bubblewrap; }
+}
+
 ensure_redis
 ensure_postgres
 ensure_nginx
+ensure_bwrap
+ensure_real_clis
 
 log "format and lints"
 cargo fmt --all -- --check

@@ -8,6 +8,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::{gateway::workspaces::WorkspaceLayout, runtime::sandbox::SandboxSetting};
+
 /// Provider runtimes chatgate knows how to run.
 pub const KNOWN_PROVIDERS: [&str; 6] = ["claude", "codex", "cursor", "gemini", "opencode", "script"];
 
@@ -51,18 +53,63 @@ pub struct Config {
     /// Redis URL; set = cluster mode.
     #[arg(long, env = "REDIS_URL", value_parser = parse_redis_url, global = true)]
     pub redis_url: Option<String>,
-    /// HS256 secret for JWTs.
+    /// HS256 secret for JWTs (prefer --jwt-secret-file or the environment: a flag is visible in /proc).
     #[arg(long, env = "CHATGATE_JWT_SECRET", hide_env_values = true, global = true)]
     pub jwt_secret: Option<String>,
+    /// A file holding the JWT secret (wins over --jwt-secret).
+    #[arg(long, env = "CHATGATE_JWT_SECRET_FILE", global = true)]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// A file holding the database URL (wins over --database-url).
+    #[arg(long, env = "DATABASE_URL_FILE", global = true)]
+    pub database_url_file: Option<PathBuf>,
+    /// A file holding the Redis URL (wins over --redis-url).
+    #[arg(long, env = "REDIS_URL_FILE", global = true)]
+    pub redis_url_file: Option<PathBuf>,
     /// This node's name in locks, logs and metrics.
     #[arg(long, env = "CHATGATE_NODE_ID", value_parser = parse_node_id, global = true)]
     pub node_id: Option<String>,
     /// Enabled provider runtimes (comma list).
     #[arg(long, env = "CHATGATE_PROVIDERS", default_value = "claude,codex,cursor,gemini,opencode,script", value_parser = parse_providers, global = true)]
     pub providers: ProviderList,
-    /// Every projectPath must resolve inside this directory (default: home).
+    /// Every projectPath resolves inside this directory (default: ./workspaces per-user, $HOME shared).
     #[arg(long, env = "CHATGATE_WORKSPACES_ROOT", global = true)]
     pub workspaces_root: Option<PathBuf>,
+    /// `per-user` (each user's projects in <workspaces-root>/<user>) or `shared`.
+    #[arg(long, env = "CHATGATE_WORKSPACE_LAYOUT", default_value = "per-user", value_parser = WorkspaceLayout::parse, global = true)]
+    pub workspace_layout: WorkspaceLayout,
+    /// Each user's provider home (the CLIs' HOME) is <homes-root>/<user> (default: ./chatgate-homes).
+    #[arg(long, env = "CHATGATE_HOMES_ROOT", global = true)]
+    pub homes_root: Option<PathBuf>,
+    /// `auto` (bubblewrap when it works here), `bwrap` (required) or `none`.
+    #[arg(long, env = "CHATGATE_SANDBOX", default_value = "auto", value_parser = SandboxSetting::parse, global = true)]
+    pub sandbox: SandboxSetting,
+    /// Extra host paths the sandbox sees read-only (comma list).
+    #[arg(long, env = "CHATGATE_SANDBOX_RO_PATHS", value_delimiter = ',', global = true)]
+    pub sandbox_ro_paths: Vec<PathBuf>,
+    /// The bubblewrap program.
+    #[arg(long, env = "CHATGATE_BWRAP_BIN", default_value = "bwrap", global = true)]
+    pub bwrap_bin: String,
+    /// Variables passed from this environment to every provider CLI (comma list of names).
+    #[arg(long, env = "CHATGATE_PROVIDER_ENV", value_parser = parse_env_names, global = true)]
+    pub provider_env: Option<EnvNames>,
+    /// `NAME=/path/file` pairs: each CLI gets NAME set to the file's contents (comma list).
+    #[arg(long, env = "CHATGATE_PROVIDER_ENV_FILE", value_parser = parse_env_files, global = true)]
+    pub provider_env_file: Option<EnvFiles>,
+    /// Concurrent runs this node owns (NODE_BUSY above it).
+    #[arg(long, env = "CHATGATE_MAX_RUNS", default_value = "32", value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub max_runs: u32,
+    /// Memory of one run (RLIMIT_DATA per process; the run's memory cgroup where one can be made).
+    #[arg(long, env = "CHATGATE_RUN_MEMORY", default_value = "4GiB", value_parser = parse_size, global = true)]
+    pub run_memory: usize,
+    /// Processes of one run (its pids cgroup where one can be made, else RLIMIT_NPROC).
+    #[arg(long, env = "CHATGATE_RUN_PROCESSES", default_value = "256", value_parser = clap::value_parser!(u64).range(8..), global = true)]
+    pub run_processes: u64,
+    /// Largest file a run may write.
+    #[arg(long, env = "CHATGATE_RUN_FILE_SIZE", default_value = "1GiB", value_parser = parse_size, global = true)]
+    pub run_file_size: usize,
+    /// CPU time of each process of a run.
+    #[arg(long, env = "CHATGATE_RUN_CPU_TIME", default_value = "1h", value_parser = parse_positive_duration, global = true)]
+    pub run_cpu_time: Duration,
     /// Run lock lease; renewed every third of it.
     #[arg(long, env = "CHATGATE_RUN_LEASE", default_value = "15s", value_parser = parse_lease, global = true)]
     pub run_lease: Duration,
@@ -165,6 +212,17 @@ pub enum ConfigError {
     TokenWithoutSecret,
     #[error("--workspaces-root: cannot resolve {path}: {reason}")]
     WorkspacesRoot { path: String, reason: String },
+    #[error("--homes-root: cannot make {path}: {reason}")]
+    HomesRoot { path: String, reason: String },
+    #[error(
+        "--homes-root ({homes}) and --workspaces-root ({workspaces}) must not contain each other: a projectPath \
+         could reach other users' provider homes"
+    )]
+    HomesInsideWorkspaces { homes: String, workspaces: String },
+    #[error("{flag}: cannot read {path}: {reason}")]
+    SecretFile { flag: &'static str, path: String, reason: String },
+    #[error("{flag}: {reason}")]
+    SecretValue { flag: &'static str, reason: String },
 }
 
 impl Config {
@@ -193,15 +251,90 @@ impl Config {
         }
     }
 
-    /// The canonical workspaces root: the flag, else `$HOME`, else `/`.
+    /// Replaces the secrets given as files (`--jwt-secret-file`,
+    /// `--database-url-file`, `--redis-url-file`) by their contents, trailing
+    /// newline trimmed; a file wins over the value.
+    pub fn load_secret_files(&mut self) -> Result<(), ConfigError> {
+        if let Some(path) = &self.jwt_secret_file {
+            self.jwt_secret = Some(read_secret("--jwt-secret-file", path)?);
+        }
+        if let Some(path) = &self.database_url_file {
+            let url = read_secret("--database-url-file", path)?;
+            self.database_url = parse_database_url(&url)
+                .map_err(|reason| ConfigError::SecretValue { flag: "--database-url-file", reason })?;
+        }
+        if let Some(path) = &self.redis_url_file {
+            let url = read_secret("--redis-url-file", path)?;
+            self.redis_url = Some(
+                parse_redis_url(&url)
+                    .map_err(|reason| ConfigError::SecretValue { flag: "--redis-url-file", reason })?,
+            );
+        }
+        Ok(())
+    }
+
+    /// The files holding secrets a provider CLI must never see.
+    pub fn secret_files(&self) -> Vec<PathBuf> {
+        [&self.jwt_secret_file, &self.database_url_file, &self.redis_url_file]
+            .into_iter()
+            .flatten()
+            .map(|path| std::path::absolute(path).unwrap_or_else(|_| path.clone()))
+            .collect()
+    }
+
+    /// The SQLite database's files (database, WAL, shared memory, journal), if any.
+    pub fn sqlite_files(&self) -> Vec<PathBuf> {
+        let Some(rest) = self.database_url.strip_prefix("sqlite:") else { return Vec::new() };
+        let path = rest.trim_start_matches("//");
+        let path = path.split('?').next().unwrap_or("");
+        if path.is_empty() || path.starts_with(":memory:") {
+            return Vec::new();
+        }
+        let base = std::path::absolute(path).unwrap_or_else(|_| PathBuf::from(path));
+        ["", "-wal", "-shm", "-journal"]
+            .iter()
+            .map(|suffix| {
+                let mut name = base.clone().into_os_string();
+                name.push(suffix);
+                PathBuf::from(name)
+            })
+            .collect()
+    }
+
+    /// The canonical workspaces root: the flag, else `./workspaces` (made)
+    /// for the per-user layout and `$HOME` (else `/`) for the shared one.
     pub fn workspaces_root(&self) -> Result<PathBuf, ConfigError> {
-        let raw = self
-            .workspaces_root
-            .clone()
-            .or_else(|| std::env::var_os("HOME").map(PathBuf::from))
-            .unwrap_or_else(|| PathBuf::from("/"));
+        let raw = match (&self.workspaces_root, self.workspace_layout) {
+            (Some(root), _) => root.clone(),
+            (None, WorkspaceLayout::PerUser) => {
+                let root = PathBuf::from("workspaces");
+                std::fs::create_dir_all(&root).map_err(|e| ConfigError::WorkspacesRoot {
+                    path: root.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                root
+            }
+            (None, WorkspaceLayout::Shared) => {
+                std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/"))
+            }
+        };
         std::fs::canonicalize(&raw)
             .map_err(|e| ConfigError::WorkspacesRoot { path: raw.display().to_string(), reason: e.to_string() })
+    }
+
+    /// The canonical homes root (made when missing), checked to lie apart from `workspaces_root`.
+    pub fn homes_root(&self, workspaces_root: &std::path::Path) -> Result<PathBuf, ConfigError> {
+        let raw = self.homes_root.clone().unwrap_or_else(|| PathBuf::from("chatgate-homes"));
+        let made = std::fs::DirBuilder::new().recursive(true).create(&raw).and_then(|()| std::fs::canonicalize(&raw));
+        let homes =
+            made.map_err(|e| ConfigError::HomesRoot { path: raw.display().to_string(), reason: e.to_string() })?;
+        if homes.starts_with(workspaces_root) || workspaces_root.starts_with(&homes) {
+            return Err(ConfigError::HomesInsideWorkspaces {
+                homes: homes.display().to_string(),
+                workspaces: workspaces_root.display().to_string(),
+            });
+        }
+        Ok(homes)
     }
 
     /// A configuration for tests and embedding: defaults, in-memory SQLite.
@@ -209,6 +342,36 @@ impl Config {
         let cli = Cli::parse_from(["chatgate", "--listen", "127.0.0.1:0", "--database-url", "sqlite::memory:"]);
         cli.config
     }
+}
+
+/// `--provider-env`: variable names.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EnvNames(pub Vec<String>);
+
+/// `--provider-env-file`: `NAME=/path` pairs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EnvFiles(pub Vec<(String, PathBuf)>);
+
+fn parse_env_names(raw: &str) -> Result<EnvNames, String> {
+    crate::runtime::sandbox::env::parse_names(raw).map(EnvNames)
+}
+
+fn parse_env_files(raw: &str) -> Result<EnvFiles, String> {
+    crate::runtime::sandbox::env::parse_files(raw).map(EnvFiles)
+}
+
+/// A secret from a file: its contents without the trailing newline; an empty file is refused.
+fn read_secret(flag: &'static str, path: &std::path::Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::SecretFile {
+        flag,
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let value = text.trim_end_matches(['\n', '\r']).to_string();
+    if value.is_empty() {
+        return Err(ConfigError::SecretValue { flag, reason: format!("{} is empty", path.display()) });
+    }
+    Ok(value)
 }
 
 /// `token --user`: an id the server will accept as a user.
@@ -319,6 +482,45 @@ mod tests {
         assert_eq!(c.handshake_timeout, Duration::from_secs(10));
         assert_eq!(c.max_body_bytes, 64 * 1024);
         assert_eq!(c.max_replay_bytes, 4 * 1024 * 1024);
+        assert_eq!((c.sandbox, c.workspace_layout), (SandboxSetting::Auto, WorkspaceLayout::PerUser));
+        assert_eq!((c.max_runs, c.run_processes), (32, 256));
+        assert_eq!((c.run_memory, c.run_file_size), (4 << 30, 1 << 30));
+        assert_eq!(c.run_cpu_time, Duration::from_secs(3600));
+        assert!(c.provider_env.is_none() && c.provider_env_file.is_none() && c.homes_root.is_none());
+    }
+
+    #[test]
+    fn secrets_come_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("jwt");
+        let db = dir.path().join("db");
+        std::fs::write(&secret, "from-a-file\n").unwrap();
+        std::fs::write(&db, "postgres://u:p@db/x\n").unwrap();
+        let mut c = Cli::try_parse_from(["chatgate", "--jwt-secret", "flag"]).unwrap().config;
+        c.jwt_secret_file = Some(secret.clone());
+        c.database_url_file = Some(db.clone());
+        c.load_secret_files().unwrap();
+        assert_eq!(c.jwt_secret.as_deref(), Some("from-a-file"));
+        assert_eq!(c.database_url, "postgres://u:p@db/x");
+        assert_eq!(c.secret_files(), vec![secret, db.clone()]);
+        std::fs::write(&db, "mysql://x").unwrap();
+        assert!(matches!(c.load_secret_files(), Err(ConfigError::SecretValue { flag: "--database-url-file", .. })));
+        c.database_url_file = None;
+        c.jwt_secret_file = Some(dir.path().join("missing"));
+        assert!(matches!(c.load_secret_files(), Err(ConfigError::SecretFile { flag: "--jwt-secret-file", .. })));
+    }
+
+    #[test]
+    fn sqlite_files_are_found_for_masking() {
+        let mut c =
+            Cli::try_parse_from(["chatgate", "--database-url", "sqlite:///srv/db/chat.db?mode=rwc"]).unwrap().config;
+        let files = c.sqlite_files();
+        assert_eq!(files[0], PathBuf::from("/srv/db/chat.db"));
+        assert_eq!(files[1], PathBuf::from("/srv/db/chat.db-wal"));
+        c.database_url = "sqlite::memory:".into();
+        assert!(c.sqlite_files().is_empty());
+        c.database_url = "postgres://x/y".into();
+        assert!(c.sqlite_files().is_empty());
     }
 
     #[test]
@@ -340,6 +542,14 @@ mod tests {
             vec!["chatgate", "--handshake-timeout", "0s"],
             vec!["chatgate", "--max-body-bytes", "0"],
             vec!["chatgate", "--max-replay-bytes", "big"],
+            vec!["chatgate", "--sandbox", "chroot"],
+            vec!["chatgate", "--workspace-layout", "flat"],
+            vec!["chatgate", "--provider-env", "ANTHROPIC_API_KEY,CHATGATE_JWT_SECRET"],
+            vec!["chatgate", "--provider-env-file", "KEY=relative"],
+            vec!["chatgate", "--max-runs", "0"],
+            vec!["chatgate", "--run-memory", "lots"],
+            vec!["chatgate", "--run-processes", "2"],
+            vec!["chatgate", "--run-cpu-time", "0s"],
         ] {
             let err = Cli::try_parse_from(&args).unwrap_err().to_string();
             assert!(err.contains(args[1]), "{err}");

@@ -6,11 +6,13 @@
 //! - [`protocol`]: the `/ws` wire format: inbound verbs, outbound frames, error codes.
 //! - [`runs`]: the run registry trait (locks, seq, replay, fan-out) with its
 //!   in-process ([`runs::memory`]) and Redis ([`runs::redis`]) implementations.
-//! - [`runtime`]: provider runtimes behind one trait; `script` is the built-in test runtime.
+//! - [`runtime`]: provider runtimes behind one trait; `script` is the built-in test runtime;
+//!   [`runtime::sandbox`] contains their CLIs (clean environment, bounds, bubblewrap).
 //! - [`store`]: sessions and durable history in SQL through sqlx (SQLite or PostgreSQL).
 //! - [`gateway`]: the verbs (`chat.send`, `chat.abort`, `chat.subscribe`,
 //!   `chat.permission-response`, `chat.unsubscribe`), the owner-side run driver and the
-//!   abuse limits ([`gateway::limits`]).
+//!   abuse limits ([`gateway::limits`]), and the per-user workspaces and provider homes
+//!   ([`gateway::workspaces`]).
 //! - [`auth`]: HS256 JWTs.
 //! - [`api`]: axum routes (REST, `/ws` socket task, health, metrics) and the HTTP/1.1
 //!   accept loop ([`api::serve`]).

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, error::ErrorKind};
+use clap::{CommandFactory, FromArgMatches, error::ErrorKind};
 use tracing_subscriber::{EnvFilter, fmt};
 
 use chatgate::{
@@ -16,9 +16,42 @@ use chatgate::{
 /// Exit code for a bad configuration (interface §1).
 const EXIT_CONFIG: u8 = 2;
 
+/// Flags that carry a secret: (clap id, flag). Database and Redis URLs count
+/// when they hold a password.
+const SECRET_FLAGS: [(&str, &str); 3] =
+    [("jwt_secret", "--jwt-secret"), ("database_url", "--database-url"), ("redis_url", "--redis-url")];
+
+/// Whether the secret flag `id` was typed on the command line (not the
+/// environment or a default); a URL only when it carries a password.
+fn given_on_command_line(matches: &clap::ArgMatches, id: &str) -> bool {
+    if matches.value_source(id) != Some(clap::parser::ValueSource::CommandLine) {
+        return false;
+    }
+    if id == "jwt_secret" {
+        return true;
+    }
+    matches.get_one::<String>(id).is_some_and(|url| url_has_password(url))
+}
+
+/// `scheme://user:password@host…` or `scheme://:password@host…`.
+fn url_has_password(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else { return false };
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    authority.rsplit_once('@').is_some_and(|(userinfo, _)| userinfo.contains(':'))
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    // Before any secret is read: processes of the same uid (an agent CLI run
+    // without a sandbox among them) cannot read this process's memory or
+    // /proc/<pid>/environ, and it leaves no core dump.
+    let dumpable_off = nix::sys::prctl::set_dumpable(false);
+    let parsed = Cli::command().try_get_matches().and_then(|matches| {
+        let flagged = SECRET_FLAGS.iter().filter(|(id, _)| given_on_command_line(&matches, id)).map(|(_, flag)| *flag);
+        let flagged: Vec<&str> = flagged.collect();
+        Cli::from_arg_matches(&matches).map(|cli| (cli, flagged))
+    });
+    let (mut cli, flagged) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => e.exit(),
         Err(e) => {
             let rendered = e.to_string();
@@ -27,6 +60,19 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&cli.config.log_format);
+    if let Err(e) = dumpable_off {
+        tracing::warn!(error = %e, "cannot make the process non-dumpable; same-uid processes may read its memory");
+    }
+    for flag in flagged {
+        tracing::warn!(
+            "{flag} was given on the command line, where every local process can read it (/proc/<pid>/cmdline); \
+             pass it in the environment or with {flag}-file"
+        );
+    }
+    if let Err(e) = cli.config.load_secret_files() {
+        eprintln!("error: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -131,5 +177,19 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => tracing::info!("SIGINT received"),
         _ = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_in_urls_are_found() {
+        assert!(url_has_password("postgres://u:p@db/x"));
+        assert!(url_has_password("redis://:secret@127.0.0.1:6379/0"));
+        assert!(!url_has_password("postgres://postgres@127.0.0.1/test"));
+        assert!(!url_has_password("redis://127.0.0.1:6379"));
+        assert!(!url_has_password("sqlite://chatgate.db?mode=rwc"));
     }
 }

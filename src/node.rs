@@ -15,13 +15,16 @@ use crate::{
     api::{self, ApiSettings, AppState},
     auth::Auth,
     config::{Config, ConfigError},
-    gateway::{ConnectionLimits, Gateway, GatewaySettings, LimitSettings, limits::Limit},
+    gateway::{ConnectionLimits, Gateway, GatewaySettings, LimitSettings, Workspaces, limits::Limit},
     runs::{
         SharedRegistry,
         memory::MemoryRegistry,
         redis::{RedisRegistry, RedisRegistryOptions},
     },
-    runtime::{RuntimeSettings, build_runtimes},
+    runtime::{
+        RuntimeSettings, build_runtimes,
+        sandbox::{Containment, ContainmentOptions, EnvPolicy, RunLimits, SandboxError, SandboxMode},
+    },
     store::{Store, StoreError},
 };
 
@@ -36,6 +39,31 @@ pub enum NodeError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("run registry: {0}")]
     Registry(String),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+}
+
+/// The containment of the node's provider CLIs, from the flags.
+fn containment_options(config: &Config, workspaces: &Workspaces) -> ContainmentOptions {
+    let mut protected = config.sqlite_files();
+    protected.extend(config.secret_files());
+    protected.push(workspaces.homes_root.clone());
+    ContainmentOptions {
+        sandbox: config.sandbox,
+        bwrap_bin: config.bwrap_bin.clone(),
+        ro_paths: config.sandbox_ro_paths.clone(),
+        protected,
+        env: EnvPolicy {
+            pass: config.provider_env.clone().unwrap_or_default().0,
+            from_files: config.provider_env_file.clone().unwrap_or_default().0,
+        },
+        limits: RunLimits {
+            memory: config.run_memory as u64,
+            processes: config.run_processes,
+            file_size: config.run_file_size as u64,
+            cpu_time: config.run_cpu_time,
+        },
+    }
 }
 
 /// A started node.
@@ -71,6 +99,8 @@ fn register_families() {
     describe_gauge!("chatgate_connections", "Open WebSocket connections");
     describe_gauge!("chatgate_subscriptions", "Session subscriptions of open sockets");
     describe_gauge!("chatgate_runs", "Runs owned by this node, by state");
+    describe_gauge!("chatgate_runs_max", "Runs this node may own at once (--max-runs)");
+    describe_gauge!("chatgate_sandbox_active", "1 when provider CLIs run in the bubblewrap sandbox, else 0");
     describe_counter!("chatgate_runs_total", "Finished runs, by outcome");
     describe_counter!("chatgate_events_appended_total", "Events appended by runs this node owns");
     describe_counter!("chatgate_events_delivered_total", "Live events queued to sockets");
@@ -125,7 +155,15 @@ impl Node {
         config.validate()?;
         let node_id = config.node_id();
         let workspaces_root = config.workspaces_root()?;
+        let workspaces = Workspaces {
+            layout: config.workspace_layout,
+            homes_root: config.homes_root(&workspaces_root)?,
+            root: workspaces_root,
+        };
+        let containment = Arc::new(Containment::new(containment_options(config, &workspaces)).await?);
         let metrics = metrics_handle();
+        let sandboxed = containment.mode() == SandboxMode::Bwrap;
+        metrics::gauge!("chatgate_sandbox_active").set(if sandboxed { 1.0 } else { 0.0 });
         let store = Store::connect(&config.database_url).await?;
         store.migrate().await?;
         let registry: SharedRegistry = match &config.redis_url {
@@ -145,7 +183,9 @@ impl Node {
         let runtimes = build_runtimes(&config.providers.0, &RuntimeSettings::from_config(config));
         let settings = GatewaySettings {
             node_id: node_id.clone(),
-            workspaces_root: workspaces_root.clone(),
+            workspaces,
+            containment,
+            max_runs: config.max_runs,
             run_lease: config.run_lease,
             send_queue_bytes: config.send_queue_bytes,
             allow_bypass_permissions: config.allow_bypass_permissions,
@@ -161,7 +201,6 @@ impl Node {
                 allowed_origins: config.allowed_origins.clone(),
                 max_frame_bytes: config.max_frame_bytes,
                 send_queue_bytes: config.send_queue_bytes,
-                workspaces_root,
                 ping_interval: config.ping_interval,
                 max_body_bytes: config.max_body_bytes,
                 body_timeout: config.handshake_timeout,
@@ -199,6 +238,7 @@ impl Node {
         self.stop_serving.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.server).await;
         self.gateway.store.close().await;
+        self.gateway.settings.containment.shut_down();
         tracing::info!("drained");
     }
 }

@@ -100,9 +100,14 @@ fn start_failures_are_one_line_naming_the_flag() {
 fn serve(dir: &tempfile::TempDir, extra: &[&str]) -> (std::process::Child, Vec<String>) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let db = format!("sqlite://{}?mode=rwc", dir.path().join("g.db").display());
+    let workspaces = dir.path().join("workspaces");
+    std::fs::create_dir_all(&workspaces).unwrap();
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--database-url", &db])
-        .args(["--workspaces-root", dir.path().to_str().unwrap()])
+        .arg("--workspaces-root")
+        .arg(workspaces)
+        .arg("--homes-root")
+        .arg(dir.path().join("homes"))
         .args(extra)
         .env_remove("REDIS_URL")
         .env_remove("CHATGATE_JWT_SECRET")

@@ -175,6 +175,8 @@ fn spawn_child(redis: &str, node_id: &str, lease: &str) -> ChildNode {
         .args(["--redis-url", redis, "--database-url", &common::pg_url(), "--jwt-secret", common::SECRET])
         .arg("--workspaces-root")
         .arg(common::cluster_workspaces())
+        // As the harness's in-process nodes: one shared project for every user.
+        .args(["--workspace-layout", "shared", "--homes-root", concat!(env!("CARGO_TARGET_TMPDIR"), "/cluster-homes")])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

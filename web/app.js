@@ -20,6 +20,7 @@ const ui = {
   newSession: $('new-session'),
   newProvider: $('new-provider'),
   newPath: $('new-path'),
+  sandbox: $('sandbox'),
   newError: $('new-error'),
   refresh: $('refresh-sessions'),
   sessionList: $('session-list'),
@@ -124,8 +125,26 @@ async function signIn(token) {
   ui.workspace.hidden = false;
   ui.signOut.hidden = false;
   startClient();
+  showSandbox();
   await loadSessions();
   openFromHash();
+}
+
+/** Shows whether this gateway runs agent CLIs in a sandbox (from `/readyz`). */
+async function showSandbox() {
+  try {
+    const details = await (await fetch('/readyz', { cache: 'no-store' })).json();
+    const mode = details.sandbox;
+    if (mode !== 'bwrap' && mode !== 'none') return;
+    ui.sandbox.dataset.mode = mode;
+    ui.sandbox.textContent = mode === 'bwrap' ? 'agents sandboxed' : 'agents NOT sandboxed';
+    ui.sandbox.title = mode === 'bwrap'
+      ? 'Agent CLIs run in a bubblewrap sandbox: only their project and home are visible.'
+      : 'Agent CLIs run without a sandbox (--sandbox none): they can read what the gateway\'s user can.';
+    ui.sandbox.hidden = false;
+  } catch {
+    // The badge is informative only.
+  }
 }
 
 // ---- the client ------------------------------------------------------------------------------
@@ -179,7 +198,7 @@ function onClose({ code, willReconnect, delayMs }) {
 function onError({ code, error, sessionId }) {
   if (sessionId && sessionId !== view.id) return;
   notice(`${code}: ${error}`);
-  if (code === 'RUN_IN_PROGRESS' || code === 'BACKEND_UNAVAILABLE' || code === 'INVALID_OPTIONS') {
+  if (['RUN_IN_PROGRESS', 'BACKEND_UNAVAILABLE', 'INVALID_OPTIONS', 'NODE_BUSY'].includes(code)) {
     const failed = view.localPrompts.shift();
     if (failed) failed.dataset.state = 'failed';
   }

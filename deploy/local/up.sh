@@ -28,7 +28,7 @@ lb_port="${CHATGATE_LB_PORT:-8080}"
 redis_url="${REDIS_URL:-redis://127.0.0.1:6379}"
 database_url="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 
-mkdir -p "$STATE_DIR"
+mkdir -p "$STATE_DIR" "${CHATGATE_WORKSPACES_ROOT:-$STATE_DIR/workspaces}"
 if [[ -f "$STATE_DIR/nodes" ]]; then
     for ((i = 1; i <= $(cat "$STATE_DIR/nodes"); i++)); do
         if node_is_running "$i"; then
@@ -87,10 +87,13 @@ echo "$lb_port" >"$STATE_DIR/lb-port"
     printf 'DATABASE_URL=%q\n' "$database_url"
     printf 'CHATGATE_JWT_SECRET=%q\n' "$jwt_secret"
     printf 'CHATGATE_LOG_FORMAT=%q\n' "${CHATGATE_LOG_FORMAT:-text}"
+    # Every node sees the same users' workspaces and provider homes (one machine's disk).
+    printf 'CHATGATE_WORKSPACES_ROOT=%q\n' "${CHATGATE_WORKSPACES_ROOT:-$STATE_DIR/workspaces}"
+    printf 'CHATGATE_HOMES_ROOT=%q\n' "${CHATGATE_HOMES_ROOT:-$STATE_DIR/homes}"
     # Pass on the caller's other settings.
     for name in $(compgen -e); do
         case "$name" in
-            CHATGATE_LISTEN | CHATGATE_NODE_ID | CHATGATE_JWT_SECRET | CHATGATE_LOG_FORMAT | CHATGATE_BIN | CHATGATE_LB_* | CHATGATE_LOCAL_*) ;;
+            CHATGATE_LISTEN | CHATGATE_NODE_ID | CHATGATE_JWT_SECRET | CHATGATE_LOG_FORMAT | CHATGATE_BIN | CHATGATE_LB_* | CHATGATE_LOCAL_* | CHATGATE_WORKSPACES_ROOT | CHATGATE_HOMES_ROOT) ;;
             CHATGATE_*) printf '%s=%q\n' "$name" "${!name}" ;;
         esac
     done

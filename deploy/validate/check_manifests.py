@@ -6,17 +6,22 @@ what ties them together and to the gateway's contract (docs/interface.md section
 
   manifests FILE...   rendered manifests (helm template / kustomize build output): selectors
                       match pods, references resolve, probes, drain timing, env names,
-                      restricted security context, WebSocket-safe ingress timeouts
+                      restricted security context (or exactly the bubblewrap opt-in), each
+                      secret exactly once as an env var from a secretKeyRef (never a file, a
+                      literal or an argument), the image's entrypoint kept, WebSocket-safe
+                      ingress timeouts
   dockerfile DOCKERFILE DOCKERIGNORE
-                      the image's contract: non-root user, entrypoint, no HEALTHCHECK, the
-                      WITH_PROVIDERS build argument and the four provider packages, a build
-                      context that keeps the sources and leaves target/ and .git out
+                      the image's contract: non-root user, tini entrypoint, bubblewrap
+                      installed, the per-user layout, no HEALTHCHECK, the WITH_PROVIDERS build
+                      argument and the four provider packages, a build context that keeps the
+                      sources and leaves target/ and .git out
   readme VALUES README
                       every value in the chart's values.yaml is documented in its README
 
 Exit status 0 when every check passes, 1 otherwise (each failure printed on its own line).
 """
 
+import base64
 import fnmatch
 import json
 import pathlib
@@ -37,6 +42,28 @@ CONTRACT_ENV = {
 # taken from the flag definitions so that this list cannot fall behind src/config.rs.
 CONFIG_RS = pathlib.Path(__file__).resolve().parents[2] / "src" / "config.rs"
 KNOWN_ENV = CONTRACT_ENV | set(re.findall(r'env = "(CHATGATE_[A-Z0-9_]+)"', CONFIG_RS.read_text()))
+# Containment (issue 13): listed here too, so the deployment files may name them before
+# src/config.rs does.
+CONTAINMENT_ENV = {
+    "CHATGATE_SANDBOX", "CHATGATE_SANDBOX_RO_PATHS", "CHATGATE_BWRAP_BIN", "CHATGATE_WORKSPACE_LAYOUT",
+    "CHATGATE_HOMES_ROOT", "CHATGATE_PROVIDER_ENV", "CHATGATE_PROVIDER_ENV_FILE", "CHATGATE_MAX_RUNS",
+    "CHATGATE_RUN_MEMORY", "CHATGATE_RUN_PROCESSES", "CHATGATE_RUN_FILE_SIZE", "CHATGATE_RUN_CPU_TIME",
+    "CHATGATE_JWT_SECRET_FILE",
+}
+KNOWN_ENV |= CONTAINMENT_ENV
+# The gateway's secrets: (the variable, its *_FILE form). The manifests set the variable from a
+# secretKeyRef: the gateway is non-dumpable, so an unsandboxed CLI of the same uid cannot read
+# its environment, whereas it could read a mounted secret file. The *_FILE forms are refused.
+SECRET_VARS = (
+    ("CHATGATE_JWT_SECRET", "CHATGATE_JWT_SECRET_FILE"),
+    ("REDIS_URL", "REDIS_URL_FILE"),
+    ("DATABASE_URL", "DATABASE_URL_FILE"),
+)
+# Flags that take a secret's value (their *-file forms are fine).
+SECRET_FLAGS = ("--jwt-secret", "--redis-url", "--database-url")
+# A URL with a password in it: scheme://user:password@host
+URL_WITH_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/@\s:]*:[^/@\s]+@", re.IGNORECASE)
+SANDBOX_MODES = {"auto", "bwrap", "none"}
 # The server pings every 30 s and drops a socket after two missed pongs.
 MIN_PROXY_TIMEOUT_SECONDS = 75
 # Room after the drain grace to end the remaining runs and exit.
@@ -104,12 +131,40 @@ def gateway_container(doc):
     return None
 
 
-def check_gateway(report, doc, configmaps):
+def secret_mounts(container, spec):
+    """mountPath -> volume, for the container's read-only mounts of Secret volumes."""
+    volumes = {v.get("name"): v for v in spec.get("volumes", []) or []}
+    mounts = {}
+    for mount in container.get("volumeMounts", []) or []:
+        volume = volumes.get(mount.get("name"), {})
+        if "secret" in volume or any("secret" in s for s in (volume.get("projected", {}) or {}).get("sources", []) or []):
+            mounts[mount["mountPath"].rstrip("/")] = (volume, mount.get("readOnly") is True, mount.get("subPath"))
+    return mounts
+
+
+def secret_file_problem(path, container, spec):
+    """Why `path` is not a file of a read-only Secret volume mount (None when it is)."""
+    if not path or not path.startswith("/"):
+        return f"{path!r} is not an absolute path"
+    for mount_path, (volume, read_only, sub_path) in secret_mounts(container, spec).items():
+        if path.startswith(mount_path + "/") and not sub_path:
+            if not read_only:
+                return f"{path} is in the Secret volume {volume.get('name')}, mounted without readOnly: true"
+            relative = path[len(mount_path) + 1:]
+            items = (volume.get("secret", {}) or {}).get("items")
+            if items is not None and relative not in {i.get("path") for i in items}:
+                return f"{path}: the Secret volume {volume.get('name')} has no item with path {relative}"
+            return None
+    return f"{path} is not inside a read-only Secret volume mount"
+
+
+def check_gateway(report, doc, configmaps, secret_values=()):
     """Contract checks of the chatgate Deployment."""
     name = name_of(doc)
     container = gateway_container(doc)
     spec = pod_spec(doc)
-    env = {e["name"]: e for e in container.get("env", []) or []}
+    env_list = container.get("env", []) or []
+    env = {e["name"]: e for e in env_list}
 
     config_env = {}
     for source in container.get("envFrom", []) or []:
@@ -127,14 +182,48 @@ def check_gateway(report, doc, configmaps):
         node_id.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name",
         f"{name}: CHATGATE_NODE_ID must be the pod name (downward API metadata.name)",
     )
-    for var in ("CHATGATE_JWT_SECRET", "REDIS_URL", "DATABASE_URL"):
-        entry = env.get(var)
-        report.check(entry is not None, f"{name}: {var} is not set")
-        if entry is not None and var != "DATABASE_URL":
-            report.check("secretKeyRef" in entry.get("valueFrom", {}), f"{name}: {var} must come from a Secret")
-    database = env.get("DATABASE_URL", {})
-    if "value" in database:
-        report.check("$(" in database["value"], f"{name}: DATABASE_URL holds a literal password")
+    # Secrets: each exactly once, as an env var from a secretKeyRef; never a file (readable by an
+    # unsandboxed CLI of the gateway's uid), a literal, the ConfigMap or an argument.
+    for plain_var, file_var in SECRET_VARS:
+        report.check(plain_var not in config_env and file_var not in config_env,
+                     f"{name}: {plain_var}/{file_var} belong to the Deployment's secretKeyRef env, not the ConfigMap")
+        report.check(file_var not in env,
+                     f"{name}: {file_var} is set: a secret file is readable by an unsandboxed CLI of the gateway's uid;"
+                     f" set {plain_var} from a secretKeyRef (the gateway is non-dumpable)")
+        entries = [e for e in env_list if e.get("name") == plain_var]
+        if report.check(len(entries) == 1, f"{name}: {plain_var} must be set exactly once, found {len(entries)}"):
+            entry = entries[0]
+            report.check("value" not in entry and "secretKeyRef" in (entry.get("valueFrom", {}) or {}),
+                         f"{name}: {plain_var} must come from a secretKeyRef, not a literal or another source")
+    provider_files = env.get("CHATGATE_PROVIDER_ENV_FILE", {}).get("value") or config_env.get("CHATGATE_PROVIDER_ENV_FILE")
+    for pair in filter(None, (provider_files or "").split(",")):
+        var, _, path = pair.partition("=")
+        if report.check(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var) is not None and path,
+                        f"{name}: CHATGATE_PROVIDER_ENV_FILE entry {pair!r} is not NAME=/path"):
+            problem = secret_file_problem(path, container, spec)
+            report.check(problem is None, f"{name}: CHATGATE_PROVIDER_ENV_FILE {var}: {problem}")
+    passed_on = (env.get("CHATGATE_PROVIDER_ENV", {}).get("value") or config_env.get("CHATGATE_PROVIDER_ENV") or "").split(",")
+    for var in filter(None, passed_on):
+        report.check(not var.startswith("CHATGATE_") and var not in ("DATABASE_URL", "REDIS_URL"),
+                     f"{name}: CHATGATE_PROVIDER_ENV would hand the gateway's {var} to the CLIs")
+    for var, entry in env.items():
+        if "value" in entry:
+            report.check(URL_WITH_PASSWORD.search(str(entry["value"])) is None, f"{name}: {var} holds a URL with a literal password")
+    for var, value in config_env.items():
+        report.check(URL_WITH_PASSWORD.search(str(value)) is None, f"{name}: ConfigMap {var} holds a URL with a literal password")
+
+    # The command line: `args` only (the image's entrypoint is tini, PID 1), and no secret in it.
+    report.check("command" not in container, f"{name}: the chatgate container must not set `command` (it would replace the tini entrypoint)")
+    secret_env = {v for v, e in env.items() if "secretKeyRef" in (e.get("valueFrom", {}) or {})}
+    for c in spec.get("containers", []) + (spec.get("initContainers") or []):
+        words = [str(w) for w in (c.get("command") or []) + (c.get("args") or [])]
+        cname = f"{name} container {c.get('name')}"
+        for word in words:
+            flag = word.split("=", 1)[0]
+            report.check(flag not in SECRET_FLAGS, f"{cname}: secret on the command line ({flag}); use the *-file flag's env var")
+            report.check(URL_WITH_PASSWORD.search(word) is None, f"{cname}: an argument holds a URL with a password")
+            report.check(not any(f"$({v})" in word for v in secret_env), f"{cname}: an argument expands a secret variable")
+            report.check(not any(len(v) >= 8 and v in word for v in secret_values), f"{cname}: an argument holds a Secret's value")
 
     listen = config_env.get("CHATGATE_LISTEN") or env.get("CHATGATE_LISTEN", {}).get("value")
     ports = {p.get("name"): p.get("containerPort") for p in container.get("ports", []) or []}
@@ -142,8 +231,15 @@ def check_gateway(report, doc, configmaps):
     if listen:
         report.check(str(ports.get("http")) == listen.rsplit(":", 1)[-1], f"{name}: containerPort http {ports.get('http')} differs from CHATGATE_LISTEN {listen}")
     report.check(config_env.get("CHATGATE_LOG_FORMAT") == "json", f"{name}: CHATGATE_LOG_FORMAT should be json in a cluster")
+    report.check(config_env.get("CHATGATE_WORKSPACE_LAYOUT") == "per-user", f"{name}: CHATGATE_WORKSPACE_LAYOUT should be per-user")
     report.check(config_env.get("CHATGATE_WORKSPACES_ROOT") == "/data/workspaces", f"{name}: CHATGATE_WORKSPACES_ROOT should be /data/workspaces")
-    report.check(env.get("HOME", {}).get("value") == "/data/home", f"{name}: HOME should be /data/home (providers' home on the data volume)")
+    report.check(config_env.get("CHATGATE_HOMES_ROOT") == "/data/homes", f"{name}: CHATGATE_HOMES_ROOT should be /data/homes (each user's provider home)")
+    home = env.get("HOME", {}).get("value")
+    report.check(home is not None and not home.startswith("/data"),
+                 f"{name}: HOME (the gateway's own) must be set and off the data volume, got {home} (CLIs get /data/homes/<user>)")
+    report.check(config_env.get("CHATGATE_SANDBOX", "auto") in SANDBOX_MODES, f"{name}: CHATGATE_SANDBOX must be one of {sorted(SANDBOX_MODES)}")
+    made = {w for c in spec.get("initContainers") or [] for w in (c.get("command") or []) + (c.get("args") or [])}
+    report.check({"/data/workspaces", "/data/homes"} <= made, f"{name}: an init container must create /data/workspaces and /data/homes")
 
     def probe_path(probe):
         return (container.get(probe) or {}).get("httpGet", {}).get("path")
@@ -168,15 +264,32 @@ def check_gateway(report, doc, configmaps):
         need = sleep + grace + MIN_SHUTDOWN_MARGIN_SECONDS
         report.check(termination >= need, f"{name}: terminationGracePeriodSeconds {termination} < preStop {sleep} + drain grace {grace} + {MIN_SHUTDOWN_MARGIN_SECONDS}")
 
+    # Pod Security `restricted`, except exactly what bubblewrap needs when the pod opts in with a
+    # user namespace of its own (hostUsers: false): procMount Unmasked and the gateway
+    # container's seccomp/AppArmor profile. Never a capability, never privileged.
     pod_sc = spec.get("securityContext", {}) or {}
+    userns = spec.get("hostUsers") is False
     report.check(pod_sc.get("runAsNonRoot") is True, f"{name}: pod runAsNonRoot must be true")
     report.check(pod_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{name}: seccompProfile RuntimeDefault missing")
+    for flag in ("hostPID", "hostIPC", "hostNetwork"):
+        report.check(not spec.get(flag), f"{name}: {flag} must not be set")
     for c in spec.get("containers", []) + (spec.get("initContainers") or []):
         sc = c.get("securityContext", {}) or {}
         cname = f"{name} container {c.get('name')}"
+        sandbox_opt_in = userns and c.get("name") == "chatgate"
         report.check(sc.get("allowPrivilegeEscalation") is False, f"{cname}: allowPrivilegeEscalation must be false")
         report.check(sc.get("readOnlyRootFilesystem") is True, f"{cname}: readOnlyRootFilesystem must be true")
+        report.check(not sc.get("privileged"), f"{cname}: must not be privileged")
         report.check("ALL" in (sc.get("capabilities", {}) or {}).get("drop", []), f"{cname}: capabilities must drop ALL")
+        report.check(not (sc.get("capabilities", {}) or {}).get("add"), f"{cname}: no capability may be added (bubblewrap needs none)")
+        if sc.get("procMount", "Default") != "Default":
+            report.check(sandbox_opt_in, f"{cname}: procMount {sc['procMount']} only for the chatgate container of a pod with hostUsers: false")
+        seccomp = (sc.get("seccompProfile") or {}).get("type")
+        if seccomp not in (None, "RuntimeDefault", "Localhost"):
+            report.check(sandbox_opt_in, f"{cname}: seccompProfile {seccomp} only for the chatgate container of a pod with hostUsers: false")
+        apparmor = (sc.get("appArmorProfile") or {}).get("type")
+        if apparmor not in (None, "RuntimeDefault", "Localhost"):
+            report.check(sandbox_opt_in, f"{cname}: appArmorProfile {apparmor} only for the chatgate container of a pod with hostUsers: false")
     mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", []) or []}
     report.check("/data" in mounts and "/tmp" in mounts, f"{name}: /data and /tmp must be volumes (read-only root fs)")
     report.check(spec.get("enableServiceLinks") is False, f"{name}: enableServiceLinks must be false (a Service named chatgate injects CHATGATE_* vars)")
@@ -202,6 +315,14 @@ def check_manifests(path):
     configmaps = by_kind.get("ConfigMap", {})
     secrets = by_kind.get("Secret", {})
     claims = by_kind.get("PersistentVolumeClaim", {})
+    secret_values = set()
+    for secret in secrets.values():
+        for value in (secret.get("data", {}) or {}).values():
+            try:
+                secret_values.add(base64.b64decode(value).decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                pass
+        secret_values.update(str(v) for v in (secret.get("stringData", {}) or {}).values())
 
     for doc in workloads:
         name = name_of(doc)
@@ -218,8 +339,13 @@ def check_manifests(path):
             claim = volume.get("persistentVolumeClaim", {}).get("claimName")
             if claim and claims:
                 report.check(claim in claims, f"{name}: claim {claim} is not in the output")
+            secret_volume = volume.get("secret") or {}
+            if secret_volume.get("secretName") in secrets:
+                data = secrets[secret_volume["secretName"]].get("data", {}) or {}
+                for item in secret_volume.get("items", []) or []:
+                    report.check(item.get("key") in data, f"{name}: Secret {secret_volume['secretName']} has no key {item.get('key')}")
         if gateway_container(doc) is not None:
-            check_gateway(report, doc, configmaps)
+            check_gateway(report, doc, configmaps, secret_values)
 
     for svc in services.values():
         selector = svc.get("spec", {}).get("selector", {})
@@ -300,7 +426,12 @@ def check_dockerfile(dockerfile, dockerignore):
     report.check(not any(op == "HEALTHCHECK" for op, _ in instructions), "no HEALTHCHECK expected (Kubernetes probes)")
     user = final_ops.get("USER", "")
     report.check(re.fullmatch(r"[1-9][0-9]*(:[0-9]+)?", user) is not None, f"final USER must be a numeric non-root uid, got {user!r}")
-    report.check(json.loads(final_ops.get("ENTRYPOINT", "null")) == ["chatgate"], "ENTRYPOINT must be [\"chatgate\"]")
+    entrypoint = json.loads(final_ops.get("ENTRYPOINT", "null")) or []
+    report.check(len(entrypoint) == 3 and entrypoint[0].rsplit("/", 1)[-1] == "tini" and entrypoint[1:] == ["--", "chatgate"],
+                 f"ENTRYPOINT must be [\"/usr/bin/tini\", \"--\", \"chatgate\"] (tini reaps orphaned CLI processes), got {entrypoint}")
+    installs = " ".join(a for op, a in instructions if op == "RUN" and "apt-get install" in a)
+    for package in ("tini", "bubblewrap"):
+        report.check(re.search(rf"apt-get install[^&;|]*\s{package}(\s|$)", installs) is not None, f"Debian package {package} is not installed")
     report.check(json.loads(final_ops.get("CMD", "null")) == ["serve"], "CMD must be [\"serve\"]")
     report.check("EXPOSE" in final_ops and "3001" in final_ops["EXPOSE"], "EXPOSE 3001 missing")
     args = {a.split("=", 1)[0]: a.split("=", 1)[1] if "=" in a else None for op, a in instructions if op == "ARG"}
@@ -308,8 +439,12 @@ def check_dockerfile(dockerfile, dockerignore):
     for package in ("@anthropic-ai/claude-code", "@openai/codex", "@google/gemini-cli", "opencode-ai"):
         report.check(package in text, f"provider package {package} is not installed")
     env_text = " ".join(a for op, a in instructions if op == "ENV")
-    for expected in ("CHATGATE_LISTEN=0.0.0.0:3001", "CHATGATE_WORKSPACES_ROOT=/data/workspaces", "HOME=/data/home"):
+    for expected in ("CHATGATE_LISTEN=0.0.0.0:3001", "CHATGATE_WORKSPACE_LAYOUT=per-user", "CHATGATE_WORKSPACES_ROOT=/data/workspaces",
+                     "CHATGATE_HOMES_ROOT=/data/homes"):
         report.check(expected in env_text, f"ENV {expected} missing")
+    home = re.search(r"(?:^|\s)HOME=(\S+)", env_text)
+    report.check(home is not None and not home.group(1).startswith("/data"), "ENV HOME (the gateway's own) must be set and off /data")
+    report.check(re.search(r"mkdir -p[^&;]*/data/homes", text) is not None, "the image must create /data/homes")
     report.check("cargo build --release --locked" in text, "the builder must build with --locked")
     report.check("cargo chef cook" in text, "dependency build is not cached in its own layer")
 
@@ -339,7 +474,7 @@ def check_readme(values_path, readme_path):
         readme = handle.read()
     documented = set(re.findall(r"^\|\s*`([^`]+)`\s*\|", readme, re.MULTILINE))
     free_form = {"probes.startup", "probes.readiness", "probes.liveness", "autoscaling.behavior", "resources", "podSecurityContext", "securityContext",
-                 "redis.resources", "postgresql.resources"}
+                 "redis.resources", "postgresql.resources", "sandbox.seccompProfile"}
     for path in leaf_paths(values):
         covered = path in documented or any(path == f or path.startswith(f + ".") for f in free_form if f in documented)
         report.check(covered, f"value {path} is not documented in the README's table")

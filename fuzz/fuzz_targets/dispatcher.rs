@@ -43,10 +43,10 @@ use std::{
 };
 
 use chatgate::{
-    gateway::{CloseReason, Connection, Gateway, GatewaySettings, LimitSettings, Outbox},
+    gateway::{CloseReason, Connection, Gateway, GatewaySettings, LimitSettings, Outbox, WorkspaceLayout, Workspaces},
     protocol::{ErrorCode, Inbound, ProtocolError, parse_inbound},
     runs::{SharedRegistry, memory::MemoryRegistry},
-    runtime::{Runtimes, script::ScriptRuntime},
+    runtime::{Runtimes, sandbox::Containment, script::ScriptRuntime},
     store::{NewSession, Store},
 };
 use futures_util::FutureExt;
@@ -132,7 +132,14 @@ async fn run_input(text: &str) {
     runtimes.insert("script".into(), Arc::new(ScriptRuntime));
     let settings = GatewaySettings {
         node_id: "fuzz".into(),
-        workspaces_root: PROJECT.clone(),
+        // Every session's project is PROJECT, one directory all users share.
+        workspaces: Workspaces {
+            layout: WorkspaceLayout::Shared,
+            root: PROJECT.clone(),
+            homes_root: std::env::temp_dir().join("chatgate-fuzz-homes"),
+        },
+        containment: Arc::new(Containment::unconfined()),
+        max_runs: 32,
         run_lease: Duration::from_secs(30),
         send_queue_bytes: SEND_QUEUE_BYTES,
         allow_bypass_permissions: false,

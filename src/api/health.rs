@@ -27,11 +27,19 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         None
     };
+    let settings = &gateway.settings;
+    let sandbox = settings.containment.mode().as_str();
+    let runs = json!({ "running": gateway.local_run_count(), "max": settings.max_runs });
+    let layout = settings.workspaces.layout.as_str();
     match reason {
-        None => Json(json!({ "status": "ready" })).into_response(),
-        Some(reason) => {
-            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "not ready", "reason": reason }))).into_response()
-        }
+        None => Json(json!({ "status": "ready", "sandbox": sandbox, "workspaceLayout": layout, "runs": runs }))
+            .into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "not ready", "reason": reason, "sandbox": sandbox, "workspaceLayout": layout,
+                "runs": runs })),
+        )
+            .into_response(),
     }
 }
 

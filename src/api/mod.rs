@@ -13,7 +13,7 @@ mod sessions;
 mod web;
 mod ws;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     Router,
@@ -38,7 +38,6 @@ pub struct ApiSettings {
     pub allowed_origins: Option<Vec<String>>,
     pub max_frame_bytes: usize,
     pub send_queue_bytes: usize,
-    pub workspaces_root: PathBuf,
     pub ping_interval: Duration,
     /// `--max-body-bytes`: largest REST request body.
     pub max_body_bytes: usize,

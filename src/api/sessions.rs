@@ -15,10 +15,7 @@ use serde_json::{Value, json};
 
 use super::{ApiError, AppState, auth::User, body::RequestBody, error::ok};
 use crate::{
-    gateway::{
-        options::{PathRefusal, resolve_project_path},
-        valid_session_id,
-    },
+    gateway::{options::PathRefusal, valid_session_id},
     protocol::session_upserted,
     store::{NewSession, SessionRow},
 };
@@ -95,7 +92,7 @@ pub async fn create(
         ));
     }
     let raw_path = body.get("projectPath").and_then(Value::as_str).unwrap_or("");
-    let project_path = match resolve_project_path(&state.settings.workspaces_root, raw_path) {
+    let project_path = match state.gateway.settings.workspaces.resolve_new_project(&user.user_id, raw_path) {
         Ok(path) => path.to_string_lossy().into_owned(),
         Err(PathRefusal::Required) => {
             return Err(ApiError::bad_request("PROJECT_PATH_REQUIRED", "projectPath is required."));
@@ -103,7 +100,7 @@ pub async fn create(
         Err(PathRefusal::Outside) => {
             return Err(ApiError::bad_request(
                 "PROJECT_PATH_OUTSIDE_WORKSPACES",
-                "projectPath must be inside the workspaces root.",
+                "projectPath must be inside your workspace root.",
             ));
         }
     };

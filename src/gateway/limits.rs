@@ -85,10 +85,11 @@ pub enum Limit {
     HandshakeTimeout,
     BodyBytes,
     ReplayBytes,
+    MaxRuns,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 9] = [
+    pub const ALL: [Limit; 10] = [
         Limit::ConnectionsPerIp,
         Limit::SocketsPerUser,
         Limit::SubscriptionsPerSocket,
@@ -98,6 +99,7 @@ impl Limit {
         Limit::HandshakeTimeout,
         Limit::BodyBytes,
         Limit::ReplayBytes,
+        Limit::MaxRuns,
     ];
 
     pub fn label(self) -> &'static str {
@@ -111,6 +113,7 @@ impl Limit {
             Limit::HandshakeTimeout => "handshake_timeout",
             Limit::BodyBytes => "body_bytes",
             Limit::ReplayBytes => "replay_bytes",
+            Limit::MaxRuns => "max_runs",
         }
     }
 

@@ -13,12 +13,12 @@ mod orphans;
 mod run;
 mod transcript;
 mod verbs;
+pub mod workspaces;
 
 pub mod outbox;
 
 use std::{
     collections::HashMap,
-    path::PathBuf,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -37,8 +37,13 @@ pub use limits::{ConnectionLimits, LimitSettings};
 pub use outbox::{CloseReason, Outbox};
 pub use run::StopReason;
 pub use transcript::DraftPolicy;
+pub use workspaces::{WorkspaceLayout, Workspaces};
 
-use crate::{runs::SharedRegistry, runtime::Runtimes, store::Store};
+use crate::{
+    runs::SharedRegistry,
+    runtime::{Runtimes, sandbox::Containment},
+    store::Store,
+};
 
 /// How long the drain waits for socket tasks to finish their closing handshake
 /// (the socket task lingers at most twice 2 s: for the peer's Close, then its writer).
@@ -48,7 +53,12 @@ const SOCKETS_CLOSE_WAIT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct GatewaySettings {
     pub node_id: String,
-    pub workspaces_root: PathBuf,
+    /// Where users' projects and provider homes live.
+    pub workspaces: Workspaces,
+    /// How provider CLIs are contained (environment, bounds, sandbox).
+    pub containment: Arc<Containment>,
+    /// `--max-runs`: runs this node owns at once.
+    pub max_runs: u32,
     pub run_lease: Duration,
     pub send_queue_bytes: usize,
     /// Clients may ask for `bypassPermissions` / `skipPermissions`.
@@ -84,11 +94,15 @@ pub struct Gateway {
     sockets: TaskTracker,
     /// How runs store their open streams' drafts (cluster mode only).
     stream_drafts: Option<DraftPolicy>,
+    /// One permit per run this node owns (`--max-runs`), held by the run's driver.
+    run_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Gateway {
     pub fn new(settings: GatewaySettings, store: Store, registry: SharedRegistry, runtimes: Runtimes) -> Arc<Self> {
         let history = HistoryWriter::spawn(store.clone());
+        let settings_max_runs = usize::try_from(settings.max_runs).unwrap_or(usize::MAX);
+        metrics::gauge!("chatgate_runs_max").set(f64::from(settings.max_runs));
         let orphans = registry.take_orphans();
         // Only where a node that ends a lost owner's run resumes from them (cluster mode).
         let stream_drafts = orphans.is_some().then(|| DraftPolicy::for_replay_window(settings.replay_max_events));
@@ -108,6 +122,7 @@ impl Gateway {
             sockets_closing: CancellationToken::new(),
             sockets: TaskTracker::new(),
             stream_drafts,
+            run_slots: Arc::new(tokio::sync::Semaphore::new(settings_max_runs)),
         })
     }
 

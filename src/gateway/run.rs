@@ -14,7 +14,7 @@ use std::{
 };
 
 use serde_json::{Map, Value, json};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -25,7 +25,7 @@ use super::{
 use crate::{
     protocol::{EventBody, PermissionAnswer, now_iso, session_upserted},
     runs::{Control, Event, RegistryError, RunGrant, RunLease},
-    runtime::{RUNTIME_EVENT_CAPACITY, RunContext, RunOutcome, RunRequest, Runtime, RuntimeMsg},
+    runtime::{RUNTIME_EVENT_CAPACITY, RunContext, RunOutcome, RunRequest, Runtime, RuntimeMsg, sandbox::Launch},
     store::{HistoryRow, SessionRow},
 };
 
@@ -51,6 +51,10 @@ pub(super) struct RunPlan {
     pub request: RunRequest,
     pub runtime: Arc<dyn Runtime>,
     pub grant: RunGrant,
+    /// How the run's CLI is contained (its user's home, its project).
+    pub launch: Launch,
+    /// The run's slot of `--max-runs`, released when the driver ends.
+    pub slot: OwnedSemaphorePermit,
 }
 
 /// How the run ended, before it is written as `complete`.
@@ -84,6 +88,14 @@ impl Gateway {
     }
 }
 
+/// What the driver needs once, to start the runtime.
+struct Start {
+    request: RunRequest,
+    runtime: Arc<dyn Runtime>,
+    control: mpsc::Receiver<Control>,
+    launch: Launch,
+}
+
 struct Driver {
     gateway: Arc<Gateway>,
     lease: RunLease,
@@ -95,7 +107,8 @@ struct Driver {
     transcript: Transcript,
     pending: HashMap<String, oneshot::Sender<PermissionAnswer>>,
     last_renewal: Instant,
-    plan: Option<(RunRequest, Arc<dyn Runtime>, mpsc::Receiver<Control>)>,
+    plan: Option<Start>,
+    _slot: OwnedSemaphorePermit,
 }
 
 impl Driver {
@@ -117,17 +130,18 @@ impl Driver {
             user_id: plan.user_id,
             pending: HashMap::new(),
             last_renewal: Instant::now(),
-            plan: Some((plan.request, plan.runtime, control)),
+            plan: Some(Start { request: plan.request, runtime: plan.runtime, control, launch: plan.launch }),
+            _slot: plan.slot,
         }
     }
 
     async fn run(mut self, stop: CancellationToken, reason: Arc<Mutex<Option<StopReason>>>) {
-        let Some((request, runtime, mut control)) = self.plan.take() else { return };
+        let Some(Start { request, runtime, mut control, launch }) = self.plan.take() else { return };
         let prompt = self.labels.prompt_row(self.first_seq, &request.content);
         let (tx, mut rx) = mpsc::channel(RUNTIME_EVENT_CAPACITY);
         let cancel = CancellationToken::new();
         let mut runtime_task = tokio::spawn({
-            let ctx = RunContext::new(tx, cancel.clone());
+            let ctx = RunContext::contained(tx, cancel.clone(), launch);
             async move { runtime.run(request, ctx).await }
         });
         // While the runtime starts: the prompt is durable before any event of the run is appended.

@@ -10,14 +10,14 @@ use tracing::Instrument;
 use super::{
     Connection, Gateway,
     limits::{Limit, SEND_WINDOW, cap_replay},
-    options::{resolve_project_path, validate_options},
+    options::validate_options,
     run::RunPlan,
     valid_session_id,
 };
 use crate::{
     protocol::{ErrorCode, Inbound, PermissionAnswer, ProtocolError, SubscribeTarget, chat_subscribed, parse_inbound},
     runs::{RegistryError, RunStart, Subscription},
-    runtime::RunRequest,
+    runtime::{RunRequest, sandbox::Launch},
     store::SessionRow,
 };
 
@@ -122,20 +122,35 @@ impl Gateway {
             .with_session(session_id));
         };
         // Checked again at every run: the directory may have been swapped for a symlink out.
-        let project_path =
-            resolve_project_path(&self.settings.workspaces_root, &session.project_path).map_err(|_| {
-                ProtocolError::new(
-                    ErrorCode::InvalidOptions,
-                    "The session's project path no longer resolves inside the workspaces root.".to_string(),
-                )
-                .with_session(session_id)
-            })?;
+        let workspaces = &self.settings.workspaces;
+        let project_path = workspaces.resolve_existing_project(&conn.user_id, &session.project_path).map_err(|_| {
+            ProtocolError::new(
+                ErrorCode::InvalidOptions,
+                "The session's project path no longer resolves inside your workspace root.".to_string(),
+            )
+            .with_session(session_id)
+        })?;
         let (run_options, cwd) =
             validate_options(session_id, &project_path, options, self.settings.allow_bypass_permissions)?;
         // The sender follows its own run, which takes a subscription slot.
         if !conn.is_subscribed(session_id) {
             self.check_subscription_slot(conn, session_id)?;
         }
+        let Ok(slot) = self.run_slots.clone().try_acquire_owned() else {
+            Limit::MaxRuns.refused();
+            return Err(ProtocolError::new(
+                ErrorCode::NodeBusy,
+                format!(
+                    "This node is running its maximum of {} runs; nothing was started. Send again shortly.",
+                    self.settings.max_runs
+                ),
+            )
+            .with_session(session_id));
+        };
+        let home = workspaces.ensure_home(&conn.user_id).map_err(|e| {
+            tracing::warn!(error = %e, "cannot make the user's provider home");
+            unavailable(session_id, "This node cannot prepare your provider home; nothing was started.")
+        })?;
         let run_id = uuid::Uuid::new_v4().to_string();
         let start = RunStart {
             session_id: session_id.to_string(),
@@ -188,7 +203,17 @@ impl Gateway {
             options: run_options,
         };
         tracing::info!(session_id, run_id = %run_id, provider = %session.provider, "run started");
-        self.spawn_run(RunPlan { session, user_id: conn.user_id.clone(), run_id, request, runtime, grant });
+        let launch = Launch::new(self.settings.containment.clone(), home, request.project_path.clone(), &run_id);
+        self.spawn_run(RunPlan {
+            session,
+            user_id: conn.user_id.clone(),
+            run_id,
+            request,
+            runtime,
+            grant,
+            launch,
+            slot,
+        });
         Ok(())
     }
 

@@ -21,6 +21,7 @@ pub enum ErrorCode {
     InvalidOptions,
     BackendUnavailable,
     RateLimited,
+    NodeBusy,
 }
 
 impl ErrorCode {
@@ -37,6 +38,7 @@ impl ErrorCode {
             ErrorCode::InvalidOptions => "INVALID_OPTIONS",
             ErrorCode::BackendUnavailable => "BACKEND_UNAVAILABLE",
             ErrorCode::RateLimited => "RATE_LIMITED",
+            ErrorCode::NodeBusy => "NODE_BUSY",
         }
     }
 }

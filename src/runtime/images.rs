@@ -5,10 +5,26 @@
 //! directory `.tmp/images/<run>/image_<i>.<ext>` under the run's working
 //! directory (inside the project), and the prompt gets a note listing the paths.
 //! The directory is removed when the run ends ([`RunImages::cleanup`], or on drop).
+//!
+//! The project is writable by the agent, which may have planted a symlink at
+//! `.tmp` or `.tmp/images` in an earlier run; the gateway writes outside any
+//! sandbox, so every step goes through directory descriptors opened with
+//! `O_NOFOLLOW` (`mkdirat`, `openat`, `unlinkat`): a symlink anywhere below the
+//! working directory makes the images be skipped, never followed.
 
-use std::path::{Path, PathBuf};
+use std::{
+    io::{self, Write},
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+};
 
 use base64::Engine;
+use nix::{
+    errno::Errno,
+    fcntl::{OFlag, open, openat},
+    sys::stat::{Mode, mkdirat},
+    unistd::{UnlinkatFlags, unlinkat},
+};
 use serde_json::Value;
 
 use super::RunRequest;
@@ -19,8 +35,22 @@ const MAX_IMAGES: usize = 16;
 /// The images written for one run.
 #[derive(Debug, Default)]
 pub struct RunImages {
-    dir: Option<PathBuf>,
+    dir: Option<ImageDir>,
     paths: Vec<PathBuf>,
+}
+
+/// The run's image directory, held by descriptors (never re-resolved by path).
+#[derive(Debug)]
+struct ImageDir {
+    /// The working directory, `.tmp` and `.tmp/images`.
+    cwd: OwnedFd,
+    tmp: OwnedFd,
+    images: OwnedFd,
+    /// `.tmp/images/<run>` and its name in `images`.
+    run: OwnedFd,
+    run_name: String,
+    /// File names written into `run`.
+    files: Vec<String>,
 }
 
 /// Splits `data:<mime>;base64,<payload>` into the file extension and the bytes.
@@ -32,6 +62,51 @@ fn decode_data_url(data: &str) -> Option<(String, Vec<u8>)> {
     let ext = if ext.is_empty() { "png".to_string() } else { ext.to_ascii_lowercase() };
     let bytes = base64::engine::general_purpose::STANDARD.decode(payload.trim()).ok()?;
     Some((ext, bytes))
+}
+
+const DIR_FLAGS: OFlag = OFlag::O_DIRECTORY.union(OFlag::O_NOFOLLOW).union(OFlag::O_CLOEXEC);
+
+/// Opens the directory `name` in `parent`, making it first when missing; a
+/// symlink is refused (`ELOOP` / `ENOTDIR`).
+fn open_or_make_dir(parent: &OwnedFd, name: &str) -> nix::Result<OwnedFd> {
+    match mkdirat(parent, name, Mode::from_bits_truncate(0o755)) {
+        Ok(()) | Err(Errno::EEXIST) => {}
+        Err(e) => return Err(e),
+    }
+    openat(parent, name, DIR_FLAGS, Mode::empty())
+}
+
+impl ImageDir {
+    /// Makes `<cwd>/.tmp/images/<run>` without following any symlink below `cwd`.
+    fn create(cwd: &Path, run_name: String) -> nix::Result<ImageDir> {
+        let cwd = open(cwd, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())?;
+        let tmp = open_or_make_dir(&cwd, ".tmp")?;
+        let images = open_or_make_dir(&tmp, "images")?;
+        mkdirat(&images, run_name.as_str(), Mode::from_bits_truncate(0o755))?;
+        let run = openat(&images, run_name.as_str(), DIR_FLAGS, Mode::empty())?;
+        Ok(ImageDir { cwd, tmp, images, run, run_name, files: Vec::new() })
+    }
+
+    /// Writes a new file (never an existing one, never through a symlink).
+    fn write(&mut self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let fd = openat(&self.run, name, flags, Mode::from_bits_truncate(0o644))?;
+        self.files.push(name.to_string());
+        std::fs::File::from(fd).write_all(bytes)
+    }
+
+    /// Removes what was written, then the directories the run left empty.
+    fn remove(self) {
+        for name in &self.files {
+            let _ = unlinkat(&self.run, name.as_str(), UnlinkatFlags::NoRemoveDir);
+        }
+        drop(self.run);
+        if unlinkat(&self.images, self.run_name.as_str(), UnlinkatFlags::RemoveDir).is_ok()
+            && unlinkat(&self.tmp, "images", UnlinkatFlags::RemoveDir).is_ok()
+        {
+            let _ = unlinkat(&self.cwd, ".tmp", UnlinkatFlags::RemoveDir);
+        }
+    }
 }
 
 impl RunImages {
@@ -49,20 +124,31 @@ impl RunImages {
         if decoded.is_empty() {
             return RunImages::default();
         }
-        let dir = request.cwd.join(".tmp").join("images").join(uuid::Uuid::new_v4().simple().to_string());
-        if let Err(e) = tokio::fs::create_dir_all(&dir).await {
-            tracing::warn!(dir = %dir.display(), error = %e, "could not create the run's image directory");
-            return RunImages::default();
-        }
-        let mut written = RunImages { dir: Some(dir.clone()), paths: Vec::new() };
+        let cwd = request.cwd.clone();
+        let written = tokio::task::spawn_blocking(move || Self::write_blocking(&cwd, decoded)).await;
+        written.unwrap_or_default()
+    }
+
+    fn write_blocking(cwd: &Path, decoded: Vec<(String, Vec<u8>)>) -> RunImages {
+        let run_name = uuid::Uuid::new_v4().simple().to_string();
+        let base = cwd.join(".tmp").join("images").join(&run_name);
+        let mut dir = match ImageDir::create(cwd, run_name) {
+            Ok(dir) => dir,
+            Err(e) => {
+                tracing::warn!(dir = %base.display(), error = %e,
+                    "could not create the run's image directory (a symlink below the working directory is refused)");
+                return RunImages::default();
+            }
+        };
+        let mut paths = Vec::new();
         for (index, (ext, bytes)) in decoded.into_iter().enumerate() {
-            let path = dir.join(format!("image_{index}.{ext}"));
-            match tokio::fs::write(&path, bytes).await {
-                Ok(()) => written.paths.push(path),
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "could not write an image"),
+            let name = format!("image_{index}.{ext}");
+            match dir.write(&name, &bytes) {
+                Ok(()) => paths.push(base.join(&name)),
+                Err(e) => tracing::warn!(path = %base.join(&name).display(), error = %e, "could not write an image"),
             }
         }
-        written
+        RunImages { dir: Some(dir), paths }
     }
 
     /// The written files.
@@ -83,26 +169,15 @@ impl RunImages {
     /// Removes the run's image directory.
     pub async fn cleanup(mut self) {
         if let Some(dir) = self.dir.take() {
-            let _ = tokio::fs::remove_dir_all(&dir).await;
-            remove_if_empty(dir.parent()).await;
+            let _ = tokio::task::spawn_blocking(move || dir.remove()).await;
         }
-    }
-}
-
-/// Removes `.tmp/images` and `.tmp` when the run left them empty.
-async fn remove_if_empty(images_dir: Option<&Path>) {
-    if let Some(images_dir) = images_dir
-        && tokio::fs::remove_dir(images_dir).await.is_ok()
-        && let Some(tmp) = images_dir.parent()
-    {
-        let _ = tokio::fs::remove_dir(tmp).await;
     }
 }
 
 impl Drop for RunImages {
     fn drop(&mut self) {
         if let Some(dir) = self.dir.take() {
-            let _ = std::fs::remove_dir_all(dir);
+            dir.remove();
         }
     }
 }
@@ -119,5 +194,28 @@ mod tests {
         assert_eq!(ext, "svg");
         assert!(decode_data_url("not a data url").is_none());
         assert!(decode_data_url("data:image/png;base64,!!!").is_none());
+    }
+
+    #[test]
+    fn images_never_follow_a_planted_symlink() {
+        let project = tempfile::tempdir().unwrap();
+        let victim = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(victim.path(), project.path().join(".tmp")).unwrap();
+        let images = RunImages::write_blocking(project.path(), vec![("png".into(), b"x".to_vec())]);
+        assert!(images.paths().is_empty());
+        assert_eq!(std::fs::read_dir(victim.path()).unwrap().count(), 0, "nothing written through the link");
+
+        std::fs::remove_file(project.path().join(".tmp")).unwrap();
+        std::fs::create_dir(project.path().join(".tmp")).unwrap();
+        std::os::unix::fs::symlink(victim.path(), project.path().join(".tmp/images")).unwrap();
+        assert!(RunImages::write_blocking(project.path(), vec![("png".into(), b"x".to_vec())]).paths().is_empty());
+        assert_eq!(std::fs::read_dir(victim.path()).unwrap().count(), 0);
+
+        std::fs::remove_file(project.path().join(".tmp/images")).unwrap();
+        let images = RunImages::write_blocking(project.path(), vec![("png".into(), b"x".to_vec())]);
+        assert_eq!(images.paths().len(), 1);
+        assert_eq!(std::fs::read(&images.paths()[0]).unwrap(), b"x");
+        drop(images);
+        assert!(!project.path().join(".tmp").exists(), "the run's directories are removed");
     }
 }

@@ -14,6 +14,7 @@ pub mod gemini;
 pub mod images;
 pub mod opencode;
 pub mod process;
+pub mod sandbox;
 pub mod script;
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
@@ -101,11 +102,23 @@ pub enum RuntimeMsg {
 pub struct RunContext {
     tx: mpsc::Sender<RuntimeMsg>,
     cancel: CancellationToken,
+    launch: sandbox::Launch,
 }
 
 impl RunContext {
+    /// A context whose CLIs run unconfined (tests and tools; a node uses [`RunContext::contained`]).
     pub fn new(tx: mpsc::Sender<RuntimeMsg>, cancel: CancellationToken) -> Self {
-        RunContext { tx, cancel }
+        RunContext { tx, cancel, launch: sandbox::Launch::unconfined() }
+    }
+
+    /// A context whose CLIs start under `launch` (the node's containment for this run).
+    pub fn contained(tx: mpsc::Sender<RuntimeMsg>, cancel: CancellationToken, launch: sandbox::Launch) -> Self {
+        RunContext { tx, cancel, launch }
+    }
+
+    /// How this run's CLIs are started.
+    pub fn launch(&self) -> &sandbox::Launch {
+        &self.launch
     }
 
     /// Emits a normalized event. `fields` must be a JSON object; `kind` is added.

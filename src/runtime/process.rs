@@ -1,7 +1,8 @@
 //! Child-process machinery shared by the CLI runtimes (interface §6).
 //!
 //! A provider CLI runs in its own process group with the session's working
-//! directory. Its stdout is read line by line with a length cap (no unbounded
+//! directory, started under the run's containment ([`super::sandbox`]: a
+//! clean environment, resource bounds, the sandbox). Its stdout is read line by line with a length cap (no unbounded
 //! buffer); its stderr lines become rate-limited, capped `error` events. The
 //! whole group is killed on cancel (SIGTERM, then SIGKILL after a grace), when
 //! the CLI exits (leftover grandchildren), and when the handle is dropped. A
@@ -17,6 +18,7 @@ use std::{
     io,
     path::PathBuf,
     process::{ExitStatus, Stdio},
+    sync::Arc,
     time::Duration,
 };
 
@@ -27,12 +29,15 @@ use nix::{
 use serde_json::{Map, Value, json};
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, BufReader},
-    process::{Child, ChildStdin, ChildStdout, Command},
+    process::{Child, ChildStdin, ChildStdout},
     task::JoinHandle,
     time::Instant,
 };
 
-use super::{RunContext, RunOutcome};
+use super::{
+    RunContext, RunOutcome,
+    sandbox::{Prepared, RunCgroup},
+};
 
 /// Longest stdout line kept; a longer one is dropped with an `error` event.
 pub const MAX_STDOUT_LINE_BYTES: usize = 8 * 1024 * 1024;
@@ -179,6 +184,8 @@ pub struct CliProcess {
     stderr: Option<JoinHandle<()>>,
     exit: Option<ExitStatus>,
     exited_at: Option<Instant>,
+    /// The run's cgroup, removed once the process is gone.
+    _cgroup: Option<Arc<RunCgroup>>,
 }
 
 impl CliProcess {
@@ -190,10 +197,11 @@ impl CliProcess {
             ctx.emit("error", json!({ "content": message })).await;
             return Err(RunOutcome::exit(1));
         }
-        let mut command = Command::new(&cmd.program);
+        let Prepared { mut command, cgroup } = match ctx.launch().command(&cmd.program, &cmd.args, &cmd.cwd) {
+            Ok(prepared) => prepared,
+            Err(e) => return Err(spawn_failed(cmd, &e, ctx).await),
+        };
         command
-            .args(&cmd.args)
-            .current_dir(&cmd.cwd)
             .stdin(if cmd.stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -219,6 +227,7 @@ impl CliProcess {
             stderr: Some(tokio::spawn(forward_stderr(stderr, ctx.clone(), stderr_filter))),
             exit: None,
             exited_at: None,
+            _cgroup: cgroup,
         })
     }
 

@@ -82,6 +82,9 @@ pub fn config(db: Db, dir: &tempfile::TempDir) -> Config {
     let workspaces = dir.path().join("workspaces");
     std::fs::create_dir_all(workspaces.join("proj")).unwrap();
     config.workspaces_root = Some(workspaces);
+    // The harness's sessions name one shared project ("proj") for every user.
+    config.workspace_layout = chatgate::gateway::WorkspaceLayout::Shared;
+    config.homes_root = Some(dir.path().join("homes"));
     config
 }
 
@@ -601,6 +604,8 @@ pub struct NodeProcess {
     pub child: std::process::Child,
     pub base: String,
     pub ws_url: String,
+    /// Where its stderr goes, when started by [`NodeProcess::start_env`].
+    pub stderr_log: Option<PathBuf>,
 }
 
 impl NodeProcess {
@@ -619,12 +624,71 @@ impl NodeProcess {
             .args(["--database-url", database_url, "--jwt-secret", SECRET])
             .arg("--workspaces-root")
             .arg(workspaces)
+            // The harness's sessions name one shared project ("proj") for every user.
+            .args(["--workspace-layout", "shared", "--homes-root"])
+            .arg(workspaces.parent().unwrap_or(workspaces).join("chatgate-homes"))
             .args(args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("chatgate binary starts");
-        NodeProcess { child, base: format!("http://127.0.0.1:{port}"), ws_url: format!("ws://127.0.0.1:{port}/ws") }
+        NodeProcess {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            ws_url: format!("ws://127.0.0.1:{port}/ws"),
+            stderr_log: None,
+        }
+    }
+
+    /// Starts `chatgate serve --listen <free port>` with exactly `args` after it (no
+    /// database, secret or workspaces flag is added), in an environment holding none
+    /// of this process's `CHATGATE_*`, `DATABASE_URL*` and `REDIS_URL*` variables plus
+    /// `env`; stderr goes to `<log_dir>/chatgate-<port>.stderr` ([`NodeProcess::stderr`]).
+    pub fn start_env(args: &[std::ffi::OsString], env: &[(String, String)], log_dir: &Path) -> NodeProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let log = log_dir.join(format!("chatgate-{port}.stderr"));
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_chatgate"));
+        command.args(["serve", "--listen", &format!("127.0.0.1:{port}")]).args(args);
+        for (name, _) in std::env::vars_os() {
+            let text = name.to_string_lossy();
+            if text.starts_with("CHATGATE_") || text.starts_with("DATABASE_URL") || text.starts_with("REDIS_URL") {
+                command.env_remove(&name);
+            }
+        }
+        command.envs(env.iter().map(|(k, v)| (k, v)));
+        let child = command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("stderr log file"))
+            .spawn()
+            .expect("chatgate binary starts");
+        NodeProcess {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            ws_url: format!("ws://127.0.0.1:{port}/ws"),
+            stderr_log: Some(log),
+        }
+    }
+
+    /// What the process wrote on stderr so far (empty when not captured).
+    pub fn stderr(&self) -> String {
+        self.stderr_log.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default()
+    }
+
+    /// Waits until `/readyz` answers 200; panics with the captured stderr when the
+    /// process exits first or after 15 s.
+    pub async fn wait_ready_or_exit(&mut self) {
+        for _ in 0..300 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("chatgate exited before it was ready ({status}); stderr:\n{}", self.stderr());
+            }
+            if let Ok(r) = reqwest::get(format!("{}/readyz", self.base)).await
+                && r.status().is_success()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{} not ready after 15 s; stderr:\n{}", self.base, self.stderr());
     }
 
     /// Waits until `/readyz` answers 200; panics after 10 s.

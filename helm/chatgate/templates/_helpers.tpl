@@ -90,8 +90,15 @@ else a new random one. Call with (dict "ctx" $ "secret" NAME "key" KEY "given" V
 {{- printf "%s-postgresql" (include "chatgate.fullname" .) }}
 {{- end }}
 
+{{/*
+The bundled PostgreSQL's password. Both the PostgreSQL Secret and the gateway's database URL
+(in the gateway's Secret) hold it, so a generated one is made once per render and remembered.
+*/}}
 {{- define "chatgate.postgresqlPassword" -}}
-{{- include "chatgate.stableSecretValue" (dict "ctx" . "secret" (include "chatgate.postgresqlName" .) "key" "password" "given" .Values.postgresql.password) }}
+{{- if not (hasKey .Values.postgresql "generatedPassword") }}
+{{- $_ := set .Values.postgresql "generatedPassword" (include "chatgate.stableSecretValue" (dict "ctx" . "secret" (include "chatgate.postgresqlName" .) "key" "password" "given" .Values.postgresql.password)) }}
+{{- end }}
+{{- .Values.postgresql.generatedPassword }}
 {{- end }}
 
 {{- define "chatgate.redisUrl" -}}
@@ -102,9 +109,26 @@ else a new random one. Call with (dict "ctx" $ "secret" NAME "key" KEY "given" V
 {{- end }}
 {{- end }}
 
-{{/* External database URL (the bundled PostgreSQL's URL is assembled in the pod's env). */}}
+{{/* The database URL the chart puts in its Secret: the bundled PostgreSQL's or the external one. */}}
 {{- define "chatgate.databaseUrl" -}}
+{{- if include "chatgate.useBundledPostgresql" . }}
+{{- printf "postgres://%s:%s@%s:5432/%s" .Values.postgresql.database (include "chatgate.postgresqlPassword" . | urlquery) (include "chatgate.postgresqlName" .) .Values.postgresql.database }}
+{{- else }}
 {{- required "externalDatabase.url is required (or postgresql.enabled=true, or auth.existingSecret)" .Values.externalDatabase.url }}
+{{- end }}
+{{- end }}
+
+{{/* Where the provider API keys are mounted (read-only). */}}
+{{- define "chatgate.providerSecretsDir" -}}/var/run/secrets/chatgate-providers{{- end }}
+
+{{/* CHATGATE_PROVIDER_ENV_FILE: NAME=/var/run/secrets/chatgate-providers/NAME,... */}}
+{{- define "chatgate.providerEnvFile" -}}
+{{- $dir := include "chatgate.providerSecretsDir" . }}
+{{- $pairs := list }}
+{{- range .Values.providerCredentials.keys }}
+{{- $pairs = append $pairs (printf "%s=%s/%s" . $dir .) }}
+{{- end }}
+{{- join "," $pairs }}
 {{- end }}
 
 {{/* True when DATABASE_URL points at the bundled PostgreSQL. */}}

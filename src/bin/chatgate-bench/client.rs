@@ -53,6 +53,8 @@ impl Node {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let own_workspaces = dir.path().join("workspaces");
+        std::fs::create_dir_all(&own_workspaces)?;
         let mut cmd = Command::new(bin);
         cmd.arg("serve")
             .arg("--listen")
@@ -64,7 +66,7 @@ impl Node {
             .arg("--workspaces-root")
             .arg(match backend {
                 Backend::Cluster { workspaces, .. } => workspaces.as_path(),
-                Backend::Sqlite => dir.path(),
+                Backend::Sqlite => own_workspaces.as_path(),
             });
         match backend {
             Backend::Sqlite => {
@@ -88,6 +90,8 @@ impl Node {
             .env("CHATGATE_MAX_SENDS_PER_MINUTE", "1000000")
             .env("CHATGATE_CONN_RATE_PER_IP", "1000000")
             .env("CHATGATE_CONN_BURST_PER_IP", "1000000")
+            .env("CHATGATE_MAX_RUNS", "1000000")
+            .env("CHATGATE_HOMES_ROOT", dir.path().join("homes"))
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

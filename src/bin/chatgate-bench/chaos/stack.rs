@@ -312,6 +312,10 @@ impl Stack {
                 &ms(settings.drain_grace),
                 "--replay-max-events",
                 &settings.replay_max_events.to_string(),
+                "--max-runs",
+                "1000000",
+                "--homes-root",
+                &workspaces.with_file_name("homes").display().to_string(),
             ]
             .iter()
             .map(|s| s.to_string())
