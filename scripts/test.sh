@@ -94,6 +94,9 @@ log "fuzzing (libFuzzer, ${FUZZ_SECONDS:-20} s per target, from the committed co
 scripts/fuzz.sh "${FUZZ_SECONDS:-20}"
 log "browser tests (web console and JS client in headless Chromium, 3-node stack)"; scripts/browser-tests.sh
 
+log "the README's run command from a fresh clone (release build)"
+scripts/readme-check.sh
+
 if [ -x scripts/check-deploy.sh ]; then
   log "deploy manifests (offline validation)"
   scripts/check-deploy.sh

@@ -122,6 +122,30 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// The secret kept in `path` (trailing newline dropped), made first (a random
+/// one, mode 0600, never overwritten) when the file does not exist. Returns
+/// the secret and whether it was made now.
+pub fn stored_secret(path: &std::path::Path) -> std::io::Result<(String, bool)> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let secret = Auth::random_secret();
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(mut file) => {
+            file.write_all(format!("{secret}\n").as_bytes())?;
+            file.sync_all()?;
+            Ok((secret, true))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let kept = std::fs::read_to_string(path)?;
+            let kept = kept.trim_end_matches(['\n', '\r']).to_string();
+            if kept.is_empty() {
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "the file is empty"));
+            }
+            Ok((kept, false))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,5 +206,18 @@ mod tests {
         let padded = sign(b"s", Algorithm::HS256, json!({"userId": " u ", "exp": exp}));
         assert_eq!(auth.verify(&padded).unwrap().user_id, " u ");
         assert_eq!(auth.verify(""), Err(AuthError::Missing));
+    }
+
+    #[test]
+    fn a_stored_secret_is_made_once_and_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chatgate.secret");
+        let (first, made) = stored_secret(&path).unwrap();
+        assert!(made && first.len() == 64);
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(stored_secret(&path).unwrap(), (first, false));
+        std::fs::write(&path, "").unwrap();
+        assert!(stored_secret(&path).is_err(), "an empty secret file is refused");
     }
 }

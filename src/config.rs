@@ -1,4 +1,4 @@
-//! Command line and environment configuration (interface §1).
+//! Command line and environment configuration (README §Configuration, docs/protocol.md §Process and configuration).
 //!
 //! Every flag has an environment variable and the flag wins. Values are parsed
 //! and checked here so that a bad one stops the process at start with one line
@@ -13,9 +13,15 @@ use crate::{gateway::workspaces::WorkspaceLayout, runtime::sandbox::SandboxSetti
 /// Provider runtimes chatgate knows how to run.
 pub const KNOWN_PROVIDERS: [&str; 6] = ["claude", "codex", "cursor", "gemini", "opencode", "script"];
 
-/// `chatgate` command line.
+/// `chatgate` command line. The node's flags may come before no subcommand
+/// (`chatgate --listen …`, which serves) or after `serve`.
 #[derive(Debug, Parser)]
-#[command(name = "chatgate", version, about = "Horizontally scalable WebSocket gateway for AI coding-agent chat runs")]
+#[command(
+    name = "chatgate",
+    version,
+    about = "Horizontally scalable WebSocket gateway for AI coding-agent chat runs",
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -27,169 +33,253 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a gateway node (the default).
-    Serve,
-    /// Print a JWT for a user, signed with the configured secret.
-    Token {
-        /// The user id to put in the `userId` claim.
-        #[arg(long, value_parser = parse_user_id)]
-        user: String,
-        /// Lifetime of the token (`ms`, `s`, `m`, `h`).
-        #[arg(long, default_value = "24h", value_parser = parse_duration)]
-        ttl: Duration,
-    },
+    Serve(Box<ServeArgs>),
+    /// Print a JWT for a user, signed with the gateway's secret.
+    Token(TokenArgs),
     /// Apply database migrations and exit.
-    Migrate,
+    Migrate(MigrateArgs),
 }
 
-/// Node configuration: every flag of interface §1.
+/// `chatgate serve`: the node's flags.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub config: Config,
+}
+
+/// `chatgate token`: what minting a token needs, and nothing else.
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// The user id to put in the `userId` claim.
+    #[arg(long, value_parser = parse_user_id)]
+    pub user: String,
+    /// Lifetime of the token (`ms`, `s`, `m`, `h`).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// HS256 secret (default: the one a quick-start gateway keeps beside its SQLite database).
+    #[arg(long, env = "CHATGATE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// A file holding the secret.
+    #[arg(long, env = "CHATGATE_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// The gateway's database, to find the secret kept beside it (`<name>.secret`).
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, value_parser = parse_database_url, hide_env_values = true)]
+    pub database_url: String,
+}
+
+/// `chatgate migrate`: the database only.
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// Sessions and history database (`sqlite://…` or `postgres://…`).
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, value_parser = parse_database_url, hide_env_values = true)]
+    pub database_url: String,
+    /// A file holding the database URL (wins over --database-url).
+    #[arg(long, env = "DATABASE_URL_FILE")]
+    pub database_url_file: Option<PathBuf>,
+}
+
+/// The embedded default database.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://chatgate.db?mode=rwc";
+
+impl TokenArgs {
+    /// The secret to sign with: the flag or its file, else the quick-start
+    /// secret file beside the SQLite database (which must exist).
+    pub fn secret(&self) -> Result<String, ConfigError> {
+        if let Some(path) = &self.jwt_secret_file {
+            return read_secret("--jwt-secret-file", path);
+        }
+        if let Some(secret) = &self.jwt_secret {
+            return Ok(secret.clone());
+        }
+        let Some(path) = quickstart_secret_path(&self.database_url) else {
+            return Err(ConfigError::TokenWithoutSecret);
+        };
+        if !path.exists() {
+            return Err(ConfigError::NoQuickstartSecret { path: path.display().to_string() });
+        }
+        read_secret("the quick-start secret", &path)
+    }
+}
+
+impl MigrateArgs {
+    /// The database URL, from its file when one is given.
+    pub fn database_url(&self) -> Result<String, ConfigError> {
+        match &self.database_url_file {
+            None => Ok(self.database_url.clone()),
+            Some(path) => parse_database_url(&read_secret("--database-url-file", path)?)
+                .map_err(|reason| ConfigError::SecretValue { flag: "--database-url-file", reason }),
+        }
+    }
+}
+
+/// Where a gateway without `--jwt-secret` keeps its generated secret: beside
+/// its SQLite database file, named after it (`chatgate.db` → `chatgate.secret`).
+/// `None` for an in-memory or PostgreSQL database.
+pub fn quickstart_secret_path(database_url: &str) -> Option<PathBuf> {
+    let database = sqlite_path(database_url)?;
+    Some(database.with_extension("secret"))
+}
+
+/// The file of a `sqlite:` URL, made absolute; `None` for memory or another database.
+fn sqlite_path(database_url: &str) -> Option<PathBuf> {
+    let rest = database_url.strip_prefix("sqlite:")?;
+    let path = rest.trim_start_matches("//");
+    let path = path.split('?').next().unwrap_or("");
+    if path.is_empty() || path.starts_with(":memory:") {
+        return None;
+    }
+    Some(std::path::absolute(path).unwrap_or_else(|_| PathBuf::from(path)))
+}
+
+/// Node configuration: every flag of README §Configuration.
 #[derive(Debug, Clone, Args)]
 pub struct Config {
     /// HTTP + WebSocket address.
-    #[arg(long, env = "CHATGATE_LISTEN", default_value = "127.0.0.1:3001", global = true)]
+    #[arg(long, env = "CHATGATE_LISTEN", default_value = "127.0.0.1:3001")]
     pub listen: SocketAddr,
     /// Sessions and history database (`sqlite://…` or `postgres://…`).
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://chatgate.db?mode=rwc", value_parser = parse_database_url, global = true)]
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, value_parser = parse_database_url, hide_env_values = true)]
     pub database_url: String,
     /// Redis URL; set = cluster mode.
-    #[arg(long, env = "REDIS_URL", value_parser = parse_redis_url, global = true)]
+    #[arg(long, env = "REDIS_URL", value_parser = parse_redis_url, hide_env_values = true)]
     pub redis_url: Option<String>,
     /// HS256 secret for JWTs (prefer --jwt-secret-file or the environment: a flag is visible in /proc).
-    #[arg(long, env = "CHATGATE_JWT_SECRET", hide_env_values = true, global = true)]
+    #[arg(long, env = "CHATGATE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// A file holding the JWT secret (wins over --jwt-secret).
-    #[arg(long, env = "CHATGATE_JWT_SECRET_FILE", global = true)]
+    #[arg(long, env = "CHATGATE_JWT_SECRET_FILE")]
     pub jwt_secret_file: Option<PathBuf>,
     /// A file holding the database URL (wins over --database-url).
-    #[arg(long, env = "DATABASE_URL_FILE", global = true)]
+    #[arg(long, env = "DATABASE_URL_FILE")]
     pub database_url_file: Option<PathBuf>,
     /// A file holding the Redis URL (wins over --redis-url).
-    #[arg(long, env = "REDIS_URL_FILE", global = true)]
+    #[arg(long, env = "REDIS_URL_FILE")]
     pub redis_url_file: Option<PathBuf>,
     /// This node's name in locks, logs and metrics.
-    #[arg(long, env = "CHATGATE_NODE_ID", value_parser = parse_node_id, global = true)]
+    #[arg(long, env = "CHATGATE_NODE_ID", value_parser = parse_node_id)]
     pub node_id: Option<String>,
     /// Enabled provider runtimes (comma list).
-    #[arg(long, env = "CHATGATE_PROVIDERS", default_value = "claude,codex,cursor,gemini,opencode,script", value_parser = parse_providers, global = true)]
+    #[arg(long, env = "CHATGATE_PROVIDERS", default_value = "claude,codex,cursor,gemini,opencode,script", value_parser = parse_providers)]
     pub providers: ProviderList,
     /// Every projectPath resolves inside this directory (default: ./workspaces per-user, $HOME shared).
-    #[arg(long, env = "CHATGATE_WORKSPACES_ROOT", global = true)]
+    #[arg(long, env = "CHATGATE_WORKSPACES_ROOT")]
     pub workspaces_root: Option<PathBuf>,
     /// `per-user` (each user's projects in <workspaces-root>/<user>) or `shared`.
-    #[arg(long, env = "CHATGATE_WORKSPACE_LAYOUT", default_value = "per-user", value_parser = WorkspaceLayout::parse, global = true)]
+    #[arg(long, env = "CHATGATE_WORKSPACE_LAYOUT", default_value = "per-user", value_parser = WorkspaceLayout::parse)]
     pub workspace_layout: WorkspaceLayout,
     /// Each user's provider home (the CLIs' HOME) is <homes-root>/<user> (default: ./chatgate-homes).
-    #[arg(long, env = "CHATGATE_HOMES_ROOT", global = true)]
+    #[arg(long, env = "CHATGATE_HOMES_ROOT")]
     pub homes_root: Option<PathBuf>,
     /// `auto` (bubblewrap when it works here), `bwrap` (required) or `none`.
-    #[arg(long, env = "CHATGATE_SANDBOX", default_value = "auto", value_parser = SandboxSetting::parse, global = true)]
+    #[arg(long, env = "CHATGATE_SANDBOX", default_value = "auto", value_parser = SandboxSetting::parse)]
     pub sandbox: SandboxSetting,
     /// Extra host paths the sandbox sees read-only (comma list).
-    #[arg(long, env = "CHATGATE_SANDBOX_RO_PATHS", value_delimiter = ',', global = true)]
+    #[arg(long, env = "CHATGATE_SANDBOX_RO_PATHS", value_delimiter = ',')]
     pub sandbox_ro_paths: Vec<PathBuf>,
     /// The bubblewrap program.
-    #[arg(long, env = "CHATGATE_BWRAP_BIN", default_value = "bwrap", global = true)]
+    #[arg(long, env = "CHATGATE_BWRAP_BIN", default_value = "bwrap")]
     pub bwrap_bin: String,
     /// Variables passed from this environment to every provider CLI (comma list of names).
-    #[arg(long, env = "CHATGATE_PROVIDER_ENV", value_parser = parse_env_names, global = true)]
+    #[arg(long, env = "CHATGATE_PROVIDER_ENV", value_parser = parse_env_names)]
     pub provider_env: Option<EnvNames>,
     /// `NAME=/path/file` pairs: each CLI gets NAME set to the file's contents (comma list).
-    #[arg(long, env = "CHATGATE_PROVIDER_ENV_FILE", value_parser = parse_env_files, global = true)]
+    #[arg(long, env = "CHATGATE_PROVIDER_ENV_FILE", value_parser = parse_env_files)]
     pub provider_env_file: Option<EnvFiles>,
     /// Concurrent runs this node owns (NODE_BUSY above it).
-    #[arg(long, env = "CHATGATE_MAX_RUNS", default_value = "32", value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    #[arg(long, env = "CHATGATE_MAX_RUNS", default_value = "32", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_runs: u32,
     /// Memory of one run (RLIMIT_DATA per process; the run's memory cgroup where one can be made).
-    #[arg(long, env = "CHATGATE_RUN_MEMORY", default_value = "4GiB", value_parser = parse_size, global = true)]
+    #[arg(long, env = "CHATGATE_RUN_MEMORY", default_value = "4GiB", value_parser = parse_size)]
     pub run_memory: usize,
     /// Processes of one run (its pids cgroup where one can be made, else RLIMIT_NPROC).
-    #[arg(long, env = "CHATGATE_RUN_PROCESSES", default_value = "256", value_parser = clap::value_parser!(u64).range(8..), global = true)]
+    #[arg(long, env = "CHATGATE_RUN_PROCESSES", default_value = "256", value_parser = clap::value_parser!(u64).range(8..))]
     pub run_processes: u64,
     /// Largest file a run may write.
-    #[arg(long, env = "CHATGATE_RUN_FILE_SIZE", default_value = "1GiB", value_parser = parse_size, global = true)]
+    #[arg(long, env = "CHATGATE_RUN_FILE_SIZE", default_value = "1GiB", value_parser = parse_size)]
     pub run_file_size: usize,
     /// CPU time of each process of a run.
-    #[arg(long, env = "CHATGATE_RUN_CPU_TIME", default_value = "1h", value_parser = parse_positive_duration, global = true)]
+    #[arg(long, env = "CHATGATE_RUN_CPU_TIME", default_value = "1h", value_parser = parse_positive_duration)]
     pub run_cpu_time: Duration,
     /// Run lock lease; renewed every third of it.
-    #[arg(long, env = "CHATGATE_RUN_LEASE", default_value = "15s", value_parser = parse_lease, global = true)]
+    #[arg(long, env = "CHATGATE_RUN_LEASE", default_value = "15s", value_parser = parse_lease)]
     pub run_lease: Duration,
     /// How long a finished run's events stay replayable.
-    #[arg(long, env = "CHATGATE_REPLAY_RETENTION", default_value = "5m", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "CHATGATE_REPLAY_RETENTION", default_value = "5m", value_parser = parse_duration)]
     pub replay_retention: Duration,
     /// Newest events kept per session for replay.
-    #[arg(long, env = "CHATGATE_REPLAY_MAX_EVENTS", default_value = "10000", value_parser = clap::value_parser!(u64).range(1..), global = true)]
+    #[arg(long, env = "CHATGATE_REPLAY_MAX_EVENTS", default_value = "10000", value_parser = clap::value_parser!(u64).range(1..))]
     pub replay_max_events: u64,
     /// Comma list of allowed browser Origins (unset: any).
-    #[arg(long, env = "CHATGATE_ALLOWED_ORIGINS", value_delimiter = ',', global = true)]
+    #[arg(long, env = "CHATGATE_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Option<Vec<String>>,
     /// Largest inbound frame.
-    #[arg(long, env = "CHATGATE_MAX_FRAME_BYTES", default_value = "8MiB", value_parser = parse_size, global = true)]
+    #[arg(long, env = "CHATGATE_MAX_FRAME_BYTES", default_value = "8MiB", value_parser = parse_size)]
     pub max_frame_bytes: usize,
     /// Unsent bytes after which a socket is a slow consumer (closed with 4008).
-    #[arg(long, env = "CHATGATE_SEND_QUEUE_BYTES", default_value = "8MiB", value_parser = parse_size, global = true)]
+    #[arg(long, env = "CHATGATE_SEND_QUEUE_BYTES", default_value = "8MiB", value_parser = parse_size)]
     pub send_queue_bytes: usize,
     /// On SIGTERM, how long runs may finish before they are ended.
-    #[arg(long, env = "CHATGATE_DRAIN_GRACE", default_value = "25s", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "CHATGATE_DRAIN_GRACE", default_value = "25s", value_parser = parse_duration)]
     pub drain_grace: Duration,
     /// `text` or `json`.
-    #[arg(long, env = "CHATGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"], global = true)]
+    #[arg(long, env = "CHATGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
     /// Claude Code CLI program.
-    #[arg(long, env = "CHATGATE_CLAUDE_BIN", default_value = "claude", global = true)]
+    #[arg(long, env = "CHATGATE_CLAUDE_BIN", default_value = "claude")]
     pub claude_bin: String,
     /// Codex CLI program.
-    #[arg(long, env = "CHATGATE_CODEX_BIN", default_value = "codex", global = true)]
+    #[arg(long, env = "CHATGATE_CODEX_BIN", default_value = "codex")]
     pub codex_bin: String,
     /// Cursor agent CLI program.
-    #[arg(long, env = "CHATGATE_CURSOR_BIN", default_value = "cursor-agent", global = true)]
+    #[arg(long, env = "CHATGATE_CURSOR_BIN", default_value = "cursor-agent")]
     pub cursor_bin: String,
     /// Gemini CLI program.
-    #[arg(long, env = "CHATGATE_GEMINI_BIN", default_value = "gemini", global = true)]
+    #[arg(long, env = "CHATGATE_GEMINI_BIN", default_value = "gemini")]
     pub gemini_bin: String,
     /// OpenCode CLI program.
-    #[arg(long, env = "CHATGATE_OPENCODE_BIN", default_value = "opencode", global = true)]
+    #[arg(long, env = "CHATGATE_OPENCODE_BIN", default_value = "opencode")]
     pub opencode_bin: String,
     /// How long a Claude tool approval waits for an answer (none for AskUserQuestion and ExitPlanMode).
-    #[arg(long, env = "CHATGATE_CLAUDE_APPROVAL_TIMEOUT", default_value = "55s", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "CHATGATE_CLAUDE_APPROVAL_TIMEOUT", default_value = "55s", value_parser = parse_duration)]
     pub claude_approval_timeout: Duration,
     /// Let clients ask for `permissionMode: bypassPermissions` / `skipPermissions`.
-    #[arg(long, env = "CHATGATE_ALLOW_BYPASS_PERMISSIONS", global = true)]
+    #[arg(long, env = "CHATGATE_ALLOW_BYPASS_PERMISSIONS")]
     pub allow_bypass_permissions: bool,
     /// New WebSocket connections per second per client IP (token bucket, sustained rate).
-    #[arg(long, env = "CHATGATE_CONN_RATE_PER_IP", default_value = "20", value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    #[arg(long, env = "CHATGATE_CONN_RATE_PER_IP", default_value = "20", value_parser = clap::value_parser!(u32).range(1..))]
     pub conn_rate_per_ip: u32,
     /// New WebSocket connections one client IP may open at once (token bucket size).
-    #[arg(long, env = "CHATGATE_CONN_BURST_PER_IP", default_value = "100", value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    #[arg(long, env = "CHATGATE_CONN_BURST_PER_IP", default_value = "100", value_parser = clap::value_parser!(u32).range(1..))]
     pub conn_burst_per_ip: u32,
     /// Comma list of proxy addresses or CIDRs whose `X-Forwarded-For` names the client (unset: the peer address is the client).
-    #[arg(long, env = "CHATGATE_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_ip_net, global = true)]
+    #[arg(long, env = "CHATGATE_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_ip_net)]
     pub trusted_proxies: Option<Vec<ipnet::IpNet>>,
     /// Open WebSockets per user on one node.
-    #[arg(long, env = "CHATGATE_MAX_SOCKETS_PER_USER", default_value = "100", value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    #[arg(long, env = "CHATGATE_MAX_SOCKETS_PER_USER", default_value = "100", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_sockets_per_user: u32,
     /// Session subscriptions per socket.
-    #[arg(long, env = "CHATGATE_MAX_SUBSCRIPTIONS_PER_SOCKET", default_value = "1000", value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    #[arg(long, env = "CHATGATE_MAX_SUBSCRIPTIONS_PER_SOCKET", default_value = "1000", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_subscriptions_per_socket: u32,
     /// `chat.send` per user per minute, across the cluster.
-    #[arg(long, env = "CHATGATE_MAX_SENDS_PER_MINUTE", default_value = "120", value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    #[arg(long, env = "CHATGATE_MAX_SENDS_PER_MINUTE", default_value = "120", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_sends_per_minute: u32,
     /// Inbound frames per second per socket (token bucket, sustained rate).
-    #[arg(long, env = "CHATGATE_FRAME_RATE", default_value = "100", value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    #[arg(long, env = "CHATGATE_FRAME_RATE", default_value = "100", value_parser = clap::value_parser!(u32).range(1..))]
     pub frame_rate: u32,
     /// Inbound frames one socket may send at once (token bucket size).
-    #[arg(long, env = "CHATGATE_FRAME_BURST", default_value = "200", value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    #[arg(long, env = "CHATGATE_FRAME_BURST", default_value = "200", value_parser = clap::value_parser!(u32).range(1..))]
     pub frame_burst: u32,
     /// How long a client may take to send its HTTP request headers, and a REST request its body (slowloris guard; also the keep-alive idle limit).
-    #[arg(long, env = "CHATGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration, global = true)]
+    #[arg(long, env = "CHATGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     pub handshake_timeout: Duration,
     /// Largest REST request body.
-    #[arg(long, env = "CHATGATE_MAX_BODY_BYTES", default_value = "64KiB", value_parser = parse_size, global = true)]
+    #[arg(long, env = "CHATGATE_MAX_BODY_BYTES", default_value = "64KiB", value_parser = parse_size)]
     pub max_body_bytes: usize,
     /// Replayed bytes one `chat.subscribe` target may send; beyond, only the newest events, with `replayTruncated`.
-    #[arg(long, env = "CHATGATE_MAX_REPLAY_BYTES", default_value = "4MiB", value_parser = parse_size, global = true)]
+    #[arg(long, env = "CHATGATE_MAX_REPLAY_BYTES", default_value = "4MiB", value_parser = parse_size)]
     pub max_replay_bytes: usize,
     /// Interval of server pings (a socket missing two pongs is dropped). For tests.
-    #[arg(long, env = "CHATGATE_PING_INTERVAL", default_value = "30s", value_parser = parse_duration, global = true, hide = true)]
+    #[arg(long, env = "CHATGATE_PING_INTERVAL", default_value = "30s", value_parser = parse_duration, hide = true)]
     pub ping_interval: Duration,
 }
 
@@ -208,8 +298,14 @@ impl ProviderList {
 pub enum ConfigError {
     #[error("--jwt-secret (CHATGATE_JWT_SECRET) is required when --redis-url is set")]
     ClusterWithoutSecret,
-    #[error("--jwt-secret (CHATGATE_JWT_SECRET) is required to mint tokens")]
+    #[error(
+        "--jwt-secret (CHATGATE_JWT_SECRET) or --jwt-secret-file is required to mint tokens for a gateway on PostgreSQL or in memory"
+    )]
     TokenWithoutSecret,
+    #[error(
+        "no --jwt-secret given and no quick-start secret at {path}: start the gateway once (it makes that file), or pass --jwt-secret-file"
+    )]
+    NoQuickstartSecret { path: String },
     #[error("--workspaces-root: cannot resolve {path}: {reason}")]
     WorkspacesRoot { path: String, reason: String },
     #[error("--homes-root: cannot make {path}: {reason}")]
@@ -284,13 +380,7 @@ impl Config {
 
     /// The SQLite database's files (database, WAL, shared memory, journal), if any.
     pub fn sqlite_files(&self) -> Vec<PathBuf> {
-        let Some(rest) = self.database_url.strip_prefix("sqlite:") else { return Vec::new() };
-        let path = rest.trim_start_matches("//");
-        let path = path.split('?').next().unwrap_or("");
-        if path.is_empty() || path.starts_with(":memory:") {
-            return Vec::new();
-        }
-        let base = std::path::absolute(path).unwrap_or_else(|_| PathBuf::from(path));
+        let Some(base) = sqlite_path(&self.database_url) else { return Vec::new() };
         ["", "-wal", "-shm", "-journal"]
             .iter()
             .map(|suffix| {

@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: command line and environment (interface §1).
+//! - [`config`]: command line and environment (README §Configuration).
 //! - [`protocol`]: the `/ws` wire format: inbound verbs, outbound frames, error codes.
 //! - [`runs`]: the run registry trait (locks, seq, replay, fan-out) with its
 //!   in-process ([`runs::memory`]) and Redis ([`runs::redis`]) implementations.

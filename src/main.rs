@@ -7,13 +7,13 @@ use clap::{CommandFactory, FromArgMatches, error::ErrorKind};
 use tracing_subscriber::{EnvFilter, fmt};
 
 use chatgate::{
-    auth::Auth,
-    config::{Cli, Command, Config, ConfigError},
+    auth::{Auth, stored_secret},
+    config::{Cli, Command, Config, ConfigError, quickstart_secret_path},
     node::{Node, NodeError},
     store::Store,
 };
 
-/// Exit code for a bad configuration (interface §1).
+/// Exit code for a bad configuration (docs/protocol.md §Process and configuration).
 const EXIT_CONFIG: u8 = 2;
 
 /// Flags that carry a secret: (clap id, flag). Database and Redis URLs count
@@ -46,7 +46,10 @@ fn main() -> ExitCode {
     // /proc/<pid>/environ, and it leaves no core dump.
     let dumpable_off = nix::sys::prctl::set_dumpable(false);
     let parsed = Cli::command().try_get_matches().and_then(|matches| {
-        let flagged = SECRET_FLAGS.iter().filter(|(id, _)| given_on_command_line(&matches, id)).map(|(_, flag)| *flag);
+        // The node's flags are those of `serve`, or the top level's without a subcommand.
+        let node_flags = matches.subcommand_matches("serve").unwrap_or(&matches);
+        let flagged =
+            SECRET_FLAGS.iter().filter(|(id, _)| given_on_command_line(node_flags, id)).map(|(_, flag)| *flag);
         let flagged: Vec<&str> = flagged.collect();
         Cli::from_arg_matches(&matches).map(|cli| (cli, flagged))
     });
@@ -59,6 +62,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    match cli.command.take() {
+        Some(Command::Serve(args)) => cli.config = args.config,
+        other => cli.command = other,
+    }
     init_logging(&cli.config.log_format);
     if let Err(e) = dumpable_off {
         tracing::warn!(error = %e, "cannot make the process non-dumpable; same-uid processes may read its memory");
@@ -110,7 +117,9 @@ fn one_line(error: &anyhow::Error) -> String {
 
 fn init_logging(format: &str) {
     let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a person at a terminal: never in files, pipes or collectors.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     if format == "json" {
         builder.json().with_current_span(true).with_span_list(false).init();
     } else {
@@ -120,15 +129,14 @@ fn init_logging(format: &str) {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = cli.config;
-    match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(config).await,
-        Command::Token { user, ttl } => {
-            let secret = config.jwt_secret.as_deref().ok_or(ConfigError::TokenWithoutSecret)?;
-            println!("{}", Auth::new(secret.as_bytes()).mint(&user, ttl)?);
+    match cli.command {
+        None | Some(Command::Serve(_)) => serve(config).await,
+        Some(Command::Token(args)) => {
+            println!("{}", Auth::new(args.secret()?.as_bytes()).mint(&args.user, args.ttl)?);
             Ok(())
         }
-        Command::Migrate => {
-            let store = Store::connect(&config.database_url).await.context("--database-url")?;
+        Some(Command::Migrate(args)) => {
+            let store = Store::connect(&args.database_url()?).await.context("--database-url")?;
             store.migrate().await?;
             store.close().await;
             eprintln!("migrations applied");
@@ -137,18 +145,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
-    config.validate()?;
-    let (secret, generated) = match &config.jwt_secret {
-        Some(secret) => (secret.clone(), false),
-        None => (Auth::random_secret(), true),
+/// The JWT secret of a node: the configured one; else (quick start) the one
+/// kept beside the SQLite database, made at the first start; else (an
+/// in-memory or PostgreSQL database) a random one for this process only.
+fn node_secret(config: &mut Config) -> anyhow::Result<(String, Option<String>)> {
+    if let Some(secret) = &config.jwt_secret {
+        return Ok((secret.clone(), None));
+    }
+    let Some(path) = quickstart_secret_path(&config.database_url) else {
+        let note = "no --jwt-secret: a random one was generated; its tokens last until this process ends".to_string();
+        return Ok((Auth::random_secret(), Some(note)));
     };
+    let (secret, made) = stored_secret(&path)
+        .with_context(|| format!("--database-url: cannot keep the secret beside it at {}", path.display()))?;
+    let how = if made { "made now" } else { "kept since its first start" };
+    // A file like any other secret file: the agent sandbox masks it.
+    config.jwt_secret_file = Some(path.clone());
+    Ok((secret, Some(format!("no --jwt-secret: signing with the secret in {} ({how})", path.display()))))
+}
+
+async fn serve(mut config: Config) -> anyhow::Result<()> {
+    config.validate()?;
+    let (secret, quick_start) = node_secret(&mut config)?;
     let node = Node::start(&config, &secret).await?;
-    if generated {
+    if let Some(note) = quick_start {
         let token = node.auth.mint("1", std::time::Duration::from_secs(7 * 24 * 3600))?;
-        println!("chatgate is listening on http://{} (no --jwt-secret: a random one was generated)", node.addr);
+        println!("chatgate is listening on http://{} ({note})", node.addr);
         println!("token for user 1, valid 7 days: {token}");
         println!("WebSocket: ws://{}/ws?token={token}", node.addr);
+        println!(
+            "more tokens: {} token --user <id> (beside this gateway: same directory, same --database-url)",
+            std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "chatgate".into())
+        );
     }
     shutdown_signal().await;
     node.drain().await;

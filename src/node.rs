@@ -204,6 +204,7 @@ impl Node {
                 ping_interval: config.ping_interval,
                 max_body_bytes: config.max_body_bytes,
                 body_timeout: config.handshake_timeout,
+                providers: api::provider_programs(config),
             }),
             metrics,
             connection_limits: Arc::new(ConnectionLimits::new(LimitSettings::from_config(config))),

@@ -44,7 +44,7 @@ fn bad_config_is_one_line_naming_the_flag_and_exit_2() {
         (&["--redis-url", "http://nope"], &[], "--redis-url"),
         (&["--redis-url", "redis://127.0.0.1:6379"], &[], "--jwt-secret"),
         (&[], &[("CHATGATE_MAX_FRAME_BYTES", "lots")], "--max-frame-bytes"),
-        (&["token", "--user", "u"], &[], "--jwt-secret"),
+        (&["token", "--user", "u"], &[("DATABASE_URL", "sqlite::memory:")], "--jwt-secret"),
         (&["token", "--user", ""], &[("CHATGATE_JWT_SECRET", "s3")], "--user"),
         (&["token", "--user", "  "], &[("CHATGATE_JWT_SECRET", "s3")], "--user"),
     ];
@@ -166,7 +166,7 @@ async fn embedded_default_prints_a_token_and_sigterm_ends_runs_then_exits_0() {
     let (mut child, lines) = serve(&dir, &[]);
     let token = lines[1].rsplit(' ').next().unwrap().to_string();
     let base = lines[0].split(' ').find(|w| w.starts_with("http://")).unwrap().to_string();
-    // The restarted node has a new random secret and user 1 again: same owner id.
+    // The restarted node signs with the secret kept beside its database; user 1 again.
     let history: serde_json::Value = http
         .get(format!("{base}/api/providers/sessions/{session}/messages"))
         .bearer_auth(&token)

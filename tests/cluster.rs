@@ -1,5 +1,5 @@
 //! Cluster mode end to end: several nodes on one Redis and one PostgreSQL, as
-//! a load balancer would spread browser tabs over them (interface §3–4).
+//! a load balancer would spread browser tabs over them (docs/protocol.md §WebSocket, §Runs across nodes).
 
 mod common;
 

@@ -724,7 +724,7 @@ async fn a_fenced_owner_appends_nothing_more_and_a_sweeper_ends_its_run() {
     }
 }
 
-/// design.md "Ownership, leases and failure": the node that ends an orphaned
+/// docs/cluster.md §Owner death and the sweeper: the node that ends an orphaned
 /// run copies what the owner had not written to SQL, so history stays whole
 /// and ends, like the live stream, with the run's one `complete`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -45,7 +45,7 @@ static HOSTILE_RUNS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 // ---------------------------------------------------------------- the node under attack
 
-/// `enc(U)` of the spec: every byte outside `[A-Za-z0-9-]` as `_xx`.
+/// `enc(U)` of docs/operations.md §14 (per-user workspaces): every byte outside `[A-Za-z0-9-]` as `_xx`.
 fn enc(user: &str) -> String {
     user.bytes()
         .map(|b| if b.is_ascii_alphanumeric() || b == b'-' { (b as char).to_string() } else { format!("_{b:02x}") })
@@ -749,7 +749,7 @@ fn check_contained(c: &mut Checks, gw: &Gateway, at: &Attack) {
             r["memory"]
         ),
     );
-    // Together, where a memory cgroup can be made on this node (the spec's "where one
+    // Together, where a memory cgroup can be made on this node (README's `--run-memory`: "where one
     // can be made"; this test probes the host the same way).
     let total = &r["memory_total"];
     if memory_cgroup_possible() {

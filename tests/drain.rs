@@ -1,4 +1,4 @@
-//! Draining (SIGTERM behaviour, interface §4): sockets closed with 1012, runs
+//! Draining (SIGTERM behaviour, docs/protocol.md §Runs across nodes): sockets closed with 1012, runs
 //! given the grace period, the rest ended with a terminal `complete` that
 //! history keeps; `/readyz` 503 while draining; the real binary on SIGTERM.
 //! Every test runs against SQLite and PostgreSQL.

@@ -137,7 +137,7 @@ fn assert_exit(turn: &Turn, exit_code: i64, aborted: bool) {
     assert_eq!(complete["aborted"], aborted, "{complete}");
 }
 
-/// The history a run should leave (interface §5): the prompt as a user `text`
+/// The history a run should leave (docs/protocol.md §History): the prompt as a user `text`
 /// with no seq, then every event, with consecutive `stream_delta`s merged into
 /// one assistant `text` at their `stream_end` (or at the last delta when the
 /// stream is cut by another event). Merged and prompt rows have no `id` here.
@@ -774,7 +774,7 @@ async fn claude_abort_with_a_pending_approval_cancels_it() {
     let turn = Turn { frames, events };
     assert_run_shape(&turn, &session, "claude", 1);
     assert_eq!(turn.complete()["aborted"], true);
-    // Upstream (protocol-notes §4) and docs/providers.md: a run ending with an
+    // As upstream (docs/providers.md, claude approvals): a run ending with an
     // approval pending tells the tabs with `permission_cancelled {reason: "cancelled"}`.
     assert_eq!(turn.kinds(), ["tool_use", "permission_request", "permission_cancelled", "complete"]);
     let cancelled = turn.of("permission_cancelled")[0];

@@ -1,4 +1,4 @@
-//! Conformance suite of the run registry (design.md "The seam").
+//! Conformance suite of the run registry (docs/cluster.md §The seam).
 //!
 //! Every case is written once against `RunRegistry` and instantiated for each
 //! implementation by `conformance!`: `memory` (in process) and `redis` (real

@@ -1,4 +1,4 @@
-//! The REST surface of interface §2 over real HTTP: every session route with
+//! The REST surface of docs/protocol.md §REST over real HTTP: every session route with
 //! upstream's envelope and status codes, ownership (404 for another user's
 //! session), the id pattern, authentication, history paging, health and metrics.
 //! Every test runs against SQLite and PostgreSQL.
@@ -29,7 +29,7 @@ fn assert_ok(got: &(u16, Value), status: u16) -> Value {
     got.1["data"].clone()
 }
 
-/// Asserts `value` is a `Session` object with exactly the interface's fields.
+/// Asserts `value` is a `Session` object with exactly the fields of docs/protocol.md §REST.
 #[track_caller]
 fn assert_session_shape(value: &Value) {
     let mut keys: Vec<&str> = value.as_object().expect("session object").keys().map(String::as_str).collect();
@@ -177,6 +177,26 @@ async fn list_newest_first_paged_archived_left_out(db: Db) {
     let all = assert_ok(&node.request("GET", SESSIONS, &token, None).await, 200);
     assert_eq!(all["total"], 4);
     assert!(all["sessions"].as_array().unwrap().iter().all(|s| s["sessionId"] != archived.as_str()));
+
+    // `?archived=true` lists the archived ones instead (paged and counted the same way); a
+    // restored session leaves that list.
+    let only = assert_ok(&node.request("GET", &format!("{SESSIONS}?archived=true"), &token, None).await, 200);
+    assert_eq!(only["total"], 1);
+    assert_eq!(only["sessions"].as_array().unwrap().len(), 1);
+    assert_session_shape(&only["sessions"][0]);
+    assert_eq!(only["sessions"][0]["sessionId"], archived.as_str());
+    assert_eq!(only["sessions"][0]["isArchived"], true);
+    assert_eq!(only["sessions"][0]["summary"], "s2");
+    let live = assert_ok(&node.request("GET", &format!("{SESSIONS}?archived=false&limit=2"), &token, None).await, 200);
+    assert_eq!(live["total"], 4);
+    assert_eq!(live["sessions"].as_array().unwrap().len(), 2);
+    let other = node.token(&user());
+    let theirs = assert_ok(&node.request("GET", &format!("{SESSIONS}?archived=true"), &other, None).await, 200);
+    assert_eq!(theirs, json!({ "sessions": [], "total": 0 }), "another user's archive is not listed");
+    assert_ok(&node.request("POST", &format!("{SESSIONS}/{archived}/restore"), &token, None).await, 200);
+    let none = assert_ok(&node.request("GET", &format!("{SESSIONS}?archived=true"), &token, None).await, 200);
+    assert_eq!(none, json!({ "sessions": [], "total": 0 }));
+    assert_ok(&node.request("DELETE", &format!("{SESSIONS}/{archived}"), &token, None).await, 200);
 
     // Bad paging.
     for query in ["limit=-1", "limit=abc", "offset=-5", "offset=1.5", "limit=1e3"] {

@@ -1,5 +1,5 @@
 //! Security suite, REST side (issue 8 part 4), on one node, SQLite and
-//! PostgreSQL. Each case asserts the refusal (status and code of interface §2)
+//! PostgreSQL. Each case asserts the refusal (status and code of docs/protocol.md §REST)
 //! and that nothing leaked or changed.
 //!
 //! Already covered elsewhere and not repeated here: `rest_sessions.rs`
@@ -244,8 +244,8 @@ async fn project_path_traversal_forms_are_refused_or_stay_literal(db: Db) {
 
 /// The project path is checked when the session is created; if its directory
 /// is later replaced by a symlink leading out of the workspaces root, a run
-/// must not start there (interface §1: every projectPath must resolve inside
-/// the root; §3: the project path comes from the database).
+/// must not start there (docs/protocol.md §REST: every projectPath must resolve inside
+/// the root; §Inbound: the project path comes from the database).
 async fn project_dir_swapped_for_a_symlink_out_starts_no_run(db: Db) {
     let node = TestNode::start(db).await;
     let token = node.token(&user());

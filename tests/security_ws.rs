@@ -1,5 +1,5 @@
 //! Security suite, WebSocket side (issue 8 part 4), on one node, SQLite and
-//! PostgreSQL. Each case asserts the refusal (the exact code of interface §3)
+//! PostgreSQL. Each case asserts the refusal (the exact code of docs/protocol.md §Errors and close codes)
 //! and that nothing leaked or changed, checked through the victim's own
 //! sockets and REST calls afterwards.
 //!
@@ -109,7 +109,7 @@ async fn every_bad_token_is_refused_at_the_upgrade(db: Db) {
     silent(&mut ws, Duration::from_millis(50), "valid socket").await;
 }
 
-/// Interface §2 accepts the token in the header or the query; docs/protocol.md:
+/// docs/protocol.md §Authentication: the token comes in the header or the query, and
 /// the header wins. A bad header is never rescued by a good query, two
 /// `?token=`s or two `Authorization` headers are refused, and a socket
 /// belongs to exactly one user: the header's.
@@ -248,7 +248,7 @@ async fn origin_allow_list_refuses_with_1008_before_reading_anything(db: Db) {
         let events = ws.run_events(&session).await;
         assert_eq!(events.last().unwrap()["exitCode"], 0, "Origin {origin:?}");
     }
-    // Without an allow-list any Origin is accepted (interface §1 default).
+    // Without an allow-list any Origin is accepted (the `--allowed-origins` default, README §Configuration).
     let open = TestNode::start(db).await;
     let open_token = open.token(&who);
     upgraded(&open, Some(&open_token), &[("Origin", "https://evil.example")], "no allow-list").await;

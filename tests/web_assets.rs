@@ -6,10 +6,11 @@ mod common;
 use common::{Db, TestNode};
 
 /// Route, file under `web/`, content type.
-const ASSETS: [(&str, &str, &str); 4] = [
+const ASSETS: [(&str, &str, &str); 5] = [
     ("/", "index.html", "text/html; charset=utf-8"),
     ("/app.js", "app.js", "text/javascript; charset=utf-8"),
     ("/app.css", "app.css", "text/css; charset=utf-8"),
+    ("/markdown.js", "markdown.js", "text/javascript; charset=utf-8"),
     ("/client/chatgate.js", "chatgate.js", "text/javascript; charset=utf-8"),
 ];
 

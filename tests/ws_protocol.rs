@@ -1,4 +1,4 @@
-//! The `/ws` protocol of interface §3 over real sockets: runs, seq across runs,
+//! The `/ws` protocol of docs/protocol.md §WebSocket over real sockets: runs, seq across runs,
 //! abort, fan-out to every tab, resume by `lastSeq`, replay truncation, tool
 //! approvals, `session_upserted`, `cwd` confinement, runs outliving sockets.
 //! Every test runs against SQLite and PostgreSQL.

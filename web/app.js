@@ -1,10 +1,16 @@
 // The chatgate web console: sign in with a token, list and create sessions, follow one session's
-// chat (every event kind), abort runs, answer tool approvals. Plain DOM, no build step; the
-// wire protocol is handled by the client module (/client/chatgate.js).
+// chat (every event kind), abort runs, answer tool approvals, rename / archive / restore /
+// delete sessions. Plain DOM, no build step; the wire protocol is handled by the client module
+// (/client/chatgate.js), assistant Markdown by /markdown.js (DOM nodes only, never HTML).
 import { ChatgateClient, CloseCode } from '/client/chatgate.js';
+import { renderMarkdown } from '/markdown.js';
 
 const TOKEN_KEY = 'chatgate.token';
 const PROVIDER_KEY = 'chatgate.provider';
+/** First prompts of sessions without a summary, by id: their titles (this browser's cache). */
+const TITLES_KEY = 'chatgate.titles';
+/** How far from the bottom (px) the transcript still counts as "at the bottom". */
+const STICK_PX = 48;
 const $ = (id) => document.getElementById(id);
 
 const ui = {
@@ -20,10 +26,27 @@ const ui = {
   newSession: $('new-session'),
   newProvider: $('new-provider'),
   newPath: $('new-path'),
+  providerHelp: $('provider-help'),
   sandbox: $('sandbox'),
   newError: $('new-error'),
   refresh: $('refresh-sessions'),
+  showArchived: $('show-archived'),
+  sessionsTitle: $('sessions-title'),
   sessionList: $('session-list'),
+  sessionActions: $('session-actions'),
+  rename: $('rename'),
+  archive: $('archive'),
+  remove: $('delete'),
+  emptyChat: $('empty-chat'),
+  newMessages: $('new-messages'),
+  dialog: $('dialog'),
+  dialogForm: $('dialog-form'),
+  dialogTitle: $('dialog-title'),
+  dialogText: $('dialog-text'),
+  dialogLabel: $('dialog-label'),
+  dialogInput: $('dialog-input'),
+  dialogOk: $('dialog-ok'),
+  dialogCancel: $('dialog-cancel'),
   back: $('back'),
   chatTitle: $('chat-title'),
   chatMeta: $('chat-meta'),
@@ -44,6 +67,10 @@ let client = null;
 let unsubscribers = [];
 /** Sessions by id, as listed over REST (and updated by session_upserted). */
 const sessions = new Map();
+/** Archived sessions, listed over REST (`?archived=true`) while the Archived view is shown. */
+const archived = new Map();
+/** Which list the sidebar shows: `live` or `archived`. */
+let listMode = 'live';
 /** The session shown, and what the view knows of it. */
 const view = {
   id: null,
@@ -55,6 +82,10 @@ const view = {
   promptedRuns: new Set(),
   /** prompts typed here whose run has not started yet (elements, oldest first) */
   localPrompts: [],
+  /** whether the transcript follows new output (the user is at the bottom) */
+  stick: true,
+  /** whether the session's history has been shown */
+  loaded: false,
 };
 
 // ---- token and sign in -----------------------------------------------------------------------
@@ -126,6 +157,7 @@ async function signIn(token) {
   ui.signOut.hidden = false;
   startClient();
   showSandbox();
+  loadProviders();
   await loadSessions();
   openFromHash();
 }
@@ -205,7 +237,8 @@ function onError({ code, error, sessionId }) {
 }
 
 let noticeTimer = null;
-function notice(text) {
+function notice(text, kind = 'error') {
+  ui.notice.dataset.kind = kind;
   ui.notice.textContent = text;
   ui.notice.hidden = false;
   clearTimeout(noticeTimer);
@@ -219,23 +252,83 @@ function updateQueued() {
   ui.queued.textContent = n ? `${n} waiting for the connection` : '';
 }
 
+// ---- providers -------------------------------------------------------------------------------
+
+/**
+ * Fills the provider picker from `GET /api/providers`: the enabled providers in order, each
+ * marked with whether its CLI was found on this node; the default is the last one used if it
+ * is available, else the first available one.
+ */
+async function loadProviders() {
+  let providers;
+  try {
+    providers = (await client.request('GET', '/api/providers')).providers ?? [];
+  } catch {
+    return; // an older gateway: keep the built-in list
+  }
+  if (!providers.length) return;
+  ui.newProvider.replaceChildren(
+    ...providers.map((p) => {
+      const option = document.createElement('option');
+      option.value = p.id;
+      option.dataset.available = String(Boolean(p.available));
+      option.dataset.program = p.program ?? '';
+      option.textContent = p.available ? p.id : `${p.id} — CLI not found`;
+      return option;
+    }),
+  );
+  const last = recall(PROVIDER_KEY);
+  const available = providers.filter((p) => p.available);
+  const pick = available.find((p) => p.id === last) ?? available[0] ?? providers[0];
+  ui.newProvider.value = pick.id;
+  describeProvider();
+}
+
+function describeProvider() {
+  const option = ui.newProvider.selectedOptions[0];
+  if (!option || option.dataset.available !== 'false') {
+    ui.providerHelp.textContent = '';
+    ui.providerHelp.hidden = true;
+    return;
+  }
+  ui.providerHelp.hidden = false;
+  ui.providerHelp.textContent = `The ${option.dataset.program || option.value} program was not found on this node: its runs will fail.`;
+}
+
 // ---- sessions list ---------------------------------------------------------------------------
 
 async function loadSessions() {
   if (!client) return;
   try {
-    const data = await client.request('GET', '/api/providers/sessions?limit=200');
-    sessions.clear();
-    for (const s of data.sessions ?? []) sessions.set(s.sessionId, s);
+    if (listMode === 'archived') {
+      const data = await client.request('GET', '/api/providers/sessions?archived=true&limit=200');
+      archived.clear();
+      for (const s of data.sessions ?? []) archived.set(s.sessionId, s);
+    } else {
+      const data = await client.request('GET', '/api/providers/sessions?limit=200');
+      sessions.clear();
+      for (const s of data.sessions ?? []) sessions.set(s.sessionId, s);
+    }
     renderSessionList();
+    fillTitles();
   } catch (e) {
     if (e.status === 401) return showSignin('Your token was refused: sign in again.');
     notice(`Could not list sessions: ${e.message}`);
   }
 }
 
+function showList(mode) {
+  listMode = mode;
+  ui.showArchived.setAttribute('aria-pressed', String(mode === 'archived'));
+  ui.showArchived.textContent = mode === 'archived' ? 'Back to sessions' : 'Archived';
+  ui.sessionsTitle.textContent = mode === 'archived' ? 'Archived sessions' : 'Sessions';
+  renderSessionList();
+  loadSessions();
+}
+
 function upsertSession(session) {
   if (!session?.sessionId) return;
+  if (session.isArchived) return;
   sessions.set(session.sessionId, { ...(sessions.get(session.sessionId) ?? {}), ...session });
   renderSessionList();
   if (session.sessionId === view.id) renderChatHead();
@@ -244,6 +337,7 @@ function upsertSession(session) {
 function trackListState(sessionId, event) {
   const s = sessions.get(sessionId);
   if (!s) return;
+  s.updatedAt = new Date().toISOString();
   const processing = event.kind !== 'complete';
   if (s.isProcessing !== processing) {
     s.isProcessing = processing;
@@ -251,44 +345,159 @@ function trackListState(sessionId, event) {
   }
 }
 
+// Titles: the summary, else the session's first prompt (cached in this browser, or read from
+// the oldest history row), shortened to one line.
+
+function loadTitles() {
+  try {
+    return JSON.parse(localStorage.getItem(TITLES_KEY) ?? '{}') ?? {};
+  } catch {
+    return {};
+  }
+}
+
+const titles = loadTitles();
+
+function rememberTitle(id, prompt) {
+  const text = shorten(prompt);
+  if (!id || !text || titles[id]) return false;
+  titles[id] = text;
+  const ids = Object.keys(titles);
+  for (const old of ids.slice(0, Math.max(0, ids.length - 500))) delete titles[old];
+  remember(TITLES_KEY, JSON.stringify(titles));
+  return true;
+}
+
+function shorten(text, max = 80) {
+  const line = String(text ?? '').replace(/\s+/g, ' ').trim();
+  return line.length > max ? `${line.slice(0, max - 1).trimEnd()}…` : line;
+}
+
 function sessionLabel(s) {
-  return s.summary || `Session ${s.sessionId.slice(0, 8)}`;
+  return shorten(s.summary) || titles[s.sessionId] || 'New session';
+}
+
+/** Reads the first prompt of listed sessions that have history but no title yet. */
+let filling = false;
+async function fillTitles() {
+  if (filling || !client) return;
+  filling = true;
+  try {
+    const missing = [...sessions.values(), ...archived.values()]
+      .filter((s) => !s.summary && !titles[s.sessionId] && Number(s.lastSeq) > 0)
+      .slice(0, 20);
+    for (const s of missing) {
+      if (!client) return;
+      try {
+        const base = `/api/providers/sessions/${encodeURIComponent(s.sessionId)}/messages`;
+        const { total } = await client.request('GET', `${base}?limit=1`);
+        if (!total) continue;
+        const { messages } = await client.request('GET', `${base}?limit=1&offset=${total - 1}`);
+        const first = messages?.[0];
+        if (first?.kind === 'text' && first.role === 'user' && rememberTitle(s.sessionId, contentText(first.content))) {
+          renderSessionList();
+          if (s.sessionId === view.id) renderChatHead();
+        }
+      } catch {
+        // A title is a nicety: the next list load tries again.
+      }
+    }
+  } finally {
+    filling = false;
+  }
+}
+
+/** "3 min ago" for an ISO time. */
+function relativeTime(iso, now = Date.now()) {
+  const then = Date.parse(iso ?? '');
+  if (Number.isNaN(then)) return '';
+  const s = Math.max(0, Math.round((now - then) / 1000));
+  if (s < 45) return 'just now';
+  const m = Math.round(s / 60);
+  if (m < 60) return `${m} min ago`;
+  const h = Math.round(m / 60);
+  if (h < 24) return `${h} h ago`;
+  const d = Math.round(h / 24);
+  if (d === 1) return 'yesterday';
+  if (d < 7) return `${d} days ago`;
+  return new Date(then).toLocaleDateString();
+}
+
+function timeElement(iso) {
+  const time = document.createElement('time');
+  time.className = 'ago';
+  time.dateTime = iso ?? '';
+  time.title = iso ? new Date(iso).toLocaleString() : '';
+  time.textContent = relativeTime(iso);
+  return time;
+}
+
+function projectName(path) {
+  const parts = String(path ?? '').split('/').filter(Boolean);
+  return parts.at(-1) ?? '/';
+}
+
+function sessionMeta(s) {
+  const meta = document.createElement('span');
+  meta.className = 'session-meta';
+  const project = document.createElement('span');
+  project.className = 'project';
+  project.title = s.projectPath ?? '';
+  project.textContent = projectName(s.projectPath);
+  meta.append(`${s.provider ?? ''} · `, project, ' · ', timeElement(s.updatedAt ?? s.createdAt));
+  return meta;
 }
 
 function renderSessionList() {
-  const items = [...sessions.values()].sort((a, b) => String(b.createdAt ?? '').localeCompare(String(a.createdAt ?? '')));
-  ui.sessionList.replaceChildren(
-    ...items.map((s) => {
-      const li = document.createElement('li');
-      const button = document.createElement('button');
-      button.type = 'button';
-      button.className = 'session';
-      button.dataset.sessionId = s.sessionId;
-      if (s.sessionId === view.id) button.setAttribute('aria-current', 'page');
-      const title = document.createElement('span');
-      title.className = 'session-title';
-      title.textContent = sessionLabel(s);
-      const meta = document.createElement('span');
-      meta.className = 'session-meta';
-      meta.textContent = `${s.provider ?? ''} · ${s.projectPath ?? ''}`;
-      button.append(title, meta);
-      if (s.isProcessing) {
-        const badge = document.createElement('span');
-        badge.className = 'badge';
-        badge.textContent = 'running';
-        button.append(badge);
-      }
-      button.addEventListener('click', () => selectSession(s.sessionId));
-      li.append(button);
-      return li;
-    }),
-  );
+  const source = listMode === 'archived' ? archived : sessions;
+  const items = [...source.values()].sort((a, b) => String(b.createdAt ?? '').localeCompare(String(a.createdAt ?? '')));
+  ui.sessionList.dataset.mode = listMode;
+  ui.sessionList.replaceChildren(...items.map((s) => (listMode === 'archived' ? archivedItem(s) : liveItem(s))));
   if (items.length === 0) {
     const li = document.createElement('li');
     li.className = 'empty';
-    li.textContent = 'No sessions yet.';
+    li.textContent = listMode === 'archived' ? 'No archived sessions.' : 'No sessions yet: create one above.';
     ui.sessionList.append(li);
   }
+}
+
+function liveItem(s) {
+  const li = document.createElement('li');
+  const button = document.createElement('button');
+  button.type = 'button';
+  button.className = 'session';
+  button.dataset.sessionId = s.sessionId;
+  if (s.sessionId === view.id) button.setAttribute('aria-current', 'page');
+  const title = document.createElement('span');
+  title.className = 'session-title';
+  title.textContent = sessionLabel(s);
+  button.append(title, sessionMeta(s));
+  if (s.isProcessing) {
+    const badge = document.createElement('span');
+    badge.className = 'badge';
+    badge.textContent = 'running';
+    button.append(badge);
+  }
+  button.addEventListener('click', () => selectSession(s.sessionId));
+  li.append(button);
+  return li;
+}
+
+function archivedItem(s) {
+  const li = document.createElement('li');
+  li.className = 'archived-session';
+  li.dataset.sessionId = s.sessionId;
+  const title = document.createElement('span');
+  title.className = 'session-title';
+  title.textContent = sessionLabel(s);
+  const actions = document.createElement('div');
+  actions.className = 'row-actions';
+  actions.append(
+    button('Restore', 'small restore', () => restoreSession(s.sessionId)),
+    button('Delete', 'small danger delete', () => deleteSession(s.sessionId, sessionLabel(s))),
+  );
+  li.append(title, sessionMeta(s), actions);
+  return li;
 }
 
 async function createSession(event) {
@@ -299,11 +508,133 @@ async function createSession(event) {
   remember(PROVIDER_KEY, provider);
   try {
     const data = await client.request('POST', '/api/providers/sessions', { provider, projectPath });
-    upsertSession({ ...data, createdAt: new Date().toISOString(), isProcessing: false });
+    const now = new Date().toISOString();
+    if (listMode !== 'live') showList('live');
+    upsertSession({ ...data, summary: '', createdAt: now, updatedAt: now, isProcessing: false });
     selectSession(data.sessionId);
   } catch (e) {
     ui.newError.textContent = `${e.code ?? 'ERROR'}: ${e.message}`;
   }
+}
+
+// ---- rename, archive, restore, delete --------------------------------------------------------
+
+/**
+ * A modal question: resolves to the input's value (or true without input) when confirmed,
+ * null when cancelled.
+ */
+function ask({ title, text = '', input = null, ok = 'OK', danger = false }) {
+  return new Promise((resolve) => {
+    ui.dialogTitle.textContent = title;
+    ui.dialogText.textContent = text;
+    ui.dialogText.hidden = !text;
+    ui.dialogLabel.hidden = input === null;
+    ui.dialogInput.hidden = input === null;
+    ui.dialogInput.required = input !== null;
+    ui.dialogInput.value = input ?? '';
+    ui.dialogOk.textContent = ok;
+    ui.dialogOk.classList.toggle('danger-solid', danger);
+    const done = (value) => {
+      ui.dialogForm.removeEventListener('submit', onSubmit);
+      ui.dialogCancel.removeEventListener('click', onCancel);
+      ui.dialog.removeEventListener('cancel', onCancel);
+      if (ui.dialog.open) ui.dialog.close();
+      resolve(value);
+    };
+    const onSubmit = (e) => {
+      e.preventDefault();
+      if (input === null) return done(true);
+      const value = ui.dialogInput.value.trim();
+      if (value) done(value);
+    };
+    const onCancel = (e) => {
+      e.preventDefault();
+      done(null);
+    };
+    ui.dialogForm.addEventListener('submit', onSubmit);
+    ui.dialogCancel.addEventListener('click', onCancel);
+    ui.dialog.addEventListener('cancel', onCancel);
+    ui.dialog.showModal();
+    (input === null ? ui.dialogCancel : ui.dialogInput).focus();
+    if (input !== null) ui.dialogInput.select();
+  });
+}
+
+async function renameSession() {
+  const s = sessions.get(view.id);
+  if (!client || !view.id) return;
+  const current = s ? sessionLabel(s) : '';
+  const summary = await ask({ title: 'Rename session', input: current === 'New session' ? '' : current, ok: 'Save' });
+  if (!summary) return;
+  try {
+    await client.request('PUT', `/api/providers/sessions/${encodeURIComponent(view.id)}`, { summary });
+    upsertSession({ sessionId: view.id, summary });
+  } catch (e) {
+    notice(`Could not rename: ${e.message}`);
+  }
+}
+
+async function archiveSession() {
+  const id = view.id;
+  if (!client || !id) return;
+  try {
+    await client.request('DELETE', `/api/providers/sessions/${encodeURIComponent(id)}`);
+  } catch (e) {
+    return notice(`Could not archive: ${e.message}`);
+  }
+  const s = sessions.get(id);
+  sessions.delete(id);
+  if (s) archived.set(id, { ...s, isArchived: true, isProcessing: false });
+  closeSession();
+  renderSessionList();
+  notice('Session archived: find it under Archived.', 'info');
+}
+
+async function restoreSession(id) {
+  try {
+    await client.request('POST', `/api/providers/sessions/${encodeURIComponent(id)}/restore`);
+  } catch (e) {
+    return notice(`Could not restore: ${e.message}`);
+  }
+  const s = archived.get(id);
+  archived.delete(id);
+  if (s) sessions.set(id, { ...s, isArchived: false });
+  renderSessionList();
+  notice('Session restored.', 'info');
+}
+
+async function deleteSession(id, label) {
+  const sure = await ask({
+    title: 'Delete session?',
+    text: `“${label}” and its whole history will be deleted. This cannot be undone.`,
+    ok: 'Delete',
+    danger: true,
+  });
+  if (!sure) return;
+  try {
+    await client.request('DELETE', `/api/providers/sessions/${encodeURIComponent(id)}?force=true`);
+  } catch (e) {
+    return notice(`Could not delete: ${e.message}`);
+  }
+  sessions.delete(id);
+  archived.delete(id);
+  delete titles[id];
+  remember(TITLES_KEY, JSON.stringify(titles));
+  if (view.id === id) closeSession();
+  renderSessionList();
+  notice('Session deleted.', 'info');
+}
+
+/** Leaves the open session: nothing selected, the list shown (on a phone). */
+function closeSession() {
+  if (view.id) client?.unsubscribe(view.id);
+  view.id = null;
+  history.replaceState(null, '', location.pathname);
+  resetView();
+  renderChatHead();
+  ui.message.disabled = true;
+  ui.send.disabled = true;
+  document.body.dataset.view = 'list';
 }
 
 // ---- chat view -------------------------------------------------------------------------------
@@ -324,6 +655,8 @@ function selectSession(id) {
   ui.send.disabled = false;
   if (!same) {
     resetView();
+    view.loaded = false;
+    updateEmpty();
     renderChatHead();
     renderSessionList();
     client.subscribe(id);
@@ -339,14 +672,22 @@ function resetView() {
   view.localPrompts = [];
   view.running = false;
   view.runId = null;
+  view.stick = true;
+  autoTop = 0;
+  view.loaded = false;
+  ui.newMessages.hidden = true;
   ui.budget.hidden = true;
   setRunning(false);
+  updateEmpty();
 }
 
 function renderChatHead() {
   const s = sessions.get(view.id);
   ui.chatTitle.textContent = s ? sessionLabel(s) : view.id ? `Session ${view.id.slice(0, 8)}` : 'No session selected';
-  ui.chatMeta.textContent = s ? `${s.provider} · ${s.projectPath}` : '';
+  ui.chatMeta.replaceChildren();
+  if (s) ui.chatMeta.append(`${s.provider} · ${s.projectPath}`);
+  ui.sessionActions.hidden = !view.id;
+  document.body.dataset.session = view.id ? 'open' : 'none';
 }
 
 function setRunning(running, runId = view.runId) {
@@ -355,6 +696,7 @@ function setRunning(running, runId = view.runId) {
   ui.runState.dataset.state = running ? 'running' : 'idle';
   ui.runState.textContent = running ? 'running' : 'idle';
   ui.abort.disabled = !running;
+  ui.abort.title = running ? 'Stop this run' : 'No run is going';
 }
 
 function onSubscribed({ sessionId, ack }) {
@@ -380,6 +722,16 @@ function onHistory({ sessionId, messages, reason }) {
   // (or, if its run has not written it yet, comes back with the run's first event).
   view.localPrompts = view.localPrompts.filter((el) => el.dataset.state === 'queued');
   for (const el of view.localPrompts) ui.transcript.append(el);
+  const first = messages.find((m) => m.kind === 'text' && m.role === 'user');
+  if (first && rememberTitle(sessionId, contentText(first.content))) {
+    renderSessionList();
+    renderChatHead();
+  }
+  view.loaded = true;
+  // Opening a session shows its newest message; a reloaded history keeps following if it was.
+  if (reason === 'initial') view.stick = true;
+  if (view.stick) autoTop = 0;
+  contentAdded();
 }
 
 function onQueuedSent({ sessionId, frame }) {
@@ -405,7 +757,12 @@ function sendMessage(event) {
   view.localPrompts.push(el);
   ui.transcript.append(el);
   ui.message.value = '';
-  scrollToEnd();
+  if (rememberTitle(view.id, content)) {
+    renderSessionList();
+    renderChatHead();
+  }
+  // Whoever sends wants to see the answer.
+  scrollToBottom();
   updateQueued();
 }
 
@@ -432,7 +789,9 @@ function addPrompt(p) {
   title.textContent = `Allow ${p.toolName ?? 'this tool'}?`;
   const input = document.createElement('pre');
   input.className = 'prompt-input';
-  input.textContent = pretty(p.input);
+  input.tabIndex = 0; // scrollable with the keyboard
+  input.setAttribute('aria-label', 'Tool input');
+  input.textContent = approvalText(p.input);
   const allow = button('Allow', 'allow', () => answer(p.requestId, true, box));
   const deny = button('Deny', 'deny', () => answer(p.requestId, false, box));
   const actions = document.createElement('div');
@@ -441,6 +800,15 @@ function addPrompt(p) {
   box.append(title, input, actions);
   ui.permissions.append(box);
   view.prompts.set(p.requestId, box);
+}
+
+/** A tool's input for an approval: a command as it will run, else the input as JSON. */
+function approvalText(input) {
+  if (input && typeof input === 'object' && !Array.isArray(input) && typeof input.command === 'string') {
+    const { command, ...rest } = input;
+    return Object.keys(rest).length ? `${command}\n\n${pretty(rest)}` : command;
+  }
+  return pretty(input);
 }
 
 function answer(requestId, allow, box) {
@@ -509,9 +877,83 @@ function openStream() {
   return last?.classList.contains('streaming') ? last : null;
 }
 
-function scrollToEnd() {
+// Scrolling: the transcript follows new output while the user is at its bottom (view.stick);
+// scrolled up, new output shows a "New messages" button instead of moving the text away.
+
+function atBottom() {
   const t = ui.transcript;
-  if (t.scrollHeight - t.scrollTop - t.clientHeight < 200) t.scrollTop = t.scrollHeight;
+  return t.scrollHeight - t.scrollTop - t.clientHeight <= STICK_PX;
+}
+
+/** Where this script last scrolled the transcript to (it only grows while followed). */
+let autoTop = 0;
+
+function scrollToBottom() {
+  const t = ui.transcript;
+  t.scrollTop = t.scrollHeight;
+  autoTop = t.scrollTop;
+  view.stick = true;
+  ui.newMessages.hidden = true;
+}
+
+/**
+ * Follows the transcript's end while stuck to it. A user who scrolled up since our last
+ * scroll is not pulled back, even before the browser reported that scroll.
+ */
+function follow() {
+  if (view.stick && ui.transcript.scrollTop < autoTop - 2 && !atBottom()) view.stick = false;
+  if (view.stick) scrollToBottom();
+  else if (!atBottom()) ui.newMessages.hidden = false;
+}
+
+/** After the transcript grew: follow it, or offer to. */
+function contentAdded() {
+  updateEmpty();
+  follow();
+}
+
+function updateEmpty() {
+  const empty = !ui.transcript.querySelector('li:not([hidden])');
+  ui.emptyChat.hidden = Boolean(view.id) && !empty;
+  if (!view.id) ui.emptyChat.textContent = 'Pick a session, or create one.';
+  else if (!view.loaded) ui.emptyChat.textContent = 'Loading the conversation…';
+  else ui.emptyChat.textContent = 'Send a message to start the conversation.';
+}
+
+// ---- Markdown in assistant bubbles ------------------------------------------------------------
+
+/** Markdown source of each rendered assistant bubble. */
+const sources = new WeakMap();
+const pendingRenders = new Set();
+let renderTimer = null;
+
+/** Sets a bubble's Markdown source and renders it (now, or soon while it streams). */
+function setMarkdown(bubble, text, now = true) {
+  sources.set(bubble, text);
+  if (now) return renderBubble(bubble);
+  pendingRenders.add(bubble);
+  renderTimer ??= setTimeout(() => {
+    renderTimer = null;
+    for (const b of pendingRenders) renderBubble(b);
+    pendingRenders.clear();
+    follow();
+  }, 80);
+}
+
+function renderBubble(bubble) {
+  pendingRenders.delete(bubble);
+  let md = bubble.querySelector(':scope > .md');
+  if (!md) {
+    md = item('div', 'md');
+    bubble.append(md);
+  }
+  md.replaceChildren(renderMarkdown(sources.get(bubble) ?? ''));
+}
+
+function assistantBubble(text, event) {
+  const el = mark(item('li', 'msg assistant'), event);
+  setMarkdown(el, text);
+  return el;
 }
 
 /** Renders one event (live, or from history) at the end of the transcript. */
@@ -525,17 +967,27 @@ function renderEvent(event, live) {
         bubble = item('li', 'msg assistant streaming');
         bubble.dataset.kind = 'stream';
         if (event.runId) bubble.dataset.runId = event.runId;
+        // The chunks as they came (each with its seq and text in data-text, so the bubble's
+        // text is only what it shows), hidden: the bubble shows their Markdown.
+        const chunks = item('span', 'chunks');
+        chunks.hidden = true;
+        bubble.append(chunks);
         t.append(bubble);
         t.setAttribute('aria-busy', 'true');
       }
-      bubble.append(mark(item('span', 'chunk', event.content ?? ''), event));
+      const chunk = String(event.content ?? '');
+      const chunkEl = mark(item('span', 'chunk'), event);
+      chunkEl.dataset.text = chunk;
+      bubble.querySelector(':scope > .chunks').append(chunkEl);
+      setMarkdown(bubble, (sources.get(bubble) ?? '') + chunk, !sources.has(bubble));
       break;
     }
     case 'stream_end': {
       const bubble = openStream();
       if (bubble) {
         bubble.classList.remove('streaming');
-        bubble.append(seqMarker(event));
+        bubble.querySelector(':scope > .chunks').append(seqMarker(event));
+        renderBubble(bubble);
       } else {
         t.append(seqMarker(event, 'li'));
       }
@@ -554,11 +1006,14 @@ function renderEvent(event, live) {
       }
       if (role === 'assistant' && repeatsLastReply(event)) {
         // The whole text after its stream (live), or after the stream's merged text (history):
-        // already shown.
-        lastItem().append(seqMarker(event));
+        // already shown; the whole text keeps the line breaks a word-by-word stream may lose.
+        const last = lastItem();
+        (last.querySelector(':scope > .chunks') ?? last).append(seqMarker(event));
+        setMarkdown(last, contentText(event.content));
         break;
       }
-      t.append(mark(item('li', `msg ${role}`, contentText(event.content)), event));
+      if (role === 'assistant') t.append(assistantBubble(contentText(event.content), event));
+      else t.append(mark(item('li', `msg ${role}`, contentText(event.content)), event));
       break;
     }
     case 'thinking': {
@@ -632,7 +1087,11 @@ function renderEvent(event, live) {
       el.dataset.aborted = String(Boolean(event.aborted));
       el.dataset.exitCode = String(event.exitCode);
       // A run cut short (owner lost, aborted) leaves its stream open: close it.
-      openStream()?.classList.remove('streaming');
+      const open = openStream();
+      if (open) {
+        open.classList.remove('streaming');
+        renderBubble(open);
+      }
       t.append(el);
       t.removeAttribute('aria-busy');
       if (live) {
@@ -644,7 +1103,7 @@ function renderEvent(event, live) {
     default:
       t.append(mark(item('li', 'item other', `${event.kind}: ${pretty(event)}`), event));
   }
-  if (live) scrollToEnd();
+  if (live) contentAdded();
 }
 
 function contentText(content) {
@@ -658,10 +1117,9 @@ function repeatsLastReply(event) {
   const last = lastItem();
   if (!last || !last.classList.contains('assistant') || last.classList.contains('streaming')) return false;
   if (event.runId && last.dataset.runId && event.runId !== last.dataset.runId) return false;
-  const shown = last.dataset.kind === 'stream'
-    ? [...last.querySelectorAll('span.chunk')].map((s) => s.textContent).join('')
-    : last.textContent;
-  return shown === contentText(event.content);
+  // Compared without whitespace: the echo streams words joined by single spaces.
+  const words = (text) => String(text ?? '').split(/\s+/).filter(Boolean).join(' ');
+  return words(sources.get(last)) === words(contentText(event.content));
 }
 
 /** A live event of a run this view has not seen start: show the run's prompt. */
@@ -719,12 +1177,39 @@ ui.signinForm.addEventListener('submit', (e) => {
 });
 ui.signOut.addEventListener('click', () => {
   storeToken('');
+  sessions.clear();
+  archived.clear();
   view.id = null;
   history.replaceState(null, '', location.pathname);
   showSignin();
 });
 ui.newSession.addEventListener('submit', createSession);
+ui.newProvider.addEventListener('change', describeProvider);
 ui.refresh.addEventListener('click', loadSessions);
+ui.showArchived.addEventListener('click', () => showList(listMode === 'archived' ? 'live' : 'archived'));
+ui.rename.addEventListener('click', renameSession);
+ui.archive.addEventListener('click', archiveSession);
+ui.remove.addEventListener('click', () => {
+  const s = sessions.get(view.id);
+  if (view.id) deleteSession(view.id, s ? sessionLabel(s) : view.id);
+});
+ui.transcript.addEventListener('scroll', () => {
+  view.stick = atBottom();
+  if (view.stick) ui.newMessages.hidden = true;
+}, { passive: true });
+ui.newMessages.addEventListener('click', () => {
+  scrollToBottom();
+  ui.message.focus({ preventScroll: true });
+});
+// A transcript that changes size (a phone's keyboard, an approval box above it) stays at its
+// bottom when it was there.
+new ResizeObserver(() => {
+  if (view.stick) scrollToBottom();
+}).observe(ui.transcript);
+// Relative times ("3 min ago") stay current.
+setInterval(() => {
+  for (const time of document.querySelectorAll('time.ago')) time.textContent = relativeTime(time.dateTime);
+}, 30000);
 ui.back.addEventListener('click', () => {
   document.body.dataset.view = 'list';
   ui.sessionList.querySelector('[aria-current="page"]')?.focus();
@@ -738,6 +1223,7 @@ window.addEventListener('hashchange', openFromHash);
 
 const lastProvider = recall(PROVIDER_KEY);
 if (lastProvider && [...ui.newProvider.options].some((o) => o.value === lastProvider)) ui.newProvider.value = lastProvider;
+updateEmpty();
 takeTokenFromUrl();
 const initial = storedToken();
 if (initial) signIn(initial);

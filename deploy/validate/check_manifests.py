@@ -2,7 +2,7 @@
 """Offline checks of chatgate's deployment files that schema validation cannot make.
 
 kubernetes-validate checks each resource against the Kubernetes schemas; this script checks
-what ties them together and to the gateway's contract (docs/interface.md sections 1 and 2):
+what ties them together and to the gateway's contract (README.md "Configuration" and docs/protocol.md "REST"):
 
   manifests FILE...   rendered manifests (helm template / kustomize build output): selectors
                       match pods, references resolve, probes, drain timing, env names,
@@ -30,7 +30,7 @@ import sys
 
 import yaml
 
-# Environment variables of interface.md section 1 (the flags' env names).
+# Environment variables of the contract's core flags (README.md "Configuration").
 CONTRACT_ENV = {
     "CHATGATE_LISTEN", "DATABASE_URL", "REDIS_URL", "CHATGATE_JWT_SECRET", "CHATGATE_NODE_ID",
     "CHATGATE_PROVIDERS", "CHATGATE_WORKSPACES_ROOT", "CHATGATE_RUN_LEASE",

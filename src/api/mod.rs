@@ -1,4 +1,4 @@
-//! HTTP surface: axum routes for REST (interface §2), `/ws` (§3), health and metrics.
+//! HTTP surface: axum routes for REST (docs/protocol.md §REST), `/ws` (§WebSocket), health and metrics.
 //!
 //! Handlers are thin: they authenticate ([`auth::User`]), validate input and
 //! call the store, the registry or the gateway held in [`AppState`]. Errors are
@@ -6,8 +6,10 @@
 
 mod auth;
 mod body;
+mod cors;
 mod error;
 mod health;
+mod providers;
 pub mod serve;
 mod sessions;
 mod web;
@@ -26,6 +28,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::{limit::RequestBodyLimitLayer, timeout::RequestBodyDeadlineLayer};
 
 pub use error::ApiError;
+pub use providers::{ProviderProgram, provider_programs};
 
 use crate::{
     auth::Auth,
@@ -43,6 +46,8 @@ pub struct ApiSettings {
     pub max_body_bytes: usize,
     /// `--handshake-timeout`: how long a REST request body may take to arrive.
     pub body_timeout: Duration,
+    /// `--providers` with their programs, for `GET /api/providers`.
+    pub providers: Vec<ProviderProgram>,
 }
 
 /// Shared state of every handler.
@@ -59,7 +64,8 @@ pub struct AppState {
 /// The node's router.
 pub fn router(state: AppState) -> Router {
     let max_body_bytes = state.settings.max_body_bytes;
-    Router::new()
+    let router = Router::new()
+        .route("/api/providers", get(providers::list))
         .route("/api/providers/sessions", post(sessions::create).get(sessions::list))
         .route("/api/providers/sessions/running", get(sessions::running))
         .route("/api/providers/sessions/{id}", get(sessions::show).put(sessions::rename).delete(sessions::remove))
@@ -72,6 +78,7 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(web::index))
         .route("/app.js", get(web::app_js))
         .route("/app.css", get(web::app_css))
+        .route("/markdown.js", get(web::markdown_js))
         .route("/client/chatgate.js", get(web::client_js))
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)
@@ -79,8 +86,13 @@ pub fn router(state: AppState) -> Router {
         .layer(RequestBodyDeadlineLayer::new(state.settings.body_timeout))
         .layer(middleware::map_response(move |response: Response| async move {
             body_too_large_envelope(response, max_body_bytes)
-        }))
-        .with_state(state)
+        }));
+    // Outermost: a preflight is answered before routing.
+    let router = match cors::layer(state.settings.allowed_origins.as_deref()) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    router.with_state(state)
 }
 
 /// A path no route serves, answered in the REST error envelope.

@@ -6,9 +6,18 @@
 //! hyper's `header_read_timeout` closes a connection whose request headers
 //! have not all arrived within the timeout; it runs whenever hyper waits for a
 //! request head, so an idle keep-alive connection is closed after the same
-//! time. An upgraded WebSocket is no longer read by hyper and is not affected.
+//! time; only a connection that timed out before its first request counts as
+//! a refused handshake (`chatgate_limit_refusals_total{limit="handshake_timeout"}`).
+//! An upgraded WebSocket is no longer read by hyper and is not affected.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use axum::{
     Router,
@@ -45,7 +54,12 @@ pub async fn serve(listener: TcpListener, router: Router, handshake_timeout: Dur
             accepted = listener.accept() => accepted,
             _ = stop.cancelled() => break,
         };
+        // Whether this connection has had a request: a timeout after one is a
+        // keep-alive connection idling out, not a slow handshake.
+        let served = Arc::new(AtomicBool::new(false));
+        let seen = served.clone();
         let service = router.clone().map_request(move |mut request: axum::http::Request<Incoming>| {
+            seen.store(true, Ordering::Relaxed);
             request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
             request
         });
@@ -61,7 +75,9 @@ pub async fn serve(listener: TcpListener, router: Router, handshake_timeout: Dur
                 }
             };
             if let Err(e) = outcome {
-                if e.is_timeout() {
+                if e.is_timeout() && served.load(Ordering::Relaxed) {
+                    tracing::trace!(%peer, "idle keep-alive connection closed");
+                } else if e.is_timeout() {
                     Limit::HandshakeTimeout.refused();
                     tracing::debug!(%peer, "request headers not received in time; connection closed");
                 } else {

@@ -1,4 +1,4 @@
-//! `/api/providers/sessions…`: the session REST routes of interface §2.
+//! `/api/providers/sessions…`: the session REST routes of docs/protocol.md §REST.
 //!
 //! Every route is scoped to the caller: another user's session answers 404
 //! exactly like a missing one.
@@ -44,6 +44,12 @@ impl Page {
         };
         Ok((number(&self.limit, "limit")?, number(&self.offset, "offset")?.unwrap_or(0)))
     }
+}
+
+/// `?archived=true` on the list: the archived sessions instead of the live ones.
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    archived: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -137,10 +143,13 @@ pub async fn list(
     State(state): State<AppState>,
     User(user): User,
     Query(page): Query<Page>,
+    Query(filter): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
     let (limit, offset) = page.parse()?;
     let limit = limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT);
-    let (rows, total) = state.gateway.store.list_sessions(&user.user_id, limit, offset).await?;
+    let archived = matches!(filter.archived.as_deref().map(str::trim), Some("true" | "1"));
+    let store = &state.gateway.store;
+    let (rows, total) = store.list_sessions_archived(&user.user_id, archived, limit, offset).await?;
     let running: HashMap<String, u64> = state
         .gateway
         .registry

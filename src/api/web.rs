@@ -1,6 +1,6 @@
 //! The built-in web console and the JavaScript client module, embedded in the binary.
 //!
-//! `/` (index.html), `/app.js`, `/app.css` and `/client/chatgate.js` come from `web/` at
+//! `/` (index.html), `/app.js`, `/app.css`, `/markdown.js` and `/client/chatgate.js` come from `web/` at
 //! compile time: no files on disk, no build step. Each answer carries its content type,
 //! `cache-control: no-cache` with a strong ETag (a hash of the embedded bytes, so a browser
 //! revalidates cheaply and never keeps a stale console after an upgrade), and `nosniff`.
@@ -61,6 +61,7 @@ macro_rules! asset {
 asset!(INDEX_HTML, "../../web/index.html", "text/html; charset=utf-8");
 asset!(APP_JS, "../../web/app.js", "text/javascript; charset=utf-8");
 asset!(APP_CSS, "../../web/app.css", "text/css; charset=utf-8");
+asset!(MARKDOWN_JS, "../../web/markdown.js", "text/javascript; charset=utf-8");
 asset!(CLIENT_JS, "../../web/chatgate.js", "text/javascript; charset=utf-8");
 
 /// The console page's Content-Security-Policy: only its own scripts, styles and sockets.
@@ -100,6 +101,11 @@ pub async fn app_js(request: HeaderMap) -> Response {
 /// `GET /app.css`: the console's styles.
 pub async fn app_css(request: HeaderMap) -> Response {
     serve(&APP_CSS, &request, None)
+}
+
+/// `GET /markdown.js`: the console's Markdown renderer (DOM nodes only, never HTML).
+pub async fn markdown_js(request: HeaderMap) -> Response {
+    serve(&MARKDOWN_JS, &request, None)
 }
 
 /// `GET /client/chatgate.js`: the client module, for the console and other frontends.

@@ -276,14 +276,22 @@ fn close_message(reason: CloseReason) -> Message {
     Message::Close(Some(CloseFrame { code: reason.code(), reason: reason.text().into() }))
 }
 
-/// True when the read failed because a frame passed `--max-frame-bytes`.
 /// The close a failed read earns: the peer's fault gets its RFC 6455 code; a
-/// connection that simply went away gets a normal close (which it may never see).
+/// connection that simply went away (a killed tab, a dropped network: the TCP
+/// stream ended or was reset without a close frame) is a plain disconnect,
+/// logged with its cause, and gets a normal close (which it may never see).
 fn read_error_close(error: axum::Error) -> CloseReason {
-    match error.into_inner().downcast_ref::<tungstenite::Error>() {
+    use tungstenite::error::ProtocolError;
+    let error = error.into_inner();
+    let reason = match error.downcast_ref::<tungstenite::Error>() {
         Some(tungstenite::Error::Capacity(_)) => CloseReason::TooLarge,
         Some(tungstenite::Error::Utf8(_)) => CloseReason::InvalidUtf8,
+        Some(tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => CloseReason::Normal,
         Some(tungstenite::Error::Protocol(_)) => CloseReason::ProtocolViolation,
         _ => CloseReason::Normal,
+    };
+    if reason == CloseReason::Normal {
+        tracing::debug!(cause = %error, "client disconnected without a close frame");
     }
+    reason
 }

@@ -1,4 +1,4 @@
-//! Writes run events to SQL off the hot path (interface §5).
+//! Writes run events to SQL off the hot path (docs/protocol.md §History).
 //!
 //! Run drivers hand rows to a bounded queue; one task per node batches them
 //! into transactions and retries failures with backoff, so delivery never

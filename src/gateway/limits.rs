@@ -30,7 +30,7 @@ pub const FLOOD_FACTOR: u32 = 4;
 /// The window in which a socket is told `RATE_LIMITED` once and its drops are counted.
 pub const FRAME_WINDOW: Duration = Duration::from_secs(1);
 
-/// The limits of one node (interface §1 flags, docs/operations.md).
+/// The limits of one node (README §Configuration, docs/operations.md §13).
 #[derive(Debug, Clone)]
 pub struct LimitSettings {
     /// `--conn-rate-per-ip`: new WebSockets per second per client address.

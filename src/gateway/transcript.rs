@@ -1,4 +1,4 @@
-//! What a run's events become in SQL history (interface §5).
+//! What a run's events become in SQL history (docs/protocol.md §History).
 //!
 //! [`Labels`] put a run's envelope on an event (id, timestamp, sessionId,
 //! provider, runId). A [`Transcript`] turns the run's sequenced events into
@@ -24,7 +24,7 @@ use crate::{
 /// Merged `stream_delta` text held at most (plus one delta). A longer stream is
 /// stored as consecutive assistant `text` rows, each at its last delta's seq, so
 /// a run whose stream never ends cannot grow its owner's memory without bound;
-/// far above any real reply, so a stream is still one message (interface §5).
+/// far above any real reply, so a stream is still one message (docs/protocol.md §History).
 pub const MAX_MERGED_BYTES: usize = 32 * 1024 * 1024;
 
 /// How often an open stream's deltas are stored as a draft. Each draft is one

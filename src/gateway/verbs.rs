@@ -1,6 +1,6 @@
 //! The inbound verbs of `/ws`, with the seed's semantics, error texts and the
-//! fixes of interface §3 (ownership on every verb, confined `cwd`, per-session
-//! seq, fan-out to every subscriber).
+//! fixes of docs/protocol.md §Upstream bugs fixed (ownership on every verb,
+//! confined `cwd`, per-session seq, fan-out to every subscriber).
 
 use std::{sync::Arc, time::Duration};
 

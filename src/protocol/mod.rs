@@ -1,4 +1,4 @@
-//! The wire protocol of `/ws` (interface §3): inbound verbs and outbound frames.
+//! The wire protocol of `/ws` (docs/protocol.md §WebSocket `/ws`): inbound verbs and outbound frames.
 //!
 //! Inbound frames are parsed into [`Inbound`] with the seed's leniency (junk
 //! subscribe entries are skipped, `lastSeq` is floored at 0) and its error

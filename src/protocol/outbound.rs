@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 /// A serialised outbound text frame; cloning shares the bytes.
 pub type Frame = axum::extract::ws::Utf8Bytes;
 
-/// `protocol_error` codes (interface §3).
+/// `protocol_error` codes (docs/protocol.md §Errors and close codes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ErrorCode {

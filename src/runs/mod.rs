@@ -168,7 +168,7 @@ pub enum RegistryError {
     Recovering { retry_after: Duration },
 }
 
-/// The run registry (design.md "The seam").
+/// The run registry (docs/cluster.md §The seam).
 #[async_trait]
 pub trait RunRegistry: Send + Sync + 'static {
     /// Takes the session's run lock. `RunInProgress` when any node holds it.

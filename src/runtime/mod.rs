@@ -46,7 +46,7 @@ pub struct RunRequest {
     pub options: RunOptions,
 }
 
-/// Client `options` of `chat.send`, validated (interface §3, `INVALID_OPTIONS`).
+/// Client `options` of `chat.send`, validated (docs/protocol.md §Inbound, `INVALID_OPTIONS`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RunOptions {
     pub model: Option<String>,

@@ -1,4 +1,4 @@
-//! Child-process machinery shared by the CLI runtimes (interface §6).
+//! Child-process machinery shared by the CLI runtimes (docs/protocol.md §Providers, docs/providers.md).
 //!
 //! A provider CLI runs in its own process group with the session's working
 //! directory, started under the run's containment ([`super::sandbox`]: a

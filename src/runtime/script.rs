@@ -1,4 +1,4 @@
-//! The built-in `script` runtime (interface §6): no program, a precise event script.
+//! The built-in `script` runtime (docs/protocol.md §The `script` provider): no program, a precise event script.
 //!
 //! Plain text is echoed back word by word; a JSON object drives events,
 //! payload sizes, pacing, a tool approval and failures, for tests, load and demos.

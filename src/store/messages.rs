@@ -1,4 +1,4 @@
-//! The `messages` table: the durable history of every session (interface §5).
+//! The `messages` table: the durable history of every session (docs/protocol.md §History).
 
 use serde_json::{Map, Value};
 use sqlx::Row;

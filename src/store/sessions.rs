@@ -21,7 +21,7 @@ pub struct SessionRow {
 }
 
 impl SessionRow {
-    /// The `Session` JSON of interface §2.
+    /// The `Session` JSON of docs/protocol.md §REST.
     /// The session's `lastSeq` as clients are told it, given the registry's
     /// view. SQL's mark may hold a running run's first seq before its first
     /// event exists (its prompt row): while a run is known, the registry's top
@@ -123,16 +123,29 @@ impl Store {
         limit: i64,
         offset: i64,
     ) -> Result<(Vec<SessionRow>, i64), StoreError> {
+        self.list_sessions_archived(user_id, false, limit, offset).await
+    }
+
+    /// The user's archived (`archived`) or live sessions, newest first, and their count.
+    pub async fn list_sessions_archived(
+        &self,
+        user_id: &str,
+        archived: bool,
+        limit: i64,
+        offset: i64,
+    ) -> Result<(Vec<SessionRow>, i64), StoreError> {
         let sql = concat!(
             "SELECT ",
             columns!(),
-            " FROM sessions WHERE user_id = $1 AND is_archived = 0 ORDER BY created_at DESC, session_id DESC \
-             LIMIT $2 OFFSET $3"
+            " FROM sessions WHERE user_id = $1 AND is_archived = $2 ORDER BY created_at DESC, session_id DESC \
+             LIMIT $3 OFFSET $4"
         );
-        let rows = sqlx::query(sql).bind(user_id).bind(limit).bind(offset).fetch_all(&self.pool).await?;
+        let flag = i64::from(archived);
+        let rows = sqlx::query(sql).bind(user_id).bind(flag).bind(limit).bind(offset).fetch_all(&self.pool).await?;
         let sessions = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
-        let total: i64 = sqlx::query("SELECT COUNT(*) AS n FROM sessions WHERE user_id = $1 AND is_archived = 0")
+        let total: i64 = sqlx::query("SELECT COUNT(*) AS n FROM sessions WHERE user_id = $1 AND is_archived = $2")
             .bind(user_id)
+            .bind(flag)
             .fetch_one(&self.pool)
             .await?
             .try_get("n")?;

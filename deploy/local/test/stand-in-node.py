@@ -3,7 +3,7 @@
 
 It lets the local-stack scripts (up.sh, down.sh, restart-node.sh) and the nginx balancer be
 tested on a machine where the real gateway is not built yet, or without building it. It speaks
-just enough of the contract (docs/interface.md sections 1-2) for that, and nothing of chat:
+just enough of the contract (README.md "Configuration", docs/protocol.md "REST") for that, and nothing of chat:
 
   stand-in-node.py serve          listens on CHATGATE_LISTEN; needs REDIS_URL, DATABASE_URL and
                                   CHATGATE_JWT_SECRET set, as cluster mode does (exit 2 if not)

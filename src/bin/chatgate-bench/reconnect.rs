@@ -4,7 +4,7 @@
 //! the start of the reconnect, TCP and upgrade included), delivery of every
 //! event of the run (must be 100 %), gaps and duplicates (must be 0).
 //!
-//! Replay covers the current run only (interface §3), so the runs are paced
+//! Replay covers the current run only (docs/protocol.md §Seq, subscribe and replay), so the runs are paced
 //! (`intervalMs`) and last well past the reconnect. Each run has an observer
 //! socket on its owner node that started it and tracks its top seq.
 

@@ -1,4 +1,4 @@
-//! Redis key and channel names (design.md "Redis keys").
+//! Redis key and channel names (docs/cluster.md §Redis keys).
 //!
 //! Every key of one session carries the hash tag `{S}`, so one Lua script may
 //! touch them together and Redis Cluster keeps them on one shard. The run

@@ -1,4 +1,4 @@
-//! Run registry over Redis: cluster mode (design.md).
+//! Run registry over Redis: cluster mode (docs/cluster.md).
 //!
 //! Keys and channels are in [`keys`], the atomic writes in [`scripts`]. The
 //! owner appends through one Lua script per batch (fence, seq, XADD, PUBLISH);
@@ -59,7 +59,7 @@ use super::{
 };
 use crate::protocol::{EventBody, Frame, PermissionAnswer};
 
-/// Tuning of the Redis registry (interface §1 flags).
+/// Tuning of the Redis registry (README §Configuration).
 #[derive(Debug, Clone)]
 pub struct RedisRegistryOptions {
     /// Run lock lease (`--run-lease`); owners renew every third of it.

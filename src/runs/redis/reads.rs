@@ -46,7 +46,7 @@ impl RedisRegistry {
         Ok(SessionRead { owner, top, replay, pending })
     }
 
-    /// `subscribe`: hold the channel, attach a receiver, then read once (design.md steps 1–3).
+    /// `subscribe`: hold the channel, attach a receiver, then read once (docs/cluster.md §Subscribing, steps 1–3).
     pub(super) async fn open_subscription(
         &self,
         session_id: &str,

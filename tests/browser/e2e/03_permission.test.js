@@ -48,7 +48,7 @@ test('a permission prompt shows in both tabs; answering in one removes it from t
     await shot(tabB, '03-prompt-tab-b');
 
     // Answer in tab B: the prompt leaves tab A (and C), the run goes on and finishes.
-    await tabB.getByRole('button', { name: 'Allow' }).click();
+    await tabB.getByRole('button', { name: 'Allow', exact: true }).click();
     await Promise.all([
       tabA.waitForSelector(prompt, { state: 'detached' }),
       tabB.waitForSelector(prompt, { state: 'detached' }),
@@ -85,7 +85,7 @@ test('a denied approval ends the tool with an error in every tab', async () => {
     await tabB.waitForFunction((id) => location.hash === `#/s/${id}`, sessionId);
     await sendInPage(tabA, script(2, 10, { permission: { toolName: 'Write', input: { path: 'x' } } }));
     await Promise.all([tabA.waitForSelector('.prompt'), tabB.waitForSelector('.prompt')]);
-    await tabA.getByRole('button', { name: 'Deny' }).click();
+    await tabA.getByRole('button', { name: 'Deny', exact: true }).click();
     await tabB.waitForSelector('.prompt', { state: 'detached' });
     await Promise.all([waitComplete(tabA), waitComplete(tabB)]);
     for (const tab of [tabA, tabB]) {

@@ -81,13 +81,13 @@ export const CHROMIUM_ARGS = [
  * Headless Chromium (Debian's package) on a fresh user-data-dir; returns the context (one
  * browser window: its pages are tabs sharing local storage) and a close function.
  */
-export async function launchBrowser() {
+export async function launchBrowser({ viewport = { width: 1100, height: 760 } } = {}) {
   const profile = mkdtempSync(path.join(tmpdir(), 'chatgate-chromium-'));
   const context = await chromium.launchPersistentContext(profile, {
     executablePath: process.env.CHATGATE_CHROMIUM ?? '/usr/bin/chromium',
     headless: true,
     args: CHROMIUM_ARGS,
-    viewport: { width: 1100, height: 760 },
+    viewport,
   });
   context.setDefaultTimeout(20000);
   const errors = [];
@@ -158,7 +158,7 @@ export async function transcript(page) {
     const t = document.getElementById('transcript');
     return {
       seqs: [...t.querySelectorAll('[data-seq]')].map((el) => Number(el.dataset.seq)),
-      chunks: [...t.querySelectorAll('span.chunk')].map((el) => el.textContent),
+      chunks: [...t.querySelectorAll('span.chunk')].map((el) => el.dataset.text ?? el.textContent),
       completes: [...t.querySelectorAll('[data-kind="complete"]')].map((el) => ({
         seq: Number(el.dataset.seq),
         success: el.dataset.success === 'true',
@@ -218,10 +218,11 @@ export async function freePort() {
 
 /**
  * One gateway node on the embedded default (SQLite in `dir`, no Redis), started by the test
- * with the stack's binary. `secret` null starts it without --jwt-secret (it prints a token).
+ * with the stack's binary. `secret` null starts it without --jwt-secret (it prints a token);
+ * `args` are more flags.
  * Returns {url, port, output(), stop(signal), exited}.
  */
-export async function startSingleNode({ dir, port, secret, nodeId = 'single-1' }) {
+export async function startSingleNode({ dir, port, secret, nodeId = 'single-1', args: extra = [] }) {
   const { spawn } = await import('node:child_process');
   const env = {};
   for (const [key, value] of Object.entries(process.env)) {
@@ -231,11 +232,14 @@ export async function startSingleNode({ dir, port, secret, nodeId = 'single-1' }
     'serve',
     '--listen', `127.0.0.1:${port}`,
     '--database-url', `sqlite://${path.join(dir, 'chatgate.db')}?mode=rwc`,
-    '--workspaces-root', dir,
+    // Workspaces and provider homes side by side in `dir` (the homes must lie outside the workspaces).
+    '--workspaces-root', mkdirp(path.join(dir, 'workspaces')),
+    '--homes-root', path.join(dir, 'homes'),
     '--node-id', nodeId,
     '--drain-grace', '1s',
   ];
   if (secret) args.push('--jwt-secret', secret);
+  args.push(...extra);
   const child = spawn(need('CHATGATE_BIN'), args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
   let output = '';
   child.stdout.on('data', (d) => { output += d; });
@@ -266,6 +270,11 @@ export async function startSingleNode({ dir, port, secret, nodeId = 'single-1' }
       return exited;
     },
   };
+}
+
+function mkdirp(dir) {
+  mkdirSync(dir, { recursive: true });
+  return dir;
 }
 
 /** An HS256 token for `user` signed with `secret`, valid `ttlSeconds`. */
