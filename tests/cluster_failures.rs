@@ -154,7 +154,11 @@ impl Tab {
     /// Reads frames until `done`; panics when nothing comes for 10 s or the socket closes.
     async fn pump_until(&mut self, done: impl Fn(&Tab) -> bool) {
         while !done(self) {
-            let frame = self.ws.recv().await;
+            let frame = match self.ws.try_recv(Duration::from_secs(10)).await {
+                Some(Ok(frame)) => frame,
+                Some(Err(close)) => panic!("{}: socket closed ({close:?}); errors: {:?}", self.name, self.errors),
+                None => panic!("{}: no frame within 10 s; errors so far: {:?}", self.name, self.errors),
+            };
             self.observe(&frame);
         }
     }

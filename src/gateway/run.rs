@@ -108,7 +108,8 @@ struct Driver {
     pending: HashMap<String, oneshot::Sender<PermissionAnswer>>,
     last_renewal: Instant,
     plan: Option<Start>,
-    _slot: OwnedSemaphorePermit,
+    /// This run's slot of `--max-runs`, given back once its runtime has ended.
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Driver {
@@ -131,7 +132,7 @@ impl Driver {
             pending: HashMap::new(),
             last_renewal: Instant::now(),
             plan: Some(Start { request: plan.request, runtime: plan.runtime, control, launch: plan.launch }),
-            _slot: plan.slot,
+            slot: Some(plan.slot),
         }
     }
 
@@ -386,6 +387,10 @@ impl Driver {
 
     /// Appends the terminal `complete` (unless the lease is lost) and flushes history.
     async fn finish(mut self, ending: Ending) {
+        // The CLI is gone: its slot is free before the `complete` goes out, so a
+        // client that sends again as soon as it sees the `complete` is never
+        // refused for a run that is over.
+        drop(self.slot.take());
         let (exit_code, aborted, error) = match ending {
             Ending::Finished(outcome) => (outcome.exit_code, false, outcome.error),
             Ending::Aborted => (0, true, None),
