@@ -1,6 +1,6 @@
 //! The `chatgate` binary: `serve` (default), `token`, `migrate`.
 
-use std::process::ExitCode;
+use std::{io::Write, process::ExitCode};
 
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, error::ErrorKind};
@@ -170,13 +170,19 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
     let node = Node::start(&config, &secret).await?;
     if let Some(note) = quick_start {
         let token = node.auth.mint("1", std::time::Duration::from_secs(7 * 24 * 3600))?;
-        println!("chatgate is listening on http://{} ({note})", node.addr);
-        println!("token for user 1, valid 7 days: {token}");
-        println!("WebSocket: ws://{}/ws?token={token}", node.addr);
-        println!(
-            "more tokens: {} token --user <id> (beside this gateway: same directory, same --database-url)",
-            std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "chatgate".into())
+        let program = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "chatgate".into());
+        // Written without println!: a reader that went away (a closed pipe) must
+        // not take the serving node down with a panic.
+        let banner = format!(
+            "chatgate is listening on http://{addr} ({note})\ntoken for user 1, valid 7 days: {token}\n\
+             WebSocket: ws://{addr}/ws?token={token}\nmore tokens: {program} token --user <id> (beside this \
+             gateway: same directory, same --database-url)\n",
+            addr = node.addr
         );
+        let mut stdout = std::io::stdout().lock();
+        if let Err(e) = stdout.write_all(banner.as_bytes()).and_then(|()| stdout.flush()) {
+            tracing::warn!(error = %e, "could not print the start-up banner");
+        }
     }
     shutdown_signal().await;
     node.drain().await;

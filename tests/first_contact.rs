@@ -106,6 +106,45 @@ async fn the_quick_start_secret_outlives_a_restart_and_token_finds_it() {
     assert!(stderr.contains("other.secret") && stderr.contains("start the gateway once"), "{stderr}");
 }
 
+/// A quick-start node whose stdout reader went away (a closed pipe) keeps serving:
+/// printing its banner must not panic it.
+#[tokio::test]
+async fn a_closed_stdout_does_not_take_the_node_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    std::fs::create_dir_all(dir.path().join("workspaces")).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--database-url")
+        .arg(format!("sqlite://{}?mode=rwc", dir.path().join("chatgate.db").display()))
+        .arg("--workspaces-root")
+        .arg(dir.path().join("workspaces"))
+        .arg("--homes-root")
+        .arg(dir.path().join("homes"))
+        .env_remove("REDIS_URL")
+        .env_remove("CHATGATE_JWT_SECRET")
+        .env_remove("DATABASE_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let base = format!("http://127.0.0.1:{port}");
+    let mut ready = false;
+    for _ in 0..200 {
+        if reqwest::get(format!("{base}/healthz")).await.is_ok_and(|r| r.status().is_success()) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready || child.try_wait().unwrap().is_none(), "the node never served");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(child.try_wait().unwrap().is_none(), "the node died after printing to a closed stdout");
+    assert!(reqwest::get(format!("{base}/healthz")).await.unwrap().status().is_success());
+    stop(child);
+}
+
 #[test]
 fn token_help_shows_only_what_token_uses() {
     let out = Command::new(BIN).args(["token", "--help"]).output().unwrap();
