@@ -31,6 +31,7 @@
 //! Output mapping is upstream's `ClaudeSessionsProvider.normalizeMessage`.
 
 use std::{
+    borrow::Cow,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -42,10 +43,7 @@ use tokio::{io::AsyncWriteExt, process::ChildStdin, sync::mpsc, task::JoinSet};
 use super::{
     PermissionOutcome, RunContext, RunOutcome, RunRequest, Runtime,
     images::RunImages,
-    process::{
-        self, CANCELLED_EXIT_CODE, CliCommand, CliProcess, Emit, Emitter, StreamParser, keep_all_stderr, number,
-        str_field,
-    },
+    process::{self, CANCELLED_EXIT_CODE, CliCommand, CliProcess, Emit, Emitter, StreamParser, number, str_field},
 };
 
 /// Default wait for a tool approval (upstream's `TOOL_APPROVAL_TIMEOUT_MS`).
@@ -65,6 +63,13 @@ const INTERNAL_CONTENT_PREFIXES: [&str; 4] =
 const MAX_PENDING_APPROVALS: usize = 32;
 /// How long an interrupted CLI gets to exit by itself before its group is ended.
 const INTERRUPT_GRACE: Duration = Duration::from_millis(1000);
+/// What the CLI prints on stderr (and exits 1) when root asks for `bypassPermissions`.
+const ROOT_BYPASS_REFUSAL: &str = "--dangerously-skip-permissions cannot be used with root/sudo privileges";
+/// What chatgate shows instead: the cause and the way out.
+pub const ROOT_BYPASS_REFUSED: &str = "claude: permission mode bypassPermissions is not available here: the Claude \
+     CLI refuses it (--dangerously-skip-permissions) to a root user outside a sandbox, and this gateway runs its \
+     CLIs as root without the sandbox (--sandbox none). Use another permission mode, or run the gateway as a \
+     non-root user or with --sandbox bwrap (where the CLI runs as uid 1000).";
 /// Capacity of the queue of lines to the CLI's stdin.
 const STDIN_QUEUE: usize = 64;
 
@@ -220,6 +225,18 @@ pub fn claude_args(request: &RunRequest) -> Vec<String> {
     args
 }
 
+/// stderr lines as shown: the CLI's refusal of `bypassPermissions` to root becomes
+/// [`ROOT_BYPASS_REFUSED`]. (chatgate does not set `IS_SANDBOX=1`, which lifts the refusal:
+/// inside its sandbox the CLI is not root anyway, and outside it that would be a lie. An
+/// operator whose gateway is itself sandboxed may pass it with `--provider-env IS_SANDBOX`.)
+fn claude_stderr(line: &str) -> Option<Cow<'_, str>> {
+    if line.contains(ROOT_BYPASS_REFUSAL) {
+        Some(Cow::Borrowed(ROOT_BYPASS_REFUSED))
+    } else {
+        Some(Cow::Borrowed(line))
+    }
+}
+
 /// A line for the CLI's stdin, or the end of it.
 enum StdinMsg {
     Line(String),
@@ -344,7 +361,7 @@ impl ClaudeRuntime {
             cwd: request.cwd.clone(),
             stdin: true,
         };
-        let mut process = match CliProcess::spawn(&cmd, &ctx, keep_all_stderr).await {
+        let mut process = match CliProcess::spawn(&cmd, &ctx, claude_stderr).await {
             Ok(process) => process,
             Err(outcome) => return outcome,
         };
@@ -491,11 +508,14 @@ pub struct ClaudeParser {
     pub result_seen: bool,
     /// The `result` reported an error.
     result_error: bool,
+    /// The text of a synthetic assistant message standing for an API error
+    /// (`is_api_error_message`), shown as an `error` unless the `result` reports it.
+    api_error: Option<String>,
 }
 
 impl ClaudeParser {
     pub fn new(context_window: u64) -> Self {
-        ClaudeParser { context_window, streaming: false, result_seen: false, result_error: false }
+        ClaudeParser { context_window, streaming: false, result_seen: false, result_error: false, api_error: None }
     }
 
     fn token_budget(&self, usage: &Map<String, Value>) -> Value {
@@ -526,6 +546,20 @@ impl ClaudeParser {
 
     fn assistant(&mut self, message: &Map<String, Value>, parent: Option<&str>, out: &mut Vec<Emit>) {
         let Some(Value::Object(inner)) = message.get("message") else { return };
+        // An API error comes as a synthetic assistant message (`model: "<synthetic>"`,
+        // `is_api_error_message: true`, text "API Error: 400 …") and then as the `result`'s
+        // error: it is no reply of the model, and shown once, as an `error`.
+        if message.get("is_api_error_message") == Some(&Value::Bool(true)) {
+            let text = match inner.get("content") {
+                Some(Value::Array(blocks)) => {
+                    blocks.iter().filter_map(|b| b.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join("\n")
+                }
+                Some(Value::String(text)) => text.clone(),
+                _ => String::new(),
+            };
+            self.api_error = Some(if text.trim().is_empty() { "API Error".to_string() } else { text });
+            return;
+        }
         match inner.get("content") {
             Some(Value::Array(blocks)) => {
                 for block in blocks {
@@ -630,6 +664,8 @@ impl ClaudeParser {
 
     fn result(&mut self, message: &Map<String, Value>, out: &mut Vec<Emit>) {
         self.result_seen = true;
+        // The result has the last word on an API error (it carries the same text when it failed).
+        self.api_error = None;
         if let Some(Value::Object(usage)) = message.get("usage") {
             out.push(Emit::event("status", json!({ "text": "token_budget", "tokenBudget": self.token_budget(usage) })));
         }
@@ -680,6 +716,11 @@ impl StreamParser for ClaudeParser {
         if self.streaming {
             self.streaming = false;
             out.push(Emit::event("stream_end", json!({})));
+        }
+        if let Some(text) = self.api_error.take() {
+            // No failed `result` reported it.
+            self.result_error = true;
+            out.push(Emit::event("error", json!({ "content": text })));
         }
         if exit_code == 0 && self.result_error { RunOutcome::exit(1) } else { RunOutcome::exit(exit_code) }
     }
