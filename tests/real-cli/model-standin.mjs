@@ -8,10 +8,10 @@
 //
 // The agent's own conversation (a request that offers the shell tool: `Bash` for Claude,
 // `exec_command` or `shell` for Codex) is scripted by the text of its LAST user message:
-// - it contains `say <words>`: the text `<words>` (no tool);
-// - it contains `fail with http 400`: an HTTP 400 in the API's error shape, message
+// - a text part starting with `say <words>`: the text `<words>` (no tool);
+// - a text part `fail with http 400`: an HTTP 400 in the API's error shape, message
 //   `standin: invalid request (scripted)`;
-// - it contains `hang`: the response never comes (the connection stays open);
+// - a text part `hang`: the response never comes (the connection stays open);
 // - otherwise, when the last message carries no tool result: a call of the shell tool
 //   running <STANDIN_COMMAND or "env">; when it carries one: the text `done`.
 // Every other request (title generation, quota checks, summaries, …): a short text.
@@ -38,22 +38,22 @@ function log(entry) {
 }
 
 /** The text parts of a message (Anthropic `text`, OpenAI `input_text`/`output_text`, or a string). */
-function textOf(message) {
-  if (!message) return '';
-  if (typeof message.content === 'string') return message.content;
-  if (!Array.isArray(message.content)) return '';
+function textsOf(message) {
+  if (!message) return [];
+  if (typeof message.content === 'string') return [message.content];
+  if (!Array.isArray(message.content)) return [];
   return message.content
     .filter((part) => typeof part?.text === 'string' && part.type !== 'tool_result')
-    .map((part) => part.text)
-    .join('\n');
+    .map((part) => part.text.trim());
 }
 
-/** What the prompt asks for: `{say}`, `{fail}`, `{hang}` or `{}` (the shell tool flow). */
-function script(text) {
-  const say = /(?:^|\s)say ([^\n]+)/.exec(text);
-  if (say) return { say: say[1].trim() };
-  if (text.includes('fail with http 400')) return { fail: true };
-  if (/(?:^|\s)hang(?:$|\s)/.test(text)) return { hang: true };
+/** What the prompt (one text part of it) asks for: `{say}`, `{fail}`, `{hang}` or `{}` (the shell tool flow). */
+function script(texts) {
+  for (const text of texts) {
+    if (text.startsWith('say ')) return { say: text.slice(4).split('\n')[0].trim() };
+    if (text === 'fail with http 400') return { fail: true };
+    if (text === 'hang') return { hang: true };
+  }
   return {};
 }
 
@@ -70,7 +70,7 @@ function answer(body) {
   const messages = Array.isArray(body.messages) ? body.messages : [];
   const lastUser = [...messages].reverse().find((m) => m?.role === 'user');
   if (offersBash(body)) {
-    const scripted = hasToolResult(lastUser) ? {} : script(textOf(lastUser));
+    const scripted = hasToolResult(lastUser) ? {} : script(textsOf(lastUser));
     if (scripted.say) return { kind: 'final', content: [{ type: 'text', text: scripted.say }], stop: 'end_turn' };
     if (scripted.fail) return { kind: 'fail' };
     if (scripted.hang) return { kind: 'hang' };
@@ -159,7 +159,7 @@ function answerResponses(body) {
   const shell = ['exec_command', 'shell', 'shell_command'].find((name) => tools.includes(name));
   if (!shell) return { kind: 'side', text: 'standin side answer' };
   const toolResult = last?.type === 'function_call_output' || last?.type === 'custom_tool_call_output';
-  const scripted = toolResult ? {} : script(textOf(lastUser));
+  const scripted = toolResult ? {} : script(textsOf(lastUser));
   if (scripted.say) return { kind: 'final', text: scripted.say };
   if (scripted.fail) return { kind: 'fail' };
   if (scripted.hang) return { kind: 'hang' };
