@@ -731,6 +731,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_synthetic_api_error_message_is_no_reply_and_one_error() {
+        let synthetic = json!({
+            "type": "assistant", "session_id": "s", "parent_tool_use_id": null, "is_api_error_message": true,
+            "message": { "model": "<synthetic>", "role": "assistant", "content": [{ "type": "text", "text": "API Error: 400 x" }] },
+        });
+        let result = json!({ "type": "result", "session_id": "s", "is_error": true, "result": "API Error: 400 x" });
+        let mut parser = ClaudeParser::new(1000);
+        let mut out = Vec::new();
+        for message in [synthetic.clone(), result] {
+            if let Value::Object(map) = message {
+                parser.on_json(map, &mut out);
+            }
+        }
+        let outcome = parser.on_exit(0, &mut out);
+        let events: Vec<_> = out.iter().filter(|e| matches!(e, Emit::Event(..))).collect();
+        assert_eq!(events, vec![&Emit::event("error", json!({ "content": "API Error: 400 x" }))]);
+        assert_eq!(outcome.exit_code, 1);
+        // Without a result, the synthetic message's text is the error, at exit.
+        let mut parser = ClaudeParser::new(1000);
+        let mut out = Vec::new();
+        if let Value::Object(map) = synthetic {
+            parser.on_json(map, &mut out);
+        }
+        parser.on_exit(0, &mut out);
+        assert_eq!(out.last(), Some(&Emit::event("error", json!({ "content": "API Error: 400 x" }))));
+    }
+
+    #[test]
+    fn root_bypass_refusal_is_replaced_by_its_cause() {
+        let line = "--dangerously-skip-permissions cannot be used with root/sudo privileges for security reasons";
+        assert_eq!(claude_stderr(line).as_deref(), Some(ROOT_BYPASS_REFUSED));
+        assert_eq!(claude_stderr("other").as_deref(), Some("other"));
+    }
+
+    #[test]
     fn bash_prefix_rules_match_like_upstream() {
         let input = json!({ "command": "git status --short" });
         assert!(matches_tool("Bash(git status:*)", "Bash", &input));

@@ -284,3 +284,56 @@ impl StreamParser for CodexParser {
         if exit_code == 0 && self.turn_failed { RunOutcome::exit(1) } else { RunOutcome::exit(exit_code) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(lines: &[Value]) -> Vec<Emit> {
+        let mut parser = CodexParser::default();
+        let mut out = Vec::new();
+        for line in lines {
+            if let Value::Object(map) = line.clone() {
+                parser.on_json(map, &mut out);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn an_api_error_reported_twice_is_shown_once_as_its_message() {
+        let body = r#"{"error":{"message":"bad request","type":"invalid_request_error","param":null,"code":null}}"#;
+        let out = parse(&[
+            json!({ "type": "error", "message": body }),
+            json!({ "type": "turn.failed", "error": { "message": body } }),
+        ]);
+        assert_eq!(out, vec![Emit::event("error", json!({ "content": "bad request" }))]);
+        // A different failure after an unrelated error is still shown.
+        let out = parse(&[
+            json!({ "type": "error", "message": "Reconnecting... 1/5" }),
+            json!({ "type": "turn.failed", "error": { "message": "quota" } }),
+        ]);
+        assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn error_text_keeps_plain_and_odd_messages() {
+        assert_eq!(error_text("plain"), "plain");
+        assert_eq!(error_text("{not json"), "{not json");
+        assert_eq!(error_text(r#"{"error":"flat"}"#), "flat");
+        assert_eq!(error_text(r#"{"message":"top"}"#), "top");
+        assert_eq!(error_text(r#"{"error":{"message":""}}"#), r#"{"error":{"message":""}}"#);
+    }
+
+    #[test]
+    fn stderr_chatter_is_dropped_and_the_rest_kept() {
+        assert_eq!(codex_stderr_filter("Reading additional input from stdin..."), None);
+        assert_eq!(
+            codex_stderr_filter(
+                "WARNING: proceeding, even though we could not create PATH aliases: Refusing to create helper binaries under temporary dir \"/tmp\""
+            ),
+            None
+        );
+        assert_eq!(codex_stderr_filter("Error: boom").as_deref(), Some("Error: boom"));
+    }
+}
