@@ -61,12 +61,14 @@ ensure_nginx() {
 }
 
 ensure_real_clis() {
-  # The real Claude Code CLI of tests/real_claude.rs, pinned in tests/real-cli/package-lock.json.
+  # The real Claude Code and Codex CLIs of tests/real_claude.rs and tests/real_codex.rs, pinned in
+  # tests/real-cli/package-lock.json.
   if [ "${CHATGATE_SKIP_REAL_CLIS:-}" = 1 ]; then return; fi
   if ! command -v npm >/dev/null; then log "installing Node.js and npm"; apt_install nodejs npm; fi
   log "installing the real provider CLIs (npm ci --prefix tests/real-cli)"
   npm ci --prefix tests/real-cli --no-audit --no-fund
   tests/real-cli/node_modules/.bin/claude --version
+  tests/real-cli/node_modules/.bin/codex --version
 }
 
 ensure_bwrap() {

@@ -1,10 +1,14 @@
 //! The REAL Claude Code CLI (npm `@anthropic-ai/claude-code`, pinned in
 //! `tests/real-cli/package-lock.json`) run by the real `chatgate` binary, with and without
-//! the bubblewrap sandbox: the agent's `env` tool shows no gateway secret (issue 13).
+//! the bubblewrap sandbox: the agent's `env` tool shows no gateway secret (issue 13); and a
+//! whole session (issue 15): a `Bash` call (approved, denied, or under `bypassPermissions`) and
+//! its follow-up, a resumed turn the model sees whole, an HTTP 400 shown once as an error and
+//! never as an assistant reply, an abort leaving no process, the history; and a root gateway
+//! without the sandbox explaining the CLI's refusal of `bypassPermissions`.
 //!
 //! The model is `tests/real-cli/model-standin.mjs`, a local stand-in for the Anthropic
-//! Messages API: it answers the agent's first request with a `Bash` `env` tool call and the
-//! next one with the text `done`. The gateway gets its JWT secret and database URL in its
+//! Messages API, scripted by the prompt (see its header): by default it answers the agent's
+//! first request with a `Bash` tool call and the next one with the text `done`. The gateway gets its JWT secret and database URL in its
 //! ENVIRONMENT (as an operator's container would), and passes the CLI only what
 //! `--provider-env` names.
 //!
@@ -14,16 +18,13 @@
 //! (`scripts/test.sh` does); `CHATGATE_SKIP_REAL_CLIS=1` skips these tests when it is missing.
 
 mod common;
+#[path = "common/real_cli.rs"]
+mod real_cli;
 
-use std::{
-    ffi::OsString,
-    io::{BufRead, BufReader},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{ffi::OsString, path::PathBuf, time::Duration};
 
 use common::{NodeProcess, Ws};
+use real_cli::{Approvals, Gateway, ModelStandin, TURN_TIMEOUT, assert_no_process_in, enc, find_cli, of, read, turn};
 use serde_json::{Value, json};
 
 /// How long one whole run (CLI start, two model round trips, the tool) may take.
@@ -33,107 +34,10 @@ const PROVIDER_ENV: &str = "ANTHROPIC_BASE_URL,ANTHROPIC_API_KEY,DISABLE_TELEMET
 /// Names that must never reach an agent.
 const FORBIDDEN_NAMES: [&str; 3] = ["CHATGATE_", "DATABASE_URL", "REDIS_URL"];
 
-fn manifest_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// The Claude CLI to run and the host directory to bind read-only into the sandbox for it
 /// (its `node_modules`, or the directory holding it); `None` when skipped.
 fn claude_cli() -> Option<(PathBuf, PathBuf)> {
-    let configured = std::env::var_os("CHATGATE_TEST_CLAUDE_DIR").map(PathBuf::from);
-    let given = configured.clone().unwrap_or_else(|| manifest_dir().join("tests/real-cli/node_modules/.bin/claude"));
-    let program = if given.is_dir() {
-        [given.join(".bin/claude"), given.join("claude")].into_iter().find(|p| p.is_file()).unwrap_or(given.clone())
-    } else {
-        given.clone()
-    };
-    if !program.is_file() {
-        if std::env::var("CHATGATE_SKIP_REAL_CLIS").as_deref() == Ok("1") {
-            eprintln!("skipped: no Claude Code CLI at {} (CHATGATE_SKIP_REAL_CLIS=1)", program.display());
-            return None;
-        }
-        panic!(
-            "the real Claude Code CLI is not installed: no program at {} ({}). Run `npm ci --prefix tests/real-cli` \
-             in {} (scripts/test.sh does), point CHATGATE_TEST_CLAUDE_DIR at a claude program, or set \
-             CHATGATE_SKIP_REAL_CLIS=1 to skip these tests",
-            program.display(),
-            if configured.is_some() { "CHATGATE_TEST_CLAUDE_DIR" } else { "the default" },
-            manifest_dir().display(),
-        );
-    }
-    let program = std::path::absolute(&program).unwrap();
-    // `bin/claude.exe` stays a stub that only prints an error when npm skipped the package's
-    // postinstall (which puts the native binary there).
-    let version = Command::new(&program).arg("--version").output().unwrap_or_else(|e| {
-        panic!("{} does not run ({e}); reinstall with `npm ci --prefix tests/real-cli`", program.display())
-    });
-    let stdout = String::from_utf8_lossy(&version.stdout);
-    assert!(
-        version.status.success() && stdout.contains("Claude Code"),
-        "{} --version: {} {stdout}{}; reinstall with `npm ci --prefix tests/real-cli` (install scripts allowed)",
-        program.display(),
-        version.status,
-        String::from_utf8_lossy(&version.stderr),
-    );
-    let ro = program
-        .ancestors()
-        .find(|dir| dir.file_name().is_some_and(|name| name == "node_modules"))
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| program.parent().unwrap().to_path_buf());
-    Some((program, ro))
-}
-
-/// The model stand-in (`node tests/real-cli/model-standin.mjs`), killed on drop.
-struct ModelStandin {
-    child: Child,
-    port: u16,
-    requests: PathBuf,
-    log: PathBuf,
-}
-
-impl ModelStandin {
-    /// A stand-in whose agent runs the shell `command`.
-    fn start(dir: &Path, command: &str) -> ModelStandin {
-        let requests = dir.join("standin-requests.jsonl");
-        let log = dir.join("standin.log");
-        let stderr = std::fs::File::create(&log).unwrap();
-        let mut child = Command::new("node")
-            .arg(manifest_dir().join("tests/real-cli/model-standin.mjs"))
-            .arg("0")
-            .env("STANDIN_LOG", &requests)
-            .env("STANDIN_COMMAND", command)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .unwrap_or_else(|e| panic!("node (for tests/real-cli/model-standin.mjs) does not run: {e}"));
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let port = line
-            .trim()
-            .strip_prefix("listening ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("model stand-in did not start: {line:?}"));
-        ModelStandin { child, port, requests, log }
-    }
-}
-
-impl Drop for ModelStandin {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `enc(U)` of the containment spec: bytes outside `[A-Za-z0-9-]` as `_xx`.
-fn enc(user: &str) -> String {
-    user.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b == b'-' { char::from(b).to_string() } else { format!("_{b:02x}") })
-        .collect()
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
+    find_cli("claude", "CHATGATE_TEST_CLAUDE_DIR", "Claude Code CLI", "Claude Code").map(|cli| (cli.program, cli.ro))
 }
 
 /// Asserts `text` names no gateway secret.
@@ -334,4 +238,195 @@ async fn claude_agent_reads_no_gateway_environ_under_bwrap() {
     if !output.is_empty() {
         assert!(output.contains("== /proc/1/environ\n"), "the probe read no process environment:\n{output}");
     }
+}
+
+/// What the agent's `Bash` runs in [`claude_session`] (its output is checked; `env` makes the
+/// CLI ask for approval in the default mode, where a bare `echo` is allowed as read-only).
+const PROBE: &str = "env >/dev/null && echo chatgate-probe-$((6*7))";
+/// The error text of the stand-in's scripted HTTP 400, as the CLI reports it.
+const API_ERROR_400: &str = "API Error: 400 standin: invalid request (scripted)";
+/// The variables the gateway hands to the CLI in [`claude_session`].
+const SESSION_ENV: [(&str, &str); 4] = [
+    ("ANTHROPIC_API_KEY", "test-key"),
+    ("DISABLE_TELEMETRY", "1"),
+    ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"),
+    ("DISABLE_AUTOUPDATER", "1"),
+];
+
+fn errors(events: &[Value]) -> Vec<String> {
+    of(events, "error").iter().map(|e| e["content"].as_str().unwrap_or_default().to_string()).collect()
+}
+
+fn assistant_texts(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e["kind"] == "text" && e["role"] == "assistant")
+        .map(|e| e["content"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// The stand-in's requests of the agent's own conversation (those offering `Bash`).
+fn agent_requests(standin: &ModelStandin) -> Vec<Value> {
+    standin
+        .received()
+        .into_iter()
+        .filter(|r| {
+            r["url"].as_str().unwrap_or_default().starts_with("/v1/messages")
+                && r["body"]["tools"].as_array().is_some_and(|tools| tools.iter().any(|t| t["name"] == "Bash"))
+        })
+        .collect()
+}
+
+/// One session of the real CLI under `--sandbox <sandbox>`, every turn with `options`: a
+/// `Bash` call and its follow-up, a resumed turn the model sees whole, an HTTP 400 shown once
+/// as an error (the CLI's synthetic "API Error" assistant message is no reply), an abort that
+/// leaves no process, and the history. `approvals` answers the tool approvals of the first turn.
+async fn claude_session(sandbox: &str, options: Value, approvals: Approvals) {
+    let Some((claude, claude_ro)) = claude_cli() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let standin = ModelStandin::start(&root, PROBE);
+    let base_url = format!("http://127.0.0.1:{}", standin.port);
+    let mut env: Vec<(&str, &str)> = SESSION_ENV.to_vec();
+    env.push(("ANTHROPIC_BASE_URL", base_url.as_str()));
+    let args: Vec<OsString> = vec![
+        "--claude-bin".into(),
+        claude.into(),
+        "--provider-env".into(),
+        PROVIDER_ENV.into(),
+        "--sandbox".into(),
+        sandbox.into(),
+        "--sandbox-ro-paths".into(),
+        claude_ro.into(),
+        "--allow-bypass-permissions".into(),
+    ];
+    let gateway = Gateway::start(&root, args, &env).await;
+    let session = gateway.create_session("claude").await;
+    let mut ws = gateway.connect().await;
+    let dump = |events: &[Value]| {
+        format!(
+            "{}\nchatgate log:\n{}\nstand-in log:\n{}",
+            serde_json::to_string_pretty(events).unwrap(),
+            gateway.node.stderr(),
+            read(&standin.log)
+        )
+    };
+
+    // 1. A Bash call and its follow-up.
+    let first = turn(&gateway, &standin, &mut ws, &session, "run the probe", options.clone(), approvals).await;
+    let tool = of(&first, "tool_use")
+        .into_iter()
+        .find(|e| e["toolName"] == "Bash")
+        .unwrap_or_else(|| panic!("no Bash tool_use: {}", dump(&first)))
+        .clone();
+    assert_eq!(tool["toolInput"]["command"], PROBE, "{}", dump(&first));
+    let result = of(&first, "tool_result")
+        .into_iter()
+        .find(|e| e["toolId"] == tool["toolId"])
+        .unwrap_or_else(|| panic!("no tool_result: {}", dump(&first)))
+        .clone();
+    assert_eq!(first.last().unwrap()["success"], true, "{}", dump(&first));
+    assert_eq!(errors(&first), Vec::<String>::new(), "a clean run shows no error: {}", dump(&first));
+    assert_eq!(assistant_texts(&first), vec!["done"], "{}", dump(&first));
+    if approvals == Approvals::Deny {
+        // Denied: the CLI's `tool_use_result` is a string, not the object of a tool that ran.
+        assert_eq!(result["isError"], true, "{}", dump(&first));
+        let text = result["toolUseResult"].as_str().unwrap_or_else(|| panic!("not a string: {result}"));
+        assert!(text.starts_with("Error:"), "{result}");
+        assert!(of(&first, "permission_resolved").iter().any(|e| e["allow"] == false), "{}", dump(&first));
+    } else {
+        if options["permissionMode"] != "bypassPermissions" {
+            assert!(of(&first, "permission_resolved").iter().any(|e| e["allow"] == true), "{}", dump(&first));
+        }
+        assert_eq!(result["isError"], false, "{}", dump(&first));
+        assert!(result["content"].as_str().unwrap_or_default().contains("chatgate-probe-42"), "{result}");
+        assert!(result["toolUseResult"].is_object(), "{result}");
+    }
+
+    // 2. Resumed: the model sees the earlier turn.
+    let second = turn(&gateway, &standin, &mut ws, &session, "say second answer", options.clone(), approvals).await;
+    assert_eq!(second.last().unwrap()["success"], true, "{}", dump(&second));
+    assert_eq!(errors(&second), Vec::<String>::new(), "{}", dump(&second));
+    assert_eq!(assistant_texts(&second), vec!["second answer"], "{}", dump(&second));
+    let resumed = agent_requests(&standin).last().unwrap()["body"]["messages"].to_string();
+    for earlier in ["run the probe", PROBE, "say second answer"] {
+        assert!(resumed.contains(earlier), "the resumed request lacks {earlier:?}: {resumed}");
+    }
+
+    // 3. An HTTP error from the model: one error, no assistant reply.
+    let third = turn(&gateway, &standin, &mut ws, &session, "fail with http 400", options.clone(), approvals).await;
+    assert_eq!(third.last().unwrap()["success"], false, "{}", dump(&third));
+    assert_eq!(errors(&third), vec![API_ERROR_400], "the API error once: {}", dump(&third));
+    assert_eq!(assistant_texts(&third), Vec::<String>::new(), "no assistant reply: {}", dump(&third));
+
+    // 4. Abort while the model is thinking: no process is left.
+    ws.send(json!({ "type": "chat.send", "sessionId": session, "content": "hang", "options": options })).await;
+    real_cli::wait_for_request(&standin, "\"hang\"", TURN_TIMEOUT).await;
+    assert!(!real_cli::processes_in(&root).is_empty(), "the CLI is not seen running in its project");
+    ws.send(json!({ "type": "chat.abort", "sessionId": session })).await;
+    let fourth = real_cli::collect(&gateway, &standin, &mut ws, &session, approvals).await;
+    assert_eq!(fourth.last().unwrap()["aborted"], true, "{}", dump(&fourth));
+    assert_no_process_in(&root).await;
+
+    // 5. The history: the replies, the API error once and never as a reply.
+    let history = gateway.history(&session, 4).await;
+    let text = serde_json::to_string_pretty(&history).unwrap();
+    assert_eq!(errors(&history), vec![API_ERROR_400], "{text}");
+    assert_eq!(assistant_texts(&history), vec!["done", "second answer"], "{text}");
+    assert!(!text.contains("<synthetic>"), "{text}");
+}
+
+/// In the sandbox the CLI is uid 1000: `bypassPermissions` works even for a root gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_real_cli_session_under_bwrap() {
+    claude_session("bwrap", json!({ "permissionMode": "bypassPermissions" }), Approvals::Allow).await;
+}
+
+/// Without the sandbox, in the default mode: the Bash call is asked for and allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_real_cli_session_without_sandbox_approved() {
+    claude_session("none", json!({}), Approvals::Allow).await;
+}
+
+/// Without the sandbox, in the default mode: the Bash call is asked for and denied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_real_cli_session_without_sandbox_denied() {
+    claude_session("none", json!({}), Approvals::Deny).await;
+}
+
+/// A root gateway without the sandbox: the CLI refuses `bypassPermissions`, and the user is
+/// told why, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_real_cli_root_bypass_without_sandbox_is_explained() {
+    let Some((claude, claude_ro)) = claude_cli() else { return };
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: not root (the CLI refuses bypassPermissions to root only)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let standin = ModelStandin::start(&root, PROBE);
+    let base_url = format!("http://127.0.0.1:{}", standin.port);
+    let mut env: Vec<(&str, &str)> = SESSION_ENV.to_vec();
+    env.push(("ANTHROPIC_BASE_URL", base_url.as_str()));
+    let args: Vec<OsString> = vec![
+        "--claude-bin".into(),
+        claude.into(),
+        "--provider-env".into(),
+        PROVIDER_ENV.into(),
+        "--sandbox".into(),
+        "none".into(),
+        "--sandbox-ro-paths".into(),
+        claude_ro.into(),
+        "--allow-bypass-permissions".into(),
+    ];
+    let gateway = Gateway::start(&root, args, &env).await;
+    let session = gateway.create_session("claude").await;
+    let mut ws = gateway.connect().await;
+    let options = json!({ "permissionMode": "bypassPermissions" });
+    let events = turn(&gateway, &standin, &mut ws, &session, "run the probe", options, Approvals::Allow).await;
+    let dump = serde_json::to_string_pretty(&events).unwrap();
+    assert_eq!(events.last().unwrap()["success"], false, "{dump}");
+    assert_eq!(errors(&events), vec![chatgate::runtime::claude::ROOT_BYPASS_REFUSED], "{dump}");
+    assert!(agent_requests(&standin).is_empty(), "the model was asked: {dump}");
 }

@@ -337,11 +337,12 @@ async fn claude_tool_approval_allowed_with_updated_input() {
     assert_eq!(run.permissions, vec![("Bash".to_string(), json!({ "command": "git status" }))]);
     let decision = read_json(dir.path().join("decision.json"));
     assert_eq!(decision["subtype"], "success");
-    assert_eq!(decision["request_id"], "perm-1");
+    assert_eq!(decision["request_id"], "6f1c2a9e-3d4b-4c5a-9e8f-0a1b2c3d4e5f");
     assert_eq!(decision["response"], json!({ "behavior": "allow", "updatedInput": updated }));
     let results = run.of("tool_result");
     assert_eq!(results[0]["content"], format!("ran: {}", serde_json::to_string(&updated).unwrap_or_default()));
     assert_eq!(results[0]["isError"], false);
+    assert_eq!(results[0]["toolUseResult"]["interrupted"], false);
     assert!(run.cancelled.is_empty());
 }
 
@@ -361,6 +362,8 @@ async fn claude_tool_approval_denied() {
     let results = run.of("tool_result");
     assert_eq!(results[0]["content"], "not now");
     assert_eq!(results[0]["isError"], true);
+    // The real CLI's `tool_use_result` is a string for a denied tool, an object otherwise.
+    assert_eq!(results[0]["toolUseResult"], "Error: not now");
 }
 
 #[tokio::test]
@@ -416,6 +419,24 @@ async fn claude_error_result_fails_the_run() {
     let run = run_to_end(claude(Duration::from_secs(55)), request(dir.path(), "hi", None, RunOptions::default())).await;
     assert_eq!(run.exit_code(), 1);
     assert_eq!(run.errors(), vec!["API Error: overloaded"]);
+}
+
+#[tokio::test]
+async fn claude_api_error_is_one_error_not_an_assistant_reply() {
+    let dir = workdir("api-error");
+    let run = run_to_end(claude(Duration::from_secs(55)), request(dir.path(), "hi", None, RunOptions::default())).await;
+    assert_eq!(run.exit_code(), 1, "{run:?}");
+    assert!(run.of("text").is_empty(), "the synthetic API error message is no reply: {run:?}");
+    assert_eq!(run.errors(), vec!["API Error: 400 invalid request"]);
+}
+
+#[tokio::test]
+async fn claude_root_bypass_refusal_names_its_cause() {
+    let dir = workdir("root-bypass");
+    let opts = options(|o| o.permission_mode = Some("bypassPermissions".into()));
+    let run = run_to_end(claude(Duration::from_secs(55)), request(dir.path(), "hi", None, opts)).await;
+    assert_eq!(run.exit_code(), 1, "{run:?}");
+    assert_eq!(run.errors(), vec![chatgate::runtime::claude::ROOT_BYPASS_REFUSED]);
 }
 
 #[tokio::test]
@@ -482,7 +503,8 @@ async fn codex_maps_items_usage_and_thread_id() {
     assert_eq!(e[8]["text"], "token_budget");
     assert_eq!(
         e[8]["tokenBudget"],
-        json!({ "used": 1500, "total": 200000, "inputTokens": 1200, "outputTokens": 300, "breakdown": { "input": 1200, "output": 300 } })
+        json!({ "used": 1500, "total": 200000, "inputTokens": 1200, "outputTokens": 300, "breakdown": { "input": 1200, "output": 300 },
+                "cacheReadTokens": 800, "cacheCreationTokens": 100, "reasoningTokens": 40 })
     );
     assert!(run.of("complete").is_empty(), "the runtime never emits complete");
 
@@ -493,7 +515,7 @@ async fn codex_maps_items_usage_and_thread_id() {
         &["--sandbox", "workspace-write"][..],
         &["--cd", cwd.as_str()],
         &["--config", "model_reasoning_effort=\"high\""],
-        &["--config", "approval_policy=\"untrusted\""],
+        &["--config", "approval_policy=\"on-request\""],
     ] {
         assert!(args.windows(expected.len()).any(|w| w == expected), "{expected:?} in {args:?}");
     }
@@ -515,6 +537,7 @@ async fn codex_resume_and_turn_failure() {
     let run = run_to_end(codex(), request(dir.path(), "continue", Some("thread-42"), opts)).await;
     assert_eq!(run.exit_code(), 1);
     assert!(run.provider_ids.is_empty());
+    // One API error, reported by Codex as `error` and `turn.failed`, is shown once, as its message.
     assert_eq!(run.errors(), vec!["Reconnecting... 1/5", "You exceeded your current quota."]);
     let args = argv(dir.path());
     let resume = args.iter().position(|a| a == "resume").expect("resume subcommand");
@@ -522,6 +545,20 @@ async fn codex_resume_and_turn_failure() {
     assert!(resume < args.iter().position(|a| a == "--").unwrap_or(0));
     assert!(args.windows(2).any(|w| w == ["--sandbox", "danger-full-access"]));
     assert!(args.windows(2).any(|w| w == ["--config", "approval_policy=\"never\""]));
+}
+
+#[tokio::test]
+async fn codex_plan_mode_is_read_only() {
+    let dir = workdir("basic");
+    let opts = options(|o| {
+        o.permission_mode = Some("plan".into());
+        o.skip_permissions = true;
+    });
+    let run = run_to_end(codex(), request(dir.path(), "plan it", None, opts)).await;
+    assert_eq!(run.exit_code(), 0, "{run:?}");
+    let args = argv(dir.path());
+    assert!(args.windows(2).any(|w| w == ["--sandbox", "read-only"]), "{args:?}");
+    assert!(args.windows(2).any(|w| w == ["--config", "approval_policy=\"on-request\""]), "{args:?}");
 }
 
 // ---------------------------------------------------------------- cursor

@@ -31,6 +31,7 @@
 //! Output mapping is upstream's `ClaudeSessionsProvider.normalizeMessage`.
 
 use std::{
+    borrow::Cow,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -42,10 +43,7 @@ use tokio::{io::AsyncWriteExt, process::ChildStdin, sync::mpsc, task::JoinSet};
 use super::{
     PermissionOutcome, RunContext, RunOutcome, RunRequest, Runtime,
     images::RunImages,
-    process::{
-        self, CANCELLED_EXIT_CODE, CliCommand, CliProcess, Emit, Emitter, StreamParser, keep_all_stderr, number,
-        str_field,
-    },
+    process::{self, CANCELLED_EXIT_CODE, CliCommand, CliProcess, Emit, Emitter, StreamParser, number, str_field},
 };
 
 /// Default wait for a tool approval (upstream's `TOOL_APPROVAL_TIMEOUT_MS`).
@@ -65,6 +63,13 @@ const INTERNAL_CONTENT_PREFIXES: [&str; 4] =
 const MAX_PENDING_APPROVALS: usize = 32;
 /// How long an interrupted CLI gets to exit by itself before its group is ended.
 const INTERRUPT_GRACE: Duration = Duration::from_millis(1000);
+/// What the CLI prints on stderr (and exits 1) when root asks for `bypassPermissions`.
+const ROOT_BYPASS_REFUSAL: &str = "--dangerously-skip-permissions cannot be used with root/sudo privileges";
+/// What chatgate shows instead: the cause and the way out.
+pub const ROOT_BYPASS_REFUSED: &str = "claude: permission mode bypassPermissions is not available here: the Claude \
+     CLI refuses it (--dangerously-skip-permissions) to a root user outside a sandbox, and this gateway runs its \
+     CLIs as root without the sandbox (--sandbox none). Use another permission mode, or run the gateway as a \
+     non-root user or with --sandbox bwrap (where the CLI runs as uid 1000).";
 /// Capacity of the queue of lines to the CLI's stdin.
 const STDIN_QUEUE: usize = 64;
 
@@ -220,6 +225,18 @@ pub fn claude_args(request: &RunRequest) -> Vec<String> {
     args
 }
 
+/// stderr lines as shown: the CLI's refusal of `bypassPermissions` to root becomes
+/// [`ROOT_BYPASS_REFUSED`]. (chatgate does not set `IS_SANDBOX=1`, which lifts the refusal:
+/// inside its sandbox the CLI is not root anyway, and outside it that would be a lie. An
+/// operator whose gateway is itself sandboxed may pass it with `--provider-env IS_SANDBOX`.)
+fn claude_stderr(line: &str) -> Option<Cow<'_, str>> {
+    if line.contains(ROOT_BYPASS_REFUSAL) {
+        Some(Cow::Borrowed(ROOT_BYPASS_REFUSED))
+    } else {
+        Some(Cow::Borrowed(line))
+    }
+}
+
 /// A line for the CLI's stdin, or the end of it.
 enum StdinMsg {
     Line(String),
@@ -344,7 +361,7 @@ impl ClaudeRuntime {
             cwd: request.cwd.clone(),
             stdin: true,
         };
-        let mut process = match CliProcess::spawn(&cmd, &ctx, keep_all_stderr).await {
+        let mut process = match CliProcess::spawn(&cmd, &ctx, claude_stderr).await {
             Ok(process) => process,
             Err(outcome) => return outcome,
         };
@@ -491,11 +508,14 @@ pub struct ClaudeParser {
     pub result_seen: bool,
     /// The `result` reported an error.
     result_error: bool,
+    /// The text of a synthetic assistant message standing for an API error
+    /// (`is_api_error_message`), shown as an `error` unless the `result` reports it.
+    api_error: Option<String>,
 }
 
 impl ClaudeParser {
     pub fn new(context_window: u64) -> Self {
-        ClaudeParser { context_window, streaming: false, result_seen: false, result_error: false }
+        ClaudeParser { context_window, streaming: false, result_seen: false, result_error: false, api_error: None }
     }
 
     fn token_budget(&self, usage: &Map<String, Value>) -> Value {
@@ -526,6 +546,20 @@ impl ClaudeParser {
 
     fn assistant(&mut self, message: &Map<String, Value>, parent: Option<&str>, out: &mut Vec<Emit>) {
         let Some(Value::Object(inner)) = message.get("message") else { return };
+        // An API error comes as a synthetic assistant message (`model: "<synthetic>"`,
+        // `is_api_error_message: true`, text "API Error: 400 …") and then as the `result`'s
+        // error: it is no reply of the model, and shown once, as an `error`.
+        if message.get("is_api_error_message") == Some(&Value::Bool(true)) {
+            let text = match inner.get("content") {
+                Some(Value::Array(blocks)) => {
+                    blocks.iter().filter_map(|b| b.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join("\n")
+                }
+                Some(Value::String(text)) => text.clone(),
+                _ => String::new(),
+            };
+            self.api_error = Some(if text.trim().is_empty() { "API Error".to_string() } else { text });
+            return;
+        }
         match inner.get("content") {
             Some(Value::Array(blocks)) => {
                 for block in blocks {
@@ -630,6 +664,8 @@ impl ClaudeParser {
 
     fn result(&mut self, message: &Map<String, Value>, out: &mut Vec<Emit>) {
         self.result_seen = true;
+        // The result has the last word on an API error (it carries the same text when it failed).
+        self.api_error = None;
         if let Some(Value::Object(usage)) = message.get("usage") {
             out.push(Emit::event("status", json!({ "text": "token_budget", "tokenBudget": self.token_budget(usage) })));
         }
@@ -681,6 +717,11 @@ impl StreamParser for ClaudeParser {
             self.streaming = false;
             out.push(Emit::event("stream_end", json!({})));
         }
+        if let Some(text) = self.api_error.take() {
+            // No failed `result` reported it.
+            self.result_error = true;
+            out.push(Emit::event("error", json!({ "content": text })));
+        }
         if exit_code == 0 && self.result_error { RunOutcome::exit(1) } else { RunOutcome::exit(exit_code) }
     }
 }
@@ -688,6 +729,41 @@ impl StreamParser for ClaudeParser {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_synthetic_api_error_message_is_no_reply_and_one_error() {
+        let synthetic = json!({
+            "type": "assistant", "session_id": "s", "parent_tool_use_id": null, "is_api_error_message": true,
+            "message": { "model": "<synthetic>", "role": "assistant", "content": [{ "type": "text", "text": "API Error: 400 x" }] },
+        });
+        let result = json!({ "type": "result", "session_id": "s", "is_error": true, "result": "API Error: 400 x" });
+        let mut parser = ClaudeParser::new(1000);
+        let mut out = Vec::new();
+        for message in [synthetic.clone(), result] {
+            if let Value::Object(map) = message {
+                parser.on_json(map, &mut out);
+            }
+        }
+        let outcome = parser.on_exit(0, &mut out);
+        let events: Vec<_> = out.iter().filter(|e| matches!(e, Emit::Event(..))).collect();
+        assert_eq!(events, vec![&Emit::event("error", json!({ "content": "API Error: 400 x" }))]);
+        assert_eq!(outcome.exit_code, 1);
+        // Without a result, the synthetic message's text is the error, at exit.
+        let mut parser = ClaudeParser::new(1000);
+        let mut out = Vec::new();
+        if let Value::Object(map) = synthetic {
+            parser.on_json(map, &mut out);
+        }
+        parser.on_exit(0, &mut out);
+        assert_eq!(out.last(), Some(&Emit::event("error", json!({ "content": "API Error: 400 x" }))));
+    }
+
+    #[test]
+    fn root_bypass_refusal_is_replaced_by_its_cause() {
+        let line = "--dangerously-skip-permissions cannot be used with root/sudo privileges for security reasons";
+        assert_eq!(claude_stderr(line).as_deref(), Some(ROOT_BYPASS_REFUSED));
+        assert_eq!(claude_stderr("other").as_deref(), Some("other"));
+    }
 
     #[test]
     fn bash_prefix_rules_match_like_upstream() {

@@ -3,9 +3,13 @@
 //! The command line is the one the official TypeScript SDK builds
 //! (openai/codex `sdk/typescript/src/exec.ts`): exec-level flags first, then
 //! `resume <id>` when resuming, then `--` and the prompt. Sandbox and approval
-//! policy follow upstream's `mapPermissionModeToCodexOptions` (default:
-//! `workspace-write` + `untrusted`; `acceptEdits`: `workspace-write` + `never`;
-//! `bypassPermissions`: `danger-full-access` + `never`).
+//! policy follow upstream's `mapPermissionModeToCodexOptions`, except that
+//! `untrusted` (gone since Codex 0.149: "approval_policy = \"untrusted\" is no
+//! longer supported", exit 1) became its successor `on-request` (default:
+//! `workspace-write` + `on-request`; `plan`: `read-only` + `on-request`;
+//! `acceptEdits`: `workspace-write` + `never`; `bypassPermissions`:
+//! `danger-full-access` + `never`). Verified against the real Codex 0.171.0
+//! (tests/real_codex.rs).
 //!
 //! Events are the JSONL `ThreadEvent`s of codex-rs `exec/src/exec_events.rs`
 //! (`thread.started`, `turn.completed {usage}`, `turn.failed {error}`,
@@ -15,6 +19,8 @@
 //! searches `WebSearch`, to-do lists `TodoList`, MCP calls the tool's name.
 //! Unlike upstream, `turn.completed` does not produce a bare `complete`: the
 //! gateway appends the one terminal `complete` with `exitCode`/`success`/`aborted`.
+
+use std::borrow::Cow;
 
 use async_trait::async_trait;
 use serde_json::{Map, Value, json};
@@ -39,18 +45,37 @@ impl CodexRuntime {
     }
 }
 
-/// Upstream's sandbox mode and approval policy for a permission mode.
-fn sandbox_and_approval(request: &RunRequest) -> (&'static str, &'static str) {
-    let mode = if request.options.skip_permissions {
-        "bypassPermissions"
-    } else {
-        request.options.permission_mode.as_deref().unwrap_or("default")
-    };
+/// The sandbox mode and approval policy for a permission mode (upstream's, with
+/// `on-request` for the retired `untrusted`; `plan` never writes).
+pub fn sandbox_and_approval(request: &RunRequest) -> (&'static str, &'static str) {
+    let mode = request.options.permission_mode.as_deref().unwrap_or("default");
+    let mode = if request.options.skip_permissions && mode != "plan" { "bypassPermissions" } else { mode };
     match mode {
         "acceptEdits" => ("workspace-write", "never"),
         "bypassPermissions" => ("danger-full-access", "never"),
-        _ => ("workspace-write", "untrusted"),
+        "plan" => ("read-only", "on-request"),
+        _ => ("workspace-write", "on-request"),
     }
+}
+
+/// Drops the stderr lines of Codex that are no error of the run.
+///
+/// - `Reading additional input from stdin...`: printed by every `codex exec` whose stdin
+///   is not a terminal (chatgate's is `/dev/null`: nothing is read).
+/// - `WARNING: proceeding, even though we could not create PATH aliases: …`: Codex
+///   refuses to put its helper binaries under a temporary directory (`CODEX_HOME` under
+///   `/tmp`); its own sandbox then cannot run commands. Logged for the operator (keep
+///   `--homes-root` out of `/tmp`), not shown to the user.
+pub fn codex_stderr_filter(line: &str) -> Option<Cow<'_, str>> {
+    let trimmed = line.trim();
+    if trimmed == "Reading additional input from stdin..." {
+        return None;
+    }
+    if trimmed.starts_with("WARNING: proceeding, even though we could not create PATH aliases") {
+        tracing::warn!(provider = "codex", message = %trimmed, "codex could not set up its helper binaries (is the provider home under /tmp?)");
+        return None;
+    }
+    Some(Cow::Borrowed(line))
 }
 
 /// The CLI's arguments for `request`.
@@ -96,8 +121,8 @@ impl Runtime for CodexRuntime {
             stdin: false,
         };
         let mut parser = CodexParser::default();
-        let outcome =
-            run_cli(&cmd, &ctx, request.provider_session_id.clone(), &mut parser, RunCliOptions::default()).await;
+        let options = RunCliOptions { stderr_filter: codex_stderr_filter, ..RunCliOptions::default() };
+        let outcome = run_cli(&cmd, &ctx, request.provider_session_id.clone(), &mut parser, options).await;
         images.cleanup().await;
         outcome
     }
@@ -107,6 +132,22 @@ impl Runtime for CodexRuntime {
 #[derive(Debug, Default)]
 pub struct CodexParser {
     turn_failed: bool,
+    /// The text of the last top-level `error` event, so the `turn.failed` that repeats it
+    /// is not shown twice.
+    last_error: Option<String>,
+}
+
+/// The message of an API error: Codex passes the HTTP body through (`{"error":{"message":…}}`);
+/// anything else is kept as it is.
+fn error_text(message: &str) -> String {
+    let parsed = message.trim().starts_with('{').then(|| serde_json::from_str::<Value>(message.trim()).ok()).flatten();
+    parsed
+        .as_ref()
+        .and_then(|body| body.get("error").and_then(|e| e.get("message").or(Some(e))).or(body.get("message")))
+        .and_then(Value::as_str)
+        .filter(|text| !text.trim().is_empty())
+        .map(str::to_string)
+        .unwrap_or_else(|| message.to_string())
 }
 
 impl CodexParser {
@@ -166,6 +207,8 @@ impl CodexParser {
         }
     }
 
+    /// `input_tokens` counts the cached ones and `output_tokens` the reasoning ones (the
+    /// Responses API's usage); Codex ≥ 0.150 sends no `total_tokens`.
     fn token_budget(usage: &Map<String, Value>) -> Value {
         let input = number(usage.get("input_tokens"));
         let output = number(usage.get("output_tokens"));
@@ -177,13 +220,23 @@ impl CodexParser {
             0 => DEFAULT_CONTEXT_WINDOW,
             window => window,
         };
-        json!({
+        let mut budget = json!({
             "used": used,
             "total": total,
             "inputTokens": input,
             "outputTokens": output,
             "breakdown": { "input": input, "output": output },
-        })
+        });
+        for (from, to) in [
+            ("cached_input_tokens", "cacheReadTokens"),
+            ("cache_write_input_tokens", "cacheCreationTokens"),
+            ("reasoning_output_tokens", "reasoningTokens"),
+        ] {
+            if usage.contains_key(from) {
+                budget[to] = json!(number(usage.get(from)));
+            }
+        }
+        budget
     }
 }
 
@@ -210,13 +263,18 @@ impl StreamParser for CodexParser {
             }
             "turn.failed" => {
                 self.turn_failed = true;
-                let message =
-                    event.get("error").and_then(|e| e.get("message")).and_then(Value::as_str).unwrap_or("Turn failed");
-                out.push(Emit::event("error", json!({ "content": message })));
+                let message = error_text(
+                    event.get("error").and_then(|e| e.get("message")).and_then(Value::as_str).unwrap_or("Turn failed"),
+                );
+                // Codex reports one API error twice: `error`, then `turn.failed` with the same text.
+                if self.last_error.as_deref() != Some(message.as_str()) {
+                    out.push(Emit::event("error", json!({ "content": message })));
+                }
             }
             "error" => {
-                let message = str_field(&event, "message").unwrap_or("Unknown Codex error");
+                let message = error_text(str_field(&event, "message").unwrap_or("Unknown Codex error"));
                 out.push(Emit::event("error", json!({ "content": message })));
+                self.last_error = Some(message);
             }
             _ => {}
         }
@@ -224,5 +282,58 @@ impl StreamParser for CodexParser {
 
     fn on_exit(&mut self, exit_code: i32, _out: &mut Vec<Emit>) -> RunOutcome {
         if exit_code == 0 && self.turn_failed { RunOutcome::exit(1) } else { RunOutcome::exit(exit_code) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(lines: &[Value]) -> Vec<Emit> {
+        let mut parser = CodexParser::default();
+        let mut out = Vec::new();
+        for line in lines {
+            if let Value::Object(map) = line.clone() {
+                parser.on_json(map, &mut out);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn an_api_error_reported_twice_is_shown_once_as_its_message() {
+        let body = r#"{"error":{"message":"bad request","type":"invalid_request_error","param":null,"code":null}}"#;
+        let out = parse(&[
+            json!({ "type": "error", "message": body }),
+            json!({ "type": "turn.failed", "error": { "message": body } }),
+        ]);
+        assert_eq!(out, vec![Emit::event("error", json!({ "content": "bad request" }))]);
+        // A different failure after an unrelated error is still shown.
+        let out = parse(&[
+            json!({ "type": "error", "message": "Reconnecting... 1/5" }),
+            json!({ "type": "turn.failed", "error": { "message": "quota" } }),
+        ]);
+        assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn error_text_keeps_plain_and_odd_messages() {
+        assert_eq!(error_text("plain"), "plain");
+        assert_eq!(error_text("{not json"), "{not json");
+        assert_eq!(error_text(r#"{"error":"flat"}"#), "flat");
+        assert_eq!(error_text(r#"{"message":"top"}"#), "top");
+        assert_eq!(error_text(r#"{"error":{"message":""}}"#), r#"{"error":{"message":""}}"#);
+    }
+
+    #[test]
+    fn stderr_chatter_is_dropped_and_the_rest_kept() {
+        assert_eq!(codex_stderr_filter("Reading additional input from stdin..."), None);
+        assert_eq!(
+            codex_stderr_filter(
+                "WARNING: proceeding, even though we could not create PATH aliases: Refusing to create helper binaries under temporary dir \"/tmp\""
+            ),
+            None
+        );
+        assert_eq!(codex_stderr_filter("Error: boom").as_deref(), Some("Error: boom"));
     }
 }

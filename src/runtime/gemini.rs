@@ -71,11 +71,12 @@ pub fn gemini_args(request: &RunRequest) -> Vec<String> {
 }
 
 /// Upstream drops these stderr lines (Node deprecation noise, credential banner).
-fn keep_gemini_stderr(line: &str) -> bool {
-    !(line.contains("[DEP0040]")
+fn keep_gemini_stderr(line: &str) -> Option<std::borrow::Cow<'_, str>> {
+    let noise = line.contains("[DEP0040]")
         || line.contains("DeprecationWarning")
         || line.contains("--trace-deprecation")
-        || line.contains("Loaded cached credentials"))
+        || line.contains("Loaded cached credentials");
+    (!noise).then_some(std::borrow::Cow::Borrowed(line))
 }
 
 #[async_trait]

@@ -15,6 +15,7 @@
 //! lower-level [`CliProcess`].
 
 use std::{
+    borrow::Cow,
     io,
     path::PathBuf,
     process::{ExitStatus, Stdio},
@@ -80,12 +81,13 @@ pub struct CliCommand {
     pub stdin: bool,
 }
 
-/// Drops stderr lines that are known noise (returns true to keep a line).
-pub type StderrFilter = fn(&str) -> bool;
+/// Drops stderr lines that are known noise (`None`), or gives the text to show for a line
+/// (the line itself, or a clearer message).
+pub type StderrFilter = for<'a> fn(&'a str) -> Option<Cow<'a, str>>;
 
 /// Keeps every stderr line.
-pub fn keep_all_stderr(_: &str) -> bool {
-    true
+pub fn keep_all_stderr(line: &str) -> Option<Cow<'_, str>> {
+    Some(Cow::Borrowed(line))
 }
 
 /// One line read from a pipe.
@@ -358,9 +360,10 @@ async fn forward_stderr<R: AsyncRead + Unpin>(stderr: R, ctx: RunContext, filter
     let mut open = true;
     while let Ok(Some(line)) = reader.next_line().await {
         let text = line.text.trim_end();
-        if text.trim().is_empty() || !filter(text) {
+        if text.trim().is_empty() {
             continue;
         }
+        let Some(text) = filter(text) else { continue };
         if window_start.elapsed() >= Duration::from_secs(1) {
             window_start = Instant::now();
             in_window = 0;

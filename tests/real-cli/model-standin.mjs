@@ -1,16 +1,23 @@
 #!/usr/bin/env node
-// A local stand-in for the Anthropic Messages API, so the real Claude Code CLI can run a
-// whole agent turn with no internet: `node model-standin.mjs [port]` listens on
-// 127.0.0.1:<port> (0 or none: a free port) and prints `listening <port>` on stdout.
-// Point the CLI at it with ANTHROPIC_BASE_URL=http://127.0.0.1:<port>.
+// A local stand-in for the Anthropic Messages API and the OpenAI Responses API, so the real
+// Claude Code and Codex CLIs can run whole agent turns with no internet:
+// `node model-standin.mjs [port]` listens on 127.0.0.1:<port> (0 or none: a free port) and
+// prints `listening <port>` on stdout. Point Claude at it with
+// ANTHROPIC_BASE_URL=http://127.0.0.1:<port>, Codex with a `[model_providers.X]` whose
+// `base_url` is http://127.0.0.1:<port>/v1 and `wire_api = "responses"`.
 //
-// Scripted behaviour of `POST /v1/messages` (streaming SSE when the body says
-// `"stream": true`, one JSON message otherwise):
-// - the agent's own conversation (the request offers a `Bash` tool):
-//   - its last user message carries no `tool_result`: a `tool_use` of `Bash` with
-//     input `{"command": <STANDIN_COMMAND or "env">, "description": "print env"}`;
-//   - it carries a `tool_result`: the text `done`;
-// - every other request (title generation, quota checks, summaries, …): a short text.
+// The agent's own conversation (a request that offers the shell tool: `Bash` for Claude,
+// `exec_command` or `shell` for Codex) is scripted by the text of its LAST user message:
+// - a text part starting with `say <words>`: the text `<words>` (no tool);
+// - a text part `fail with http 400`: an HTTP 400 in the API's error shape, message
+//   `standin: invalid request (scripted)`;
+// - a text part `hang`: the response never comes (the connection stays open);
+// - otherwise, when the last message carries no tool result: a call of the shell tool
+//   running <STANDIN_COMMAND or "env">; when it carries one: the text `done`.
+// Every other request (title generation, quota checks, summaries, …): a short text.
+//
+// `POST /v1/messages` (Claude) streams SSE when the body says `"stream": true`, one JSON
+// message otherwise. `POST /v1/responses` (Codex) always streams SSE.
 // `POST /v1/messages/count_tokens` answers a rough count, `/api/hello` (the CLI's connectivity
 // check) 200. Anything else is logged to stderr
 // and answered 404 in the API's error shape. With STANDIN_LOG=<file>, every request (method,
@@ -21,12 +28,33 @@ import { createServer } from 'node:http';
 
 const COMMAND = process.env.STANDIN_COMMAND || 'env';
 const LOG = process.env.STANDIN_LOG || '';
+const FAIL_MESSAGE = 'standin: invalid request (scripted)';
 let counter = 0;
 
 const nextId = (prefix) => `${prefix}_standin${String(++counter).padStart(6, '0')}`;
 
 function log(entry) {
   if (LOG) appendFileSync(LOG, `${JSON.stringify(entry)}\n`);
+}
+
+/** The text parts of a message (Anthropic `text`, OpenAI `input_text`/`output_text`, or a string). */
+function textsOf(message) {
+  if (!message) return [];
+  if (typeof message.content === 'string') return [message.content];
+  if (!Array.isArray(message.content)) return [];
+  return message.content
+    .filter((part) => typeof part?.text === 'string' && part.type !== 'tool_result')
+    .map((part) => part.text.trim());
+}
+
+/** What the prompt (one text part of it) asks for: `{say}`, `{fail}`, `{hang}` or `{}` (the shell tool flow). */
+function script(texts) {
+  for (const text of texts) {
+    if (text.startsWith('say ')) return { say: text.slice(4).split('\n')[0].trim() };
+    if (text === 'fail with http 400') return { fail: true };
+    if (text === 'hang') return { hang: true };
+  }
+  return {};
 }
 
 function hasToolResult(message) {
@@ -42,6 +70,10 @@ function answer(body) {
   const messages = Array.isArray(body.messages) ? body.messages : [];
   const lastUser = [...messages].reverse().find((m) => m?.role === 'user');
   if (offersBash(body)) {
+    const scripted = hasToolResult(lastUser) ? {} : script(textsOf(lastUser));
+    if (scripted.say) return { kind: 'final', content: [{ type: 'text', text: scripted.say }], stop: 'end_turn' };
+    if (scripted.fail) return { kind: 'fail' };
+    if (scripted.hang) return { kind: 'hang' };
     if (hasToolResult(lastUser)) {
       return { kind: 'final', content: [{ type: 'text', text: 'done' }], stop: 'end_turn' };
     }
@@ -112,6 +144,65 @@ function streamMessage(res, body, reply) {
   res.end();
 }
 
+// ---- OpenAI Responses API (Codex) ----
+
+function responsesTools(body) {
+  return (Array.isArray(body.tools) ? body.tools : []).map((tool) => tool?.name || tool?.function?.name).filter(Boolean);
+}
+
+/** The answer to a Responses request: `{kind, text}` or `{kind: 'tool_use', name, args}`. */
+function answerResponses(body) {
+  const input = Array.isArray(body.input) ? body.input : [];
+  const last = input[input.length - 1];
+  const lastUser = [...input].reverse().find((item) => item?.role === 'user' && (item.type === 'message' || !item.type));
+  const tools = responsesTools(body);
+  const shell = ['exec_command', 'shell', 'shell_command'].find((name) => tools.includes(name));
+  if (!shell) return { kind: 'side', text: 'standin side answer' };
+  const toolResult = last?.type === 'function_call_output' || last?.type === 'custom_tool_call_output';
+  const scripted = toolResult ? {} : script(textsOf(lastUser));
+  if (scripted.say) return { kind: 'final', text: scripted.say };
+  if (scripted.fail) return { kind: 'fail' };
+  if (scripted.hang) return { kind: 'hang' };
+  if (toolResult) return { kind: 'final', text: 'done' };
+  const args = shell === 'exec_command' ? { cmd: COMMAND } : shell === 'shell' ? { command: ['bash', '-lc', COMMAND] } : { command: COMMAND };
+  return { kind: 'tool_use', name: shell, args };
+}
+
+function streamResponse(res, body, reply) {
+  res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', 'x-request-id': nextId('req') });
+  let sequence = 0;
+  const event = (type, data) =>
+    res.write(`event: ${type}\ndata: ${JSON.stringify({ type, sequence_number: sequence++, ...data })}\n\n`);
+  const id = nextId('resp');
+  const base = { id, object: 'response', created_at: Math.floor(Date.now() / 1000), model: body.model || 'standin', output: [] };
+  event('response.created', { response: { ...base, status: 'in_progress' } });
+  let item;
+  if (reply.kind === 'tool_use') {
+    item = { type: 'function_call', id: nextId('fc'), call_id: nextId('call'), name: reply.name, arguments: JSON.stringify(reply.args), status: 'completed' };
+    event('response.output_item.added', { output_index: 0, item: { ...item, arguments: '' } });
+    event('response.function_call_arguments.delta', { output_index: 0, item_id: item.id, delta: item.arguments });
+    event('response.function_call_arguments.done', { output_index: 0, item_id: item.id, arguments: item.arguments });
+  } else {
+    const part = { type: 'output_text', text: reply.text, annotations: [] };
+    item = { type: 'message', id: nextId('msg'), role: 'assistant', status: 'completed', content: [part] };
+    event('response.output_item.added', { output_index: 0, item: { ...item, content: [], status: 'in_progress' } });
+    event('response.content_part.added', { output_index: 0, item_id: item.id, content_index: 0, part: { ...part, text: '' } });
+    event('response.output_text.delta', { output_index: 0, item_id: item.id, content_index: 0, delta: reply.text });
+    event('response.output_text.done', { output_index: 0, item_id: item.id, content_index: 0, text: reply.text });
+    event('response.content_part.done', { output_index: 0, item_id: item.id, content_index: 0, part });
+  }
+  event('response.output_item.done', { output_index: 0, item });
+  const usage = {
+    input_tokens: 120,
+    input_tokens_details: { cached_tokens: 20 },
+    output_tokens: 8,
+    output_tokens_details: { reasoning_tokens: 3 },
+    total_tokens: 128,
+  };
+  event('response.completed', { response: { ...base, status: 'completed', output: [item], usage } });
+  res.end();
+}
+
 function redactedHeaders(headers) {
   const out = { ...headers };
   for (const name of ['x-api-key', 'authorization']) if (name in out) out[name] = '<redacted>';
@@ -136,8 +227,28 @@ const server = createServer((req, res) => {
       process.stderr.write(
         `standin: POST /v1/messages model=${body.model} stream=${!!body.stream} tools=${(body.tools || []).length} -> ${reply.kind}\n`,
       );
+      if (reply.kind === 'hang') return;
+      if (reply.kind === 'fail') {
+        sendJson(res, 400, { type: 'error', error: { type: 'invalid_request_error', message: FAIL_MESSAGE } });
+        return;
+      }
       if (body.stream) streamMessage(res, body, reply);
       else sendMessage(res, body, reply);
+      return;
+    }
+    if (req.method === 'POST' && path === '/v1/responses') {
+      const reply = answerResponses(body);
+      process.stderr.write(`standin: POST /v1/responses model=${body.model} tools=${responsesTools(body).join(',')} -> ${reply.kind}\n`);
+      if (reply.kind === 'hang') return;
+      if (reply.kind === 'fail') {
+        sendJson(res, 400, { error: { message: FAIL_MESSAGE, type: 'invalid_request_error', param: null, code: null } });
+        return;
+      }
+      streamResponse(res, body, reply);
+      return;
+    }
+    if (req.method === 'GET' && path === '/v1/models') {
+      sendJson(res, 200, { object: 'list', data: [] });
       return;
     }
     if (req.method === 'POST' && path === '/v1/messages/count_tokens') {

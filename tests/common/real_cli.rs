@@ -1,0 +1,325 @@
+//! Support of the tests that run REAL provider CLIs (tests/real_claude.rs, tests/real_codex.rs):
+//! finding the CLI installed by `npm ci --prefix tests/real-cli`, the model stand-in
+//! (`tests/real-cli/model-standin.mjs`), the real gateway binary with a per-test root, and
+//! turns driven over its WebSocket. Included with `#[path]` by those tests only.
+#![allow(dead_code)]
+
+use std::{
+    ffi::OsString,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+
+use crate::common::{NodeProcess, Ws, rest};
+
+pub fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A real CLI: the program to run and the host directory to bind read-only into the
+/// sandbox for it (its `node_modules`, or the directory holding it).
+pub struct RealCli {
+    pub program: PathBuf,
+    pub ro: PathBuf,
+    pub version: String,
+}
+
+/// Finds the real CLI `bin` (`claude`, `codex`): `$<env_var>` (the program, a directory
+/// holding it, or a `node_modules` directory holding `.bin/<bin>`), default
+/// `tests/real-cli/node_modules/.bin/<bin>`. `None` when it is missing and
+/// `CHATGATE_SKIP_REAL_CLIS=1`; a clear panic when it is missing otherwise, or when its
+/// `--version` does not contain `version_marker`.
+pub fn find_cli(bin: &str, env_var: &str, what: &str, version_marker: &str) -> Option<RealCli> {
+    let configured = std::env::var_os(env_var).map(PathBuf::from);
+    let given = configured.clone().unwrap_or_else(|| manifest_dir().join("tests/real-cli/node_modules/.bin").join(bin));
+    let program = if given.is_dir() {
+        [given.join(".bin").join(bin), given.join(bin)].into_iter().find(|p| p.is_file()).unwrap_or(given.clone())
+    } else {
+        given.clone()
+    };
+    if !program.is_file() {
+        if std::env::var("CHATGATE_SKIP_REAL_CLIS").as_deref() == Ok("1") {
+            eprintln!("skipped: no {what} at {} (CHATGATE_SKIP_REAL_CLIS=1)", program.display());
+            return None;
+        }
+        panic!(
+            "the real {what} is not installed: no program at {} ({}). Run `npm ci --prefix tests/real-cli` in {} \
+             (scripts/test.sh does), point {env_var} at a {bin} program, or set CHATGATE_SKIP_REAL_CLIS=1 to skip \
+             these tests",
+            program.display(),
+            if configured.is_some() { env_var } else { "the default" },
+            manifest_dir().display(),
+        );
+    }
+    let program = std::path::absolute(&program).unwrap();
+    let output = Command::new(&program).arg("--version").output().unwrap_or_else(|e| {
+        panic!("{} does not run ({e}); reinstall with `npm ci --prefix tests/real-cli`", program.display())
+    });
+    let version = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    assert!(
+        output.status.success() && version.contains(version_marker),
+        "{} --version: {} {version}{}; reinstall with `npm ci --prefix tests/real-cli` (install scripts allowed)",
+        program.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stderr),
+    );
+    let ro = program
+        .ancestors()
+        .find(|dir| dir.file_name().is_some_and(|name| name == "node_modules"))
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| program.parent().unwrap().to_path_buf());
+    Some(RealCli { program, ro, version })
+}
+
+/// The model stand-in (`node tests/real-cli/model-standin.mjs`), killed on drop.
+pub struct ModelStandin {
+    child: Child,
+    pub port: u16,
+    pub requests: PathBuf,
+    pub log: PathBuf,
+}
+
+impl ModelStandin {
+    /// A stand-in whose agent runs the shell `command`.
+    pub fn start(dir: &Path, command: &str) -> ModelStandin {
+        let requests = dir.join("standin-requests.jsonl");
+        let log = dir.join("standin.log");
+        let stderr = std::fs::File::create(&log).unwrap();
+        let mut child = Command::new("node")
+            .arg(manifest_dir().join("tests/real-cli/model-standin.mjs"))
+            .arg("0")
+            .env("STANDIN_LOG", &requests)
+            .env("STANDIN_COMMAND", command)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("node (for tests/real-cli/model-standin.mjs) does not run: {e}"));
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("model stand-in did not start: {line:?}"));
+        ModelStandin { child, port, requests, log }
+    }
+
+    /// Every request received so far (one JSON object each: method, url, headers, body).
+    pub fn received(&self) -> Vec<Value> {
+        read(&self.requests).lines().filter_map(|line| serde_json::from_str(line).ok()).collect()
+    }
+}
+
+impl Drop for ModelStandin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `enc(U)` of the containment spec: bytes outside `[A-Za-z0-9-]` as `_xx`.
+pub fn enc(user: &str) -> String {
+    user.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b == b'-' { char::from(b).to_string() } else { format!("_{b:02x}") })
+        .collect()
+}
+
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// A real gateway for one test: its root directory (workspaces, homes, database, logs),
+/// one user and that user's token.
+pub struct Gateway {
+    pub node: NodeProcess,
+    pub root: PathBuf,
+    pub workspaces: PathBuf,
+    pub homes: PathBuf,
+    pub secret: String,
+    pub user: String,
+    pub token: String,
+    pub http: reqwest::Client,
+}
+
+impl Gateway {
+    /// Starts `chatgate serve` with the per-user layout under `root`, the gateway's secret and
+    /// database URL in its environment, `env` added to it and `args` after its own flags.
+    pub async fn start(root: &Path, args: Vec<OsString>, env: &[(&str, &str)]) -> Gateway {
+        let workspaces = root.join("workspaces");
+        let homes = root.join("homes");
+        std::fs::create_dir_all(&workspaces).unwrap();
+        std::fs::create_dir_all(&homes).unwrap();
+        let secret = format!("jwt-secret-{}", uuid::Uuid::new_v4().simple());
+        let database_url = format!("sqlite://{}?mode=rwc", root.join("chatgate.db").display());
+        let mut all_env =
+            vec![("CHATGATE_JWT_SECRET".to_string(), secret.clone()), ("DATABASE_URL".to_string(), database_url)];
+        all_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let mut all_args: Vec<OsString> = vec![
+            "--workspace-layout".into(),
+            "per-user".into(),
+            "--workspaces-root".into(),
+            workspaces.clone().into(),
+            "--homes-root".into(),
+            homes.clone().into(),
+        ];
+        all_args.extend(args);
+        let mut node = NodeProcess::start_env(&all_args, &all_env, root);
+        node.wait_ready_or_exit().await;
+        let user = format!("real.cli-{}", uuid::Uuid::new_v4().simple());
+        let token = chatgate::auth::Auth::new(secret.as_bytes()).mint(&user, Duration::from_secs(3600)).unwrap();
+        Gateway { node, root: root.to_path_buf(), workspaces, homes, secret, user, token, http: reqwest::Client::new() }
+    }
+
+    /// The user's provider home (the CLI's `HOME`).
+    pub fn home(&self) -> PathBuf {
+        self.homes.join(enc(&self.user))
+    }
+
+    /// Creates a session of `provider` on project `proj`; returns its id.
+    pub async fn create_session(&self, provider: &str) -> String {
+        let body = json!({ "provider": provider, "projectPath": "proj" });
+        let (status, created) =
+            rest(&self.http, &self.node.base, "POST", "/api/providers/sessions", &self.token, Some(body)).await;
+        assert_eq!(status, 201, "{created}");
+        created["data"]["sessionId"].as_str().unwrap().to_string()
+    }
+
+    pub async fn connect(&self) -> Ws {
+        self.node.connect(&self.token).await
+    }
+
+    /// The session's stored history, once it holds `completes` complete events.
+    pub async fn history(&self, session: &str, completes: usize) -> Vec<Value> {
+        let path = format!("/api/providers/sessions/{session}/messages");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, body) = rest(&self.http, &self.node.base, "GET", &path, &self.token, None).await;
+            assert_eq!(status, 200, "{body}");
+            let messages = body["data"]["messages"].as_array().cloned().unwrap_or_default();
+            if messages.iter().filter(|m| m["kind"] == "complete").count() >= completes {
+                return messages;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "history never got {completes} completes: {messages:#?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// How one turn's tool approvals are answered.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Approvals {
+    Allow,
+    Deny,
+}
+
+/// How long one turn (CLI start, model round trips, tools) may take.
+pub const TURN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Sends `content` and collects the session's events up to its `complete` (answering
+/// approvals as told), panicking with the logs after [`TURN_TIMEOUT`].
+pub async fn turn(
+    gateway: &Gateway,
+    standin: &ModelStandin,
+    ws: &mut Ws,
+    session: &str,
+    content: &str,
+    options: Value,
+    approvals: Approvals,
+) -> Vec<Value> {
+    ws.send(json!({ "type": "chat.send", "sessionId": session, "content": content, "options": options })).await;
+    collect(gateway, standin, ws, session, approvals).await
+}
+
+/// Collects the session's events up to its `complete`.
+pub async fn collect(
+    gateway: &Gateway,
+    standin: &ModelStandin,
+    ws: &mut Ws,
+    session: &str,
+    approvals: Approvals,
+) -> Vec<Value> {
+    let timeout = TURN_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut events = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let frame = match ws.try_recv(left).await {
+            Some(Ok(frame)) => frame,
+            other => panic!(
+                "no complete within {timeout:?} ({other:?}); events so far: {events:#?}\nchatgate log:\n{}\n\
+                 model stand-in log:\n{}",
+                gateway.node.stderr(),
+                read(&standin.log),
+            ),
+        };
+        if frame["kind"] == "permission_request" {
+            let allow = approvals == Approvals::Allow;
+            ws.send(json!({ "type": "chat.permission-response", "requestId": frame["requestId"], "allow": allow }))
+                .await;
+        }
+        let done = frame["kind"] == "complete" && frame["sessionId"] == session;
+        if frame["sessionId"] == session || frame["kind"] == "permission_request" {
+            events.push(frame);
+        }
+        if done {
+            return events;
+        }
+    }
+}
+
+/// The events of `kind`.
+pub fn of<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["kind"] == kind).collect()
+}
+
+/// Processes whose working directory is under `dir` (a CLI or anything it started).
+pub fn processes_in(dir: &Path) -> Vec<(i32, PathBuf)> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return found };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        if let Ok(cwd) = std::fs::read_link(entry.path().join("cwd"))
+            && cwd.starts_with(dir)
+        {
+            let zombie =
+                read(&entry.path().join("stat")).rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z'));
+            if !zombie {
+                found.push((pid, cwd));
+            }
+        }
+    }
+    found
+}
+
+/// Waits up to 5 s until no process works under `dir`.
+pub async fn assert_no_process_in(dir: &Path) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = processes_in(dir);
+        if left.is_empty() {
+            return;
+        }
+        let cmdlines: Vec<String> =
+            left.iter().map(|(pid, _)| read(Path::new(&format!("/proc/{pid}/cmdline"))).replace('\0', " ")).collect();
+        assert!(tokio::time::Instant::now() < deadline, "processes left after the run: {left:?} {cmdlines:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the stand-in got a request whose body contains `needle` (up to `wait`).
+pub async fn wait_for_request(standin: &ModelStandin, needle: &str, wait: Duration) {
+    let deadline = tokio::time::Instant::now() + wait;
+    while !read(&standin.requests).contains(needle) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the model stand-in never got a request with {needle:?}; its log:\n{}",
+            read(&standin.log)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
