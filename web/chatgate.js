@@ -99,7 +99,8 @@ const RECOVERY_PAUSE_MS = 250;
  *
  * Events (subscribe with {@link ChatgateClient#on}):
  * - `state` `{state, nodeId, attempt, delayMs?}` — connection state changes
- * - `connected` `{nodeId}` — the gateway's first frame: the node serving this socket
+ * - `connected` `{nodeId}` — the gateway's first frame (this client asks for it with
+ *   `hello=1`): the node serving this socket
  * - `subscribed` `{sessionId, ack}` — a `chat_subscribed` ack (`isProcessing`, `runId`,
  *   `pendingPermissions`, `lastSeq`, `replayTruncated`)
  * - `event` `{sessionId, event}` — a provider event, each seq exactly once, in order
@@ -264,7 +265,7 @@ export class ChatgateClient {
     const sep = this.url.includes('?') ? '&' : '?';
     let ws;
     try {
-      ws = new this.WS(`${this.url}${sep}token=${encodeURIComponent(token ?? '')}`);
+      ws = new this.WS(`${this.url}${sep}token=${encodeURIComponent(token ?? '')}&hello=1`);
     } catch (e) {
       this.emit('error', { code: 'CONNECT_FAILED', error: String(e?.message ?? e), sessionId: null });
       this.scheduleReconnect(null);
@@ -481,8 +482,13 @@ export class ChatgateClient {
     const pause = Math.min(2000, RECOVERY_PAUSE_MS * Math.max(0, s.recoveries - 1));
     if (pause > 0) await new Promise((resolve) => this.setTimer(resolve, pause));
     let messages;
+    let covered = 0;
     try {
-      messages = await this.loadHistory(s.id);
+      const data = await this.request('GET', `/api/providers/sessions/${encodeURIComponent(s.id)}/messages`);
+      messages = Array.isArray(data?.messages) ? data.messages : [];
+      // History lists the conversation only; `lastSeq` is the last seq it covers (a run's
+      // `complete` included), so the subscribe below resumes after it.
+      if (typeof data?.lastSeq === 'number') covered = data.lastSeq;
     } catch (e) {
       s.syncing = false;
       if (this.sessions.get(s.id) !== s) return;
@@ -493,7 +499,7 @@ export class ChatgateClient {
       return;
     }
     if (this.sessions.get(s.id) !== s) return; // unsubscribed meanwhile
-    let top = 0;
+    let top = covered;
     for (const m of messages) if (typeof m?.seq === 'number' && m.seq > top) top = m.seq;
     s.syncing = false;
     s.lastSeq = top;

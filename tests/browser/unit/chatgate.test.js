@@ -134,7 +134,7 @@ test('connects with the token and reports the serving node id', async () => {
   const { client, socket, seen } = setup({ token: 'a b' });
   client.connect();
   await settle();
-  assert.equal(socket().url, 'ws://gw/ws?token=a%20b');
+  assert.equal(socket().url, 'ws://gw/ws?token=a%20b&hello=1');
   socket().accept('local-2');
   assert.equal(client.nodeId, 'local-2');
   assert.equal(client.state, State.OPEN);
@@ -427,7 +427,7 @@ test('4401 calls the token function for a fresh token and reconnects with it', a
   assert.equal(seen.closes.at(-1).code, 4401);
   await timers.advance(100);
   assert.deepEqual(reasons, ['connect', 'expired']);
-  assert.equal(socket().url, 'ws://gw/ws?token=t2');
+  assert.equal(socket().url, 'ws://gw/ws?token=t2&hello=1');
 });
 
 test('4401 with a fixed token stops until setToken', async () => {
@@ -443,7 +443,7 @@ test('4401 with a fixed token stops until setToken', async () => {
   client.setToken('new');
   await settle();
   assert.equal(FakeSocket.all.length, 2);
-  assert.equal(socket().url, 'ws://gw/ws?token=new');
+  assert.equal(socket().url, 'ws://gw/ws?token=new&hello=1');
 });
 
 test('1008 (Origin refused) does not reconnect; 1012 and 4008 reconnect promptly', async () => {
