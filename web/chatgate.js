@@ -95,6 +95,13 @@ const RECOVERY_PAUSE_MS = 250;
  */
 
 /**
+ * A session's history with every stored kind (`kinds=all`): this client shows each run's
+ * outcome, which the plain (upstream-compatible) history leaves out.
+ * @param {string} sessionId
+ */
+const historyPath = (sessionId) => `/api/providers/sessions/${encodeURIComponent(sessionId)}/messages?kinds=all`;
+
+/**
  * The chatgate client: one socket, any number of sessions.
  *
  * Events (subscribe with {@link ChatgateClient#on}):
@@ -484,10 +491,10 @@ export class ChatgateClient {
     let messages;
     let covered = 0;
     try {
-      const data = await this.request('GET', `/api/providers/sessions/${encodeURIComponent(s.id)}/messages`);
+      const data = await this.request('GET', historyPath(s.id));
       messages = Array.isArray(data?.messages) ? data.messages : [];
-      // History lists the conversation only; `lastSeq` is the last seq it covers (a run's
-      // `complete` included), so the subscribe below resumes after it.
+      // `lastSeq` is the last seq stored (whatever its kind), so the subscribe below resumes
+      // after it.
       if (typeof data?.lastSeq === 'number') covered = data.lastSeq;
     } catch (e) {
       s.syncing = false;
@@ -512,12 +519,14 @@ export class ChatgateClient {
   }
 
   /**
-   * Every message of a session's history (`GET /api/providers/sessions/:id/messages`).
+   * Every message of a session's history, with each run's outcome: the conversation plus the
+   * `complete`, `status` and `permission_*` events
+   * (`GET /api/providers/sessions/:id/messages?kinds=all`).
    * @param {string} sessionId
    * @returns {Promise<object[]>}
    */
   async loadHistory(sessionId) {
-    const data = await this.request('GET', `/api/providers/sessions/${encodeURIComponent(sessionId)}/messages`);
+    const data = await this.request('GET', historyPath(sessionId));
     return Array.isArray(data?.messages) ? data.messages : [];
   }
 

@@ -295,7 +295,7 @@ test('replayTruncated reloads the history over REST, then continues after its la
   socket().push(event('s', 55)); // what was left of the window: not delivered, history covers it
   await timers.advance(1000);
   assert.equal(fetches.length, 1);
-  assert.match(fetches[0].url, /^http:\/\/gw\/api\/providers\/sessions\/s\/messages$/);
+  assert.match(fetches[0].url, /^http:\/\/gw\/api\/providers\/sessions\/s\/messages\?kinds=all$/);
   assert.equal(fetches[0].init.headers.authorization, 'Bearer tok');
   assert.equal(seen.history.length, 1);
   assert.equal(seen.history[0].messages.length, 5);
