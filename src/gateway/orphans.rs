@@ -204,7 +204,8 @@ mod tests {
 
     fn draft(run_id: &str, seq: u64, content: &str) -> (u64, String) {
         let body = json!({ "kind": "text", "role": "assistant", "content": content, "provider": "script",
-            "runId": run_id, "sessionId": "s" });
+            "runId": run_id, "sessionId": "s", "id": format!("stream_delta_{seq}"),
+            "timestamp": format!("2026-01-01T00:00:0{seq}.000Z") });
         (seq, body.to_string())
     }
 
@@ -245,6 +246,12 @@ mod tests {
             "the drafts' text goes on with the deltas after the last draft only"
         );
         assert!(rows.iter().all(|r| r.part != DRAFT_PART));
+        // The merged text keeps the stream's id and time (its first chunk's, which the drafts carry).
+        let merged: Value = serde_json::from_str(&rows[0].body).unwrap();
+        assert_eq!(
+            (merged["id"].as_str(), merged["timestamp"].as_str()),
+            (Some("stream_delta_3"), Some("2026-01-01T00:00:03.000Z"))
+        );
     }
 
     #[test]

@@ -344,6 +344,29 @@ mod tests {
     }
 
     #[test]
+    fn a_merged_text_and_its_drafts_carry_the_first_chunk_s_id_and_time() {
+        let labels = labels();
+        let mut transcript = Transcript::new(labels.clone()).drafting(Some(EVERY_BATCH));
+        let mut rows = Vec::new();
+        let first = delta(&labels, "a");
+        let origin = Origin::of(&first.json);
+        assert!(origin.id.is_some() && origin.timestamp.is_some());
+        transcript.record(&first, 1, Some("a".into()), &mut rows);
+        std::thread::sleep(Duration::from_millis(5));
+        transcript.record(&delta(&labels, "b"), 2, Some("b".into()), &mut rows);
+        transcript.end_batch(Instant::now(), &mut rows);
+        transcript.record(&labels.label(object(json!({ "kind": "stream_end" }))), 3, None, &mut rows);
+        assert_eq!(rows.len(), 2, "a draft, then the merged text");
+        for row in &rows {
+            let body: Value = serde_json::from_str(&row.body).unwrap();
+            assert_eq!(
+                (body["id"].as_str(), body["timestamp"].as_str()),
+                (origin.id.as_deref(), origin.timestamp.as_deref())
+            );
+        }
+    }
+
+    #[test]
     fn open_streams_leave_a_draft_per_batch_that_their_merged_text_supersedes() {
         // Deltas were stored only at their stream_end: a stream cut with its owner was in SQL
         // only as far as the replay stream still held it.
