@@ -102,7 +102,9 @@ function setup(options = {}) {
     if (options.fetchFails) return { ok: false, status: 503, json: async () => ({ success: false, error: { code: 'X', message: 'down' } }) };
     const id = decodeURIComponent(url.match(/sessions\/([^/]+)\/messages/)?.[1] ?? '');
     const messages = history[id] ?? [];
-    return { ok: true, status: 200, json: async () => ({ success: true, data: { messages, total: messages.length } }) };
+    const data = { messages, total: messages.length };
+    if (options.historyLastSeq) data.lastSeq = options.historyLastSeq[id];
+    return { ok: true, status: 200, json: async () => ({ success: true, data }) };
   };
   const client = new ChatgateClient({
     token: options.token ?? 'tok',
@@ -304,6 +306,23 @@ test('replayTruncated reloads the history over REST, then continues after its la
   socket().push(ack('s', 70, { isProcessing: true }));
   for (let seq = 61; seq <= 70; seq += 1) socket().push(event('s', seq));
   assert.deepEqual(seqsOf(seen.events, 's'), [61, 62, 63, 64, 65, 66, 67, 68, 69, 70]);
+});
+
+test('a history page whose lastSeq is past its rows resumes from lastSeq', async () => {
+  // Upstream's plain history lists the conversation only: the run's complete (seq 9) is not a row.
+  const history = { s: [{ kind: 'text', role: 'user', content: 'x', seq: null }, { kind: 'text', seq: 7 }] };
+  const { client, socket, seen, timers } = setup({ history, historyLastSeq: { s: 9 } });
+  client.connect();
+  await settle();
+  socket().accept();
+  client.subscribe('s');
+  await timers.advance(10);
+  assert.equal(seen.history[0].lastSeq, 9);
+  assert.deepEqual(socket().ofType('chat.subscribe').at(-1).sessions, [{ sessionId: 's', lastSeq: 9 }]);
+  // The idle ack at the same seq is no missed run: no second reload.
+  socket().push(ack('s', 9, { isProcessing: false }));
+  await timers.advance(10);
+  assert.equal(seen.history.length, 1);
 });
 
 test('subscribe without lastSeq loads history first, then subscribes from it', async () => {
