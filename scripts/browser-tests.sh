@@ -84,8 +84,12 @@ export CHATGATE_CHROMIUM="$chromium_bin" CHATGATE_BROWSER_ARTIFACTS="$artifacts"
 
 log "browser tests (Chromium $("$chromium_bin" --version 2>/dev/null | awk '{print $2}'))"
 cd tests/browser
+# The upstream-style client test (e2e/11) uses Node's WebSocket: built in from Node 22, behind a
+# flag on Node 20 and 21.
+node_flags=()
+node -e 'process.exit(typeof WebSocket === "function" ? 0 : 1)' 2>/dev/null || node_flags+=(--experimental-websocket)
 if (( $# > 0 )); then
-    node --test --test-concurrency=1 "$@"
+    node "${node_flags[@]}" --test --test-concurrency=1 "$@"
 else
-    node --test --test-concurrency=1 unit/ e2e/
+    node "${node_flags[@]}" --test --test-concurrency=1 unit/ e2e/
 fi

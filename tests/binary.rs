@@ -168,7 +168,7 @@ async fn embedded_default_prints_a_token_and_sigterm_ends_runs_then_exits_0() {
     let base = lines[0].split(' ').find(|w| w.starts_with("http://")).unwrap().to_string();
     // The restarted node signs with the secret kept beside its database; user 1 again.
     let history: serde_json::Value = http
-        .get(format!("{base}/api/providers/sessions/{session}/messages"))
+        .get(format!("{base}/api/providers/sessions/{session}/messages?kinds=all"))
         .bearer_auth(&token)
         .send()
         .await

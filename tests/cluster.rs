@@ -243,7 +243,7 @@ async fn a_dead_owner_s_run_ends_with_run_owner_lost_within_lease_plus_5s() {
     let mut history = Value::Null;
     for _ in 0..50 {
         history = http
-            .get(format!("{}/api/providers/sessions/{session}/messages", survivor.base))
+            .get(format!("{}/api/providers/sessions/{session}/messages?kinds=all", survivor.base))
             .bearer_auth(&token)
             .send()
             .await

@@ -268,7 +268,7 @@ impl Gateway {
 
     async fn history(&self, token: &str, session: &str) -> Value {
         let (status, body) =
-            self.request("GET", &format!("/api/providers/sessions/{session}/messages"), token, None).await;
+            self.request("GET", &format!("/api/providers/sessions/{session}/messages?kinds=all"), token, None).await;
         assert_eq!(status, 200, "{body}");
         body["data"].clone()
     }

@@ -150,7 +150,7 @@ async fn sigterm_ends_the_run_and_exits_0(db: Db) {
     assert_eq!(node.exited(Duration::from_secs(10)).await.code(), Some(0));
 
     let store = chatgate::store::Store::connect(&config.database_url).await.unwrap();
-    let page = store.messages(&id, None, 0).await.unwrap();
+    let page = store.messages(&id, None, 0, chatgate::store::HistoryView::All).await.unwrap();
     let complete = page.messages.last().expect("history written");
     assert_eq!(complete["kind"], "complete", "{:#?}", page.messages);
     assert_eq!((complete["aborted"].as_bool(), complete["error"].as_str()), (Some(true), Some("node draining")));

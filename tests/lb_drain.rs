@@ -538,7 +538,7 @@ async fn resume(url: &str, log: &mut ClientLog) -> Option<(Ws, Resumed, Vec<Stri
 /// end with exactly one `complete`, at `top`. Returns that `complete` and the run's merged
 /// assistant text when it is among them (deltas are stored merged, under their `stream_end`'s seq).
 async fn read_back(lb: &Lb, log: &mut ClientLog, last: u64, top: u64) -> Option<(Value, Option<String>)> {
-    let url = format!("{}/api/providers/sessions/{}/messages", lb.http_url, log.session);
+    let url = format!("{}/api/providers/sessions/{}/messages?kinds=all", lb.http_url, log.session);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (_, history) = get(&lb.http, &url, &lb.token).await;
@@ -904,7 +904,7 @@ async fn sigterm_and_rolling_restart_through_nginx_lose_nothing() {
     }
     for log in &logs {
         let want: BTreeSet<u64> = log.runs.iter().filter_map(|r| r.complete["seq"].as_u64()).collect();
-        let path = format!("{lb}/api/providers/sessions/{}/messages", log.session);
+        let path = format!("{lb}/api/providers/sessions/{}/messages?kinds=all", log.session);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let (_, history) = get(&http, &path, &token).await;

@@ -182,7 +182,7 @@ async fn history(node: &TestNode, token: &str, session: &str, want: usize) -> Ve
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let (status, body) =
-            node.request("GET", &format!("/api/providers/sessions/{session}/messages"), token, None).await;
+            node.request("GET", &format!("/api/providers/sessions/{session}/messages?kinds=all"), token, None).await;
         assert_eq!(status, 200, "{body}");
         let messages = body["data"]["messages"].as_array().cloned().unwrap_or_default();
         // `total` is counted apart from the page, so it settles with the rows.

@@ -190,7 +190,7 @@ async fn env_shows_no_gateway_secret(sandbox: &str, command: &str) -> String {
     assert_clean("the streamed events", &dump, &secret);
 
     // The stored history (written off the hot path: wait for its complete).
-    let path = format!("/api/providers/sessions/{session}/messages");
+    let path = format!("/api/providers/sessions/{session}/messages?kinds=all");
     let history_deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let messages = loop {
         let (status, body) = common::rest(&http, &node.base, "GET", &path, &token, None).await;

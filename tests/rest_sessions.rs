@@ -307,7 +307,7 @@ async fn force_delete_removes_session_and_history(db: Db) {
     }
     let got = node.request("POST", &format!("{SESSIONS}/{id}/restore"), &token, None).await;
     assert_error(&got, 404, "SESSION_NOT_FOUND");
-    let page = node.store().await.messages(&id, None, 0).await.unwrap();
+    let page = node.store().await.messages(&id, None, 0, chatgate::store::HistoryView::All).await.unwrap();
     assert_eq!(page.total, 0, "history rows left behind: {:?}", page.messages);
     let got = node.request("DELETE", &format!("{SESSIONS}/{id}?force=true"), &token, None).await;
     assert_error(&got, 404, "SESSION_NOT_FOUND");
@@ -330,7 +330,7 @@ async fn force_delete_during_run_ends_it_and_leaves_no_history(db: Db) {
     assert_eq!(running["sessions"], json!([]));
     // Give the history writer time to (wrongly) write the run's tail.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let page = node.store().await.messages(&id, None, 0).await.unwrap();
+    let page = node.store().await.messages(&id, None, 0, chatgate::store::HistoryView::All).await.unwrap();
     assert_eq!(page.total, 0, "a deleted session's history came back: {:#?}", page.messages);
 }
 
@@ -407,21 +407,22 @@ async fn messages_page_from_the_newest(db: Db) {
             assert_ok(&got, 200)
         }
     };
+    // `GET …/messages` lists the conversation: the full record without the runs' `complete`s.
+    let conversation: Vec<Value> = all.iter().filter(|m| m["kind"] != "complete").cloned().collect();
+    assert_eq!(conversation.len(), 6, "{conversation:#?}");
     let newest = page(3, 0).await;
-    assert_eq!(newest["messages"].as_array().unwrap(), &all[5..]);
-    assert_eq!((newest["total"].as_u64(), newest["hasMore"].as_bool()), (Some(8), Some(true)));
+    assert_eq!(newest["messages"].as_array().unwrap(), &conversation[3..]);
+    assert_eq!((newest["total"].as_u64(), newest["hasMore"].as_bool()), (Some(6), Some(true)));
     assert_eq!((newest["offset"].as_u64(), newest["limit"].as_u64()), (Some(0), Some(3)));
-    let middle = page(3, 3).await;
-    assert_eq!(middle["messages"].as_array().unwrap(), &all[2..5]);
-    assert_eq!(middle["hasMore"], true);
-    let oldest = page(3, 6).await;
-    assert_eq!(oldest["messages"].as_array().unwrap(), &all[..2]);
+    assert_eq!(newest["lastSeq"].as_u64(), Some(last), "lastSeq covers the last complete");
+    let oldest = page(3, 3).await;
+    assert_eq!(oldest["messages"].as_array().unwrap(), &conversation[..3]);
     assert_eq!(oldest["hasMore"], false);
-    let beyond = page(3, 8).await;
+    let beyond = page(3, 6).await;
     assert_eq!(beyond["messages"], json!([]));
     assert_eq!(beyond["hasMore"], false);
     // Pages of any size stitch back together.
-    for size in 1..=9u64 {
+    for size in 1..=7u64 {
         let mut stitched: Vec<Value> = Vec::new();
         let mut offset = 0;
         loop {
@@ -434,8 +435,10 @@ async fn messages_page_from_the_newest(db: Db) {
                 break;
             }
         }
-        assert_eq!(stitched, all, "page size {size}");
+        assert_eq!(stitched, conversation, "page size {size}");
     }
+    let bad = node.request("GET", &format!("{SESSIONS}/{id}/messages?kinds=some"), &token, None).await;
+    assert_eq!(bad.0, 400, "{}", bad.1);
     for query in ["limit=-1", "limit=x", "offset=-1", "offset=y"] {
         let got = node.request("GET", &format!("{SESSIONS}/{id}/messages?{query}"), &token, None).await;
         assert_eq!(got.0, 400, "{query}: {}", got.1);
@@ -661,7 +664,56 @@ async fn health_ready_and_metrics(db: Db) {
     assert!(text.lines().any(|l| l.starts_with("chatgate_runs") && l.contains("state=")), "runs by state:\n{text}");
 }
 
+/// `GET …/messages` is the conversation: the prompt, assistant text, tool use
+/// and results, never `complete`, `permission_*`, `status` or stream chunks; each
+/// row keeps the id of the live frame it came from (a stream's merged text its
+/// first chunk's id and time), and timestamps never go backwards.
+async fn history_is_the_conversation(db: Db) {
+    let node = TestNode::start(db).await;
+    let token = node.token(&user());
+    let id = node.create_session(&token, "script").await;
+    let mut ws = node.connect(&token).await;
+    let script = json!({
+        "permission": { "toolName": "Bash", "input": { "command": "ls" }, "timeoutMs": 10_000 },
+        "events": 3,
+        "intervalMs": 30,
+    })
+    .to_string();
+    ws.send_chat(&id, &script).await;
+    let request = ws.recv_until(|v| v["kind"] == "permission_request").await.pop().unwrap();
+    ws.send(json!({ "type": "chat.permission-response", "requestId": request["requestId"], "allow": true })).await;
+    let mut live = vec![request];
+    live.extend(ws.run_events(&id).await);
+    let last = live.last().unwrap()["seq"].as_u64().unwrap();
+    node.history_complete(&token, &id, Some(last)).await;
+    let page = assert_ok(&node.request("GET", &format!("{SESSIONS}/{id}/messages"), &token, None).await, 200);
+    let rows = page["messages"].as_array().unwrap();
+    let kinds: Vec<&str> = rows.iter().map(|m| m["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["text", "tool_use", "tool_result", "text"], "{rows:#?}");
+    assert_eq!((page["total"].as_u64(), page["hasMore"].as_bool()), (Some(4), Some(false)));
+    assert_eq!(page["lastSeq"].as_u64(), Some(last));
+    assert_eq!(rows[0]["role"], "user");
+    // Rows of live events keep their ids; the merged text carries its first chunk's id and time.
+    for row in &rows[1..3] {
+        let source = live.iter().find(|v| v["seq"] == row["seq"]).unwrap();
+        assert_eq!(row, source, "a history row is its live frame");
+    }
+    let first_chunk = live.iter().find(|v| v["kind"] == "stream_delta").unwrap();
+    assert_eq!((&rows[3]["id"], &rows[3]["timestamp"]), (&first_chunk["id"], &first_chunk["timestamp"]));
+    let end = live.iter().find(|v| v["kind"] == "stream_end").unwrap();
+    assert_eq!(rows[3]["seq"], end["seq"]);
+    let stamps: Vec<&str> = rows.iter().map(|m| m["timestamp"].as_str().unwrap()).collect();
+    assert!(stamps.windows(2).all(|w| w[0] <= w[1]), "timestamps go backwards: {stamps:?}");
+    assert!(rows.iter().all(|m| m["id"].as_str().is_some_and(|i| !i.is_empty())), "{rows:#?}");
+    // The full record still has every event (the gateway's own tools read it).
+    let all = node.history(&token, &id).await;
+    let all_kinds: Vec<&str> =
+        all["messages"].as_array().unwrap().iter().map(|m| m["kind"].as_str().unwrap()).collect();
+    assert!(all_kinds.contains(&"permission_request") && all_kinds.contains(&"complete"), "{all_kinds:?}");
+}
+
 db_tests!(
+    history_is_the_conversation,
     create_validates_provider_and_path,
     list_newest_first_paged_archived_left_out,
     show_returns_session_and_provider_id_after_first_run,

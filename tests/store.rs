@@ -71,7 +71,7 @@ async fn ids(store: &Store, user_id: &str, limit: i64, offset: i64) -> (Vec<Stri
 }
 
 async fn contents(store: &Store, session: &str, limit: Option<i64>, offset: i64) -> (Vec<(Value, String)>, i64) {
-    let page = store.messages(session, limit, offset).await.unwrap();
+    let page = store.messages(session, limit, offset, chatgate::store::HistoryView::All).await.unwrap();
     let items = page.messages.iter().map(|m| (m["seq"].clone(), m["content"].as_str().unwrap().to_string())).collect();
     (items, page.total)
 }
@@ -115,8 +115,16 @@ async fn sessions_are_scoped_by_user(db: Db) {
     store.append_history(&[prompt(&a1, 1, "hi"), event(&a1, 1, "hello"), event(&b1, 1, "bob's words")]).await.unwrap();
     assert!(store.delete_session(&alice, &a1).await.unwrap());
     assert!(store.session(&alice, &a1).await.unwrap().is_none());
-    assert_eq!(store.messages(&a1, None, 0).await.unwrap().total, 0, "history goes with the session");
-    assert_eq!(store.messages(&b1, None, 0).await.unwrap().total, 1, "other sessions keep theirs");
+    assert_eq!(
+        store.messages(&a1, None, 0, chatgate::store::HistoryView::All).await.unwrap().total,
+        0,
+        "history goes with the session"
+    );
+    assert_eq!(
+        store.messages(&b1, None, 0, chatgate::store::HistoryView::All).await.unwrap().total,
+        1,
+        "other sessions keep theirs"
+    );
     assert!(!store.delete_session(&alice, &a1).await.unwrap());
     assert_eq!(ids(&store, &alice, 50, 0).await, (vec![a2], 1));
 }
@@ -127,10 +135,10 @@ async fn history_writes_are_idempotent(db: Db) {
     let id = new_session(&store, &owner, "").await;
     let batch = vec![prompt(&id, 1, "question"), event(&id, 1, "one"), event(&id, 2, "two"), event(&id, 3, "three")];
     store.append_history(&batch).await.unwrap();
-    let first = store.messages(&id, None, 0).await.unwrap();
+    let first = store.messages(&id, None, 0, chatgate::store::HistoryView::All).await.unwrap();
     // The same rows again (a retried batch), and an overlapping one.
     store.append_history(&batch).await.unwrap();
-    assert_eq!(store.messages(&id, None, 0).await.unwrap(), first);
+    assert_eq!(store.messages(&id, None, 0, chatgate::store::HistoryView::All).await.unwrap(), first);
     store.append_history(&[event(&id, 3, "three, rewritten"), event(&id, 4, "four")]).await.unwrap();
     let (items, total) = contents(&store, &id, None, 0).await;
     assert_eq!(total, 5);

@@ -472,7 +472,17 @@ async fn subscribe_on_an_idle_session_sends_only_the_ack(db: Db) {
     keys.sort_unstable();
     assert_eq!(
         keys,
-        ["isProcessing", "kind", "lastSeq", "pendingPermissions", "replayTruncated", "runId", "sessionId", "timestamp"]
+        [
+            "id",
+            "isProcessing",
+            "kind",
+            "lastSeq",
+            "pendingPermissions",
+            "replayTruncated",
+            "runId",
+            "sessionId",
+            "timestamp"
+        ]
     );
     assert_eq!(
         (&a["isProcessing"], &a["lastSeq"], &a["runId"], &a["pendingPermissions"], &a["replayTruncated"]),
@@ -654,6 +664,21 @@ async fn session_upserted_goes_to_the_owners_sockets_only(db: Db) {
     assert_eq!(upsert["session"]["sessionId"], id.as_str());
     assert_eq!(upsert["session"]["providerSessionId"], provider_id);
     assert!(upsert["timestamp"].is_string());
+    // Upstream's sidebar fields beside chatgate's own.
+    assert!(upsert["id"].as_str().is_some_and(|i| !i.is_empty()), "{upsert}");
+    assert_eq!(upsert["session"]["id"], id.as_str());
+    assert!(upsert["session"]["messageCount"].is_i64(), "{upsert}");
+    assert_eq!(upsert["session"]["lastActivity"], upsert["session"]["updatedAt"]);
+    assert!(upsert["session"].get("summary").is_some(), "{upsert}");
+    let project_path = upsert["session"]["projectPath"].as_str().unwrap();
+    let project = &upsert["project"];
+    assert_eq!((project["path"].as_str(), project["fullPath"].as_str()), (Some(project_path), Some(project_path)));
+    assert_eq!(project["projectId"].as_str(), Some(project_path));
+    assert_eq!(
+        project["displayName"].as_str(),
+        std::path::Path::new(project_path).file_name().and_then(|n| n.to_str())
+    );
+    assert_eq!(project["isStarred"], false);
 
     // The owner's other socket hears of it without subscribing to the session.
     let seen = sidebar.recv_until(|v| v["kind"] == "session_upserted" && !v["providerSessionId"].is_null()).await;
@@ -728,7 +753,96 @@ async fn run_keeps_going_when_its_only_socket_goes_away(db: Db) {
     assert!(history.iter().any(|m| m["kind"] == "text" && m["content"] == merged.as_str()), "{history:#?}");
 }
 
+/// Asserts a frame upstream's client can take: a kind it handles and, for one
+/// it may store as a chat row, a string `id`.
+#[track_caller]
+fn assert_upstream_frame(frame: &Value) {
+    const KINDS: [&str; 15] = [
+        "text",
+        "thinking",
+        "tool_use",
+        "tool_result",
+        "stream_delta",
+        "stream_end",
+        "error",
+        "status",
+        "permission_request",
+        "permission_cancelled",
+        "complete",
+        "chat_subscribed",
+        "session_upserted",
+        "protocol_error",
+        "interactive_prompt",
+    ];
+    let kind = frame["kind"].as_str().unwrap_or_else(|| panic!("no kind: {frame}"));
+    assert!(KINDS.contains(&kind), "a kind upstream's client does not handle: {frame}");
+    assert!(frame["id"].as_str().is_some_and(|id| !id.is_empty()), "no string id: {frame}");
+}
+
+/// A client written for upstream (no `hello=1`) gets no `connected` frame, no
+/// `permission_resolved`, and a string `id` on every frame; the serving node is
+/// named in the `X-Chatgate-Node` header of the upgrade and of REST answers.
+async fn upstream_client_gets_only_frames_it_can_take(db: Db) {
+    let node = TestNode::start(db).await;
+    let token = node.token(&user());
+    let node_id = node.node().node_id.clone();
+    let (mut ws, header) = node.connect_upstream(&token).await;
+    assert_eq!(header.as_deref(), Some(node_id.as_str()), "upgrade response names the node");
+    let listed = reqwest::Client::new()
+        .get(format!("{}/api/providers/sessions", node.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status().as_u16(), 200);
+    assert_eq!(listed.headers().get("x-chatgate-node").and_then(|v| v.to_str().ok()), Some(node_id.as_str()));
+    // Nothing unasked: the first frame is the answer to the first verb.
+    ws.expect_silence(Duration::from_millis(200)).await;
+    let id = node.create_session(&token, "script").await;
+    let upsert = ws.recv().await;
+    assert_eq!(upsert["kind"], "session_upserted", "{upsert}");
+    assert_upstream_frame(&upsert);
+    ws.send_text("not json").await;
+    let error = ws.recv().await;
+    assert_protocol_error(&error, "INVALID_PAYLOAD");
+    assert_upstream_frame(&error);
+    ws.subscribe(&id, 0).await;
+    assert_upstream_frame(&ack(&mut ws, &id).await);
+
+    // An approval answered in another tab: upstream's client drops it on `permission_cancelled`.
+    let mut tab = node.connect(&token).await;
+    tab.subscribe(&id, 0).await;
+    ack(&mut tab, &id).await;
+    ws.send_chat(&id, &permission_script(10_000, 2)).await;
+    let request = until_permission_request(&mut ws, &id).await;
+    tab.send(json!({ "type": "chat.permission-response", "requestId": request["requestId"], "allow": true })).await;
+    let frames = ws.recv_until(|v| v["kind"] == "complete" && v["sessionId"] == id.as_str()).await;
+    for frame in &frames {
+        assert_upstream_frame(frame);
+    }
+    let events: Vec<Value> = frames.iter().filter(|v| v["seq"].is_u64()).cloned().collect();
+    assert_eq!(
+        kinds(&events),
+        ["permission_cancelled", "tool_use", "tool_result", "stream_delta", "stream_delta", "stream_end", "complete"]
+    );
+    assert_eq!(
+        (events[0]["requestId"].clone(), events[0]["reason"].as_str()),
+        (request["requestId"].clone(), Some("resolved"))
+    );
+    // A socket that asked (hello=1) got the same event as `permission_resolved`, same id and seq.
+    let asked = tab.run_events(&id).await;
+    let resolved = asked.iter().find(|v| v["kind"] == "permission_resolved").expect("permission_resolved");
+    assert_eq!((&resolved["id"], &resolved["seq"]), (&events[0]["id"], &events[0]["seq"]));
+    // The replay gives an upstream client the same view.
+    let (mut again, _) = node.connect_upstream(&token).await;
+    again.subscribe(&id, 0).await;
+    let idle = ack(&mut again, &id).await;
+    assert_eq!(idle["isProcessing"], false);
+    again.expect_silence(Duration::from_millis(200)).await;
+}
+
 db_tests!(
+    upstream_client_gets_only_frames_it_can_take,
     echo_run_streams_in_order_then_complete,
     second_run_continues_the_seq,
     seq_survives_a_node_restart,

@@ -95,11 +95,19 @@ const RECOVERY_PAUSE_MS = 250;
  */
 
 /**
+ * A session's history with every stored kind (`kinds=all`): this client shows each run's
+ * outcome, which the plain (upstream-compatible) history leaves out.
+ * @param {string} sessionId
+ */
+const historyPath = (sessionId) => `/api/providers/sessions/${encodeURIComponent(sessionId)}/messages?kinds=all`;
+
+/**
  * The chatgate client: one socket, any number of sessions.
  *
  * Events (subscribe with {@link ChatgateClient#on}):
  * - `state` `{state, nodeId, attempt, delayMs?}` — connection state changes
- * - `connected` `{nodeId}` — the gateway's first frame: the node serving this socket
+ * - `connected` `{nodeId}` — the gateway's first frame (this client asks for it with
+ *   `hello=1`): the node serving this socket
  * - `subscribed` `{sessionId, ack}` — a `chat_subscribed` ack (`isProcessing`, `runId`,
  *   `pendingPermissions`, `lastSeq`, `replayTruncated`)
  * - `event` `{sessionId, event}` — a provider event, each seq exactly once, in order
@@ -264,7 +272,7 @@ export class ChatgateClient {
     const sep = this.url.includes('?') ? '&' : '?';
     let ws;
     try {
-      ws = new this.WS(`${this.url}${sep}token=${encodeURIComponent(token ?? '')}`);
+      ws = new this.WS(`${this.url}${sep}token=${encodeURIComponent(token ?? '')}&hello=1`);
     } catch (e) {
       this.emit('error', { code: 'CONNECT_FAILED', error: String(e?.message ?? e), sessionId: null });
       this.scheduleReconnect(null);
@@ -481,8 +489,13 @@ export class ChatgateClient {
     const pause = Math.min(2000, RECOVERY_PAUSE_MS * Math.max(0, s.recoveries - 1));
     if (pause > 0) await new Promise((resolve) => this.setTimer(resolve, pause));
     let messages;
+    let covered = 0;
     try {
-      messages = await this.loadHistory(s.id);
+      const data = await this.request('GET', historyPath(s.id));
+      messages = Array.isArray(data?.messages) ? data.messages : [];
+      // `lastSeq` is the last seq stored (whatever its kind), so the subscribe below resumes
+      // after it.
+      if (typeof data?.lastSeq === 'number') covered = data.lastSeq;
     } catch (e) {
       s.syncing = false;
       if (this.sessions.get(s.id) !== s) return;
@@ -493,7 +506,7 @@ export class ChatgateClient {
       return;
     }
     if (this.sessions.get(s.id) !== s) return; // unsubscribed meanwhile
-    let top = 0;
+    let top = covered;
     for (const m of messages) if (typeof m?.seq === 'number' && m.seq > top) top = m.seq;
     s.syncing = false;
     s.lastSeq = top;
@@ -506,12 +519,14 @@ export class ChatgateClient {
   }
 
   /**
-   * Every message of a session's history (`GET /api/providers/sessions/:id/messages`).
+   * Every message of a session's history, with each run's outcome: the conversation plus the
+   * `complete`, `status` and `permission_*` events
+   * (`GET /api/providers/sessions/:id/messages?kinds=all`).
    * @param {string} sessionId
    * @returns {Promise<object[]>}
    */
   async loadHistory(sessionId) {
-    const data = await this.request('GET', `/api/providers/sessions/${encodeURIComponent(sessionId)}/messages`);
+    const data = await this.request('GET', historyPath(sessionId));
     return Array.isArray(data?.messages) ? data.messages : [];
   }
 

@@ -28,7 +28,7 @@ pub fn layer(allowed_origins: Option<&[String]>) -> Option<CorsLayer> {
             .allow_origin(AllowOrigin::list(origins))
             .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
             .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
-            .expose_headers([header::RETRY_AFTER])
+            .expose_headers([header::RETRY_AFTER, header::HeaderName::from_static(super::NODE_HEADER)])
             .max_age(PREFLIGHT_MAX_AGE),
     )
 }

@@ -61,9 +61,13 @@ pub struct AppState {
     pub connection_limits: Arc<ConnectionLimits>,
 }
 
+/// The response header naming the node that served a request or a WebSocket upgrade.
+pub const NODE_HEADER: &str = "x-chatgate-node";
+
 /// The node's router.
 pub fn router(state: AppState) -> Router {
     let max_body_bytes = state.settings.max_body_bytes;
+    let node_header = axum::http::HeaderValue::from_str(&state.gateway.settings.node_id).ok();
     let router = Router::new()
         .route("/api/providers", get(providers::list))
         .route("/api/providers/sessions", post(sessions::create).get(sessions::list))
@@ -86,6 +90,16 @@ pub fn router(state: AppState) -> Router {
         .layer(RequestBodyDeadlineLayer::new(state.settings.body_timeout))
         .layer(middleware::map_response(move |response: Response| async move {
             body_too_large_envelope(response, max_body_bytes)
+        }))
+        // Every answer (REST, the WebSocket upgrade) names the node that served it.
+        .layer(middleware::map_response(move |mut response: Response| {
+            let node = node_header.clone();
+            async move {
+                if let Some(node) = node {
+                    response.headers_mut().insert(NODE_HEADER, node);
+                }
+                response
+            }
         }));
     // Outermost: a preflight is answered before routing.
     let router = match cors::layer(state.settings.allowed_origins.as_deref()) {

@@ -17,7 +17,7 @@ use super::{ApiError, AppState, auth::User, body::RequestBody, error::ok};
 use crate::{
     gateway::{options::PathRefusal, valid_session_id},
     protocol::session_upserted,
-    store::{NewSession, SessionRow},
+    store::{HistoryView, NewSession, SessionRow},
 };
 
 /// Sessions per page when `limit` is not given, and at most.
@@ -30,6 +30,8 @@ const MAX_SUMMARY: usize = 500;
 pub struct Page {
     limit: Option<String>,
     offset: Option<String>,
+    /// `kinds=all` (chatgate addition): every stored event, not only the conversation.
+    kinds: Option<String>,
 }
 
 impl Page {
@@ -193,11 +195,17 @@ pub async fn messages(
 ) -> Result<Response, ApiError> {
     let (limit, offset) = page.parse()?;
     owned(&state, &user.user_id, &id).await?;
-    let page = state.gateway.store.messages(&id, limit, offset).await?;
+    let view = match page.kinds.as_deref().map(str::trim) {
+        None | Some("") | Some("conversation") => HistoryView::Conversation,
+        Some("all") => HistoryView::All,
+        Some(_) => return Err(ApiError::bad_request("INVALID_KINDS", "kinds must be \"conversation\" or \"all\".")),
+    };
+    let page = state.gateway.store.messages(&id, limit, offset, view).await?;
     let has_more = offset + (page.messages.len() as i64) < page.total;
     Ok(ok(
         StatusCode::OK,
-        json!({ "messages": page.messages, "total": page.total, "hasMore": has_more, "offset": offset, "limit": limit }),
+        json!({ "messages": page.messages, "total": page.total, "hasMore": has_more, "offset": offset, "limit": limit,
+            "lastSeq": page.last_seq }),
     ))
 }
 
@@ -262,7 +270,8 @@ pub async fn restore(
 /// Tells the user's sockets on every node about a changed session.
 async fn notify(state: &AppState, user_id: &str, row: &SessionRow) {
     let session = row.to_json(false, 0);
-    let frame = session_upserted(&row.session_id, &row.provider, row.provider_session_id.as_deref(), &session);
+    let count = state.gateway.store.conversation_count(&row.session_id).await.unwrap_or(0);
+    let frame = session_upserted(&row.session_id, &row.provider, row.provider_session_id.as_deref(), &session, count);
     if let Err(e) = state.gateway.registry.notify_user(user_id, frame).await {
         tracing::warn!(error = %e, "session_upserted not sent");
     }

@@ -88,6 +88,7 @@ pub async fn upgrade(State(state): State<AppState>, parts: Parts) -> Response {
         Ok(upgrade) => upgrade,
         Err(rejection) => return rejection.into_response(),
     };
+    let hello = wants_hello(parts.uri.query());
     let max = state.settings.max_frame_bytes;
     let span = tracing::info_span!("socket", user_id = %identity.user_id);
     upgrade
@@ -95,10 +96,17 @@ pub async fn upgrade(State(state): State<AppState>, parts: Parts) -> Response {
         .write_buffer_size(WRITE_BUFFER)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| serve(socket, state, identity, origin_refused, slot).instrument(span))
+        .on_upgrade(move |socket| serve(socket, state, identity, origin_refused, hello, slot).instrument(span))
 }
 
-async fn serve(socket: WebSocket, state: AppState, identity: Identity, origin_refused: bool, slot: SocketSlot) {
+async fn serve(
+    socket: WebSocket,
+    state: AppState,
+    identity: Identity,
+    origin_refused: bool,
+    hello: bool,
+    slot: SocketSlot,
+) {
     let _slot = slot;
     let _open = state.gateway.track_socket();
     let (mut sink, mut stream) = socket.split();
@@ -109,8 +117,10 @@ async fn serve(socket: WebSocket, state: AppState, identity: Identity, origin_re
     metrics::gauge!("chatgate_connections").increment(1.0);
     let gateway = state.gateway.clone();
     let outbox = Arc::new(Outbox::new(state.settings.send_queue_bytes));
-    let conn = Arc::new(Connection::new(identity.user_id.clone(), outbox.clone()));
-    outbox.push(connected(&gateway.settings.node_id));
+    let conn = Arc::new(Connection::new(identity.user_id.clone(), outbox.clone(), hello));
+    if hello {
+        outbox.push(connected(&gateway.settings.node_id));
+    }
     let missed_pongs = Arc::new(AtomicU32::new(0));
     let writer_done = CancellationToken::new();
     let writer = tokio::spawn(write_loop(
@@ -270,6 +280,12 @@ async fn write_loop(
     let _ = sink.close().await;
     outbox.close(CloseReason::Normal);
     done.cancel();
+}
+
+/// `hello=1` (or `true`) in the query: the client opts into chatgate's
+/// additions, the `connected` frame first (docs/protocol.md §Compatibility rules).
+fn wants_hello(query: Option<&str>) -> bool {
+    query.unwrap_or("").split('&').any(|pair| matches!(pair, "hello=1" | "hello=true" | "hello"))
 }
 
 fn close_message(reason: CloseReason) -> Message {

@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 
 use super::Outbox;
 use crate::{
-    protocol::{Frame, chat_subscribed},
+    protocol::{Frame, chat_subscribed, for_upstream_client},
     runs::{FeedItem, LiveFeed, SharedRegistry},
 };
 
@@ -18,12 +18,25 @@ use crate::{
 pub struct Connection {
     pub user_id: String,
     pub outbox: Arc<Outbox>,
+    /// True when the socket asked for chatgate's additions (`/ws?…&hello=1`):
+    /// it gets `connected` and `permission_resolved`; otherwise it sees only
+    /// kinds upstream's client handles (docs/protocol.md §Compatibility rules).
+    pub extensions: bool,
     subscriptions: Mutex<HashMap<String, JoinHandle<()>>>,
 }
 
 impl Connection {
-    pub fn new(user_id: String, outbox: Arc<Outbox>) -> Self {
-        Connection { user_id, outbox, subscriptions: Mutex::new(HashMap::new()) }
+    pub fn new(user_id: String, outbox: Arc<Outbox>, extensions: bool) -> Self {
+        Connection { user_id, outbox, extensions, subscriptions: Mutex::new(HashMap::new()) }
+    }
+
+    /// Queues a sequenced event frame, as this socket may see it.
+    pub fn send_event(&self, frame: Frame) -> bool {
+        self.outbox.push(self.event_view(frame))
+    }
+
+    fn event_view(&self, frame: Frame) -> Frame {
+        if self.extensions { frame } else { for_upstream_client(frame) }
     }
 
     /// Queues a frame for this socket.
@@ -44,6 +57,7 @@ impl Connection {
     /// that its forwarder cannot interleave with a new ack and replay.
     pub fn attach(&self, session_id: &str, mut feed: LiveFeed, registry: SharedRegistry) {
         let outbox = self.outbox.clone();
+        let extensions = self.extensions;
         let session = session_id.to_string();
         let task = tokio::spawn(async move {
             // Looked up once: this loop is the per-event delivery path.
@@ -52,7 +66,7 @@ impl Connection {
                 let delivered = match item {
                     FeedItem::Event(event) => {
                         delivered_total.increment(1);
-                        outbox.push(event.frame)
+                        outbox.push(if extensions { event.frame } else { for_upstream_client(event.frame) })
                     }
                     FeedItem::Gap { .. } => {
                         metrics::counter!("chatgate_replay_truncated_total").increment(1);

@@ -13,8 +13,9 @@ use crate::{
     runtime::RunOptions,
 };
 
-/// Permission modes a client may ask for.
-const PERMISSION_MODES: [&str; 4] = ["default", "acceptEdits", "bypassPermissions", "plan"];
+/// Permission modes a client may ask for: those upstream's composer sends
+/// (`auto` is Claude's classifier mode; docs/providers.md has each provider's mapping).
+const PERMISSION_MODES: [&str; 5] = ["default", "acceptEdits", "bypassPermissions", "plan", "auto"];
 
 /// Why a project path was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,5 +202,35 @@ mod tests {
         assert_eq!(strict(json!({"permissionMode": "bypassPermissions"})).unwrap_err().code, ErrorCode::InvalidOptions);
         assert_eq!(strict(json!({"skipPermissions": true})).unwrap_err().code, ErrorCode::InvalidOptions);
         assert!(strict(json!({"permissionMode": "acceptEdits"})).is_ok());
+    }
+
+    #[test]
+    fn every_option_upstream_s_composer_sends_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let project = std::fs::canonicalize(dir.path()).unwrap();
+        let strict = |o: Value| validate_options("s", &project, o.as_object().unwrap(), false);
+        for mode in ["default", "acceptEdits", "plan", "auto"] {
+            let composer = json!({
+                "projectPath": project.to_str().unwrap(),
+                "cwd": project.to_str().unwrap(),
+                "sessionId": "s",
+                "resume": true,
+                "toolsSettings": { "allowedTools": ["Read"], "disallowedTools": [], "skipPermissions": false },
+                "permissionMode": mode,
+                "model": "sonnet",
+                "effort": "high",
+                "sessionSummary": "Fix the tests",
+                "images": [{ "data": "data:image/png;base64,iVBORw0KGgo=", "name": "a.png" }],
+                "provider": "claude",
+            });
+            let (opts, cwd) = strict(composer).unwrap_or_else(|e| panic!("{mode}: {e}"));
+            assert_eq!((opts.permission_mode.as_deref(), cwd.as_path()), (Some(mode), project.as_path()));
+            assert_eq!((opts.model.as_deref(), opts.effort.as_deref()), (Some("sonnet"), Some("high")));
+        }
+        // Refused on purpose, naming the flag or the rule.
+        let bypass = strict(json!({ "permissionMode": "bypassPermissions" })).unwrap_err();
+        assert!(bypass.message.contains("--allow-bypass-permissions"), "{bypass}");
+        let outside = strict(json!({ "cwd": "/" })).unwrap_err();
+        assert!(outside.message.contains("inside the session's project path"), "{outside}");
     }
 }

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use super::{
     HistoryWriter,
-    transcript::{Labels, Transcript},
+    transcript::{Labels, Origin, Transcript},
 };
 use crate::{
     protocol::EventBody,
@@ -132,6 +132,8 @@ struct Drafts {
     text: String,
     first: u64,
     last: u64,
+    /// The first draft's `id` and `timestamp`: the stream's (its first delta's).
+    origin: Origin,
 }
 
 /// The run's drafts (of other runs' are skipped), joined in seq order.
@@ -148,6 +150,7 @@ fn open_stream(run: &OrphanedRun, drafts: &[(u64, String)]) -> Option<Drafts> {
             text: String::new(),
             first: *seq,
             last: *seq,
+            origin: Origin::of(body),
         });
         open.text.push_str(content);
         open.last = *seq;
@@ -161,7 +164,7 @@ fn history_rows(run: &OrphanedRun, drafts: Option<Drafts>, events: &[Event]) -> 
     let mut rows = Vec::new();
     let labels = |provider: String| Labels { session_id: run.session_id.clone(), provider, run_id: run.run_id.clone() };
     let copied_up_to = drafts.as_ref().map_or(0, |d| d.last);
-    let mut transcript = drafts.map(|d| Transcript::resuming(labels(d.provider), d.text, d.first, d.last));
+    let mut transcript = drafts.map(|d| Transcript::resuming(labels(d.provider), d.text, d.first, d.last, d.origin));
     for event in events.iter().filter(|e| *e.run_id == *run.run_id && e.seq > copied_up_to) {
         let Ok(Value::Object(mut fields)) = serde_json::from_str::<Value>(&event.frame) else { continue };
         fields.remove("seq");
@@ -201,7 +204,8 @@ mod tests {
 
     fn draft(run_id: &str, seq: u64, content: &str) -> (u64, String) {
         let body = json!({ "kind": "text", "role": "assistant", "content": content, "provider": "script",
-            "runId": run_id, "sessionId": "s" });
+            "runId": run_id, "sessionId": "s", "id": format!("stream_delta_{seq}"),
+            "timestamp": format!("2026-01-01T00:00:0{seq}.000Z") });
         (seq, body.to_string())
     }
 
@@ -228,7 +232,8 @@ mod tests {
         // The replay stream lost deltas 2..=5 (trimmed or a Redis restart); the drafts hold them.
         let drafts = [draft("r", 3, "ab"), draft("other", 4, "zz"), draft("r", 5, "cd")];
         let open = open_stream(&run(), &drafts).unwrap();
-        assert_eq!(open, Drafts { provider: "script".into(), text: "abcd".into(), first: 3, last: 5 });
+        let origin = Origin::of(&drafts[0].1);
+        assert_eq!(open, Drafts { provider: "script".into(), text: "abcd".into(), first: 3, last: 5, origin });
         let events = [
             event(5, json!({ "kind": "stream_delta", "content": "d" })),
             event(6, json!({ "kind": "stream_delta", "content": "e" })),
@@ -241,6 +246,12 @@ mod tests {
             "the drafts' text goes on with the deltas after the last draft only"
         );
         assert!(rows.iter().all(|r| r.part != DRAFT_PART));
+        // The merged text keeps the stream's id and time (its first chunk's, which the drafts carry).
+        let merged: Value = serde_json::from_str(&rows[0].body).unwrap();
+        assert_eq!(
+            (merged["id"].as_str(), merged["timestamp"].as_str()),
+            (Some("stream_delta_3"), Some("2026-01-01T00:00:03.000Z"))
+        );
     }
 
     #[test]

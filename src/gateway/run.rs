@@ -378,8 +378,14 @@ impl Driver {
         }
         self.session.provider_session_id = Some(provider_session_id.clone());
         let session = self.session.to_json(true, 0);
-        let frame =
-            session_upserted(&self.session.session_id, &self.session.provider, Some(&provider_session_id), &session);
+        let count = store.conversation_count(&self.session.session_id).await.unwrap_or(0);
+        let frame = session_upserted(
+            &self.session.session_id,
+            &self.session.provider,
+            Some(&provider_session_id),
+            &session,
+            count,
+        );
         if let Err(e) = self.gateway.registry.notify_user(&self.user_id, frame).await {
             tracing::warn!(error = %e, "could not send session_upserted");
         }

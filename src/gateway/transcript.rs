@@ -116,6 +116,30 @@ struct OpenStream {
     text: String,
     first: u64,
     last: u64,
+    /// The first delta's `id` and `timestamp`: the merged text (and its drafts)
+    /// carry them, so its id is stable (the same on every node that writes it)
+    /// and history stays in time order (docs/protocol.md §History).
+    origin: Origin,
+}
+
+/// The `id` and `timestamp` a stream's merged text takes from its first delta.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Origin {
+    pub id: Option<String>,
+    pub timestamp: Option<String>,
+}
+
+impl Origin {
+    /// The `id` and `timestamp` of an event's JSON.
+    pub fn of(json: &str) -> Origin {
+        match serde_json::from_str::<Value>(json) {
+            Ok(value) => Origin {
+                id: value["id"].as_str().map(str::to_string),
+                timestamp: value["timestamp"].as_str().map(str::to_string),
+            },
+            Err(_) => Origin::default(),
+        }
+    }
 }
 
 impl Transcript {
@@ -133,9 +157,10 @@ impl Transcript {
 
     /// A transcript that goes on with a stream its drafts hold: their text
     /// (concatenated in seq order) from the first draft's seq to the last's.
-    pub fn resuming(labels: Labels, text: String, first: u64, last: u64) -> Self {
+    /// `origin` is the first draft's `id` and `timestamp` (the stream's).
+    pub fn resuming(labels: Labels, text: String, first: u64, last: u64, origin: Origin) -> Self {
         let mut transcript = Transcript::new(labels);
-        transcript.streamed = Some(OpenStream { text, first, last });
+        transcript.streamed = Some(OpenStream { text, first, last, origin });
         transcript
     }
 
@@ -154,8 +179,12 @@ impl Transcript {
                     undrafted.last = seq;
                     undrafted.deltas += 1;
                 }
-                let merged =
-                    self.streamed.get_or_insert_with(|| OpenStream { text: String::new(), first: seq, last: seq });
+                let merged = self.streamed.get_or_insert_with(|| OpenStream {
+                    text: String::new(),
+                    first: seq,
+                    last: seq,
+                    origin: Origin::of(&body.json),
+                });
                 merged.text.push_str(&text);
                 merged.last = seq;
                 if merged.text.len() >= self.merge_limit {
@@ -180,7 +209,8 @@ impl Transcript {
             return;
         }
         if let Some(Undrafted { text, last, .. }) = self.undrafted.take() {
-            rows.push(self.row(last, DRAFT_PART, self.assistant_text(text)));
+            let origin = self.streamed.as_ref().map(|s| s.origin.clone()).unwrap_or_default();
+            rows.push(self.row(last, DRAFT_PART, self.assistant_text(text, &origin)));
         }
     }
 
@@ -192,15 +222,23 @@ impl Transcript {
     /// The merged text of pending deltas, stored at `seq` (default: the last
     /// delta's); it supersedes the stream's drafts.
     fn streamed_row(&mut self, seq: Option<u64>) -> Option<HistoryRow> {
-        let OpenStream { text, first, last } = self.streamed.take()?;
+        let OpenStream { text, first, last, origin } = self.streamed.take()?;
         self.undrafted = None;
-        let mut row = self.row(seq.unwrap_or(last), EVENT_PART, self.assistant_text(text));
+        let mut row = self.row(seq.unwrap_or(last), EVENT_PART, self.assistant_text(text, &origin));
         row.supersedes_drafts_from = Some(first);
         Some(row)
     }
 
-    fn assistant_text(&self, text: String) -> EventBody {
-        self.labels.label(object(json!({ "kind": "text", "role": "assistant", "content": text })))
+    /// The stream's merged text, with its first delta's id and timestamp (fresh ones when unknown).
+    fn assistant_text(&self, text: String, origin: &Origin) -> EventBody {
+        let mut fields = object(json!({ "kind": "text", "role": "assistant", "content": text }));
+        if let Some(id) = &origin.id {
+            fields.insert("id".into(), Value::String(id.clone()));
+        }
+        if let Some(timestamp) = &origin.timestamp {
+            fields.insert("timestamp".into(), Value::String(timestamp.clone()));
+        }
+        self.labels.label(fields)
     }
 
     fn row(&self, seq: u64, part: u8, body: EventBody) -> HistoryRow {
@@ -306,6 +344,29 @@ mod tests {
     }
 
     #[test]
+    fn a_merged_text_and_its_drafts_carry_the_first_chunk_s_id_and_time() {
+        let labels = labels();
+        let mut transcript = Transcript::new(labels.clone()).drafting(Some(EVERY_BATCH));
+        let mut rows = Vec::new();
+        let first = delta(&labels, "a");
+        let origin = Origin::of(&first.json);
+        assert!(origin.id.is_some() && origin.timestamp.is_some());
+        transcript.record(&first, 1, Some("a".into()), &mut rows);
+        std::thread::sleep(Duration::from_millis(5));
+        transcript.record(&delta(&labels, "b"), 2, Some("b".into()), &mut rows);
+        transcript.end_batch(Instant::now(), &mut rows);
+        transcript.record(&labels.label(object(json!({ "kind": "stream_end" }))), 3, None, &mut rows);
+        assert_eq!(rows.len(), 2, "a draft, then the merged text");
+        for row in &rows {
+            let body: Value = serde_json::from_str(&row.body).unwrap();
+            assert_eq!(
+                (body["id"].as_str(), body["timestamp"].as_str()),
+                (origin.id.as_deref(), origin.timestamp.as_deref())
+            );
+        }
+    }
+
+    #[test]
     fn open_streams_leave_a_draft_per_batch_that_their_merged_text_supersedes() {
         // Deltas were stored only at their stream_end: a stream cut with its owner was in SQL
         // only as far as the replay stream still held it.
@@ -376,7 +437,7 @@ mod tests {
     #[test]
     fn a_resumed_stream_merges_its_drafts_with_the_deltas_after_them() {
         let labels = labels();
-        let mut transcript = Transcript::resuming(labels.clone(), "abc".into(), 2, 4);
+        let mut transcript = Transcript::resuming(labels.clone(), "abc".into(), 2, 4, Origin::default());
         let mut rows = Vec::new();
         transcript.record(&delta(&labels, "d"), 5, Some("d".into()), &mut rows);
         transcript.record(&labels.label(object(json!({ "kind": "stream_end" }))), 6, None, &mut rows);

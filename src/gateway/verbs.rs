@@ -319,7 +319,7 @@ impl Gateway {
                 replay_truncated,
             ));
             for event in replay {
-                conn.send(event.frame);
+                conn.send_event(event.frame);
             }
             let mut live = subscription.live;
             live.raise_floor(last_seq);

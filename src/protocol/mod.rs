@@ -10,6 +10,6 @@ mod outbound;
 
 pub use inbound::{Inbound, PermissionAnswer, SubscribeTarget, parse_inbound};
 pub use outbound::{
-    ErrorCode, EventBody, Frame, ProtocolError, chat_subscribed, connected, now_iso, protocol_error, sequenced,
-    session_upserted,
+    ErrorCode, EventBody, Frame, ProtocolError, chat_subscribed, connected, for_upstream_client, gateway_id, now_iso,
+    protocol_error, sequenced, session_upserted,
 };

@@ -117,6 +117,7 @@ pub fn now_iso() -> String {
 pub fn protocol_error(code: ErrorCode, error: &str, session_id: Option<&str>) -> Frame {
     Frame::from(
         json!({
+            "id": gateway_id("protocol_error"),
             "kind": "protocol_error",
             "code": code.as_str(),
             "error": error,
@@ -138,6 +139,7 @@ pub fn chat_subscribed(
 ) -> Frame {
     Frame::from(
         json!({
+            "id": gateway_id("chat_subscribed"),
             "kind": "chat_subscribed",
             "sessionId": session_id,
             "isProcessing": is_processing,
@@ -151,20 +153,83 @@ pub fn chat_subscribed(
     )
 }
 
-/// `connected` frame (addition): the first frame of every socket, naming the node serving it.
+/// `connected` frame (addition): the first frame of a socket that opted in
+/// (`/ws?…&hello=1`), naming the node serving it.
 pub fn connected(node_id: &str) -> Frame {
-    Frame::from(json!({ "kind": "connected", "nodeId": node_id, "timestamp": now_iso() }).to_string())
+    Frame::from(
+        json!({ "id": gateway_id("connected"), "kind": "connected", "nodeId": node_id, "timestamp": now_iso() })
+            .to_string(),
+    )
+}
+
+/// A fresh string id for a gateway frame: upstream's client keeps frames it
+/// does not act on as chat rows, and its store merges rows by a string `id`.
+pub fn gateway_id(kind: &str) -> String {
+    format!("{kind}_{}", uuid::Uuid::new_v4())
+}
+
+/// What a socket that did not opt into chatgate's additions gets for a
+/// sequenced event frame: `permission_resolved` (a kind upstream's client does
+/// not know) becomes the `permission_cancelled` upstream's client does handle
+/// (it drops the pending approval), with the same id, seq and requestId and
+/// `reason: "resolved"`; every other frame is passed through.
+pub fn for_upstream_client(frame: Frame) -> Frame {
+    if !frame.as_str().contains("\"kind\":\"permission_resolved\"") {
+        return frame;
+    }
+    match serde_json::from_str::<Value>(frame.as_str()) {
+        Ok(Value::Object(mut object)) if object.get("kind") == Some(&Value::from("permission_resolved")) => {
+            object.insert("kind".into(), Value::from("permission_cancelled"));
+            object.insert("reason".into(), Value::from("resolved"));
+            Frame::from(Value::Object(object).to_string())
+        }
+        _ => frame,
+    }
 }
 
 /// `session_upserted` frame, sent to the owning user's sockets only.
-pub fn session_upserted(session_id: &str, provider: &str, provider_session_id: Option<&str>, session: &Value) -> Frame {
+///
+/// `session` is chatgate's `Session` object; upstream's sidebar fields are
+/// added beside its own: `session.id`, `session.messageCount` (the
+/// conversation rows `GET …/messages` counts), `session.lastActivity` (its
+/// `updatedAt`), and `project` shaped as upstream shapes it
+/// (`{projectId, path, fullPath, displayName, isStarred}`, or null without a
+/// project path).
+pub fn session_upserted(
+    session_id: &str,
+    provider: &str,
+    provider_session_id: Option<&str>,
+    session: &Value,
+    message_count: i64,
+) -> Frame {
+    let mut session = session.clone();
+    let project_path = session["projectPath"].as_str().map(str::to_string);
+    if let Value::Object(object) = &mut session {
+        object.insert("id".into(), Value::from(session_id));
+        object.insert("messageCount".into(), Value::from(message_count));
+        let last_activity = object.get("updatedAt").cloned().unwrap_or(Value::Null);
+        object.insert("lastActivity".into(), last_activity);
+        object.entry("summary").or_insert(Value::Null);
+    }
+    let project = match project_path.filter(|p| !p.is_empty()) {
+        Some(path) => {
+            let display = std::path::Path::new(&path)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| path.clone());
+            json!({ "projectId": path, "path": path, "fullPath": path, "displayName": display, "isStarred": false })
+        }
+        None => Value::Null,
+    };
     Frame::from(
         json!({
+            "id": gateway_id("session_upserted"),
             "kind": "session_upserted",
             "sessionId": session_id,
             "provider": provider,
             "providerSessionId": provider_session_id,
             "session": session,
+            "project": project,
             "timestamp": now_iso(),
         })
         .to_string(),

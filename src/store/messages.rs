@@ -36,6 +36,22 @@ pub struct HistoryRow {
 pub struct MessagePage {
     pub messages: Vec<Value>,
     pub total: i64,
+    /// The highest seq of any stored event of the session (every kind, listed
+    /// or not): a client resumes its live stream after it.
+    pub last_seq: u64,
+}
+
+/// The kinds `GET …/messages` lists: the conversation (docs/protocol.md §History).
+pub const CONVERSATION_KINDS: &[&str] =
+    &["text", "thinking", "tool_use", "tool_result", "error", "interactive_prompt", "task_notification"];
+
+/// Which stored rows [`Store::messages`] lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryView {
+    /// The conversation only, as upstream's transcript-based history: what `GET …/messages` serves.
+    Conversation,
+    /// Every stored event (`complete`, `status`, `permission_*` too): `GET …/messages?kinds=all`.
+    All,
 }
 
 impl Store {
@@ -126,6 +142,11 @@ impl Store {
         Ok(())
     }
 
+    /// How many rows `GET …/messages` lists for the session (its conversation).
+    pub async fn conversation_count(&self, session_id: &str) -> Result<i64, StoreError> {
+        Ok(self.messages(session_id, Some(0), 0, HistoryView::Conversation).await?.total)
+    }
+
     /// Drafts of a session with seqs in `from..=to`, by seq: (seq, body).
     pub async fn drafts(&self, session_id: &str, from: u64, to: u64) -> Result<Vec<(u64, String)>, StoreError> {
         let rows = sqlx::query(
@@ -148,29 +169,55 @@ impl Store {
 
     /// A page counted from the newest (offset 0 = newest page), oldest first
     /// inside it, as upstream. `limit: None` returns everything after `offset`.
-    /// Drafts are not history: neither listed nor counted.
-    pub async fn messages(&self, session_id: &str, limit: Option<i64>, offset: i64) -> Result<MessagePage, StoreError> {
-        // The count comes from the same statement (one snapshot) as the page.
-        let rows = sqlx::query(
+    /// Drafts are not history: neither listed nor counted. With
+    /// [`HistoryView::Conversation`] only the conversation's kinds
+    /// ([`CONVERSATION_KINDS`]) are listed and counted; [`HistoryView::All`]
+    /// is the gateway's full record (every stored event, `complete` included).
+    pub async fn messages(
+        &self,
+        session_id: &str,
+        limit: Option<i64>,
+        offset: i64,
+        view: HistoryView,
+    ) -> Result<MessagePage, StoreError> {
+        let filter = match view {
+            HistoryView::All => String::new(),
+            HistoryView::Conversation => {
+                let kinds: Vec<String> = CONVERSATION_KINDS.iter().map(|k| format!("'{k}'")).collect();
+                format!(" AND kind IN ({})", kinds.join(", "))
+            }
+        };
+        // `filter` is built from constants only (no input reaches the SQL text).
+        // The count and the last seq come from the same statement (one snapshot) as the page.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT seq, part, body, \
-             (SELECT COUNT(*) FROM messages WHERE session_id = $1 AND part < $4) AS total \
-             FROM messages WHERE session_id = $1 AND part < $4 ORDER BY seq DESC, part DESC LIMIT $2 OFFSET $3",
-        )
+             (SELECT COUNT(*) FROM messages WHERE session_id = $1 AND part < $4{filter}) AS total, \
+             (SELECT MAX(seq) FROM messages WHERE session_id = $1 AND part = $5) AS top \
+             FROM messages WHERE session_id = $1 AND part < $4{filter} ORDER BY seq DESC, part DESC LIMIT $2 OFFSET $3",
+        )))
         .bind(session_id)
         .bind(limit.unwrap_or(i64::MAX))
         .bind(offset)
         .bind(i64::from(DRAFT_PART))
+        .bind(i64::from(EVENT_PART))
         .fetch_all(&self.pool)
         .await?;
-        let total: i64 = match rows.first() {
-            Some(row) => row.try_get("total")?,
-            None => sqlx::query("SELECT COUNT(*) AS n FROM messages WHERE session_id = $1 AND part < $2")
+        let (total, top): (i64, Option<i64>) = match rows.first() {
+            Some(row) => (row.try_get("total")?, row.try_get("top")?),
+            None => {
+                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT (SELECT COUNT(*) FROM messages WHERE session_id = $1 AND part < $2{filter}) AS n, \
+                     (SELECT MAX(seq) FROM messages WHERE session_id = $1 AND part = $3) AS top",
+                )))
                 .bind(session_id)
                 .bind(i64::from(DRAFT_PART))
+                .bind(i64::from(EVENT_PART))
                 .fetch_one(&self.pool)
-                .await?
-                .try_get("n")?,
+                .await?;
+                (row.try_get("n")?, row.try_get("top")?)
+            }
         };
+        let last_seq = top.and_then(|t| u64::try_from(t).ok()).unwrap_or(0);
         let mut messages = Vec::with_capacity(rows.len());
         for row in rows.iter().rev() {
             let seq: i64 = row.try_get("seq")?;
@@ -183,6 +230,6 @@ impl Store {
             object.insert("seq".into(), if part == i64::from(EVENT_PART) { Value::from(seq) } else { Value::Null });
             messages.push(Value::Object(object));
         }
-        Ok(MessagePage { messages, total })
+        Ok(MessagePage { messages, total, last_seq })
     }
 }

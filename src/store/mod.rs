@@ -15,7 +15,7 @@ use sqlx::{
     any::{AnyConnectOptions, AnyPoolOptions},
 };
 
-pub use messages::{DRAFT_PART, EVENT_PART, HistoryRow, MessagePage, PROMPT_PART};
+pub use messages::{CONVERSATION_KINDS, DRAFT_PART, EVENT_PART, HistoryRow, HistoryView, MessagePage, PROMPT_PART};
 pub use sessions::{NewSession, SessionRow};
 
 /// Database failures.

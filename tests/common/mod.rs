@@ -166,10 +166,10 @@ impl TestNode {
         (status, response.text().await.unwrap())
     }
 
-    /// `GET …/messages` with everything (no limit), `data` of the envelope.
+    /// `GET …/messages?kinds=all` (every stored event, `complete` included; no limit), `data` of the envelope.
     pub async fn history(&self, token: &str, session: &str) -> Value {
         let (status, body) =
-            self.request("GET", &format!("/api/providers/sessions/{session}/messages"), token, None).await;
+            self.request("GET", &format!("/api/providers/sessions/{session}/messages?kinds=all"), token, None).await;
         assert_eq!(status, 200, "{body}");
         body["data"].clone()
     }
@@ -213,6 +213,15 @@ impl TestNode {
         Ws::connect(&format!("{}?token={token}", self.ws_url)).await
     }
 
+    /// A socket as upstream's client opens it (no `hello=1`: no `connected` frame) and the
+    /// `X-Chatgate-Node` header of its upgrade response.
+    pub async fn connect_upstream(&self, token: &str) -> (Ws, Option<String>) {
+        let url = format!("{}?token={token}", self.ws_url);
+        let (stream, response) = tokio_tungstenite::connect_async(url).await.expect("websocket connects");
+        let node = response.headers().get("x-chatgate-node").and_then(|v| v.to_str().ok()).map(str::to_string);
+        (Ws { stream, node_id: String::new() }, node)
+    }
+
     /// An upgrade with extra headers (and the token in the query when given).
     pub async fn try_connect(&self, token: Option<&str>, headers: &[(&str, &str)]) -> Result<Ws, tungstenite::Error> {
         let url = match token {
@@ -230,6 +239,12 @@ impl TestNode {
     }
 }
 
+/// `url` asking for chatgate's additions (`hello=1`: the `connected` frame first).
+pub fn with_hello(url: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}hello=1")
+}
+
 /// A WebSocket test client.
 pub struct Ws {
     pub stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
@@ -241,9 +256,9 @@ pub struct Ws {
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Ws {
-    /// Connects and reads the `connected {nodeId}` frame every socket opens with.
+    /// Connects with `hello=1` and reads the `connected {nodeId}` frame that opts in to.
     pub async fn connect(url: &str) -> Ws {
-        let (stream, _) = tokio_tungstenite::connect_async(url).await.expect("websocket connects");
+        let (stream, _) = tokio_tungstenite::connect_async(with_hello(url)).await.expect("websocket connects");
         let mut ws = Ws { stream, node_id: String::new() };
         let hello = ws.recv().await;
         assert_eq!(hello["kind"], "connected", "first frame: {hello}");
@@ -252,7 +267,7 @@ impl Ws {
     }
 
     pub async fn try_connect(url: &str, headers: &[(&str, &str)]) -> Result<Ws, tungstenite::Error> {
-        let mut request = url.into_client_request()?;
+        let mut request = with_hello(url).into_client_request()?;
         for (name, value) in headers {
             request.headers_mut().insert(
                 tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),

@@ -195,7 +195,8 @@ impl Gateway {
 
     /// The session's stored history, once it holds `completes` complete events.
     pub async fn history(&self, session: &str, completes: usize) -> Vec<Value> {
-        let path = format!("/api/providers/sessions/{session}/messages");
+        // The full record (`kinds=all`): the runs' `complete` rows too.
+        let path = format!("/api/providers/sessions/{session}/messages?kinds=all");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let (status, body) = rest(&self.http, &self.node.base, "GET", &path, &self.token, None).await;

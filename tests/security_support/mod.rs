@@ -36,7 +36,7 @@ impl Endpoint {
 
     /// A socket with Nagle off (many small frames in a row), past its `connected` frame.
     pub async fn connect(&self, token: &str) -> Ws {
-        let url = format!("{}?token={token}", self.ws_url);
+        let url = crate::common::with_hello(&format!("{}?token={token}", self.ws_url));
         let (stream, _) =
             tokio_tungstenite::connect_async_with_config(url, None, true).await.expect("websocket connects");
         let mut ws = Ws { stream, node_id: String::new() };
@@ -47,7 +47,8 @@ impl Endpoint {
     }
 
     pub async fn history(&self, token: &str, session: &str) -> Vec<Value> {
-        let (status, body) = self.request("GET", &format!("{SESSIONS}/{session}/messages"), token, None).await;
+        let (status, body) =
+            self.request("GET", &format!("{SESSIONS}/{session}/messages?kinds=all"), token, None).await;
         assert_eq!(status, 200, "{body}");
         body["data"]["messages"].as_array().cloned().unwrap_or_default()
     }
@@ -302,6 +303,7 @@ impl Intruder {
         let normalize = |frame: &Value, id: &str| {
             let mut frame = frame.clone();
             frame["timestamp"] = Value::Null;
+            frame["id"] = Value::Null;
             frame.to_string().replace(id, "ID")
         };
         let templates = [

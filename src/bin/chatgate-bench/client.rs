@@ -190,7 +190,7 @@ pub async fn connect(addr: SocketAddr, token: &str, source: Option<IpAddr>) -> a
     }
     let stream = socket.connect(addr).await?;
     stream.set_nodelay(true)?;
-    let url = format!("ws://{addr}/ws?token={token}");
+    let url = format!("ws://{addr}/ws?token={token}&hello=1");
     let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await?;
     // Every socket opens with `connected {nodeId}`.
     let hello = recv(&mut ws, Duration::from_secs(10)).await?;

@@ -102,7 +102,9 @@ function setup(options = {}) {
     if (options.fetchFails) return { ok: false, status: 503, json: async () => ({ success: false, error: { code: 'X', message: 'down' } }) };
     const id = decodeURIComponent(url.match(/sessions\/([^/]+)\/messages/)?.[1] ?? '');
     const messages = history[id] ?? [];
-    return { ok: true, status: 200, json: async () => ({ success: true, data: { messages, total: messages.length } }) };
+    const data = { messages, total: messages.length };
+    if (options.historyLastSeq) data.lastSeq = options.historyLastSeq[id];
+    return { ok: true, status: 200, json: async () => ({ success: true, data }) };
   };
   const client = new ChatgateClient({
     token: options.token ?? 'tok',
@@ -134,7 +136,7 @@ test('connects with the token and reports the serving node id', async () => {
   const { client, socket, seen } = setup({ token: 'a b' });
   client.connect();
   await settle();
-  assert.equal(socket().url, 'ws://gw/ws?token=a%20b');
+  assert.equal(socket().url, 'ws://gw/ws?token=a%20b&hello=1');
   socket().accept('local-2');
   assert.equal(client.nodeId, 'local-2');
   assert.equal(client.state, State.OPEN);
@@ -295,7 +297,7 @@ test('replayTruncated reloads the history over REST, then continues after its la
   socket().push(event('s', 55)); // what was left of the window: not delivered, history covers it
   await timers.advance(1000);
   assert.equal(fetches.length, 1);
-  assert.match(fetches[0].url, /^http:\/\/gw\/api\/providers\/sessions\/s\/messages$/);
+  assert.match(fetches[0].url, /^http:\/\/gw\/api\/providers\/sessions\/s\/messages\?kinds=all$/);
   assert.equal(fetches[0].init.headers.authorization, 'Bearer tok');
   assert.equal(seen.history.length, 1);
   assert.equal(seen.history[0].messages.length, 5);
@@ -304,6 +306,23 @@ test('replayTruncated reloads the history over REST, then continues after its la
   socket().push(ack('s', 70, { isProcessing: true }));
   for (let seq = 61; seq <= 70; seq += 1) socket().push(event('s', seq));
   assert.deepEqual(seqsOf(seen.events, 's'), [61, 62, 63, 64, 65, 66, 67, 68, 69, 70]);
+});
+
+test('a history page whose lastSeq is past its rows resumes from lastSeq', async () => {
+  // Upstream's plain history lists the conversation only: the run's complete (seq 9) is not a row.
+  const history = { s: [{ kind: 'text', role: 'user', content: 'x', seq: null }, { kind: 'text', seq: 7 }] };
+  const { client, socket, seen, timers } = setup({ history, historyLastSeq: { s: 9 } });
+  client.connect();
+  await settle();
+  socket().accept();
+  client.subscribe('s');
+  await timers.advance(10);
+  assert.equal(seen.history[0].lastSeq, 9);
+  assert.deepEqual(socket().ofType('chat.subscribe').at(-1).sessions, [{ sessionId: 's', lastSeq: 9 }]);
+  // The idle ack at the same seq is no missed run: no second reload.
+  socket().push(ack('s', 9, { isProcessing: false }));
+  await timers.advance(10);
+  assert.equal(seen.history.length, 1);
 });
 
 test('subscribe without lastSeq loads history first, then subscribes from it', async () => {
@@ -427,7 +446,7 @@ test('4401 calls the token function for a fresh token and reconnects with it', a
   assert.equal(seen.closes.at(-1).code, 4401);
   await timers.advance(100);
   assert.deepEqual(reasons, ['connect', 'expired']);
-  assert.equal(socket().url, 'ws://gw/ws?token=t2');
+  assert.equal(socket().url, 'ws://gw/ws?token=t2&hello=1');
 });
 
 test('4401 with a fixed token stops until setToken', async () => {
@@ -443,7 +462,7 @@ test('4401 with a fixed token stops until setToken', async () => {
   client.setToken('new');
   await settle();
   assert.equal(FakeSocket.all.length, 2);
-  assert.equal(socket().url, 'ws://gw/ws?token=new');
+  assert.equal(socket().url, 'ws://gw/ws?token=new&hello=1');
 });
 
 test('1008 (Origin refused) does not reconnect; 1012 and 4008 reconnect promptly', async () => {

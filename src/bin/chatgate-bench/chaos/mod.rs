@@ -195,9 +195,9 @@ impl Ctx {
         None
     }
 
-    /// A session's whole history, oldest first.
+    /// A session's whole record (`kinds=all`: every stored event, each `complete` too), oldest first.
     pub async fn history(&self, user: usize, session: &str) -> Option<Vec<Value>> {
-        let body = self.get_json(user, &format!("/api/providers/sessions/{session}/messages")).await?;
+        let body = self.get_json(user, &format!("/api/providers/sessions/{session}/messages?kinds=all")).await?;
         body["data"]["messages"].as_array().cloned()
     }
 }

@@ -156,7 +156,7 @@ impl Peer {
             Target::Balancer => self.ctx.lb_port,
             Target::Node(i) => self.ctx.node_ports[i],
         };
-        let url = format!("ws://127.0.0.1:{port}/ws?token={}", self.ctx.tokens[self.session.user]);
+        let url = format!("ws://127.0.0.1:{port}/ws?token={}&hello=1", self.ctx.tokens[self.session.user]);
         let attempt = async {
             let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
             loop {
