@@ -17,7 +17,7 @@ mod common;
 #[path = "common/real_cli.rs"]
 mod real_cli;
 
-use std::ffi::OsString;
+use std::{ffi::OsString, path::PathBuf};
 
 use real_cli::{Approvals, Gateway, ModelStandin, TURN_TIMEOUT, assert_no_process_in, find_cli, of, read, turn};
 use serde_json::{Value, json};
@@ -53,12 +53,28 @@ fn responses_requests(standin: &ModelStandin) -> Vec<Value> {
     standin.received().into_iter().filter(|r| r["url"].as_str().unwrap_or_default().ends_with("/responses")).collect()
 }
 
+/// A directory for the test's files that is not under the temporary directory:
+/// the target directory's, unless the checkout itself lies under /tmp (a CI
+/// clone), then one under `$HOME/.cache`.
+fn base_outside_tmp() -> PathBuf {
+    let tmp = std::fs::canonicalize(std::env::temp_dir()).unwrap_or_else(|_| std::env::temp_dir());
+    let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let target_real = std::fs::canonicalize(&target).unwrap_or_else(|_| target.clone());
+    if !target_real.starts_with(&tmp) {
+        return target;
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    let base = home.join(".cache").join("chatgate-tests");
+    std::fs::create_dir_all(&base).unwrap();
+    base
+}
+
 /// One session under `--sandbox <sandbox>`, every turn with `options`.
 async fn codex_session(sandbox: &str, options: Value) {
     let Some(codex) = find_cli("codex", "CHATGATE_TEST_CODEX_DIR", "Codex CLI", "codex-cli") else { return };
     // Not under /tmp: Codex refuses to set up its helper binaries under a temporary
     // directory, and its own sandbox cannot run commands without them.
-    let dir = tempfile::Builder::new().prefix("real-codex-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tempfile::Builder::new().prefix("real-codex-").tempdir_in(base_outside_tmp()).unwrap();
     let root = std::fs::canonicalize(dir.path()).unwrap();
     let standin = ModelStandin::start(&root, PROBE);
     let args: Vec<OsString> = vec![
