@@ -258,7 +258,7 @@ impl Socket {
             user,
             owned: owned.iter().copied().collect(),
             sendable: sendable.iter().copied().collect(),
-            conn: Arc::new(Connection::new(user.to_string(), outbox.clone())),
+            conn: Arc::new(Connection::new(user.to_string(), outbox.clone(), true)),
             outbox,
             stalled: false,
             attached: HashSet::new(),
@@ -273,7 +273,7 @@ impl Socket {
     /// The socket was closed (slow consumer): the client reconnects with a fresh one.
     fn reconnect(&mut self) {
         self.outbox = Arc::new(Outbox::new(SEND_QUEUE_BYTES));
-        self.conn = Arc::new(Connection::new(self.user.to_string(), self.outbox.clone()));
+        self.conn = Arc::new(Connection::new(self.user.to_string(), self.outbox.clone(), true));
         self.attached.clear();
         self.cursor.clear();
         self.completed_runs.clear();
