@@ -34,10 +34,12 @@ pub struct Bwrap {
     program: PathBuf,
     ro_paths: Vec<PathBuf>,
     protected: Vec<PathBuf>,
-    /// `/etc/passwd` and `/etc/group` naming the sandbox user (bound over the host's).
-    passwd: PathBuf,
-    group: PathBuf,
-    /// Keeps the directory of `passwd` and `group` for the node's lifetime.
+    /// The run-independent start of every command line ([`fixed_args`]), made
+    /// once: it binds generated `/etc/passwd` and `/etc/group` naming the sandbox user.
+    fixed_args: Vec<OsString>,
+    /// The system directories `fixed_args` binds read-only.
+    system_read_only: Vec<PathBuf>,
+    /// Keeps the directory of the passwd files for the node's lifetime.
     _files: tempfile::TempDir,
 }
 
@@ -62,7 +64,8 @@ impl Bwrap {
         .and_then(|()| std::fs::write(&group, format!("root:x:0:\nchatgate:x:{SANDBOX_ID}:\nnogroup:x:65534:\n")))
         .map_err(|e| format!("cannot write its passwd files: {e}"))?;
         let ro_paths = ro_paths.iter().filter_map(|p| std::fs::canonicalize(p).ok()).collect();
-        let bwrap = Bwrap { program, ro_paths, protected, passwd, group, _files: files };
+        let (fixed_args, system_read_only) = fixed_args(&passwd, &group);
+        let bwrap = Bwrap { program, ro_paths, protected, fixed_args, system_read_only, _files: files };
         bwrap.probe().await?;
         Ok(bwrap)
     }
@@ -98,34 +101,8 @@ impl Bwrap {
 
     /// bwrap's arguments (before `--`) for running `program` in `cwd`.
     pub fn args(&self, program: &Path, project: &Path, home: &Path, cwd: &Path) -> Vec<OsString> {
-        let mut args = Args::default();
-        args.flag("--die-with-parent");
-        args.flag("--unshare-all");
-        args.flag("--share-net");
-        args.flag("--unshare-user");
-        args.pair("--uid", SANDBOX_ID);
-        args.pair("--gid", SANDBOX_ID);
-        args.pair("--hostname", "sandbox");
-        if nix::unistd::geteuid().is_root() {
-            // bwrap started by root keeps capabilities unless told otherwise.
-            args.pair("--cap-drop", "ALL");
-        }
-        let mut read_only: Vec<PathBuf> = Vec::new();
-        for dir in SYSTEM_DIRS.map(Path::new) {
-            match std::fs::read_link(dir) {
-                Ok(target) => args.triple("--symlink", target, dir),
-                Err(_) if dir.is_dir() => {
-                    args.triple("--ro-bind", dir, dir);
-                    read_only.push(dir.to_path_buf());
-                }
-                Err(_) => {}
-            }
-        }
-        args.triple("--ro-bind", &self.passwd, "/etc/passwd");
-        args.triple("--ro-bind", &self.group, "/etc/group");
-        args.pair("--proc", "/proc");
-        args.pair("--dev", "/dev");
-        args.pair("--tmpfs", "/tmp");
+        let mut args = Args(self.fixed_args.clone());
+        let mut read_only = self.system_read_only.clone();
         for dir in program_dirs(program).into_iter().chain(self.ro_paths.iter().cloned()) {
             if !read_only.iter().any(|bound| dir.starts_with(bound)) {
                 args.triple("--ro-bind", &dir, &dir);
@@ -155,6 +132,41 @@ impl Bwrap {
             }
         }
     }
+}
+
+/// The part of every sandbox's command line that does not depend on the run:
+/// namespaces, identity, system directories, passwd files, `/proc`, `/dev`,
+/// `/tmp`. Returns the arguments and the system directories bound read-only.
+fn fixed_args(passwd: &Path, group: &Path) -> (Vec<OsString>, Vec<PathBuf>) {
+    let mut args = Args::default();
+    args.flag("--die-with-parent");
+    args.flag("--unshare-all");
+    args.flag("--share-net");
+    args.flag("--unshare-user");
+    args.pair("--uid", SANDBOX_ID);
+    args.pair("--gid", SANDBOX_ID);
+    args.pair("--hostname", "sandbox");
+    if nix::unistd::geteuid().is_root() {
+        // bwrap started by root keeps capabilities unless told otherwise.
+        args.pair("--cap-drop", "ALL");
+    }
+    let mut read_only: Vec<PathBuf> = Vec::new();
+    for dir in SYSTEM_DIRS.map(Path::new) {
+        match std::fs::read_link(dir) {
+            Ok(target) => args.triple("--symlink", target, dir),
+            Err(_) if dir.is_dir() => {
+                args.triple("--ro-bind", dir, dir);
+                read_only.push(dir.to_path_buf());
+            }
+            Err(_) => {}
+        }
+    }
+    args.triple("--ro-bind", passwd, "/etc/passwd");
+    args.triple("--ro-bind", group, "/etc/group");
+    args.pair("--proc", "/proc");
+    args.pair("--dev", "/dev");
+    args.pair("--tmpfs", "/tmp");
+    (args.0, read_only)
 }
 
 /// A bwrap argument list.

@@ -85,6 +85,11 @@ pub struct Containment {
     env: EnvPolicy,
     limits: Option<RunLimits>,
     cgroups: Option<CgroupBase>,
+    /// Without bwrap (which drops them itself) a CLI started by root would keep
+    /// every capability, CAP_SYS_PTRACE among them: enough to read the
+    /// non-dumpable gateway's memory and environment. `Some(last capability)`
+    /// when the CLIs' bounding set must be emptied; decided once at start.
+    drop_caps_to: Option<u32>,
 }
 
 /// What a node's containment is built from (the flags).
@@ -126,13 +131,21 @@ impl Containment {
         let mode = if bwrap.is_some() { SandboxMode::Bwrap } else { SandboxMode::None };
         let cgroups = tokio::task::spawn_blocking(CgroupBase::detect).await.ok().flatten();
         tracing::info!(sandbox = mode.as_str(), run_cgroups = cgroups.is_some(), "provider CLI containment");
-        Ok(Containment { mode, bwrap, env: options.env, limits: Some(options.limits), cgroups })
+        let drop_caps_to = (bwrap.is_none() && nix::unistd::geteuid().is_root()).then(last_capability);
+        Ok(Containment { mode, bwrap, env: options.env, limits: Some(options.limits), cgroups, drop_caps_to })
     }
 
     /// No sandbox, no bounds, the allow-listed environment with the gateway's
     /// own `HOME`: for runtimes driven outside a node (tests, tools).
     pub fn unconfined() -> Containment {
-        Containment { mode: SandboxMode::None, bwrap: None, env: EnvPolicy::default(), limits: None, cgroups: None }
+        Containment {
+            mode: SandboxMode::None,
+            bwrap: None,
+            env: EnvPolicy::default(),
+            limits: None,
+            cgroups: None,
+            drop_caps_to: None,
+        }
     }
 
     pub fn mode(&self) -> SandboxMode {
@@ -212,10 +225,7 @@ impl Launch {
         };
         if let Some(limits) = containment.limits {
             let cgroup = cgroup.clone();
-            // Without bwrap (which drops them itself) a CLI started by root would
-            // keep every capability, CAP_SYS_PTRACE among them: enough to read the
-            // non-dumpable gateway's memory and environment.
-            let drop_caps_to = (containment.bwrap.is_none() && nix::unistd::geteuid().is_root()).then(last_capability);
+            let drop_caps_to = containment.drop_caps_to;
             // SAFETY: the closure runs between fork and exec and only makes
             // system calls (setrlimit, write on descriptors opened before the
             // fork, prctl).
