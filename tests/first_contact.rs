@@ -19,13 +19,13 @@ use common::{Db, NodeProcess, TestNode};
 
 const BIN: &str = env!("CARGO_BIN_EXE_chatgate");
 
-/// A quick-start node (no secret, no Redis) on `dir`'s SQLite database; its
-/// stdout lines until the token line.
-fn quick_start(dir: &Path) -> (std::process::Child, String, String, Vec<String>) {
+/// Starts a quick-start node (no secret, no Redis) on `dir`'s SQLite database,
+/// stdout piped; returns it and its port.
+fn spawn_quick_start(dir: &Path) -> (std::process::Child, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let workspaces = dir.join("workspaces");
     std::fs::create_dir_all(&workspaces).unwrap();
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .arg("--database-url")
         .arg(format!("sqlite://{}?mode=rwc", dir.join("chatgate.db").display()))
@@ -40,6 +40,13 @@ fn quick_start(dir: &Path) -> (std::process::Child, String, String, Vec<String>)
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    (child, port)
+}
+
+/// A quick-start node (no secret, no Redis) on `dir`'s SQLite database; its
+/// stdout lines until the token line.
+fn quick_start(dir: &Path) -> (std::process::Child, String, String, Vec<String>) {
+    let (mut child, port) = spawn_quick_start(dir);
     let mut reader = BufReader::new(child.stdout.take().unwrap());
     let mut lines = Vec::new();
     let token = loop {
@@ -111,23 +118,7 @@ async fn the_quick_start_secret_outlives_a_restart_and_token_finds_it() {
 #[tokio::test]
 async fn a_closed_stdout_does_not_take_the_node_down() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    std::fs::create_dir_all(dir.path().join("workspaces")).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .arg("--database-url")
-        .arg(format!("sqlite://{}?mode=rwc", dir.path().join("chatgate.db").display()))
-        .arg("--workspaces-root")
-        .arg(dir.path().join("workspaces"))
-        .arg("--homes-root")
-        .arg(dir.path().join("homes"))
-        .env_remove("REDIS_URL")
-        .env_remove("CHATGATE_JWT_SECRET")
-        .env_remove("DATABASE_URL")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut child, port) = spawn_quick_start(dir.path());
     drop(child.stdout.take());
     let base = format!("http://127.0.0.1:{port}");
     let mut ready = false;
