@@ -61,14 +61,29 @@ ensure_nginx() {
 }
 
 ensure_real_clis() {
-  # The real Claude Code and Codex CLIs of tests/real_claude.rs and tests/real_codex.rs, pinned in
-  # tests/real-cli/package-lock.json.
+  # The real Claude Code, Codex, Gemini CLI and OpenCode of tests/real_*.rs, pinned in
+  # tests/real-cli/package-lock.json, installed once per machine into a cache outside the
+  # checkout (one directory per lockfile content) and reused by every later run and clone.
   if [ "${CHATGATE_SKIP_REAL_CLIS:-}" = 1 ]; then return; fi
   if ! command -v npm >/dev/null; then log "installing Node.js and npm"; apt_install nodejs npm; fi
-  log "installing the real provider CLIs (npm ci --prefix tests/real-cli)"
-  npm ci --prefix tests/real-cli --no-audit --no-fund
-  tests/real-cli/node_modules/.bin/claude --version
-  tests/real-cli/node_modules/.bin/codex --version
+  local lock_hash dir
+  lock_hash=$(cat tests/real-cli/package.json tests/real-cli/package-lock.json | sha256sum | cut -c1-16)
+  dir="${CHATGATE_REAL_CLI_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/chatgate/real-cli}/$lock_hash"
+  if [ ! -f "$dir/.installed" ]; then
+    log "installing the real provider CLIs into $dir (pinned by tests/real-cli/package-lock.json)"
+    rm -rf "$dir" && mkdir -p "$dir"
+    cp tests/real-cli/package.json tests/real-cli/package-lock.json "$dir/"
+    # `npm install` from the lockfile, not `npm ci`: the lock records opencode-ai's optional
+    # per-platform packages only for the platforms the registry serves, and `npm ci` refuses a
+    # lock that does not list all of them. Versions are exact in package.json either way.
+    npm install --prefix "$dir" --no-audit --no-fund
+    touch "$dir/.installed"
+  fi
+  export CHATGATE_REAL_CLI_MODULES="$dir/node_modules"
+  local bin
+  for bin in claude codex gemini opencode; do
+    printf '%s: %s\n' "$bin" "$("$CHATGATE_REAL_CLI_MODULES/.bin/$bin" --version)"
+  done
 }
 
 ensure_bwrap() {

@@ -14,7 +14,7 @@
 //!
 //! The CLI: `CHATGATE_TEST_CLAUDE_DIR` (the `claude` program, a directory holding it, or a
 //! `node_modules` directory holding `.bin/claude`), default
-//! `tests/real-cli/node_modules/.bin/claude`. Install it with `npm ci --prefix tests/real-cli`
+//! `tests/real-cli/node_modules/.bin/claude`. Install it with `npm install --prefix tests/real-cli`
 //! (`scripts/test.sh` does); `CHATGATE_SKIP_REAL_CLIS=1` skips these tests when it is missing.
 
 mod common;

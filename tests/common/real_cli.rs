@@ -1,5 +1,5 @@
 //! Support of the tests that run REAL provider CLIs (tests/real_claude.rs, tests/real_codex.rs):
-//! finding the CLI installed by `npm ci --prefix tests/real-cli`, the model stand-in
+//! finding the CLI installed by `npm install --prefix tests/real-cli`, the model stand-in
 //! (`tests/real-cli/model-standin.mjs`), the real gateway binary with a per-test root, and
 //! turns driven over its WebSocket. Included with `#[path]` by those tests only.
 #![allow(dead_code)]
@@ -28,14 +28,23 @@ pub struct RealCli {
     pub version: String,
 }
 
-/// Finds the real CLI `bin` (`claude`, `codex`): `$<env_var>` (the program, a directory
-/// holding it, or a `node_modules` directory holding `.bin/<bin>`), default
-/// `tests/real-cli/node_modules/.bin/<bin>`. `None` when it is missing and
+/// The `node_modules` the real CLIs are installed in: `$CHATGATE_REAL_CLI_MODULES` (set by
+/// scripts/test.sh to its per-machine cache), else `tests/real-cli/node_modules` (after
+/// `npm install --prefix tests/real-cli`).
+pub fn modules_dir() -> PathBuf {
+    std::env::var_os("CHATGATE_REAL_CLI_MODULES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest_dir().join("tests/real-cli/node_modules"))
+}
+
+/// Finds the real CLI `bin` (`claude`, `codex`, `gemini`, `opencode`): `$<env_var>` (the
+/// program, a directory holding it, or a `node_modules` directory holding `.bin/<bin>`),
+/// default `.bin/<bin>` in [`modules_dir`]. `None` when it is missing and
 /// `CHATGATE_SKIP_REAL_CLIS=1`; a clear panic when it is missing otherwise, or when its
 /// `--version` does not contain `version_marker`.
 pub fn find_cli(bin: &str, env_var: &str, what: &str, version_marker: &str) -> Option<RealCli> {
     let configured = std::env::var_os(env_var).map(PathBuf::from);
-    let given = configured.clone().unwrap_or_else(|| manifest_dir().join("tests/real-cli/node_modules/.bin").join(bin));
+    let given = configured.clone().unwrap_or_else(|| modules_dir().join(".bin").join(bin));
     let program = if given.is_dir() {
         [given.join(".bin").join(bin), given.join(bin)].into_iter().find(|p| p.is_file()).unwrap_or(given.clone())
     } else {
@@ -47,7 +56,7 @@ pub fn find_cli(bin: &str, env_var: &str, what: &str, version_marker: &str) -> O
             return None;
         }
         panic!(
-            "the real {what} is not installed: no program at {} ({}). Run `npm ci --prefix tests/real-cli` in {} \
+            "the real {what} is not installed: no program at {} ({}). Run `npm install --prefix tests/real-cli` in {} \
              (scripts/test.sh does), point {env_var} at a {bin} program, or set CHATGATE_SKIP_REAL_CLIS=1 to skip \
              these tests",
             program.display(),
@@ -57,12 +66,12 @@ pub fn find_cli(bin: &str, env_var: &str, what: &str, version_marker: &str) -> O
     }
     let program = std::path::absolute(&program).unwrap();
     let output = Command::new(&program).arg("--version").output().unwrap_or_else(|e| {
-        panic!("{} does not run ({e}); reinstall with `npm ci --prefix tests/real-cli`", program.display())
+        panic!("{} does not run ({e}); reinstall with `npm install --prefix tests/real-cli`", program.display())
     });
     let version = String::from_utf8_lossy(&output.stdout).trim().to_string();
     assert!(
         output.status.success() && version.contains(version_marker),
-        "{} --version: {} {version}{}; reinstall with `npm ci --prefix tests/real-cli` (install scripts allowed)",
+        "{} --version: {} {version}{}; reinstall with `npm install --prefix tests/real-cli` (install scripts allowed)",
         program.display(),
         output.status,
         String::from_utf8_lossy(&output.stderr),
