@@ -328,6 +328,13 @@ async fn claude_session(sandbox: &str, options: Value, approvals: Approvals) {
     assert_eq!(first.last().unwrap()["success"], true, "{}", dump(&first));
     assert_eq!(errors(&first), Vec::<String>::new(), "a clean run shows no error: {}", dump(&first));
     assert_eq!(assistant_texts(&first), vec!["done"], "{}", dump(&first));
+    if options["permissionMode"] != "bypassPermissions" {
+        // The ask carries the CLI's own description of it, and names the tool call it gates.
+        let ask = of(&first, "permission_request").first().copied().cloned().unwrap_or_default();
+        assert_eq!(ask["toolName"], "Bash", "{}", dump(&first));
+        assert_eq!(ask["toolUseId"], tool["toolId"], "{}", dump(&first));
+        assert!(ask["displayName"].as_str().is_some_and(|name| !name.is_empty()), "{}", dump(&first));
+    }
     if approvals == Approvals::Deny {
         // Denied: the CLI's `tool_use_result` is a string, not the object of a tool that ran.
         assert_eq!(result["isError"], true, "{}", dump(&first));

@@ -786,7 +786,14 @@ function addPrompt(p) {
   const title = document.createElement('p');
   title.id = titleId;
   title.className = 'prompt-title';
-  title.textContent = `Allow ${p.toolName ?? 'this tool'}?`;
+  title.textContent = `Allow ${p.displayName || p.toolName || 'this tool'}?`;
+  // The CLI's own words for the ask, when it gives them (Claude: why it asks, which path).
+  const why = [p.description, p.decisionReason, p.blockedPath && `Path: ${p.blockedPath}`].filter(
+    (line) => typeof line === 'string' && line,
+  );
+  const reason = document.createElement('p');
+  reason.className = 'prompt-reason';
+  reason.textContent = why.join(' — ');
   const input = document.createElement('pre');
   input.className = 'prompt-input';
   input.tabIndex = 0; // scrollable with the keyboard
@@ -797,7 +804,7 @@ function addPrompt(p) {
   const actions = document.createElement('div');
   actions.className = 'prompt-actions';
   actions.append(allow, deny);
-  box.append(title, input, actions);
+  box.append(title, ...(why.length ? [reason] : []), input, actions);
   ui.permissions.append(box);
   view.prompts.set(p.requestId, box);
 }

@@ -239,19 +239,22 @@ impl Driver {
                     deltas.push(delta);
                 }
                 RuntimeMsg::ProviderSessionId(id) => self.announce(id).await,
-                RuntimeMsg::Permission { request_id, tool_name, input, reply } => {
-                    let request = json!({
+                RuntimeMsg::Permission { request_id, tool_name, input, details, reply } => {
+                    let mut request = details.clone();
+                    request.extend(object(json!({
                         "requestId": request_id, "toolName": tool_name, "input": input,
                         "sessionId": self.session.session_id, "receivedAt": now_iso(),
-                    });
+                    })));
+                    let request = Value::Object(request);
                     self.while_leased("add_pending", || {
                         self.gateway.registry.add_pending(&self.lease, &request_id, request.clone())
                     })
                     .await?;
                     self.pending.insert(request_id.clone(), reply);
-                    let fields = json!({ "kind": "permission_request", "requestId": request_id,
-                        "toolName": tool_name, "input": input });
-                    batch.push(self.label(object(fields)));
+                    let mut fields = details;
+                    fields.extend(object(json!({ "kind": "permission_request", "requestId": request_id,
+                        "toolName": tool_name, "input": input })));
+                    batch.push(self.label(fields));
                     deltas.push(None);
                 }
                 RuntimeMsg::PermissionCancelled { request_id, reason } => {

@@ -299,6 +299,25 @@ fn user_message(content: &str) -> String {
     .to_string()
 }
 
+/// The fields of a `can_use_tool` request that describe the ask, as `permission_request`
+/// carries them (camelCase): what the CLI shows its own user beside the tool and input.
+const ASK_DETAILS: [(&str, &str); 7] = [
+    ("display_name", "displayName"),
+    ("title", "title"),
+    ("description", "description"),
+    ("decision_reason", "decisionReason"),
+    ("blocked_path", "blockedPath"),
+    ("permission_suggestions", "permissionSuggestions"),
+    ("tool_use_id", "toolUseId"),
+];
+
+fn ask_details(request: &Map<String, Value>) -> Map<String, Value> {
+    ASK_DETAILS
+        .iter()
+        .filter_map(|(from, to)| request.get(*from).filter(|v| !v.is_null()).map(|v| (to.to_string(), v.clone())))
+        .collect()
+}
+
 /// Decides one `can_use_tool` request and returns the `control_response` line.
 async fn answer_tool_request(
     ctx: RunContext,
@@ -317,7 +336,7 @@ async fn answer_tool_request(
         Some(false) => deny("Tool disallowed by settings"),
         None => {
             let timeout = (!TOOLS_REQUIRING_INTERACTION.contains(&tool.as_str())).then_some(approval_timeout);
-            match ctx.ask_permission(&tool, input.clone(), timeout).await {
+            match ctx.ask_permission(&tool, input.clone(), ask_details(&request), timeout).await {
                 PermissionOutcome::Answered(answer) if answer.allow => {
                     if let Some(entry) = answer.remember_entry.as_ref().and_then(Value::as_str) {
                         rules.lock().unwrap_or_else(|e| e.into_inner()).remember(entry);

@@ -91,8 +91,15 @@ pub enum RuntimeMsg {
     Event(Map<String, Value>),
     /// The provider announced its own session id.
     ProviderSessionId(String),
-    /// A tool approval: the driver records it, emits `permission_request` and answers on `reply`.
-    Permission { request_id: String, tool_name: String, input: Value, reply: oneshot::Sender<PermissionAnswer> },
+    /// A tool approval: the driver records it, emits `permission_request` (with `details`, the
+    /// provider's own description of the ask, merged in) and answers on `reply`.
+    Permission {
+        request_id: String,
+        tool_name: String,
+        input: Value,
+        details: Map<String, Value>,
+        reply: oneshot::Sender<PermissionAnswer>,
+    },
     /// A pending approval ended without an answer (`timeout` or `cancelled`).
     PermissionCancelled { request_id: String, reason: &'static str },
 }
@@ -137,12 +144,19 @@ impl RunContext {
         self.send(RuntimeMsg::ProviderSessionId(id.to_string())).await
     }
 
-    /// Asks the user to approve a tool; `timeout: None` waits until the run ends.
-    pub async fn ask_permission(&self, tool_name: &str, input: Value, timeout: Option<Duration>) -> PermissionOutcome {
+    /// Asks the user to approve a tool; `details` (camelCase fields such as `description`)
+    /// travel with the request; `timeout: None` waits until the run ends.
+    pub async fn ask_permission(
+        &self,
+        tool_name: &str,
+        input: Value,
+        details: Map<String, Value>,
+        timeout: Option<Duration>,
+    ) -> PermissionOutcome {
         let request_id = uuid::Uuid::new_v4().to_string();
         let (reply, answer) = oneshot::channel();
-        let msg =
-            RuntimeMsg::Permission { request_id: request_id.clone(), tool_name: tool_name.to_string(), input, reply };
+        let tool_name = tool_name.to_string();
+        let msg = RuntimeMsg::Permission { request_id: request_id.clone(), tool_name, input, details, reply };
         if !self.send(msg).await {
             return PermissionOutcome::Cancelled;
         }

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use super::{PermissionOutcome, RunContext, RunOutcome, RunRequest, Runtime};
 
@@ -90,7 +90,7 @@ async fn run_script(script: Script, ctx: &RunContext) -> RunOutcome {
     if let Some(step) = script.permission {
         let timeout = Duration::from_millis(step.timeout_ms.unwrap_or(DEFAULT_PERMISSION_TIMEOUT_MS));
         let tool_id = format!("tool_{}", uuid::Uuid::new_v4().simple());
-        match ctx.ask_permission(&step.tool_name, step.input.clone(), Some(timeout)).await {
+        match ctx.ask_permission(&step.tool_name, step.input.clone(), Map::new(), Some(timeout)).await {
             PermissionOutcome::Answered(answer) if answer.allow => {
                 let input = answer.updated_input.unwrap_or(step.input);
                 ctx.emit("tool_use", json!({ "toolName": step.tool_name, "toolInput": input, "toolId": tool_id }))
