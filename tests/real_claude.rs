@@ -277,15 +277,15 @@ fn agent_requests(standin: &ModelStandin) -> Vec<Value> {
         .collect()
 }
 
-/// One session of the real CLI under `--sandbox <sandbox>`, every turn with `options`: a
-/// `Bash` call and its follow-up, a resumed turn the model sees whole, an HTTP 400 shown once
-/// as an error (the CLI's synthetic "API Error" assistant message is no reply), an abort that
-/// leaves no process, and the history. `approvals` answers the tool approvals of the first turn.
-async fn claude_session(sandbox: &str, options: Value, approvals: Approvals) {
-    let Some((claude, claude_ro)) = claude_cli() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let root = std::fs::canonicalize(dir.path()).unwrap();
-    let standin = ModelStandin::start(&root, PROBE);
+/// A gateway (one node, or a two-node cluster) running the real CLI under `--sandbox
+/// <sandbox>` against `standin`; `None` when the CLI is skipped.
+async fn claude_gateway(
+    root: &std::path::Path,
+    standin: &ModelStandin,
+    sandbox: &str,
+    cluster: bool,
+) -> Option<Gateway> {
+    let (claude, claude_ro) = claude_cli()?;
     let base_url = format!("http://127.0.0.1:{}", standin.port);
     let mut env: Vec<(&str, &str)> = SESSION_ENV.to_vec();
     env.push(("ANTHROPIC_BASE_URL", base_url.as_str()));
@@ -300,14 +300,28 @@ async fn claude_session(sandbox: &str, options: Value, approvals: Approvals) {
         claude_ro.into(),
         "--allow-bypass-permissions".into(),
     ];
-    let gateway = Gateway::start(&root, args, &env).await;
+    Some(match cluster {
+        true => Gateway::start_cluster(root, args, &env).await,
+        false => Gateway::start(root, args, &env).await,
+    })
+}
+
+/// One session of the real CLI under `--sandbox <sandbox>`, every turn with `options`: a
+/// `Bash` call and its follow-up, a resumed turn the model sees whole, an HTTP 400 shown once
+/// as an error (the CLI's synthetic "API Error" assistant message is no reply), an abort that
+/// leaves no process, and the history. `approvals` answers the tool approvals of the first turn.
+async fn claude_session(sandbox: &str, options: Value, approvals: Approvals) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let standin = ModelStandin::start(&root, PROBE);
+    let Some(gateway) = claude_gateway(&root, &standin, sandbox, false).await else { return };
     let session = gateway.create_session("claude").await;
     let mut ws = gateway.connect().await;
     let dump = |events: &[Value]| {
         format!(
             "{}\nchatgate log:\n{}\nstand-in log:\n{}",
             serde_json::to_string_pretty(events).unwrap(),
-            gateway.node.stderr(),
+            gateway.logs(),
             read(&standin.log)
         )
     };
@@ -373,6 +387,7 @@ async fn claude_session(sandbox: &str, options: Value, approvals: Approvals) {
     ws.send(json!({ "type": "chat.abort", "sessionId": session })).await;
     let fourth = real_cli::collect(&gateway, &standin, &mut ws, &session, approvals).await;
     assert_eq!(fourth.last().unwrap()["aborted"], true, "{}", dump(&fourth));
+    assert_eq!(errors(&fourth), Vec::<String>::new(), "{}", dump(&fourth));
     assert_no_process_in(&root).await;
 
     // 5. The history: the replies, the API error once and never as a reply.
@@ -405,7 +420,6 @@ async fn claude_real_cli_session_without_sandbox_denied() {
 /// told why, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claude_real_cli_root_bypass_without_sandbox_is_explained() {
-    let Some((claude, claude_ro)) = claude_cli() else { return };
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: not root (the CLI refuses bypassPermissions to root only)");
         return;
@@ -413,21 +427,7 @@ async fn claude_real_cli_root_bypass_without_sandbox_is_explained() {
     let dir = tempfile::tempdir().unwrap();
     let root = std::fs::canonicalize(dir.path()).unwrap();
     let standin = ModelStandin::start(&root, PROBE);
-    let base_url = format!("http://127.0.0.1:{}", standin.port);
-    let mut env: Vec<(&str, &str)> = SESSION_ENV.to_vec();
-    env.push(("ANTHROPIC_BASE_URL", base_url.as_str()));
-    let args: Vec<OsString> = vec![
-        "--claude-bin".into(),
-        claude.into(),
-        "--provider-env".into(),
-        PROVIDER_ENV.into(),
-        "--sandbox".into(),
-        "none".into(),
-        "--sandbox-ro-paths".into(),
-        claude_ro.into(),
-        "--allow-bypass-permissions".into(),
-    ];
-    let gateway = Gateway::start(&root, args, &env).await;
+    let Some(gateway) = claude_gateway(&root, &standin, "none", false).await else { return };
     let session = gateway.create_session("claude").await;
     let mut ws = gateway.connect().await;
     let options = json!({ "permissionMode": "bypassPermissions" });
@@ -436,4 +436,107 @@ async fn claude_real_cli_root_bypass_without_sandbox_is_explained() {
     assert_eq!(events.last().unwrap()["success"], false, "{dump}");
     assert_eq!(errors(&events), vec![chatgate::runtime::claude::ROOT_BYPASS_REFUSED], "{dump}");
     assert!(agent_requests(&standin).is_empty(), "the model was asked: {dump}");
+}
+
+/// The processes under `dir` whose parent is `pid` (a CLI that node started).
+fn children_in(dir: &std::path::Path, pid: u32) -> Vec<i32> {
+    real_cli::processes_in(dir)
+        .into_iter()
+        .filter(|(child, _)| {
+            let stat = read(std::path::Path::new(&format!("/proc/{child}/stat")));
+            let ppid = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(1)).unwrap_or_default();
+            ppid == pid.to_string()
+        })
+        .map(|(child, _)| child)
+        .collect()
+}
+
+/// Reads `ws` up to the session's `complete` without answering anything.
+async fn watch(gateway: &Gateway, ws: &mut Ws, session: &str) -> Vec<Value> {
+    let mut events = Vec::new();
+    loop {
+        let frame = match ws.try_recv(TURN_TIMEOUT).await {
+            Some(Ok(frame)) => frame,
+            other => panic!("no complete ({other:?}); so far: {events:#?}\n{}", gateway.logs()),
+        };
+        if frame["sessionId"] != session {
+            continue;
+        }
+        let done = frame["kind"] == "complete";
+        events.push(frame);
+        if done {
+            return events;
+        }
+    }
+}
+
+/// In a two-node cluster: the CLI runs on the node that took the `chat.send`; a tab on the
+/// other node watches it live, answers its approval, and aborts the next turn; the turn after
+/// runs on the other node and resumes the conversation the first node's CLI saved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_real_cli_in_a_cluster_watched_approved_and_aborted_from_another_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let standin = ModelStandin::start(&root, PROBE);
+    let Some(gateway) = claude_gateway(&root, &standin, "none", true).await else { return };
+    let session = gateway.create_session("claude").await;
+    let mut tab_a = gateway.connect().await;
+    let mut tab_b = gateway.peer().connect(&gateway.token).await;
+    tab_b.subscribe(&session, 0).await;
+    assert_eq!(tab_b.recv_reply().await["kind"], "chat_subscribed");
+    let options = json!({ "permissionMode": "default" });
+    let dump = |events: &[Value]| {
+        format!(
+            "{}\n{}\nstand-in log:\n{}",
+            serde_json::to_string_pretty(events).unwrap(),
+            gateway.logs(),
+            read(&standin.log)
+        )
+    };
+
+    // 1. Sent on node a, approved on node b: both tabs see the same events.
+    tab_a
+        .send(json!({ "type": "chat.send", "sessionId": session, "content": "run the probe", "options": options }))
+        .await;
+    let on_b = real_cli::collect(&gateway, &standin, &mut tab_b, &session, Approvals::Allow).await;
+    let on_a = watch(&gateway, &mut tab_a, &session).await;
+    assert_eq!(on_b.last().unwrap()["success"], true, "{}", dump(&on_b));
+    assert_eq!(assistant_texts(&on_b), vec!["done"], "{}", dump(&on_b));
+    let ask = of(&on_b, "permission_request").first().copied().cloned().unwrap_or_default();
+    assert_eq!(ask["toolName"], "Bash", "{}", dump(&on_b));
+    let resolved = of(&on_a, "permission_resolved").first().copied().cloned().unwrap_or_default();
+    assert_eq!((&resolved["requestId"], &resolved["allow"]), (&ask["requestId"], &json!(true)), "{}", dump(&on_a));
+    let result = of(&on_b, "tool_result").first().copied().cloned().unwrap_or_default();
+    assert!(result["content"].as_str().unwrap_or_default().contains("chatgate-probe-42"), "{}", dump(&on_b));
+    let ids = |events: &[Value]| events.iter().map(|e| (e["seq"].clone(), e["id"].clone())).collect::<Vec<_>>();
+    assert_eq!(ids(&on_a), ids(&on_b), "the two nodes' tabs saw different events");
+
+    // 2. Sent on node a, running there, aborted from node b: nothing is left.
+    tab_a.send(json!({ "type": "chat.send", "sessionId": session, "content": "hang", "options": options })).await;
+    real_cli::wait_for_request(&standin, "\"hang\"", TURN_TIMEOUT).await;
+    let node_a = gateway.node.child.id();
+    assert!(
+        !children_in(&root, node_a).is_empty(),
+        "the CLI does not run as node a's child: {:?}",
+        real_cli::processes_in(&root)
+    );
+    tab_b.send(json!({ "type": "chat.abort", "sessionId": session })).await;
+    let aborted = watch(&gateway, &mut tab_b, &session).await;
+    assert_eq!(aborted.last().unwrap()["aborted"], true, "{}", dump(&aborted));
+    watch(&gateway, &mut tab_a, &session).await;
+    assert_no_process_in(&root).await;
+
+    // 3. Sent on node b: it runs there and resumes what node a's CLI saved.
+    tab_b
+        .send(json!({ "type": "chat.send", "sessionId": session, "content": "say second answer", "options": options }))
+        .await;
+    let third = watch(&gateway, &mut tab_b, &session).await;
+    assert_eq!(third.last().unwrap()["success"], true, "{}", dump(&third));
+    assert_eq!(assistant_texts(&third), vec!["second answer"], "{}", dump(&third));
+    let resumed = agent_requests(&standin).last().unwrap()["body"]["messages"].to_string();
+    for earlier in ["run the probe", PROBE, "say second answer"] {
+        assert!(resumed.contains(earlier), "the resumed request lacks {earlier:?}: {resumed}");
+    }
+    let history = gateway.history(&session, 3).await;
+    assert_eq!(assistant_texts(&history), vec!["done", "second answer"], "{}", dump(&history));
 }

@@ -98,7 +98,7 @@ async fn codex_session(sandbox: &str, options: Value) {
         format!(
             "{}\nchatgate log:\n{}\nstand-in log:\n{}",
             serde_json::to_string_pretty(events).unwrap(),
-            gateway.node.stderr(),
+            gateway.logs(),
             read(&standin.log)
         )
     };
@@ -145,6 +145,17 @@ async fn codex_session(sandbox: &str, options: Value) {
         assert!(resumed.contains(earlier), "the resumed request lacks {earlier:?}: {resumed}");
     }
 
+    // 2b. A model stream dropped before its end: Codex retries, shown as a status, not an error.
+    let retried =
+        turn(&gateway, &standin, &mut ws, &session, "drop once then say recovered", options.clone(), Approvals::Allow)
+            .await;
+    assert_eq!(retried.last().unwrap()["success"], true, "{}", dump(&retried));
+    assert_eq!(errors(&retried), Vec::<String>::new(), "{}", dump(&retried));
+    assert_eq!(assistant_texts(&retried), vec!["recovered"], "{}", dump(&retried));
+    let retry =
+        of(&retried, "status").into_iter().find(|e| e["text"].as_str().is_some_and(|t| t.starts_with("Reconnecting")));
+    assert!(retry.is_some(), "no retry status: {}", dump(&retried));
+
     // 3. An HTTP error from the model: one error, no assistant reply.
     let third =
         turn(&gateway, &standin, &mut ws, &session, "fail with http 400", options.clone(), Approvals::Allow).await;
@@ -159,16 +170,17 @@ async fn codex_session(sandbox: &str, options: Value) {
     ws.send(json!({ "type": "chat.abort", "sessionId": session })).await;
     let fourth = real_cli::collect(&gateway, &standin, &mut ws, &session, Approvals::Allow).await;
     assert_eq!(fourth.last().unwrap()["aborted"], true, "{}", dump(&fourth));
+    assert_eq!(errors(&fourth), Vec::<String>::new(), "{}", dump(&fourth));
     assert_no_process_in(&root).await;
 
     // 5. The history: every turn, no stderr chatter, the API error once.
-    let history = gateway.history(&session, 4).await;
+    let history = gateway.history(&session, 5).await;
     let text = serde_json::to_string_pretty(&history).unwrap();
     assert!(!text.contains("Reading additional input from stdin"), "{text}");
     assert!(!text.contains("PATH aliases"), "{text}");
     assert_eq!(errors(&history), vec![STANDIN_400], "{text}");
     let replies = assistant_texts(&history);
-    assert_eq!(replies, vec!["done", "second answer"], "{text}");
+    assert_eq!(replies, vec!["done", "second answer", "recovered"], "{text}");
     assert!(history.iter().any(|m| m["kind"] == "tool_use" && m["toolId"] == tool["toolId"]), "{text}");
 }
 

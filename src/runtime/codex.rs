@@ -137,6 +137,10 @@ pub struct CodexParser {
     last_error: Option<String>,
 }
 
+/// How Codex words the `error` events of a model stream it is retrying
+/// (`Reconnecting... 1/5 (stream disconnected before completion: …)`).
+const RETRY_PREFIX: &str = "Reconnecting...";
+
 /// The message of an API error: Codex passes the HTTP body through (`{"error":{"message":…}}`);
 /// anything else is kept as it is.
 fn error_text(message: &str) -> String {
@@ -273,6 +277,12 @@ impl StreamParser for CodexParser {
             }
             "error" => {
                 let message = error_text(str_field(&event, "message").unwrap_or("Unknown Codex error"));
+                if message.starts_with(RETRY_PREFIX) {
+                    // A dropped model stream Codex is retrying: progress, not an error of the
+                    // turn (upstream's client shows a `status` text as the working indicator).
+                    out.push(Emit::event("status", json!({ "text": message, "canInterrupt": true })));
+                    return;
+                }
                 out.push(Emit::event("error", json!({ "content": message })));
                 self.last_error = Some(message);
             }
@@ -314,6 +324,24 @@ mod tests {
             json!({ "type": "turn.failed", "error": { "message": "quota" } }),
         ]);
         assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn a_stream_retry_is_a_status_not_an_error() {
+        let out = parse(&[
+            json!({ "type": "error", "message": "Reconnecting... 1/5 (stream disconnected before completion)" }),
+            json!({ "type": "error", "message": "bad request" }),
+        ]);
+        assert_eq!(
+            out,
+            vec![
+                Emit::event(
+                    "status",
+                    json!({ "text": "Reconnecting... 1/5 (stream disconnected before completion)", "canInterrupt": true })
+                ),
+                Emit::event("error", json!({ "content": "bad request" })),
+            ]
+        );
     }
 
     #[test]

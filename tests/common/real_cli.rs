@@ -142,10 +142,12 @@ pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
-/// A real gateway for one test: its root directory (workspaces, homes, database, logs),
+/// A real gateway for one test (one node, or two in a cluster): its root directory (workspaces, homes, database, logs),
 /// one user and that user's token.
 pub struct Gateway {
     pub node: NodeProcess,
+    /// The second node, in a cluster ([`Gateway::start_cluster`]).
+    pub peer: Option<NodeProcess>,
     pub root: PathBuf,
     pub workspaces: PathBuf,
     pub homes: PathBuf,
@@ -159,29 +161,80 @@ impl Gateway {
     /// Starts `chatgate serve` with the per-user layout under `root`, the gateway's secret and
     /// database URL in its environment, `env` added to it and `args` after its own flags.
     pub async fn start(root: &Path, args: Vec<OsString>, env: &[(&str, &str)]) -> Gateway {
+        Gateway::launch(root, args, env, false).await
+    }
+
+    /// [`Gateway::start`] as a cluster of two nodes (`node` and `peer`) sharing the test
+    /// Redis and PostgreSQL, the workspaces and the provider homes.
+    pub async fn start_cluster(root: &Path, args: Vec<OsString>, env: &[(&str, &str)]) -> Gateway {
+        Gateway::launch(root, args, env, true).await
+    }
+
+    async fn launch(root: &Path, args: Vec<OsString>, env: &[(&str, &str)], cluster: bool) -> Gateway {
         let workspaces = root.join("workspaces");
         let homes = root.join("homes");
         std::fs::create_dir_all(&workspaces).unwrap();
         std::fs::create_dir_all(&homes).unwrap();
         let secret = format!("jwt-secret-{}", uuid::Uuid::new_v4().simple());
-        let database_url = format!("sqlite://{}?mode=rwc", root.join("chatgate.db").display());
+        let database_url = match cluster {
+            true => crate::common::pg_url(),
+            false => format!("sqlite://{}?mode=rwc", root.join("chatgate.db").display()),
+        };
         let mut all_env =
             vec![("CHATGATE_JWT_SECRET".to_string(), secret.clone()), ("DATABASE_URL".to_string(), database_url)];
         all_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let mut all_args: Vec<OsString> = vec![
-            "--workspace-layout".into(),
-            "per-user".into(),
-            "--workspaces-root".into(),
-            workspaces.clone().into(),
-            "--homes-root".into(),
-            homes.clone().into(),
-        ];
-        all_args.extend(args);
-        let mut node = NodeProcess::start_env(&all_args, &all_env, root);
+        let node_args = |node_id: &str| {
+            let mut all: Vec<OsString> = vec![
+                "--workspace-layout".into(),
+                "per-user".into(),
+                "--workspaces-root".into(),
+                workspaces.clone().into(),
+                "--homes-root".into(),
+                homes.clone().into(),
+            ];
+            if cluster {
+                let id = format!("{node_id}-{}", uuid::Uuid::new_v4().simple());
+                all.extend(["--redis-url".into(), crate::common::redis_url().into(), "--node-id".into(), id.into()]);
+            }
+            all.extend(args.iter().cloned());
+            all
+        };
+        let mut node = NodeProcess::start_env(&node_args("a"), &all_env, root);
         node.wait_ready_or_exit().await;
+        let peer = match cluster {
+            true => {
+                let mut peer = NodeProcess::start_env(&node_args("b"), &all_env, root);
+                peer.wait_ready_or_exit().await;
+                Some(peer)
+            }
+            false => None,
+        };
         let user = format!("real.cli-{}", uuid::Uuid::new_v4().simple());
         let token = chatgate::auth::Auth::new(secret.as_bytes()).mint(&user, Duration::from_secs(3600)).unwrap();
-        Gateway { node, root: root.to_path_buf(), workspaces, homes, secret, user, token, http: reqwest::Client::new() }
+        Gateway {
+            node,
+            peer,
+            root: root.to_path_buf(),
+            workspaces,
+            homes,
+            secret,
+            user,
+            token,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// The second node of a cluster (panics on a single node).
+    pub fn peer(&self) -> &NodeProcess {
+        self.peer.as_ref().expect("a cluster gateway (Gateway::start_cluster)")
+    }
+
+    /// Both nodes' logs (one when single).
+    pub fn logs(&self) -> String {
+        match &self.peer {
+            Some(peer) => format!("node a:\n{}\nnode b:\n{}", self.node.stderr(), peer.stderr()),
+            None => self.node.stderr(),
+        }
     }
 
     /// The user's provider home (the CLI's `HOME`).
@@ -263,7 +316,7 @@ pub async fn collect(
             other => panic!(
                 "no complete within {timeout:?} ({other:?}); events so far: {events:#?}\nchatgate log:\n{}\n\
                  model stand-in log:\n{}",
-                gateway.node.stderr(),
+                gateway.logs(),
                 read(&standin.log),
             ),
         };

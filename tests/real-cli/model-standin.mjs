@@ -12,6 +12,8 @@
 // - a text part `fail with http 400`: an HTTP 400 in the API's error shape, message
 //   `standin: invalid request (scripted)`;
 // - a text part `hang`: the response never comes (the connection stays open);
+// - a text part `drop once then say <words>` (Responses API only): the first such request's
+//   stream ends before `response.completed` (a dropped connection), the retry gets `<words>`;
 // - otherwise, when the last message carries no tool result: a call of the shell tool
 //   running <STANDIN_COMMAND or "env">; when it carries one: the text `done`.
 // Every other request (title generation, quota checks, summaries, …): a short text.
@@ -30,6 +32,8 @@ const COMMAND = process.env.STANDIN_COMMAND || 'env';
 const LOG = process.env.STANDIN_LOG || '';
 const FAIL_MESSAGE = 'standin: invalid request (scripted)';
 let counter = 0;
+/** The `drop once then say …` prompts whose first stream was dropped already. */
+const dropped = new Set();
 
 const nextId = (prefix) => `${prefix}_standin${String(++counter).padStart(6, '0')}`;
 
@@ -47,12 +51,17 @@ function textsOf(message) {
     .map((part) => part.text.trim());
 }
 
-/** What the prompt (one text part of it) asks for: `{say}`, `{fail}`, `{hang}` or `{}` (the shell tool flow). */
+/**
+ * What the prompt asks for: `{say}`, `{fail}`, `{hang}` or `{}` (the shell tool flow). The
+ * newest matching text part wins: after a failed turn, a CLI may send the failed prompt and the
+ * next one as parts of one user message.
+ */
 function script(texts) {
-  for (const text of texts) {
+  for (const text of [...texts].reverse()) {
     if (text.startsWith('say ')) return { say: text.slice(4).split('\n')[0].trim() };
     if (text === 'fail with http 400') return { fail: true };
     if (text === 'hang') return { hang: true };
+    if (text.startsWith('drop once then say ')) return { say: text.slice(19).split('\n')[0].trim(), dropOnce: text };
   }
   return {};
 }
@@ -160,6 +169,10 @@ function answerResponses(body) {
   if (!shell) return { kind: 'side', text: 'standin side answer' };
   const toolResult = last?.type === 'function_call_output' || last?.type === 'custom_tool_call_output';
   const scripted = toolResult ? {} : script(textsOf(lastUser));
+  if (scripted.dropOnce && !dropped.has(scripted.dropOnce)) {
+    dropped.add(scripted.dropOnce);
+    return { kind: 'drop' };
+  }
   if (scripted.say) return { kind: 'final', text: scripted.say };
   if (scripted.fail) return { kind: 'fail' };
   if (scripted.hang) return { kind: 'hang' };
@@ -242,6 +255,11 @@ const server = createServer((req, res) => {
       if (reply.kind === 'hang') return;
       if (reply.kind === 'fail') {
         sendJson(res, 400, { error: { message: FAIL_MESSAGE, type: 'invalid_request_error', param: null, code: null } });
+        return;
+      }
+      if (reply.kind === 'drop') {
+        res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' });
+        res.end(`event: response.created\ndata: ${JSON.stringify({ type: 'response.created', response: { id: nextId('resp'), status: 'in_progress' } })}\n\n`);
         return;
       }
       streamResponse(res, body, reply);
