@@ -21,14 +21,15 @@ mod common;
 #[path = "common/real_cli.rs"]
 mod real_cli;
 
-use std::{ffi::OsString, path::PathBuf, time::Duration};
+use std::{ffi::OsString, path::PathBuf};
 
-use common::{NodeProcess, Ws};
-use real_cli::{Approvals, Gateway, ModelStandin, TURN_TIMEOUT, assert_no_process_in, enc, find_cli, of, read, turn};
+use common::Ws;
+use real_cli::{
+    Approvals, Gateway, ModelStandin, TURN_TIMEOUT, assert_no_process_in, assistant_texts, enc, errors, find_cli, of,
+    read, turn,
+};
 use serde_json::{Value, json};
 
-/// How long one whole run (CLI start, two model round trips, the tool) may take.
-const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 /// The variables the gateway hands to the CLI (`--provider-env`).
 const PROVIDER_ENV: &str = "ANTHROPIC_BASE_URL,ANTHROPIC_API_KEY,DISABLE_TELEMETRY,CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC,DISABLE_AUTOUPDATER";
 /// Names that must never reach an agent.
@@ -56,106 +57,33 @@ fn home_of(env_output: &str) -> Option<&str> {
 /// One run of the real CLI through the real gateway under `--sandbox <sandbox>`, its agent
 /// calling `Bash` with `command` (whose output starts with `env`'s).
 async fn env_shows_no_gateway_secret(sandbox: &str, command: &str) -> String {
-    let Some((claude, claude_ro)) = claude_cli() else { return String::new() };
     let dir = tempfile::tempdir().unwrap();
     let root = std::fs::canonicalize(dir.path()).unwrap();
-    let workspaces = root.join("workspaces");
-    let homes = root.join("homes");
-    std::fs::create_dir_all(&workspaces).unwrap();
-    std::fs::create_dir_all(&homes).unwrap();
     let standin = ModelStandin::start(&root, command);
-
-    let secret = format!("jwt-secret-{}", uuid::Uuid::new_v4().simple());
+    // Not on the allow-list: must not be inherited either.
     let canary = format!("canary-{}", uuid::Uuid::new_v4().simple());
-    let database_url = format!("sqlite://{}?mode=rwc", root.join("chatgate.db").display());
-    let base_url = format!("http://127.0.0.1:{}", standin.port);
-    let env: Vec<(String, String)> = [
-        ("CHATGATE_JWT_SECRET", secret.as_str()),
-        ("DATABASE_URL", database_url.as_str()),
-        ("ANTHROPIC_BASE_URL", base_url.as_str()),
-        ("ANTHROPIC_API_KEY", "test-key"),
-        ("DISABLE_TELEMETRY", "1"),
-        ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"),
-        ("DISABLE_AUTOUPDATER", "1"),
-        // Not on the allow-list: must not be inherited either.
-        ("GATEWAY_ONLY_CANARY", canary.as_str()),
-    ]
-    .into_iter()
-    .map(|(name, value)| (name.to_string(), value.to_string()))
-    .collect();
-    let args: Vec<OsString> = [
-        OsString::from("--claude-bin"),
-        claude.into(),
-        "--provider-env".into(),
-        PROVIDER_ENV.into(),
-        "--sandbox".into(),
-        sandbox.into(),
-        "--sandbox-ro-paths".into(),
-        claude_ro.into(),
-        "--workspace-layout".into(),
-        "per-user".into(),
-        "--workspaces-root".into(),
-        workspaces.clone().into(),
-        "--homes-root".into(),
-        homes.clone().into(),
-        "--allow-bypass-permissions".into(),
-    ]
-    .into();
-    let mut node = NodeProcess::start_env(&args, &env, &root);
-    node.wait_ready_or_exit().await;
-    let readyz: Value = reqwest::get(format!("{}/readyz", node.base)).await.unwrap().json().await.unwrap();
+    let extra = [("GATEWAY_ONLY_CANARY", canary.as_str())];
+    let Some(gateway) = claude_gateway(&root, &standin, sandbox, false, &extra).await else { return String::new() };
+    let readyz: Value = reqwest::get(format!("{}/readyz", gateway.node.base)).await.unwrap().json().await.unwrap();
     assert_eq!(readyz["sandbox"], sandbox, "/readyz: {readyz}");
-
-    let user = format!("real.cli-{}", uuid::Uuid::new_v4().simple());
-    let token = chatgate::auth::Auth::new(secret.as_bytes()).mint(&user, Duration::from_secs(3600)).unwrap();
-    let http = reqwest::Client::new();
-    let body = json!({ "provider": "claude", "projectPath": "proj" });
-    let (status, created) =
-        common::rest(&http, &node.base, "POST", "/api/providers/sessions", &token, Some(body)).await;
-    assert_eq!(status, 201, "{created}");
-    let session = created["data"]["sessionId"].as_str().unwrap().to_string();
-    assert_eq!(created["data"]["projectPath"], json!(workspaces.join(enc(&user)).join("proj")), "{created}");
+    let session = gateway.create_session("claude").await;
+    let project = gateway.workspaces.join(enc(&gateway.user)).join("proj");
+    assert!(project.is_dir(), "the session's project is not in the user's workspace: {}", project.display());
 
     // As root the CLI refuses bypassPermissions (`--dangerously-skip-permissions cannot be used
     // with root/sudo privileges`); inside the sandbox it is uid 1000. Otherwise the run asks, and
     // the test allows.
     let bypass = sandbox == "bwrap" || !nix::unistd::geteuid().is_root();
     let options = if bypass { json!({ "permissionMode": "bypassPermissions" }) } else { json!({}) };
-    let mut ws: Ws = node.connect(&token).await;
-    ws.send(
-        json!({ "type": "chat.send", "sessionId": session, "content": "print the environment", "options": options }),
-    )
-    .await;
-    let deadline = tokio::time::Instant::now() + RUN_TIMEOUT;
-    let mut events = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let frame = match ws.try_recv(left).await {
-            Some(Ok(frame)) => frame,
-            other => panic!(
-                "no complete within {RUN_TIMEOUT:?} ({other:?}); events so far: {events:#?}\nchatgate log:\n{}\n\
-                 model stand-in log:\n{}",
-                node.stderr(),
-                read(&standin.log),
-            ),
-        };
-        if frame["kind"] == "permission_request" {
-            ws.send(json!({ "type": "chat.permission-response", "requestId": frame["requestId"], "allow": true }))
-                .await;
-        }
-        let done = frame["kind"] == "complete" && frame["sessionId"] == session;
-        events.push(frame);
-        if done {
-            break;
-        }
-    }
+    let mut ws = gateway.connect().await;
+    let events = turn(&gateway, &standin, &mut ws, &session, "print the environment", options, Approvals::Allow).await;
     let dump = serde_json::to_string_pretty(&events).unwrap();
     let complete = events.last().unwrap();
     assert_eq!(
         complete["success"],
         true,
         "the run failed: {dump}\nchatgate log:\n{}\nmodel stand-in log:\n{}",
-        node.stderr(),
+        gateway.logs(),
         read(&standin.log)
     );
 
@@ -172,9 +100,10 @@ async fn env_shows_no_gateway_secret(sandbox: &str, command: &str) -> String {
     let output = result["content"].as_str().unwrap_or_default();
     eprintln!("--sandbox {sandbox}: the agent's `{command}`:\n{output}");
     assert!(output.contains("HOME="), "env did not run: {dump}");
-    let expected_home = homes.join(enc(&user));
+    let expected_home = gateway.home();
     assert_eq!(home_of(output), Some(expected_home.to_str().unwrap()), "HOME of the agent: {output}");
-    assert_clean("the env tool's output", output, &secret);
+    let secret = gateway.secret.as_str();
+    assert_clean("the env tool's output", output, secret);
     // Built from the allow-list, nothing inherited: not the gateway's other variables, nor
     // the ones cargo gave the test (and so the gateway).
     for inherited in [canary.as_str(), "GATEWAY_ONLY_CANARY", "CARGO_"] {
@@ -187,21 +116,10 @@ async fn env_shows_no_gateway_secret(sandbox: &str, command: &str) -> String {
         );
     }
     assert!(events.iter().any(|e| e["kind"] == "text" && e["content"] == "done"), "no final text: {dump}");
-    assert_clean("the streamed events", &dump, &secret);
+    assert_clean("the streamed events", &dump, secret);
 
     // The stored history (written off the hot path: wait for its complete).
-    let path = format!("/api/providers/sessions/{session}/messages?kinds=all");
-    let history_deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let messages = loop {
-        let (status, body) = common::rest(&http, &node.base, "GET", &path, &token, None).await;
-        assert_eq!(status, 200, "{body}");
-        let messages = body["data"]["messages"].as_array().cloned().unwrap_or_default();
-        if messages.last().is_some_and(|m| m["kind"] == "complete") {
-            break messages;
-        }
-        assert!(tokio::time::Instant::now() < history_deadline, "history never got the complete: {messages:#?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let messages = gateway.history(&session, 1).await;
     let stored = messages
         .iter()
         .find(|m| m["kind"] == "tool_result" && m["toolId"] == tool_use["toolId"])
@@ -209,12 +127,12 @@ async fn env_shows_no_gateway_secret(sandbox: &str, command: &str) -> String {
     let stored_output = stored["content"].as_str().unwrap_or_default();
     assert!(stored_output.contains("HOME="), "stored tool_result: {stored}");
     assert_eq!(home_of(stored_output), Some(expected_home.to_str().unwrap()));
-    assert_clean("the stored history", &serde_json::to_string_pretty(&messages).unwrap(), &secret);
+    assert_clean("the stored history", &serde_json::to_string_pretty(&messages).unwrap(), secret);
 
     // What the model was sent (the tool result goes back to it) carries no secret either.
     let sent = read(&standin.requests);
     assert!(sent.contains("HOME="), "the model never got the env output:\n{sent}");
-    assert_clean("the requests to the model", &sent, &secret);
+    assert_clean("the requests to the model", &sent, secret);
     output.to_string()
 }
 
@@ -253,18 +171,6 @@ const SESSION_ENV: [(&str, &str); 4] = [
     ("DISABLE_AUTOUPDATER", "1"),
 ];
 
-fn errors(events: &[Value]) -> Vec<String> {
-    of(events, "error").iter().map(|e| e["content"].as_str().unwrap_or_default().to_string()).collect()
-}
-
-fn assistant_texts(events: &[Value]) -> Vec<String> {
-    events
-        .iter()
-        .filter(|e| e["kind"] == "text" && e["role"] == "assistant")
-        .map(|e| e["content"].as_str().unwrap_or_default().to_string())
-        .collect()
-}
-
 /// The stand-in's requests of the agent's own conversation (those offering `Bash`).
 fn agent_requests(standin: &ModelStandin) -> Vec<Value> {
     standin
@@ -284,11 +190,13 @@ async fn claude_gateway(
     standin: &ModelStandin,
     sandbox: &str,
     cluster: bool,
+    extra_env: &[(&str, &str)],
 ) -> Option<Gateway> {
     let (claude, claude_ro) = claude_cli()?;
     let base_url = format!("http://127.0.0.1:{}", standin.port);
     let mut env: Vec<(&str, &str)> = SESSION_ENV.to_vec();
     env.push(("ANTHROPIC_BASE_URL", base_url.as_str()));
+    env.extend_from_slice(extra_env);
     let args: Vec<OsString> = vec![
         "--claude-bin".into(),
         claude.into(),
@@ -314,7 +222,7 @@ async fn claude_session(sandbox: &str, options: Value, approvals: Approvals) {
     let dir = tempfile::tempdir().unwrap();
     let root = std::fs::canonicalize(dir.path()).unwrap();
     let standin = ModelStandin::start(&root, PROBE);
-    let Some(gateway) = claude_gateway(&root, &standin, sandbox, false).await else { return };
+    let Some(gateway) = claude_gateway(&root, &standin, sandbox, false, &[]).await else { return };
     let session = gateway.create_session("claude").await;
     let mut ws = gateway.connect().await;
     let dump = |events: &[Value]| {
@@ -427,7 +335,7 @@ async fn claude_real_cli_root_bypass_without_sandbox_is_explained() {
     let dir = tempfile::tempdir().unwrap();
     let root = std::fs::canonicalize(dir.path()).unwrap();
     let standin = ModelStandin::start(&root, PROBE);
-    let Some(gateway) = claude_gateway(&root, &standin, "none", false).await else { return };
+    let Some(gateway) = claude_gateway(&root, &standin, "none", false, &[]).await else { return };
     let session = gateway.create_session("claude").await;
     let mut ws = gateway.connect().await;
     let options = json!({ "permissionMode": "bypassPermissions" });
@@ -478,7 +386,7 @@ async fn claude_real_cli_in_a_cluster_watched_approved_and_aborted_from_another_
     let dir = tempfile::tempdir().unwrap();
     let root = std::fs::canonicalize(dir.path()).unwrap();
     let standin = ModelStandin::start(&root, PROBE);
-    let Some(gateway) = claude_gateway(&root, &standin, "none", true).await else { return };
+    let Some(gateway) = claude_gateway(&root, &standin, "none", true, &[]).await else { return };
     let session = gateway.create_session("claude").await;
     let mut tab_a = gateway.connect().await;
     let mut tab_b = gateway.peer().connect(&gateway.token).await;

@@ -19,7 +19,10 @@ mod real_cli;
 
 use std::{ffi::OsString, path::PathBuf};
 
-use real_cli::{Approvals, Gateway, ModelStandin, TURN_TIMEOUT, assert_no_process_in, find_cli, of, read, turn};
+use real_cli::{
+    Approvals, Gateway, ModelStandin, TURN_TIMEOUT, assert_no_process_in, assistant_texts, errors, find_cli, of, read,
+    turn,
+};
 use serde_json::{Value, json};
 
 /// What the agent's shell tool runs (its output is checked).
@@ -34,18 +37,6 @@ fn codex_config(port: u16) -> String {
          [model_providers.standin]\nname = \"standin\"\nbase_url = \"http://127.0.0.1:{port}/v1\"\n\
          env_key = \"STANDIN_OPENAI_KEY\"\nwire_api = \"responses\"\n"
     )
-}
-
-fn errors(events: &[Value]) -> Vec<String> {
-    of(events, "error").iter().map(|e| e["content"].as_str().unwrap_or_default().to_string()).collect()
-}
-
-fn assistant_texts(events: &[Value]) -> Vec<String> {
-    events
-        .iter()
-        .filter(|e| e["kind"] == "text" && e["role"] == "assistant")
-        .map(|e| e["content"].as_str().unwrap_or_default().to_string())
-        .collect()
 }
 
 /// The `/v1/responses` requests the stand-in got.

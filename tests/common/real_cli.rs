@@ -335,6 +335,20 @@ pub async fn collect(
     }
 }
 
+/// The `content` of every `error` event.
+pub fn errors(events: &[Value]) -> Vec<String> {
+    of(events, "error").iter().map(|e| e["content"].as_str().unwrap_or_default().to_string()).collect()
+}
+
+/// The `content` of every assistant `text` event.
+pub fn assistant_texts(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e["kind"] == "text" && e["role"] == "assistant")
+        .map(|e| e["content"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
 /// The events of `kind`.
 pub fn of<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
     events.iter().filter(|e| e["kind"] == kind).collect()
