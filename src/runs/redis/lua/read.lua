@@ -1,0 +1,29 @@
+-- read: one consistent read of a session for `chat.subscribe` and snapshots.
+-- Guarantees: the owner record, the seq top, the replay and the pending approvals are of one
+-- instant; the replay holds the current run's entries after max(after, firstSeq - 1).
+-- Returns {owner_json|'', top, {seq, runId, t, body, ...}, pending_values}.
+local owner_key = KEYS[1]
+local seq_key = KEYS[2]
+local events_key = KEYS[3]
+local pending_key = KEYS[4]
+
+local after = tonumber(ARGV[1]) -- -1: no replay
+
+local top = math.max(tonumber(redis.call('GET', seq_key) or '0'), stream_top(events_key))
+local owner = redis.call('GET', owner_key)
+if not owner then return {'', top, {}, {}} end
+local flat = {}
+if after >= 0 then
+  local from = math.max(after, cjson.decode(owner).firstSeq - 1)
+  if top > from then
+    local entries = redis.call('XRANGE', events_key, string.format('%d-0', from + 1), '+')
+    for _, e in ipairs(entries) do
+      local f = e[2]
+      flat[#flat + 1] = seq_of(e[1])
+      flat[#flat + 1] = f[2]
+      flat[#flat + 1] = f[4]
+      flat[#flat + 1] = f[6]
+    end
+  end
+end
+return {owner, top, flat, redis.call('HVALS', pending_key)}
