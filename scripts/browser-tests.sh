@@ -42,7 +42,9 @@ fi
 if [[ -z "${CHATGATE_BIN:-}" ]]; then
     log "building the debug binary"
     cargo build --locked --bin chatgate
-    export CHATGATE_BIN="$repo/target/debug/chatgate"
+    target_dir="${CARGO_TARGET_DIR:-target}"
+    [[ "$target_dir" == /* ]] || target_dir="$repo/$target_dir"
+    export CHATGATE_BIN="$target_dir/debug/chatgate"
 fi
 
 # --- the stack ----------------------------------------------------------------------------------
