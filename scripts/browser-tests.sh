@@ -8,7 +8,7 @@
 # runs the tests and always stops the stack. Screenshots and node logs go to
 # tests/browser/artifacts/ (CHATGATE_BROWSER_ARTIFACTS to change).
 #
-#   scripts/browser-tests.sh [node --test file filters...]
+#   scripts/browser-tests.sh [files or name filters...]   (e.g. e2e/05_node_drain.test.js, 11_upstream)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$(pwd)"
@@ -42,7 +42,9 @@ fi
 if [[ -z "${CHATGATE_BIN:-}" ]]; then
     log "building the debug binary"
     cargo build --locked --bin chatgate
-    export CHATGATE_BIN="$repo/target/debug/chatgate"
+    target_dir="${CARGO_TARGET_DIR:-target}"
+    [[ "$target_dir" == /* ]] || target_dir="$repo/$target_dir"
+    export CHATGATE_BIN="$target_dir/debug/chatgate"
 fi
 
 # --- the stack ----------------------------------------------------------------------------------
@@ -89,7 +91,24 @@ cd tests/browser
 node_flags=()
 node -e 'process.exit(typeof WebSocket === "function" ? 0 : 1)' 2>/dev/null || node_flags+=(--experimental-websocket)
 if (( $# > 0 )); then
-    node "${node_flags[@]}" --test --test-concurrency=1 "$@"
+    # A filter that is not a path under tests/browser names the files containing it
+    # (`11_upstream` -> e2e/11_upstream_client.test.js): Node 20 takes no globs.
+    files=()
+    for filter in "$@"; do
+        if [[ -e "$filter" || "$filter" == -* ]]; then
+            files+=("$filter")
+            continue
+        fi
+        matched=0
+        for f in unit/*.test.js e2e/*.test.js; do
+            if [[ "$f" == *"$filter"* ]]; then
+                files+=("$f")
+                matched=1
+            fi
+        done
+        (( matched )) || die "no test file under tests/browser matches '$filter'"
+    done
+    node "${node_flags[@]}" --test --test-concurrency=1 "${files[@]}"
 else
     node "${node_flags[@]}" --test --test-concurrency=1 unit/ e2e/
 fi

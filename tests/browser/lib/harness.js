@@ -20,6 +20,9 @@ function need(name) {
 }
 
 export const lbUrl = () => need('CHATGATE_LB_URL');
+/** Each node of the local stack, not behind nginx: [{nodeId: 'local-1', url}, …] (up.sh's order). */
+export const stackNodes = () =>
+  need('CHATGATE_NODE_URLS').split(/\s+/).filter(Boolean).map((url, i) => ({ nodeId: `local-${i + 1}`, url }));
 export const stateDir = () => need('CHATGATE_LOCAL_STATE');
 /** The run lease the stack's nodes use (CHATGATE_RUN_LEASE), in ms. */
 export const leaseMs = () => parseDuration(process.env.CHATGATE_RUN_LEASE ?? '15s');
@@ -41,9 +44,9 @@ export function mintToken(user, ttlSeconds = 3600) {
 /** A fresh user id, so each test sees only its own sessions. */
 export const freshUser = (label) => `browser-${label}-${randomUUID().slice(0, 8)}`;
 
-/** A REST call through the balancer; resolves to the envelope's `data`. */
-export async function rest(token, method, route, body) {
-  const response = await fetch(`${lbUrl()}${route}`, {
+/** A REST call through the balancer (or to `base`); resolves to the envelope's `data`. */
+export async function rest(token, method, route, body, base = lbUrl()) {
+  const response = await fetch(`${base}${route}`, {
     method,
     headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
     body: body === undefined ? undefined : JSON.stringify(body),
@@ -53,9 +56,9 @@ export async function rest(token, method, route, body) {
   return payload.data;
 }
 
-/** The node that owns a session's run (from GET /sessions/running), or null. */
-export async function runOwner(token, sessionId) {
-  const data = await rest(token, 'GET', '/api/providers/sessions/running');
+/** The node that owns a session's run (from GET /sessions/running, asked of `base`), or null. */
+export async function runOwner(token, sessionId, base = lbUrl()) {
+  const data = await rest(token, 'GET', '/api/providers/sessions/running', undefined, base);
   return data.sessions.find((s) => s.sessionId === sessionId)?.nodeId ?? null;
 }
 
