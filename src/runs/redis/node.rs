@@ -13,18 +13,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ::redis::{ErrorKind, RedisError, ServerErrorKind, Value, aio::MultiplexedConnection};
+use ::redis::{ErrorKind, FromRedisValue, RedisError, ServerErrorKind, aio::MultiplexedConnection};
 use deadpool_redis::{Connection, Pool, PoolError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, watch};
 
 use super::{
     RedisRegistryOptions,
-    codec::{self, BadReply, OwnerRecord},
+    codec::{BadReply, OwnerRecord},
     hub::Hub,
     keys,
     live::{LiveSession, SeenRun},
-    scripts::Scripts,
+    scripts::{OrphanComplete, RangeReply, ReapInput, ReapReply, Scripts, SeqRules},
 };
 use crate::{
     protocol::{Frame, now_iso},
@@ -304,59 +304,56 @@ impl Node {
     /// `lost` = (run id, provider) a run Redis lost altogether. Exactly one
     /// caller across the cluster ends a given run.
     pub async fn reap(&self, session_id: &str, lost: Option<&SeenRun>, floor: u64) -> Result<Reaped, Failure> {
-        let (expected, provider) = lost.map(|r| (r.run_id.as_str(), r.provider.as_str())).unwrap_or(("", ""));
-        let event_id = uuid::Uuid::new_v4().to_string();
-        let mut inv = self.scripts.reap.prepare_invoke();
-        inv.key(keys::run(session_id))
-            .key(keys::owner(session_id))
-            .key(keys::seq(session_id))
-            .key(keys::events(session_id))
-            .key(keys::pending(session_id))
-            .key(keys::live_channel(session_id))
-            .key(keys::prompt(session_id))
-            .arg(expected)
-            .arg(if lost.is_some() { provider } else { "" })
-            .arg(session_id)
-            .arg(event_id)
-            .arg(now_iso())
-            .arg(OWNER_LOST)
-            .arg(self.opts.max_events.max(1))
-            .arg(millis(self.opts.retention))
-            .arg(millis(SEQ_IDLE_TTL))
-            .arg(floor.min(MAX_SCRIPT_SEQ - 1))
-            .arg(self.margin());
-        let reply: Value = self.retrying("reap", self.retry_window(), || self.invoke(&inv)).await?;
-        let mut items = codec::array(reply)?.into_iter();
-        let status = codec::text(items.next().unwrap_or(Value::Nil))?;
-        match status.as_str() {
-            "ALIVE" => Ok(Reaped::Alive),
-            "NONE" => Ok(Reaped::None),
-            "REAPED" => {
-                let owner_json = codec::text(items.next().unwrap_or(Value::Nil))?;
-                let first = codec::int(items.next().unwrap_or(Value::Nil))?;
-                let pending = codec::texts(items.next().unwrap_or(Value::Nil))?;
-                let prompt = codec::text(items.next().unwrap_or(Value::Nil))?;
+        let lost_run = lost.map(|r| (r.run_id.as_str(), r.provider.as_str()));
+        let (event_id, timestamp) = (uuid::Uuid::new_v4().to_string(), now_iso());
+        let input = ReapInput {
+            session_id,
+            lost: lost_run,
+            orphan: OrphanComplete { event_id: &event_id, timestamp: &timestamp, error: OWNER_LOST },
+            seqs: self.seq_rules(floor),
+        };
+        let inv = self.scripts.reap(&input);
+        let reply: ReapReply = self.retrying("reap", self.retry_window(), || self.invoke(&inv)).await?;
+        match reply {
+            ReapReply::Alive => Ok(Reaped::Alive),
+            ReapReply::Nothing => Ok(Reaped::None),
+            ReapReply::Reaped { owner_json, complete_seq, pending_ids, prompt } => {
                 let owner = if owner_json.is_empty() { None } else { Some(OwnerRecord::parse(&owner_json)?) };
+                let expected = lost_run.map(|(run_id, _)| run_id).unwrap_or("");
                 let run_id = owner.as_ref().map(|o| o.run_id.as_str()).unwrap_or(expected);
                 tracing::warn!(session_id, run_id, "ended a run whose owner was lost");
                 metrics::counter!("chatgate_runs_reaped_total").increment(1);
-                let complete_seq = first;
                 let first_seq = owner.as_ref().map(|o| o.first_seq).unwrap_or(complete_seq);
                 self.notify_orphan(session_id, run_id, first_seq, complete_seq, Some(prompt).filter(|p| !p.is_empty()));
-                self.forget_run(session_id, run_id, owner.as_ref().map(|o| o.user_id.as_str()), &pending).await;
+                self.forget_run(session_id, run_id, owner.as_ref().map(|o| o.user_id.as_str()), &pending_ids).await;
                 Ok(Reaped::Ended)
             }
-            other => Err(BadReply(format!("reap: {other}")).into()),
         }
     }
 
-    /// Invokes a prepared script on a pooled connection.
-    pub async fn invoke(&self, inv: &::redis::ScriptInvocation<'_>) -> Result<Value, Failure> {
+    /// The seq and expiry rules of a script call whose counter may restart from `floor`.
+    pub fn seq_rules(&self, floor: u64) -> SeqRules {
+        SeqRules {
+            lease_ms: millis(self.opts.lease),
+            floor: floor.min(MAX_SCRIPT_SEQ - 1),
+            margin: self.margin(),
+            max_events: self.opts.max_events.max(1),
+            retention_ms: millis(self.opts.retention),
+            seq_ttl_ms: millis(SEQ_IDLE_TTL),
+        }
+    }
+
+    /// Invokes a prepared script on a pooled connection; its reply decodes as `T`.
+    pub async fn invoke<T: FromRedisValue>(&self, inv: &::redis::ScriptInvocation<'_>) -> Result<T, Failure> {
         self.invoke_on(Lane::Write, inv).await
     }
 
-    /// Invokes a prepared script on the given lane.
-    pub async fn invoke_on(&self, lane: Lane, inv: &::redis::ScriptInvocation<'_>) -> Result<Value, Failure> {
+    /// Invokes a prepared script on the given lane; its reply decodes as `T`.
+    pub async fn invoke_on<T: FromRedisValue>(
+        &self,
+        lane: Lane,
+        inv: &::redis::ScriptInvocation<'_>,
+    ) -> Result<T, Failure> {
         let mut conn = self.lane(lane).await?;
         Ok(inv.invoke_async(&mut conn).await?)
     }
@@ -425,15 +422,11 @@ impl Node {
         if after >= MAX_SCRIPT_SEQ || up_to <= after {
             return Ok((0, Vec::new()));
         }
-        let stop = if up_to >= MAX_SCRIPT_SEQ { "+".to_string() } else { up_to.to_string() };
-        let mut inv = self.scripts.read_range.prepare_invoke();
-        inv.key(keys::seq(session_id)).key(keys::events(session_id)).arg(after).arg(stop);
-        let reply: Value =
+        let stop = (up_to < MAX_SCRIPT_SEQ).then_some(up_to);
+        let inv = self.scripts.read_range(session_id, after, stop);
+        let reply: RangeReply =
             self.retrying("read_range", self.retry_window(), || self.invoke_on(Lane::Read, &inv)).await?;
-        let mut items = codec::array(reply)?.into_iter();
-        let top = codec::int(items.next().unwrap_or(Value::Nil))?;
-        let events = codec::decode_entries(items.next().unwrap_or(Value::Nil))?;
-        Ok((top, events))
+        Ok((reply.top, reply.events))
     }
 
     /// Delivers a control message to the run's owner node (directly when it is this one).

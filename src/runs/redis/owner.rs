@@ -3,16 +3,17 @@
 
 use std::{sync::Arc, time::Duration};
 
-use ::redis::{AsyncCommands, Value};
+use ::redis::AsyncCommands;
 use serde_json::Value as Json;
 use tokio::sync::mpsc;
 
 use super::{
     RedisRegistry,
-    codec::{self, OwnerRecord},
+    codec::OwnerRecord,
     keys,
-    node::{self, Failure, LocalRun, MAX_SCRIPT_SEQ, PERMISSION_TTL, SEQ_IDLE_TTL, lock, millis, run_key},
+    node::{self, Failure, LocalRun, MAX_SCRIPT_SEQ, PERMISSION_TTL, lock, millis, run_key},
     recovery::recently_active,
+    scripts::{AppendInput, AppendReply, OrphanComplete, RenewInput, RenewReply, StartInput, StartReply},
 };
 use crate::{
     protocol::{now_iso, sequenced},
@@ -60,57 +61,46 @@ impl RedisRegistry {
             );
         }
         let session_id = start.session_id.as_str();
-        let mut inv = node.scripts.start.prepare_invoke();
-        inv.key(keys::run(session_id))
-            .key(keys::owner(session_id))
-            .key(keys::seq(session_id))
-            .key(keys::events(session_id))
-            .key(keys::pending(session_id))
-            .key(keys::live_channel(session_id))
-            .key(keys::prompt(session_id))
-            .arg(&start.run_id)
-            .arg(&node.id)
-            .arg(&start.provider)
-            .arg(&start.user_id)
-            .arg(now_iso())
-            .arg(millis(node.opts.lease))
-            .arg(start.seq_floor.min(MAX_SCRIPT_SEQ - 1))
-            .arg(node.margin())
-            .arg(node.opts.max_events.max(1))
-            .arg(millis(node.opts.retention))
-            .arg(millis(SEQ_IDLE_TTL))
-            .arg(uuid::Uuid::new_v4().to_string())
-            .arg(now_iso())
-            .arg(session_id)
-            .arg(node::OWNER_LOST)
-            .arg(if recently_active(start.last_active_ms) { "1" } else { "0" })
-            .arg(&start.prompt);
+        let (started_at, orphan_event_id) = (now_iso(), uuid::Uuid::new_v4().to_string());
+        let input = StartInput {
+            session_id,
+            run_id: &start.run_id,
+            node_id: &node.id,
+            provider: &start.provider,
+            user_id: &start.user_id,
+            started_at: &started_at,
+            seqs: node.seq_rules(start.seq_floor),
+            orphan: OrphanComplete { event_id: &orphan_event_id, timestamp: &started_at, error: node::OWNER_LOST },
+            recently_active: recently_active(start.last_active_ms),
+            prompt: &start.prompt,
+        };
+        let inv = node.scripts.start(&input);
         let lease = RunLease { session_id: start.session_id.clone(), run_id: start.run_id.clone() };
         let outcome = async {
-            let reply = node.retrying("start", node.retry_window(), || node.invoke(&inv)).await?;
-            let mut items = codec::array(reply)?.into_iter();
-            let mut next = || items.next().unwrap_or(Value::Nil);
-            let status = codec::text(next())?;
-            if status == "RECOVERING" {
-                let retry_ms = codec::int(next())?;
-                return Ok::<_, Failure>(Started::Recovering(Duration::from_millis(retry_ms)));
-            }
-            if status != "OK" {
-                // A retried start whose first attempt went through finds its own lock.
-                let held: Option<String> = node.conn().await?.get(keys::run(session_id)).await?;
-                let ours =
-                    held.as_deref().and_then(|j| OwnerRecord::parse(j).ok()).is_some_and(|o| o.run_id == start.run_id);
-                return Ok(match held.filter(|_| ours) {
-                    Some(owner_json) => Started::Granted(Granted { owner_json, ..Granted::default() }),
-                    None => Started::Busy,
-                });
-            }
-            Ok(Started::Granted(Granted {
-                owner_json: codec::text(next())?,
-                reaped: codec::text(next())?,
-                reaped_pending: codec::texts(next())?,
-                reaped_prompt: codec::text(next())?,
-            }))
+            let reply: StartReply = node.retrying("start", node.retry_window(), || node.invoke(&inv)).await?;
+            Ok::<_, Failure>(match reply {
+                StartReply::Recovering { retry_ms } => Started::Recovering(Duration::from_millis(retry_ms)),
+                StartReply::Busy => {
+                    // A retried start whose first attempt went through finds its own lock.
+                    let held: Option<String> = node.conn().await?.get(keys::run(session_id)).await?;
+                    let ours = held
+                        .as_deref()
+                        .and_then(|j| OwnerRecord::parse(j).ok())
+                        .is_some_and(|o| o.run_id == start.run_id);
+                    match held.filter(|_| ours) {
+                        Some(owner_json) => Started::Granted(Granted { owner_json, ..Granted::default() }),
+                        None => Started::Busy,
+                    }
+                }
+                StartReply::Started { owner_json, reaped_owner_json, reaped_pending_ids, reaped_prompt } => {
+                    Started::Granted(Granted {
+                        owner_json,
+                        reaped: reaped_owner_json,
+                        reaped_pending: reaped_pending_ids,
+                        reaped_prompt,
+                    })
+                }
+            })
         }
         .await;
         let Granted { owner_json, reaped, reaped_pending, reaped_prompt } = match outcome {
@@ -179,47 +169,26 @@ impl RedisRegistry {
             .get(&run_key(session_id, &lease.run_id))
             .map(|r| (r.owner_json.clone(), r.last_seq))
             .unwrap_or_default();
-        let mut inv = node.scripts.append.prepare_invoke();
-        inv.key(keys::run(session_id))
-            .key(keys::owner(session_id))
-            .key(keys::seq(session_id))
-            .key(keys::events(session_id))
-            .key(keys::pending(session_id))
-            .key(keys::live_channel(session_id))
-            .key(keys::batch(session_id, batch_id))
-            .key(keys::prompt(session_id))
-            .key(keys::saving(session_id, &lease.run_id))
-            .arg(&lease.run_id)
-            .arg(millis(node.opts.lease))
-            .arg(node.opts.max_events.max(1))
-            .arg(floor.min(MAX_SCRIPT_SEQ - 1))
-            .arg(node.margin())
-            .arg(if terminal { "1" } else { "0" })
-            .arg(millis(node.opts.retention))
-            .arg(millis(SEQ_IDLE_TTL))
-            .arg(&owner_json);
-        for body in bodies {
-            inv.arg(*body);
-        }
-        // The same batch id on every attempt: a retry of an applied batch answers DUP.
-        let reply = node.retrying("append", node.opts.lease, || node.invoke(&inv)).await?;
-        let mut items = codec::array(reply).map_err(Failure::from)?.into_iter();
-        let mut next = || items.next().unwrap_or(Value::Nil);
-        let status = codec::text(next()).map_err(Failure::from)?;
-        let (first, retaken, pending) = match status.as_str() {
-            "FENCED" => {
+        let input = AppendInput {
+            session_id,
+            run_id: &lease.run_id,
+            batch_id,
+            owner_json: &owner_json,
+            seqs: node.seq_rules(floor),
+            terminal,
+            bodies,
+        };
+        let inv = node.scripts.append(&input);
+        // The same batch id on every attempt: a retry of an applied batch answers Duplicate.
+        let reply: AppendReply = node.retrying("append", node.opts.lease, || node.invoke(&inv)).await?;
+        let (first, retaken, pending) = match reply {
+            AppendReply::Fenced => {
                 metrics::counter!("chatgate_redis_fenced_writes_total").increment(1);
                 self.drop_local_run(lease);
                 return Err(RegistryError::Fenced);
             }
-            "DUP" => (codec::int(next()).map_err(Failure::from)?, false, Vec::new()),
-            "OK" => {
-                let first = codec::int(next()).map_err(Failure::from)?;
-                let retaken = codec::int(next()).map_err(Failure::from)? == 1;
-                let pending = codec::texts(next()).map_err(Failure::from)?;
-                (first, retaken, pending)
-            }
-            other => return Err(Failure::from(codec::BadReply(format!("append: {other}"))).into()),
+            AppendReply::Duplicate { first } => (first, false, Vec::new()),
+            AppendReply::Appended { first, retaken, pending_ids } => (first, retaken, pending_ids),
         };
         metrics::histogram!("chatgate_redis_append_batch_events").record(bodies.len() as f64);
         let run_id: Arc<str> = Arc::from(lease.run_id.as_str());
@@ -282,25 +251,24 @@ impl RedisRegistry {
             .get(&run_key(session_id, &lease.run_id))
             .map(|r| (r.owner_json.clone(), r.last_seq))
             .unwrap_or_default();
-        let mut inv = node.scripts.renew.prepare_invoke();
-        inv.key(keys::run(session_id))
-            .key(keys::owner(session_id))
-            .key(keys::seq(session_id))
-            .key(keys::events(session_id))
-            .arg(&lease.run_id)
-            .arg(millis(node.opts.lease))
-            .arg(&owner_json)
-            .arg(floor.min(MAX_SCRIPT_SEQ - 1))
-            .arg(node.margin());
-        let reply = node.retrying("renew", node.retry_window(), || node.invoke(&inv)).await?;
-        match codec::text(reply).map_err(Failure::from)?.as_str() {
-            "OK" => Ok(()),
-            "RETAKEN" => {
+        let input = RenewInput {
+            session_id,
+            run_id: &lease.run_id,
+            lease_ms: millis(node.opts.lease),
+            owner_json: &owner_json,
+            floor: floor.min(MAX_SCRIPT_SEQ - 1),
+            margin: node.margin(),
+        };
+        let inv = node.scripts.renew(&input);
+        let reply: RenewReply = node.retrying("renew", node.retry_window(), || node.invoke(&inv)).await?;
+        match reply {
+            RenewReply::Renewed => Ok(()),
+            RenewReply::Retaken => {
                 tracing::warn!(session_id, run_id = lease.run_id, "Redis lost the run's lock; re-took it");
                 self.restore_local_run(lease).await;
                 Ok(())
             }
-            _ => {
+            RenewReply::Fenced => {
                 self.drop_local_run(lease);
                 Err(RegistryError::Fenced)
             }
@@ -325,15 +293,9 @@ impl RedisRegistry {
     /// Writes a pending approval (fenced) and its `cg:perm:{R}` lookup key.
     async fn record_pending(&self, lease: &RunLease, request_id: &str, json: &str) -> Result<(), RegistryError> {
         let node = &self.node;
-        let mut inv = node.scripts.pending.prepare_invoke();
-        inv.key(keys::run(&lease.session_id))
-            .key(keys::pending(&lease.session_id))
-            .arg(&lease.run_id)
-            .arg(request_id)
-            .arg(json)
-            .arg("1");
-        let reply = node.retrying("pending", node.retry_window(), || node.invoke(&inv)).await?;
-        if codec::text(reply).map_err(Failure::from)? != "OK" {
+        let inv = node.scripts.pending(&lease.session_id, &lease.run_id, request_id, Some(json));
+        let reply: String = node.retrying("pending", node.retry_window(), || node.invoke(&inv)).await?;
+        if reply != "OK" {
             return Err(RegistryError::Fenced);
         }
         let key = keys::permission(request_id);
@@ -352,15 +314,9 @@ impl RedisRegistry {
         if let Some(run) = lock(&node.runs).get_mut(&run_key(&lease.session_id, &lease.run_id)) {
             run.pending.retain(|(id, _)| id != request_id);
         }
-        let mut inv = node.scripts.pending.prepare_invoke();
-        inv.key(keys::run(&lease.session_id))
-            .key(keys::pending(&lease.session_id))
-            .arg(&lease.run_id)
-            .arg(request_id)
-            .arg("")
-            .arg("0");
+        let inv = node.scripts.pending(&lease.session_id, &lease.run_id, request_id, None);
         // Fenced is fine here: the run's end cleared its approvals already.
-        node.retrying("pending", node.retry_window(), || node.invoke(&inv)).await?;
+        let _: String = node.retrying("pending", node.retry_window(), || node.invoke(&inv)).await?;
         let key = keys::permission(request_id);
         node.retrying("permission_key", node.retry_window(), || async {
             let mut conn = node.conn().await?;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use ::redis::{AsyncCommands, Value};
+use ::redis::AsyncCommands;
 use serde_json::Value as Json;
 
 use super::{
@@ -12,6 +12,7 @@ use super::{
     keys,
     live::{SeenRun, attach_feed},
     node::{Failure, Lane, MAX_SCRIPT_SEQ, lock, parse_index_member},
+    scripts::ReadReply,
 };
 use crate::runs::{Event, LiveFeed, RegistryError, RunningRun, Snapshot, Subscription, feed::RangeSource};
 
@@ -23,21 +24,10 @@ impl RedisRegistry {
         after: Option<u64>,
     ) -> Result<SessionRead, RegistryError> {
         let node = &self.node;
-        let after_arg = after.map_or(-1i64, |a| i64::try_from(a.min(MAX_SCRIPT_SEQ - 1)).unwrap_or(0));
-        let mut inv = node.scripts.read.prepare_invoke();
-        inv.key(keys::owner(session_id))
-            .key(keys::seq(session_id))
-            .key(keys::events(session_id))
-            .key(keys::pending(session_id))
-            .arg(after_arg);
-        let reply = node.retrying("read", node.retry_window(), || node.invoke_on(Lane::Read, &inv)).await?;
-        let mut items = codec::array(reply).map_err(Failure::from)?.into_iter();
-        let mut next = || items.next().unwrap_or(Value::Nil);
-        let owner_json = codec::text(next()).map_err(Failure::from)?;
-        let top = codec::int(next()).map_err(Failure::from)?;
-        let replay = codec::decode_entries(next()).map_err(Failure::from)?;
-        let pending = codec::texts(next())
-            .map_err(Failure::from)?
+        let inv = node.scripts.read(session_id, after.map(|a| a.min(MAX_SCRIPT_SEQ - 1)));
+        let reply: ReadReply = node.retrying("read", node.retry_window(), || node.invoke_on(Lane::Read, &inv)).await?;
+        let ReadReply { owner_json, top, replay, pending } = reply;
+        let pending = pending
             .iter()
             .map(|json| serde_json::from_str(json).unwrap_or_else(|_| Json::String(json.clone())))
             .collect();

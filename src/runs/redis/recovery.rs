@@ -13,8 +13,8 @@
 use std::time::Duration;
 
 use super::{
-    RedisRegistry, codec, keys,
-    node::{Failure, Lane, MAX_SCRIPT_SEQ, SEQ_IDLE_TTL, millis},
+    RedisRegistry,
+    node::{Lane, MAX_SCRIPT_SEQ, SEQ_IDLE_TTL, millis},
 };
 use crate::runs::RegistryError;
 
@@ -38,15 +38,9 @@ impl RedisRegistry {
         last_active_ms: i64,
     ) -> Result<Duration, RegistryError> {
         let node = &self.node;
-        let mut inv = node.scripts.settle.prepare_invoke();
-        inv.key(keys::run(session_id))
-            .key(keys::owner(session_id))
-            .key(keys::seq(session_id))
-            .arg(seq_floor.min(MAX_SCRIPT_SEQ - 1))
-            .arg(millis(node.opts.lease))
-            .arg(if recently_active(last_active_ms) { "1" } else { "0" });
-        let reply = node.retrying("settle", node.retry_window(), || node.invoke_on(Lane::Write, &inv)).await?;
-        let wait_ms = codec::int(reply).map_err(Failure::from)?;
+        let floor = seq_floor.min(MAX_SCRIPT_SEQ - 1);
+        let inv = node.scripts.settle(session_id, floor, millis(node.opts.lease), recently_active(last_active_ms));
+        let wait_ms: u64 = node.retrying("settle", node.retry_window(), || node.invoke_on(Lane::Write, &inv)).await?;
         if wait_ms > 0 {
             metrics::counter!("chatgate_subscribes_waiting_recovery_total").increment(1);
         }

@@ -8,7 +8,7 @@ use tokio::sync::broadcast;
 
 use super::{
     RESPONSE_TIMEOUT, RedisRegistry,
-    codec::{self, OwnerRecord},
+    codec::OwnerRecord,
     keys,
     node::{self, Failure, Reaped, lock},
 };
@@ -118,12 +118,10 @@ impl RedisRegistry {
     /// `admit_send`: one script (INCR, PEXPIRE on the window's first send) on `cg:user:{U}:sends`.
     pub(super) async fn count_send(&self, user_id: &str, limit: u32, window: Duration) -> Result<bool, RegistryError> {
         let node = &self.node;
-        let mut inv = node.scripts.count_send.prepare_invoke();
-        inv.key(keys::user_sends(user_id)).arg(node::millis(window));
+        let inv = node.scripts.count_send(user_id, node::millis(window));
         // Retried like every call: a retry after a lost reply may count a send twice,
         // which errs on the strict side by one.
-        let reply = node.retrying("count_send", node.retry_window(), || node.invoke(&inv)).await?;
-        let count = codec::int(reply).map_err(Failure::from)?;
+        let count: u64 = node.retrying("count_send", node.retry_window(), || node.invoke(&inv)).await?;
         Ok(count <= u64::from(limit))
     }
 

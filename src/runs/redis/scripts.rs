@@ -17,31 +17,29 @@
 //! seq) is set to the highest seq known plus `--replay-max-events`, so that no
 //! seq is ever reused even when SQL lags; the jump reaches subscribers as a gap.
 
-use ::redis::Script;
+use ::redis::{FromRedisValue, ParsingError, Script, ScriptInvocation, Value};
+
+use super::{
+    codec::{self, BadReply},
+    keys,
+};
+use crate::runs::Event;
 
 /// Functions shared by the scripts.
 const PRELUDE: &str = include_str!("lua/prelude.lua");
 
-/// The registry's scripts, hashed once.
+/// The registry's scripts, hashed once; each method builds one call of its script from its
+/// inputs by name. Replies decode into the typed answers below (`FromRedisValue`).
 pub struct Scripts {
-    /// `lua/count_send.lua`: counts a user's `chat.send` in the rate window.
-    pub count_send: Script,
-    /// `lua/start.lua`: takes a session's run lock, reaping an orphan first.
-    pub start: Script,
-    /// `lua/append.lua`: appends a batch, fenced; a terminal batch finishes the run.
-    pub append: Script,
-    /// `lua/renew.lua`: extends (or re-takes) the run's lock.
-    pub renew: Script,
-    /// `lua/pending.lua`: adds or removes a pending approval, fenced.
-    pub pending: Script,
-    /// `lua/reap.lua`: ends an orphaned run with its `complete`.
-    pub reap: Script,
-    /// `lua/read.lua`: one consistent read of a session for a subscribe.
-    pub read: Script,
-    /// `lua/read_range.lua`: a range of the stream with the seq top.
-    pub read_range: Script,
-    /// `lua/settle.lua`: how long readers wait for a session Redis lost.
-    pub settle: Script,
+    count_send: Script,
+    start: Script,
+    append: Script,
+    renew: Script,
+    pending: Script,
+    reap: Script,
+    read: Script,
+    read_range: Script,
+    settle: Script,
 }
 
 impl Scripts {
@@ -58,6 +56,408 @@ impl Scripts {
             read_range: with_prelude(include_str!("lua/read_range.lua")),
             settle: with_prelude(include_str!("lua/settle.lua")),
         }
+    }
+
+    /// `lua/count_send.lua`: counts one `chat.send` of `user_id` in a window of `window_ms`.
+    pub fn count_send(&self, user_id: &str, window_ms: u64) -> ScriptInvocation<'_> {
+        let mut inv = self.count_send.prepare_invoke();
+        inv.key(keys::user_sends(user_id)).arg(window_ms);
+        inv
+    }
+
+    /// `lua/start.lua`: takes the session's run lock, reaping an orphan first.
+    pub fn start(&self, input: &StartInput<'_>) -> ScriptInvocation<'_> {
+        let session_id = input.session_id;
+        let mut inv = self.start.prepare_invoke();
+        inv.key(keys::run(session_id))
+            .key(keys::owner(session_id))
+            .key(keys::seq(session_id))
+            .key(keys::events(session_id))
+            .key(keys::pending(session_id))
+            .key(keys::live_channel(session_id))
+            .key(keys::prompt(session_id));
+        inv.arg(input.run_id)
+            .arg(input.node_id)
+            .arg(input.provider)
+            .arg(input.user_id)
+            .arg(input.started_at)
+            .arg(input.seqs.lease_ms)
+            .arg(input.seqs.floor)
+            .arg(input.seqs.margin)
+            .arg(input.seqs.max_events)
+            .arg(input.seqs.retention_ms)
+            .arg(input.seqs.seq_ttl_ms)
+            .arg(input.orphan.event_id)
+            .arg(input.orphan.timestamp)
+            .arg(session_id)
+            .arg(input.orphan.error)
+            .arg(flag(input.recently_active))
+            .arg(input.prompt);
+        inv
+    }
+
+    /// `lua/append.lua`: appends `bodies` under `batch_id`, fenced.
+    pub fn append(&self, input: &AppendInput<'_>) -> ScriptInvocation<'_> {
+        let session_id = input.session_id;
+        let mut inv = self.append.prepare_invoke();
+        inv.key(keys::run(session_id))
+            .key(keys::owner(session_id))
+            .key(keys::seq(session_id))
+            .key(keys::events(session_id))
+            .key(keys::pending(session_id))
+            .key(keys::live_channel(session_id))
+            .key(keys::batch(session_id, input.batch_id))
+            .key(keys::prompt(session_id))
+            .key(keys::saving(session_id, input.run_id));
+        inv.arg(input.run_id)
+            .arg(input.seqs.lease_ms)
+            .arg(input.seqs.max_events)
+            .arg(input.seqs.floor)
+            .arg(input.seqs.margin)
+            .arg(flag(input.terminal))
+            .arg(input.seqs.retention_ms)
+            .arg(input.seqs.seq_ttl_ms)
+            .arg(input.owner_json);
+        for body in input.bodies {
+            inv.arg(*body);
+        }
+        inv
+    }
+
+    /// `lua/renew.lua`: extends the run's lock, or re-takes it as `owner_json`.
+    pub fn renew(&self, input: &RenewInput<'_>) -> ScriptInvocation<'_> {
+        let session_id = input.session_id;
+        let mut inv = self.renew.prepare_invoke();
+        inv.key(keys::run(session_id))
+            .key(keys::owner(session_id))
+            .key(keys::seq(session_id))
+            .key(keys::events(session_id));
+        inv.arg(input.run_id).arg(input.lease_ms).arg(input.owner_json).arg(input.floor).arg(input.margin);
+        inv
+    }
+
+    /// `lua/pending.lua`: records (`Some(request_json)`) or forgets a pending approval, fenced.
+    pub fn pending(
+        &self,
+        session_id: &str,
+        run_id: &str,
+        request_id: &str,
+        request_json: Option<&str>,
+    ) -> ScriptInvocation<'_> {
+        let mut inv = self.pending.prepare_invoke();
+        inv.key(keys::run(session_id)).key(keys::pending(session_id));
+        inv.arg(run_id).arg(request_id).arg(request_json.unwrap_or("")).arg(flag(request_json.is_some()));
+        inv
+    }
+
+    /// `lua/reap.lua`: ends the session's orphaned run (or `lost`, a run Redis lost).
+    pub fn reap(&self, input: &ReapInput<'_>) -> ScriptInvocation<'_> {
+        let session_id = input.session_id;
+        let (expected_run_id, lost_provider) = input.lost.unwrap_or(("", ""));
+        let mut inv = self.reap.prepare_invoke();
+        inv.key(keys::run(session_id))
+            .key(keys::owner(session_id))
+            .key(keys::seq(session_id))
+            .key(keys::events(session_id))
+            .key(keys::pending(session_id))
+            .key(keys::live_channel(session_id))
+            .key(keys::prompt(session_id));
+        inv.arg(expected_run_id)
+            .arg(lost_provider)
+            .arg(session_id)
+            .arg(input.orphan.event_id)
+            .arg(input.orphan.timestamp)
+            .arg(input.orphan.error)
+            .arg(input.seqs.max_events)
+            .arg(input.seqs.retention_ms)
+            .arg(input.seqs.seq_ttl_ms)
+            .arg(input.seqs.floor)
+            .arg(input.seqs.margin);
+        inv
+    }
+
+    /// `lua/read.lua`: the session's owner, seq top, replay after `after` (`None`: no replay)
+    /// and pending approvals, in one read.
+    pub fn read(&self, session_id: &str, after: Option<u64>) -> ScriptInvocation<'_> {
+        let mut inv = self.read.prepare_invoke();
+        inv.key(keys::owner(session_id)).key(keys::seq(session_id)).key(keys::events(session_id));
+        inv.key(keys::pending(session_id));
+        match after {
+            Some(after) => inv.arg(after),
+            None => inv.arg(-1),
+        };
+        inv
+    }
+
+    /// `lua/read_range.lua`: the entries with `after < seq <= up_to` (`None`: to the newest).
+    pub fn read_range(&self, session_id: &str, after: u64, up_to: Option<u64>) -> ScriptInvocation<'_> {
+        let mut inv = self.read_range.prepare_invoke();
+        inv.key(keys::seq(session_id)).key(keys::events(session_id)).arg(after);
+        match up_to {
+            Some(up_to) => inv.arg(up_to),
+            None => inv.arg("+"),
+        };
+        inv
+    }
+
+    /// `lua/settle.lua`: how long a reader waits for a session whose state Redis lost.
+    pub fn settle(&self, session_id: &str, floor: u64, lease_ms: u64, recently_active: bool) -> ScriptInvocation<'_> {
+        let mut inv = self.settle.prepare_invoke();
+        inv.key(keys::run(session_id)).key(keys::owner(session_id)).key(keys::seq(session_id));
+        inv.arg(floor).arg(lease_ms).arg(flag(recently_active));
+        inv
+    }
+}
+
+fn flag(on: bool) -> &'static str {
+    if on { "1" } else { "0" }
+}
+
+/// How a script keeps seqs and expires a finished run's keys.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqRules {
+    /// The run lock's lease.
+    pub lease_ms: u64,
+    /// The lowest seq the counter may restart from (SQL's mark, or the owner's last seq).
+    pub floor: u64,
+    /// Added to the highest seq known when the counter is restored.
+    pub margin: u64,
+    /// The stream's `MAXLEN`.
+    pub max_events: u64,
+    /// How long a finished run's stream is kept.
+    pub retention_ms: u64,
+    /// How long an idle session's counter is kept.
+    pub seq_ttl_ms: u64,
+}
+
+/// The terminal `complete` a script writes for a run whose owner was lost.
+#[derive(Debug, Clone, Copy)]
+pub struct OrphanComplete<'a> {
+    pub event_id: &'a str,
+    pub timestamp: &'a str,
+    pub error: &'a str,
+}
+
+/// `lua/start.lua`'s inputs.
+pub struct StartInput<'a> {
+    pub session_id: &'a str,
+    pub run_id: &'a str,
+    pub node_id: &'a str,
+    pub provider: &'a str,
+    pub user_id: &'a str,
+    pub started_at: &'a str,
+    pub seqs: SeqRules,
+    pub orphan: OrphanComplete<'a>,
+    /// Whether SQL saw the session active within the counter's idle TTL.
+    pub recently_active: bool,
+    pub prompt: &'a str,
+}
+
+/// `lua/append.lua`'s inputs.
+pub struct AppendInput<'a> {
+    pub session_id: &'a str,
+    pub run_id: &'a str,
+    /// The same on every retry of one batch: a retry of an applied batch answers `Duplicate`.
+    pub batch_id: &'a str,
+    /// The run's lock value, for a re-take.
+    pub owner_json: &'a str,
+    pub seqs: SeqRules,
+    /// The last body is the run's `complete`.
+    pub terminal: bool,
+    pub bodies: &'a [&'a str],
+}
+
+/// `lua/renew.lua`'s inputs.
+pub struct RenewInput<'a> {
+    pub session_id: &'a str,
+    pub run_id: &'a str,
+    pub lease_ms: u64,
+    pub owner_json: &'a str,
+    pub floor: u64,
+    pub margin: u64,
+}
+
+/// `lua/reap.lua`'s inputs.
+pub struct ReapInput<'a> {
+    pub session_id: &'a str,
+    /// `(run id, provider)` of a run Redis may have lost altogether.
+    pub lost: Option<(&'a str, &'a str)>,
+    pub orphan: OrphanComplete<'a>,
+    pub seqs: SeqRules,
+}
+
+/// `lua/start.lua`'s answer.
+#[derive(Debug)]
+pub enum StartReply {
+    /// Another run holds the lock.
+    Busy,
+    /// Redis lost the session's state less than a lease ago: retry after this long.
+    Recovering { retry_ms: u64 },
+    /// The lock is ours; `reaped_owner_json` is the orphan ended first (empty: none).
+    Started { owner_json: String, reaped_owner_json: String, reaped_pending_ids: Vec<String>, reaped_prompt: String },
+}
+
+/// `lua/append.lua`'s answer.
+#[derive(Debug)]
+pub enum AppendReply {
+    /// The lock is another run's (or gone with the run's state).
+    Fenced,
+    /// A retry of a batch already applied at `first`.
+    Duplicate { first: u64 },
+    /// Appended at `first..`; `retaken` when the lock had to be re-taken; a terminal batch
+    /// lists the approvals still pending.
+    Appended { first: u64, retaken: bool, pending_ids: Vec<String> },
+}
+
+/// `lua/renew.lua`'s answer.
+#[derive(Debug, PartialEq)]
+pub enum RenewReply {
+    Renewed,
+    Retaken,
+    Fenced,
+}
+
+/// `lua/reap.lua`'s answer.
+#[derive(Debug)]
+pub enum ReapReply {
+    /// The run's lock is held.
+    Alive,
+    /// Nothing to end.
+    Nothing,
+    /// Ended with its `complete` at `complete_seq`; `owner_json` is empty for a run Redis lost.
+    Reaped { owner_json: String, complete_seq: u64, pending_ids: Vec<String>, prompt: String },
+}
+
+/// `lua/read.lua`'s answer.
+#[derive(Debug)]
+pub struct ReadReply {
+    /// The run's owner record (empty: no run).
+    pub owner_json: String,
+    pub top: u64,
+    pub replay: Vec<Event>,
+    /// The pending approvals' JSON.
+    pub pending: Vec<String>,
+}
+
+/// `lua/read_range.lua`'s answer.
+#[derive(Debug)]
+pub struct RangeReply {
+    pub top: u64,
+    pub events: Vec<Event>,
+}
+
+/// The items of an array reply, one at a time (a missing one reads as nil).
+struct Items(std::vec::IntoIter<Value>);
+
+impl Items {
+    fn of(value: Value) -> Result<Items, BadReply> {
+        Ok(Items(codec::array(value)?.into_iter()))
+    }
+    fn next(&mut self) -> Value {
+        self.0.next().unwrap_or(Value::Nil)
+    }
+    fn text(&mut self) -> Result<String, BadReply> {
+        codec::text(self.next())
+    }
+    fn int(&mut self) -> Result<u64, BadReply> {
+        codec::int(self.next())
+    }
+    fn texts(&mut self) -> Result<Vec<String>, BadReply> {
+        codec::texts(self.next())
+    }
+    fn events(&mut self) -> Result<Vec<Event>, BadReply> {
+        codec::decode_entries(self.next())
+    }
+}
+
+fn parsing(e: BadReply) -> ParsingError {
+    ParsingError::from(e.0)
+}
+
+fn unexpected(script: &str, status: &str) -> ParsingError {
+    ParsingError::from(format!("{script}: unexpected status {status:?}"))
+}
+
+impl FromRedisValue for StartReply {
+    fn from_redis_value(value: Value) -> Result<Self, ParsingError> {
+        let mut items = Items::of(value).map_err(parsing)?;
+        let decoded = match items.text().map_err(parsing)?.as_str() {
+            "BUSY" => StartReply::Busy,
+            "RECOVERING" => StartReply::Recovering { retry_ms: items.int().map_err(parsing)? },
+            "OK" => StartReply::Started {
+                owner_json: items.text().map_err(parsing)?,
+                reaped_owner_json: items.text().map_err(parsing)?,
+                reaped_pending_ids: items.texts().map_err(parsing)?,
+                reaped_prompt: items.text().map_err(parsing)?,
+            },
+            other => return Err(unexpected("start", other)),
+        };
+        Ok(decoded)
+    }
+}
+
+impl FromRedisValue for AppendReply {
+    fn from_redis_value(value: Value) -> Result<Self, ParsingError> {
+        let mut items = Items::of(value).map_err(parsing)?;
+        let decoded = match items.text().map_err(parsing)?.as_str() {
+            "FENCED" => AppendReply::Fenced,
+            "DUP" => AppendReply::Duplicate { first: items.int().map_err(parsing)? },
+            "OK" => AppendReply::Appended {
+                first: items.int().map_err(parsing)?,
+                retaken: items.int().map_err(parsing)? == 1,
+                pending_ids: items.texts().map_err(parsing)?,
+            },
+            other => return Err(unexpected("append", other)),
+        };
+        Ok(decoded)
+    }
+}
+
+impl FromRedisValue for RenewReply {
+    fn from_redis_value(value: Value) -> Result<Self, ParsingError> {
+        match codec::text(value).map_err(parsing)?.as_str() {
+            "OK" => Ok(RenewReply::Renewed),
+            "RETAKEN" => Ok(RenewReply::Retaken),
+            "FENCED" => Ok(RenewReply::Fenced),
+            other => Err(unexpected("renew", other)),
+        }
+    }
+}
+
+impl FromRedisValue for ReapReply {
+    fn from_redis_value(value: Value) -> Result<Self, ParsingError> {
+        let mut items = Items::of(value).map_err(parsing)?;
+        let decoded = match items.text().map_err(parsing)?.as_str() {
+            "ALIVE" => ReapReply::Alive,
+            "NONE" => ReapReply::Nothing,
+            "REAPED" => ReapReply::Reaped {
+                owner_json: items.text().map_err(parsing)?,
+                complete_seq: items.int().map_err(parsing)?,
+                pending_ids: items.texts().map_err(parsing)?,
+                prompt: items.text().map_err(parsing)?,
+            },
+            other => return Err(unexpected("reap", other)),
+        };
+        Ok(decoded)
+    }
+}
+
+impl FromRedisValue for ReadReply {
+    fn from_redis_value(value: Value) -> Result<Self, ParsingError> {
+        let mut items = Items::of(value).map_err(parsing)?;
+        Ok(ReadReply {
+            owner_json: items.text().map_err(parsing)?,
+            top: items.int().map_err(parsing)?,
+            replay: items.events().map_err(parsing)?,
+            pending: items.texts().map_err(parsing)?,
+        })
+    }
+}
+
+impl FromRedisValue for RangeReply {
+    fn from_redis_value(value: Value) -> Result<Self, ParsingError> {
+        let mut items = Items::of(value).map_err(parsing)?;
+        Ok(RangeReply { top: items.int().map_err(parsing)?, events: items.events().map_err(parsing)? })
     }
 }
 
