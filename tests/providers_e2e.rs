@@ -228,6 +228,8 @@ struct RoundTrip {
     second: Turn,
     first_argv: Vec<String>,
     second_argv: Vec<String>,
+    /// The prompt a fake that reads it from stdin recorded (`prompt.txt`) in the second run.
+    second_stdin_prompt: Option<String>,
 }
 
 const FIRST_PROMPT: &str = "first question";
@@ -267,10 +269,11 @@ async fn round_trip(db: Db, provider: &str, scenarios: [&str; 2], provider_id: &
     assert_ne!(second.events[0]["runId"], first.events[0]["runId"], "a new run id");
     assert!(second.upserts().is_empty(), "the same provider id is not announced again: {:?}", second.upserts());
     let second_argv = recorded_argv(&node);
+    let second_stdin_prompt = std::fs::read_to_string(proj(&node).join("prompt.txt")).ok();
     want.extend(expected_history(SECOND_PROMPT, &second.events));
     assert_history(&node, &token, &session, &want).await;
     assert_eq!(get_session(&node, &token, &session).await["lastSeq"], second.last_seq());
-    RoundTrip { first, second, first_argv, second_argv }
+    RoundTrip { first, second, first_argv, second_argv, second_stdin_prompt }
 }
 
 fn contains_run(args: &[String], tokens: &[&str]) -> bool {
@@ -451,9 +454,10 @@ async fn opencode_end_to_end_with_resume() {
         assert_eq!(e[7]["content"], "Rate limited");
         assert_exit(&rt.first, 0, false);
         assert!(!rt.first_argv.contains(&"--session".to_string()), "{:?}", rt.first_argv);
-        assert_eq!(rt.first_argv.last().map(String::as_str), Some(FIRST_PROMPT));
+        assert!(!rt.first_argv.contains(&FIRST_PROMPT.to_string()), "the prompt goes on stdin: {:?}", rt.first_argv);
 
         assert!(contains_run(&rt.second_argv, &["--session", id]), "{:?}", rt.second_argv);
+        assert_eq!(rt.second_stdin_prompt.as_deref(), Some(SECOND_PROMPT));
         assert_eq!(rt.second.kinds(), ["stream_delta", "stream_end", "status", "complete"]);
         assert_eq!(rt.second.events[0]["content"], "Continuing.");
         assert_exit(&rt.second, 0, false);

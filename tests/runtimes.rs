@@ -814,9 +814,11 @@ async fn opencode_maps_parts_tools_tokens_and_garbage() {
     assert_eq!(e[2]["content"], "The user wants a listing.");
     assert_eq!(e[3]["content"], "There is one file: README.md.");
     assert_eq!(e[4]["content"], "plain progress line");
+    // No `total` in this transcript: used = input (cached ones included) + output (reasoning included).
     assert_eq!(
         e[6]["tokenBudget"],
-        json!({ "used": 175, "inputTokens": 150, "outputTokens": 20, "breakdown": { "input": 150, "output": 20 } })
+        json!({ "used": 175, "inputTokens": 150, "outputTokens": 25, "cacheReadTokens": 50, "cacheCreationTokens": 0,
+            "reasoningTokens": 5, "breakdown": { "input": 150, "output": 25 } })
     );
     assert_eq!(e[7]["content"], "Rate limited");
     let cwd = dir.path().to_string_lossy().into_owned();
@@ -832,9 +834,20 @@ async fn opencode_maps_parts_tools_tokens_and_garbage() {
             "anthropic/claude-sonnet-4",
             "--variant",
             "high",
-            "list files"
         ]
     );
+    // On stdin, as it was sent: `opencode run` would quote a message argument holding a space.
+    assert_eq!(std::fs::read_to_string(dir.path().join("prompt.txt")).unwrap(), "  list files  ");
+}
+
+#[tokio::test]
+async fn opencode_bypass_passes_auto() {
+    let dir = workdir("resume");
+    let opts = options(|o| o.permission_mode = Some("bypassPermissions".into()));
+    let run = run_to_end(opencode(), request(dir.path(), "-n say \"x\"", Some("ses_old"), opts)).await;
+    assert_eq!(run.exit_code(), 0, "{run:?}");
+    assert!(argv(dir.path()).contains(&"--auto".to_string()), "{:?}", argv(dir.path()));
+    assert_eq!(std::fs::read_to_string(dir.path().join("prompt.txt")).unwrap(), "-n say \"x\"");
 }
 
 #[tokio::test]

@@ -29,7 +29,7 @@ use nix::{
 };
 use serde_json::{Map, Value, json};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncRead, BufReader},
+    io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader},
     process::{Child, ChildStdin, ChildStdout},
     task::JoinHandle,
     time::Instant,
@@ -428,6 +428,18 @@ impl Default for RunCliOptions {
     }
 }
 
+/// Writes `text` to a CLI's stdin and closes it, in the background (a CLI that reads its
+/// stdin only after printing cannot block the run). A CLI that exits without reading it
+/// (a broken pipe) is not an error of the run.
+fn feed_stdin(stdin: ChildStdin, text: String, provider: &'static str) {
+    tokio::spawn(async move {
+        let mut stdin = stdin;
+        if let Err(error) = stdin.write_all(text.as_bytes()).await {
+            tracing::debug!(provider, %error, "the CLI did not read its whole stdin");
+        }
+    });
+}
+
 /// Sends parser output to the run, announcing a provider session id once
 /// (only when it differs from the id the run resumed).
 pub struct Emitter<'a> {
@@ -494,10 +506,29 @@ pub async fn run_cli(
     parser: &mut dyn StreamParser,
     options: RunCliOptions,
 ) -> RunOutcome {
+    run_cli_with_stdin(cmd, ctx, resumed, parser, options, None).await
+}
+
+/// [`run_cli`], writing `stdin_text` (when given) to the CLI's stdin and closing it; `cmd`
+/// must ask for a stdin pipe.
+pub async fn run_cli_with_stdin(
+    cmd: &CliCommand,
+    ctx: &RunContext,
+    resumed: Option<String>,
+    parser: &mut dyn StreamParser,
+    options: RunCliOptions,
+    stdin_text: Option<String>,
+) -> RunOutcome {
     let mut process = match CliProcess::spawn(cmd, ctx, options.stderr_filter).await {
         Ok(process) => process,
         Err(outcome) => return outcome,
     };
+    if let Some(text) = stdin_text {
+        match process.take_stdin() {
+            Some(stdin) => feed_stdin(stdin, text, cmd.provider),
+            None => tracing::warn!(provider = cmd.provider, "the CLI has no stdin pipe for its input"),
+        }
+    }
     let mut emitter = Emitter::new(ctx, resumed);
     let mut out = Vec::new();
     let inactivity_limit = options.inactivity.as_ref().map(|(limit, _)| *limit);

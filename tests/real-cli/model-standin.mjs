@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 // A local stand-in for the Anthropic Messages API and the OpenAI Responses API, so the real
-// Claude Code and Codex CLIs can run whole agent turns with no internet:
+// Claude Code and Codex CLIs can run whole agent turns with no internet (the OpenAI Chat
+// Completions API, for OpenCode, is in standin-chat-completions.mjs):
 // `node model-standin.mjs [port]` listens on 127.0.0.1:<port> (0 or none: a free port) and
 // prints `listening <port>` on stdout. Point Claude at it with
 // ANTHROPIC_BASE_URL=http://127.0.0.1:<port>, Codex with a `[model_providers.X]` whose
@@ -27,6 +28,7 @@
 // No dependencies: Node's standard library only.
 import { appendFileSync } from 'node:fs';
 import { createServer } from 'node:http';
+import { handleChatCompletions } from './standin-chat-completions.mjs';
 
 const COMMAND = process.env.STANDIN_COMMAND || 'env';
 const LOG = process.env.STANDIN_LOG || '';
@@ -264,6 +266,9 @@ const server = createServer((req, res) => {
       }
       streamResponse(res, body, reply);
       return;
+    }
+    if (req.method === 'POST' && path === '/v1/chat/completions') {
+      return handleChatCompletions(res, body, { script, textsOf, command: COMMAND, failMessage: FAIL_MESSAGE, nextId, sendJson });
     }
     if (req.method === 'GET' && path === '/v1/models') {
       sendJson(res, 200, { object: 'list', data: [] });
