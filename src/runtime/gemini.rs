@@ -13,7 +13,7 @@
 //! `normalizeMessage`. The CLI is ended after 120 s without stdout output, and
 //! upstream's messages for Gemini's documented exit codes are kept.
 
-use std::time::Duration;
+use std::{borrow::Cow, time::Duration};
 
 use async_trait::async_trait;
 use serde_json::{Map, Value, json};
@@ -37,6 +37,16 @@ impl GeminiRuntime {
     pub fn new(program: String, inactivity_timeout: Duration) -> Self {
         GeminiRuntime { program, inactivity_timeout }
     }
+}
+
+/// Where the CLI runs: always the session's project directory, whatever the turn's `cwd`.
+/// Gemini keeps its sessions per directory it was started in (`~/.gemini/projects.json`
+/// names a slug for `process.cwd()`; the chats live in `~/.gemini/tmp/<slug>/chats`), so a
+/// turn run from a subdirectory could not `--resume` the session ("No previous sessions
+/// found for this project", exit 42). The subdirectory is inside the project, which is
+/// Gemini's workspace: its tools reach it.
+pub fn gemini_cwd(request: &RunRequest) -> std::path::PathBuf {
+    if request.project_path.as_os_str().is_empty() { request.cwd.clone() } else { request.project_path.clone() }
 }
 
 /// Upstream's approval flags.
@@ -70,13 +80,48 @@ pub fn gemini_args(request: &RunRequest) -> Vec<String> {
     args
 }
 
-/// Upstream drops these stderr lines (Node deprecation noise, credential banner).
-fn keep_gemini_stderr(line: &str) -> Option<std::borrow::Cow<'_, str>> {
-    let noise = line.contains("[DEP0040]")
+/// Prefixes of Gemini's stderr lines that are no error of the run (Gemini CLI 0.61.0):
+/// upstream's Node deprecation and credential lines, Gemini's startup chatter (colour
+/// support, the ripgrep fallback, startup-phase metrics, the YOLO banner, the model
+/// router falling back, the `--allowed-tools` deprecation), and the reports of an API
+/// error (`Error when talking to Gemini API …`) and of a failed tool (`Error executing
+/// tool …`), which the stream-json `result` and `tool_result` already carry.
+const GEMINI_STDERR_NOISE: &[&str] = &[
+    "Loaded cached credentials",
+    "Warning: 256-color support not detected",
+    "Warning: True color (24-bit) support not detected",
+    "Warning: Basic terminal detected",
+    "Warning: Limited color support detected",
+    "Warning: GNU screen detected",
+    "Warning: JetBrains terminal detected",
+    "Ripgrep is not available",
+    "[STARTUP] ",
+    "[Routing] ",
+    "YOLO mode is enabled",
+    "Warning: --allowed-tools cli argument",
+    "Error when talking to Gemini API",
+    "Error executing tool ",
+];
+
+/// Whether `line` continues a multi-line report on stderr (a stack frame, the body of a
+/// logged object, a closing bracket): Gemini starts every report of its own at the margin.
+fn is_continuation(line: &str) -> bool {
+    line.starts_with(char::is_whitespace) || line.trim().chars().all(|c| "{}[](),;".contains(c))
+}
+
+/// Drops Gemini's stderr noise (see [`GEMINI_STDERR_NOISE`]) and the continuation lines of
+/// its multi-line reports (an API error's stack trace alone was 20 `error` events); every
+/// other line is shown. Dropped lines go to the gateway's debug log.
+pub fn gemini_stderr_filter(line: &str) -> Option<Cow<'_, str>> {
+    let noise = is_continuation(line)
+        || GEMINI_STDERR_NOISE.iter().any(|prefix| line.starts_with(prefix))
         || line.contains("DeprecationWarning")
-        || line.contains("--trace-deprecation")
-        || line.contains("Loaded cached credentials");
-    (!noise).then_some(std::borrow::Cow::Borrowed(line))
+        || line.contains("--trace-deprecation");
+    if noise {
+        tracing::debug!(provider = "gemini", line, "gemini stderr not shown");
+        return None;
+    }
+    Some(Cow::Borrowed(line))
 }
 
 #[async_trait]
@@ -93,7 +138,7 @@ impl Runtime for GeminiRuntime {
             program: self.program.clone(),
             program_env: "CHATGATE_GEMINI_BIN",
             args: gemini_args(&request),
-            cwd: request.cwd.clone(),
+            cwd: gemini_cwd(&request),
             stdin: false,
         };
         let secs = self.inactivity_timeout.as_secs_f64();
@@ -102,7 +147,7 @@ impl Runtime for GeminiRuntime {
                 self.inactivity_timeout,
                 format!("Gemini CLI timeout - no response received for {secs} seconds"),
             )),
-            stderr_filter: keep_gemini_stderr,
+            stderr_filter: gemini_stderr_filter,
         };
         let mut parser = GeminiParser::default();
         let outcome = run_cli(&cmd, &ctx, request.provider_session_id.clone(), &mut parser, options).await;
@@ -115,6 +160,53 @@ impl Runtime for GeminiRuntime {
 #[derive(Debug, Default)]
 pub struct GeminiParser {
     result_failed: bool,
+    /// The HTTP status of the API error that failed the run, when its body named one.
+    api_status: Option<u16>,
+}
+
+/// An API error as Gemini reports it in the `result`: `[API Error: <message>]`, where
+/// `<message>` is the API's JSON body (`{"error":{"code":400,"message":…,"status":…}}`)
+/// or Gemini's own wording (`… (Status: INVALID_ARGUMENT)`), maybe followed by advice.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    /// The API's own message (the whole text when it is no API error).
+    pub message: String,
+    /// `error.code` of the API's body.
+    pub status: Option<u16>,
+}
+
+impl ApiError {
+    pub fn parse(text: &str) -> ApiError {
+        let Some(inner) = text.trim().strip_prefix("[API Error: ") else {
+            return ApiError { message: text.to_string(), status: None };
+        };
+        let body = serde_json::Deserializer::from_str(inner).into_iter::<Value>().next().and_then(Result::ok);
+        let error = body.as_ref().and_then(|body| body.get("error"));
+        let message = error.and_then(|e| e.get("message")).and_then(Value::as_str).filter(|m| !m.trim().is_empty());
+        match message {
+            Some(message) => ApiError {
+                message: message.to_string(),
+                status: error.and_then(|e| e.get("code")).and_then(Value::as_u64).and_then(|c| u16::try_from(c).ok()),
+            },
+            None => {
+                let end = inner.rfind(']').unwrap_or(inner.len());
+                ApiError { message: inner[..end].trim().to_string(), status: None }
+            }
+        }
+    }
+}
+
+/// Why Gemini exited with `exit_code` after a failed `result`: on an API error it exits
+/// with the HTTP status, which the shell sees modulo 256 (`process.exit(400)`: 144).
+fn api_exit_reason(exit_code: i32, api_status: Option<u16>) -> Option<String> {
+    let status = match api_status {
+        Some(status) if i32::from(status) % 256 == exit_code => status,
+        None if (144..=255).contains(&exit_code) => u16::try_from(exit_code + 256).ok()?,
+        _ => return None,
+    };
+    Some(format!(
+        "Gemini API error: HTTP {status} (Gemini exits with the HTTP status modulo 256: exit code {exit_code})"
+    ))
 }
 
 impl StreamParser for GeminiParser {
@@ -179,7 +271,9 @@ impl StreamParser for GeminiParser {
                         .get("error")
                         .and_then(|e| e.get("message").and_then(Value::as_str).or(e.as_str()))
                         .unwrap_or("Gemini run failed");
-                    out.push(Emit::event("error", json!({ "content": message })));
+                    let api_error = ApiError::parse(message);
+                    self.api_status = api_error.status;
+                    out.push(Emit::event("error", json!({ "content": api_error.message })));
                 }
             }
             "error" => {
@@ -193,21 +287,33 @@ impl StreamParser for GeminiParser {
     }
 
     fn on_exit(&mut self, exit_code: i32, out: &mut Vec<Emit>) -> RunOutcome {
-        let message = match exit_code {
-            41 => Some(
-                "Gemini authentication failed (exit code 41). Run `gemini` in a terminal to choose an auth method, or configure a valid `GEMINI_API_KEY`.",
-            ),
-            42 => Some("Gemini rejected the request input (exit code 42)."),
-            44 => Some("Gemini sandbox error (exit code 44). Check local sandbox/container settings."),
-            52 => Some(
-                "Gemini configuration error (exit code 52). Check your Gemini settings files for invalid JSON/config.",
-            ),
-            53 => Some("Gemini conversation turn limit reached (exit code 53). Start a new Gemini session."),
-            _ => None,
-        };
-        if let Some(message) = message {
+        if let Some(message) = documented_exit_message(exit_code) {
             out.push(Emit::event("error", json!({ "content": message })));
         }
-        if exit_code == 0 && self.result_failed { RunOutcome::exit(1) } else { RunOutcome::exit(exit_code) }
+        if exit_code == 0 && self.result_failed {
+            return RunOutcome::exit(1);
+        }
+        let reason = if self.result_failed { api_exit_reason(exit_code, self.api_status) } else { None };
+        RunOutcome { exit_code, error: reason }
+    }
+}
+
+/// Upstream's messages for Gemini's documented exit codes (`FatalError` subclasses of
+/// gemini-cli `packages/core/src/utils/errors.ts`), with 54, 55 and 130 of Gemini 0.61.0.
+fn documented_exit_message(exit_code: i32) -> Option<&'static str> {
+    match exit_code {
+        41 => Some(
+            "Gemini authentication failed (exit code 41). Run `gemini` in a terminal to choose an auth method, or configure a valid `GEMINI_API_KEY`.",
+        ),
+        42 => Some("Gemini rejected the request input (exit code 42)."),
+        44 => Some("Gemini sandbox error (exit code 44). Check local sandbox/container settings."),
+        52 => {
+            Some("Gemini configuration error (exit code 52). Check your Gemini settings files for invalid JSON/config.")
+        }
+        53 => Some("Gemini conversation turn limit reached (exit code 53). Start a new Gemini session."),
+        54 => Some("Gemini stopped on a fatal tool error (exit code 54)."),
+        55 => Some("Gemini does not trust this workspace (exit code 55)."),
+        130 => Some("Gemini run cancelled (exit code 130)."),
+        _ => None,
     }
 }
