@@ -11,7 +11,8 @@
 //!
 //! Approval modes: headless Gemini asks nobody. In the default mode it does not even offer its
 //! shell tool to the model, and a call of it anyway is answered `Tool "run_shell_command" not
-//! found`; with `bypassPermissions` (`--yolo`) the command runs.
+//! found`; with `allowedTools` (a `--policy` file) or `bypassPermissions` (`--yolo`) the
+//! command runs.
 //!
 //! The CLI: `CHATGATE_TEST_GEMINI_DIR` (the `gemini` program, a directory holding it, or a
 //! `node_modules` directory holding `.bin/gemini`), default `.bin/gemini` in
@@ -197,6 +198,19 @@ async fn gemini_session(sandbox: &str, mode: Mode) {
     let first = turn(&gateway, &standin, &mut ws, &session, "run the probe", options.clone(), Approvals::Allow).await;
     let tool = check_tool_turn(mode, &first, &standin, &dump);
 
+    // 1b. Default mode with the shell tool allowed (`allowedTools`, passed as a `--policy`
+    // file): the command runs.
+    if mode == Mode::Default {
+        let allowed = json!({ "toolsSettings": { "allowedTools": ["run_shell_command"] } });
+        let events = turn(&gateway, &standin, &mut ws, &session, "run the probe", allowed, Approvals::Allow).await;
+        assert_eq!(events.last().unwrap()["success"], true, "{}", dump(&events));
+        assert_eq!(errors(&events), Vec::<String>::new(), "{}", dump(&events));
+        let result = of(&events, "tool_result").first().map(|r| (*r).clone()).unwrap_or_default();
+        assert_eq!(result["isError"], false, "{}", dump(&events));
+        assert!(result["content"].as_str().unwrap_or_default().contains("chatgate-probe-42"), "{}", dump(&events));
+    }
+    let replies_before: Vec<&str> = if mode == Mode::Default { vec!["done", "done"] } else { vec!["done"] };
+
     // 2. Resumed: the model sees the earlier turn.
     let second =
         turn(&gateway, &standin, &mut ws, &session, "say second answer", options.clone(), Approvals::Allow).await;
@@ -241,13 +255,14 @@ async fn gemini_session(sandbox: &str, mode: Mode) {
     assert_no_process_in(&root).await;
 
     // 6. The history: every turn, no stderr chatter, the API error once.
-    let history = gateway.history(&session, 5).await;
+    let history = gateway.history(&session, 4 + replies_before.len()).await;
     let text = serde_json::to_string_pretty(&history).unwrap();
     for chatter in ["256-color", "Ripgrep", "[STARTUP]", "YOLO mode", "    at ", "Error executing tool"] {
         assert!(!text.contains(chatter), "{chatter:?} in the history: {text}");
     }
     assert_eq!(errors(&history), vec![STANDIN_400], "{text}");
-    assert_eq!(assistant_texts(&history), vec!["done", "second answer", "from sub"], "{text}");
+    let replies: Vec<&str> = replies_before.iter().copied().chain(["second answer", "from sub"]).collect();
+    assert_eq!(assistant_texts(&history), replies, "{text}");
     assert!(history.iter().any(|m| m["kind"] == "tool_use" && m["toolId"] == tool["toolId"]), "{text}");
 }
 
@@ -258,7 +273,8 @@ async fn gemini_real_cli_session_under_bwrap() {
 }
 
 /// Without chatgate's sandbox, in the default permission mode: headless Gemini offers no shell
-/// tool and refuses the call; every other turn works as under bwrap.
+/// tool and refuses the call, unless `allowedTools` allows it; every other turn works as under
+/// bwrap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gemini_real_cli_session_without_sandbox_default_mode() {
     gemini_session("none", Mode::Default).await;

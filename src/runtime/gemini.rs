@@ -1,28 +1,46 @@
 //! The `gemini` runtime: `gemini --prompt <p> [--resume <id>] --skip-trust
-//! [--model m] --output-format stream-json [approval] [--allowed-tools a,b]`,
-//! as upstream's `server/gemini-cli.js`.
+//! [--model m] --output-format stream-json [approval] [--policy <file>]`,
+//! as upstream's `server/gemini-cli.js`, verified against the real Gemini CLI
+//! 0.61.0 (tests/real_gemini.rs).
 //!
 //! Approval mapping (upstream's `resolveGeminiPermissionArgs`): skip permissions,
 //! `yolo` or `bypassPermissions` → `--yolo`; `auto_edit` or `acceptEdits` →
-//! `--approval-mode auto_edit`; `plan` → `--approval-mode plan`.
+//! `--approval-mode auto_edit`; `plan` → `--approval-mode plan`. Headless Gemini
+//! asks nobody: in its default mode it does not offer the tools that would need an
+//! approval (its shell tool among them). `allowedTools` / `disallowedTools` become a
+//! Policy Engine file passed with `--policy` ([`tool_policy`]; 0.61.0 deprecates
+//! `--allowed-tools`).
+//!
+//! Every turn runs in the session's project directory ([`gemini_cwd`]): Gemini
+//! keeps its sessions per directory, so a turn from a subdirectory could not resume.
 //!
 //! stream-json events (gemini-cli `packages/core/src/output/types.ts`): `init
 //! {session_id}`, `message {role, content, delta}`, `tool_use {tool_name, tool_id,
 //! parameters}`, `tool_result {tool_id, status, output, error}`, `error
 //! {message}`, `result {status, stats}`; mapped as upstream's gemini
-//! `normalizeMessage`. The CLI is ended after 120 s without stdout output, and
-//! upstream's messages for Gemini's documented exit codes are kept.
+//! `normalizeMessage`. A failed `result` is one `error` with the API's own message
+//! ([`ApiError`]); Gemini's stderr chatter and stack traces are not shown
+//! ([`gemini_stderr_filter`]). The CLI is ended after 120 s without stdout output,
+//! upstream's messages for Gemini's documented exit codes are kept, and the exit
+//! code of an API error (the HTTP status modulo 256) is explained on the `complete`.
 
-use std::{borrow::Cow, time::Duration};
+use std::{
+    borrow::Cow,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use serde_json::{Map, Value, json};
 
 use super::{
     RunContext, RunOutcome, RunRequest, Runtime,
-    images::RunImages,
+    images::{RunFiles, RunImages},
     process::{CliCommand, Emit, RunCliOptions, StreamParser, prompt_arg, run_cli, str_field},
 };
+
+/// The name of the run's policy file (in `.tmp/policies/<run>/` under the working directory).
+const POLICY_FILE: &str = "chatgate-tools.toml";
 
 /// Upstream's inactivity limit.
 pub const DEFAULT_INACTIVITY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -45,7 +63,7 @@ impl GeminiRuntime {
 /// turn run from a subdirectory could not `--resume` the session ("No previous sessions
 /// found for this project", exit 42). The subdirectory is inside the project, which is
 /// Gemini's workspace: its tools reach it.
-pub fn gemini_cwd(request: &RunRequest) -> std::path::PathBuf {
+pub fn gemini_cwd(request: &RunRequest) -> PathBuf {
     if request.project_path.as_os_str().is_empty() { request.cwd.clone() } else { request.project_path.clone() }
 }
 
@@ -62,8 +80,8 @@ fn approval_args(request: &RunRequest) -> Vec<String> {
     }
 }
 
-/// The CLI's arguments for `request`.
-pub fn gemini_args(request: &RunRequest) -> Vec<String> {
+/// The CLI's arguments for `request`; `policy` is the run's policy file ([`tool_policy`]).
+pub fn gemini_args(request: &RunRequest, policy: Option<&Path>) -> Vec<String> {
     let mut args = vec!["--prompt".to_string(), prompt_arg(&request.content)];
     if let Some(id) = request.provider_session_id.as_deref().filter(|id| !id.is_empty()) {
         args.extend(["--resume".to_string(), id.to_string()]);
@@ -74,16 +92,56 @@ pub fn gemini_args(request: &RunRequest) -> Vec<String> {
     }
     args.extend(["--output-format".to_string(), "stream-json".to_string()]);
     args.extend(approval_args(request));
-    if !request.options.allowed_tools.is_empty() {
-        args.extend(["--allowed-tools".to_string(), request.options.allowed_tools.join(",")]);
+    if let Some(policy) = policy {
+        args.extend(["--policy".to_string(), policy.to_string_lossy().into_owned()]);
     }
     args
 }
 
+/// Priority (0–999, in the user tier of `--policy` files) of an allowed tool's rule.
+const ALLOW_PRIORITY: u32 = 100;
+/// Priority of a disallowed tool's rule: above every allow.
+const DENY_PRIORITY: u32 = 200;
+
+/// The Policy Engine rules for the run's `allowedTools` / `disallowedTools` (Gemini 0.61.0
+/// deprecates `--allowed-tools`: "Migrate to Policy Engine"), as a TOML policy file; `None`
+/// without any. Each tool becomes a `[[rule]]` as Gemini's own conversion of `--allowed-tools`
+/// does: `name` matches the tool, `run_shell_command(git status)` (or `ShellTool(…)`) the
+/// shell commands starting with `git status` (`commandPrefix`). Allowed: `allow` at priority
+/// 100; disallowed: `deny` at 200, so a denial wins.
+pub fn tool_policy(request: &RunRequest) -> Option<String> {
+    let allowed = request.options.allowed_tools.iter().map(|tool| (tool, "allow", ALLOW_PRIORITY));
+    let denied = request.options.disallowed_tools.iter().map(|tool| (tool, "deny", DENY_PRIORITY));
+    let rules: Vec<String> = allowed
+        .chain(denied)
+        .filter(|(tool, _, _)| !tool.trim().is_empty())
+        .map(|(tool, decision, priority)| policy_rule(tool.trim(), decision, priority))
+        .collect();
+    (!rules.is_empty()).then(|| format!("# chatgate: this run's allowedTools / disallowedTools\n{}", rules.join("")))
+}
+
+/// One `[[rule]]`; strings are TOML basic strings (JSON's escapes are TOML's).
+fn policy_rule(tool: &str, decision: &str, priority: u32) -> String {
+    let quoted = |text: &str| Value::String(text.to_string()).to_string();
+    let narrowed = tool.strip_suffix(')').and_then(|t| t.split_once('('));
+    let matcher = match narrowed {
+        Some((name, prefix)) if SHELL_TOOL_NAMES.contains(&name) => {
+            format!("toolName = {}\ncommandPrefix = {}\n", quoted(SHELL_TOOL_NAMES[0]), quoted(prefix))
+        }
+        Some((name, _)) => format!("toolName = {}\n", quoted(name)),
+        None if SHELL_TOOL_NAMES.contains(&tool) => format!("toolName = {}\n", quoted(SHELL_TOOL_NAMES[0])),
+        None => format!("toolName = {}\n", quoted(tool)),
+    };
+    format!("\n[[rule]]\n{matcher}decision = \"{decision}\"\npriority = {priority}\n")
+}
+
+/// Gemini's shell tool and its alias.
+const SHELL_TOOL_NAMES: [&str; 2] = ["run_shell_command", "ShellTool"];
+
 /// Prefixes of Gemini's stderr lines that are no error of the run (Gemini CLI 0.61.0):
 /// upstream's Node deprecation and credential lines, Gemini's startup chatter (colour
 /// support, the ripgrep fallback, startup-phase metrics, the YOLO banner, the model
-/// router falling back, the `--allowed-tools` deprecation), and the reports of an API
+/// router falling back), and the reports of an API
 /// error (`Error when talking to Gemini API …`) and of a failed tool (`Error executing
 /// tool …`), which the stream-json `result` and `tool_result` already carry.
 const GEMINI_STDERR_NOISE: &[&str] = &[
@@ -98,7 +156,6 @@ const GEMINI_STDERR_NOISE: &[&str] = &[
     "[STARTUP] ",
     "[Routing] ",
     "YOLO mode is enabled",
-    "Warning: --allowed-tools cli argument",
     "Error when talking to Gemini API",
     "Error executing tool ",
 ];
@@ -133,11 +190,17 @@ impl Runtime for GeminiRuntime {
     async fn run(&self, mut request: RunRequest, ctx: RunContext) -> RunOutcome {
         let images = RunImages::write(&request).await;
         request.content = images.prompt(&request.content);
+        let policy_files = match tool_policy(&request) {
+            Some(policy) => {
+                RunFiles::write(&request.cwd, "policies", vec![(POLICY_FILE.to_string(), policy.into_bytes())]).await
+            }
+            None => RunFiles::default(),
+        };
         let cmd = CliCommand {
             provider: "gemini",
             program: self.program.clone(),
             program_env: "CHATGATE_GEMINI_BIN",
-            args: gemini_args(&request),
+            args: gemini_args(&request, policy_files.paths().first().map(PathBuf::as_path)),
             cwd: gemini_cwd(&request),
             stdin: false,
         };
@@ -152,6 +215,7 @@ impl Runtime for GeminiRuntime {
         let mut parser = GeminiParser::default();
         let outcome = run_cli(&cmd, &ctx, request.provider_session_id.clone(), &mut parser, options).await;
         images.cleanup().await;
+        policy_files.cleanup().await;
         outcome
     }
 }
@@ -315,5 +379,98 @@ fn documented_exit_message(exit_code: i32) -> Option<&'static str> {
         55 => Some("Gemini does not trust this workspace (exit code 55)."),
         130 => Some("Gemini run cancelled (exit code 130)."),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::RunOptions;
+
+    fn request(options: RunOptions) -> RunRequest {
+        RunRequest {
+            session_id: "s".into(),
+            content: "hi".into(),
+            provider_session_id: None,
+            cwd: PathBuf::from("/p/sub"),
+            project_path: PathBuf::from("/p"),
+            options,
+        }
+    }
+
+    #[test]
+    fn gemini_stderr_chatter_and_stack_traces_are_dropped() {
+        for noise in [
+            "Warning: Basic terminal detected (TERM=dumb). Visual rendering will be limited.",
+            "Ripgrep is not available. Falling back to GrepTool.",
+            "[STARTUP] Phase 'cleanup_ops' was started but never ended. Skipping metrics.",
+            "YOLO mode is enabled. All tool calls will be automatically approved.",
+            "[Routing] NumericalClassifierStrategy failed: _ZodError: [",
+            "Error when talking to Gemini API Full report available at: /tmp/x.json _ApiError: {}",
+            "Error executing tool run_shell_command: Tool \"run_shell_command\" not found.",
+            "    at throwErrorIfNotOK (file:///x/chunk.js:267833:24)",
+            "  status: 400",
+            "}",
+            "]",
+        ] {
+            assert_eq!(gemini_stderr_filter(noise), None, "{noise}");
+        }
+        let kept = "Error resuming session: No previous sessions found for this project.";
+        assert_eq!(gemini_stderr_filter(kept).as_deref(), Some(kept));
+    }
+
+    #[test]
+    fn api_errors_give_the_apis_message_and_status() {
+        let json = r#"[API Error: {"error":{"code":400,"message":"bad thing","status":"INVALID_ARGUMENT"}}]"#;
+        assert_eq!(ApiError::parse(json), ApiError { message: "bad thing".into(), status: Some(400) });
+        let worded = "[API Error: Quota exceeded (Status: RESOURCE_EXHAUSTED)]\nPossible quota limitations…";
+        assert_eq!(ApiError::parse(worded).message, "Quota exceeded (Status: RESOURCE_EXHAUSTED)");
+        assert_eq!(ApiError::parse("Gemini run failed").message, "Gemini run failed");
+    }
+
+    #[test]
+    fn api_exit_codes_are_the_http_status_modulo_256() {
+        let reason = api_exit_reason(144, Some(400)).unwrap_or_default();
+        assert!(reason.contains("HTTP 400") && reason.contains("exit code 144"), "{reason}");
+        assert!(api_exit_reason(173, None).unwrap_or_default().contains("HTTP 429"));
+        assert_eq!(api_exit_reason(1, Some(400)), None);
+        assert_eq!(api_exit_reason(1, None), None);
+    }
+
+    #[test]
+    fn a_failed_result_is_one_error_and_its_exit_code_is_explained() {
+        let mut parser = GeminiParser::default();
+        let mut out = Vec::new();
+        let result = json!({ "type": "result", "status": "error",
+            "error": { "type": "unknown", "message": r#"[API Error: {"error":{"code":400,"message":"nope"}}]"# } });
+        let Value::Object(result) = result else { unreachable!() };
+        parser.on_json(result, &mut out);
+        let outcome = parser.on_exit(144, &mut out);
+        let errors: Vec<_> = out.iter().filter(|e| matches!(e, Emit::Event("error", _))).collect();
+        assert_eq!(errors, vec![&Emit::event("error", json!({ "content": "nope" }))]);
+        assert_eq!(outcome.exit_code, 144);
+        assert!(outcome.error.unwrap_or_default().contains("HTTP 400"));
+    }
+
+    #[test]
+    fn the_cli_runs_in_the_project_whatever_the_cwd() {
+        assert_eq!(gemini_cwd(&request(RunOptions::default())), PathBuf::from("/p"));
+    }
+
+    #[test]
+    fn tool_options_become_a_policy_file() {
+        assert_eq!(tool_policy(&request(RunOptions::default())), None);
+        let options = RunOptions {
+            allowed_tools: vec!["read_file".into(), "run_shell_command(git status)".into()],
+            disallowed_tools: vec!["ShellTool".into()],
+            ..RunOptions::default()
+        };
+        let policy = tool_policy(&request(options)).unwrap_or_default();
+        let expected = "\n[[rule]]\ntoolName = \"read_file\"\ndecision = \"allow\"\npriority = 100\n\
+                        \n[[rule]]\ntoolName = \"run_shell_command\"\ncommandPrefix = \"git status\"\ndecision = \"allow\"\npriority = 100\n\
+                        \n[[rule]]\ntoolName = \"run_shell_command\"\ndecision = \"deny\"\npriority = 200\n";
+        assert!(policy.ends_with(expected), "{policy}");
+        let args = gemini_args(&request(RunOptions::default()), Some(Path::new("/p/.tmp/policies/r/x.toml")));
+        assert_eq!(args[args.len() - 2..], ["--policy".to_string(), "/p/.tmp/policies/r/x.toml".to_string()]);
     }
 }
