@@ -696,6 +696,9 @@ async fn gemini_maps_messages_tools_and_result() {
     });
     let run = run_to_end(gemini(Duration::from_secs(120)), request(dir.path(), "list the files", None, opts)).await;
     assert_eq!(run.exit_code(), 0, "{run:?}");
+    let recorded = argv(dir.path());
+    let policy_path = recorded.last().cloned().unwrap_or_default();
+    assert!(policy_path.starts_with(&dir.path().join(".tmp/policies").to_string_lossy().into_owned()), "{recorded:?}");
     assert_eq!(run.provider_ids, vec!["8b0a3c1e-gem-sess-1"]);
     let kinds: Vec<_> = run.kinds().into_iter().filter(|k| *k != "error").collect();
     assert_eq!(
@@ -741,10 +744,25 @@ async fn gemini_maps_messages_tools_and_result() {
             "stream-json",
             "--approval-mode",
             "auto_edit",
-            "--allowed-tools",
-            "read_file,list_directory",
+            "--policy",
+            &policy_path,
         ]
     );
+    let policy = std::fs::read_to_string(dir.path().join("policy.toml")).expect("the fake kept the policy");
+    assert!(policy.contains("toolName = \"read_file\"\ndecision = \"allow\""), "{policy}");
+    assert!(policy.contains("toolName = \"list_directory\"\ndecision = \"allow\""), "{policy}");
+    assert!(!dir.path().join(".tmp").exists(), "the run's policy file is removed");
+}
+
+#[tokio::test]
+async fn gemini_api_error_is_one_error_and_its_exit_code_is_explained() {
+    let dir = workdir("api-error");
+    let run =
+        run_to_end(gemini(Duration::from_secs(120)), request(dir.path(), "fail", None, RunOptions::default())).await;
+    assert_eq!(run.exit_code(), 144, "{run:?}");
+    assert_eq!(run.errors(), vec!["standin: invalid request (scripted)"], "no stderr chatter, no stack trace");
+    let reason = run.outcome.as_ref().and_then(|o| o.error.clone()).unwrap_or_default();
+    assert!(reason.contains("HTTP 400") && reason.contains("exit code 144"), "{reason}");
 }
 
 #[tokio::test]

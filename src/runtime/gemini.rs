@@ -1,28 +1,46 @@
 //! The `gemini` runtime: `gemini --prompt <p> [--resume <id>] --skip-trust
-//! [--model m] --output-format stream-json [approval] [--allowed-tools a,b]`,
-//! as upstream's `server/gemini-cli.js`.
+//! [--model m] --output-format stream-json [approval] [--policy <file>]`,
+//! as upstream's `server/gemini-cli.js`, verified against the real Gemini CLI
+//! 0.61.0 (tests/real_gemini.rs).
 //!
 //! Approval mapping (upstream's `resolveGeminiPermissionArgs`): skip permissions,
 //! `yolo` or `bypassPermissions` → `--yolo`; `auto_edit` or `acceptEdits` →
-//! `--approval-mode auto_edit`; `plan` → `--approval-mode plan`.
+//! `--approval-mode auto_edit`; `plan` → `--approval-mode plan`. Headless Gemini
+//! asks nobody: in its default mode it does not offer the tools that would need an
+//! approval (its shell tool among them). `allowedTools` / `disallowedTools` become a
+//! Policy Engine file passed with `--policy` ([`tool_policy`]; 0.61.0 deprecates
+//! `--allowed-tools`).
+//!
+//! Every turn runs in the session's project directory ([`gemini_cwd`]): Gemini
+//! keeps its sessions per directory, so a turn from a subdirectory could not resume.
 //!
 //! stream-json events (gemini-cli `packages/core/src/output/types.ts`): `init
 //! {session_id}`, `message {role, content, delta}`, `tool_use {tool_name, tool_id,
 //! parameters}`, `tool_result {tool_id, status, output, error}`, `error
 //! {message}`, `result {status, stats}`; mapped as upstream's gemini
-//! `normalizeMessage`. The CLI is ended after 120 s without stdout output, and
-//! upstream's messages for Gemini's documented exit codes are kept.
+//! `normalizeMessage`. A failed `result` is one `error` with the API's own message
+//! ([`ApiError`]); Gemini's stderr chatter and stack traces are not shown
+//! ([`gemini_stderr_filter`]). The CLI is ended after 120 s without stdout output,
+//! upstream's messages for Gemini's documented exit codes are kept, and the exit
+//! code of an API error (the HTTP status modulo 256) is explained on the `complete`.
 
-use std::time::Duration;
+use std::{
+    borrow::Cow,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use serde_json::{Map, Value, json};
 
 use super::{
     RunContext, RunOutcome, RunRequest, Runtime,
-    images::RunImages,
+    images::{RunFiles, RunImages},
     process::{CliCommand, Emit, RunCliOptions, StreamParser, prompt_arg, run_cli, str_field},
 };
+
+/// The name of the run's policy file (in `.tmp/policies/<run>/` under the working directory).
+const POLICY_FILE: &str = "chatgate-tools.toml";
 
 /// Upstream's inactivity limit.
 pub const DEFAULT_INACTIVITY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -39,6 +57,16 @@ impl GeminiRuntime {
     }
 }
 
+/// Where the CLI runs: always the session's project directory, whatever the turn's `cwd`.
+/// Gemini keeps its sessions per directory it was started in (`~/.gemini/projects.json`
+/// names a slug for `process.cwd()`; the chats live in `~/.gemini/tmp/<slug>/chats`), so a
+/// turn run from a subdirectory could not `--resume` the session ("No previous sessions
+/// found for this project", exit 42). The subdirectory is inside the project, which is
+/// Gemini's workspace: its tools reach it.
+pub fn gemini_cwd(request: &RunRequest) -> PathBuf {
+    if request.project_path.as_os_str().is_empty() { request.cwd.clone() } else { request.project_path.clone() }
+}
+
 /// Upstream's approval flags.
 fn approval_args(request: &RunRequest) -> Vec<String> {
     let mode = request.options.permission_mode.as_deref().unwrap_or("default");
@@ -52,8 +80,8 @@ fn approval_args(request: &RunRequest) -> Vec<String> {
     }
 }
 
-/// The CLI's arguments for `request`.
-pub fn gemini_args(request: &RunRequest) -> Vec<String> {
+/// The CLI's arguments for `request`; `policy` is the run's policy file ([`tool_policy`]).
+pub fn gemini_args(request: &RunRequest, policy: Option<&Path>) -> Vec<String> {
     let mut args = vec!["--prompt".to_string(), prompt_arg(&request.content)];
     if let Some(id) = request.provider_session_id.as_deref().filter(|id| !id.is_empty()) {
         args.extend(["--resume".to_string(), id.to_string()]);
@@ -64,19 +92,93 @@ pub fn gemini_args(request: &RunRequest) -> Vec<String> {
     }
     args.extend(["--output-format".to_string(), "stream-json".to_string()]);
     args.extend(approval_args(request));
-    if !request.options.allowed_tools.is_empty() {
-        args.extend(["--allowed-tools".to_string(), request.options.allowed_tools.join(",")]);
+    if let Some(policy) = policy {
+        args.extend(["--policy".to_string(), policy.to_string_lossy().into_owned()]);
     }
     args
 }
 
-/// Upstream drops these stderr lines (Node deprecation noise, credential banner).
-fn keep_gemini_stderr(line: &str) -> Option<std::borrow::Cow<'_, str>> {
-    let noise = line.contains("[DEP0040]")
+/// Priority (0–999, in the user tier of `--policy` files) of an allowed tool's rule.
+const ALLOW_PRIORITY: u32 = 100;
+/// Priority of a disallowed tool's rule: above every allow.
+const DENY_PRIORITY: u32 = 200;
+
+/// The Policy Engine rules for the run's `allowedTools` / `disallowedTools` (Gemini 0.61.0
+/// deprecates `--allowed-tools`: "Migrate to Policy Engine"), as a TOML policy file; `None`
+/// without any. Each tool becomes a `[[rule]]` as Gemini's own conversion of `--allowed-tools`
+/// does: `name` matches the tool, `run_shell_command(git status)` (or `ShellTool(…)`) the
+/// shell commands starting with `git status` (`commandPrefix`). Allowed: `allow` at priority
+/// 100; disallowed: `deny` at 200, so a denial wins.
+pub fn tool_policy(request: &RunRequest) -> Option<String> {
+    let allowed = request.options.allowed_tools.iter().map(|tool| (tool, "allow", ALLOW_PRIORITY));
+    let denied = request.options.disallowed_tools.iter().map(|tool| (tool, "deny", DENY_PRIORITY));
+    let rules: Vec<String> = allowed
+        .chain(denied)
+        .filter(|(tool, _, _)| !tool.trim().is_empty())
+        .map(|(tool, decision, priority)| policy_rule(tool.trim(), decision, priority))
+        .collect();
+    (!rules.is_empty()).then(|| format!("# chatgate: this run's allowedTools / disallowedTools\n{}", rules.join("")))
+}
+
+/// One `[[rule]]`; strings are TOML basic strings (JSON's escapes are TOML's).
+fn policy_rule(tool: &str, decision: &str, priority: u32) -> String {
+    let quoted = |text: &str| Value::String(text.to_string()).to_string();
+    let narrowed = tool.strip_suffix(')').and_then(|t| t.split_once('('));
+    let matcher = match narrowed {
+        Some((name, prefix)) if SHELL_TOOL_NAMES.contains(&name) => {
+            format!("toolName = {}\ncommandPrefix = {}\n", quoted(SHELL_TOOL_NAMES[0]), quoted(prefix))
+        }
+        Some((name, _)) => format!("toolName = {}\n", quoted(name)),
+        None if SHELL_TOOL_NAMES.contains(&tool) => format!("toolName = {}\n", quoted(SHELL_TOOL_NAMES[0])),
+        None => format!("toolName = {}\n", quoted(tool)),
+    };
+    format!("\n[[rule]]\n{matcher}decision = \"{decision}\"\npriority = {priority}\n")
+}
+
+/// Gemini's shell tool and its alias.
+const SHELL_TOOL_NAMES: [&str; 2] = ["run_shell_command", "ShellTool"];
+
+/// Prefixes of Gemini's stderr lines that are no error of the run (Gemini CLI 0.61.0):
+/// upstream's Node deprecation and credential lines, Gemini's startup chatter (colour
+/// support, the ripgrep fallback, startup-phase metrics, the YOLO banner, the model
+/// router falling back), and the reports of an API
+/// error (`Error when talking to Gemini API …`) and of a failed tool (`Error executing
+/// tool …`), which the stream-json `result` and `tool_result` already carry.
+const GEMINI_STDERR_NOISE: &[&str] = &[
+    "Loaded cached credentials",
+    "Warning: 256-color support not detected",
+    "Warning: True color (24-bit) support not detected",
+    "Warning: Basic terminal detected",
+    "Warning: Limited color support detected",
+    "Warning: GNU screen detected",
+    "Warning: JetBrains terminal detected",
+    "Ripgrep is not available",
+    "[STARTUP] ",
+    "[Routing] ",
+    "YOLO mode is enabled",
+    "Error when talking to Gemini API",
+    "Error executing tool ",
+];
+
+/// Whether `line` continues a multi-line report on stderr (a stack frame, the body of a
+/// logged object, a closing bracket): Gemini starts every report of its own at the margin.
+fn is_continuation(line: &str) -> bool {
+    line.starts_with(char::is_whitespace) || line.trim().chars().all(|c| "{}[](),;".contains(c))
+}
+
+/// Drops Gemini's stderr noise (see [`GEMINI_STDERR_NOISE`]) and the continuation lines of
+/// its multi-line reports (an API error's stack trace alone was 20 `error` events); every
+/// other line is shown. Dropped lines go to the gateway's debug log.
+pub fn gemini_stderr_filter(line: &str) -> Option<Cow<'_, str>> {
+    let noise = is_continuation(line)
+        || GEMINI_STDERR_NOISE.iter().any(|prefix| line.starts_with(prefix))
         || line.contains("DeprecationWarning")
-        || line.contains("--trace-deprecation")
-        || line.contains("Loaded cached credentials");
-    (!noise).then_some(std::borrow::Cow::Borrowed(line))
+        || line.contains("--trace-deprecation");
+    if noise {
+        tracing::debug!(provider = "gemini", line, "gemini stderr not shown");
+        return None;
+    }
+    Some(Cow::Borrowed(line))
 }
 
 #[async_trait]
@@ -88,12 +190,18 @@ impl Runtime for GeminiRuntime {
     async fn run(&self, mut request: RunRequest, ctx: RunContext) -> RunOutcome {
         let images = RunImages::write(&request).await;
         request.content = images.prompt(&request.content);
+        let policy_files = match tool_policy(&request) {
+            Some(policy) => {
+                RunFiles::write(&request.cwd, "policies", vec![(POLICY_FILE.to_string(), policy.into_bytes())]).await
+            }
+            None => RunFiles::default(),
+        };
         let cmd = CliCommand {
             provider: "gemini",
             program: self.program.clone(),
             program_env: "CHATGATE_GEMINI_BIN",
-            args: gemini_args(&request),
-            cwd: request.cwd.clone(),
+            args: gemini_args(&request, policy_files.paths().first().map(PathBuf::as_path)),
+            cwd: gemini_cwd(&request),
             stdin: false,
         };
         let secs = self.inactivity_timeout.as_secs_f64();
@@ -102,11 +210,12 @@ impl Runtime for GeminiRuntime {
                 self.inactivity_timeout,
                 format!("Gemini CLI timeout - no response received for {secs} seconds"),
             )),
-            stderr_filter: keep_gemini_stderr,
+            stderr_filter: gemini_stderr_filter,
         };
         let mut parser = GeminiParser::default();
         let outcome = run_cli(&cmd, &ctx, request.provider_session_id.clone(), &mut parser, options).await;
         images.cleanup().await;
+        policy_files.cleanup().await;
         outcome
     }
 }
@@ -115,6 +224,53 @@ impl Runtime for GeminiRuntime {
 #[derive(Debug, Default)]
 pub struct GeminiParser {
     result_failed: bool,
+    /// The HTTP status of the API error that failed the run, when its body named one.
+    api_status: Option<u16>,
+}
+
+/// An API error as Gemini reports it in the `result`: `[API Error: <message>]`, where
+/// `<message>` is the API's JSON body (`{"error":{"code":400,"message":…,"status":…}}`)
+/// or Gemini's own wording (`… (Status: INVALID_ARGUMENT)`), maybe followed by advice.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    /// The API's own message (the whole text when it is no API error).
+    pub message: String,
+    /// `error.code` of the API's body.
+    pub status: Option<u16>,
+}
+
+impl ApiError {
+    pub fn parse(text: &str) -> ApiError {
+        let Some(inner) = text.trim().strip_prefix("[API Error: ") else {
+            return ApiError { message: text.to_string(), status: None };
+        };
+        let body = serde_json::Deserializer::from_str(inner).into_iter::<Value>().next().and_then(Result::ok);
+        let error = body.as_ref().and_then(|body| body.get("error"));
+        let message = error.and_then(|e| e.get("message")).and_then(Value::as_str).filter(|m| !m.trim().is_empty());
+        match message {
+            Some(message) => ApiError {
+                message: message.to_string(),
+                status: error.and_then(|e| e.get("code")).and_then(Value::as_u64).and_then(|c| u16::try_from(c).ok()),
+            },
+            None => {
+                let end = inner.rfind(']').unwrap_or(inner.len());
+                ApiError { message: inner[..end].trim().to_string(), status: None }
+            }
+        }
+    }
+}
+
+/// Why Gemini exited with `exit_code` after a failed `result`: on an API error it exits
+/// with the HTTP status, which the shell sees modulo 256 (`process.exit(400)`: 144).
+fn api_exit_reason(exit_code: i32, api_status: Option<u16>) -> Option<String> {
+    let status = match api_status {
+        Some(status) if i32::from(status) % 256 == exit_code => status,
+        None if (144..=255).contains(&exit_code) => u16::try_from(exit_code + 256).ok()?,
+        _ => return None,
+    };
+    Some(format!(
+        "Gemini API error: HTTP {status} (Gemini exits with the HTTP status modulo 256: exit code {exit_code})"
+    ))
 }
 
 impl StreamParser for GeminiParser {
@@ -179,7 +335,9 @@ impl StreamParser for GeminiParser {
                         .get("error")
                         .and_then(|e| e.get("message").and_then(Value::as_str).or(e.as_str()))
                         .unwrap_or("Gemini run failed");
-                    out.push(Emit::event("error", json!({ "content": message })));
+                    let api_error = ApiError::parse(message);
+                    self.api_status = api_error.status;
+                    out.push(Emit::event("error", json!({ "content": api_error.message })));
                 }
             }
             "error" => {
@@ -193,21 +351,126 @@ impl StreamParser for GeminiParser {
     }
 
     fn on_exit(&mut self, exit_code: i32, out: &mut Vec<Emit>) -> RunOutcome {
-        let message = match exit_code {
-            41 => Some(
-                "Gemini authentication failed (exit code 41). Run `gemini` in a terminal to choose an auth method, or configure a valid `GEMINI_API_KEY`.",
-            ),
-            42 => Some("Gemini rejected the request input (exit code 42)."),
-            44 => Some("Gemini sandbox error (exit code 44). Check local sandbox/container settings."),
-            52 => Some(
-                "Gemini configuration error (exit code 52). Check your Gemini settings files for invalid JSON/config.",
-            ),
-            53 => Some("Gemini conversation turn limit reached (exit code 53). Start a new Gemini session."),
-            _ => None,
-        };
-        if let Some(message) = message {
+        if let Some(message) = documented_exit_message(exit_code) {
             out.push(Emit::event("error", json!({ "content": message })));
         }
-        if exit_code == 0 && self.result_failed { RunOutcome::exit(1) } else { RunOutcome::exit(exit_code) }
+        if exit_code == 0 && self.result_failed {
+            return RunOutcome::exit(1);
+        }
+        let reason = if self.result_failed { api_exit_reason(exit_code, self.api_status) } else { None };
+        RunOutcome { exit_code, error: reason }
+    }
+}
+
+/// Upstream's messages for Gemini's documented exit codes (`FatalError` subclasses of
+/// gemini-cli `packages/core/src/utils/errors.ts`), with 54, 55 and 130 of Gemini 0.61.0.
+fn documented_exit_message(exit_code: i32) -> Option<&'static str> {
+    match exit_code {
+        41 => Some(
+            "Gemini authentication failed (exit code 41). Run `gemini` in a terminal to choose an auth method, or configure a valid `GEMINI_API_KEY`.",
+        ),
+        42 => Some("Gemini rejected the request input (exit code 42)."),
+        44 => Some("Gemini sandbox error (exit code 44). Check local sandbox/container settings."),
+        52 => {
+            Some("Gemini configuration error (exit code 52). Check your Gemini settings files for invalid JSON/config.")
+        }
+        53 => Some("Gemini conversation turn limit reached (exit code 53). Start a new Gemini session."),
+        54 => Some("Gemini stopped on a fatal tool error (exit code 54)."),
+        55 => Some("Gemini does not trust this workspace (exit code 55)."),
+        130 => Some("Gemini run cancelled (exit code 130)."),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::RunOptions;
+
+    fn request(options: RunOptions) -> RunRequest {
+        RunRequest {
+            session_id: "s".into(),
+            content: "hi".into(),
+            provider_session_id: None,
+            cwd: PathBuf::from("/p/sub"),
+            project_path: PathBuf::from("/p"),
+            options,
+        }
+    }
+
+    #[test]
+    fn gemini_stderr_chatter_and_stack_traces_are_dropped() {
+        for noise in [
+            "Warning: Basic terminal detected (TERM=dumb). Visual rendering will be limited.",
+            "Ripgrep is not available. Falling back to GrepTool.",
+            "[STARTUP] Phase 'cleanup_ops' was started but never ended. Skipping metrics.",
+            "YOLO mode is enabled. All tool calls will be automatically approved.",
+            "[Routing] NumericalClassifierStrategy failed: _ZodError: [",
+            "Error when talking to Gemini API Full report available at: /tmp/x.json _ApiError: {}",
+            "Error executing tool run_shell_command: Tool \"run_shell_command\" not found.",
+            "    at throwErrorIfNotOK (file:///x/chunk.js:267833:24)",
+            "  status: 400",
+            "}",
+            "]",
+        ] {
+            assert_eq!(gemini_stderr_filter(noise), None, "{noise}");
+        }
+        let kept = "Error resuming session: No previous sessions found for this project.";
+        assert_eq!(gemini_stderr_filter(kept).as_deref(), Some(kept));
+    }
+
+    #[test]
+    fn api_errors_give_the_apis_message_and_status() {
+        let json = r#"[API Error: {"error":{"code":400,"message":"bad thing","status":"INVALID_ARGUMENT"}}]"#;
+        assert_eq!(ApiError::parse(json), ApiError { message: "bad thing".into(), status: Some(400) });
+        let worded = "[API Error: Quota exceeded (Status: RESOURCE_EXHAUSTED)]\nPossible quota limitations…";
+        assert_eq!(ApiError::parse(worded).message, "Quota exceeded (Status: RESOURCE_EXHAUSTED)");
+        assert_eq!(ApiError::parse("Gemini run failed").message, "Gemini run failed");
+    }
+
+    #[test]
+    fn api_exit_codes_are_the_http_status_modulo_256() {
+        let reason = api_exit_reason(144, Some(400)).unwrap_or_default();
+        assert!(reason.contains("HTTP 400") && reason.contains("exit code 144"), "{reason}");
+        assert!(api_exit_reason(173, None).unwrap_or_default().contains("HTTP 429"));
+        assert_eq!(api_exit_reason(1, Some(400)), None);
+        assert_eq!(api_exit_reason(1, None), None);
+    }
+
+    #[test]
+    fn a_failed_result_is_one_error_and_its_exit_code_is_explained() {
+        let mut parser = GeminiParser::default();
+        let mut out = Vec::new();
+        let result = json!({ "type": "result", "status": "error",
+            "error": { "type": "unknown", "message": r#"[API Error: {"error":{"code":400,"message":"nope"}}]"# } });
+        let Value::Object(result) = result else { unreachable!() };
+        parser.on_json(result, &mut out);
+        let outcome = parser.on_exit(144, &mut out);
+        let errors: Vec<_> = out.iter().filter(|e| matches!(e, Emit::Event("error", _))).collect();
+        assert_eq!(errors, vec![&Emit::event("error", json!({ "content": "nope" }))]);
+        assert_eq!(outcome.exit_code, 144);
+        assert!(outcome.error.unwrap_or_default().contains("HTTP 400"));
+    }
+
+    #[test]
+    fn the_cli_runs_in_the_project_whatever_the_cwd() {
+        assert_eq!(gemini_cwd(&request(RunOptions::default())), PathBuf::from("/p"));
+    }
+
+    #[test]
+    fn tool_options_become_a_policy_file() {
+        assert_eq!(tool_policy(&request(RunOptions::default())), None);
+        let options = RunOptions {
+            allowed_tools: vec!["read_file".into(), "run_shell_command(git status)".into()],
+            disallowed_tools: vec!["ShellTool".into()],
+            ..RunOptions::default()
+        };
+        let policy = tool_policy(&request(options)).unwrap_or_default();
+        let expected = "\n[[rule]]\ntoolName = \"read_file\"\ndecision = \"allow\"\npriority = 100\n\
+                        \n[[rule]]\ntoolName = \"run_shell_command\"\ncommandPrefix = \"git status\"\ndecision = \"allow\"\npriority = 100\n\
+                        \n[[rule]]\ntoolName = \"run_shell_command\"\ndecision = \"deny\"\npriority = 200\n";
+        assert!(policy.ends_with(expected), "{policy}");
+        let args = gemini_args(&request(RunOptions::default()), Some(Path::new("/p/.tmp/policies/r/x.toml")));
+        assert_eq!(args[args.len() - 2..], ["--policy".to_string(), "/p/.tmp/policies/r/x.toml".to_string()]);
     }
 }

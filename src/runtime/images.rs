@@ -5,6 +5,8 @@
 //! directory `.tmp/images/<run>/image_<i>.<ext>` under the run's working
 //! directory (inside the project), and the prompt gets a note listing the paths.
 //! The directory is removed when the run ends ([`RunImages::cleanup`], or on drop).
+//! [`RunFiles`] writes other per-run files the same way (`.tmp/<kind>/<run>/<name>`, e.g.
+//! Gemini's policy file).
 //!
 //! The project is writable by the agent, which may have planted a symlink at
 //! `.tmp` or `.tmp/images` in an earlier run; the gateway writes outside any
@@ -39,14 +41,16 @@ pub struct RunImages {
     paths: Vec<PathBuf>,
 }
 
-/// The run's image directory, held by descriptors (never re-resolved by path).
+/// The run's directory `.tmp/<kind>/<run>`, held by descriptors (never re-resolved by path).
 #[derive(Debug)]
 struct ImageDir {
-    /// The working directory, `.tmp` and `.tmp/images`.
+    /// The working directory, `.tmp` and `.tmp/<kind>` (`kind_dir`).
     cwd: OwnedFd,
     tmp: OwnedFd,
-    images: OwnedFd,
-    /// `.tmp/images/<run>` and its name in `images`.
+    kind_dir: OwnedFd,
+    /// `kind`: `images` for images.
+    kind: &'static str,
+    /// `.tmp/<kind>/<run>` and its name in `kind_dir`.
     run: OwnedFd,
     run_name: String,
     /// File names written into `run`.
@@ -77,14 +81,14 @@ fn open_or_make_dir(parent: &OwnedFd, name: &str) -> nix::Result<OwnedFd> {
 }
 
 impl ImageDir {
-    /// Makes `<cwd>/.tmp/images/<run>` without following any symlink below `cwd`.
-    fn create(cwd: &Path, run_name: String) -> nix::Result<ImageDir> {
+    /// Makes `<cwd>/.tmp/<kind>/<run>` without following any symlink below `cwd`.
+    fn create(cwd: &Path, kind: &'static str, run_name: String) -> nix::Result<ImageDir> {
         let cwd = open(cwd, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())?;
         let tmp = open_or_make_dir(&cwd, ".tmp")?;
-        let images = open_or_make_dir(&tmp, "images")?;
-        mkdirat(&images, run_name.as_str(), Mode::from_bits_truncate(0o755))?;
-        let run = openat(&images, run_name.as_str(), DIR_FLAGS, Mode::empty())?;
-        Ok(ImageDir { cwd, tmp, images, run, run_name, files: Vec::new() })
+        let kind_dir = open_or_make_dir(&tmp, kind)?;
+        mkdirat(&kind_dir, run_name.as_str(), Mode::from_bits_truncate(0o755))?;
+        let run = openat(&kind_dir, run_name.as_str(), DIR_FLAGS, Mode::empty())?;
+        Ok(ImageDir { cwd, tmp, kind_dir, kind, run, run_name, files: Vec::new() })
     }
 
     /// Writes a new file (never an existing one, never through a symlink).
@@ -101,8 +105,8 @@ impl ImageDir {
             let _ = unlinkat(&self.run, name.as_str(), UnlinkatFlags::NoRemoveDir);
         }
         drop(self.run);
-        if unlinkat(&self.images, self.run_name.as_str(), UnlinkatFlags::RemoveDir).is_ok()
-            && unlinkat(&self.tmp, "images", UnlinkatFlags::RemoveDir).is_ok()
+        if unlinkat(&self.kind_dir, self.run_name.as_str(), UnlinkatFlags::RemoveDir).is_ok()
+            && unlinkat(&self.tmp, self.kind, UnlinkatFlags::RemoveDir).is_ok()
         {
             let _ = unlinkat(&self.cwd, ".tmp", UnlinkatFlags::RemoveDir);
         }
@@ -130,25 +134,13 @@ impl RunImages {
     }
 
     fn write_blocking(cwd: &Path, decoded: Vec<(String, Vec<u8>)>) -> RunImages {
-        let run_name = uuid::Uuid::new_v4().simple().to_string();
-        let base = cwd.join(".tmp").join("images").join(&run_name);
-        let mut dir = match ImageDir::create(cwd, run_name) {
-            Ok(dir) => dir,
-            Err(e) => {
-                tracing::warn!(dir = %base.display(), error = %e,
-                    "could not create the run's image directory (a symlink below the working directory is refused)");
-                return RunImages::default();
-            }
-        };
-        let mut paths = Vec::new();
-        for (index, (ext, bytes)) in decoded.into_iter().enumerate() {
-            let name = format!("image_{index}.{ext}");
-            match dir.write(&name, &bytes) {
-                Ok(()) => paths.push(base.join(&name)),
-                Err(e) => tracing::warn!(path = %base.join(&name).display(), error = %e, "could not write an image"),
-            }
-        }
-        RunImages { dir: Some(dir), paths }
+        let files = decoded
+            .into_iter()
+            .enumerate()
+            .map(|(index, (ext, bytes))| (format!("image_{index}.{ext}"), bytes))
+            .collect();
+        let mut written = RunFiles::write_blocking(cwd, "images", files);
+        RunImages { dir: written.dir.take(), paths: std::mem::take(&mut written.paths) }
     }
 
     /// The written files.
@@ -175,6 +167,68 @@ impl RunImages {
 }
 
 impl Drop for RunImages {
+    fn drop(&mut self) {
+        if let Some(dir) = self.dir.take() {
+            dir.remove();
+        }
+    }
+}
+
+/// Other files of one run, written as images are: a new directory `.tmp/<kind>/<run>` under
+/// the working directory, no symlink followed, removed when the run ends.
+#[derive(Debug, Default)]
+pub struct RunFiles {
+    dir: Option<ImageDir>,
+    paths: Vec<PathBuf>,
+}
+
+impl RunFiles {
+    /// Writes `files` (name, bytes) into `<cwd>/.tmp/<kind>/<run>/`; a file that cannot be
+    /// written is left out of [`RunFiles::paths`] (and logged).
+    pub async fn write(cwd: &Path, kind: &'static str, files: Vec<(String, Vec<u8>)>) -> RunFiles {
+        if files.is_empty() {
+            return RunFiles::default();
+        }
+        let cwd = cwd.to_path_buf();
+        let written = tokio::task::spawn_blocking(move || Self::write_blocking(&cwd, kind, files)).await;
+        written.unwrap_or_default()
+    }
+
+    fn write_blocking(cwd: &Path, kind: &'static str, files: Vec<(String, Vec<u8>)>) -> RunFiles {
+        let run_name = uuid::Uuid::new_v4().simple().to_string();
+        let base = cwd.join(".tmp").join(kind).join(&run_name);
+        let mut dir = match ImageDir::create(cwd, kind, run_name) {
+            Ok(dir) => dir,
+            Err(e) => {
+                tracing::warn!(dir = %base.display(), error = %e,
+                    "could not create the run's directory (a symlink below the working directory is refused)");
+                return RunFiles::default();
+            }
+        };
+        let mut paths = Vec::new();
+        for (name, bytes) in files {
+            match dir.write(&name, &bytes) {
+                Ok(()) => paths.push(base.join(&name)),
+                Err(e) => tracing::warn!(path = %base.join(&name).display(), error = %e, "could not write a run file"),
+            }
+        }
+        RunFiles { dir: Some(dir), paths }
+    }
+
+    /// The written files.
+    pub fn paths(&self) -> &[PathBuf] {
+        &self.paths
+    }
+
+    /// Removes the run's directory.
+    pub async fn cleanup(mut self) {
+        if let Some(dir) = self.dir.take() {
+            let _ = tokio::task::spawn_blocking(move || dir.remove()).await;
+        }
+    }
+}
+
+impl Drop for RunFiles {
     fn drop(&mut self) {
         if let Some(dir) = self.dir.take() {
             dir.remove();

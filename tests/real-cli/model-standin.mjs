@@ -29,6 +29,7 @@
 import { appendFileSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { handleChatCompletions } from './standin-chat-completions.mjs';
+import { handleGemini } from './standin-gemini.mjs';
 
 const COMMAND = process.env.STANDIN_COMMAND || 'env';
 const LOG = process.env.STANDIN_LOG || '';
@@ -251,6 +252,7 @@ const server = createServer((req, res) => {
       else sendMessage(res, body, reply);
       return;
     }
+    if (handleGemini(req, res, path, body, { script, command: COMMAND, failMessage: FAIL_MESSAGE, nextId })) return;
     if (req.method === 'POST' && path === '/v1/responses') {
       const reply = answerResponses(body);
       process.stderr.write(`standin: POST /v1/responses model=${body.model} tools=${responsesTools(body).join(',')} -> ${reply.kind}\n`);
