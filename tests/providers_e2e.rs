@@ -352,8 +352,10 @@ async fn codex_end_to_end_with_resume() {
         let resume = args.iter().position(|a| a == "resume").expect("resume subcommand");
         assert_eq!(args[resume + 1], thread);
         assert!(resume < args.iter().position(|a| a == "--").unwrap_or(0), "{args:?}");
-        assert_eq!(rt.second.kinds(), ["error", "error", "complete"]);
-        assert_eq!(rt.second.errors(), ["Reconnecting... 1/5", "You exceeded your current quota."]);
+        // The stream retry is progress (a status), the quota error the one error.
+        assert_eq!(rt.second.kinds(), ["status", "error", "complete"]);
+        assert_eq!(rt.second.of("status")[0]["text"], "Reconnecting... 1/5");
+        assert_eq!(rt.second.errors(), ["You exceeded your current quota."]);
         assert_exit(&rt.second, 1, false);
         assert_eq!(rt.second.complete()["success"], false);
     }

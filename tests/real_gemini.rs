@@ -26,7 +26,10 @@ mod real_cli;
 
 use std::ffi::OsString;
 
-use real_cli::{Approvals, Gateway, ModelStandin, TURN_TIMEOUT, assert_no_process_in, enc, find_cli, of, read, turn};
+use real_cli::{
+    Approvals, Gateway, ModelStandin, TURN_TIMEOUT, assert_no_process_in, assistant_texts, enc, errors, find_cli, of,
+    read, turn,
+};
 use serde_json::{Value, json};
 
 /// What the agent's shell tool runs (its output, not its text, holds `chatgate-probe-42`).
@@ -64,31 +67,6 @@ impl Mode {
             Mode::Bypass => json!({ "permissionMode": "bypassPermissions" }),
         }
     }
-}
-
-fn errors(events: &[Value]) -> Vec<String> {
-    of(events, "error").iter().map(|e| e["content"].as_str().unwrap_or_default().to_string()).collect()
-}
-
-/// The assistant's replies: its `text` rows (history), or its `stream_delta`s joined up to
-/// each `stream_end` (live events).
-fn assistant_texts(events: &[Value]) -> Vec<String> {
-    let mut replies = Vec::new();
-    let mut streamed = String::new();
-    for event in events {
-        match event["kind"].as_str().unwrap_or_default() {
-            "text" if event["role"] == "assistant" => {
-                replies.push(event["content"].as_str().unwrap_or_default().to_string())
-            }
-            "stream_delta" => streamed.push_str(event["content"].as_str().unwrap_or_default()),
-            _ if !streamed.is_empty() => replies.push(std::mem::take(&mut streamed)),
-            _ => {}
-        }
-    }
-    if !streamed.is_empty() {
-        replies.push(streamed);
-    }
-    replies
 }
 
 /// The agent's `streamGenerateContent` requests the stand-in got (those offering tools; the
@@ -189,7 +167,7 @@ async fn gemini_session(sandbox: &str, mode: Mode) {
         format!(
             "{}\nchatgate log:\n{}\nstand-in log:\n{}",
             serde_json::to_string_pretty(events).unwrap(),
-            gateway.node.stderr(),
+            gateway.logs(),
             read(&standin.log)
         )
     };

@@ -24,7 +24,10 @@ mod real_cli;
 
 use std::ffi::OsString;
 
-use real_cli::{Approvals, Gateway, ModelStandin, TURN_TIMEOUT, assert_no_process_in, find_cli, of, read, turn};
+use real_cli::{
+    Approvals, Gateway, ModelStandin, TURN_TIMEOUT, assert_no_process_in, assistant_texts, errors, find_cli, of, read,
+    turn,
+};
 use serde_json::{Value, json};
 
 /// What the agent's shell tool runs (its output is checked).
@@ -58,32 +61,6 @@ fn opencode_config(port: u16) -> Value {
             },
         },
     })
-}
-
-fn errors(events: &[Value]) -> Vec<String> {
-    of(events, "error").iter().map(|e| e["content"].as_str().unwrap_or_default().to_string()).collect()
-}
-
-/// The assistant's replies: stored `text {role: assistant}` rows, or live `stream_delta` runs
-/// (each closed by a `stream_end` or any other event).
-fn assistant_texts(events: &[Value]) -> Vec<String> {
-    let mut replies = Vec::new();
-    let mut streamed = String::new();
-    for event in events {
-        let content = event["content"].as_str().unwrap_or_default();
-        if event["kind"] == "stream_delta" {
-            streamed.push_str(content);
-            continue;
-        }
-        if !streamed.is_empty() {
-            replies.push(std::mem::take(&mut streamed));
-        }
-        if event["kind"] == "text" && event["role"] == "assistant" {
-            replies.push(content.to_string());
-        }
-    }
-    replies.extend((!streamed.is_empty()).then_some(streamed));
-    replies
 }
 
 /// The agent's requests to the model: the `/chat/completions` ones that offer the shell tool
@@ -164,7 +141,7 @@ async fn opencode_session(sandbox: &str, options: Value) {
         format!(
             "{}\nchatgate log:\n{}\nstand-in log:\n{}",
             serde_json::to_string_pretty(events).unwrap(),
-            gateway.node.stderr(),
+            gateway.logs(),
             read(&standin.log)
         )
     };

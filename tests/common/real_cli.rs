@@ -340,13 +340,26 @@ pub fn errors(events: &[Value]) -> Vec<String> {
     of(events, "error").iter().map(|e| e["content"].as_str().unwrap_or_default().to_string()).collect()
 }
 
-/// The `content` of every assistant `text` event.
+/// The assistant's replies: stored `text {role: assistant}` rows, or live `stream_delta` runs
+/// (each closed by a `stream_end` or any other event).
 pub fn assistant_texts(events: &[Value]) -> Vec<String> {
-    events
-        .iter()
-        .filter(|e| e["kind"] == "text" && e["role"] == "assistant")
-        .map(|e| e["content"].as_str().unwrap_or_default().to_string())
-        .collect()
+    let mut replies = Vec::new();
+    let mut streamed = String::new();
+    for event in events {
+        let content = event["content"].as_str().unwrap_or_default();
+        if event["kind"] == "stream_delta" {
+            streamed.push_str(content);
+            continue;
+        }
+        if !streamed.is_empty() {
+            replies.push(std::mem::take(&mut streamed));
+        }
+        if event["kind"] == "text" && event["role"] == "assistant" {
+            replies.push(content.to_string());
+        }
+    }
+    replies.extend((!streamed.is_empty()).then_some(streamed));
+    replies
 }
 
 /// The events of `kind`.
