@@ -23,7 +23,6 @@ mod real_cli;
 
 use std::{ffi::OsString, path::PathBuf};
 
-use common::Ws;
 use real_cli::{
     Approvals, Gateway, ModelStandin, TURN_TIMEOUT, assert_no_process_in, assistant_texts, enc, errors, find_cli, of,
     read, turn,
@@ -306,6 +305,89 @@ async fn claude_session(sandbox: &str, options: Value, approvals: Approvals) {
     assert!(!text.contains("<synthetic>"), "{text}");
 }
 
+/// The approval protocol with the real CLI: an answer that changes the tool's input, an
+/// AskUserQuestion answered with a choice (never timed out), an approval nobody answers (timed
+/// out, the tool denied, the turn goes on), and an abort while an approval waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_real_cli_approvals_update_ask_time_out_and_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let standin = ModelStandin::start(&root, PROBE);
+    let extra = [("CHATGATE_CLAUDE_APPROVAL_TIMEOUT", "2s")];
+    let Some(gateway) = claude_gateway(&root, &standin, "none", false, &extra).await else { return };
+    let session = gateway.create_session("claude").await;
+    let mut ws = gateway.connect().await;
+    let dump = |events: &[Value]| {
+        format!(
+            "{}\n{}\nstand-in log:\n{}",
+            serde_json::to_string_pretty(events).unwrap(),
+            gateway.logs(),
+            read(&standin.log)
+        )
+    };
+    let send = |content: &str| json!({ "type": "chat.send", "sessionId": session, "content": content, "options": {} });
+    let tool_result = |events: &[Value], tool: &str| -> Value {
+        let call = of(events, "tool_use").into_iter().find(|e| e["toolName"] == tool).cloned().unwrap_or_default();
+        of(events, "tool_result").into_iter().find(|e| e["toolId"] == call["toolId"]).cloned().unwrap_or_default()
+    };
+
+    // 1. Allowed with a changed input: the command the user wrote runs, not the model's.
+    ws.send(send("run the probe")).await;
+    let updated = json!({ "command": "echo updated-by-the-user", "description": "changed" });
+    let first = real_cli::collect_answering(&gateway, &standin, &mut ws, &session, |_| {
+        Some(json!({ "allow": true, "updatedInput": updated }))
+    })
+    .await;
+    assert_eq!(first.last().unwrap()["success"], true, "{}", dump(&first));
+    let result = tool_result(&first, "Bash");
+    assert!(result["content"].as_str().unwrap_or_default().contains("updated-by-the-user"), "{}", dump(&first));
+    assert!(!result["content"].as_str().unwrap_or_default().contains("chatgate-probe-42"), "{}", dump(&first));
+
+    // 2. AskUserQuestion: asked with no timeout, answered with a choice the model then gets.
+    ws.send(send("ask a question")).await;
+    let second = real_cli::collect_answering(&gateway, &standin, &mut ws, &session, |ask| {
+        let mut input = ask["input"].clone();
+        input["answers"] = json!({ "Which color?": "blue" });
+        Some(json!({ "allow": true, "updatedInput": input }))
+    })
+    .await;
+    assert_eq!(second.last().unwrap()["success"], true, "{}", dump(&second));
+    let ask = of(&second, "permission_request").first().copied().cloned().unwrap_or_default();
+    assert_eq!(ask["toolName"], "AskUserQuestion", "{}", dump(&second));
+    assert_eq!(ask["input"]["questions"][0]["question"], "Which color?", "{}", dump(&second));
+    let answered = tool_result(&second, "AskUserQuestion");
+    assert_eq!(answered["isError"], false, "{}", dump(&second));
+    assert!(answered["content"].as_str().unwrap_or_default().contains("blue"), "{}", dump(&second));
+    assert!(read(&standin.requests).contains("blue"), "the model never got the answer");
+
+    // 3. Nobody answers: the approval times out, the tool is denied, the turn ends cleanly.
+    ws.send(send("run the probe")).await;
+    let third = real_cli::collect_answering(&gateway, &standin, &mut ws, &session, |_| None).await;
+    assert_eq!(third.last().unwrap()["success"], true, "{}", dump(&third));
+    let cancelled = of(&third, "permission_cancelled").first().copied().cloned().unwrap_or_default();
+    assert_eq!(cancelled["reason"], "timeout", "{}", dump(&third));
+    let denied = tool_result(&third, "Bash");
+    assert_eq!(denied["isError"], true, "{}", dump(&third));
+    assert!(denied["toolUseResult"].as_str().is_some_and(|t| t.starts_with("Error:")), "{}", dump(&third));
+
+    // 4. Aborted while the approval waits: the ask is cancelled, nothing is left running.
+    ws.send(send("run the probe")).await;
+    let mut fourth = Vec::new();
+    while fourth.last().is_none_or(|e: &Value| e["kind"] != "permission_request") {
+        match ws.try_recv(TURN_TIMEOUT).await {
+            Some(Ok(frame)) => fourth.push(frame),
+            other => panic!("no permission_request ({other:?}): {}", dump(&fourth)),
+        }
+    }
+    ws.send(json!({ "type": "chat.abort", "sessionId": session })).await;
+    fourth.extend(real_cli::collect_answering(&gateway, &standin, &mut ws, &session, |_| None).await);
+    assert_eq!(fourth.last().unwrap()["aborted"], true, "{}", dump(&fourth));
+    let cancelled = of(&fourth, "permission_cancelled").first().copied().cloned().unwrap_or_default();
+    assert_eq!(cancelled["reason"], "cancelled", "{}", dump(&fourth));
+    assert!(tool_result(&fourth, "Bash").is_null(), "the tool ran: {}", dump(&fourth));
+    assert_no_process_in(&root).await;
+}
+
 /// In the sandbox the CLI is uid 1000: `bypassPermissions` works even for a root gateway.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claude_real_cli_session_under_bwrap() {
@@ -346,41 +428,8 @@ async fn claude_real_cli_root_bypass_without_sandbox_is_explained() {
     assert!(agent_requests(&standin).is_empty(), "the model was asked: {dump}");
 }
 
-/// The processes under `dir` whose parent is `pid` (a CLI that node started).
-fn children_in(dir: &std::path::Path, pid: u32) -> Vec<i32> {
-    real_cli::processes_in(dir)
-        .into_iter()
-        .filter(|(child, _)| {
-            let stat = read(std::path::Path::new(&format!("/proc/{child}/stat")));
-            let ppid = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(1)).unwrap_or_default();
-            ppid == pid.to_string()
-        })
-        .map(|(child, _)| child)
-        .collect()
-}
-
-/// Reads `ws` up to the session's `complete` without answering anything.
-async fn watch(gateway: &Gateway, ws: &mut Ws, session: &str) -> Vec<Value> {
-    let mut events = Vec::new();
-    loop {
-        let frame = match ws.try_recv(TURN_TIMEOUT).await {
-            Some(Ok(frame)) => frame,
-            other => panic!("no complete ({other:?}); so far: {events:#?}\n{}", gateway.logs()),
-        };
-        if frame["sessionId"] != session {
-            continue;
-        }
-        let done = frame["kind"] == "complete";
-        events.push(frame);
-        if done {
-            return events;
-        }
-    }
-}
-
-/// In a two-node cluster: the CLI runs on the node that took the `chat.send`; a tab on the
-/// other node watches it live, answers its approval, and aborts the next turn; the turn after
-/// runs on the other node and resumes the conversation the first node's CLI saved.
+/// In a two-node cluster: sent on one node, watched and approved from the other, aborted from
+/// the other, and resumed on the other ([`real_cli::cluster_scenario`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claude_real_cli_in_a_cluster_watched_approved_and_aborted_from_another_node() {
     let dir = tempfile::tempdir().unwrap();
@@ -388,63 +437,7 @@ async fn claude_real_cli_in_a_cluster_watched_approved_and_aborted_from_another_
     let standin = ModelStandin::start(&root, PROBE);
     let Some(gateway) = claude_gateway(&root, &standin, "none", true, &[]).await else { return };
     let session = gateway.create_session("claude").await;
-    let mut tab_a = gateway.connect().await;
-    let mut tab_b = gateway.peer().connect(&gateway.token).await;
-    tab_b.subscribe(&session, 0).await;
-    assert_eq!(tab_b.recv_reply().await["kind"], "chat_subscribed");
-    let options = json!({ "permissionMode": "default" });
-    let dump = |events: &[Value]| {
-        format!(
-            "{}\n{}\nstand-in log:\n{}",
-            serde_json::to_string_pretty(events).unwrap(),
-            gateway.logs(),
-            read(&standin.log)
-        )
-    };
-
-    // 1. Sent on node a, approved on node b: both tabs see the same events.
-    tab_a
-        .send(json!({ "type": "chat.send", "sessionId": session, "content": "run the probe", "options": options }))
-        .await;
-    let on_b = real_cli::collect(&gateway, &standin, &mut tab_b, &session, Approvals::Allow).await;
-    let on_a = watch(&gateway, &mut tab_a, &session).await;
-    assert_eq!(on_b.last().unwrap()["success"], true, "{}", dump(&on_b));
-    assert_eq!(assistant_texts(&on_b), vec!["done"], "{}", dump(&on_b));
-    let ask = of(&on_b, "permission_request").first().copied().cloned().unwrap_or_default();
-    assert_eq!(ask["toolName"], "Bash", "{}", dump(&on_b));
-    let resolved = of(&on_a, "permission_resolved").first().copied().cloned().unwrap_or_default();
-    assert_eq!((&resolved["requestId"], &resolved["allow"]), (&ask["requestId"], &json!(true)), "{}", dump(&on_a));
-    let result = of(&on_b, "tool_result").first().copied().cloned().unwrap_or_default();
-    assert!(result["content"].as_str().unwrap_or_default().contains("chatgate-probe-42"), "{}", dump(&on_b));
-    let ids = |events: &[Value]| events.iter().map(|e| (e["seq"].clone(), e["id"].clone())).collect::<Vec<_>>();
-    assert_eq!(ids(&on_a), ids(&on_b), "the two nodes' tabs saw different events");
-
-    // 2. Sent on node a, running there, aborted from node b: nothing is left.
-    tab_a.send(json!({ "type": "chat.send", "sessionId": session, "content": "hang", "options": options })).await;
-    real_cli::wait_for_request(&standin, "\"hang\"", TURN_TIMEOUT).await;
-    let node_a = gateway.node.child.id();
-    assert!(
-        !children_in(&root, node_a).is_empty(),
-        "the CLI does not run as node a's child: {:?}",
-        real_cli::processes_in(&root)
-    );
-    tab_b.send(json!({ "type": "chat.abort", "sessionId": session })).await;
-    let aborted = watch(&gateway, &mut tab_b, &session).await;
-    assert_eq!(aborted.last().unwrap()["aborted"], true, "{}", dump(&aborted));
-    watch(&gateway, &mut tab_a, &session).await;
-    assert_no_process_in(&root).await;
-
-    // 3. Sent on node b: it runs there and resumes what node a's CLI saved.
-    tab_b
-        .send(json!({ "type": "chat.send", "sessionId": session, "content": "say second answer", "options": options }))
-        .await;
-    let third = watch(&gateway, &mut tab_b, &session).await;
-    assert_eq!(third.last().unwrap()["success"], true, "{}", dump(&third));
-    assert_eq!(assistant_texts(&third), vec!["second answer"], "{}", dump(&third));
-    let resumed = agent_requests(&standin).last().unwrap()["body"]["messages"].to_string();
-    for earlier in ["run the probe", PROBE, "say second answer"] {
-        assert!(resumed.contains(earlier), "the resumed request lacks {earlier:?}: {resumed}");
-    }
-    let history = gateway.history(&session, 3).await;
-    assert_eq!(assistant_texts(&history), vec!["done", "second answer"], "{}", dump(&history));
+    let last_request =
+        || agent_requests(&standin).last().map(|r| r["body"]["messages"].to_string()).unwrap_or_default();
+    real_cli::cluster_scenario(&gateway, &standin, &session, json!({}), Approvals::Allow, last_request).await;
 }

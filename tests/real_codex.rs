@@ -17,11 +17,14 @@ mod common;
 #[path = "common/real_cli.rs"]
 mod real_cli;
 
-use std::{ffi::OsString, path::PathBuf};
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+};
 
 use real_cli::{
-    Approvals, Gateway, ModelStandin, TURN_TIMEOUT, assert_no_process_in, assistant_texts, errors, find_cli, of, read,
-    turn,
+    Approvals, Gateway, ModelStandin, RealCli, TURN_TIMEOUT, assert_no_process_in, assistant_texts, errors, find_cli,
+    of, read, turn,
 };
 use serde_json::{Value, json};
 
@@ -60,14 +63,9 @@ fn base_outside_tmp() -> PathBuf {
     base
 }
 
-/// One session under `--sandbox <sandbox>`, every turn with `options`.
-async fn codex_session(sandbox: &str, options: Value) {
-    let Some(codex) = find_cli("codex", "CHATGATE_TEST_CODEX_DIR", "Codex CLI", "codex-cli") else { return };
-    // Not under /tmp: Codex refuses to set up its helper binaries under a temporary
-    // directory, and its own sandbox cannot run commands without them.
-    let dir = tempfile::Builder::new().prefix("real-codex-").tempdir_in(base_outside_tmp()).unwrap();
-    let root = std::fs::canonicalize(dir.path()).unwrap();
-    let standin = ModelStandin::start(&root, PROBE);
+/// A gateway (one node, or a two-node cluster) running `codex` under `--sandbox <sandbox>`,
+/// with the user's Codex configuration naming `standin` as its model provider.
+async fn codex_gateway(codex: &RealCli, root: &Path, standin: &ModelStandin, sandbox: &str, cluster: bool) -> Gateway {
     let args: Vec<OsString> = vec![
         "--codex-bin".into(),
         codex.program.clone().into(),
@@ -79,10 +77,26 @@ async fn codex_session(sandbox: &str, options: Value) {
         codex.ro.clone().into(),
         "--allow-bypass-permissions".into(),
     ];
-    let gateway = Gateway::start(&root, args, &[("STANDIN_OPENAI_KEY", "test-key")]).await;
+    let env = [("STANDIN_OPENAI_KEY", "test-key")];
+    let gateway = match cluster {
+        true => Gateway::start_cluster(root, args, &env).await,
+        false => Gateway::start(root, args, &env).await,
+    };
     let codex_home = gateway.home().join(".codex");
     std::fs::create_dir_all(&codex_home).unwrap();
     std::fs::write(codex_home.join("config.toml"), codex_config(standin.port)).unwrap();
+    gateway
+}
+
+/// One session under `--sandbox <sandbox>`, every turn with `options`.
+async fn codex_session(sandbox: &str, options: Value) {
+    let Some(codex) = find_cli("codex", "CHATGATE_TEST_CODEX_DIR", "Codex CLI", "codex-cli") else { return };
+    // Not under /tmp: Codex refuses to set up its helper binaries under a temporary
+    // directory, and its own sandbox cannot run commands without them.
+    let dir = tempfile::Builder::new().prefix("real-codex-").tempdir_in(base_outside_tmp()).unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let standin = ModelStandin::start(&root, PROBE);
+    let gateway = codex_gateway(&codex, &root, &standin, sandbox, false).await;
     let session = gateway.create_session("codex").await;
     let mut ws = gateway.connect().await;
     let dump = |events: &[Value]| {
@@ -193,4 +207,24 @@ async fn codex_real_cli_session_without_sandbox() {
         json!({ "permissionMode": "acceptEdits" })
     };
     codex_session("none", options).await;
+}
+
+/// In a two-node cluster: sent on one node, watched from the other, aborted from the other,
+/// and resumed on the other ([`real_cli::cluster_scenario`]).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_real_cli_in_a_cluster_watched_and_aborted_from_another_node() {
+    let Some(codex) = find_cli("codex", "CHATGATE_TEST_CODEX_DIR", "Codex CLI", "codex-cli") else { return };
+    let dir = tempfile::Builder::new().prefix("real-codex-").tempdir_in(base_outside_tmp()).unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let standin = ModelStandin::start(&root, PROBE);
+    let gateway = codex_gateway(&codex, &root, &standin, "none", true).await;
+    let session = gateway.create_session("codex").await;
+    let options = if nix::unistd::geteuid().is_root() {
+        json!({ "permissionMode": "bypassPermissions" })
+    } else {
+        json!({ "permissionMode": "acceptEdits" })
+    };
+    let last_request =
+        || responses_requests(&standin).last().map(|r| r["body"]["input"].to_string()).unwrap_or_default();
+    real_cli::cluster_scenario(&gateway, &standin, &session, options, Approvals::Allow, last_request).await;
 }

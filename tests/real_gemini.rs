@@ -24,11 +24,11 @@ mod common;
 #[path = "common/real_cli.rs"]
 mod real_cli;
 
-use std::ffi::OsString;
+use std::{ffi::OsString, path::Path};
 
 use real_cli::{
-    Approvals, Gateway, ModelStandin, TURN_TIMEOUT, assert_no_process_in, assistant_texts, enc, errors, find_cli, of,
-    read, turn,
+    Approvals, Gateway, ModelStandin, RealCli, TURN_TIMEOUT, assert_no_process_in, assistant_texts, enc, errors,
+    find_cli, of, read, turn,
 };
 use serde_json::{Value, json};
 
@@ -138,11 +138,15 @@ fn check_tool_turn(mode: Mode, events: &[Value], standin: &ModelStandin, dump: &
 }
 
 /// One session under `--sandbox <sandbox>`, every turn in `mode`.
-async fn gemini_session(sandbox: &str, mode: Mode) {
-    let Some(gemini) = find_cli("gemini", "CHATGATE_TEST_GEMINI_DIR", "Gemini CLI", "0.61.0") else { return };
-    let dir = tempfile::Builder::new().prefix("real-gemini-").tempdir().unwrap();
-    let root = std::fs::canonicalize(dir.path()).unwrap();
-    let standin = ModelStandin::start(&root, PROBE);
+/// A gateway (one node, or a two-node cluster) running `gemini` under `--sandbox <sandbox>`
+/// against `standin`, with the user's Gemini settings.
+async fn gemini_gateway(
+    gemini: &RealCli,
+    root: &Path,
+    standin: &ModelStandin,
+    sandbox: &str,
+    cluster: bool,
+) -> Gateway {
     let base_url = format!("http://127.0.0.1:{}", standin.port);
     let args: Vec<OsString> = vec![
         "--gemini-bin".into(),
@@ -156,10 +160,22 @@ async fn gemini_session(sandbox: &str, mode: Mode) {
         "--allow-bypass-permissions".into(),
     ];
     let env = [("GEMINI_API_KEY", "test-key"), ("GOOGLE_GEMINI_BASE_URL", base_url.as_str())];
-    let gateway = Gateway::start(&root, args, &env).await;
+    let gateway = match cluster {
+        true => Gateway::start_cluster(root, args, &env).await,
+        false => Gateway::start(root, args, &env).await,
+    };
     let gemini_home = gateway.home().join(".gemini");
     std::fs::create_dir_all(&gemini_home).unwrap();
     std::fs::write(gemini_home.join("settings.json"), GEMINI_SETTINGS).unwrap();
+    gateway
+}
+
+async fn gemini_session(sandbox: &str, mode: Mode) {
+    let Some(gemini) = find_cli("gemini", "CHATGATE_TEST_GEMINI_DIR", "Gemini CLI", "0.61.0") else { return };
+    let dir = tempfile::Builder::new().prefix("real-gemini-").tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let standin = ModelStandin::start(&root, PROBE);
+    let gateway = gemini_gateway(&gemini, &root, &standin, sandbox, false).await;
     let session = gateway.create_session("gemini").await;
     let mut ws = gateway.connect().await;
     let options = mode.options();
@@ -256,4 +272,20 @@ async fn gemini_real_cli_session_under_bwrap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gemini_real_cli_session_without_sandbox_default_mode() {
     gemini_session("none", Mode::Default).await;
+}
+
+/// In a two-node cluster (yolo: headless default mode offers no shell tool): sent on one node,
+/// watched from the other, aborted from the other, and resumed on the other
+/// ([`real_cli::cluster_scenario`]).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemini_real_cli_in_a_cluster_watched_and_aborted_from_another_node() {
+    let Some(gemini) = find_cli("gemini", "CHATGATE_TEST_GEMINI_DIR", "Gemini CLI", "0.61.0") else { return };
+    let dir = tempfile::Builder::new().prefix("real-gemini-").tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let standin = ModelStandin::start(&root, PROBE);
+    let gateway = gemini_gateway(&gemini, &root, &standin, "none", true).await;
+    let session = gateway.create_session("gemini").await;
+    let last_request = || turn_requests(&standin).last().map(|r| r["body"]["contents"].to_string()).unwrap_or_default();
+    real_cli::cluster_scenario(&gateway, &standin, &session, Mode::Bypass.options(), Approvals::Allow, last_request)
+        .await;
 }

@@ -22,11 +22,11 @@ mod common;
 #[path = "common/real_cli.rs"]
 mod real_cli;
 
-use std::ffi::OsString;
+use std::{ffi::OsString, path::Path};
 
 use real_cli::{
-    Approvals, Gateway, ModelStandin, TURN_TIMEOUT, assert_no_process_in, assistant_texts, errors, find_cli, of, read,
-    turn,
+    Approvals, Gateway, ModelStandin, RealCli, TURN_TIMEOUT, assert_no_process_in, assistant_texts, errors, find_cli,
+    of, read, turn,
 };
 use serde_json::{Value, json};
 
@@ -112,13 +112,15 @@ fn assert_token_status(events: &[Value], request: &Value, dump: &str) {
 }
 
 /// One session under `--sandbox <sandbox>`, every turn with `options`.
-async fn opencode_session(sandbox: &str, options: Value) {
-    let Some(opencode) = find_cli("opencode", "CHATGATE_TEST_OPENCODE_DIR", "OpenCode CLI", "1.18.33") else {
-        return;
-    };
-    let dir = tempfile::Builder::new().prefix("real-opencode-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let root = std::fs::canonicalize(dir.path()).unwrap();
-    let standin = ModelStandin::start(&root, PROBE);
+/// A gateway (one node, or a two-node cluster) running `opencode` under `--sandbox <sandbox>`,
+/// with the user's OpenCode configuration naming `standin` as its provider.
+async fn opencode_gateway(
+    opencode: &RealCli,
+    root: &Path,
+    standin: &ModelStandin,
+    sandbox: &str,
+    cluster: bool,
+) -> Gateway {
     let args: Vec<OsString> = vec![
         "--opencode-bin".into(),
         opencode.program.clone().into(),
@@ -131,10 +133,24 @@ async fn opencode_session(sandbox: &str, options: Value) {
         "--allow-bypass-permissions".into(),
     ];
     let env: Vec<(&str, &str)> = OFFLINE_SWITCHES.iter().map(|name| (*name, "1")).collect();
-    let gateway = Gateway::start(&root, args, &env).await;
+    let gateway = match cluster {
+        true => Gateway::start_cluster(root, args, &env).await,
+        false => Gateway::start(root, args, &env).await,
+    };
     let config_dir = gateway.home().join(".config").join("opencode");
     std::fs::create_dir_all(&config_dir).unwrap();
     std::fs::write(config_dir.join("opencode.json"), opencode_config(standin.port).to_string()).unwrap();
+    gateway
+}
+
+async fn opencode_session(sandbox: &str, options: Value) {
+    let Some(opencode) = find_cli("opencode", "CHATGATE_TEST_OPENCODE_DIR", "OpenCode CLI", "1.18.33") else {
+        return;
+    };
+    let dir = tempfile::Builder::new().prefix("real-opencode-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let standin = ModelStandin::start(&root, PROBE);
+    let gateway = opencode_gateway(&opencode, &root, &standin, sandbox, false).await;
     let session = gateway.create_session("opencode").await;
     let mut ws = gateway.connect().await;
     let dump = |events: &[Value]| {
@@ -229,4 +245,21 @@ async fn opencode_real_cli_session_under_bwrap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opencode_real_cli_session_without_sandbox() {
     opencode_session("none", json!({ "permissionMode": "bypassPermissions" })).await;
+}
+
+/// In a two-node cluster: sent on one node, watched from the other, aborted from the other,
+/// and resumed on the other ([`real_cli::cluster_scenario`]).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opencode_real_cli_in_a_cluster_watched_and_aborted_from_another_node() {
+    let Some(opencode) = find_cli("opencode", "CHATGATE_TEST_OPENCODE_DIR", "OpenCode CLI", "1.18.33") else {
+        return;
+    };
+    let dir = tempfile::Builder::new().prefix("real-opencode-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let standin = ModelStandin::start(&root, PROBE);
+    let gateway = opencode_gateway(&opencode, &root, &standin, "none", true).await;
+    let session = gateway.create_session("opencode").await;
+    let last_request =
+        || agent_requests(&standin).last().map(|r| r["body"]["messages"].to_string()).unwrap_or_default();
+    real_cli::cluster_scenario(&gateway, &standin, &session, json!({}), Approvals::Allow, last_request).await;
 }

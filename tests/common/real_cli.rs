@@ -298,13 +298,27 @@ pub async fn turn(
     collect(gateway, standin, ws, session, approvals).await
 }
 
-/// Collects the session's events up to its `complete`.
+/// Collects the session's events up to its `complete`, answering approvals as told.
 pub async fn collect(
     gateway: &Gateway,
     standin: &ModelStandin,
     ws: &mut Ws,
     session: &str,
     approvals: Approvals,
+) -> Vec<Value> {
+    let allow = approvals == Approvals::Allow;
+    collect_answering(gateway, standin, ws, session, |_| Some(json!({ "allow": allow }))).await
+}
+
+/// Collects the session's events up to its `complete`, answering each `permission_request`
+/// with the fields `answer` gives for it (`allow`, `updatedInput`, `message`…; `None`: left
+/// unanswered), panicking with the logs after [`TURN_TIMEOUT`].
+pub async fn collect_answering(
+    gateway: &Gateway,
+    standin: &ModelStandin,
+    ws: &mut Ws,
+    session: &str,
+    mut answer: impl FnMut(&Value) -> Option<Value>,
 ) -> Vec<Value> {
     let timeout = TURN_TIMEOUT;
     let deadline = tokio::time::Instant::now() + timeout;
@@ -320,10 +334,12 @@ pub async fn collect(
                 read(&standin.log),
             ),
         };
-        if frame["kind"] == "permission_request" {
-            let allow = approvals == Approvals::Allow;
-            ws.send(json!({ "type": "chat.permission-response", "requestId": frame["requestId"], "allow": allow }))
-                .await;
+        if frame["kind"] == "permission_request"
+            && let Some(Value::Object(fields)) = answer(&frame)
+        {
+            let mut response = json!({ "type": "chat.permission-response", "requestId": frame["requestId"] });
+            response.as_object_mut().unwrap().extend(fields);
+            ws.send(response).await;
         }
         let done = frame["kind"] == "complete" && frame["sessionId"] == session;
         if frame["sessionId"] == session || frame["kind"] == "permission_request" {
@@ -412,4 +428,97 @@ pub async fn wait_for_request(standin: &ModelStandin, needle: &str, wait: Durati
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The processes under `dir` whose parent is `pid` (a CLI that node started).
+pub fn children_in(dir: &Path, pid: u32) -> Vec<i32> {
+    processes_in(dir)
+        .into_iter()
+        .filter(|(child, _)| {
+            let stat = read(Path::new(&format!("/proc/{child}/stat")));
+            let ppid = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(1)).unwrap_or_default();
+            ppid == pid.to_string()
+        })
+        .map(|(child, _)| child)
+        .collect()
+}
+
+/// What every real CLI does in a two-node cluster ([`Gateway::start_cluster`], no sandbox):
+/// 1. a turn sent on node a runs there while a tab on node b watches it (and answers its
+///    approvals with `approvals`): both tabs see the same events, an approval answered on b
+///    reaches a's tab as `permission_resolved`;
+/// 2. a turn sent on node a, running there (its CLI is node a's child), is aborted from node b:
+///    nothing is left running;
+/// 3. a turn sent on node b runs there and resumes what node a's CLI saved: the model's
+///    request (`last_request()`, the newest agent request's text) holds the earlier turns.
+pub async fn cluster_scenario(
+    gateway: &Gateway,
+    standin: &ModelStandin,
+    session: &str,
+    options: Value,
+    approvals: Approvals,
+    last_request: impl Fn() -> String,
+) {
+    let mut tab_a = gateway.connect().await;
+    let mut tab_b = gateway.peer().connect(&gateway.token).await;
+    tab_b.subscribe(session, 0).await;
+    assert_eq!(tab_b.recv_reply().await["kind"], "chat_subscribed");
+    let dump = |events: &[Value]| {
+        format!(
+            "{}\n{}\nstand-in log:\n{}",
+            serde_json::to_string_pretty(events).unwrap(),
+            gateway.logs(),
+            read(&standin.log)
+        )
+    };
+    let send =
+        |content: &str| json!({ "type": "chat.send", "sessionId": session, "content": content, "options": options });
+
+    // 1. Sent on node a, watched (and approved) on node b.
+    tab_a.send(send("run the probe")).await;
+    let on_b = collect(gateway, standin, &mut tab_b, session, approvals).await;
+    let on_a = collect_answering(gateway, standin, &mut tab_a, session, |_| None).await;
+    assert_eq!(on_b.last().unwrap()["success"], true, "{}", dump(&on_b));
+    assert!(serde_json::to_string(&on_b).unwrap().contains("chatgate-probe-42"), "no probe output: {}", dump(&on_b));
+    assert_eq!(errors(&on_b), Vec::<String>::new(), "{}", dump(&on_b));
+    for ask in of(&on_b, "permission_request") {
+        let resolved = of(&on_a, "permission_resolved").into_iter().find(|e| e["requestId"] == ask["requestId"]);
+        assert!(resolved.is_some(), "node a's tab never saw the answer given on node b: {}", dump(&on_a));
+    }
+    let ids = |events: &[Value]| {
+        events
+            .iter()
+            .filter(|e| e["sessionId"] == session)
+            .map(|e| (e["seq"].clone(), e["id"].clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&on_a), ids(&on_b), "the two nodes' tabs saw different events");
+
+    // 2. Sent on node a, running there, aborted from node b.
+    let root = &gateway.root;
+    tab_a.send(send("hang")).await;
+    wait_for_request(standin, "\"hang\"", TURN_TIMEOUT).await;
+    let node_a = gateway.node.child.id();
+    let started = tokio::time::Instant::now();
+    while children_in(root, node_a).is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(5), "the CLI is not node a's child: {:?}", processes_in(root));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tab_b.send(json!({ "type": "chat.abort", "sessionId": session })).await;
+    let aborted = collect_answering(gateway, standin, &mut tab_b, session, |_| None).await;
+    assert_eq!(aborted.last().unwrap()["aborted"], true, "{}", dump(&aborted));
+    collect_answering(gateway, standin, &mut tab_a, session, |_| None).await;
+    assert_no_process_in(root).await;
+
+    // 3. Sent on node b: it runs there and resumes what node a's CLI saved.
+    tab_b.send(send("say second answer")).await;
+    let third = collect(gateway, standin, &mut tab_b, session, approvals).await;
+    assert_eq!(third.last().unwrap()["success"], true, "{}", dump(&third));
+    assert_eq!(assistant_texts(&third), vec!["second answer"], "{}", dump(&third));
+    let resumed = last_request();
+    for earlier in ["run the probe", "say second answer"] {
+        assert!(resumed.contains(earlier), "the resumed request lacks {earlier:?}: {resumed}");
+    }
+    let history = gateway.history(session, 3).await;
+    assert_eq!(assistant_texts(&history).last().map(String::as_str), Some("second answer"), "{}", dump(&history));
 }

@@ -13,6 +13,8 @@
 // - a text part `fail with http 400`: an HTTP 400 in the API's error shape, message
 //   `standin: invalid request (scripted)`;
 // - a text part `hang`: the response never comes (the connection stays open);
+// - a text part `ask a question` (Messages API only): an `AskUserQuestion` tool call (one
+//   question, "Which color?", options red and blue), then `done` after its result;
 // - a text part `drop once then say <words>` (Responses API only): the first such request's
 //   stream ends before `response.completed` (a dropped connection), the retry gets `<words>`;
 // - otherwise, when the last message carries no tool result: a call of the shell tool
@@ -64,6 +66,7 @@ function script(texts) {
     if (text.startsWith('say ')) return { say: text.slice(4).split('\n')[0].trim() };
     if (text === 'fail with http 400') return { fail: true };
     if (text === 'hang') return { hang: true };
+    if (text === 'ask a question') return { ask: true };
     if (text.startsWith('drop once then say ')) return { say: text.slice(19).split('\n')[0].trim(), dropOnce: text };
   }
   return {};
@@ -88,6 +91,19 @@ function answer(body) {
     if (scripted.hang) return { kind: 'hang' };
     if (hasToolResult(lastUser)) {
       return { kind: 'final', content: [{ type: 'text', text: 'done' }], stop: 'end_turn' };
+    }
+    if (scripted.ask) {
+      const question = {
+        question: 'Which color?',
+        header: 'Color',
+        multiSelect: false,
+        options: [
+          { label: 'red', description: 'The warm one' },
+          { label: 'blue', description: 'The cool one' },
+        ],
+      };
+      const call = { type: 'tool_use', id: nextId('toolu'), name: 'AskUserQuestion', input: { questions: [question] } };
+      return { kind: 'tool_use', content: [call], stop: 'tool_use' };
     }
     const input = { command: COMMAND, description: 'print env' };
     return { kind: 'tool_use', content: [{ type: 'tool_use', id: nextId('toolu'), name: 'Bash', input }], stop: 'tool_use' };
