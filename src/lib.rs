@@ -17,6 +17,7 @@
 //! - [`api`]: axum routes (REST, `/ws` socket task, health, metrics) and the HTTP/1.1
 //!   accept loop ([`api::serve`]).
 //! - [`node`]: wiring one gateway node together, serving and draining it.
+//! - `docs/architecture.md` walks one message through these layers, function by function.
 
 pub mod api;
 pub mod auth;
