@@ -15,7 +15,7 @@ use crate::{
     api::{self, ApiSettings, AppState},
     auth::Auth,
     config::{Config, ConfigError},
-    gateway::{ConnectionLimits, Gateway, GatewaySettings, LimitSettings, Workspaces, limits::Limit},
+    gateway::{Gateway, GatewaySettings, LimitSettings, Workspaces, limits::Limit},
     runs::{
         SharedRegistry,
         memory::MemoryRegistry,
@@ -180,7 +180,7 @@ impl Node {
                 Arc::new(registry)
             }
         };
-        let runtimes = build_runtimes(&config.providers.0, &RuntimeSettings::from_config(config));
+        let runtimes = build_runtimes(&config.providers.0, &runtime_settings(config));
         let settings = GatewaySettings {
             node_id: node_id.clone(),
             workspaces,
@@ -189,7 +189,7 @@ impl Node {
             run_lease: config.run_lease,
             send_queue_bytes: config.send_queue_bytes,
             allow_bypass_permissions: config.allow_bypass_permissions,
-            limits: LimitSettings::from_config(config),
+            limits: limit_settings(config),
             replay_max_events: config.replay_max_events,
         };
         let gateway = Gateway::new(settings, store, registry, runtimes);
@@ -207,7 +207,7 @@ impl Node {
                 providers: api::provider_programs(config),
             }),
             metrics,
-            connection_limits: Arc::new(ConnectionLimits::new(LimitSettings::from_config(config))),
+            connection_limits: Arc::new(api::admission::ConnectionLimits::new(limit_settings(config))),
         };
         let listener = TcpListener::bind(config.listen)
             .await
@@ -241,5 +241,32 @@ impl Node {
         self.gateway.store.close().await;
         self.gateway.settings.containment.shut_down();
         tracing::info!("drained");
+    }
+}
+
+/// The node's abuse limits, from its configuration.
+pub fn limit_settings(config: &Config) -> LimitSettings {
+    LimitSettings {
+        conn_rate_per_ip: config.conn_rate_per_ip,
+        conn_burst_per_ip: config.conn_burst_per_ip,
+        trusted_proxies: config.trusted_proxies.clone().unwrap_or_default(),
+        max_sockets_per_user: config.max_sockets_per_user,
+        max_subscriptions_per_socket: config.max_subscriptions_per_socket,
+        max_sends_per_minute: config.max_sends_per_minute,
+        frame_rate: config.frame_rate,
+        frame_burst: config.frame_burst,
+        max_replay_bytes: config.max_replay_bytes,
+    }
+}
+
+/// The runtimes' settings, from the node's configuration.
+fn runtime_settings(config: &Config) -> RuntimeSettings {
+    RuntimeSettings {
+        claude_bin: config.claude_bin.clone(),
+        codex_bin: config.codex_bin.clone(),
+        cursor_bin: config.cursor_bin.clone(),
+        gemini_bin: config.gemini_bin.clone(),
+        opencode_bin: config.opencode_bin.clone(),
+        claude_approval_timeout: config.claude_approval_timeout,
     }
 }

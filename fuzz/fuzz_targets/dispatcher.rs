@@ -43,7 +43,7 @@ use std::{
 };
 
 use chatgate::{
-    gateway::{CloseReason, Connection, Gateway, GatewaySettings, LimitSettings, Outbox, WorkspaceLayout, Workspaces},
+    gateway::{CloseReason, Connection, Gateway, GatewaySettings, Outbox, WorkspaceLayout, Workspaces},
     protocol::{ErrorCode, Inbound, ProtocolError, parse_inbound},
     runs::{SharedRegistry, memory::MemoryRegistry},
     runtime::{Runtimes, sandbox::Containment, script::ScriptRuntime},
@@ -144,7 +144,7 @@ async fn run_input(text: &str) {
         send_queue_bytes: SEND_QUEUE_BYTES,
         allow_bypass_permissions: false,
         // The defaults: a flood of frames reaches the limits' refusals too.
-        limits: LimitSettings::from_config(&chatgate::config::Config::for_tests()),
+        limits: chatgate::node::limit_settings(&chatgate::config::Config::for_tests()),
         replay_max_events: REPLAY_MAX_EVENTS,
     };
     let gateway = Gateway::new(settings, store.clone(), registry, runtimes);

@@ -4,6 +4,7 @@
 //! call the store, the registry or the gateway held in [`AppState`]. Errors are
 //! [`ApiError`]s, answered in upstream's envelope.
 
+pub mod admission;
 mod auth;
 mod body;
 mod cors;
@@ -32,7 +33,7 @@ pub use providers::{ProviderProgram, provider_programs};
 
 use crate::{
     auth::Auth,
-    gateway::{ConnectionLimits, Gateway, limits::Limit},
+    gateway::{Gateway, limits::Limit},
 };
 
 /// Settings of the HTTP layer.
@@ -58,7 +59,7 @@ pub struct AppState {
     pub settings: Arc<ApiSettings>,
     pub metrics: Option<PrometheusHandle>,
     /// Per-address connection rate and per-user socket counts of `/ws`.
-    pub connection_limits: Arc<ConnectionLimits>,
+    pub connection_limits: Arc<admission::ConnectionLimits>,
 }
 
 /// The response header naming the node that served a request or a WebSocket upgrade.

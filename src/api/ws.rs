@@ -28,13 +28,14 @@ use futures_util::{SinkExt, StreamExt, stream::SplitSink};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::{ApiError, AppState, auth::request_token};
+use super::{
+    ApiError, AppState,
+    admission::{FrameLimiter, FrameVerdict, SocketSlot, too_many_requests},
+    auth::request_token,
+};
 use crate::{
     auth::Identity,
-    gateway::{
-        CloseReason, Connection, Outbox,
-        limits::{FrameLimiter, FrameVerdict, SocketSlot, too_many_requests},
-    },
+    gateway::{CloseReason, Connection, Outbox},
     protocol::{ErrorCode, Frame, connected, protocol_error},
 };
 

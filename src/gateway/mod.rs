@@ -33,7 +33,7 @@ use tokio_util::{
 
 pub use connection::Connection;
 pub use history::HistoryWriter;
-pub use limits::{ConnectionLimits, LimitSettings};
+pub use limits::LimitSettings;
 pub use outbox::{CloseReason, Outbox};
 pub use run::StopReason;
 pub use transcript::DraftPolicy;

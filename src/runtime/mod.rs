@@ -219,19 +219,6 @@ pub struct RuntimeSettings {
     pub claude_approval_timeout: Duration,
 }
 
-impl RuntimeSettings {
-    pub fn from_config(config: &crate::config::Config) -> Self {
-        RuntimeSettings {
-            claude_bin: config.claude_bin.clone(),
-            codex_bin: config.codex_bin.clone(),
-            cursor_bin: config.cursor_bin.clone(),
-            gemini_bin: config.gemini_bin.clone(),
-            opencode_bin: config.opencode_bin.clone(),
-            claude_approval_timeout: config.claude_approval_timeout,
-        }
-    }
-}
-
 /// Builds the runtimes named in `--providers`.
 pub fn build_runtimes(providers: &[String], settings: &RuntimeSettings) -> Runtimes {
     let mut runtimes: Runtimes = HashMap::new();
