@@ -344,7 +344,11 @@ impl StreamParser for GeminiParser {
                 let message = str_field(&event, "error")
                     .or(str_field(&event, "message"))
                     .unwrap_or("Unknown Gemini streaming error");
-                out.push(Emit::event("error", json!({ "content": message })));
+                // `{severity: "warning"}` (gemini-cli's ErrorEvent) is no error of the run:
+                // shown as a status, as upstream's client shows one.
+                let kind = if str_field(&event, "severity") == Some("warning") { "status" } else { "error" };
+                let field = if kind == "status" { "text" } else { "content" };
+                out.push(Emit::event(kind, json!({ field: message })));
             }
             _ => {}
         }
@@ -396,6 +400,27 @@ mod tests {
             project_path: PathBuf::from("/p"),
             options,
         }
+    }
+
+    #[test]
+    fn a_stream_warning_is_a_status_and_an_error_an_error() {
+        let mut parser = GeminiParser::default();
+        let mut out = Vec::new();
+        for line in [
+            json!({ "type": "error", "severity": "warning", "message": "Loop detected, stopping" }),
+            json!({ "type": "error", "severity": "error", "message": "Quota exceeded" }),
+        ] {
+            if let Value::Object(event) = line {
+                parser.on_json(event, &mut out);
+            }
+        }
+        assert_eq!(
+            out,
+            vec![
+                Emit::event("status", json!({ "text": "Loop detected, stopping" })),
+                Emit::event("error", json!({ "content": "Quota exceeded" })),
+            ]
+        );
     }
 
     #[test]
