@@ -731,3 +731,27 @@ db_tests!(
     query_token_and_numeric_or_sub_user_ids,
     health_ready_and_metrics,
 );
+
+/// A backend that fails under a REST call: 503 `BACKEND_UNAVAILABLE` with no detail for the
+/// client, and the failure counted per backend by the error middleware.
+#[tokio::test]
+async fn a_backend_failure_is_503_and_counted_by_backend() {
+    let mut redis = common::PrivateRedis::start();
+    let node = common::cluster_node(&redis.url(), "rest-backend", |_| {}).await;
+    let token = node.token(&user());
+    assert_ok(&node.request("GET", SESSIONS, &token, None).await, 200);
+    let counted = |metrics: &str| {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("chatgate_backend_errors_total") && l.contains("backend=\"redis\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let before = counted(&node.get_text("/metrics").await.1);
+    redis.stop();
+    let got = node.request("GET", SESSIONS, &token, None).await;
+    assert_error(&got, 503, "BACKEND_UNAVAILABLE");
+    assert!(!got.1["error"]["message"].as_str().unwrap_or_default().contains("refused"), "{}", got.1);
+    let after = counted(&node.get_text("/metrics").await.1);
+    assert!(after > before, "not counted: {before} -> {after}");
+}

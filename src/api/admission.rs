@@ -16,12 +16,12 @@ use std::{
 };
 
 use axum::{
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    http::{HeaderMap, HeaderValue, header},
     response::{IntoResponse, Response},
 };
 use ipnet::IpNet;
 
-use super::ApiError;
+use super::{ApiError, RestCode};
 use crate::gateway::limits::{Limit, LimitSettings, TokenBucket};
 
 /// Client addresses remembered per generation of the per-IP table.
@@ -34,7 +34,7 @@ pub const FRAME_WINDOW: Duration = Duration::from_secs(1);
 
 /// An HTTP 429 in the REST error envelope, with `Retry-After`.
 pub fn too_many_requests(message: impl Into<String>, retry_after_secs: u64) -> Response {
-    let mut response = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED", message).into_response();
+    let mut response = ApiError::new(RestCode::RateLimited, message).into_response();
     response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs.max(1)));
     response
 }

@@ -1,8 +1,10 @@
 //! HTTP surface: axum routes for REST (docs/protocol.md §REST), `/ws` (§WebSocket), health and metrics.
 //!
-//! Handlers are thin: they authenticate ([`auth::User`]), validate input and
-//! call the store, the registry or the gateway held in [`AppState`]. Errors are
-//! [`ApiError`]s, answered in upstream's envelope.
+//! Handlers are thin: they authenticate ([`auth::User`]), take typed input and
+//! call the gateway held in [`AppState`], whose session rules
+//! ([`crate::gateway::sessions`]) REST and the socket share. Errors are
+//! [`ApiError`]s with a [`RestCode`], answered in upstream's envelope; the
+//! [`error::log_errors`] middleware logs and counts the backend failures behind them.
 
 pub mod admission;
 mod auth;
@@ -28,7 +30,7 @@ use axum::{
 use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::{limit::RequestBodyLimitLayer, timeout::RequestBodyDeadlineLayer};
 
-pub use error::ApiError;
+pub use error::{ApiError, RestCode};
 pub use providers::{ProviderProgram, provider_programs};
 
 use crate::{
@@ -87,6 +89,7 @@ pub fn router(state: AppState) -> Router {
         .route("/client/chatgate.js", get(web::client_js))
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)
+        .layer(middleware::from_fn(error::log_errors))
         .layer(RequestBodyLimitLayer::new(max_body_bytes))
         .layer(RequestBodyDeadlineLayer::new(state.settings.body_timeout))
         .layer(middleware::map_response(move |response: Response| async move {
@@ -112,12 +115,12 @@ pub fn router(state: AppState) -> Router {
 
 /// A path no route serves, answered in the REST error envelope.
 async fn no_route() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "No such route.")
+    ApiError::new(RestCode::NotFound, "No such route.")
 }
 
 /// A method the path does not take, answered in the REST error envelope.
 async fn no_method() -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED", "This route does not take that method.")
+    ApiError::new(RestCode::MethodNotAllowed, "This route does not take that method.")
 }
 
 /// A 413 (from the body limit layer, or a body extractor that hit it while
@@ -128,5 +131,5 @@ fn body_too_large_envelope(response: Response, max_body_bytes: usize) -> Respons
     }
     Limit::BodyBytes.refused();
     let message = format!("The request body is larger than {max_body_bytes} bytes.");
-    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", message).into_response()
+    ApiError::new(RestCode::PayloadTooLarge, message).into_response()
 }

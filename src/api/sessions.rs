@@ -1,31 +1,73 @@
 //! `/api/providers/sessions…`: the session REST routes of docs/protocol.md §REST.
 //!
-//! Every route is scoped to the caller: another user's session answers 404
-//! exactly like a missing one.
-
-use std::collections::HashMap;
+//! Thin handlers over the gateway's session rules ([`crate::gateway::sessions`]): typed query
+//! strings and bodies in, the rules' answer out. Every route is scoped to the caller: another
+//! user's session answers 404 exactly like a missing one.
 
 use axum::{
     extract::{Path, Query, State},
     http::StatusCode,
     response::Response,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
 
-use super::{ApiError, AppState, auth::User, body::RequestBody, error::ok};
+use super::{ApiError, AppState, RestCode, auth::User, body::JsonBody, error::ok};
 use crate::{
-    gateway::{options::PathRefusal, valid_session_id},
-    protocol::session_upserted,
-    store::{HistoryView, NewSession, SessionRow},
+    gateway::sessions::{Given, NewSessionRequest, Removal, SessionError},
+    store::HistoryView,
 };
 
 /// Sessions per page when `limit` is not given, and at most.
 const DEFAULT_LIMIT: i64 = 50;
 const MAX_LIMIT: i64 = 1000;
-/// Longest summary, as upstream.
-const MAX_SUMMARY: usize = 500;
 
+impl From<SessionError> for ApiError {
+    fn from(e: SessionError) -> Self {
+        let code = match &e {
+            SessionError::InvalidId => RestCode::InvalidSessionId,
+            SessionError::NotFound(_) => RestCode::SessionNotFound,
+            SessionError::UnsupportedProvider(_) => RestCode::UnsupportedProvider,
+            SessionError::ProjectPathRequired => RestCode::ProjectPathRequired,
+            SessionError::ProjectPathOutside => RestCode::ProjectPathOutsideWorkspaces,
+            SessionError::InvalidSummary(_) => RestCode::InvalidSummary,
+            SessionError::Store(e) => return ApiError::unavailable("database", e),
+            SessionError::Registry(e) => return ApiError::unavailable("redis", e),
+        };
+        ApiError::new(code, e.to_string())
+    }
+}
+
+/// A string field as given ([`Given`]): any other JSON type is kept as a wrong one for the
+/// rules to refuse with their own code, never as a malformed body.
+fn given_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Given<String>, D::Error> {
+    Ok(match Value::deserialize(deserializer)? {
+        Value::Null => Given::Absent,
+        Value::String(text) => Given::Valid(text),
+        _ => Given::WrongType,
+    })
+}
+
+/// `POST /api/providers/sessions` body.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateBody {
+    #[serde(default, deserialize_with = "given_string")]
+    provider: Given<String>,
+    #[serde(default, deserialize_with = "given_string")]
+    project_path: Given<String>,
+    #[serde(default, deserialize_with = "given_string")]
+    summary: Given<String>,
+}
+
+/// `PUT /api/providers/sessions/:id` body.
+#[derive(Debug, Deserialize)]
+pub struct RenameBody {
+    #[serde(default, deserialize_with = "given_string")]
+    summary: Given<String>,
+}
+
+/// `limit` and `offset` (non-negative integers), and `kinds` on the messages route.
 #[derive(Debug, Deserialize)]
 pub struct Page {
     limit: Option<String>,
@@ -40,11 +82,19 @@ impl Page {
             match raw.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
                 None => Ok(None),
                 Some(s) => s.parse::<i64>().ok().filter(|n| *n >= 0).map(Some).ok_or_else(|| {
-                    ApiError::bad_request("INVALID_PAGINATION", format!("{name} must be a non-negative integer."))
+                    ApiError::new(RestCode::InvalidPagination, format!("{name} must be a non-negative integer."))
                 }),
             }
         };
         Ok((number(&self.limit, "limit")?, number(&self.offset, "offset")?.unwrap_or(0)))
+    }
+
+    fn view(&self) -> Result<HistoryView, ApiError> {
+        match self.kinds.as_deref().map(str::trim) {
+            None | Some("") | Some("conversation") => Ok(HistoryView::Conversation),
+            Some("all") => Ok(HistoryView::All),
+            Some(_) => Err(ApiError::new(RestCode::InvalidKinds, "kinds must be \"conversation\" or \"all\".")),
+        }
     }
 }
 
@@ -54,90 +104,26 @@ pub struct ListQuery {
     archived: Option<String>,
 }
 
+/// `?force=true` on a delete: delete instead of archive.
 #[derive(Debug, Deserialize)]
 pub struct DeleteQuery {
     force: Option<String>,
 }
 
-fn check_id(id: &str) -> Result<(), ApiError> {
-    if valid_session_id(id) {
-        Ok(())
-    } else {
-        Err(ApiError::bad_request("INVALID_SESSION_ID", "Session id must match ^[a-zA-Z0-9._-]{1,120}$."))
-    }
-}
-
-fn json_body(body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(map)) => Ok(map),
-        _ => Err(ApiError::bad_request("INVALID_REQUEST_BODY", "The request body must be a JSON object.")),
-    }
-}
-
-async fn owned(state: &AppState, user: &str, id: &str) -> Result<SessionRow, ApiError> {
-    check_id(id)?;
-    state.gateway.store.session(user, id).await?.ok_or_else(|| ApiError::session_not_found(id))
-}
-
-/// The `Session` JSON with live run state.
-async fn session_json(state: &AppState, row: &SessionRow) -> Result<Value, ApiError> {
-    let snapshot = state.gateway.registry.snapshot(&row.session_id).await?;
-    Ok(row.to_json(snapshot.is_processing, snapshot.last_seq))
+fn flag(raw: Option<&str>) -> bool {
+    matches!(raw.map(str::trim), Some("true" | "1"))
 }
 
 /// `POST /api/providers/sessions`
 pub async fn create(
     State(state): State<AppState>,
     User(user): User,
-    RequestBody(body): RequestBody,
+    JsonBody(body): JsonBody<CreateBody>,
 ) -> Result<Response, ApiError> {
-    let body = json_body(&body)?;
-    let provider = body.get("provider").and_then(Value::as_str).unwrap_or("").trim().to_string();
-    if !state.gateway.runtimes.contains_key(&provider) {
-        return Err(ApiError::bad_request(
-            "UNSUPPORTED_PROVIDER",
-            format!("Provider \"{provider}\" is not supported."),
-        ));
-    }
-    let raw_path = body.get("projectPath").and_then(Value::as_str).unwrap_or("");
-    let project_path = match state.gateway.settings.workspaces.resolve_new_project(&user.user_id, raw_path) {
-        Ok(path) => path.to_string_lossy().into_owned(),
-        Err(PathRefusal::Required) => {
-            return Err(ApiError::bad_request("PROJECT_PATH_REQUIRED", "projectPath is required."));
-        }
-        Err(PathRefusal::Outside) => {
-            return Err(ApiError::bad_request(
-                "PROJECT_PATH_OUTSIDE_WORKSPACES",
-                "projectPath must be inside your workspace root.",
-            ));
-        }
-    };
-    let summary = match body.get("summary") {
-        None | Some(Value::Null) => String::new(),
-        Some(Value::String(s)) if s.chars().count() <= MAX_SUMMARY && !s.contains('\0') => s.trim().to_string(),
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "INVALID_SUMMARY",
-                "summary must be a string of at most 500 characters.",
-            ));
-        }
-    };
-    let row = state
-        .gateway
-        .store
-        .create_session(NewSession {
-            session_id: uuid::Uuid::new_v4().to_string(),
-            user_id: user.user_id.clone(),
-            provider,
-            project_path,
-            summary,
-        })
-        .await?;
-    notify(&state, &user.user_id, &row).await;
-    Ok(ok(
-        StatusCode::CREATED,
-        json!({ "sessionId": row.session_id, "provider": row.provider, "projectPath": row.project_path }),
-    ))
+    let request = NewSessionRequest { provider: body.provider, project_path: body.project_path, summary: body.summary };
+    let row = state.gateway.create_session(&user.user_id, request).await?;
+    let data = json!({ "sessionId": row.session_id, "provider": row.provider, "projectPath": row.project_path });
+    Ok(ok(StatusCode::CREATED, data))
 }
 
 /// `GET /api/providers/sessions`
@@ -149,24 +135,8 @@ pub async fn list(
 ) -> Result<Response, ApiError> {
     let (limit, offset) = page.parse()?;
     let limit = limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT);
-    let archived = matches!(filter.archived.as_deref().map(str::trim), Some("true" | "1"));
-    let store = &state.gateway.store;
-    let (rows, total) = store.list_sessions_archived(&user.user_id, archived, limit, offset).await?;
-    let running: HashMap<String, u64> = state
-        .gateway
-        .registry
-        .running_runs(&user.user_id)
-        .await?
-        .into_iter()
-        .map(|r| (r.session_id, r.last_seq))
-        .collect();
-    let sessions: Vec<Value> = rows
-        .iter()
-        .map(|row| {
-            let live = running.get(&row.session_id);
-            row.to_json(live.is_some(), live.copied().unwrap_or(0))
-        })
-        .collect();
+    let archived = flag(filter.archived.as_deref());
+    let (sessions, total) = state.gateway.list_sessions(&user.user_id, archived, limit, offset).await?;
     Ok(ok(StatusCode::OK, json!({ "sessions": sessions, "total": total })))
 }
 
@@ -182,8 +152,8 @@ pub async fn show(
     User(user): User,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let row = owned(&state, &user.user_id, &id).await?;
-    Ok(ok(StatusCode::OK, session_json(&state, &row).await?))
+    let row = state.gateway.session_of(&user.user_id, &id).await?;
+    Ok(ok(StatusCode::OK, state.gateway.session_json(&row).await?))
 }
 
 /// `GET /api/providers/sessions/:id/messages`
@@ -194,12 +164,8 @@ pub async fn messages(
     Query(page): Query<Page>,
 ) -> Result<Response, ApiError> {
     let (limit, offset) = page.parse()?;
-    owned(&state, &user.user_id, &id).await?;
-    let view = match page.kinds.as_deref().map(str::trim) {
-        None | Some("") | Some("conversation") => HistoryView::Conversation,
-        Some("all") => HistoryView::All,
-        Some(_) => return Err(ApiError::bad_request("INVALID_KINDS", "kinds must be \"conversation\" or \"all\".")),
-    };
+    state.gateway.session_of(&user.user_id, &id).await?;
+    let view = page.view()?;
     let page = state.gateway.store.messages(&id, limit, offset, view).await?;
     let has_more = offset + (page.messages.len() as i64) < page.total;
     Ok(ok(
@@ -214,21 +180,9 @@ pub async fn rename(
     State(state): State<AppState>,
     User(user): User,
     Path(id): Path<String>,
-    RequestBody(body): RequestBody,
+    JsonBody(body): JsonBody<RenameBody>,
 ) -> Result<Response, ApiError> {
-    check_id(&id)?;
-    let body = json_body(&body)?;
-    let summary = body.get("summary").and_then(Value::as_str).map(str::trim).unwrap_or("");
-    // A NUL cannot be stored in PostgreSQL text: a bad request, not a backend failure.
-    if summary.is_empty() || summary.chars().count() > MAX_SUMMARY || summary.contains('\0') {
-        return Err(ApiError::bad_request("INVALID_SUMMARY", "summary must be 1-500 characters."));
-    }
-    if !state.gateway.store.set_summary(&user.user_id, &id, summary).await? {
-        return Err(ApiError::session_not_found(&id));
-    }
-    if let Some(row) = state.gateway.store.session(&user.user_id, &id).await? {
-        notify(&state, &user.user_id, &row).await;
-    }
+    let summary = state.gateway.rename_session(&user.user_id, &id, &body.summary).await?;
     Ok(ok(StatusCode::OK, json!({ "sessionId": id, "summary": summary })))
 }
 
@@ -239,19 +193,11 @@ pub async fn remove(
     Path(id): Path<String>,
     Query(query): Query<DeleteQuery>,
 ) -> Result<Response, ApiError> {
-    owned(&state, &user.user_id, &id).await?;
-    let force = matches!(query.force.as_deref(), Some("true" | "1"));
-    // A session going away takes its run with it.
-    state.gateway.registry.route_abort(&id, &user.user_id).await?;
-    let done = if force {
-        state.gateway.store.delete_session(&user.user_id, &id).await?
-    } else {
-        state.gateway.store.set_archived(&user.user_id, &id, true).await?
+    let action = match state.gateway.remove_session(&user.user_id, &id, flag(query.force.as_deref())).await? {
+        Removal::Deleted => "deleted",
+        Removal::Archived => "archived",
     };
-    if !done {
-        return Err(ApiError::session_not_found(&id));
-    }
-    Ok(ok(StatusCode::OK, json!({ "sessionId": id, "action": if force { "deleted" } else { "archived" } })))
+    Ok(ok(StatusCode::OK, json!({ "sessionId": id, "action": action })))
 }
 
 /// `POST /api/providers/sessions/:id/restore`
@@ -260,19 +206,6 @@ pub async fn restore(
     User(user): User,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    check_id(&id)?;
-    if !state.gateway.store.set_archived(&user.user_id, &id, false).await? {
-        return Err(ApiError::session_not_found(&id));
-    }
+    state.gateway.restore_session(&user.user_id, &id).await?;
     Ok(ok(StatusCode::OK, json!({ "sessionId": id, "isArchived": false })))
-}
-
-/// Tells the user's sockets on every node about a changed session.
-async fn notify(state: &AppState, user_id: &str, row: &SessionRow) {
-    let session = row.to_json(false, 0);
-    let count = state.gateway.store.conversation_count(&row.session_id).await.unwrap_or(0);
-    let frame = session_upserted(&row.session_id, &row.provider, row.provider_session_id.as_deref(), &session, count);
-    if let Err(e) = state.gateway.registry.notify_user(user_id, frame).await {
-        tracing::warn!(error = %e, "session_upserted not sent");
-    }
 }

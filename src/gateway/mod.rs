@@ -16,6 +16,7 @@ mod verbs;
 pub mod workspaces;
 
 pub mod outbox;
+pub mod sessions;
 
 use std::{
     collections::HashMap,
