@@ -99,10 +99,10 @@ ensure_real_clis
 
 log "format and lints"
 cargo fmt --all -- --check
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
 log "tests"
-cargo test --all-targets --locked
+cargo test --workspace --all-targets --locked
 
 log "chaos soak (2 minutes: 3 nodes behind nginx, kill -9, SIGSTOP past the lease, Redis restart, drain)"
 target/debug/chatgate-bench chaos --minutes 2

@@ -40,7 +40,29 @@ pub struct Bwrap {
     /// The system directories `fixed_args` binds read-only.
     system_read_only: Vec<PathBuf>,
     /// Keeps the directory of the passwd files for the node's lifetime.
-    _files: tempfile::TempDir,
+    _files: FilesDir,
+}
+
+/// The directory of the sandbox user's passwd files (`mkdtemp`), removed when the node's
+/// bubblewrap setup is dropped.
+#[derive(Debug)]
+struct FilesDir(PathBuf);
+
+impl FilesDir {
+    fn make() -> std::io::Result<FilesDir> {
+        let template = std::env::temp_dir().join("chatgate-sandbox-XXXXXX");
+        nix::unistd::mkdtemp(&template).map(FilesDir).map_err(std::io::Error::from)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for FilesDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl Bwrap {
@@ -48,10 +70,7 @@ impl Bwrap {
     /// sandbox can start here; the error says why not.
     pub async fn prepare(program: &str, ro_paths: &[PathBuf], protected: Vec<PathBuf>) -> Result<Bwrap, String> {
         let program = resolve_program(program).ok_or_else(|| format!("`{program}` not found"))?;
-        let files = tempfile::Builder::new()
-            .prefix("chatgate-sandbox-")
-            .tempdir()
-            .map_err(|e| format!("cannot make its passwd files: {e}"))?;
+        let files = FilesDir::make().map_err(|e| format!("cannot make its passwd files: {e}"))?;
         let passwd = files.path().join("passwd");
         let group = files.path().join("group");
         std::fs::write(

@@ -4,18 +4,34 @@
 //! Every socket's seq sequence must have no gap and no duplicate, and every
 //! expected event must arrive. Figures are printed, never asserted.
 
-mod common;
-
-use std::process::Command;
+use std::{path::PathBuf, process::Command};
 
 use serde_json::Value;
+
+/// The shared test Redis (`CHATGATE_TEST_REDIS_URL`, default the local one).
+fn redis_url() -> String {
+    std::env::var("CHATGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// The shared test PostgreSQL (`CHATGATE_TEST_PG_URL`, default the local `test` database).
+fn pg_url() -> String {
+    std::env::var("CHATGATE_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// The gateway binary beside this package's: `cargo test --workspace` builds both.
+fn chatgate_bin() -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_chatgate-bench")).with_file_name("chatgate");
+    assert!(bin.is_file(), "no {} (build the gateway first: cargo build -p chatgate)", bin.display());
+    bin
+}
 
 /// Runs `chatgate-bench --json <args>` and returns its `result` object.
 fn bench(args: &[&str]) -> Value {
     let output = Command::new(env!("CARGO_BIN_EXE_chatgate-bench"))
         .arg("--json")
-        .args(["--chatgate-bin", env!("CARGO_BIN_EXE_chatgate")])
-        .args(["--redis-url", &common::redis_url(), "--database-url", &common::pg_url()])
+        .arg("--chatgate-bin")
+        .arg(chatgate_bin())
+        .args(["--redis-url", &redis_url(), "--database-url", &pg_url()])
         .args(args)
         .output()
         .expect("run chatgate-bench");
