@@ -17,6 +17,7 @@
 //! - [`api`]: axum routes (REST, `/ws` socket task, health, metrics) and the HTTP/1.1
 //!   accept loop ([`api::serve`]).
 //! - [`node`]: wiring one gateway node together, serving and draining it.
+//! - [`sync`]: the one poison-tolerant mutex lock every layer uses.
 //! - `docs/architecture.md` walks one message through these layers, function by function.
 
 pub mod api;
@@ -28,3 +29,4 @@ pub mod protocol;
 pub mod runs;
 pub mod runtime;
 pub mod store;
+pub mod sync;

@@ -11,7 +11,7 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv6Addr, SocketAddr},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -22,7 +22,10 @@ use axum::{
 use ipnet::IpNet;
 
 use super::{ApiError, RestCode};
-use crate::gateway::limits::{Limit, LimitSettings, TokenBucket};
+use crate::{
+    gateway::limits::{Limit, LimitSettings, TokenBucket},
+    sync::lock_unpoisoned,
+};
 
 /// Client addresses remembered per generation of the per-IP table.
 pub const IP_GENERATION_CAPACITY: usize = 32 * 1024;
@@ -37,11 +40,6 @@ pub fn too_many_requests(message: impl Into<String>, retry_after_secs: u64) -> R
     let mut response = ApiError::new(RestCode::RateLimited, message).into_response();
     response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs.max(1)));
     response
-}
-
-/// Locks a table; a poisoned lock (a panic elsewhere) still holds consistent data here.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Per-address token buckets in two bounded generations: when the current one
@@ -109,7 +107,7 @@ impl ConnectionLimits {
     pub fn admit_connection(&self, client: IpAddr) -> bool {
         let (rate, burst) = (self.settings.conn_rate_per_ip, self.settings.conn_burst_per_ip);
         let now = Instant::now();
-        let admitted = lock(&self.ip_buckets).bucket(rate_key(client), burst, now).take(rate, burst, now);
+        let admitted = lock_unpoisoned(&self.ip_buckets).bucket(rate_key(client), burst, now).take(rate, burst, now);
         if !admitted {
             Limit::ConnectionsPerIp.refused();
         }
@@ -118,12 +116,12 @@ impl ConnectionLimits {
 
     /// Addresses the per-IP table holds (at most twice the generation capacity).
     pub fn tracked_addresses(&self) -> usize {
-        lock(&self.ip_buckets).len()
+        lock_unpoisoned(&self.ip_buckets).len()
     }
 
     /// A socket slot of `user_id`, or `None` when the user has `--max-sockets-per-user` open.
     pub fn acquire_socket(&self, user_id: &str) -> Option<SocketSlot> {
-        let mut counts = lock(&self.user_sockets);
+        let mut counts = lock_unpoisoned(&self.user_sockets);
         let open = counts.entry(user_id.to_string()).or_insert(0);
         if *open >= self.settings.max_sockets_per_user {
             if *open == 0 {
@@ -139,7 +137,7 @@ impl ConnectionLimits {
 
     /// Users with at least one open socket on this node.
     pub fn users_with_sockets(&self) -> usize {
-        lock(&self.user_sockets).len()
+        lock_unpoisoned(&self.user_sockets).len()
     }
 }
 
@@ -151,7 +149,7 @@ pub struct SocketSlot {
 
 impl Drop for SocketSlot {
     fn drop(&mut self) {
-        let mut counts = lock(&self.counts);
+        let mut counts = lock_unpoisoned(&self.counts);
         if let Some(open) = counts.get_mut(&self.user_id) {
             *open = open.saturating_sub(1);
             if *open == 0 {

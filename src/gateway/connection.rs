@@ -9,6 +9,7 @@ use std::{
 use tokio::task::JoinHandle;
 
 use super::Outbox;
+use crate::sync::lock_unpoisoned;
 use crate::{
     protocol::{Frame, chat_subscribed, for_upstream_client},
     runs::{FeedItem, LiveFeed, SharedRegistry},
@@ -45,11 +46,11 @@ impl Connection {
     }
 
     pub fn is_subscribed(&self, session_id: &str) -> bool {
-        self.subscriptions.lock().map(|s| s.contains_key(session_id)).unwrap_or(false)
+        lock_unpoisoned(&self.subscriptions).contains_key(session_id)
     }
 
     pub fn subscription_count(&self) -> usize {
-        self.subscriptions.lock().map(|s| s.len()).unwrap_or(0)
+        lock_unpoisoned(&self.subscriptions).len()
     }
 
     /// Starts forwarding a session's live feed to this socket. Callers
@@ -86,7 +87,7 @@ impl Connection {
                 }
             }
         });
-        let previous = self.subscriptions.lock().ok().and_then(|mut s| s.insert(session_id.to_string(), task));
+        let previous = lock_unpoisoned(&self.subscriptions).insert(session_id.to_string(), task);
         match previous {
             Some(old) => old.abort(),
             None => metrics::gauge!("chatgate_subscriptions").increment(1.0),
@@ -95,7 +96,7 @@ impl Connection {
 
     /// Stops forwarding a session; returns once its forwarder can push nothing more.
     pub async fn detach(&self, session_id: &str) {
-        let task = self.subscriptions.lock().ok().and_then(|mut s| s.remove(session_id));
+        let task = lock_unpoisoned(&self.subscriptions).remove(session_id);
         if let Some(task) = task {
             task.abort();
             let _ = task.await;
@@ -105,8 +106,7 @@ impl Connection {
 
     /// Stops everything (socket closed).
     pub fn shutdown(&self) {
-        let tasks: Vec<_> =
-            self.subscriptions.lock().map(|mut s| s.drain().map(|(_, t)| t).collect()).unwrap_or_default();
+        let tasks: Vec<_> = lock_unpoisoned(&self.subscriptions).drain().map(|(_, t)| t).collect();
         metrics::gauge!("chatgate_subscriptions").decrement(tasks.len() as f64);
         for task in tasks {
             task.abort();

@@ -40,6 +40,7 @@ pub use run::StopReason;
 pub use transcript::DraftPolicy;
 pub use workspaces::{WorkspaceLayout, Workspaces};
 
+use crate::sync::lock_unpoisoned;
 use crate::{
     runs::SharedRegistry,
     runtime::{Runtimes, sandbox::Containment},
@@ -71,7 +72,7 @@ pub struct GatewaySettings {
 }
 
 /// A run this node owns, as the drain sees it.
-struct LocalRun {
+struct TrackedRun {
     stop: CancellationToken,
     reason: Arc<Mutex<Option<StopReason>>>,
 }
@@ -83,7 +84,7 @@ pub struct Gateway {
     pub registry: SharedRegistry,
     pub runtimes: Runtimes,
     history: HistoryWriter,
-    runs: Mutex<HashMap<String, LocalRun>>,
+    runs: Mutex<HashMap<String, TrackedRun>>,
     tracker: TaskTracker,
     draining: AtomicBool,
     /// Held (shared) by `chat.send` from its draining check until its run is
@@ -133,7 +134,7 @@ impl Gateway {
 
     /// Number of runs this node owns right now.
     pub fn local_run_count(&self) -> usize {
-        self.runs.lock().map(|r| r.len()).unwrap_or(0)
+        lock_unpoisoned(&self.runs).len()
     }
 
     /// Drains the node: no new runs, sockets closed with 1012, runs get `grace`
@@ -165,26 +166,20 @@ impl Gateway {
 
     /// Stops every local run with `reason`.
     pub fn stop_all(&self, reason: StopReason) {
-        let runs = self.runs.lock().map(|r| r.values().map(|r| (r.stop.clone(), r.reason.clone())).collect::<Vec<_>>());
-        for (stop, slot) in runs.unwrap_or_default() {
-            if let Ok(mut slot) = slot.lock() {
-                slot.get_or_insert(reason);
-            }
+        let runs: Vec<_> = lock_unpoisoned(&self.runs).values().map(|r| (r.stop.clone(), r.reason.clone())).collect();
+        for (stop, slot) in runs {
+            lock_unpoisoned(&slot).get_or_insert(reason);
             stop.cancel();
         }
     }
 
     fn track_run(&self, run_id: &str, stop: CancellationToken, reason: Arc<Mutex<Option<StopReason>>>) {
-        if let Ok(mut runs) = self.runs.lock() {
-            runs.insert(run_id.to_string(), LocalRun { stop, reason });
-        }
+        lock_unpoisoned(&self.runs).insert(run_id.to_string(), TrackedRun { stop, reason });
         metrics::gauge!("chatgate_runs", "state" => "running").increment(1.0);
     }
 
     fn untrack_run(&self, run_id: &str) {
-        if let Ok(mut runs) = self.runs.lock() {
-            runs.remove(run_id);
-        }
+        lock_unpoisoned(&self.runs).remove(run_id);
         metrics::gauge!("chatgate_runs", "state" => "running").decrement(1.0);
     }
 }

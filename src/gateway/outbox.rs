@@ -13,6 +13,7 @@ use std::{
 use tokio::sync::Notify;
 
 use crate::protocol::Frame;
+use crate::sync::lock_unpoisoned;
 
 /// Why a socket is being closed by the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,7 +90,7 @@ impl Outbox {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock_unpoisoned(&self.state)
     }
 
     /// Queues a frame; false when the socket is closed or just overflowed.

@@ -22,6 +22,7 @@ use super::{
     Gateway,
     transcript::{Labels, Transcript, object},
 };
+use crate::sync::lock_unpoisoned;
 use crate::{
     protocol::{EventBody, PermissionAnswer, now_iso, session_upserted},
     runs::{Control, Event, RegistryError, RunGrant, RunLease},
@@ -185,7 +186,7 @@ impl Driver {
                     }
                 }
                 _ = stop.cancelled() => {
-                    let why = reason.lock().ok().and_then(|r| *r).unwrap_or(StopReason::Draining);
+                    let why = lock_unpoisoned(&reason).unwrap_or(StopReason::Draining);
                     break Ending::Stopped(why);
                 }
             }

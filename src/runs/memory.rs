@@ -6,7 +6,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex, MutexGuard, Weak},
+    sync::{Arc, Mutex, Weak},
     time::{Duration, Instant},
 };
 
@@ -18,7 +18,10 @@ use super::{
     CONTROL_CAPACITY, Control, Event, LIVE_CAPACITY, LiveBatch, LiveFeed, RegistryError, ReplayRange, RunGrant,
     RunLease, RunRegistry, RunStart, RunningRun, Snapshot, Subscription, feed::RangeSource,
 };
-use crate::protocol::{EventBody, Frame, PermissionAnswer, now_iso, sequenced};
+use crate::{
+    protocol::{EventBody, Frame, PermissionAnswer, now_iso, sequenced},
+    sync::lock_unpoisoned,
+};
 
 /// The in-process registry.
 #[derive(Clone)]
@@ -155,7 +158,7 @@ async fn sweep(inner: Weak<Inner>) {
         tokio::time::sleep(period).await;
         let Some(inner) = inner.upgrade() else { return };
         let retention = inner.retention;
-        let mut sessions = lock(&inner.sessions);
+        let mut sessions = lock_unpoisoned(&inner.sessions);
         sessions.retain(|_, s| !s.idle_and_unwatched(retention));
         for state in sessions.values_mut() {
             if state.run.is_none() && state.finished_at.is_some_and(|at| at.elapsed() >= retention) {
@@ -163,21 +166,16 @@ async fn sweep(inner: Weak<Inner>) {
             }
         }
         drop(sessions);
-        lock(&inner.users).retain(|_, tx| tx.receiver_count() > 0);
+        lock_unpoisoned(&inner.users).retain(|_, tx| tx.receiver_count() > 0);
         let now = Instant::now();
-        lock(&inner.sends).retain(|_, window| window.ends_at > now);
+        lock_unpoisoned(&inner.sends).retain(|_, window| window.ends_at > now);
     }
-}
-
-/// Locks a map; a poisoned lock (a panic elsewhere) still holds consistent data here.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[async_trait]
 impl RangeSource for Inner {
     async fn read_range(&self, session_id: &str, after_seq: u64, up_to: u64) -> Result<ReplayRange, RegistryError> {
-        Ok(lock(&self.sessions)
+        Ok(lock_unpoisoned(&self.sessions)
             .get(session_id)
             .map(|s| s.range(after_seq, up_to))
             .unwrap_or(ReplayRange { events: Vec::new(), complete: true }))
@@ -187,7 +185,7 @@ impl RangeSource for Inner {
 #[async_trait]
 impl RunRegistry for MemoryRegistry {
     async fn start_run(&self, start: RunStart) -> Result<RunGrant, RegistryError> {
-        let mut sessions = lock(&self.inner.sessions);
+        let mut sessions = lock_unpoisoned(&self.inner.sessions);
         let state = sessions.entry(start.session_id.clone()).or_insert_with(SessionState::new);
         if state.run.is_some() {
             return Err(RegistryError::RunInProgress);
@@ -214,7 +212,7 @@ impl RunRegistry for MemoryRegistry {
     }
 
     async fn append(&self, lease: &RunLease, batch: Vec<EventBody>) -> Result<Vec<Event>, RegistryError> {
-        let mut sessions = lock(&self.inner.sessions);
+        let mut sessions = lock_unpoisoned(&self.inner.sessions);
         let state = sessions.get_mut(&lease.session_id).ok_or(RegistryError::Fenced)?;
         let run_id = state.running(lease)?.run_id.clone();
         let events: Vec<Event> = batch.iter().map(|body| state.push(&run_id, body, self.inner.max_events)).collect();
@@ -223,13 +221,13 @@ impl RunRegistry for MemoryRegistry {
     }
 
     async fn complete(&self, lease: &RunLease, body: EventBody) -> Result<Event, RegistryError> {
-        let mut sessions = lock(&self.inner.sessions);
+        let mut sessions = lock_unpoisoned(&self.inner.sessions);
         let state = sessions.get_mut(&lease.session_id).ok_or(RegistryError::Fenced)?;
         let run_id = state.running(lease)?.run_id.clone();
         let event = state.push(&run_id, &body, self.inner.max_events);
         state.publish(std::slice::from_ref(&event));
         if let Some(run) = state.run.take() {
-            let mut permissions = lock(&self.inner.permissions);
+            let mut permissions = lock_unpoisoned(&self.inner.permissions);
             for (request_id, _) in run.pending {
                 permissions.remove(&request_id);
             }
@@ -239,40 +237,40 @@ impl RunRegistry for MemoryRegistry {
     }
 
     async fn renew(&self, lease: &RunLease) -> Result<(), RegistryError> {
-        let sessions = lock(&self.inner.sessions);
+        let sessions = lock_unpoisoned(&self.inner.sessions);
         let state = sessions.get(&lease.session_id).ok_or(RegistryError::Fenced)?;
         state.running(lease).map(|_| ())
     }
 
     async fn add_pending(&self, lease: &RunLease, request_id: &str, request: Value) -> Result<(), RegistryError> {
-        let mut sessions = lock(&self.inner.sessions);
+        let mut sessions = lock_unpoisoned(&self.inner.sessions);
         let state = sessions.get_mut(&lease.session_id).ok_or(RegistryError::Fenced)?;
         state.running(lease)?;
         if let Some(run) = state.run.as_mut() {
             run.pending.retain(|(id, _)| id != request_id);
             run.pending.push((request_id.to_string(), request));
         }
-        lock(&self.inner.permissions).insert(request_id.to_string(), lease.session_id.clone());
+        lock_unpoisoned(&self.inner.permissions).insert(request_id.to_string(), lease.session_id.clone());
         Ok(())
     }
 
     async fn remove_pending(&self, lease: &RunLease, request_id: &str) -> Result<(), RegistryError> {
-        let mut sessions = lock(&self.inner.sessions);
+        let mut sessions = lock_unpoisoned(&self.inner.sessions);
         if let Some(run) = sessions.get_mut(&lease.session_id).and_then(|s| s.run.as_mut())
             && *run.run_id == *lease.run_id
         {
             run.pending.retain(|(id, _)| id != request_id);
         }
-        lock(&self.inner.permissions).remove(request_id);
+        lock_unpoisoned(&self.inner.permissions).remove(request_id);
         Ok(())
     }
 
     async fn snapshot(&self, session_id: &str) -> Result<Snapshot, RegistryError> {
-        Ok(lock(&self.inner.sessions).get(session_id).map(SessionState::snapshot).unwrap_or_default())
+        Ok(lock_unpoisoned(&self.inner.sessions).get(session_id).map(SessionState::snapshot).unwrap_or_default())
     }
 
     async fn subscribe(&self, session_id: &str, after_seq: u64) -> Result<Subscription, RegistryError> {
-        let mut sessions = lock(&self.inner.sessions);
+        let mut sessions = lock_unpoisoned(&self.inner.sessions);
         let state = sessions.entry(session_id.to_string()).or_insert_with(SessionState::new);
         let rx = state.live.subscribe();
         let snapshot = state.snapshot();
@@ -295,7 +293,7 @@ impl RunRegistry for MemoryRegistry {
 
     async fn route_abort(&self, session_id: &str, user_id: &str) -> Result<bool, RegistryError> {
         let control = {
-            let sessions = lock(&self.inner.sessions);
+            let sessions = lock_unpoisoned(&self.inner.sessions);
             match sessions.get(session_id).and_then(|s| s.run.as_ref()) {
                 Some(run) if run.user_id == user_id => Some((
                     run.control.clone(),
@@ -315,9 +313,11 @@ impl RunRegistry for MemoryRegistry {
         request_id: &str,
         answer: PermissionAnswer,
     ) -> Result<bool, RegistryError> {
-        let Some(session_id) = lock(&self.inner.permissions).get(request_id).cloned() else { return Ok(false) };
+        let Some(session_id) = lock_unpoisoned(&self.inner.permissions).get(request_id).cloned() else {
+            return Ok(false);
+        };
         let tx = {
-            let sessions = lock(&self.inner.sessions);
+            let sessions = lock_unpoisoned(&self.inner.sessions);
             match sessions.get(&session_id).and_then(|s| s.run.as_ref()) {
                 Some(run) if run.user_id == user_id && run.pending.iter().any(|(id, _)| id == request_id) => {
                     run.control.clone()
@@ -330,7 +330,7 @@ impl RunRegistry for MemoryRegistry {
     }
 
     async fn running_runs(&self, user_id: &str) -> Result<Vec<RunningRun>, RegistryError> {
-        let sessions = lock(&self.inner.sessions);
+        let sessions = lock_unpoisoned(&self.inner.sessions);
         let mut runs: Vec<RunningRun> = sessions
             .iter()
             .filter_map(|(session_id, state)| {
@@ -351,20 +351,20 @@ impl RunRegistry for MemoryRegistry {
     }
 
     async fn notify_user(&self, user_id: &str, frame: Frame) -> Result<(), RegistryError> {
-        if let Some(tx) = lock(&self.inner.users).get(user_id) {
+        if let Some(tx) = lock_unpoisoned(&self.inner.users).get(user_id) {
             let _ = tx.send(frame);
         }
         Ok(())
     }
 
     async fn user_notices(&self, user_id: &str) -> Result<broadcast::Receiver<Frame>, RegistryError> {
-        let mut users = lock(&self.inner.users);
+        let mut users = lock_unpoisoned(&self.inner.users);
         Ok(users.entry(user_id.to_string()).or_insert_with(|| broadcast::channel(super::NOTICE_CAPACITY).0).subscribe())
     }
 
     async fn admit_send(&self, user_id: &str, limit: u32, window: Duration) -> Result<bool, RegistryError> {
         let now = Instant::now();
-        let mut sends = lock(&self.inner.sends);
+        let mut sends = lock_unpoisoned(&self.inner.sends);
         let current = sends.entry(user_id.to_string()).or_insert(SendWindow { ends_at: now + window, count: 0 });
         if current.ends_at <= now {
             *current = SendWindow { ends_at: now + window, count: 0 };

@@ -45,6 +45,7 @@ use super::{
     images::RunImages,
     process::{self, CANCELLED_EXIT_CODE, CliCommand, CliProcess, Emit, Emitter, StreamParser, number, str_field},
 };
+use crate::sync::lock_unpoisoned;
 
 /// Default wait for a tool approval (upstream's `TOOL_APPROVAL_TIMEOUT_MS`).
 const DEFAULT_APPROVAL_TIMEOUT_MS: u64 = 55_000;
@@ -330,7 +331,7 @@ async fn answer_tool_request(
     let input = request.get("input").cloned().unwrap_or_else(|| json!({}));
     let allow = |input: Value| json!({ "behavior": "allow", "updatedInput": input });
     let deny = |message: &str| json!({ "behavior": "deny", "message": message });
-    let ruled = rules.lock().unwrap_or_else(|e| e.into_inner()).decide(&tool, &input);
+    let ruled = lock_unpoisoned(&rules).decide(&tool, &input);
     let response = match ruled {
         Some(true) => allow(input),
         Some(false) => deny("Tool disallowed by settings"),
@@ -339,7 +340,7 @@ async fn answer_tool_request(
             match ctx.ask_permission(&tool, input.clone(), ask_details(&request), timeout).await {
                 PermissionOutcome::Answered(answer) if answer.allow => {
                     if let Some(entry) = answer.remember_entry.as_ref().and_then(Value::as_str) {
-                        rules.lock().unwrap_or_else(|e| e.into_inner()).remember(entry);
+                        lock_unpoisoned(&rules).remember(entry);
                     }
                     allow(answer.updated_input.unwrap_or(input))
                 }

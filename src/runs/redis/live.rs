@@ -11,8 +11,9 @@ use tokio::sync::broadcast;
 use super::{
     codec::{self, EventBuilder},
     keys,
-    node::{Failure, MAX_SCRIPT_SEQ, Node, NodeMessage, lock, run_key},
+    node::{Failure, MAX_SCRIPT_SEQ, NodeMessage, RedisNode, run_key},
 };
+use crate::sync::lock_unpoisoned;
 use crate::{
     protocol::Frame,
     runs::{Event, LIVE_CAPACITY, LiveBatch, RegistryError, ReplayRange, feed::RangeSource},
@@ -80,7 +81,7 @@ fn provider_of(frame: &str) -> String {
     serde_json::from_str::<Provider>(frame).ok().and_then(|p| p.provider).unwrap_or_default()
 }
 
-impl Node {
+impl RedisNode {
     /// Routes one pub/sub message.
     pub fn on_message(&self, channel: &str, payload: &[u8]) {
         if let Some(session_id) = keys::session_of_live_channel(channel) {
@@ -99,14 +100,14 @@ impl Node {
             }
         } else if let Some(user_id) = keys::user_of_channel(channel) {
             let Ok(text) = std::str::from_utf8(payload) else { return };
-            if let Some(user) = lock(&self.users).get(user_id) {
+            if let Some(user) = lock_unpoisoned(&self.users).get(user_id) {
                 let _ = user.tx.send(Frame::from(text));
             }
         }
     }
 
     fn on_live(&self, session_id: &str, payload: &[u8]) {
-        let mut sessions = lock(&self.sessions);
+        let mut sessions = lock_unpoisoned(&self.sessions);
         let Some(session) = sessions.get_mut(session_id) else { return };
         match codec::decode_live(payload, &mut session.builder) {
             Ok(events) => {
@@ -127,7 +128,7 @@ impl Node {
                 return;
             }
         };
-        let runs = lock(&self.runs);
+        let runs = lock_unpoisoned(&self.runs);
         let Some(run) = runs.get(&run_key(&message.session_id, &message.run_id)) else {
             tracing::debug!(run_id = message.run_id, "control message for a run this node no longer owns");
             return;
@@ -140,7 +141,7 @@ impl Node {
     /// Hands the events in the stream after each watched session's last
     /// dispatched seq to its feeds (after a reconnect, pub/sub lost them).
     pub async fn catch_up(&self) {
-        let watched: Vec<String> = lock(&self.sessions).keys().cloned().collect();
+        let watched: Vec<String> = lock_unpoisoned(&self.sessions).keys().cloned().collect();
         for session_id in watched {
             if let Err(e) = self.catch_up_session(&session_id).await {
                 // Redis failed again; the next reconnect catches up, feeds fill gaps on the next event.
@@ -152,10 +153,12 @@ impl Node {
 
     /// Hands one session's events after its last dispatched seq to its feeds.
     pub async fn catch_up_session(&self, session_id: &str) -> Result<(), Failure> {
-        let Some(after) = lock(&self.sessions).get(session_id).map(|s| s.last_dispatched) else { return Ok(()) };
+        let Some(after) = lock_unpoisoned(&self.sessions).get(session_id).map(|s| s.last_dispatched) else {
+            return Ok(());
+        };
         let (_, events) = self.read_events(session_id, after, u64::MAX).await?;
         if !events.is_empty()
-            && let Some(session) = lock(&self.sessions).get_mut(session_id)
+            && let Some(session) = lock_unpoisoned(&self.sessions).get_mut(session_id)
         {
             session.dispatch(events);
         }
@@ -164,7 +167,7 @@ impl Node {
 }
 
 #[async_trait]
-impl RangeSource for Node {
+impl RangeSource for RedisNode {
     async fn read_range(&self, session_id: &str, after_seq: u64, up_to: u64) -> Result<ReplayRange, RegistryError> {
         if after_seq >= MAX_SCRIPT_SEQ || up_to <= after_seq {
             return Ok(ReplayRange { events: Vec::new(), complete: true });
@@ -177,14 +180,14 @@ impl RangeSource for Node {
 
 /// Keeps a feed's session entry and hub subscription; released on drop.
 pub struct FeedGuard {
-    pub node: Arc<Node>,
+    pub node: Arc<RedisNode>,
     pub session_id: String,
 }
 
 impl Drop for FeedGuard {
     fn drop(&mut self) {
         {
-            let mut sessions = lock(&self.node.sessions);
+            let mut sessions = lock_unpoisoned(&self.node.sessions);
             if let Some(session) = sessions.get_mut(&self.session_id) {
                 session.feeds = session.feeds.saturating_sub(1);
                 if session.feeds == 0 {
@@ -201,8 +204,8 @@ impl Drop for FeedGuard {
 }
 
 /// Registers a new feed on a session: its entry (created if needed) and a receiver.
-pub fn attach_feed(node: &Arc<Node>, session_id: &str) -> (broadcast::Receiver<LiveBatch>, FeedGuard) {
-    let mut sessions = lock(&node.sessions);
+pub fn attach_feed(node: &Arc<RedisNode>, session_id: &str) -> (broadcast::Receiver<LiveBatch>, FeedGuard) {
+    let mut sessions = lock_unpoisoned(&node.sessions);
     let session = sessions.entry(session_id.to_string()).or_insert_with(LiveSession::new);
     session.feeds += 1;
     let rx = session.tx.subscribe();

@@ -50,7 +50,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use self::{
     hub::Hub,
-    node::{Node, Probe, Reaped},
+    node::{Probe, Reaped, RedisNode},
     scripts::Scripts,
 };
 use super::{
@@ -81,7 +81,7 @@ const POOL_SIZE: usize = 8;
 /// the last clone drops.
 #[derive(Clone)]
 pub struct RedisRegistry {
-    node: Arc<Node>,
+    node: Arc<RedisNode>,
     orphans: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<crate::runs::OrphanedRun>>>>,
     _tasks: Arc<DropGuard>,
 }
@@ -109,7 +109,7 @@ impl RedisRegistry {
         let probe_channel = keys::probe_channel(node_id, &instance);
         let hub = Hub::new(client, &[node_channel.clone(), probe_channel.clone()]);
         let (orphans, orphans_rx) = tokio::sync::mpsc::channel(crate::runs::ORPHAN_CAPACITY);
-        let node = Arc::new(Node {
+        let node = Arc::new(RedisNode {
             id: node_id.to_string(),
             opts,
             pool,

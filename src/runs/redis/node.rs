@@ -1,6 +1,6 @@
 //! One node's shared state and its Redis plumbing.
 //!
-//! The [`Node`] holds the command pool and the two kept command connections
+//! The [`RedisNode`] holds the command pool and the two kept command connections
 //! ([`Lanes`]), the scripts, the pub/sub [`Hub`], and three local maps:
 //! sessions this node has feeds on (a broadcast channel per session, filled
 //! by the dispatcher), users this node has notice receivers for, and runs this
@@ -9,7 +9,7 @@
 use std::{
     collections::HashMap,
     future::Future,
-    sync::{Mutex, MutexGuard},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -26,6 +26,7 @@ use super::{
     live::{LiveSession, SeenRun},
     scripts::{OrphanComplete, RangeReply, ReapInput, ReapReply, Scripts, SeqRules},
 };
+use crate::sync::lock_unpoisoned;
 use crate::{
     protocol::{Frame, now_iso},
     runs::{Control, Event, RegistryError},
@@ -93,7 +94,7 @@ pub struct UserNotices {
 }
 
 /// A run this node owns.
-pub struct LocalRun {
+pub struct OwnedRun {
     pub user_id: String,
     pub control: mpsc::Sender<Control>,
     /// The lock JSON, to re-take the lock if Redis lost it.
@@ -148,7 +149,7 @@ pub struct Lanes {
 }
 
 /// Shared state of one registry node.
-pub struct Node {
+pub struct RedisNode {
     pub id: String,
     pub opts: RedisRegistryOptions,
     pub pool: Pool,
@@ -159,15 +160,10 @@ pub struct Node {
     pub probe_channel: String,
     pub sessions: Mutex<HashMap<String, LiveSession>>,
     pub users: Mutex<HashMap<String, UserNotices>>,
-    pub runs: Mutex<HashMap<RunKey, LocalRun>>,
+    pub runs: Mutex<HashMap<RunKey, OwnedRun>>,
     pub probe: Probe,
     /// Runs this node reaped, for the gateway's history copy.
     pub orphans: tokio::sync::mpsc::Sender<crate::runs::OrphanedRun>,
-}
-
-/// Locks a map; a poisoned lock (a panic elsewhere) still holds consistent data here.
-pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A `["S","R"]` member of the run indexes.
@@ -195,7 +191,7 @@ pub enum Reaped {
     Ended,
 }
 
-impl Node {
+impl RedisNode {
     /// A command connection on the write lane (the owner's hot path and small commands).
     pub async fn conn(&self) -> Result<MultiplexedConnection, Failure> {
         self.lane(Lane::Write).await
@@ -208,18 +204,18 @@ impl Node {
             Lane::Write => &self.lanes.write,
             Lane::Read => &self.lanes.read,
         };
-        if let Some(conn) = lock(slot).clone() {
+        if let Some(conn) = lock_unpoisoned(slot).clone() {
             return Ok(conn);
         }
         let fresh = Connection::take(self.pool.get().await?);
-        *lock(slot) = Some(fresh.clone());
+        *lock_unpoisoned(slot) = Some(fresh.clone());
         Ok(fresh)
     }
 
     /// Drops the kept connections after a failure; the next calls get fresh ones.
     pub fn invalidate_connections(&self) {
-        *lock(&self.lanes.write) = None;
-        *lock(&self.lanes.read) = None;
+        *lock_unpoisoned(&self.lanes.write) = None;
+        *lock_unpoisoned(&self.lanes.read) = None;
     }
 
     /// Retries `op` on transient failures until `window` has passed.
@@ -251,7 +247,7 @@ impl Node {
         }
     }
 
-    /// One attempt, counted and with failed connections dropped like [`Node::retrying`].
+    /// One attempt, counted and with failed connections dropped like [`RedisNode::retrying`].
     pub async fn once<T, F, Fut>(&self, what: &'static str, op: F) -> Result<T, Failure>
     where
         F: FnMut() -> Fut,
@@ -364,8 +360,8 @@ impl Node {
         self.forget(session_id, run_id, user_id, pending, true).await;
     }
 
-    /// As [`Node::forget_run`] for a run its owner ended, but the global index entry
-    /// stays until [`Node::run_saved`]: the sweeper's lead to a `complete` not in SQL yet.
+    /// As [`RedisNode::forget_run`] for a run its owner ended, but the global index entry
+    /// stays until [`RedisNode::run_saved`]: the sweeper's lead to a `complete` not in SQL yet.
     pub async fn forget_ended_run(&self, session_id: &str, run_id: &str, user_id: Option<&str>, pending: &[String]) {
         self.forget(session_id, run_id, user_id, pending, false).await;
     }
@@ -437,7 +433,7 @@ impl Node {
         run_id: &str,
         control: Control,
     ) -> Result<(), RegistryError> {
-        let local = lock(&self.runs).get(&run_key(session_id, run_id)).map(|r| r.control.clone());
+        let local = lock_unpoisoned(&self.runs).get(&run_key(session_id, run_id)).map(|r| r.control.clone());
         if let Some(tx) = local {
             return match tokio::time::timeout(self.retry_window(), tx.send(control)).await {
                 Ok(Ok(())) => Ok(()),

@@ -11,10 +11,11 @@ use super::{
     RedisRegistry,
     codec::OwnerRecord,
     keys,
-    node::{self, Failure, LocalRun, MAX_SCRIPT_SEQ, PERMISSION_TTL, lock, millis, run_key},
+    node::{self, Failure, MAX_SCRIPT_SEQ, OwnedRun, PERMISSION_TTL, millis, run_key},
     recovery::recently_active,
     scripts::{AppendInput, AppendReply, OrphanComplete, RenewInput, RenewReply, StartInput, StartReply},
 };
+use crate::sync::lock_unpoisoned;
 use crate::{
     protocol::{now_iso, sequenced},
     runs::{CONTROL_CAPACITY, Event, RegistryError, RunGrant, RunLease, RunStart},
@@ -43,7 +44,7 @@ impl RedisRegistry {
         let node = &self.node;
         let (control, control_rx) = mpsc::channel(CONTROL_CAPACITY);
         {
-            let mut runs = lock(&node.runs);
+            let mut runs = lock_unpoisoned(&node.runs);
             let key = run_key(&start.session_id, &start.run_id);
             if runs.contains_key(&key) {
                 return Err(RegistryError::RunInProgress);
@@ -51,7 +52,7 @@ impl RedisRegistry {
             // Registered before the lock is visible, so no control message can miss it.
             runs.insert(
                 key,
-                LocalRun {
+                OwnedRun {
                     user_id: start.user_id.clone(),
                     control,
                     owner_json: String::new(),
@@ -124,7 +125,7 @@ impl RedisRegistry {
             }
         };
         let owner = OwnerRecord::parse(&owner_json).map_err(Failure::from)?;
-        if let Some(run) = lock(&node.runs).get_mut(&run_key(session_id, &start.run_id)) {
+        if let Some(run) = lock_unpoisoned(&node.runs).get_mut(&run_key(session_id, &start.run_id)) {
             run.owner_json = owner_json;
             run.last_seq = owner.first_seq.saturating_sub(1);
         }
@@ -165,7 +166,7 @@ impl RedisRegistry {
     ) -> Result<Vec<Event>, RegistryError> {
         let node = &self.node;
         let session_id = lease.session_id.as_str();
-        let (owner_json, floor) = lock(&node.runs)
+        let (owner_json, floor) = lock_unpoisoned(&node.runs)
             .get(&run_key(session_id, &lease.run_id))
             .map(|r| (r.owner_json.clone(), r.last_seq))
             .unwrap_or_default();
@@ -215,7 +216,7 @@ impl RedisRegistry {
             let user_id = self.drop_local_run(lease).map(|r| r.user_id);
             node.forget_ended_run(session_id, &lease.run_id, user_id.as_deref(), &pending).await;
         } else if let Some(last) = events.last()
-            && let Some(run) = lock(&node.runs).get_mut(&run_key(session_id, &lease.run_id))
+            && let Some(run) = lock_unpoisoned(&node.runs).get_mut(&run_key(session_id, &lease.run_id))
         {
             run.last_seq = run.last_seq.max(last.seq);
         }
@@ -223,15 +224,15 @@ impl RedisRegistry {
     }
 
     /// Forgets a local run (ended or fenced); drops its control sender.
-    pub(super) fn drop_local_run(&self, lease: &RunLease) -> Option<LocalRun> {
-        lock(&self.node.runs).remove(&run_key(&lease.session_id, &lease.run_id))
+    pub(super) fn drop_local_run(&self, lease: &RunLease) -> Option<OwnedRun> {
+        lock_unpoisoned(&self.node.runs).remove(&run_key(&lease.session_id, &lease.run_id))
     }
 
     /// After a re-take (Redis lost its data) the run indexes and the pending
     /// approvals (with their lookup keys, which answers from any node need) are
     /// gone too: record them again.
     async fn restore_local_run(&self, lease: &RunLease) {
-        let local = lock(&self.node.runs)
+        let local = lock_unpoisoned(&self.node.runs)
             .get(&run_key(&lease.session_id, &lease.run_id))
             .map(|r| (r.user_id.clone(), r.pending.clone()));
         let Some((user_id, pending)) = local else { return };
@@ -247,7 +248,7 @@ impl RedisRegistry {
     pub(super) async fn renew_lease(&self, lease: &RunLease) -> Result<(), RegistryError> {
         let node = &self.node;
         let session_id = lease.session_id.as_str();
-        let (owner_json, floor) = lock(&node.runs)
+        let (owner_json, floor) = lock_unpoisoned(&node.runs)
             .get(&run_key(session_id, &lease.run_id))
             .map(|r| (r.owner_json.clone(), r.last_seq))
             .unwrap_or_default();
@@ -284,7 +285,7 @@ impl RedisRegistry {
     ) -> Result<(), RegistryError> {
         let json = request.to_string();
         self.record_pending(lease, request_id, &json).await?;
-        if let Some(run) = lock(&self.node.runs).get_mut(&run_key(&lease.session_id, &lease.run_id)) {
+        if let Some(run) = lock_unpoisoned(&self.node.runs).get_mut(&run_key(&lease.session_id, &lease.run_id)) {
             run.pending.push((request_id.to_string(), json));
         }
         Ok(())
@@ -311,7 +312,7 @@ impl RedisRegistry {
     /// Forgets a pending approval; a fenced run has none left anyway.
     pub(super) async fn remove_pending_request(&self, lease: &RunLease, request_id: &str) -> Result<(), RegistryError> {
         let node = &self.node;
-        if let Some(run) = lock(&node.runs).get_mut(&run_key(&lease.session_id, &lease.run_id)) {
+        if let Some(run) = lock_unpoisoned(&node.runs).get_mut(&run_key(&lease.session_id, &lease.run_id)) {
             run.pending.retain(|(id, _)| id != request_id);
         }
         let inv = node.scripts.pending(&lease.session_id, &lease.run_id, request_id, None);

@@ -11,10 +11,11 @@ use super::{
     codec::{self, OwnerRecord},
     keys,
     live::{SeenRun, attach_feed},
-    node::{Failure, Lane, MAX_SCRIPT_SEQ, lock, parse_index_member},
+    node::{Failure, Lane, MAX_SCRIPT_SEQ, parse_index_member},
     scripts::ReadReply,
 };
 use crate::runs::{Event, LiveFeed, RegistryError, RunningRun, Snapshot, Subscription, feed::RangeSource};
+use crate::sync::lock_unpoisoned;
 
 impl RedisRegistry {
     /// One consistent read of the session; with `after = Some(L)` the current run's events after L.
@@ -57,7 +58,7 @@ impl RedisRegistry {
             None => (false, Vec::new()),
         };
         {
-            let mut sessions = lock(&node.sessions);
+            let mut sessions = lock_unpoisoned(&node.sessions);
             // Raised only for a lone feed: other feeds may still wait for older events.
             if let Some(session) = sessions.get_mut(session_id)
                 && session.feeds == 1

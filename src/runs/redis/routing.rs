@@ -10,8 +10,9 @@ use super::{
     RESPONSE_TIMEOUT, RedisRegistry,
     codec::OwnerRecord,
     keys,
-    node::{self, Failure, Reaped, lock},
+    node::{self, Failure, Reaped},
 };
+use crate::sync::lock_unpoisoned;
 use crate::{
     protocol::{Frame, PermissionAnswer},
     runs::{Control, RegistryError},
@@ -101,14 +102,14 @@ impl RedisRegistry {
     /// `user_notices`: a receiver first, then a confirmed hold on the user's channel.
     pub(super) async fn notice_receiver(&self, user_id: &str) -> Result<broadcast::Receiver<Frame>, RegistryError> {
         let node = &self.node;
-        let rx = lock(&node.users)
+        let rx = lock_unpoisoned(&node.users)
             .entry(user_id.to_string())
             .or_insert_with(|| node::UserNotices { tx: broadcast::channel(node::USER_CAPACITY).0, holds: 0 })
             .tx
             .subscribe();
         let channel = keys::user_channel(user_id);
         node.hub.acquire(&channel).await?;
-        let recorded = lock(&node.users).get_mut(user_id).map(|u| u.holds += 1).is_some();
+        let recorded = lock_unpoisoned(&node.users).get_mut(user_id).map(|u| u.holds += 1).is_some();
         if !recorded {
             node.hub.release(&channel).await;
         }
@@ -131,7 +132,7 @@ impl RedisRegistry {
         if !node.hub.is_connected() {
             return Err("Redis pub/sub connection is down".into());
         }
-        lock(&node.probe.status).clone()?;
+        lock_unpoisoned(&node.probe.status).clone()?;
         let ping = node.once("ping", || async {
             let mut conn = node.conn().await?;
             let _: String = ::redis::cmd("PING").query_async(&mut conn).await?;

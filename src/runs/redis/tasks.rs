@@ -18,8 +18,9 @@ use tokio_util::sync::CancellationToken;
 use super::{
     keys,
     live::SeenRun,
-    node::{Failure, Node, Reaped, RunKey, lock, parse_index_member, run_key},
+    node::{Failure, Reaped, RedisNode, RunKey, parse_index_member, run_key},
 };
+use crate::sync::lock_unpoisoned;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -27,7 +28,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 const SWEEP_BATCH: isize = 2000;
 
 /// Reads the node's pub/sub connection and re-dials it when it drops or the probe says it went silent.
-pub async fn dispatch(node: Arc<Node>, first: PubSubStream, redial: Arc<Notify>, cancel: CancellationToken) {
+pub async fn dispatch(node: Arc<RedisNode>, first: PubSubStream, redial: Arc<Notify>, cancel: CancellationToken) {
     let mut stream = Some(first);
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -74,12 +75,12 @@ pub async fn dispatch(node: Arc<Node>, first: PubSubStream, redial: Arc<Notify>,
 }
 
 /// How often the probe runs.
-pub fn probe_period(node: &Node) -> Duration {
+pub fn probe_period(node: &RedisNode) -> Duration {
     (node.opts.lease / 3).clamp(Duration::from_millis(100), Duration::from_secs(2))
 }
 
 /// Publishes a nonce to the node's probe channel and expects it back within one period.
-pub async fn probe(node: Arc<Node>, redial: Arc<Notify>, cancel: CancellationToken) {
+pub async fn probe(node: Arc<RedisNode>, redial: Arc<Notify>, cancel: CancellationToken) {
     let period = probe_period(&node);
     let mut echo = node.probe.echo.subscribe();
     let mut nonce = 0u64;
@@ -89,7 +90,7 @@ pub async fn probe(node: Arc<Node>, redial: Arc<Notify>, cancel: CancellationTok
             _ = tokio::time::sleep(period) => {}
         }
         if !node.hub.is_connected() {
-            *lock(&node.probe.status) = Err("Redis pub/sub is reconnecting".into());
+            *lock_unpoisoned(&node.probe.status) = Err("Redis pub/sub is reconnecting".into());
             continue;
         }
         nonce += 1;
@@ -116,18 +117,18 @@ pub async fn probe(node: Arc<Node>, redial: Arc<Notify>, cancel: CancellationTok
             metrics::counter!("chatgate_redis_probe_failures_total").increment(1);
             tracing::warn!(node = node.id, reason, "Redis probe failed");
         }
-        *lock(&node.probe.status) = outcome;
+        *lock_unpoisoned(&node.probe.status) = outcome;
     }
 }
 
 /// How often the sweeper runs.
-pub fn sweep_period(node: &Node) -> Duration {
+pub fn sweep_period(node: &RedisNode) -> Duration {
     (node.opts.lease / 3).clamp(Duration::from_millis(50), Duration::from_secs(5))
 }
 
 /// Ends orphaned runs (watched sessions first, then the global index) and
 /// drops user channels nobody listens to any more.
-pub async fn sweep(node: Arc<Node>, cancel: CancellationToken) {
+pub async fn sweep(node: Arc<RedisNode>, cancel: CancellationToken) {
     let period = sweep_period(&node);
     loop {
         tokio::select! {
@@ -142,9 +143,9 @@ pub async fn sweep(node: Arc<Node>, cancel: CancellationToken) {
     }
 }
 
-async fn release_idle_users(node: &Node) {
+async fn release_idle_users(node: &RedisNode) {
     let idle: Vec<(String, usize)> = {
-        let mut users = lock(&node.users);
+        let mut users = lock_unpoisoned(&node.users);
         let idle: Vec<(String, usize)> =
             users.iter().filter(|(_, u)| u.tx.receiver_count() == 0).map(|(id, u)| (id.clone(), u.holds)).collect();
         for (id, _) in &idle {
@@ -164,9 +165,9 @@ async fn release_idle_users(node: &Node) {
 /// is gone, end the run. A run Redis lost entirely (no owner record) is only
 /// ended after its lock stayed missing for a whole lease, so that a live owner
 /// re-takes it first.
-async fn sweep_watched(node: &Node) {
-    let owned: HashSet<RunKey> = lock(&node.runs).keys().cloned().collect();
-    let watched: Vec<(String, SeenRun, u64)> = lock(&node.sessions)
+async fn sweep_watched(node: &RedisNode) {
+    let owned: HashSet<RunKey> = lock_unpoisoned(&node.runs).keys().cloned().collect();
+    let watched: Vec<(String, SeenRun, u64)> = lock_unpoisoned(&node.sessions)
         .iter()
         .filter_map(|(id, s)| {
             let run = s.run.as_ref().filter(|r| !owned.contains(&run_key(id, &r.run_id)))?;
@@ -195,13 +196,13 @@ async fn sweep_watched(node: &Node) {
     };
     for ((session_id, run, floor), held) in watched.into_iter().zip(held) {
         if held {
-            if let Some(session) = lock(&node.sessions).get_mut(&session_id) {
+            if let Some(session) = lock_unpoisoned(&node.sessions).get_mut(&session_id) {
                 session.lock_missing_since = None;
             }
             continue;
         }
         let missing_since = {
-            let mut sessions = lock(&node.sessions);
+            let mut sessions = lock_unpoisoned(&node.sessions);
             let Some(session) = sessions.get_mut(&session_id) else { continue };
             *session.lock_missing_since.get_or_insert_with(Instant::now)
         };
@@ -214,7 +215,7 @@ async fn sweep_watched(node: &Node) {
                     tracing::debug!(session_id, error = %e, "catch-up failed");
                     continue;
                 }
-                if let Some(session) = lock(&node.sessions).get_mut(&session_id)
+                if let Some(session) = lock_unpoisoned(&node.sessions).get_mut(&session_id)
                     && session.run.as_ref().is_some_and(|r| r.run_id == run.run_id)
                 {
                     session.run = None;
@@ -228,7 +229,7 @@ async fn sweep_watched(node: &Node) {
 
 /// One node per period (a short `SET NX` lock) walks the global run index,
 /// ends orphaned runs and drops entries of finished ones.
-async fn sweep_index(node: &Node, period: Duration) -> Result<(), Failure> {
+async fn sweep_index(node: &RedisNode, period: Duration) -> Result<(), Failure> {
     let won: Option<String> = node
         .once("sweep_lock", || async {
             let mut conn = node.conn().await?;
@@ -289,7 +290,7 @@ async fn sweep_index(node: &Node, period: Duration) -> Result<(), Failure> {
 /// in SQL; if its `saving` marker is still there, the owner may have died in
 /// between: the gateway's copier stores that event (a duplicate of the owner's
 /// own row, should it have been just slow, collapses with it).
-async fn hand_over_unsaved_complete(node: &Node, session_id: &str, run_id: &str) -> Result<(), Failure> {
+async fn hand_over_unsaved_complete(node: &RedisNode, session_id: &str, run_id: &str) -> Result<(), Failure> {
     let key = keys::saving(session_id, run_id);
     let seq: Option<u64> = node
         .once("sweep_saving", || async {
