@@ -21,11 +21,11 @@ mod common;
 #[path = "common/real_cli.rs"]
 mod real_cli;
 
-use std::{ffi::OsString, path::PathBuf};
+use std::path::PathBuf;
 
 use real_cli::{
-    Approvals, Gateway, ModelStandin, TURN_TIMEOUT, assert_no_process_in, assistant_texts, enc, errors, find_cli, of,
-    read, turn,
+    Approvals, CliSetup, Gateway, ModelStandin, TURN_TIMEOUT, assert_no_process_in, assistant_texts, enc, errors,
+    find_cli, of, read, turn,
 };
 use serde_json::{Value, json};
 
@@ -196,21 +196,15 @@ async fn claude_gateway(
     let mut env: Vec<(&str, &str)> = SESSION_ENV.to_vec();
     env.push(("ANTHROPIC_BASE_URL", base_url.as_str()));
     env.extend_from_slice(extra_env);
-    let args: Vec<OsString> = vec![
-        "--claude-bin".into(),
-        claude.into(),
-        "--provider-env".into(),
-        PROVIDER_ENV.into(),
-        "--sandbox".into(),
-        sandbox.into(),
-        "--sandbox-ro-paths".into(),
-        claude_ro.into(),
-        "--allow-bypass-permissions".into(),
-    ];
-    Some(match cluster {
-        true => Gateway::start_cluster(root, args, &env).await,
-        false => Gateway::start(root, args, &env).await,
-    })
+    let setup = CliSetup {
+        bin_flag: "--claude-bin",
+        program: &claude,
+        ro: &claude_ro,
+        provider_env: PROVIDER_ENV,
+        sandbox,
+        cluster,
+    };
+    Some(Gateway::for_cli(root, setup, &env).await)
 }
 
 /// One session of the real CLI under `--sandbox <sandbox>`, every turn with `options`: a
@@ -224,14 +218,7 @@ async fn claude_session(sandbox: &str, options: Value, approvals: Approvals) {
     let Some(gateway) = claude_gateway(&root, &standin, sandbox, false, &[]).await else { return };
     let session = gateway.create_session("claude").await;
     let mut ws = gateway.connect().await;
-    let dump = |events: &[Value]| {
-        format!(
-            "{}\nchatgate log:\n{}\nstand-in log:\n{}",
-            serde_json::to_string_pretty(events).unwrap(),
-            gateway.logs(),
-            read(&standin.log)
-        )
-    };
+    let dump = |events: &[Value]| real_cli::dump(&gateway, &standin, events);
 
     // 1. A Bash call and its follow-up.
     let first = turn(&gateway, &standin, &mut ws, &session, "run the probe", options.clone(), approvals).await;
@@ -282,20 +269,11 @@ async fn claude_session(sandbox: &str, options: Value, approvals: Approvals) {
     }
 
     // 3. An HTTP error from the model: one error, no assistant reply.
-    let third = turn(&gateway, &standin, &mut ws, &session, "fail with http 400", options.clone(), approvals).await;
-    assert_eq!(third.last().unwrap()["success"], false, "{}", dump(&third));
-    assert_eq!(errors(&third), vec![API_ERROR_400], "the API error once: {}", dump(&third));
-    assert_eq!(assistant_texts(&third), Vec::<String>::new(), "no assistant reply: {}", dump(&third));
+    real_cli::api_error_turn(&gateway, &standin, &mut ws, &session, options.clone(), approvals, API_ERROR_400).await;
 
     // 4. Abort while the model is thinking: no process is left.
-    ws.send(json!({ "type": "chat.send", "sessionId": session, "content": "hang", "options": options })).await;
-    real_cli::wait_for_request(&standin, "\"hang\"", TURN_TIMEOUT).await;
-    assert!(!real_cli::processes_in(&root).is_empty(), "the CLI is not seen running in its project");
-    ws.send(json!({ "type": "chat.abort", "sessionId": session })).await;
-    let fourth = real_cli::collect(&gateway, &standin, &mut ws, &session, approvals).await;
-    assert_eq!(fourth.last().unwrap()["aborted"], true, "{}", dump(&fourth));
+    let fourth = real_cli::abort_while_thinking(&gateway, &standin, &mut ws, &session, options, approvals).await;
     assert_eq!(errors(&fourth), Vec::<String>::new(), "{}", dump(&fourth));
-    assert_no_process_in(&root).await;
 
     // 5. The history: the replies, the API error once and never as a reply.
     let history = gateway.history(&session, 4).await;
@@ -317,14 +295,7 @@ async fn claude_real_cli_approvals_update_ask_time_out_and_abort() {
     let Some(gateway) = claude_gateway(&root, &standin, "none", false, &extra).await else { return };
     let session = gateway.create_session("claude").await;
     let mut ws = gateway.connect().await;
-    let dump = |events: &[Value]| {
-        format!(
-            "{}\n{}\nstand-in log:\n{}",
-            serde_json::to_string_pretty(events).unwrap(),
-            gateway.logs(),
-            read(&standin.log)
-        )
-    };
+    let dump = |events: &[Value]| real_cli::dump(&gateway, &standin, events);
     let send = |content: &str| json!({ "type": "chat.send", "sessionId": session, "content": content, "options": {} });
     let tool_result = |events: &[Value], tool: &str| -> Value {
         let call = of(events, "tool_use").into_iter().find(|e| e["toolName"] == tool).cloned().unwrap_or_default();

@@ -17,15 +17,9 @@ mod common;
 #[path = "common/real_cli.rs"]
 mod real_cli;
 
-use std::{
-    ffi::OsString,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
-use real_cli::{
-    Approvals, Gateway, ModelStandin, RealCli, TURN_TIMEOUT, assert_no_process_in, assistant_texts, errors, find_cli,
-    of, read, turn,
-};
+use real_cli::{Approvals, CliSetup, Gateway, ModelStandin, RealCli, assistant_texts, errors, find_cli, of, turn};
 use serde_json::{Value, json};
 
 /// What the agent's shell tool runs (its output is checked).
@@ -66,22 +60,15 @@ fn base_outside_tmp() -> PathBuf {
 /// A gateway (one node, or a two-node cluster) running `codex` under `--sandbox <sandbox>`,
 /// with the user's Codex configuration naming `standin` as its model provider.
 async fn codex_gateway(codex: &RealCli, root: &Path, standin: &ModelStandin, sandbox: &str, cluster: bool) -> Gateway {
-    let args: Vec<OsString> = vec![
-        "--codex-bin".into(),
-        codex.program.clone().into(),
-        "--provider-env".into(),
-        "STANDIN_OPENAI_KEY".into(),
-        "--sandbox".into(),
-        sandbox.into(),
-        "--sandbox-ro-paths".into(),
-        codex.ro.clone().into(),
-        "--allow-bypass-permissions".into(),
-    ];
-    let env = [("STANDIN_OPENAI_KEY", "test-key")];
-    let gateway = match cluster {
-        true => Gateway::start_cluster(root, args, &env).await,
-        false => Gateway::start(root, args, &env).await,
+    let setup = CliSetup {
+        bin_flag: "--codex-bin",
+        program: &codex.program,
+        ro: &codex.ro,
+        provider_env: "STANDIN_OPENAI_KEY",
+        sandbox,
+        cluster,
     };
+    let gateway = Gateway::for_cli(root, setup, &[("STANDIN_OPENAI_KEY", "test-key")]).await;
     let codex_home = gateway.home().join(".codex");
     std::fs::create_dir_all(&codex_home).unwrap();
     std::fs::write(codex_home.join("config.toml"), codex_config(standin.port)).unwrap();
@@ -99,14 +86,7 @@ async fn codex_session(sandbox: &str, options: Value) {
     let gateway = codex_gateway(&codex, &root, &standin, sandbox, false).await;
     let session = gateway.create_session("codex").await;
     let mut ws = gateway.connect().await;
-    let dump = |events: &[Value]| {
-        format!(
-            "{}\nchatgate log:\n{}\nstand-in log:\n{}",
-            serde_json::to_string_pretty(events).unwrap(),
-            gateway.logs(),
-            read(&standin.log)
-        )
-    };
+    let dump = |events: &[Value]| real_cli::dump(&gateway, &standin, events);
 
     // 1. A shell tool call and its follow-up.
     let first = turn(&gateway, &standin, &mut ws, &session, "run the probe", options.clone(), Approvals::Allow).await;
@@ -161,22 +141,13 @@ async fn codex_session(sandbox: &str, options: Value) {
         of(&retried, "status").into_iter().find(|e| e["text"].as_str().is_some_and(|t| t.starts_with("Reconnecting")));
     assert!(retry.is_some(), "no retry status: {}", dump(&retried));
 
-    // 3. An HTTP error from the model: one error, no assistant reply.
-    let third =
-        turn(&gateway, &standin, &mut ws, &session, "fail with http 400", options.clone(), Approvals::Allow).await;
-    assert_eq!(third.last().unwrap()["success"], false, "{}", dump(&third));
-    assert_eq!(errors(&third), vec![STANDIN_400], "the API error once, as its message: {}", dump(&third));
-    assert_eq!(assistant_texts(&third), Vec::<String>::new(), "{}", dump(&third));
+    // 3. An HTTP error from the model: one error, as its message; no assistant reply.
+    let allow = Approvals::Allow;
+    real_cli::api_error_turn(&gateway, &standin, &mut ws, &session, options.clone(), allow, STANDIN_400).await;
 
     // 4. Abort while the model is thinking: no process is left.
-    ws.send(json!({ "type": "chat.send", "sessionId": session, "content": "hang", "options": options })).await;
-    real_cli::wait_for_request(&standin, "\"hang\"", TURN_TIMEOUT).await;
-    assert!(!real_cli::processes_in(&root).is_empty(), "the CLI is not seen running in its project");
-    ws.send(json!({ "type": "chat.abort", "sessionId": session })).await;
-    let fourth = real_cli::collect(&gateway, &standin, &mut ws, &session, Approvals::Allow).await;
-    assert_eq!(fourth.last().unwrap()["aborted"], true, "{}", dump(&fourth));
+    let fourth = real_cli::abort_while_thinking(&gateway, &standin, &mut ws, &session, options, allow).await;
     assert_eq!(errors(&fourth), Vec::<String>::new(), "{}", dump(&fourth));
-    assert_no_process_in(&root).await;
 
     // 5. The history: every turn, no stderr chatter, the API error once.
     let history = gateway.history(&session, 5).await;

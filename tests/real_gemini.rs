@@ -24,12 +24,9 @@ mod common;
 #[path = "common/real_cli.rs"]
 mod real_cli;
 
-use std::{ffi::OsString, path::Path};
+use std::path::Path;
 
-use real_cli::{
-    Approvals, Gateway, ModelStandin, RealCli, TURN_TIMEOUT, assert_no_process_in, assistant_texts, enc, errors,
-    find_cli, of, read, turn,
-};
+use real_cli::{Approvals, CliSetup, Gateway, ModelStandin, RealCli, assistant_texts, enc, errors, find_cli, of, turn};
 use serde_json::{Value, json};
 
 /// What the agent's shell tool runs (its output, not its text, holds `chatgate-probe-42`).
@@ -148,22 +145,16 @@ async fn gemini_gateway(
     cluster: bool,
 ) -> Gateway {
     let base_url = format!("http://127.0.0.1:{}", standin.port);
-    let args: Vec<OsString> = vec![
-        "--gemini-bin".into(),
-        gemini.program.clone().into(),
-        "--provider-env".into(),
-        "GEMINI_API_KEY,GOOGLE_GEMINI_BASE_URL".into(),
-        "--sandbox".into(),
-        sandbox.into(),
-        "--sandbox-ro-paths".into(),
-        gemini.ro.clone().into(),
-        "--allow-bypass-permissions".into(),
-    ];
     let env = [("GEMINI_API_KEY", "test-key"), ("GOOGLE_GEMINI_BASE_URL", base_url.as_str())];
-    let gateway = match cluster {
-        true => Gateway::start_cluster(root, args, &env).await,
-        false => Gateway::start(root, args, &env).await,
+    let setup = CliSetup {
+        bin_flag: "--gemini-bin",
+        program: &gemini.program,
+        ro: &gemini.ro,
+        provider_env: "GEMINI_API_KEY,GOOGLE_GEMINI_BASE_URL",
+        sandbox,
+        cluster,
     };
+    let gateway = Gateway::for_cli(root, setup, &env).await;
     let gemini_home = gateway.home().join(".gemini");
     std::fs::create_dir_all(&gemini_home).unwrap();
     std::fs::write(gemini_home.join("settings.json"), GEMINI_SETTINGS).unwrap();
@@ -179,14 +170,7 @@ async fn gemini_session(sandbox: &str, mode: Mode) {
     let session = gateway.create_session("gemini").await;
     let mut ws = gateway.connect().await;
     let options = mode.options();
-    let dump = |events: &[Value]| {
-        format!(
-            "{}\nchatgate log:\n{}\nstand-in log:\n{}",
-            serde_json::to_string_pretty(events).unwrap(),
-            gateway.logs(),
-            read(&standin.log)
-        )
-    };
+    let dump = |events: &[Value]| real_cli::dump(&gateway, &standin, events);
 
     // 1. A shell tool call and its follow-up.
     let first = turn(&gateway, &standin, &mut ws, &session, "run the probe", options.clone(), Approvals::Allow).await;
@@ -230,23 +214,15 @@ async fn gemini_session(sandbox: &str, mode: Mode) {
     assert!(resumed.contains("say second answer"), "the subdirectory turn did not resume: {resumed}");
 
     // 4. An HTTP error from the model: one error, no assistant reply; exit code 144 explained.
+    let allow = Approvals::Allow;
     let fourth =
-        turn(&gateway, &standin, &mut ws, &session, "fail with http 400", options.clone(), Approvals::Allow).await;
+        real_cli::api_error_turn(&gateway, &standin, &mut ws, &session, options.clone(), allow, STANDIN_400).await;
     let complete = fourth.last().unwrap();
-    assert_eq!(complete["success"], false, "{}", dump(&fourth));
     assert_eq!(complete["exitCode"], 144, "{}", dump(&fourth));
     assert!(complete["error"].as_str().unwrap_or_default().contains("HTTP 400"), "{}", dump(&fourth));
-    assert_eq!(errors(&fourth), vec![STANDIN_400], "the API error once, as its message: {}", dump(&fourth));
-    assert_eq!(assistant_texts(&fourth), Vec::<String>::new(), "{}", dump(&fourth));
 
     // 5. Abort while the model is thinking: no process is left.
-    ws.send(json!({ "type": "chat.send", "sessionId": session, "content": "hang", "options": options })).await;
-    real_cli::wait_for_request(&standin, "\"hang\"", TURN_TIMEOUT).await;
-    assert!(!real_cli::processes_in(&root).is_empty(), "the CLI is not seen running in its project");
-    ws.send(json!({ "type": "chat.abort", "sessionId": session })).await;
-    let fifth = real_cli::collect(&gateway, &standin, &mut ws, &session, Approvals::Allow).await;
-    assert_eq!(fifth.last().unwrap()["aborted"], true, "{}", dump(&fifth));
-    assert_no_process_in(&root).await;
+    real_cli::abort_while_thinking(&gateway, &standin, &mut ws, &session, options, allow).await;
 
     // 6. The history: every turn, no stderr chatter, the API error once.
     let history = gateway.history(&session, 4 + replies_before.len()).await;

@@ -22,12 +22,9 @@ mod common;
 #[path = "common/real_cli.rs"]
 mod real_cli;
 
-use std::{ffi::OsString, path::Path};
+use std::path::Path;
 
-use real_cli::{
-    Approvals, Gateway, ModelStandin, RealCli, TURN_TIMEOUT, assert_no_process_in, assistant_texts, errors, find_cli,
-    of, read, turn,
-};
+use real_cli::{Approvals, CliSetup, Gateway, ModelStandin, RealCli, assistant_texts, errors, find_cli, of, turn};
 use serde_json::{Value, json};
 
 /// What the agent's shell tool runs (its output is checked).
@@ -121,22 +118,17 @@ async fn opencode_gateway(
     sandbox: &str,
     cluster: bool,
 ) -> Gateway {
-    let args: Vec<OsString> = vec![
-        "--opencode-bin".into(),
-        opencode.program.clone().into(),
-        "--provider-env".into(),
-        OFFLINE_SWITCHES.join(",").into(),
-        "--sandbox".into(),
-        sandbox.into(),
-        "--sandbox-ro-paths".into(),
-        opencode.ro.clone().into(),
-        "--allow-bypass-permissions".into(),
-    ];
     let env: Vec<(&str, &str)> = OFFLINE_SWITCHES.iter().map(|name| (*name, "1")).collect();
-    let gateway = match cluster {
-        true => Gateway::start_cluster(root, args, &env).await,
-        false => Gateway::start(root, args, &env).await,
+    let provider_env = OFFLINE_SWITCHES.join(",");
+    let setup = CliSetup {
+        bin_flag: "--opencode-bin",
+        program: &opencode.program,
+        ro: &opencode.ro,
+        provider_env: &provider_env,
+        sandbox,
+        cluster,
     };
+    let gateway = Gateway::for_cli(root, setup, &env).await;
     let config_dir = gateway.home().join(".config").join("opencode");
     std::fs::create_dir_all(&config_dir).unwrap();
     std::fs::write(config_dir.join("opencode.json"), opencode_config(standin.port).to_string()).unwrap();
@@ -153,14 +145,7 @@ async fn opencode_session(sandbox: &str, options: Value) {
     let gateway = opencode_gateway(&opencode, &root, &standin, sandbox, false).await;
     let session = gateway.create_session("opencode").await;
     let mut ws = gateway.connect().await;
-    let dump = |events: &[Value]| {
-        format!(
-            "{}\nchatgate log:\n{}\nstand-in log:\n{}",
-            serde_json::to_string_pretty(events).unwrap(),
-            gateway.logs(),
-            read(&standin.log)
-        )
-    };
+    let dump = |events: &[Value]| real_cli::dump(&gateway, &standin, events);
 
     // 1. A reply: the model gets the prompt exactly (`opencode run` would quote an argument).
     let prompt = "say hello there";
@@ -209,21 +194,12 @@ async fn opencode_session(sandbox: &str, options: Value) {
         assert!(resumed.contains(earlier), "the resumed request lacks {earlier:?}: {resumed}");
     }
 
-    // 4. An HTTP error from the model: one error, no assistant reply.
-    let fourth =
-        turn(&gateway, &standin, &mut ws, &session, "fail with http 400", options.clone(), Approvals::Allow).await;
-    assert_eq!(fourth.last().unwrap()["success"], false, "{}", dump(&fourth));
-    assert_eq!(errors(&fourth), vec![STANDIN_400], "the API error once, as its message: {}", dump(&fourth));
-    assert_eq!(assistant_texts(&fourth), Vec::<String>::new(), "{}", dump(&fourth));
+    // 4. An HTTP error from the model: one error, as its message; no assistant reply.
+    let allow = Approvals::Allow;
+    real_cli::api_error_turn(&gateway, &standin, &mut ws, &session, options.clone(), allow, STANDIN_400).await;
 
     // 5. Abort while the model is thinking: no process is left.
-    ws.send(json!({ "type": "chat.send", "sessionId": session, "content": "hang", "options": options })).await;
-    real_cli::wait_for_request(&standin, "\"hang\"", TURN_TIMEOUT).await;
-    assert!(!real_cli::processes_in(&root).is_empty(), "the CLI is not seen running in its project");
-    ws.send(json!({ "type": "chat.abort", "sessionId": session })).await;
-    let fifth = real_cli::collect(&gateway, &standin, &mut ws, &session, Approvals::Allow).await;
-    assert_eq!(fifth.last().unwrap()["aborted"], true, "{}", dump(&fifth));
-    assert_no_process_in(&root).await;
+    real_cli::abort_while_thinking(&gateway, &standin, &mut ws, &session, options, allow).await;
 
     // 6. The history: every turn, the API error once, the prompts as sent.
     let history = gateway.history(&session, 5).await;

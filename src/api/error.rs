@@ -149,11 +149,12 @@ impl IntoResponse for ApiError {
 /// Logs and counts the backend failures behind REST answers (axum's error-handling pattern:
 /// the side effect lives here, not in the conversions).
 pub async fn log_errors(request: Request, next: Next) -> Response {
-    let (method, path) = (request.method().clone(), request.uri().path().to_string());
+    // Both are cheap clones (the URI shares its bytes): nothing is formatted unless it failed.
+    let (method, uri) = (request.method().clone(), request.uri().clone());
     let response = next.run(request).await;
     if let Some(cause) = response.extensions().get::<BackendFailure>() {
         metrics::counter!("chatgate_backend_errors_total", "backend" => cause.backend).increment(1);
-        tracing::warn!(%method, path, backend = cause.backend, error = %cause.error, "backend unavailable");
+        tracing::warn!(%method, path = uri.path(), backend = cause.backend, error = %cause.error, "backend unavailable");
     }
     response
 }

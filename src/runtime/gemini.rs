@@ -211,6 +211,7 @@ impl Runtime for GeminiRuntime {
                 format!("Gemini CLI timeout - no response received for {secs} seconds"),
             )),
             stderr_filter: gemini_stderr_filter,
+            ..RunCliOptions::default()
         };
         let mut parser = GeminiParser::default();
         let outcome = run_cli(&cmd, &ctx, request.provider_session_id.clone(), &mut parser, options).await;

@@ -33,7 +33,7 @@ use serde_json::{Map, Value, json};
 use super::{
     RunContext, RunOutcome, RunRequest, Runtime,
     images::RunImages,
-    process::{CliCommand, Emit, RunCliOptions, StreamParser, number, run_cli_with_stdin, str_field},
+    process::{CliCommand, Emit, RunCliOptions, StreamParser, number, run_cli, str_field},
 };
 
 /// The `opencode` provider.
@@ -127,10 +127,13 @@ impl Runtime for OpenCodeRuntime {
             stdin: true,
         };
         let mut parser = OpenCodeParser::default();
-        let options = RunCliOptions { stderr_filter: opencode_stderr_filter, ..RunCliOptions::default() };
+        let options = RunCliOptions {
+            stderr_filter: opencode_stderr_filter,
+            stdin_text: Some(request.content.clone()),
+            ..RunCliOptions::default()
+        };
         let resumed = request.provider_session_id.clone();
-        let prompt = Some(request.content.clone());
-        let outcome = run_cli_with_stdin(&cmd, &ctx, resumed, &mut parser, options, prompt).await;
+        let outcome = run_cli(&cmd, &ctx, resumed, &mut parser, options).await;
         images.cleanup().await;
         outcome
     }

@@ -420,11 +420,13 @@ pub struct RunCliOptions {
     /// End the CLI when it prints nothing on stdout for this long; the string is the `error` text.
     pub inactivity: Option<(Duration, String)>,
     pub stderr_filter: StderrFilter,
+    /// Written to the CLI's stdin, which is then closed (`cmd` must ask for a stdin pipe).
+    pub stdin_text: Option<String>,
 }
 
 impl Default for RunCliOptions {
     fn default() -> Self {
-        RunCliOptions { inactivity: None, stderr_filter: keep_all_stderr }
+        RunCliOptions { inactivity: None, stderr_filter: keep_all_stderr, stdin_text: None }
     }
 }
 
@@ -506,24 +508,11 @@ pub async fn run_cli(
     parser: &mut dyn StreamParser,
     options: RunCliOptions,
 ) -> RunOutcome {
-    run_cli_with_stdin(cmd, ctx, resumed, parser, options, None).await
-}
-
-/// [`run_cli`], writing `stdin_text` (when given) to the CLI's stdin and closing it; `cmd`
-/// must ask for a stdin pipe.
-pub async fn run_cli_with_stdin(
-    cmd: &CliCommand,
-    ctx: &RunContext,
-    resumed: Option<String>,
-    parser: &mut dyn StreamParser,
-    options: RunCliOptions,
-    stdin_text: Option<String>,
-) -> RunOutcome {
     let mut process = match CliProcess::spawn(cmd, ctx, options.stderr_filter).await {
         Ok(process) => process,
         Err(outcome) => return outcome,
     };
-    if let Some(text) = stdin_text {
+    if let Some(text) = options.stdin_text {
         match process.take_stdin() {
             Some(stdin) => feed_stdin(stdin, text, cmd.provider),
             None => tracing::warn!(provider = cmd.provider, "the CLI has no stdin pipe for its input"),

@@ -142,11 +142,26 @@ pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
+/// How a gateway runs a real CLI ([`Gateway::for_cli`]).
+pub struct CliSetup<'a> {
+    /// The gateway's flag naming the program (`--codex-bin`).
+    pub bin_flag: &'a str,
+    pub program: &'a Path,
+    /// Bound read-only into the sandbox (the CLI's `node_modules`).
+    pub ro: &'a Path,
+    /// `--provider-env`: the variables the gateway hands the CLI.
+    pub provider_env: &'a str,
+    /// `--sandbox`.
+    pub sandbox: &'a str,
+    /// Two nodes sharing Redis and PostgreSQL instead of one on SQLite.
+    pub cluster: bool,
+}
+
 /// A real gateway for one test (one node, or two in a cluster): its root directory (workspaces, homes, database, logs),
 /// one user and that user's token.
 pub struct Gateway {
     pub node: NodeProcess,
-    /// The second node, in a cluster ([`Gateway::start_cluster`]).
+    /// The second node, in a cluster (`CliSetup::cluster`).
     pub peer: Option<NodeProcess>,
     pub root: PathBuf,
     pub workspaces: PathBuf,
@@ -159,17 +174,9 @@ pub struct Gateway {
 
 impl Gateway {
     /// Starts `chatgate serve` with the per-user layout under `root`, the gateway's secret and
-    /// database URL in its environment, `env` added to it and `args` after its own flags.
-    pub async fn start(root: &Path, args: Vec<OsString>, env: &[(&str, &str)]) -> Gateway {
-        Gateway::launch(root, args, env, false).await
-    }
-
-    /// [`Gateway::start`] as a cluster of two nodes (`node` and `peer`) sharing the test
-    /// Redis and PostgreSQL, the workspaces and the provider homes.
-    pub async fn start_cluster(root: &Path, args: Vec<OsString>, env: &[(&str, &str)]) -> Gateway {
-        Gateway::launch(root, args, env, true).await
-    }
-
+    /// database URL in its environment, `env` added to it and `args` after its own flags; with
+    /// `cluster`, two nodes (`node` and `peer`) sharing the test Redis and PostgreSQL, the
+    /// workspaces and the provider homes.
     async fn launch(root: &Path, args: Vec<OsString>, env: &[(&str, &str)], cluster: bool) -> Gateway {
         let workspaces = root.join("workspaces");
         let homes = root.join("homes");
@@ -224,9 +231,25 @@ impl Gateway {
         }
     }
 
+    /// A gateway (one node, or a two-node cluster) that runs one real CLI: `setup` says how.
+    pub async fn for_cli(root: &Path, setup: CliSetup<'_>, env: &[(&str, &str)]) -> Gateway {
+        let args: Vec<OsString> = vec![
+            setup.bin_flag.into(),
+            setup.program.into(),
+            "--provider-env".into(),
+            setup.provider_env.into(),
+            "--sandbox".into(),
+            setup.sandbox.into(),
+            "--sandbox-ro-paths".into(),
+            setup.ro.into(),
+            "--allow-bypass-permissions".into(),
+        ];
+        Gateway::launch(root, args, env, setup.cluster).await
+    }
+
     /// The second node of a cluster (panics on a single node).
     pub fn peer(&self) -> &NodeProcess {
-        self.peer.as_ref().expect("a cluster gateway (Gateway::start_cluster)")
+        self.peer.as_ref().expect("a cluster gateway (CliSetup::cluster)")
     }
 
     /// Both nodes' logs (one when single).
@@ -443,7 +466,7 @@ pub fn children_in(dir: &Path, pid: u32) -> Vec<i32> {
         .collect()
 }
 
-/// What every real CLI does in a two-node cluster ([`Gateway::start_cluster`], no sandbox):
+/// What every real CLI does in a two-node cluster ([`CliSetup::cluster`], no sandbox):
 /// 1. a turn sent on node a runs there while a tab on node b watches it (and answers its
 ///    approvals with `approvals`): both tabs see the same events, an approval answered on b
 ///    reaches a's tab as `permission_resolved`;
@@ -463,14 +486,7 @@ pub async fn cluster_scenario(
     let mut tab_b = gateway.peer().connect(&gateway.token).await;
     tab_b.subscribe(session, 0).await;
     assert_eq!(tab_b.recv_reply().await["kind"], "chat_subscribed");
-    let dump = |events: &[Value]| {
-        format!(
-            "{}\n{}\nstand-in log:\n{}",
-            serde_json::to_string_pretty(events).unwrap(),
-            gateway.logs(),
-            read(&standin.log)
-        )
-    };
+    let dump = |events: &[Value]| dump(gateway, standin, events);
     let send =
         |content: &str| json!({ "type": "chat.send", "sessionId": session, "content": content, "options": options });
 
@@ -521,4 +537,53 @@ pub async fn cluster_scenario(
     }
     let history = gateway.history(session, 3).await;
     assert_eq!(assistant_texts(&history).last().map(String::as_str), Some("second answer"), "{}", dump(&history));
+}
+
+/// The events, the gateway's logs and the stand-in's, for an assertion's message.
+pub fn dump(gateway: &Gateway, standin: &ModelStandin, events: &[Value]) -> String {
+    format!(
+        "{}\nchatgate log:\n{}\nstand-in log:\n{}",
+        serde_json::to_string_pretty(events).unwrap_or_default(),
+        gateway.logs(),
+        read(&standin.log)
+    )
+}
+
+/// A turn whose model answers HTTP 400: the run fails, the API error shows once as `expected`,
+/// and never as an assistant reply. Returns the turn's events.
+pub async fn api_error_turn(
+    gateway: &Gateway,
+    standin: &ModelStandin,
+    ws: &mut Ws,
+    session: &str,
+    options: Value,
+    approvals: Approvals,
+    expected: &str,
+) -> Vec<Value> {
+    let events = turn(gateway, standin, ws, session, "fail with http 400", options, approvals).await;
+    let dump = || dump(gateway, standin, &events);
+    assert_eq!(events.last().unwrap()["success"], false, "{}", dump());
+    assert_eq!(errors(&events), vec![expected], "the API error once: {}", dump());
+    assert_eq!(assistant_texts(&events), Vec::<String>::new(), "no assistant reply: {}", dump());
+    events
+}
+
+/// A turn aborted while the model thinks (`hang`): the CLI is seen running in the gateway's
+/// root, the run ends aborted, and no process is left. Returns the turn's events.
+pub async fn abort_while_thinking(
+    gateway: &Gateway,
+    standin: &ModelStandin,
+    ws: &mut Ws,
+    session: &str,
+    options: Value,
+    approvals: Approvals,
+) -> Vec<Value> {
+    ws.send(json!({ "type": "chat.send", "sessionId": session, "content": "hang", "options": options })).await;
+    wait_for_request(standin, "\"hang\"", TURN_TIMEOUT).await;
+    assert!(!processes_in(&gateway.root).is_empty(), "the CLI is not seen running in its project");
+    ws.send(json!({ "type": "chat.abort", "sessionId": session })).await;
+    let events = collect(gateway, standin, ws, session, approvals).await;
+    assert_eq!(events.last().unwrap()["aborted"], true, "{}", dump(gateway, standin, &events));
+    assert_no_process_in(&gateway.root).await;
+    events
 }

@@ -370,8 +370,10 @@ impl Items {
     }
 }
 
-fn parsing(e: BadReply) -> ParsingError {
-    ParsingError::from(e.0)
+impl From<BadReply> for ParsingError {
+    fn from(e: BadReply) -> Self {
+        ParsingError::from(e.0)
+    }
 }
 
 fn unexpected(script: &str, status: &str) -> ParsingError {
@@ -380,15 +382,15 @@ fn unexpected(script: &str, status: &str) -> ParsingError {
 
 impl FromRedisValue for StartReply {
     fn from_redis_value(value: Value) -> Result<Self, ParsingError> {
-        let mut items = Items::of(value).map_err(parsing)?;
-        let decoded = match items.text().map_err(parsing)?.as_str() {
+        let mut items = Items::of(value)?;
+        let decoded = match items.text()?.as_str() {
             "BUSY" => StartReply::Busy,
-            "RECOVERING" => StartReply::Recovering { retry_ms: items.int().map_err(parsing)? },
+            "RECOVERING" => StartReply::Recovering { retry_ms: items.int()? },
             "OK" => StartReply::Started {
-                owner_json: items.text().map_err(parsing)?,
-                reaped_owner_json: items.text().map_err(parsing)?,
-                reaped_pending_ids: items.texts().map_err(parsing)?,
-                reaped_prompt: items.text().map_err(parsing)?,
+                owner_json: items.text()?,
+                reaped_owner_json: items.text()?,
+                reaped_pending_ids: items.texts()?,
+                reaped_prompt: items.text()?,
             },
             other => return Err(unexpected("start", other)),
         };
@@ -398,15 +400,13 @@ impl FromRedisValue for StartReply {
 
 impl FromRedisValue for AppendReply {
     fn from_redis_value(value: Value) -> Result<Self, ParsingError> {
-        let mut items = Items::of(value).map_err(parsing)?;
-        let decoded = match items.text().map_err(parsing)?.as_str() {
+        let mut items = Items::of(value)?;
+        let decoded = match items.text()?.as_str() {
             "FENCED" => AppendReply::Fenced,
-            "DUP" => AppendReply::Duplicate { first: items.int().map_err(parsing)? },
-            "OK" => AppendReply::Appended {
-                first: items.int().map_err(parsing)?,
-                retaken: items.int().map_err(parsing)? == 1,
-                pending_ids: items.texts().map_err(parsing)?,
-            },
+            "DUP" => AppendReply::Duplicate { first: items.int()? },
+            "OK" => {
+                AppendReply::Appended { first: items.int()?, retaken: items.int()? == 1, pending_ids: items.texts()? }
+            }
             other => return Err(unexpected("append", other)),
         };
         Ok(decoded)
@@ -415,7 +415,7 @@ impl FromRedisValue for AppendReply {
 
 impl FromRedisValue for RenewReply {
     fn from_redis_value(value: Value) -> Result<Self, ParsingError> {
-        match codec::text(value).map_err(parsing)?.as_str() {
+        match codec::text(value)?.as_str() {
             "OK" => Ok(RenewReply::Renewed),
             "RETAKEN" => Ok(RenewReply::Retaken),
             "FENCED" => Ok(RenewReply::Fenced),
@@ -426,15 +426,15 @@ impl FromRedisValue for RenewReply {
 
 impl FromRedisValue for ReapReply {
     fn from_redis_value(value: Value) -> Result<Self, ParsingError> {
-        let mut items = Items::of(value).map_err(parsing)?;
-        let decoded = match items.text().map_err(parsing)?.as_str() {
+        let mut items = Items::of(value)?;
+        let decoded = match items.text()?.as_str() {
             "ALIVE" => ReapReply::Alive,
             "NONE" => ReapReply::Nothing,
             "REAPED" => ReapReply::Reaped {
-                owner_json: items.text().map_err(parsing)?,
-                complete_seq: items.int().map_err(parsing)?,
-                pending_ids: items.texts().map_err(parsing)?,
-                prompt: items.text().map_err(parsing)?,
+                owner_json: items.text()?,
+                complete_seq: items.int()?,
+                pending_ids: items.texts()?,
+                prompt: items.text()?,
             },
             other => return Err(unexpected("reap", other)),
         };
@@ -444,20 +444,15 @@ impl FromRedisValue for ReapReply {
 
 impl FromRedisValue for ReadReply {
     fn from_redis_value(value: Value) -> Result<Self, ParsingError> {
-        let mut items = Items::of(value).map_err(parsing)?;
-        Ok(ReadReply {
-            owner_json: items.text().map_err(parsing)?,
-            top: items.int().map_err(parsing)?,
-            replay: items.events().map_err(parsing)?,
-            pending: items.texts().map_err(parsing)?,
-        })
+        let mut items = Items::of(value)?;
+        Ok(ReadReply { owner_json: items.text()?, top: items.int()?, replay: items.events()?, pending: items.texts()? })
     }
 }
 
 impl FromRedisValue for RangeReply {
     fn from_redis_value(value: Value) -> Result<Self, ParsingError> {
-        let mut items = Items::of(value).map_err(parsing)?;
-        Ok(RangeReply { top: items.int().map_err(parsing)?, events: items.events().map_err(parsing)? })
+        let mut items = Items::of(value)?;
+        Ok(RangeReply { top: items.int()?, events: items.events()? })
     }
 }
 
