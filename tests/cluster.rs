@@ -169,7 +169,7 @@ struct ChildNode {
 }
 
 fn spawn_child(redis: &str, node_id: &str, lease: &str) -> ChildNode {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = common::free_port();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_chatgate"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--node-id", node_id, "--run-lease", lease])
         .args(["--redis-url", redis, "--database-url", &common::pg_url(), "--jwt-secret", common::SECRET])

@@ -22,7 +22,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_chatgate");
 /// Starts a quick-start node (no secret, no Redis) on `dir`'s SQLite database,
 /// stdout piped; returns it and its port.
 fn spawn_quick_start(dir: &Path) -> (std::process::Child, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = common::free_port();
     let workspaces = dir.join("workspaces");
     std::fs::create_dir_all(&workspaces).unwrap();
     let child = Command::new(BIN)

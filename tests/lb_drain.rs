@@ -75,22 +75,6 @@ fn node_id(index: usize) -> String {
     format!("local-{index}")
 }
 
-/// The first of `count` consecutive free ports, below the kernel's ephemeral range (the nodes'
-/// own outgoing connections to Redis and PostgreSQL take ports from that range, and could take
-/// a node's port between the check and the bind).
-fn free_ports(count: u16) -> u16 {
-    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
-    let low: u16 = range.split_whitespace().next().and_then(|p| p.parse().ok()).unwrap_or(32768);
-    let (from, to) = (low.saturating_sub(12_000).max(10_000), low.saturating_sub(count));
-    for _ in 0..200 {
-        let base = rand::random_range(from..to);
-        if (base..base + count).all(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no {count} consecutive free ports between {from} and {to}");
-}
-
 // --- the local stack ----------------------------------------------------------------------
 
 /// The nodes and nginx of `deploy/local/up.sh`, stopped (`down.sh`) on drop.
@@ -127,7 +111,7 @@ impl Stack {
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let workspaces = dir.path().join("workspaces");
         std::fs::create_dir_all(workspaces.join("proj")).unwrap();
-        let lb_port = free_ports(NODES as u16 + 1);
+        let lb_port = common::free_ports(NODES as u16 + 1);
         let mut env = vec![
             ("CHATGATE_BIN".to_string(), env!("CARGO_BIN_EXE_chatgate").to_string()),
             ("CHATGATE_LOCAL_STATE".to_string(), dir.path().join("state").display().to_string()),

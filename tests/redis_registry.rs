@@ -5,6 +5,8 @@
 //! session ids. Tests that kill connections or Redis itself start their own
 //! `redis-server` on a free port and kill only that one.
 
+mod common;
+
 use std::{
     process::{Child, Command, Stdio},
     sync::{
@@ -138,7 +140,7 @@ struct PrivateRedis {
 
 impl PrivateRedis {
     async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = common::free_port();
         let mut server = PrivateRedis { port, child: None };
         server.spawn().await;
         server

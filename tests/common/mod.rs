@@ -394,6 +394,27 @@ pub async fn key_names(conn: &mut redis::aio::MultiplexedConnection) -> Vec<Stri
     names
 }
 
+/// The first of `count` consecutive free ports, below the kernel's ephemeral range: the
+/// processes' own outgoing connections (to Redis, PostgreSQL, each other) take ports from that
+/// range, and one could take a listener's port between this check and the listener's bind.
+pub fn free_ports(count: u16) -> u16 {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let low: u16 = range.split_whitespace().next().and_then(|p| p.parse().ok()).unwrap_or(32768);
+    let (from, to) = (low.saturating_sub(12_000).max(10_000), low.saturating_sub(count));
+    for _ in 0..200 {
+        let base = rand::random_range(from..to);
+        if (base..base + count).all(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no {count} consecutive free ports between {from} and {to}");
+}
+
+/// A free port for a listener (see [`free_ports`]).
+pub fn free_port() -> u16 {
+    free_ports(1)
+}
+
 /// The shared Redis of the test machine.
 pub fn redis_url() -> String {
     std::env::var("CHATGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -407,7 +428,7 @@ pub struct PrivateRedis {
 
 impl PrivateRedis {
     pub fn start() -> PrivateRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = free_port();
         let mut redis = PrivateRedis { port, child: None };
         redis.restart();
         redis
@@ -633,7 +654,7 @@ impl NodeProcess {
 
     /// Starts `chatgate serve` on a free port on `database_url`, with `args` appended.
     pub fn start(database_url: &str, workspaces: &std::path::Path, args: &[&str]) -> NodeProcess {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = free_port();
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_chatgate"))
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             .args(["--database-url", database_url, "--jwt-secret", SECRET])
@@ -660,7 +681,7 @@ impl NodeProcess {
     /// of this process's `CHATGATE_*`, `DATABASE_URL*` and `REDIS_URL*` variables plus
     /// `env`; stderr goes to `<log_dir>/chatgate-<port>.stderr` ([`NodeProcess::stderr`]).
     pub fn start_env(args: &[std::ffi::OsString], env: &[(String, String)], log_dir: &Path) -> NodeProcess {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = free_port();
         let log = log_dir.join(format!("chatgate-{port}.stderr"));
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_chatgate"));
         command.args(["serve", "--listen", &format!("127.0.0.1:{port}")]).args(args);
