@@ -19,7 +19,8 @@ use std::{
 use chatgate::{
     protocol::{EventBody, PermissionAnswer},
     runs::{
-        Control, Event, FeedItem, LiveFeed, RegistryError, RunRegistry, RunStart,
+        Control, Event, FeedItem, LiveFeed, RegistryError, RunOwnership, RunRegistry, RunRouting, RunStart,
+        SessionFeeds, UserNotices,
         redis::{RedisRegistry, RedisRegistryOptions, keys},
     },
 };

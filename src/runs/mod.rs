@@ -3,24 +3,49 @@
 //! A registry owns, per session: the run lock (at most one run, fenced), the
 //! seq counter (per session, across runs, never reused), the replay window of
 //! the current run, pending tool approvals, and fan-out of live events to every
-//! subscriber on every node. [`memory`] implements it in process (single node);
-//! [`redis`] implements it over Redis (cluster mode). Both pass the conformance
-//! suite in `tests/registry_conformance.rs`; `src/gateway` only sees the trait.
+//! subscriber on every node. The seam is split by concern, one small trait per
+//! file:
+//!
+//! - [`RunOwnership`] ([`ownership`]): the lease-fenced writes of a run's owner
+//!   (start, append, complete, renew, pending approvals) and the history
+//!   hand-over when an owner dies;
+//! - [`SessionFeeds`] ([`feeds`]): snapshots, subscriptions (replay, then the
+//!   [`LiveFeed`] of [`feed`]), range reads, settling after a data loss;
+//! - [`RunRouting`] ([`routing`]): aborts and approval answers routed to the
+//!   owner, a user's running runs;
+//! - [`UserNotices`] ([`notices`]): per-user notices on every node;
+//! - [`SendLimiter`] ([`limiter`]): the cluster-wide `chat.send` budget.
+//!
+//! [`RunRegistry`] gathers them (plus `ready`) into the one handle the gateway
+//! holds, [`SharedRegistry`]. [`memory`] implements every trait in process
+//! (single node), [`redis`] over Redis (cluster mode), each with one file per
+//! concern. Both pass the conformance suite in `tests/registry_conformance/`
+//! (one group per trait); `src/gateway` only sees the traits.
 
 pub mod feed;
+pub mod feeds;
+pub mod limiter;
 pub mod memory;
+pub mod notices;
+pub mod ownership;
 pub mod redis;
+pub mod routing;
 
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 
-use crate::protocol::{EventBody, Frame, PermissionAnswer};
+use crate::protocol::{Frame, PermissionAnswer};
 
 pub use feed::{FeedItem, LiveFeed};
+pub use feeds::SessionFeeds;
+pub use limiter::SendLimiter;
+pub use notices::UserNotices;
+pub use ownership::RunOwnership;
+pub use routing::RunRouting;
 
 /// Capacity of control channels from the registry to a local run.
 pub const CONTROL_CAPACITY: usize = 64;
@@ -168,97 +193,13 @@ pub enum RegistryError {
     Recovering { retry_after: Duration },
 }
 
-/// The run registry (docs/cluster.md §The seam).
+/// The run registry (docs/cluster.md §The seam): every concern of
+/// coordination, behind the one handle the gateway holds ([`SharedRegistry`]).
+/// A caller imports the concern traits whose methods it calls.
 #[async_trait]
-pub trait RunRegistry: Send + Sync + 'static {
-    /// Takes the session's run lock. `RunInProgress` when any node holds it.
-    async fn start_run(&self, start: RunStart) -> Result<RunGrant, RegistryError>;
-
-    /// Appends non-terminal events (one batch, one round trip), fenced by the lease.
-    async fn append(&self, lease: &RunLease, batch: Vec<EventBody>) -> Result<Vec<Event>, RegistryError>;
-
-    /// Appends the terminal `complete`, releases the lock and clears pending approvals.
-    async fn complete(&self, lease: &RunLease, body: EventBody) -> Result<Event, RegistryError>;
-
-    /// Extends the lease; `Fenced` when the lock is no longer this run's.
-    async fn renew(&self, lease: &RunLease) -> Result<(), RegistryError>;
-
-    /// The owner stored its completed run's `complete` in history. Until then a
-    /// cluster backend keeps what a surviving node needs to store it, should the
-    /// owner die between the `complete` and the SQL write.
-    async fn history_saved(&self, lease: &RunLease) {
-        let _ = lease;
-    }
-
-    /// The owner gives a run up without completing it (its lease could not be
-    /// kept): forget it locally, so the run is reaped like any orphan once its
-    /// lock is gone. Nothing is written.
-    async fn abandon(&self, lease: &RunLease) {
-        let _ = lease;
-    }
-
-    /// Records a pending tool approval of the run (shown in `chat_subscribed`).
-    async fn add_pending(&self, lease: &RunLease, request_id: &str, request: Value) -> Result<(), RegistryError>;
-
-    /// Forgets a pending tool approval (answered, timed out or cancelled).
-    async fn remove_pending(&self, lease: &RunLease, request_id: &str) -> Result<(), RegistryError>;
-
-    /// The session's run state.
-    async fn snapshot(&self, session_id: &str) -> Result<Snapshot, RegistryError>;
-
-    /// Ack data, replay of the current run after `after_seq`, then live events of
-    /// this and every later run, without gap or duplicate.
-    async fn subscribe(&self, session_id: &str, after_seq: u64) -> Result<Subscription, RegistryError>;
-
-    /// Events of the session with `after_seq < seq <= up_to` still in the replay window.
-    async fn read_range(&self, session_id: &str, after_seq: u64, up_to: u64) -> Result<ReplayRange, RegistryError>;
-
-    /// Routes an abort to the owner of the session's run if `user_id` started it.
-    /// `Ok(false)`: no active run (or another user's).
-    async fn route_abort(&self, session_id: &str, user_id: &str) -> Result<bool, RegistryError>;
-
-    /// Routes a tool-approval answer to the owner of the run that asked, if the
-    /// run belongs to `user_id`. `Ok(false)`: unknown request (ignored, as upstream).
-    async fn route_permission(
-        &self,
-        user_id: &str,
-        request_id: &str,
-        answer: PermissionAnswer,
-    ) -> Result<bool, RegistryError>;
-
-    /// Runs in progress on every node, of this user's sessions.
-    async fn running_runs(&self, user_id: &str) -> Result<Vec<RunningRun>, RegistryError>;
-
-    /// Sends a per-user notice (`session_upserted`) to that user's sockets on every node.
-    async fn notify_user(&self, user_id: &str, frame: Frame) -> Result<(), RegistryError>;
-
-    /// Per-user notices for one socket.
-    async fn user_notices(&self, user_id: &str) -> Result<broadcast::Receiver<Frame>, RegistryError>;
-
-    /// Counts one `chat.send` of `user_id` against `limit` per `window`, on every
-    /// node alike: a fixed window that opens with the user's first send after the
-    /// previous one closed. `Ok(false)` when this send is over the limit (refused
-    /// sends count too, so hammering does not reopen the budget).
-    async fn admit_send(&self, user_id: &str, limit: u32, window: Duration) -> Result<bool, RegistryError>;
-
-    /// How long to wait before trusting what the registry says of a session
-    /// (zero: now). Non-zero only when the backend lost the state of a session
-    /// that had events (`seq_floor`, from SQL) and changed recently
-    /// (`last_active_ms`), e.g. Redis came back empty: a run may still be live
-    /// on an owner that has not re-taken its lock yet (at most one lease).
-    async fn settle(&self, session_id: &str, seq_floor: u64, last_active_ms: i64) -> Result<Duration, RegistryError> {
-        let _ = (session_id, seq_floor, last_active_ms);
-        Ok(Duration::ZERO)
-    }
-
+pub trait RunRegistry: RunOwnership + SessionFeeds + RunRouting + UserNotices + SendLimiter {
     /// `Err(reason)` when the registry cannot serve (for `/readyz`).
     async fn ready(&self) -> Result<(), String>;
-
-    /// Notices of runs this node ended for a lost owner (taken once, by the
-    /// gateway, which copies their events to SQL). `None`: runs are never orphaned.
-    fn take_orphans(&self) -> Option<mpsc::Receiver<OrphanedRun>> {
-        None
-    }
 }
 
 /// The registry as the gateway holds it.

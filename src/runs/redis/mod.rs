@@ -54,8 +54,8 @@ use self::{
     scripts::Scripts,
 };
 use super::{
-    Event, RegistryError, ReplayRange, RunGrant, RunLease, RunRegistry, RunStart, RunningRun, Snapshot, Subscription,
-    feed::RangeSource,
+    Event, RegistryError, ReplayRange, RunGrant, RunLease, RunOwnership, RunRegistry, RunRouting, RunStart, RunningRun,
+    SendLimiter, SessionFeeds, Snapshot, Subscription, UserNotices, feed::RangeSource,
 };
 use crate::protocol::{EventBody, Frame, PermissionAnswer};
 
@@ -159,7 +159,7 @@ impl RedisRegistry {
 }
 
 #[async_trait]
-impl RunRegistry for RedisRegistry {
+impl RunOwnership for RedisRegistry {
     async fn start_run(&self, start: RunStart) -> Result<RunGrant, RegistryError> {
         self.take_run(start).await
     }
@@ -186,6 +186,21 @@ impl RunRegistry for RedisRegistry {
         self.remove_pending_request(lease, request_id).await
     }
 
+    async fn history_saved(&self, lease: &RunLease) {
+        self.node.run_saved(&lease.session_id, &lease.run_id).await;
+    }
+
+    async fn abandon(&self, lease: &RunLease) {
+        self.drop_local_run(lease);
+    }
+
+    fn take_orphans(&self) -> Option<tokio::sync::mpsc::Receiver<crate::runs::OrphanedRun>> {
+        self.orphans.lock().ok()?.take()
+    }
+}
+
+#[async_trait]
+impl SessionFeeds for RedisRegistry {
     async fn snapshot(&self, session_id: &str) -> Result<Snapshot, RegistryError> {
         Ok(self.read_session(session_id, None).await?.snapshot())
     }
@@ -198,6 +213,13 @@ impl RunRegistry for RedisRegistry {
         self.node.read_range(session_id, after_seq, up_to).await
     }
 
+    async fn settle(&self, session_id: &str, seq_floor: u64, last_active_ms: i64) -> Result<Duration, RegistryError> {
+        self.settle_session(session_id, seq_floor, last_active_ms).await
+    }
+}
+
+#[async_trait]
+impl RunRouting for RedisRegistry {
     async fn route_abort(&self, session_id: &str, user_id: &str) -> Result<bool, RegistryError> {
         self.abort_run(session_id, user_id).await
     }
@@ -214,7 +236,10 @@ impl RunRegistry for RedisRegistry {
     async fn running_runs(&self, user_id: &str) -> Result<Vec<RunningRun>, RegistryError> {
         self.runs_of_user(user_id).await
     }
+}
 
+#[async_trait]
+impl UserNotices for RedisRegistry {
     async fn notify_user(&self, user_id: &str, frame: Frame) -> Result<(), RegistryError> {
         self.publish_notice(user_id, frame).await
     }
@@ -222,29 +247,19 @@ impl RunRegistry for RedisRegistry {
     async fn user_notices(&self, user_id: &str) -> Result<broadcast::Receiver<Frame>, RegistryError> {
         self.notice_receiver(user_id).await
     }
+}
 
+#[async_trait]
+impl SendLimiter for RedisRegistry {
     async fn admit_send(&self, user_id: &str, limit: u32, window: Duration) -> Result<bool, RegistryError> {
         self.count_send(user_id, limit, window).await
     }
+}
 
-    async fn settle(&self, session_id: &str, seq_floor: u64, last_active_ms: i64) -> Result<Duration, RegistryError> {
-        self.settle_session(session_id, seq_floor, last_active_ms).await
-    }
-
+#[async_trait]
+impl RunRegistry for RedisRegistry {
     async fn ready(&self) -> Result<(), String> {
         self.check_ready().await
-    }
-
-    async fn history_saved(&self, lease: &RunLease) {
-        self.node.run_saved(&lease.session_id, &lease.run_id).await;
-    }
-
-    async fn abandon(&self, lease: &RunLease) {
-        self.drop_local_run(lease);
-    }
-
-    fn take_orphans(&self) -> Option<tokio::sync::mpsc::Receiver<crate::runs::OrphanedRun>> {
-        self.orphans.lock().ok()?.take()
     }
 }
 
