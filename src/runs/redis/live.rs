@@ -4,19 +4,18 @@
 
 use std::{sync::Arc, time::Instant};
 
-use async_trait::async_trait;
 use serde::Deserialize;
 use tokio::sync::broadcast;
 
 use super::{
     codec::{self, EventBuilder},
     keys,
-    node::{Failure, MAX_SCRIPT_SEQ, NodeMessage, RedisNode, run_key},
+    node::{Failure, NodeMessage, RedisNode, run_key},
 };
 use crate::sync::lock_unpoisoned;
 use crate::{
     protocol::Frame,
-    runs::{Event, LIVE_CAPACITY, LiveBatch, RegistryError, ReplayRange, feed::RangeSource},
+    runs::{Event, LIVE_CAPACITY, LiveBatch},
 };
 
 /// A run seen in progress on a watched session (for owner-loss detection).
@@ -163,18 +162,6 @@ impl RedisNode {
             session.dispatch(events);
         }
         Ok(())
-    }
-}
-
-#[async_trait]
-impl RangeSource for RedisNode {
-    async fn read_range(&self, session_id: &str, after_seq: u64, up_to: u64) -> Result<ReplayRange, RegistryError> {
-        if after_seq >= MAX_SCRIPT_SEQ || up_to <= after_seq {
-            return Ok(ReplayRange { events: Vec::new(), complete: true });
-        }
-        let (top, events) = self.read_events(session_id, after_seq, up_to).await?;
-        let complete = codec::is_contiguous(&events, after_seq, up_to.min(top));
-        Ok(ReplayRange { events, complete })
     }
 }
 

@@ -1,10 +1,20 @@
 //! Run registry over Redis: cluster mode (docs/cluster.md).
 //!
+//! This file holds the type, its options and `connect`. Each concern trait of
+//! the seam is implemented, with its real work, in its own file:
+//! [`ownership`] (`RunOwnership`: the owner's fenced writes), [`feeds`]
+//! (`SessionFeeds`: snapshots, subscriptions, range reads, settling),
+//! [`routing`] (`RunRouting`: control messages to the owner node, running
+//! runs), [`notices`] (`UserNotices`), [`limiter`] (`SendLimiter`) and
+//! [`readiness`] (`RunRegistry::ready`). Beneath them: the node's state and
+//! Redis plumbing ([`node`]), live delivery ([`live`]), the pub/sub hub
+//! ([`hub`]), background tasks ([`tasks`]), data-loss recovery ([`recovery`]).
+//!
 //! Keys and channels are in [`keys`], the atomic writes in [`scripts`]. The
 //! owner appends through one Lua script per batch (fence, seq, XADD, PUBLISH);
 //! a subscriber first holds the session's channel on its node ([`hub`]), then
 //! reads lock, seq top and the current run's replay in one script, and its
-//! [`LiveFeed`] merges the live events by seq (dropping duplicates, filling
+//! [`LiveFeed`](crate::runs::LiveFeed) merges the live events by seq (dropping duplicates, filling
 //! gaps from the stream). Live messages reach feeds through the node's one
 //! pub/sub connection ([`tasks::dispatch`]), which re-dials with backoff,
 //! re-subscribes and catches up from the streams.
@@ -28,12 +38,15 @@
 //! reaches subscribers as a gap (`replayTruncated`).
 
 mod codec;
+mod feeds;
 mod hub;
 pub mod keys;
+mod limiter;
 mod live;
 mod node;
-mod owner;
-mod reads;
+mod notices;
+mod ownership;
+mod readiness;
 mod recovery;
 mod routing;
 mod scripts;
@@ -42,10 +55,8 @@ mod tasks;
 use std::{sync::Arc, time::Duration};
 
 use ::redis::{AsyncConnectionConfig, Client};
-use async_trait::async_trait;
 use deadpool_redis::{Manager, Pool, Runtime};
-use serde_json::Value as Json;
-use tokio::sync::{Notify, broadcast, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use self::{
@@ -53,11 +64,7 @@ use self::{
     node::{Probe, Reaped, RedisNode},
     scripts::Scripts,
 };
-use super::{
-    Event, RegistryError, ReplayRange, RunGrant, RunLease, RunOwnership, RunRegistry, RunRouting, RunStart, RunningRun,
-    SendLimiter, SessionFeeds, Snapshot, Subscription, UserNotices, feed::RangeSource,
-};
-use crate::protocol::{EventBody, Frame, PermissionAnswer};
+use super::{ORPHAN_CAPACITY, OrphanedRun, RegistryError};
 
 /// Tuning of the Redis registry (README §Configuration).
 #[derive(Debug, Clone)]
@@ -82,7 +89,8 @@ const POOL_SIZE: usize = 8;
 #[derive(Clone)]
 pub struct RedisRegistry {
     node: Arc<RedisNode>,
-    orphans: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<crate::runs::OrphanedRun>>>>,
+    /// The reaped-run notices, until the gateway takes them (`take_orphans`).
+    orphans: Arc<std::sync::Mutex<Option<mpsc::Receiver<OrphanedRun>>>>,
     _tasks: Arc<DropGuard>,
 }
 
@@ -108,7 +116,7 @@ impl RedisRegistry {
         let node_channel = keys::node_channel(node_id);
         let probe_channel = keys::probe_channel(node_id, &instance);
         let hub = Hub::new(client, &[node_channel.clone(), probe_channel.clone()]);
-        let (orphans, orphans_rx) = tokio::sync::mpsc::channel(crate::runs::ORPHAN_CAPACITY);
+        let (orphans, orphans_rx) = mpsc::channel(ORPHAN_CAPACITY);
         let node = Arc::new(RedisNode {
             id: node_id.to_string(),
             opts,
@@ -155,111 +163,6 @@ impl RedisRegistry {
     /// Channels this node's pub/sub connection holds (node control and probe included).
     pub async fn held_channels(&self) -> usize {
         self.node.hub.channel_count().await
-    }
-}
-
-#[async_trait]
-impl RunOwnership for RedisRegistry {
-    async fn start_run(&self, start: RunStart) -> Result<RunGrant, RegistryError> {
-        self.take_run(start).await
-    }
-
-    async fn append(&self, lease: &RunLease, batch: Vec<EventBody>) -> Result<Vec<Event>, RegistryError> {
-        let bodies: Vec<&str> = batch.iter().map(|b| b.json.as_str()).collect();
-        self.append_batch(lease, &bodies, false).await
-    }
-
-    async fn complete(&self, lease: &RunLease, body: EventBody) -> Result<Event, RegistryError> {
-        let mut events = self.append_batch(lease, &[body.json.as_str()], true).await?;
-        events.pop().ok_or_else(|| RegistryError::Unavailable("append returned no event".into()))
-    }
-
-    async fn renew(&self, lease: &RunLease) -> Result<(), RegistryError> {
-        self.renew_lease(lease).await
-    }
-
-    async fn add_pending(&self, lease: &RunLease, request_id: &str, request: Json) -> Result<(), RegistryError> {
-        self.add_pending_request(lease, request_id, request).await
-    }
-
-    async fn remove_pending(&self, lease: &RunLease, request_id: &str) -> Result<(), RegistryError> {
-        self.remove_pending_request(lease, request_id).await
-    }
-
-    async fn history_saved(&self, lease: &RunLease) {
-        self.node.run_saved(&lease.session_id, &lease.run_id).await;
-    }
-
-    async fn abandon(&self, lease: &RunLease) {
-        self.drop_local_run(lease);
-    }
-
-    fn take_orphans(&self) -> Option<tokio::sync::mpsc::Receiver<crate::runs::OrphanedRun>> {
-        self.orphans.lock().ok()?.take()
-    }
-}
-
-#[async_trait]
-impl SessionFeeds for RedisRegistry {
-    async fn snapshot(&self, session_id: &str) -> Result<Snapshot, RegistryError> {
-        Ok(self.read_session(session_id, None).await?.snapshot())
-    }
-
-    async fn subscribe(&self, session_id: &str, after_seq: u64) -> Result<Subscription, RegistryError> {
-        self.open_subscription(session_id, after_seq).await
-    }
-
-    async fn read_range(&self, session_id: &str, after_seq: u64, up_to: u64) -> Result<ReplayRange, RegistryError> {
-        self.node.read_range(session_id, after_seq, up_to).await
-    }
-
-    async fn settle(&self, session_id: &str, seq_floor: u64, last_active_ms: i64) -> Result<Duration, RegistryError> {
-        self.settle_session(session_id, seq_floor, last_active_ms).await
-    }
-}
-
-#[async_trait]
-impl RunRouting for RedisRegistry {
-    async fn route_abort(&self, session_id: &str, user_id: &str) -> Result<bool, RegistryError> {
-        self.abort_run(session_id, user_id).await
-    }
-
-    async fn route_permission(
-        &self,
-        user_id: &str,
-        request_id: &str,
-        answer: PermissionAnswer,
-    ) -> Result<bool, RegistryError> {
-        self.answer_permission(user_id, request_id, answer).await
-    }
-
-    async fn running_runs(&self, user_id: &str) -> Result<Vec<RunningRun>, RegistryError> {
-        self.runs_of_user(user_id).await
-    }
-}
-
-#[async_trait]
-impl UserNotices for RedisRegistry {
-    async fn notify_user(&self, user_id: &str, frame: Frame) -> Result<(), RegistryError> {
-        self.publish_notice(user_id, frame).await
-    }
-
-    async fn user_notices(&self, user_id: &str) -> Result<broadcast::Receiver<Frame>, RegistryError> {
-        self.notice_receiver(user_id).await
-    }
-}
-
-#[async_trait]
-impl SendLimiter for RedisRegistry {
-    async fn admit_send(&self, user_id: &str, limit: u32, window: Duration) -> Result<bool, RegistryError> {
-        self.count_send(user_id, limit, window).await
-    }
-}
-
-#[async_trait]
-impl RunRegistry for RedisRegistry {
-    async fn ready(&self) -> Result<(), String> {
-        self.check_ready().await
     }
 }
 

@@ -87,7 +87,7 @@ impl From<Failure> for RegistryError {
 }
 
 /// A user this node has notice receivers for.
-pub struct UserNotices {
+pub struct NoticeChannel {
     pub tx: broadcast::Sender<Frame>,
     /// Hub holds taken for this user's channel.
     pub holds: usize,
@@ -159,7 +159,7 @@ pub struct RedisNode {
     pub node_channel: String,
     pub probe_channel: String,
     pub sessions: Mutex<HashMap<String, LiveSession>>,
-    pub users: Mutex<HashMap<String, UserNotices>>,
+    pub users: Mutex<HashMap<String, NoticeChannel>>,
     pub runs: Mutex<HashMap<RunKey, OwnedRun>>,
     pub probe: Probe,
     /// Runs this node reaped, for the gateway's history copy.
@@ -361,19 +361,9 @@ impl RedisNode {
     }
 
     /// As [`RedisNode::forget_run`] for a run its owner ended, but the global index entry
-    /// stays until [`RedisNode::run_saved`]: the sweeper's lead to a `complete` not in SQL yet.
+    /// stays until the owner's `history_saved` (in [`super::ownership`]): the sweeper's lead to a `complete` not in SQL yet.
     pub async fn forget_ended_run(&self, session_id: &str, run_id: &str, user_id: Option<&str>, pending: &[String]) {
         self.forget(session_id, run_id, user_id, pending, false).await;
-    }
-
-    /// The owner stored its run's `complete` in SQL: nothing is left for the sweeper.
-    pub async fn run_saved(&self, session_id: &str, run_id: &str) {
-        let mut pipe = ::redis::pipe();
-        pipe.zrem(keys::RUNS_INDEX, index_member(session_id, run_id)).ignore();
-        pipe.del(keys::saving(session_id, run_id)).ignore();
-        if let Err(e) = self.query_pipe(&pipe).await {
-            tracing::debug!(session_id, run_id, error = %e, "could not clear a saved run's marker; the sweeper will");
-        }
     }
 
     async fn forget(&self, session_id: &str, run_id: &str, user_id: Option<&str>, pending: &[String], index: bool) {

@@ -1,26 +1,26 @@
-//! Cross-node verbs: aborts and approval answers routed to the owner node,
-//! per-user notices, readiness.
-
-use std::time::Duration;
+//! [`RunRouting`] over Redis: aborts and approval answers routed to the owner
+//! node (through [`RedisNode::deliver`](super::node::RedisNode::deliver): directly when it is this one, else on
+//! its `cg:node:<id>` channel), and a user's running runs from the per-user
+//! run index, each entry checked against its owner record.
 
 use ::redis::AsyncCommands;
-use tokio::sync::broadcast;
+use async_trait::async_trait;
 
 use super::{
-    RESPONSE_TIMEOUT, RedisRegistry,
+    RedisRegistry,
     codec::OwnerRecord,
     keys,
-    node::{self, Failure, Reaped},
+    node::{Failure, Reaped, parse_index_member},
 };
-use crate::sync::lock_unpoisoned;
 use crate::{
-    protocol::{Frame, PermissionAnswer},
-    runs::{Control, RegistryError},
+    protocol::PermissionAnswer,
+    runs::{Control, RegistryError, RunRouting, RunningRun},
 };
 
-impl RedisRegistry {
-    /// `route_abort`: to the lock holder if it is the user's run; an orphan is ended on the spot.
-    pub(super) async fn abort_run(&self, session_id: &str, user_id: &str) -> Result<bool, RegistryError> {
+#[async_trait]
+impl RunRouting for RedisRegistry {
+    /// To the lock holder if it is the user's run; an orphan is ended on the spot.
+    async fn route_abort(&self, session_id: &str, user_id: &str) -> Result<bool, RegistryError> {
         let node = &self.node;
         let (held, owner): (Option<String>, Option<String>) = node
             .retrying("abort_lookup", node.retry_window(), || async {
@@ -49,8 +49,8 @@ impl RedisRegistry {
         Ok(node.reap(session_id, None, 0).await? != Reaped::Alive)
     }
 
-    /// `route_permission`: `cg:perm:{R}` → session → the owner, if the run is the user's and still waits for R.
-    pub(super) async fn answer_permission(
+    /// `cg:perm:{R}` → session → the owner, if the run is the user's and still waits for R.
+    async fn route_permission(
         &self,
         user_id: &str,
         request_id: &str,
@@ -86,62 +86,57 @@ impl RedisRegistry {
         Ok(true)
     }
 
-    /// `notify_user`: one PUBLISH on the user's channel; every node holding it fans out.
-    pub(super) async fn publish_notice(&self, user_id: &str, frame: Frame) -> Result<(), RegistryError> {
+    /// The user's index, each entry checked against its owner record.
+    async fn running_runs(&self, user_id: &str) -> Result<Vec<RunningRun>, RegistryError> {
         let node = &self.node;
-        let channel = keys::user_channel(user_id);
-        node.retrying("notify_user", node.retry_window(), || async {
+        let index = keys::user_runs(user_id);
+        let members: Vec<String> = node
+            .retrying("user_runs", node.retry_window(), || async {
+                let mut conn = node.conn().await?;
+                Ok(conn.smembers(&index).await?)
+            })
+            .await?;
+        let entries: Vec<(String, (String, String))> =
+            members.into_iter().filter_map(|m| parse_index_member(&m).map(|parsed| (m, parsed))).collect();
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = ::redis::pipe();
+        for (_, (session_id, _)) in &entries {
+            pipe.get(keys::owner(session_id)).get(keys::seq(session_id));
+        }
+        let values: Vec<Option<String>> = node
+            .retrying("running_owners", node.retry_window(), || async {
+                let mut conn = node.conn().await?;
+                Ok(pipe.query_async(&mut conn).await?)
+            })
+            .await?;
+        let mut runs = Vec::new();
+        let mut stale = Vec::new();
+        for ((member, (session_id, run_id)), pair) in entries.into_iter().zip(values.chunks(2)) {
+            let owner = pair.first().cloned().flatten().and_then(|j| OwnerRecord::parse(&j).ok());
+            match owner {
+                Some(owner) if owner.run_id == run_id && owner.user_id == user_id => {
+                    let last_seq = pair.get(1).cloned().flatten().and_then(|s| s.parse().ok()).unwrap_or(0);
+                    runs.push(RunningRun {
+                        session_id,
+                        provider: owner.provider,
+                        run_id,
+                        started_at: owner.started_at,
+                        last_seq,
+                        node_id: owner.node_id,
+                        user_id: owner.user_id,
+                    });
+                }
+                // The run is over (its owner record is gone or belongs to a later run).
+                _ => stale.push(member),
+            }
+        }
+        if !stale.is_empty() {
             let mut conn = node.conn().await?;
-            let _: u64 = conn.publish(&channel, frame.as_str()).await?;
-            Ok(())
-        })
-        .await?;
-        Ok(())
-    }
-
-    /// `user_notices`: a receiver first, then a confirmed hold on the user's channel.
-    pub(super) async fn notice_receiver(&self, user_id: &str) -> Result<broadcast::Receiver<Frame>, RegistryError> {
-        let node = &self.node;
-        let rx = lock_unpoisoned(&node.users)
-            .entry(user_id.to_string())
-            .or_insert_with(|| node::UserNotices { tx: broadcast::channel(node::USER_CAPACITY).0, holds: 0 })
-            .tx
-            .subscribe();
-        let channel = keys::user_channel(user_id);
-        node.hub.acquire(&channel).await?;
-        let recorded = lock_unpoisoned(&node.users).get_mut(user_id).map(|u| u.holds += 1).is_some();
-        if !recorded {
-            node.hub.release(&channel).await;
+            let _: () = conn.srem(&index, stale).await.map_err(Failure::from)?;
         }
-        Ok(rx)
-    }
-
-    /// `admit_send`: one script (INCR, PEXPIRE on the window's first send) on `cg:user:{U}:sends`.
-    pub(super) async fn count_send(&self, user_id: &str, limit: u32, window: Duration) -> Result<bool, RegistryError> {
-        let node = &self.node;
-        let inv = node.scripts.count_send(user_id, node::millis(window));
-        // Retried like every call: a retry after a lost reply may count a send twice,
-        // which errs on the strict side by one.
-        let count: u64 = node.retrying("count_send", node.retry_window(), || node.invoke(&inv)).await?;
-        Ok(count <= u64::from(limit))
-    }
-
-    /// `ready`: pub/sub connected, last probe answered, PING answered.
-    pub(super) async fn check_ready(&self) -> Result<(), String> {
-        let node = &self.node;
-        if !node.hub.is_connected() {
-            return Err("Redis pub/sub connection is down".into());
-        }
-        lock_unpoisoned(&node.probe.status).clone()?;
-        let ping = node.once("ping", || async {
-            let mut conn = node.conn().await?;
-            let _: String = ::redis::cmd("PING").query_async(&mut conn).await?;
-            Ok(())
-        });
-        match tokio::time::timeout(RESPONSE_TIMEOUT, ping).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(format!("Redis does not answer: {e}")),
-            Err(_) => Err("Redis does not answer: timed out".into()),
-        }
+        runs.sort_by(|a, b| a.started_at.cmp(&b.started_at));
+        Ok(runs)
     }
 }

@@ -3,6 +3,10 @@
 use ::redis::AsyncCommands;
 
 use super::*;
+use crate::{
+    protocol::EventBody,
+    runs::{RunOwnership, RunRouting, RunStart, SessionFeeds},
+};
 
 fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())

@@ -1,9 +1,12 @@
-//! The owner's side: taking the run lock, appending batches, renewing,
-//! pending approvals. Every write is one fenced script (see [`super::scripts`]).
+//! [`RunOwnership`] over Redis: taking the run lock, appending batches,
+//! renewing, pending approvals, and the history hand-over. Every write is one
+//! fenced script (see [`super::scripts`]); a lock Redis lost is re-taken by the
+//! owner's next append or renewal ([`super::recovery`]).
 
 use std::{sync::Arc, time::Duration};
 
 use ::redis::AsyncCommands;
+use async_trait::async_trait;
 use serde_json::Value as Json;
 use tokio::sync::mpsc;
 
@@ -15,10 +18,10 @@ use super::{
     recovery::recently_active,
     scripts::{AppendInput, AppendReply, OrphanComplete, RenewInput, RenewReply, StartInput, StartReply},
 };
-use crate::sync::lock_unpoisoned;
 use crate::{
-    protocol::{now_iso, sequenced},
-    runs::{CONTROL_CAPACITY, Event, RegistryError, RunGrant, RunLease, RunStart},
+    protocol::{EventBody, now_iso, sequenced},
+    runs::{CONTROL_CAPACITY, Event, OrphanedRun, RegistryError, RunGrant, RunLease, RunOwnership, RunStart},
+    sync::lock_unpoisoned,
 };
 
 /// What the start script answered.
@@ -37,10 +40,11 @@ struct Granted {
     reaped_prompt: String,
 }
 
-impl RedisRegistry {
-    /// `start_run`: the local run is registered first, then the start script takes
-    /// the lock (ending an orphan first) and the run is indexed.
-    pub(super) async fn take_run(&self, start: RunStart) -> Result<RunGrant, RegistryError> {
+#[async_trait]
+impl RunOwnership for RedisRegistry {
+    /// The local run is registered first, then the start script takes the lock
+    /// (ending an orphan first) and the run is indexed.
+    async fn start_run(&self, start: RunStart) -> Result<RunGrant, RegistryError> {
         let node = &self.node;
         let (control, control_rx) = mpsc::channel(CONTROL_CAPACITY);
         {
@@ -144,17 +148,108 @@ impl RedisRegistry {
         Ok(RunGrant { lease, first_seq: owner.first_seq, control: control_rx })
     }
 
-    /// Appends one batch (the last body terminal with `terminal`) under a fresh batch id.
-    pub(super) async fn append_batch(
-        &self,
-        lease: &RunLease,
-        bodies: &[&str],
-        terminal: bool,
-    ) -> Result<Vec<Event>, RegistryError> {
-        let batch_id = uuid::Uuid::new_v4().simple().to_string();
-        self.append_batch_as(&batch_id, lease, bodies, terminal).await
+    /// One append script call under a fresh batch id.
+    async fn append(&self, lease: &RunLease, batch: Vec<EventBody>) -> Result<Vec<Event>, RegistryError> {
+        let bodies: Vec<&str> = batch.iter().map(|b| b.json.as_str()).collect();
+        self.append_batch_as(&new_batch_id(), lease, &bodies, false).await
     }
 
+    /// The append script with the terminal flag, which also ends the run (`finish`).
+    async fn complete(&self, lease: &RunLease, body: EventBody) -> Result<Event, RegistryError> {
+        let mut events = self.append_batch_as(&new_batch_id(), lease, &[body.json.as_str()], true).await?;
+        events.pop().ok_or_else(|| RegistryError::Unavailable("append returned no event".into()))
+    }
+
+    /// Compare-and-PEXPIRE, or a re-take when Redis lost the lock with everything else.
+    async fn renew(&self, lease: &RunLease) -> Result<(), RegistryError> {
+        let node = &self.node;
+        let session_id = lease.session_id.as_str();
+        let (owner_json, floor) = lock_unpoisoned(&node.runs)
+            .get(&run_key(session_id, &lease.run_id))
+            .map(|r| (r.owner_json.clone(), r.last_seq))
+            .unwrap_or_default();
+        let input = RenewInput {
+            session_id,
+            run_id: &lease.run_id,
+            lease_ms: millis(node.opts.lease),
+            owner_json: &owner_json,
+            floor: floor.min(MAX_SCRIPT_SEQ - 1),
+            margin: node.margin(),
+        };
+        let inv = node.scripts.renew(&input);
+        let reply: RenewReply = node.retrying("renew", node.retry_window(), || node.invoke(&inv)).await?;
+        match reply {
+            RenewReply::Renewed => Ok(()),
+            RenewReply::Retaken => {
+                tracing::warn!(session_id, run_id = lease.run_id, "Redis lost the run's lock; re-took it");
+                self.restore_local_run(lease).await;
+                Ok(())
+            }
+            RenewReply::Fenced => {
+                self.drop_local_run(lease);
+                Err(RegistryError::Fenced)
+            }
+        }
+    }
+
+    /// Records a pending approval (fenced), then its `cg:perm:{R}` lookup key.
+    async fn add_pending(&self, lease: &RunLease, request_id: &str, request: Json) -> Result<(), RegistryError> {
+        let json = request.to_string();
+        self.record_pending(lease, request_id, &json).await?;
+        if let Some(run) = lock_unpoisoned(&self.node.runs).get_mut(&run_key(&lease.session_id, &lease.run_id)) {
+            run.pending.push((request_id.to_string(), json));
+        }
+        Ok(())
+    }
+
+    /// Forgets a pending approval; a fenced run has none left anyway.
+    async fn remove_pending(&self, lease: &RunLease, request_id: &str) -> Result<(), RegistryError> {
+        let node = &self.node;
+        if let Some(run) = lock_unpoisoned(&node.runs).get_mut(&run_key(&lease.session_id, &lease.run_id)) {
+            run.pending.retain(|(id, _)| id != request_id);
+        }
+        let inv = node.scripts.pending(&lease.session_id, &lease.run_id, request_id, None);
+        // Fenced is fine here: the run's end cleared its approvals already.
+        let _: String = node.retrying("pending", node.retry_window(), || node.invoke(&inv)).await?;
+        let key = keys::permission(request_id);
+        node.retrying("permission_key", node.retry_window(), || async {
+            let mut conn = node.conn().await?;
+            let _: () = conn.del(&key).await?;
+            Ok(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// The owner stored its run's `complete` in SQL: nothing is left for the
+    /// sweeper (its `cg:runs` entry and the saving marker go).
+    async fn history_saved(&self, lease: &RunLease) {
+        let (session_id, run_id) = (lease.session_id.as_str(), lease.run_id.as_str());
+        let mut pipe = ::redis::pipe();
+        pipe.zrem(keys::RUNS_INDEX, node::index_member(session_id, run_id)).ignore();
+        pipe.del(keys::saving(session_id, run_id)).ignore();
+        if let Err(e) = self.node.query_pipe(&pipe).await {
+            tracing::debug!(session_id, run_id, error = %e, "could not clear a saved run's marker; the sweeper will");
+        }
+    }
+
+    /// Forgets the local run (its control sender goes); Redis is left to the reapers.
+    async fn abandon(&self, lease: &RunLease) {
+        lock_unpoisoned(&self.node.runs).remove(&run_key(&lease.session_id, &lease.run_id));
+    }
+
+    /// The receiver of the node's reaped-run notices, handed out once.
+    fn take_orphans(&self) -> Option<mpsc::Receiver<OrphanedRun>> {
+        lock_unpoisoned(&self.orphans).take()
+    }
+}
+
+/// A fresh append batch id (a retry of the same call reuses it).
+fn new_batch_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+impl RedisRegistry {
     /// Appends one batch under `batch_id`; a second call with the same id (a
     /// retry after a lost reply) returns the first call's seqs and appends nothing.
     pub(super) async fn append_batch_as(
@@ -244,53 +339,6 @@ impl RedisRegistry {
         }
     }
 
-    /// Compare-and-PEXPIRE, or a re-take when Redis lost the lock with everything else.
-    pub(super) async fn renew_lease(&self, lease: &RunLease) -> Result<(), RegistryError> {
-        let node = &self.node;
-        let session_id = lease.session_id.as_str();
-        let (owner_json, floor) = lock_unpoisoned(&node.runs)
-            .get(&run_key(session_id, &lease.run_id))
-            .map(|r| (r.owner_json.clone(), r.last_seq))
-            .unwrap_or_default();
-        let input = RenewInput {
-            session_id,
-            run_id: &lease.run_id,
-            lease_ms: millis(node.opts.lease),
-            owner_json: &owner_json,
-            floor: floor.min(MAX_SCRIPT_SEQ - 1),
-            margin: node.margin(),
-        };
-        let inv = node.scripts.renew(&input);
-        let reply: RenewReply = node.retrying("renew", node.retry_window(), || node.invoke(&inv)).await?;
-        match reply {
-            RenewReply::Renewed => Ok(()),
-            RenewReply::Retaken => {
-                tracing::warn!(session_id, run_id = lease.run_id, "Redis lost the run's lock; re-took it");
-                self.restore_local_run(lease).await;
-                Ok(())
-            }
-            RenewReply::Fenced => {
-                self.drop_local_run(lease);
-                Err(RegistryError::Fenced)
-            }
-        }
-    }
-
-    /// Records a pending approval (fenced), then its `cg:perm:{R}` lookup key.
-    pub(super) async fn add_pending_request(
-        &self,
-        lease: &RunLease,
-        request_id: &str,
-        request: Json,
-    ) -> Result<(), RegistryError> {
-        let json = request.to_string();
-        self.record_pending(lease, request_id, &json).await?;
-        if let Some(run) = lock_unpoisoned(&self.node.runs).get_mut(&run_key(&lease.session_id, &lease.run_id)) {
-            run.pending.push((request_id.to_string(), json));
-        }
-        Ok(())
-    }
-
     /// Writes a pending approval (fenced) and its `cg:perm:{R}` lookup key.
     async fn record_pending(&self, lease: &RunLease, request_id: &str, json: &str) -> Result<(), RegistryError> {
         let node = &self.node;
@@ -303,25 +351,6 @@ impl RedisRegistry {
         node.retrying("permission_key", node.retry_window(), || async {
             let mut conn = node.conn().await?;
             let _: () = conn.pset_ex(&key, &lease.session_id, millis(PERMISSION_TTL)).await?;
-            Ok(())
-        })
-        .await?;
-        Ok(())
-    }
-
-    /// Forgets a pending approval; a fenced run has none left anyway.
-    pub(super) async fn remove_pending_request(&self, lease: &RunLease, request_id: &str) -> Result<(), RegistryError> {
-        let node = &self.node;
-        if let Some(run) = lock_unpoisoned(&node.runs).get_mut(&run_key(&lease.session_id, &lease.run_id)) {
-            run.pending.retain(|(id, _)| id != request_id);
-        }
-        let inv = node.scripts.pending(&lease.session_id, &lease.run_id, request_id, None);
-        // Fenced is fine here: the run's end cleared its approvals already.
-        let _: String = node.retrying("pending", node.retry_window(), || node.invoke(&inv)).await?;
-        let key = keys::permission(request_id);
-        node.retrying("permission_key", node.retry_window(), || async {
-            let mut conn = node.conn().await?;
-            let _: () = conn.del(&key).await?;
             Ok(())
         })
         .await?;
