@@ -1,0 +1,188 @@
+//! `SessionFeeds` cases: subscriptions (replay, then live, gapless and duplicate-free), truncated replay, range reads.
+
+use super::*;
+
+pub(crate) async fn subscribe_replays_the_current_run_after_the_cursor_then_goes_live(make: Factory) {
+    let n = make(Opts::default()).await;
+    let s = unique("s");
+    let earlier = whole_run(&n.a, &s, "u", &n.node_a, 3).await;
+    assert_eq!(seqs(&earlier), vec![1, 2, 3, 4]);
+    let grant = n.a.start_run(start(&s, "r2", "u", &n.node_a, 0)).await.unwrap();
+    n.a.append(&grant.lease, bodies(&s, "r2", 4)).await.unwrap();
+
+    let mut sub = n.b.subscribe(&s, 0).await.unwrap();
+    assert!(sub.snapshot.is_processing);
+    assert_eq!(sub.snapshot.run_id.as_deref(), Some("r2"));
+    assert_eq!(sub.snapshot.owner_node.as_deref(), Some(n.node_a.as_str()));
+    assert_eq!(sub.snapshot.last_seq, 8);
+    assert!(!sub.replay_truncated);
+    assert_eq!(seqs(&sub.replay), vec![5, 6, 7, 8], "only the current run is replayed");
+    assert!(sub.replay.iter().all(|e| &*e.run_id == "r2"));
+    assert_eq!(frame_json(&sub.replay[0])["seq"], 5);
+
+    let mid = n.a.subscribe(&s, 6).await.unwrap();
+    assert_eq!(seqs(&mid.replay), vec![7, 8]);
+    assert!(!mid.replay_truncated);
+    let caught_up = n.b.subscribe(&s, 8).await.unwrap();
+    assert!(caught_up.replay.is_empty() && !caught_up.replay_truncated);
+    let ahead = n.b.subscribe(&s, 100).await.unwrap();
+    assert!(ahead.replay.is_empty() && !ahead.replay_truncated);
+
+    n.a.append(&grant.lease, bodies(&s, "r2", 2)).await.unwrap();
+    n.a.complete(&grant.lease, complete_body(&s, "r2")).await.unwrap();
+    let live = [next_event(&mut sub.live).await, next_event(&mut sub.live).await, next_event(&mut sub.live).await];
+    assert_eq!(seqs(&live), vec![9, 10, 11]);
+    assert!(live[2].terminal && !live[0].terminal);
+    assert_eq!(frame_json(&live[0])["content"], "event 0");
+    assert_quiet(&mut sub.live).await;
+    let mut mid_live = mid.live;
+    assert_eq!(next_event(&mut mid_live).await.seq, 9);
+}
+
+pub(crate) async fn subscribing_during_appends_is_gapless_and_duplicate_free(make: Factory) {
+    let n = make(Opts::default()).await;
+    for seed in 0..6u64 {
+        let mut rng = StdRng::seed_from_u64(0xC0FFEE + seed);
+        let s = unique("prop");
+        // An earlier run, so the current run does not start at seq 1.
+        let earlier = whole_run(&n.a, &s, "u", &n.node_a, rng.random_range(0..4)).await;
+        let first_seq = earlier.last().map_or(1, |e| e.seq + 1);
+        let run_id = format!("run-{seed}");
+        let grant = n.a.start_run(start(&s, &run_id, "u", &n.node_a, 0)).await.unwrap();
+        let total: usize = rng.random_range(30..70);
+        let batch_sizes: Vec<usize> = {
+            let mut left = total;
+            let mut sizes = Vec::new();
+            while left > 0 {
+                let size = rng.random_range(1..=5).min(left);
+                sizes.push(size);
+                left -= size;
+            }
+            sizes
+        };
+        const READERS: u32 = 6;
+        let subscribed = Arc::new(tokio::sync::Semaphore::new(0));
+        let writer = {
+            let subscribed = subscribed.clone();
+            let registry = n.a.clone();
+            let lease = grant.lease.clone();
+            let s = s.clone();
+            let run_id = run_id.clone();
+            let pauses: Vec<u64> = batch_sizes.iter().map(|_| rng.random_range(0..3)).collect();
+            tokio::spawn(async move {
+                for (size, pause) in batch_sizes.into_iter().zip(pauses) {
+                    registry.append(&lease, bodies(&s, &run_id, size)).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+                // Every reader subscribed while the run was going (at a random point of it).
+                let _all = subscribed.acquire_many(READERS).await.unwrap();
+                registry.complete(&lease, complete_body(&s, &run_id)).await.unwrap().seq
+            })
+        };
+        let mut readers = Vec::new();
+        for _ in 0..READERS {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..15))).await;
+            let on_b = rng.random_bool(0.5);
+            let registry = if on_b { n.b.clone() } else { n.a.clone() };
+            let top = registry.snapshot(&s).await.unwrap().last_seq;
+            let cursor = rng.random_range(first_seq.saturating_sub(2)..=top.max(first_seq));
+            let s = s.clone();
+            let subscribed = subscribed.clone();
+            readers.push(tokio::spawn(async move {
+                let mut sub = registry.subscribe(&s, cursor).await.unwrap();
+                subscribed.add_permits(1);
+                assert!(!sub.replay_truncated, "nothing was trimmed");
+                let mut got = seqs(&sub.replay);
+                let mut done = sub.replay.last().is_some_and(|e| e.terminal);
+                while !done {
+                    let event = next_event(&mut sub.live).await;
+                    done = event.terminal;
+                    got.push(event.seq);
+                }
+                (cursor, got)
+            }));
+        }
+        let last = writer.await.unwrap();
+        for reader in readers {
+            let (cursor, got) = reader.await.unwrap();
+            let from = cursor.max(first_seq - 1);
+            let expected: Vec<u64> = (from + 1..=last).collect();
+            assert_eq!(got, expected, "seed {seed}, cursor {cursor}: replay + live must be gapless and duplicate-free");
+        }
+    }
+}
+
+pub(crate) async fn idle_subscribe_gets_no_replay_then_later_runs(make: Factory) {
+    let n = make(Opts::default()).await;
+    let s = unique("s");
+    let mut sub = n.b.subscribe(&s, 0).await.unwrap();
+    assert!(!sub.snapshot.is_processing);
+    assert_eq!(sub.snapshot.last_seq, 0);
+    assert!(sub.replay.is_empty() && !sub.replay_truncated);
+
+    let run1 = whole_run(&n.a, &s, "u", &n.node_a, 2).await;
+    let run2 = whole_run(&n.a, &s, "u", &n.node_a, 1).await;
+    let mut got = Vec::new();
+    for _ in 0..run1.len() + run2.len() {
+        got.push(next_event(&mut sub.live).await);
+    }
+    assert_eq!(seqs(&got), vec![1, 2, 3, 4, 5]);
+    assert_eq!(got.iter().map(|e| e.terminal).collect::<Vec<_>>(), vec![false, false, true, false, true]);
+    assert_eq!(got[0].run_id, run1[0].run_id);
+    assert_eq!(got[3].run_id, run2[0].run_id);
+    assert_quiet(&mut sub.live).await;
+
+    // After the runs ended: the ack only, whatever the cursor.
+    let late = n.a.subscribe(&s, 0).await.unwrap();
+    assert!(!late.snapshot.is_processing);
+    assert_eq!(late.snapshot.last_seq, 5);
+    assert!(late.replay.is_empty() && !late.replay_truncated);
+}
+
+pub(crate) async fn replay_is_truncated_when_the_window_lost_events(make: Factory) {
+    let n = make(Opts { max_events: 5 }).await;
+    let s = unique("s");
+    let grant = n.a.start_run(start(&s, "r1", "u", &n.node_a, 0)).await.unwrap();
+    for _ in 0..4 {
+        n.a.append(&grant.lease, bodies(&s, "r1", 3)).await.unwrap();
+    }
+    // Seqs 1..=12 were appended; the window keeps 8..=12.
+    let from_start = n.b.subscribe(&s, 0).await.unwrap();
+    assert!(from_start.replay_truncated);
+    assert_eq!(seqs(&from_start.replay), vec![8, 9, 10, 11, 12]);
+    let just_covered = n.b.subscribe(&s, 7).await.unwrap();
+    assert!(!just_covered.replay_truncated);
+    assert_eq!(seqs(&just_covered.replay), vec![8, 9, 10, 11, 12]);
+    assert!(n.a.subscribe(&s, 6).await.unwrap().replay_truncated);
+    let current = n.a.subscribe(&s, 12).await.unwrap();
+    assert!(!current.replay_truncated && current.replay.is_empty());
+}
+
+pub(crate) async fn read_range_reports_completeness(make: Factory) {
+    let n = make(Opts { max_events: 5 }).await;
+    let s = unique("s");
+    let unknown = n.a.read_range(&unique("s"), 0, u64::MAX).await.unwrap();
+    assert!(unknown.events.is_empty() && unknown.complete);
+
+    let events = whole_run(&n.a, &s, "u", &n.node_a, 3).await;
+    assert_eq!(seqs(&events), vec![1, 2, 3, 4]);
+    let middle = n.b.read_range(&s, 1, 3).await.unwrap();
+    assert_eq!(seqs(&middle.events), vec![2, 3]);
+    assert!(middle.complete);
+    let all = n.b.read_range(&s, 0, u64::MAX).await.unwrap();
+    assert_eq!(all.events, events, "the window holds the same events as appended");
+    assert!(all.complete);
+    let beyond = n.b.read_range(&s, 4, u64::MAX).await.unwrap();
+    assert!(beyond.events.is_empty() && beyond.complete);
+
+    let grant = n.a.start_run(start(&s, "r2", "u", &n.node_a, 0)).await.unwrap();
+    n.a.append(&grant.lease, bodies(&s, "r2", 6)).await.unwrap();
+    // Seqs 5..=10 appended; the window keeps 6..=10.
+    let trimmed = n.b.read_range(&s, 0, u64::MAX).await.unwrap();
+    assert!(!trimmed.complete);
+    assert_eq!(seqs(&trimmed.events), vec![6, 7, 8, 9, 10]);
+    let covered = n.b.read_range(&s, 5, 8).await.unwrap();
+    assert!(covered.complete);
+    assert_eq!(seqs(&covered.events), vec![6, 7, 8]);
+    assert!(!n.a.read_range(&s, 3, 7).await.unwrap().complete);
+}
