@@ -4,8 +4,11 @@
 //!
 //! - [`config`]: command line and environment (README §Configuration).
 //! - [`protocol`]: the `/ws` wire format: inbound verbs, outbound frames, error codes.
-//! - [`runs`]: the run registry trait (locks, seq, replay, fan-out) with its
-//!   in-process ([`runs::memory`]) and Redis ([`runs::redis`]) implementations.
+//! - [`runs`]: the run registry (locks, seq, replay, fan-out), split by concern into
+//!   small traits ([`runs::RunOwnership`], [`runs::SessionFeeds`], [`runs::RunRouting`],
+//!   [`runs::UserNotices`], [`runs::SendLimiter`]) gathered by [`runs::RunRegistry`], with
+//!   its in-process ([`runs::memory`]) and Redis ([`runs::redis`]) implementations, one
+//!   file per concern in each.
 //! - [`runtime`]: provider runtimes behind one trait; `script` is the built-in test runtime;
 //!   [`runtime::sandbox`] contains their CLIs (clean environment, bounds, bubblewrap).
 //! - [`store`]: sessions and durable history in SQL through sqlx (SQLite or PostgreSQL).

@@ -15,7 +15,7 @@
 //!
 //! An owner stores all of its run's rows before appending the `complete`, and
 //! the `complete` row right after; the registry keeps a marker between the two
-//! (`RunRegistry::history_saved`), so a sweeper that finds it left by a dead
+//! (`RunOwnership::history_saved`), so a sweeper that finds it left by a dead
 //! owner hands over just that event (`OrphanedRun::unsaved_complete`).
 
 use serde_json::Value;

@@ -330,7 +330,7 @@ impl Gateway {
     /// `registry.subscribe`, answered only once the registry's view of the session
     /// can be trusted: when it knows less than SQL (`lastSeq` below the session's
     /// and no run) it may have lost the session's state, and a run still live on
-    /// its owner comes back within a lease ([`crate::runs::RunRegistry::settle`]).
+    /// its owner comes back within a lease ([`crate::runs::SessionFeeds::settle`]).
     async fn subscribe_settled(&self, session: &SessionRow, after: u64) -> Result<Subscription, RegistryError> {
         let id = session.session_id.as_str();
         let subscription = self.registry.subscribe(id, after).await?;
