@@ -101,6 +101,12 @@ log "format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+log "the gateway's own dependencies (no test, bench or client crate among them)"
+direct=$(cargo tree -p chatgate -e normal --depth 1 --prefix none --locked | cut -d' ' -f1)
+for crate in reqwest tokio-tungstenite tempfile tokio-stream chatgate-testkit chatgate-bench; do
+  if grep -qx "$crate" <<<"$direct"; then echo "chatgate depends on $crate: it belongs in [dev-dependencies] or a tool crate" >&2; exit 1; fi
+done
+
 log "tests"
 cargo test --workspace --all-targets --locked
 
