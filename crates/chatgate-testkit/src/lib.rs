@@ -1,0 +1,22 @@
+//! The test kit of chatgate's tests and of `chatgate-bench`: one way to start what a test or
+//! a scenario runs against, so that no test file or bench module carries its own copy.
+//!
+//! - [`ports`]: free ports for listeners, below the kernel's ephemeral range;
+//! - [`node`]: the real `chatgate` binary as a child process ([`node::NodeCommand`] builds it,
+//!   [`node::NodeProcess`] signals, restarts and waits for it);
+//! - [`redis`]: a private `redis-server` on its own port;
+//! - [`postgres`]: a private PostgreSQL cluster, and the URL of the shared test database;
+//! - [`balancer`]: nginx in front of N nodes (round robin, WebSocket upgrade);
+//! - [`ws`]: a WebSocket client; [`token`]: tokens, valid and crafted.
+//!
+//! Errors: starting and stopping things returns [`anyhow::Result`] (the bench propagates it,
+//! tests `.expect()` it); the test client [`ws::Ws`] panics with a clear message instead,
+//! since its callers are assertions.
+
+pub mod balancer;
+pub mod node;
+pub mod ports;
+pub mod postgres;
+pub mod redis;
+pub mod token;
+pub mod ws;
