@@ -323,7 +323,7 @@ async fn sends_per_minute_hold_across_the_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_rate_without_redis_is_backend_unavailable() {
-    let mut redis = PrivateRedis::start();
+    let mut redis = PrivateRedis::start().expect("private redis-server");
     let node = cluster_node(&redis.url(), &format!("limits-r-{}", uuid::Uuid::new_v4().simple()), |c| {
         c.max_sends_per_minute = 5;
         c.run_lease = Duration::from_secs(1);
@@ -333,12 +333,12 @@ async fn send_rate_without_redis_is_backend_unavailable() {
     let session = node.create_session(&token, "script").await;
     let mut ws = node.connect(&token).await;
     let events = echo_run(&mut ws, &session, 1).await;
-    redis.stop();
+    redis.kill();
     ws.send_chat(&session, "redis is away").await;
     let refused = reply(&mut ws).await;
     assert_protocol_error(&refused, "BACKEND_UNAVAILABLE");
     assert_eq!(refused["sessionId"], session.as_str());
-    redis.restart();
+    redis.restart().expect("private redis-server restarts");
     // Once Redis is back, sends go through again (the socket stayed open): after one lease,
     // since Redis came back empty and a run could have been live. Refused sends count
     // against the limit (5 a minute here), so they are spaced out.

@@ -98,7 +98,7 @@ fn start_failures_are_one_line_naming_the_flag() {
 
 /// Starts the binary; returns it and the lines it printed on stdout at start.
 fn serve(dir: &tempfile::TempDir, extra: &[&str]) -> (std::process::Child, Vec<String>) {
-    let port = common::free_port();
+    let port = chatgate_testkit::ports::free_port().unwrap();
     let db = format!("sqlite://{}?mode=rwc", dir.path().join("g.db").display());
     let workspaces = dir.path().join("workspaces");
     std::fs::create_dir_all(&workspaces).unwrap();

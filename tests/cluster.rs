@@ -162,47 +162,17 @@ async fn session_upserted_reaches_the_owner_on_every_node_and_no_one_else() {
 }
 
 /// Spawns a cluster node as a child process (so it can be killed for real).
-struct ChildNode {
-    child: std::process::Child,
-    base: String,
-    ws: String,
-}
-
-fn spawn_child(redis: &str, node_id: &str, lease: &str) -> ChildNode {
-    let port = common::free_port();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_chatgate"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--node-id", node_id, "--run-lease", lease])
-        .args(["--redis-url", redis, "--database-url", &common::pg_url(), "--jwt-secret", common::SECRET])
-        .arg("--workspaces-root")
-        .arg(common::cluster_workspaces())
-        // As the harness's in-process nodes: one shared project for every user.
-        .args(["--workspace-layout", "shared", "--homes-root", concat!(env!("CARGO_TARGET_TMPDIR"), "/cluster-homes")])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    ChildNode { child, base: format!("http://127.0.0.1:{port}"), ws: format!("ws://127.0.0.1:{port}/ws") }
-}
-
-async fn wait_ready(base: &str) {
-    for _ in 0..200 {
-        if let Ok(r) = reqwest::get(format!("{base}/readyz")).await
-            && r.status().is_success()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{base} not ready");
+fn spawn_child(redis: &str, node_id: &str, lease: &str) -> NodeProcess {
+    common::spawn_node(redis, node_id, &cluster_workspaces(), &["--run-lease", lease])
 }
 
 #[tokio::test]
 async fn a_dead_owner_s_run_ends_with_run_owner_lost_within_lease_plus_5s() {
     let redis = redis_url();
-    let mut owner = spawn_child(&redis, "doomed", "2s");
+    let owner = spawn_child(&redis, "doomed", "2s");
     let survivor = spawn_child(&redis, "survivor", "2s");
-    wait_ready(&owner.base).await;
-    wait_ready(&survivor.base).await;
+    owner.wait_ready().await.expect("owner ready");
+    survivor.wait_ready().await.expect("survivor ready");
     let auth = chatgate::auth::Auth::new(common::SECRET.as_bytes());
     let token = auth.mint(&user(), Duration::from_secs(600)).unwrap();
     let http = reqwest::Client::new();
@@ -217,15 +187,14 @@ async fn a_dead_owner_s_run_ends_with_run_owner_lost_within_lease_plus_5s() {
         .await
         .unwrap();
     let session = created["data"]["sessionId"].as_str().unwrap().to_string();
-    let mut on_owner = Ws::connect(&format!("{}?token={token}", owner.ws)).await;
+    let mut on_owner = Ws::connect(&format!("{}?token={token}", owner.ws_url)).await;
     on_owner.send_chat(&session, &paced(100_000, 50)).await;
     on_owner.recv_until(|v| v["kind"] == "stream_delta").await;
-    let mut watcher = Ws::connect(&format!("{}?token={token}", survivor.ws)).await;
+    let mut watcher = Ws::connect(&format!("{}?token={token}", survivor.ws_url)).await;
     watcher.subscribe(&session, 0).await;
     assert_eq!(watcher.recv_reply().await["isProcessing"], true);
 
-    owner.child.kill().unwrap();
-    let _ = owner.child.wait();
+    owner.kill();
     let killed_at = std::time::Instant::now();
     let frames = watcher.recv_until(|v| v["kind"] == "complete").await;
     let complete = frames.last().unwrap().clone();
@@ -271,9 +240,7 @@ async fn a_dead_owner_s_run_ends_with_run_owner_lost_within_lease_plus_5s() {
     watcher.send_chat(&session, "after").await;
     let next = watcher.run_events(&session).await;
     assert_eq!(next[0]["seq"].as_u64().unwrap(), complete["seq"].as_u64().unwrap() + 1);
-    let mut survivor = survivor;
-    survivor.child.kill().unwrap();
-    let _ = survivor.child.wait();
+    survivor.kill();
 }
 
 /// Bug C (`cut-stream-history`, docs/reliability.md): deltas were stored only at
@@ -292,13 +259,13 @@ async fn a_stream_cut_with_its_owner_is_whole_in_history_past_the_replay_window(
         c.replay_max_events = WINDOW;
     })
     .await;
-    let owner = NodeProcess::spawn(
+    let owner = common::spawn_node(
         &redis,
         &format!("cut-owner-{suffix}"),
         &cluster_workspaces(),
         &["--run-lease", "2s", "--replay-max-events", &WINDOW.to_string()],
     );
-    owner.wait_ready().await;
+    owner.wait_ready().await.expect("owner ready");
     let token = survivor.token(&user());
     let session = survivor.create_session(&token, "script").await;
     let mut watcher = survivor.connect(&token).await;
@@ -315,9 +282,7 @@ async fn a_stream_cut_with_its_owner_is_whole_in_history_past_the_replay_window(
             events.push(frame);
         }
     }
-    let mut owner = owner;
-    owner.child.kill().unwrap();
-    let _ = owner.child.wait();
+    owner.kill();
     events.extend(watcher.run_events(&session).await);
     assert_contiguous(&events, events[0]["seq"].as_u64().unwrap());
     let complete = events.last().unwrap().clone();
@@ -337,7 +302,7 @@ async fn a_stream_cut_with_its_owner_is_whole_in_history_past_the_replay_window(
 
 #[tokio::test]
 async fn redis_down_keeps_sockets_refuses_runs_and_recovers() {
-    let mut redis = PrivateRedis::start();
+    let mut redis = PrivateRedis::start().expect("private redis-server");
     // A short lease: after Redis comes back empty, sends wait one lease for live owners.
     let lease = |c: &mut Config| c.run_lease = Duration::from_secs(2);
     let a = cluster_node(&redis.url(), "ra", lease).await;
@@ -352,7 +317,7 @@ async fn redis_down_keeps_sockets_refuses_runs_and_recovers() {
     tab_b.subscribe(&session, 0).await;
     assert_eq!(tab_b.recv_reply().await["kind"], "chat_subscribed");
 
-    redis.stop();
+    redis.kill();
     tokio::time::sleep(Duration::from_millis(300)).await;
     tab_a.send_chat(&session, "during").await;
     let refused = tab_a.recv_until(|v| v["kind"] == "protocol_error").await.pop().unwrap();
@@ -360,7 +325,7 @@ async fn redis_down_keeps_sockets_refuses_runs_and_recovers() {
     let (status, _) = a.request("GET", "/readyz", &token, None).await;
     assert_eq!(status, 503);
 
-    redis.restart();
+    redis.restart().expect("private redis-server restarts");
     let mut ready = false;
     for _ in 0..100 {
         if a.request("GET", "/readyz", &token, None).await.0 == 200

@@ -16,7 +16,7 @@ use std::{
 };
 
 use chatgate::{config::Config, runs::redis::keys};
-use common::{NodeProcess, PrivateRedis, TestNode, Ws, cluster_node, mint, redis_url, seqs, user};
+use common::{PrivateRedis, TestNode, Ws, cluster_node, mint, redis_url, seqs, user};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use redis::AsyncCommands;
 use serde_json::{Value, json};
@@ -336,7 +336,7 @@ async fn two_nodes_racing_chat_send_start_exactly_one_run_each_round() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_mid_run_leaves_every_tab_contiguous_or_told_and_seq_moves_on() {
-    let mut redis = PrivateRedis::start();
+    let mut redis = PrivateRedis::start().expect("private redis-server");
     let small_margin = |c: &mut Config| c.replay_max_events = 100;
     let a = cluster_node(&redis.url(), &unique("rr-a"), small_margin).await;
     let b = cluster_node(&redis.url(), &unique("rr-b"), small_margin).await;
@@ -357,9 +357,9 @@ async fn a_redis_restart_mid_run_leaves_every_tab_contiguous_or_told_and_seq_mov
     sender.pump_until(|t| t.view(&session).last >= 10).await;
     assert!(sender.view(&session).completes.is_empty(), "the run must still be going when Redis goes");
 
-    redis.stop();
+    redis.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    redis.restart();
+    redis.restart().expect("private redis-server restarts");
 
     for tab in [&mut sender, &mut beside, &mut remote] {
         tab.pump_until(|t| !t.view(&session).completes.is_empty()).await;
@@ -397,7 +397,7 @@ async fn a_redis_restart_mid_run_leaves_every_tab_contiguous_or_told_and_seq_mov
 /// never completed, and clients saw seqs twice with different content).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_redis_comes_back_empty_no_second_run_starts_beside_the_live_one() {
-    let mut redis = PrivateRedis::start();
+    let mut redis = PrivateRedis::start().expect("private redis-server");
     // Renewals (the owner's way back to its lock) come every 2 s.
     let lease = |c: &mut Config| c.run_lease = Duration::from_secs(6);
     let a = cluster_node(&redis.url(), &unique("lost-a"), lease).await;
@@ -410,9 +410,9 @@ async fn after_redis_comes_back_empty_no_second_run_starts_beside_the_live_one()
     owner.ws.send_chat(&session, &plan.to_string()).await;
     owner.pump_until(|t| !t.view(&session).events.is_empty()).await;
 
-    redis.stop();
+    redis.kill();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    redis.restart();
+    redis.restart().expect("private redis-server restarts");
 
     // Meanwhile a tab opened on the other node is told the truth: the run is going on (its
     // subscribe waits for the owner to re-take its lock rather than answer "idle") ...
@@ -475,13 +475,13 @@ async fn sigterm_closes_sockets_with_1012_they_resume_elsewhere_and_runs_end_cle
     const GRACE: Duration = Duration::from_secs(2);
     let redis = redis_url();
     let other = cluster_node(&redis, &unique("stays"), |_| {}).await;
-    let mut doomed = NodeProcess::spawn(
+    let doomed = common::spawn_node(
         &redis,
         &unique("drained"),
         &other.workspaces,
         &["--drain-grace", "2s", "--run-lease", "3s"],
     );
-    doomed.wait_ready().await;
+    doomed.wait_ready().await.expect("node ready");
     let token = mint(&user(), Duration::from_secs(600));
     // `short` finishes within the grace, `long` outlives it.
     let short = other.create_session(&token, "script").await;
@@ -502,7 +502,7 @@ async fn sigterm_closes_sockets_with_1012_they_resume_elsewhere_and_runs_end_cle
     sender.pump_until(|t| t.views.values().all(|v| v.last >= 3)).await;
 
     let term = Instant::now();
-    doomed.sigterm();
+    doomed.sigterm().unwrap();
     for tab in [&mut sender, &mut beside] {
         assert_eq!(tab.until_closed(Duration::from_secs(3)).await, Some(1012), "{}", tab.name);
         tab.hop(other.connect(&token).await).await;
@@ -517,7 +517,7 @@ async fn sigterm_closes_sockets_with_1012_they_resume_elsewhere_and_runs_end_cle
     }
     let ended_after = term.elapsed();
     assert!(ended_after < GRACE + Duration::from_secs(3), "the long run ended {ended_after:?} after SIGTERM");
-    let status = doomed.exited(Duration::from_secs(10)).await;
+    let status = doomed.exited(Duration::from_secs(10)).await.unwrap();
     assert_eq!(status.code(), Some(0), "drained process exit: {status:?}");
 
     for tab in [&mut sender, &mut beside, &mut watcher] {
@@ -572,7 +572,7 @@ async fn a_thousand_finished_runs_leave_only_seq_counters_in_redis() {
     const SESSIONS: usize = 20;
     const RUNS: usize = 50;
     const RETENTION: Duration = Duration::from_secs(1);
-    let redis = PrivateRedis::start();
+    let redis = PrivateRedis::start().expect("private redis-server");
     // A short lease too: an append's batch id (its retry guard) lives one lease.
     // A thousand runs of one user: far above the default --max-sends-per-minute.
     let short = |c: &mut Config| {
@@ -758,7 +758,7 @@ async fn a_reaped_run_s_terminal_complete_is_kept_in_history() {
 /// Redis back into the state the dead owner leaves: the complete row gone, the marker set.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_complete_its_owner_died_before_storing_reaches_history() {
-    let redis = PrivateRedis::start();
+    let redis = PrivateRedis::start().expect("private redis-server");
     let lease = |c: &mut Config| c.run_lease = Duration::from_millis(900);
     let a = cluster_node(&redis.url(), &unique("owner"), lease).await;
     let b = cluster_node(&redis.url(), &unique("sweeper"), lease).await;

@@ -219,8 +219,8 @@ impl Gateway {
         env.push(("LANG".into(), "C.UTF-8".into()));
         env.push(("TZ".into(), "UTC".into()));
 
-        let mut node = NodeProcess::start_env(&args, &env, &root);
-        node.wait_ready_or_exit().await;
+        let node = common::spawn_node_env(&args, &env, &root);
+        node.wait_ready().await.expect("node ready");
         Gateway {
             node,
             variant,
@@ -293,11 +293,7 @@ impl Gateway {
 
     /// Asserts the node process still runs and answers `/healthz`.
     async fn assert_alive(&mut self) {
-        assert!(
-            self.node.child.try_wait().unwrap().is_none(),
-            "the node died during the attack; stderr:\n{}",
-            self.node.stderr()
-        );
+        assert!(self.node.is_running(), "the node died during the attack; stderr:\n{}", self.node.stderr());
         let (status, body) = self.get("/healthz").await;
         assert_eq!(status, 200, "/healthz after the attack: {body}");
     }
@@ -505,7 +501,7 @@ async fn attack(gw: &Gateway, attacks: Option<&[&str]>) -> Attack {
     let default_attacks = ["env", "proc", "read", "list", "write", "file_size", "memory", "memory_total", "fork"];
     let params = json!({
         "nonce": nonce,
-        "gateway_pid": gw.node.child.id(),
+        "gateway_pid": gw.node.pid().expect("gateway runs"),
         "gateway_exe": env!("CARGO_BIN_EXE_chatgate"),
         "secrets": &secrets,
         "reads": reads,
@@ -664,7 +660,7 @@ fn check_contained(c: &mut Checks, gw: &Gateway, at: &Attack) {
     // /proc: its own PID namespace.
     c.check(r["proc_list_error"].is_null(), format!("/proc could not be listed: {}", r["proc_list_error"]));
     c.check(r["gateway_visible"] == false, "the gateway process is visible in the CLI's /proc");
-    let gateway_pid = gw.node.child.id();
+    let gateway_pid = gw.node.pid().expect("gateway runs");
     let procs = r["proc_processes"].as_object().cloned().unwrap_or_default();
     let gateway_exe = env!("CARGO_BIN_EXE_chatgate");
     let visible_gateway: Vec<&String> = procs
@@ -872,7 +868,7 @@ async fn no_sandbox_still_gives_a_clean_environment_and_per_user_roots() {
     let mut c = Checks::default();
     check_environment(&mut c, &gw, &at, &at.a_home.join(".tmp"));
     let r = &at.report;
-    let gateway_pid = gw.node.child.id();
+    let gateway_pid = gw.node.pid().expect("gateway runs");
     c.check(r["ppid"] == gateway_pid, format!("the CLI's parent is {}, want the gateway {gateway_pid}", r["ppid"]));
     for name in ["gateway_cmdline", "ppid_cmdline"] {
         let read = &r["reads"][name];
@@ -1106,8 +1102,8 @@ async fn refused_start(
     env: &[(String, String)],
     log_dir: &Path,
 ) -> (std::process::ExitStatus, String) {
-    let mut node = NodeProcess::start_env(args, env, log_dir);
-    let status = node.exited(Duration::from_secs(15)).await;
+    let node = common::spawn_node_env(args, env, log_dir);
+    let status = node.exited(Duration::from_secs(15)).await.unwrap();
     (status, node.stderr())
 }
 
@@ -1137,8 +1133,8 @@ async fn a_homes_root_inside_the_workspaces_root_is_refused_at_start() {
     let (args, env) = minimal(dir.path());
 
     let good = [&args[..], &[os("--homes-root"), os(dir.path().join("homes"))]].concat();
-    let mut node = NodeProcess::start_env(&good, &env, dir.path());
-    node.wait_ready_or_exit().await;
+    let node = common::spawn_node_env(&good, &env, dir.path());
+    node.wait_ready().await.expect("node ready");
     drop(node);
 
     let inside = [&args[..], &[os("--homes-root"), os(dir.path().join("workspaces").join("homes"))]].concat();
@@ -1156,8 +1152,8 @@ async fn sandbox_bwrap_refuses_to_start_when_bwrap_cannot_run() {
     let (args, env) = minimal(dir.path());
     let base = [&args[..], &[os("--homes-root"), os(dir.path().join("homes")), os("--sandbox"), os("bwrap")]].concat();
 
-    let mut node = NodeProcess::start_env(&base, &env, dir.path());
-    node.wait_ready_or_exit().await;
+    let node = common::spawn_node_env(&base, &env, dir.path());
+    node.wait_ready().await.expect("node ready");
     let ready: Value = reqwest::get(format!("{}/readyz", node.base)).await.unwrap().json().await.unwrap();
     assert_eq!(ready["sandbox"], "bwrap", "{ready}");
     drop(node);

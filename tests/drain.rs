@@ -127,15 +127,15 @@ async fn binary(db: Db, extra: &[&str]) -> (NodeProcess, Config, tempfile::TempD
     let dir = tempfile::tempdir().unwrap();
     let config = common::config(db, &dir);
     let args = [&["--drain-grace", "500ms", "--providers", "script"][..], extra].concat();
-    let node = NodeProcess::start(&config.database_url, config.workspaces_root.as_ref().unwrap(), &args);
-    node.wait_ready().await;
+    let node = common::spawn_node_on(&config.database_url, config.workspaces_root.as_ref().unwrap(), &args);
+    node.wait_ready().await.expect("node ready");
     (node, config, dir)
 }
 
 /// The real `chatgate` binary gets SIGTERM during a run: its socket is closed
 /// with 1012, the run ends with a terminal `complete` in history, exit code 0.
 async fn sigterm_ends_the_run_and_exits_0(db: Db) {
-    let (mut node, config, _dir) = binary(db, &[]).await;
+    let (node, config, _dir) = binary(db, &[]).await;
     let token = mint(&user(), Duration::from_secs(600));
     let http = reqwest::Client::new();
     let body = json!({ "provider": "script", "projectPath": "proj" });
@@ -145,9 +145,9 @@ async fn sigterm_ends_the_run_and_exits_0(db: Db) {
     ws.send_chat(&id, &paced(400, 10)).await;
     ws.recv_until(|v| v["kind"] == "stream_delta").await;
 
-    node.sigterm();
+    node.sigterm().unwrap();
     assert_eq!(ws.closed(Duration::from_secs(3)).await, Some(1012));
-    assert_eq!(node.exited(Duration::from_secs(10)).await.code(), Some(0));
+    assert_eq!(node.exited(Duration::from_secs(10)).await.unwrap().code(), Some(0));
 
     let store = chatgate::store::Store::connect(&config.database_url).await.unwrap();
     let page = store.messages(&id, None, 0, chatgate::store::HistoryView::All).await.unwrap();
@@ -166,20 +166,20 @@ async fn sigterm_with_no_runs_closes_every_socket_with_1012_before_exiting(db: D
     const ROUNDS: usize = 3;
     let limit = SOCKETS.to_string();
     for round in 0..ROUNDS {
-        let (mut node, _, _dir) = binary(db, &["--conn-burst-per-ip", &limit, "--max-sockets-per-user", &limit]).await;
+        let (node, _, _dir) = binary(db, &["--conn-burst-per-ip", &limit, "--max-sockets-per-user", &limit]).await;
         let token = mint(&user(), Duration::from_secs(600));
         let mut sockets = Vec::new();
         for _ in 0..SOCKETS {
             sockets.push(node.connect(&token).await);
         }
-        node.sigterm();
+        node.sigterm().unwrap();
         let mut codes = Vec::new();
         for ws in &mut sockets {
             codes.push(ws.closed(Duration::from_secs(5)).await);
         }
         let not_1012 = codes.iter().filter(|c| **c != Some(1012)).count();
         assert_eq!(not_1012, 0, "round {round}: {not_1012} of {SOCKETS} sockets not closed with 1012");
-        assert_eq!(node.exited(Duration::from_secs(10)).await.code(), Some(0));
+        assert_eq!(node.exited(Duration::from_secs(10)).await.unwrap().code(), Some(0));
     }
 }
 

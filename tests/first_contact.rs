@@ -22,7 +22,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_chatgate");
 /// Starts a quick-start node (no secret, no Redis) on `dir`'s SQLite database,
 /// stdout piped; returns it and its port.
 fn spawn_quick_start(dir: &Path) -> (std::process::Child, u16) {
-    let port = common::free_port();
+    let port = chatgate_testkit::ports::free_port().unwrap();
     let workspaces = dir.join("workspaces");
     std::fs::create_dir_all(&workspaces).unwrap();
     let child = Command::new(BIN)
@@ -164,8 +164,8 @@ async fn logged_node(dir: &Path, args: &[&str], rust_log: &str) -> NodeProcess {
     ];
     all.extend(args.iter().map(OsString::from));
     let env = [("CHATGATE_JWT_SECRET".to_string(), common::SECRET.to_string()), ("RUST_LOG".into(), rust_log.into())];
-    let mut node = NodeProcess::start_env(&all, &env, dir);
-    node.wait_ready_or_exit().await;
+    let node = common::spawn_node_env(&all, &env, dir);
+    node.wait_ready().await.expect("node ready");
     node
 }
 

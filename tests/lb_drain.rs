@@ -111,7 +111,7 @@ impl Stack {
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let workspaces = dir.path().join("workspaces");
         std::fs::create_dir_all(workspaces.join("proj")).unwrap();
-        let lb_port = common::free_ports(NODES as u16 + 1);
+        let lb_port = chatgate_testkit::ports::free_ports(NODES as u16 + 1).unwrap()[0];
         let mut env = vec![
             ("CHATGATE_BIN".to_string(), env!("CARGO_BIN_EXE_chatgate").to_string()),
             ("CHATGATE_LOCAL_STATE".to_string(), dir.path().join("state").display().to_string()),

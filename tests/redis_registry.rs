@@ -8,7 +8,6 @@
 mod common;
 
 use std::{
-    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -24,6 +23,7 @@ use chatgate::{
         redis::{RedisRegistry, RedisRegistryOptions, keys},
     },
 };
+use chatgate_testkit::redis::PrivateRedis;
 use redis::AsyncCommands;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -131,58 +131,6 @@ fn assert_owner_lost(event: &Event, session_id: &str, run_id: &str) {
     // Shaped like the owner's own `complete`.
     assert_eq!(v["actualSessionId"], session_id);
     assert!(v["id"].as_str().is_some_and(|id| id.starts_with("complete_")), "{v}");
-}
-
-/// A `redis-server` owned by one test, on a free port, without persistence.
-struct PrivateRedis {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl PrivateRedis {
-    async fn start() -> Self {
-        let port = common::free_port();
-        let mut server = PrivateRedis { port, child: None };
-        server.spawn().await;
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    async fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server runs");
-        self.child = Some(child);
-        let url = self.url();
-        eventually("private redis-server answers", || {
-            let url = url.clone();
-            async move {
-                let Ok(client) = redis::Client::open(url) else { return false };
-                let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return false };
-                redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
-            }
-        })
-        .await;
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// Per proxied connection: (it subscribed, it is silenced).
@@ -370,7 +318,7 @@ async fn a_dead_owner_gets_exactly_one_terminal_complete_seen_by_every_node() {
 async fn racing_reapers_end_each_orphan_exactly_once() {
     // A private server: no other test's sweeper walks these orphans; long
     // leases keep this test's own sweepers out of the way of the race.
-    let redis = PrivateRedis::start().await;
+    let redis = PrivateRedis::start().expect("private redis-server");
     let url = redis.url();
     let owner = node(&url, "orphans", Duration::from_secs(60)).await;
     let (b, c) =
@@ -492,7 +440,7 @@ async fn node_subscriptions_are_refcounted_and_released() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_pubsub_connection_is_redialed_without_a_gap() {
-    let redis = PrivateRedis::start().await;
+    let redis = PrivateRedis::start().expect("private redis-server");
     let lease = Duration::from_secs(10);
     let (a, b) = (node(&redis.url(), "a", lease).await, node(&redis.url(), "b", lease).await);
     let s = unique("s");
@@ -523,8 +471,8 @@ async fn a_killed_pubsub_connection_is_redialed_without_a_gap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_pubsub_connection_is_redialed_by_the_probe() {
-    let redis = PrivateRedis::start().await;
-    let proxy = SilencingProxy::start(redis.port).await;
+    let redis = PrivateRedis::start().expect("private redis-server");
+    let proxy = SilencingProxy::start(redis.port()).await;
     let lease = Duration::from_secs(3);
     let a = node(&redis.url(), "a", lease).await;
     let b = node(&proxy.url(), "b", lease).await;
@@ -550,7 +498,7 @@ async fn a_silent_pubsub_connection_is_redialed_by_the_probe() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_is_survived_and_announced_as_a_gap() {
-    let mut redis = PrivateRedis::start().await;
+    let mut redis = PrivateRedis::start().expect("private redis-server");
     let lease = Duration::from_secs(10);
     let (a, b) = (node(&redis.url(), "a", lease).await, node(&redis.url(), "b", lease).await);
     let s = unique("s");
@@ -565,7 +513,7 @@ async fn a_redis_restart_is_survived_and_announced_as_a_gap() {
     eventually("node a reports not ready", || async { a.ready().await.is_err() }).await;
     eventually("node b reports not ready", || async { b.ready().await.is_err() }).await;
     assert!(matches!(a.start_run(start(&a, &unique("s"), "rx", "u")).await, Err(RegistryError::Unavailable(_))));
-    redis.spawn().await; // back, and empty
+    redis.restart().expect("private redis-server restarts"); // back, and empty
 
     // The owner's next append re-takes the vanished lock; seq jumps ahead, never back.
     let resumed = a.append(&grant.lease, bodies(&s, "r1", 2)).await.expect("the run continues after the restart");
@@ -594,7 +542,7 @@ async fn a_redis_restart_is_survived_and_announced_as_a_gap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_lost_with_its_owner_in_a_restart_is_ended_by_a_watcher() {
-    let mut redis = PrivateRedis::start().await;
+    let mut redis = PrivateRedis::start().expect("private redis-server");
     let lease = Duration::from_secs(1);
     let owner = node(&redis.url(), "owner", lease).await;
     let watcher = node(&redis.url(), "watcher", lease).await;
@@ -608,7 +556,7 @@ async fn a_run_lost_with_its_owner_in_a_restart_is_ended_by_a_watcher() {
     drop(grant);
     drop(owner);
     redis.kill();
-    redis.spawn().await;
+    redis.restart().expect("private redis-server restarts");
     // No lock, no owner record, no stream: the watcher ends the run it saw going.
     match next_item(&mut feed.live).await {
         FeedItem::Gap { resumed_at } => assert!(resumed_at > 2),
@@ -687,7 +635,7 @@ async fn finished_runs_leave_only_expiring_keys() {
 /// clears the marker and the index entry. A run whose owner did confirm is left alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_complete_its_owner_did_not_store_is_handed_to_the_copier() {
-    let redis = PrivateRedis::start().await;
+    let redis = PrivateRedis::start().expect("private redis-server");
     let url = redis.url();
     let lease = Duration::from_millis(600);
     let owner = node(&url, "unsaved-owner", lease).await;
@@ -754,7 +702,7 @@ async fn connections_received(conn: &mut redis::aio::MultiplexedConnection) -> u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_batch_costs_one_round_trip() {
-    let redis = PrivateRedis::start().await;
+    let redis = PrivateRedis::start().expect("private redis-server");
     let a = node(&redis.url(), "cost", Duration::from_secs(30)).await;
     let s = unique("s");
     let grant = a.start_run(start(&a, &s, "r1", "u")).await.unwrap();
@@ -802,14 +750,14 @@ async fn start_when_recovered(registry: &RedisRegistry, start: RunStart) -> (cha
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_an_empty_restart_no_run_starts_until_the_live_owner_re_took_its_lock() {
-    let mut redis = PrivateRedis::start().await;
+    let mut redis = PrivateRedis::start().expect("private redis-server");
     let lease = Duration::from_secs(2);
     let (owner, other) = (node(&redis.url(), "owner", lease).await, node(&redis.url(), "other", lease).await);
     let s = unique("s");
     let grant = owner.start_run(recent(&owner, &s, "r1", 0)).await.unwrap();
     owner.append(&grant.lease, bodies(&s, "r1", 2)).await.unwrap();
     redis.kill();
-    redis.spawn().await; // back, and empty: the session looks idle
+    redis.restart().expect("private redis-server restarts"); // back, and empty: the session looks idle
 
     // A start elsewhere is refused (not granted beside the live run) until the owner is back.
     let refused = loop {
@@ -834,7 +782,7 @@ async fn after_an_empty_restart_no_run_starts_until_the_live_owner_re_took_its_l
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_an_empty_restart_a_dead_owners_session_takes_runs_once_redis_is_a_lease_old() {
-    let mut redis = PrivateRedis::start().await;
+    let mut redis = PrivateRedis::start().expect("private redis-server");
     let lease = Duration::from_secs(1);
     let (owner, other) = (node(&redis.url(), "dead", lease).await, node(&redis.url(), "next", lease).await);
     let s = unique("s");
@@ -842,7 +790,7 @@ async fn after_an_empty_restart_a_dead_owners_session_takes_runs_once_redis_is_a
     owner.append(&grant.lease, bodies(&s, "r1", 3)).await.unwrap();
     owner.abandon(&grant.lease).await; // the owner is gone: nobody will re-take
     redis.kill();
-    redis.spawn().await;
+    redis.restart().expect("private redis-server restarts");
     let restarted = Instant::now();
 
     // Readers wait, then read the session idle, at what SQL knows (no seq is announced that no
@@ -871,7 +819,7 @@ async fn after_an_empty_restart_a_dead_owners_session_takes_runs_once_redis_is_a
 
     // Never waited on after a restart: a session without events, or one idle for a day.
     redis.kill();
-    redis.spawn().await;
+    redis.restart().expect("private redis-server restarts");
     let fresh = unique("s");
     let (_, waited) = start_when_recovered(&other, recent(&other, &fresh, "r1", 0)).await;
     assert!(waited < lease, "{waited:?}");

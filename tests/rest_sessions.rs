@@ -736,7 +736,7 @@ db_tests!(
 /// client, and the failure counted per backend by the error middleware.
 #[tokio::test]
 async fn a_backend_failure_is_503_and_counted_by_backend() {
-    let mut redis = common::PrivateRedis::start();
+    let mut redis = common::PrivateRedis::start().expect("private redis-server");
     let node = common::cluster_node(&redis.url(), "rest-backend", |_| {}).await;
     let token = node.token(&user());
     assert_ok(&node.request("GET", SESSIONS, &token, None).await, 200);
@@ -748,7 +748,7 @@ async fn a_backend_failure_is_503_and_counted_by_backend() {
             .sum::<f64>()
     };
     let before = counted(&node.get_text("/metrics").await.1);
-    redis.stop();
+    redis.kill();
     let got = node.request("GET", SESSIONS, &token, None).await;
     assert_error(&got, 503, "BACKEND_UNAVAILABLE");
     assert!(!got.1["error"]["message"].as_str().unwrap_or_default().contains("refused"), "{}", got.1);

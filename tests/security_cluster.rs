@@ -173,7 +173,7 @@ async fn verbs_with_crafted_id(ws: &mut Ws, id: &str, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crafted_session_ids_touch_no_other_session_keys() {
-    let redis = PrivateRedis::start();
+    let redis = PrivateRedis::start().expect("private redis-server");
     // Hundreds of verbs per socket in a burst: above the per-socket frame limit.
     let flood = |c: &mut chatgate::config::Config| (c.frame_rate, c.frame_burst) = (100_000, 100_000);
     let a = cluster_node(&redis.url(), &node_id("a"), flood).await;
@@ -268,7 +268,7 @@ struct Tenant {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crafted_user_ids_hear_only_their_own_notices_and_runs() {
-    let redis = PrivateRedis::start();
+    let redis = PrivateRedis::start().expect("private redis-server");
     let a = cluster_node(&redis.url(), &node_id("a"), |_| {}).await;
     let b = cluster_node(&redis.url(), &node_id("b"), |_| {}).await;
     let (on_a, on_b) = (Endpoint::of(&a), Endpoint::of(&b));

@@ -1,5 +1,7 @@
-//! Test harness: in-process gateway nodes on real SQLite/PostgreSQL, and a
-//! WebSocket client over real sockets (tokio-tungstenite).
+//! Test harness: in-process gateway nodes on real SQLite/PostgreSQL, the test settings
+//! (secret, databases, workspaces) for nodes started by the shared kit
+//! (`crates/chatgate-testkit`: child processes of the real binary, private Redis, the
+//! WebSocket client, tokens), and assertions.
 #![allow(dead_code)]
 
 use std::{
@@ -8,13 +10,17 @@ use std::{
 };
 
 use chatgate::{config::Config, node::Node};
-use futures_util::{SinkExt, StreamExt};
-use serde_json::{Value, json};
-use tokio::net::TcpStream;
-use tokio_tungstenite::{
-    MaybeTlsStream, WebSocketStream,
-    tungstenite::{self, Message, client::IntoClientRequest},
+// Each test crate uses some of these.
+#[allow(unused_imports)]
+pub use chatgate_testkit::{
+    node::{NodeCommand, NodeProcess},
+    postgres::pg_url,
+    redis::PrivateRedis,
+    token::{alg_none as alg_none_token, forged as forged_token, signed},
+    ws::{FRAME_TIMEOUT, Ws, with_hello},
 };
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite;
 
 /// Generates, for each named `async fn name(db: Db)`, one test per database:
 /// `sqlite::name` and `postgres::name`.
@@ -47,11 +53,6 @@ pub const SECRET: &str = "test-secret";
 pub enum Db {
     Sqlite,
     Postgres,
-}
-
-/// The PostgreSQL URL of the test database.
-pub fn pg_url() -> String {
-    std::env::var("CHATGATE_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
 /// A running node plus what tests need to talk to it.
@@ -216,10 +217,7 @@ impl TestNode {
     /// A socket as upstream's client opens it (no `hello=1`: no `connected` frame) and the
     /// `X-Chatgate-Node` header of its upgrade response.
     pub async fn connect_upstream(&self, token: &str) -> (Ws, Option<String>) {
-        let url = format!("{}?token={token}", self.ws_url);
-        let (stream, response) = tokio_tungstenite::connect_async(url).await.expect("websocket connects");
-        let node = response.headers().get("x-chatgate-node").and_then(|v| v.to_str().ok()).map(str::to_string);
-        (Ws { stream, node_id: String::new() }, node)
+        Ws::connect_upstream(&format!("{}?token={token}", self.ws_url)).await
     }
 
     /// An upgrade with extra headers (and the token in the query when given).
@@ -236,135 +234,6 @@ impl TestNode {
         if let Some(node) = self.node.take() {
             node.drain().await;
         }
-    }
-}
-
-/// `url` asking for chatgate's additions (`hello=1`: the `connected` frame first).
-pub fn with_hello(url: &str) -> String {
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}hello=1")
-}
-
-/// A WebSocket test client.
-pub struct Ws {
-    pub stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    /// The node serving this socket (from its `connected` frame).
-    pub node_id: String,
-}
-
-/// How long a test waits for one frame.
-pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
-
-impl Ws {
-    /// Connects with `hello=1` and reads the `connected {nodeId}` frame that opts in to.
-    pub async fn connect(url: &str) -> Ws {
-        let (stream, _) = tokio_tungstenite::connect_async(with_hello(url)).await.expect("websocket connects");
-        let mut ws = Ws { stream, node_id: String::new() };
-        let hello = ws.recv().await;
-        assert_eq!(hello["kind"], "connected", "first frame: {hello}");
-        ws.node_id = hello["nodeId"].as_str().unwrap_or_default().to_string();
-        ws
-    }
-
-    pub async fn try_connect(url: &str, headers: &[(&str, &str)]) -> Result<Ws, tungstenite::Error> {
-        let mut request = with_hello(url).into_client_request()?;
-        for (name, value) in headers {
-            request.headers_mut().insert(
-                tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                tungstenite::http::HeaderValue::from_str(value).unwrap(),
-            );
-        }
-        let (stream, _) = tokio_tungstenite::connect_async(request).await?;
-        Ok(Ws { stream, node_id: String::new() })
-    }
-
-    /// Waits for the socket to close; the close code (`None`: no close frame). Panics on timeout.
-    pub async fn closed(&mut self, wait: Duration) -> Option<u16> {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match self.try_recv(left).await {
-                Some(Ok(_)) => continue,
-                Some(Err(code)) => return code,
-                None => panic!("socket still open after {wait:?}"),
-            }
-        }
-    }
-
-    /// The next frame that is not a `session_upserted` notice.
-    pub async fn recv_reply(&mut self) -> Value {
-        loop {
-            let frame = self.recv().await;
-            if frame["kind"] != "session_upserted" {
-                return frame;
-            }
-        }
-    }
-
-    pub async fn send(&mut self, value: Value) {
-        self.stream.send(Message::Text(value.to_string().into())).await.unwrap();
-    }
-
-    pub async fn send_text(&mut self, text: &str) {
-        self.stream.send(Message::Text(text.to_string().into())).await.unwrap();
-    }
-
-    /// The next JSON frame; panics on timeout or close.
-    pub async fn recv(&mut self) -> Value {
-        match self.try_recv(FRAME_TIMEOUT).await {
-            Some(Ok(v)) => v,
-            Some(Err(close)) => panic!("socket closed: {close:?}"),
-            None => panic!("no frame within {FRAME_TIMEOUT:?}"),
-        }
-    }
-
-    /// The next JSON frame, `Err(close code)` when the socket closes, `None` on timeout.
-    pub async fn try_recv(&mut self, wait: Duration) -> Option<Result<Value, Option<u16>>> {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let next = tokio::time::timeout_at(deadline, self.stream.next()).await.ok()?;
-            match next {
-                Some(Ok(Message::Text(text))) => return Some(Ok(serde_json::from_str(&text).unwrap())),
-                Some(Ok(Message::Close(frame))) => return Some(Err(frame.map(|f| u16::from(f.code)))),
-                Some(Ok(_)) => continue,
-                Some(Err(_)) | None => return Some(Err(None)),
-            }
-        }
-    }
-
-    /// Frames until one matches `pred` (returned last).
-    pub async fn recv_until(&mut self, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
-        let mut frames = Vec::new();
-        loop {
-            let frame = self.recv().await;
-            let done = pred(&frame);
-            frames.push(frame);
-            if done {
-                return frames;
-            }
-        }
-    }
-
-    /// Frames of `session` until its `complete` (inclusive), other frames skipped.
-    pub async fn run_events(&mut self, session: &str) -> Vec<Value> {
-        let frames = self.recv_until(|v| v["kind"] == "complete" && v["sessionId"] == session).await;
-        frames.into_iter().filter(|v| v["sessionId"] == session && v.get("seq").is_some()).collect()
-    }
-
-    /// Asserts nothing arrives for `wait`.
-    pub async fn expect_silence(&mut self, wait: Duration) {
-        if let Some(frame) = self.try_recv(wait).await {
-            panic!("unexpected frame: {frame:?}");
-        }
-    }
-
-    pub async fn send_chat(&mut self, session: &str, content: &str) {
-        self.send(json!({ "type": "chat.send", "sessionId": session, "content": content })).await;
-    }
-
-    pub async fn subscribe(&mut self, session: &str, last_seq: u64) {
-        self.send(json!({ "type": "chat.subscribe", "sessions": [{ "sessionId": session, "lastSeq": last_seq }] }))
-            .await;
     }
 }
 
@@ -394,80 +263,9 @@ pub async fn key_names(conn: &mut redis::aio::MultiplexedConnection) -> Vec<Stri
     names
 }
 
-/// The first of `count` consecutive free ports, below the kernel's ephemeral range: the
-/// processes' own outgoing connections (to Redis, PostgreSQL, each other) take ports from that
-/// range, and one could take a listener's port between this check and the listener's bind.
-pub fn free_ports(count: u16) -> u16 {
-    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
-    let low: u16 = range.split_whitespace().next().and_then(|p| p.parse().ok()).unwrap_or(32768);
-    let (from, to) = (low.saturating_sub(12_000).max(10_000), low.saturating_sub(count));
-    for _ in 0..200 {
-        let base = rand::random_range(from..to);
-        if (base..base + count).all(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no {count} consecutive free ports between {from} and {to}");
-}
-
-/// A free port for a listener (see [`free_ports`]).
-pub fn free_port() -> u16 {
-    free_ports(1)
-}
-
 /// The shared Redis of the test machine.
 pub fn redis_url() -> String {
     std::env::var("CHATGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-/// A private `redis-server` on a free port, killed on drop (for tests that stop Redis).
-pub struct PrivateRedis {
-    pub port: u16,
-    child: Option<std::process::Child>,
-}
-
-impl PrivateRedis {
-    pub fn start() -> PrivateRedis {
-        let port = free_port();
-        let mut redis = PrivateRedis { port, child: None };
-        redis.restart();
-        redis
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts (again) an empty server on the same port.
-    pub fn restart(&mut self) {
-        self.stop();
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server runs");
-        self.child = Some(child);
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("private redis-server did not start");
-    }
-
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 /// The workspaces root every cluster node of the tests shares, as the nodes of
@@ -514,48 +312,12 @@ pub async fn rest(
 
 /// A token for `user` signed with the test secret.
 pub fn mint(user: &str, ttl: Duration) -> String {
-    chatgate::auth::Auth::new(SECRET.as_bytes()).mint(user, ttl).unwrap()
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
-}
-
-/// HS256 token with arbitrary claims signed with `secret`.
-pub fn signed(secret: &[u8], claims: Value) -> String {
-    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
-    encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret)).unwrap()
-}
-
-/// A well-formed token signed with the wrong secret.
-pub fn forged_token(user: &str) -> String {
-    signed(b"not-the-secret", json!({ "userId": user, "exp": unix_now() + 3600 }))
-}
-
-/// `{"alg":"none"}` with a valid-looking payload and no signature.
-pub fn alg_none_token(user: &str) -> String {
-    let header = b64(br#"{"alg":"none","typ":"JWT"}"#);
-    let payload = b64(json!({ "userId": user, "exp": unix_now() + 3600 }).to_string().as_bytes());
-    format!("{header}.{payload}.")
+    chatgate_testkit::token::mint(SECRET, user, ttl).expect("token minted")
 }
 
 /// A correctly signed token that expired a minute ago.
 pub fn expired_token(user: &str) -> String {
-    signed(SECRET.as_bytes(), json!({ "userId": user, "iat": unix_now() - 120, "exp": unix_now() - 60 }))
-}
-
-/// Base64url without padding.
-fn b64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
-        let chars = chunk.len() + 1;
-        for i in 0..chars {
-            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-        }
-    }
-    out
+    chatgate_testkit::token::expired(SECRET, user)
 }
 
 /// The `kind`s of frames.
@@ -634,140 +396,43 @@ pub fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// A cluster node run as a child process of the real binary (so it can get
-/// real signals: SIGTERM, SIGKILL). Killed on drop if still running.
-pub struct NodeProcess {
-    pub child: std::process::Child,
-    pub base: String,
-    pub ws_url: String,
-    /// Where its stderr goes, when started by [`NodeProcess::start_env`].
-    pub stderr_log: Option<PathBuf>,
+/// A node of this crate's `chatgate` binary (see `chatgate_testkit::node`).
+pub fn node_command() -> NodeCommand {
+    NodeCommand::new(env!("CARGO_BIN_EXE_chatgate"))
 }
 
-impl NodeProcess {
-    /// Starts `chatgate serve` on a free port against `redis` and the test
-    /// PostgreSQL, with `extra` flags appended (e.g. `--drain-grace 2s`).
-    pub fn spawn(redis: &str, node_id: &str, workspaces: &std::path::Path, extra: &[&str]) -> NodeProcess {
-        let cluster = ["--node-id", node_id, "--redis-url", redis];
-        NodeProcess::start(&pg_url(), workspaces, &[&cluster[..], extra].concat())
-    }
-
-    /// Starts `chatgate serve` on a free port on `database_url`, with `args` appended.
-    pub fn start(database_url: &str, workspaces: &std::path::Path, args: &[&str]) -> NodeProcess {
-        let port = free_port();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_chatgate"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--database-url", database_url, "--jwt-secret", SECRET])
-            .arg("--workspaces-root")
-            .arg(workspaces)
-            // The harness's sessions name one shared project ("proj") for every user.
-            .args(["--workspace-layout", "shared", "--homes-root"])
-            .arg(workspaces.parent().unwrap_or(workspaces).join("chatgate-homes"))
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("chatgate binary starts");
-        NodeProcess {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            ws_url: format!("ws://127.0.0.1:{port}/ws"),
-            stderr_log: None,
-        }
-    }
-
-    /// Starts `chatgate serve --listen <free port>` with exactly `args` after it (no
-    /// database, secret or workspaces flag is added), in an environment holding none
-    /// of this process's `CHATGATE_*`, `DATABASE_URL*` and `REDIS_URL*` variables plus
-    /// `env`; stderr goes to `<log_dir>/chatgate-<port>.stderr` ([`NodeProcess::stderr`]).
-    pub fn start_env(args: &[std::ffi::OsString], env: &[(String, String)], log_dir: &Path) -> NodeProcess {
-        let port = free_port();
-        let log = log_dir.join(format!("chatgate-{port}.stderr"));
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_chatgate"));
-        command.args(["serve", "--listen", &format!("127.0.0.1:{port}")]).args(args);
-        for (name, _) in std::env::vars_os() {
-            let text = name.to_string_lossy();
-            if text.starts_with("CHATGATE_") || text.starts_with("DATABASE_URL") || text.starts_with("REDIS_URL") {
-                command.env_remove(&name);
-            }
-        }
-        command.envs(env.iter().map(|(k, v)| (k, v)));
-        let child = command
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("stderr log file"))
-            .spawn()
-            .expect("chatgate binary starts");
-        NodeProcess {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            ws_url: format!("ws://127.0.0.1:{port}/ws"),
-            stderr_log: Some(log),
-        }
-    }
-
-    /// What the process wrote on stderr so far (empty when not captured).
-    pub fn stderr(&self) -> String {
-        self.stderr_log.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default()
-    }
-
-    /// Waits until `/readyz` answers 200; panics with the captured stderr when the
-    /// process exits first or after 15 s.
-    pub async fn wait_ready_or_exit(&mut self) {
-        for _ in 0..300 {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("chatgate exited before it was ready ({status}); stderr:\n{}", self.stderr());
-            }
-            if let Ok(r) = reqwest::get(format!("{}/readyz", self.base)).await
-                && r.status().is_success()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("{} not ready after 15 s; stderr:\n{}", self.base, self.stderr());
-    }
-
-    /// Waits until `/readyz` answers 200; panics after 10 s.
-    pub async fn wait_ready(&self) {
-        for _ in 0..200 {
-            if let Ok(r) = reqwest::get(format!("{}/readyz", self.base)).await
-                && r.status().is_success()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("{} not ready", self.base);
-    }
-
-    pub async fn connect(&self, token: &str) -> Ws {
-        Ws::connect(&format!("{}?token={token}", self.ws_url)).await
-    }
-
-    /// Sends SIGTERM (the drain signal).
-    pub fn sigterm(&self) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    }
-
-    /// The exit status once the process ended; panics after `wait`.
-    pub async fn exited(&mut self, wait: Duration) -> std::process::ExitStatus {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "process still running after {wait:?}");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
+/// Spawns `chatgate serve` (not waiting for it) on a free port against `redis` and the test
+/// PostgreSQL, with `extra` flags appended (e.g. `--drain-grace 2s`).
+pub fn spawn_node(redis: &str, node_id: &str, workspaces: &Path, extra: &[&str]) -> NodeProcess {
+    let cluster = ["--node-id", node_id, "--redis-url", redis];
+    spawn_node_on(&pg_url(), workspaces, &[&cluster[..], extra].concat())
 }
 
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// Spawns `chatgate serve` (not waiting for it) on a free port on `database_url`, with the
+/// test secret and `args` appended.
+pub fn spawn_node_on(database_url: &str, workspaces: &Path, args: &[&str]) -> NodeProcess {
+    node_command()
+        .database_url(database_url)
+        .jwt_secret(SECRET)
+        .workspaces(workspaces)
+        // The harness's sessions name one shared project ("proj") for every user.
+        .args(["--workspace-layout", "shared"])
+        .homes(&workspaces.parent().unwrap_or(workspaces).join("chatgate-homes"))
+        .args(args)
+        .spawn()
+        .expect("chatgate binary starts")
+}
+
+/// Spawns `chatgate serve --listen <free port>` (not waiting for it) with exactly `args`
+/// after it (no database, secret or workspaces flag is added), in an environment holding
+/// none of this process's `CHATGATE_*`, `DATABASE_URL*` and `REDIS_URL*` variables plus
+/// `env`; stderr goes to `<log_dir>/chatgate-<port>.stderr` ([`NodeProcess::stderr`]).
+pub fn spawn_node_env(args: &[std::ffi::OsString], env: &[(String, String)], log_dir: &Path) -> NodeProcess {
+    node_command()
+        .args(args)
+        .clean_env()
+        .envs(env.iter().cloned())
+        .stderr_in(log_dir)
+        .spawn()
+        .expect("chatgate binary starts")
 }

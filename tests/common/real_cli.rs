@@ -206,12 +206,12 @@ impl Gateway {
             all.extend(args.iter().cloned());
             all
         };
-        let mut node = NodeProcess::start_env(&node_args("a"), &all_env, root);
-        node.wait_ready_or_exit().await;
+        let node = crate::common::spawn_node_env(&node_args("a"), &all_env, root);
+        node.wait_ready().await.expect("node ready");
         let peer = match cluster {
             true => {
-                let mut peer = NodeProcess::start_env(&node_args("b"), &all_env, root);
-                peer.wait_ready_or_exit().await;
+                let peer = crate::common::spawn_node_env(&node_args("b"), &all_env, root);
+                peer.wait_ready().await.expect("peer ready");
                 Some(peer)
             }
             false => None,
@@ -514,7 +514,7 @@ pub async fn cluster_scenario(
     let root = &gateway.root;
     tab_a.send(send("hang")).await;
     wait_for_request(standin, "\"hang\"", TURN_TIMEOUT).await;
-    let node_a = gateway.node.child.id();
+    let node_a = gateway.node.pid().expect("gateway runs");
     let started = tokio::time::Instant::now();
     while children_in(root, node_a).is_empty() {
         assert!(started.elapsed() < Duration::from_secs(5), "the CLI is not node a's child: {:?}", processes_in(root));
