@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use chatgate_testkit::redis::PrivateRedis;
 use serde_json::{Value, json};
 
 use crate::{
@@ -13,7 +14,6 @@ use crate::{
     idle::{self, IdleArgs},
     reconnect::{self, ReconnectArgs},
     replay::{self, ReplayArgs},
-    services::PrivateRedis,
     start::{self, StartArgs},
 };
 
@@ -32,12 +32,10 @@ pub async fn run(bin: &Path, args: &ClusterArgs, idle_sockets: usize, storm_clie
     let say = |what: &str| eprintln!("chatgate-bench all: {what}");
     say("ceiling");
     let ceiling = {
-        let private = if args.private_redis { Some(PrivateRedis::start().await?) } else { None };
-        let url = private.as_ref().map_or(args.redis_url.clone(), |r| r.url.clone());
+        let private = if args.private_redis { Some(PrivateRedis::start()?) } else { None };
+        let url = private.as_ref().map_or(args.redis_url.clone(), |r| r.url());
         let result = ceiling::measure(&url).await;
-        if let Some(redis) = private {
-            redis.stop().await;
-        }
+        drop(private);
         result?
     };
     let shape = FanoutArgs { runs: 100, subscribers: 10, events: 1000, payload_bytes: 64, rate: None, seconds: 10.0 };

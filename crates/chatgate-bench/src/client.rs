@@ -1,25 +1,19 @@
 //! The load generator's client side: nodes (spawned single-node or in cluster
-//! mode), tokens, sessions over REST, and WebSocket connections bound to
-//! chosen source addresses.
+//! mode, by the test kit's node spawner), tokens, sessions over REST, and the
+//! protocol steps the scenarios share (WebSockets: `chatgate_testkit::ws`).
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::{Path, PathBuf},
-    process::Stdio,
     time::Duration,
 };
 
-use anyhow::{Context, anyhow, bail};
-use chatgate::auth::Auth;
-use futures_util::{SinkExt, StreamExt};
-use serde_json::{Value, json};
-use tokio::{
-    net::{TcpSocket, TcpStream},
-    process::{Child, Command},
+use anyhow::{anyhow, bail};
+use chatgate_testkit::{
+    node::{NodeCommand, NodeProcess},
+    ws::{self, Socket},
 };
-use tokio_tungstenite::{WebSocketStream, tungstenite::Message};
-
-pub type Socket = WebSocketStream<TcpStream>;
+use serde_json::{Value, json};
 
 /// The secret every spawned node signs tokens with.
 pub const SECRET: &str = "chatgate-bench-secret";
@@ -38,12 +32,13 @@ pub enum Backend {
 pub struct Node {
     pub addr: SocketAddr,
     pub pid: Option<u32>,
-    child: Option<Child>,
-    _dir: Option<tempfile::TempDir>,
+    process: NodeProcess,
+    _dir: tempfile::TempDir,
 }
 
 impl Node {
-    /// Starts `chatgate serve` on a free port (only the `script` provider enabled).
+    /// Starts `chatgate serve` on a free port (only the `script` provider enabled) and waits
+    /// until it is ready.
     pub async fn spawn(
         bin: &Path,
         backend: &Backend,
@@ -51,37 +46,23 @@ impl Node {
         env: &[(String, String)],
     ) -> anyhow::Result<Node> {
         let dir = tempfile::tempdir()?;
-        let port = free_port()?;
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let own_workspaces = dir.path().join("workspaces");
         std::fs::create_dir_all(&own_workspaces)?;
-        let mut cmd = Command::new(bin);
-        cmd.arg("serve")
-            .arg("--listen")
-            .arg(addr.to_string())
-            .arg("--jwt-secret")
-            .arg(SECRET)
-            .arg("--providers")
-            .arg("script")
-            .arg("--workspaces-root")
-            .arg(match backend {
+        let command =
+            NodeCommand::new(bin).jwt_secret(SECRET).args(["--providers", "script"]).workspaces(match backend {
                 Backend::Cluster { workspaces, .. } => workspaces.as_path(),
                 Backend::Sqlite => own_workspaces.as_path(),
             });
-        match backend {
+        let command = match backend {
             Backend::Sqlite => {
-                cmd.arg("--database-url").arg(format!("sqlite://{}?mode=rwc", dir.path().join("bench.db").display()));
+                command.database_url(&format!("sqlite://{}?mode=rwc", dir.path().join("bench.db").display()))
             }
             Backend::Cluster { redis_url, database_url, node_id, .. } => {
-                cmd.arg("--database-url")
-                    .arg(database_url)
-                    .arg("--redis-url")
-                    .arg(redis_url)
-                    .arg("--node-id")
-                    .arg(node_id);
+                command.database_url(database_url).redis_url(redis_url).node_id(node_id)
             }
-        }
-        cmd.args(extra)
+        };
+        let process = command
+            .args(extra)
             .env("RUST_LOG", "warn")
             // The bench stands for many clients with few users and 250 loopback addresses:
             // the per-user and per-address abuse limits would refuse it, not measure it
@@ -93,27 +74,11 @@ impl Node {
             .env("CHATGATE_MAX_RUNS", "1000000")
             .env("CHATGATE_HOMES_ROOT", dir.path().join("homes"))
             .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
-        let pid = child.id();
-        let node = Node { addr, pid, child: Some(child), _dir: Some(dir) };
-        node.wait_ready().await?;
-        Ok(node)
-    }
-
-    async fn wait_ready(&self) -> anyhow::Result<()> {
-        let client = reqwest::Client::new();
-        for _ in 0..400 {
-            if let Ok(r) = client.get(format!("http://{}/readyz", self.addr)).send().await
-                && r.status().is_success()
-            {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        bail!("node {} did not become ready", self.addr)
+            .stderr_inherit()
+            .ready_within(Duration::from_secs(20))
+            .start()
+            .await?;
+        Ok(Node { addr: process.addr(), pid: process.pid(), process, _dir: dir })
     }
 
     /// The node's resident set size in bytes (Linux).
@@ -121,16 +86,9 @@ impl Node {
         rss_of(self.pid?)
     }
 
-    pub async fn stop(mut self) {
-        if let Some(child) = self.child.as_mut() {
-            if let Some(pid) = child.id() {
-                let _ =
-                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
-            }
-            if tokio::time::timeout(Duration::from_secs(40), child.wait()).await.is_err() {
-                let _ = child.kill().await;
-            }
-        }
+    /// SIGTERM; SIGKILL if it has not exited within 40 s.
+    pub async fn stop(self) {
+        self.process.stop(Duration::from_secs(40)).await;
     }
 }
 
@@ -142,25 +100,19 @@ pub fn rss_of(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
-
 /// Mints tokens and creates sessions.
 #[derive(Clone)]
 pub struct Api {
-    pub auth: Auth,
     http: reqwest::Client,
 }
 
 impl Api {
     pub fn new() -> Self {
-        Api { auth: Auth::new(SECRET.as_bytes()), http: reqwest::Client::new() }
+        Api { http: reqwest::Client::new() }
     }
 
     pub fn token(&self, user: &str) -> anyhow::Result<String> {
-        Ok(self.auth.mint(user, Duration::from_secs(24 * 3600))?)
+        chatgate_testkit::token::mint(SECRET, user, Duration::from_secs(24 * 3600))
     }
 
     /// Creates a `script` session for the token's user.
@@ -182,60 +134,12 @@ impl Api {
     }
 }
 
-/// Opens a WebSocket to `addr`, from `source` when given (to spread over 127.0.0.x).
-pub async fn connect(addr: SocketAddr, token: &str, source: Option<IpAddr>) -> anyhow::Result<Socket> {
-    let socket = TcpSocket::new_v4()?;
-    if let Some(ip) = source {
-        socket.bind(SocketAddr::new(ip, 0))?;
-    }
-    let stream = socket.connect(addr).await?;
-    stream.set_nodelay(true)?;
-    let url = format!("ws://{addr}/ws?token={token}&hello=1");
-    let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await?;
-    // Every socket opens with `connected {nodeId}`.
-    let hello = recv(&mut ws, Duration::from_secs(10)).await?;
-    if hello["kind"] != "connected" {
-        bail!("expected the connected frame, got {hello}");
-    }
-    Ok(ws)
-}
-
-/// The i-th client source address: 127.0.0.2 to 127.0.0.251, so one source
-/// address never runs out of ports.
-pub fn source_address(i: usize) -> IpAddr {
-    IpAddr::from([127, 0, 0, 2 + (i % 250) as u8])
-}
-
-pub async fn send(ws: &mut Socket, value: Value) -> anyhow::Result<()> {
-    ws.send(Message::Text(value.to_string().into())).await?;
-    Ok(())
-}
-
-/// The next text frame (pings skipped).
-pub async fn recv_text(ws: &mut Socket, wait: Duration) -> anyhow::Result<tokio_tungstenite::tungstenite::Utf8Bytes> {
-    loop {
-        let frame = tokio::time::timeout(wait, ws.next()).await.context("timed out waiting for a frame")?;
-        match frame {
-            Some(Ok(Message::Text(text))) => return Ok(text),
-            Some(Ok(Message::Close(frame))) => bail!("socket closed: {frame:?}"),
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(e.into()),
-            None => bail!("socket ended"),
-        }
-    }
-}
-
-/// The next JSON frame (pings skipped).
-pub async fn recv(ws: &mut Socket, wait: Duration) -> anyhow::Result<Value> {
-    let text = recv_text(ws, wait).await?;
-    Ok(serde_json::from_str(&text)?)
-}
-
 /// Subscribes to `session` after `last_seq`; returns the ack.
 pub async fn subscribe(ws: &mut Socket, session: &str, last_seq: u64) -> anyhow::Result<Value> {
-    send(ws, json!({ "type": "chat.subscribe", "sessions": [{ "sessionId": session, "lastSeq": last_seq }] })).await?;
+    ws::send(ws, json!({ "type": "chat.subscribe", "sessions": [{ "sessionId": session, "lastSeq": last_seq }] }))
+        .await?;
     loop {
-        let frame = recv(ws, Duration::from_secs(60)).await?;
+        let frame = ws::recv(ws, Duration::from_secs(60)).await?;
         match frame["kind"].as_str() {
             Some("chat_subscribed") if frame["sessionId"] == session => return Ok(frame),
             Some("session_upserted") => continue,

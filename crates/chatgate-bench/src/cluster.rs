@@ -7,10 +7,9 @@ use std::{collections::BTreeMap, net::SocketAddr, path::Path};
 
 use anyhow::{Context, bail};
 
-use crate::{
-    client::{Api, Backend, Node},
-    services::{PrivatePostgres, PrivateRedis},
-};
+use chatgate_testkit::{postgres::PrivatePostgres, redis::PrivateRedis};
+
+use crate::client::{Api, Backend, Node};
 
 /// Where cluster nodes find Redis and PostgreSQL.
 #[derive(Debug, Clone, clap::Args)]
@@ -59,8 +58,8 @@ impl Cluster {
     /// (each applies the migrations at start).
     pub async fn start(bin: &Path, args: &ClusterArgs, count: usize, extra: &[String]) -> anyhow::Result<Cluster> {
         let run = uuid::Uuid::new_v4().simple().to_string();
-        let private_redis = if args.private_redis { Some(PrivateRedis::start().await?) } else { None };
-        let redis_url = private_redis.as_ref().map_or(args.redis_url.clone(), |r| r.url.clone());
+        let private_redis = if args.private_redis { Some(PrivateRedis::start()?) } else { None };
+        let redis_url = private_redis.as_ref().map_or(args.redis_url.clone(), PrivateRedis::url);
         let private_postgres = if args.private_postgres { Some(PrivatePostgres::start().await?) } else { None };
         let database_url = private_postgres.as_ref().map_or(args.database_url.clone(), |p| p.url.clone());
         let workspaces = tempfile::tempdir()?;
@@ -74,7 +73,10 @@ impl Cluster {
             };
             nodes.push(Node::spawn(bin, &backend, extra, &args.node_env).await?);
         }
-        let redis_pid = redis_pid(&redis_url).await.ok();
+        let redis_pid = match &private_redis {
+            Some(redis) => redis.pid(),
+            None => redis_pid(&redis_url).await.ok(),
+        };
         Ok(Cluster {
             nodes,
             redis_pid,
@@ -116,7 +118,7 @@ impl Cluster {
         let redis_cpu = self.redis_pid.and_then(cpu_seconds);
         let client_cpu = cpu_seconds(std::process::id()).unwrap_or(0.0);
         let postgres_cpu = match &self.private_postgres {
-            Some(pg) => pg.cpu_seconds().unwrap_or(0.0),
+            Some(pg) => private_postgres_cpu_seconds(pg).unwrap_or(0.0),
             None => postgres_cpu_seconds(),
         };
         let redis_commands = match &self.redis_url {
@@ -130,9 +132,7 @@ impl Cluster {
         for node in self.nodes {
             node.stop().await;
         }
-        if let Some(redis) = self.private_redis {
-            redis.stop().await;
-        }
+        drop(self.private_redis);
         if let Some(postgres) = self.private_postgres {
             postgres.stop().await;
         }
@@ -158,6 +158,36 @@ fn postgres_cpu_seconds() -> f64 {
         .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "postgres"))
         .filter_map(cpu_seconds)
         .sum()
+}
+
+/// CPU seconds of a private PostgreSQL: the postmaster, its live children and its reaped ones.
+fn private_postgres_cpu_seconds(pg: &PrivatePostgres) -> Option<f64> {
+    let master = pg.pid()?;
+    let children: f64 = std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| parent_of(*pid) == Some(master))
+        .filter_map(cpu_seconds)
+        .sum();
+    Some(cpu_seconds(master)? + reaped_children_seconds(master).unwrap_or(0.0) + children)
+}
+
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    stat_fields(pid)?.get(1)?.parse().ok()
+}
+
+/// `cutime + cstime`: CPU of the process's children that exited and were waited for.
+fn reaped_children_seconds(pid: u32) -> Option<f64> {
+    let fields = stat_fields(pid)?;
+    let cutime: u64 = fields.get(13)?.parse().ok()?;
+    let cstime: u64 = fields.get(14)?.parse().ok()?;
+    Some((cutime + cstime) as f64 / 100.0)
 }
 
 /// The 1-minute load average (other work on the machine).

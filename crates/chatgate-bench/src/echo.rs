@@ -9,10 +9,10 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::{
-    client,
     cluster::{Cluster, ClusterArgs},
     stats::{Head, round},
 };
+use chatgate_testkit::ws;
 
 pub async fn run(
     bin: &Path,
@@ -31,16 +31,16 @@ async fn measure(cluster: &Cluster, events: u64, payload_bytes: u64, runs: u32) 
     let node = &cluster.nodes[0];
     let token = cluster.api.token("bench")?;
     let session = cluster.api.create_session(node.addr, &token).await?;
-    let mut ws = client::connect(node.addr, &token, None).await?;
+    let mut ws = ws::open(node.addr, &token, None).await?;
     let mut rates = Vec::new();
     let mut expected_seq = 1;
     for _ in 0..runs.max(1) {
         let script = json!({ "events": events, "payloadBytes": payload_bytes }).to_string();
         let started = Instant::now();
-        client::send(&mut ws, json!({ "type": "chat.send", "sessionId": session, "content": script })).await?;
+        ws::send(&mut ws, json!({ "type": "chat.send", "sessionId": session, "content": script })).await?;
         let mut received = 0u64;
         loop {
-            let text = client::recv_text(&mut ws, Duration::from_secs(60)).await?;
+            let text = ws::recv_text(&mut ws, Duration::from_secs(60)).await?;
             let head = Head::parse(&text)?;
             let Some(seq) = head.seq else { continue };
             if seq != expected_seq {

@@ -13,10 +13,11 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::{
-    client::{self, Socket},
+    client,
     cluster::{Cluster, ClusterArgs},
     stats::{Head, Latencies, SeqCheck, round, unix_micros},
 };
+use chatgate_testkit::ws::{self, Socket};
 
 /// Shape of one fan-out measurement.
 #[derive(Debug, Clone, clap::Args)]
@@ -186,7 +187,7 @@ pub async fn measure(cluster: &Cluster, args: &FanoutArgs) -> anyhow::Result<Val
             async move {
                 let (_, token, session) = &plans[r];
                 let index = r * args.subscribers + j;
-                let mut ws = client::connect(cluster.addr(r + j), token, Some(client::source_address(index))).await?;
+                let mut ws = ws::open(cluster.addr(r + j), token, Some(ws::source_address(index))).await?;
                 let ack = client::subscribe(&mut ws, session, 0).await?;
                 if ack["isProcessing"] != false {
                     bail!("session {session} is already running: {ack}");
@@ -285,13 +286,13 @@ fn redis_commands(stats: &std::collections::BTreeMap<String, (u64, u64)>, append
 async fn watch(mut w: Watcher, start: Instant, expected: usize) -> anyhow::Result<Seen> {
     if let Some((script, offset)) = w.sends.take() {
         tokio::time::sleep_until(start + offset).await;
-        client::send(&mut w.ws, json!({ "type": "chat.send", "sessionId": w.session, "content": script })).await?;
+        ws::send(&mut w.ws, json!({ "type": "chat.send", "sessionId": w.session, "content": script })).await?;
     }
     let mut check = SeqCheck::starting_at(1);
     let mut latencies = Latencies::with_capacity(expected);
     let mut bytes = 0u64;
     loop {
-        let text = client::recv_text(&mut w.ws, FRAME_WAIT).await?;
+        let text = ws::recv_text(&mut w.ws, FRAME_WAIT).await?;
         let head = Head::parse(&text)?;
         let Some(seq) = head.seq else { continue };
         if head.session_id != Some(w.session.as_str()) {

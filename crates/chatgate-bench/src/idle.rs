@@ -21,10 +21,11 @@ use tokio::{
 };
 
 use crate::{
-    client::{self, Api, Socket},
+    client::{self, Api},
     cluster::{Cluster, ClusterArgs},
     stats::round,
 };
+use chatgate_testkit::ws::{self, Socket};
 
 /// Sockets being set up at once.
 const SETUP_CONCURRENCY: usize = 16;
@@ -183,7 +184,7 @@ pub async fn hold(api: &Api, addr: SocketAddr, tag: &str, offset: usize, count: 
         .map(|i| async move {
             let token = api.token(&format!("idle-{tag}-{i}"))?;
             let session = api.create_session(addr, &token).await?;
-            let mut ws = client::connect(addr, &token, Some(client::source_address(offset + i))).await?;
+            let mut ws = ws::open(addr, &token, Some(ws::source_address(offset + i))).await?;
             client::subscribe(&mut ws, &session, 0).await?;
             Ok(ws)
         })

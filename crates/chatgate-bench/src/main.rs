@@ -27,7 +27,6 @@ mod fanout;
 mod idle;
 mod reconnect;
 mod replay;
-mod services;
 mod start;
 mod stats;
 
@@ -217,13 +216,14 @@ fn main() -> anyhow::Result<()> {
                 return Ok(());
             }
             Scenario::Ceiling => {
-                let private =
-                    if cli.cluster.private_redis { Some(services::PrivateRedis::start().await?) } else { None };
-                let url = private.as_ref().map_or(cli.cluster.redis_url.clone(), |r| r.url.clone());
+                let private = if cli.cluster.private_redis {
+                    Some(chatgate_testkit::redis::PrivateRedis::start()?)
+                } else {
+                    None
+                };
+                let url = private.as_ref().map_or(cli.cluster.redis_url.clone(), |r| r.url());
                 let result = ceiling::measure(&url).await;
-                if let Some(redis) = private {
-                    redis.stop().await;
-                }
+                drop(private);
                 ("ceiling", result?)
             }
             Scenario::All { idle_sockets, storm_clients } => {

@@ -16,10 +16,11 @@ use serde_json::{Value, json};
 use tokio::{sync::watch, time::Instant};
 
 use crate::{
-    client::{self, Socket},
+    client,
     cluster::Cluster,
     stats::{Head, Latencies, SeqCheck, round},
 };
+use chatgate_testkit::ws::{self, Socket};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReconnectArgs {
@@ -121,7 +122,7 @@ async fn round_once(cluster: &Cluster, args: &ReconnectArgs) -> anyhow::Result<O
     for k in 0..args.sessions.max(1) {
         let token = cluster.api.token(&format!("reconnect-{tag}-{k}"))?;
         let session = cluster.api.create_session(cluster.addr(k), &token).await?;
-        let mut observer = client::connect(cluster.addr(k), &token, None).await?;
+        let mut observer = ws::open(cluster.addr(k), &token, None).await?;
         client::subscribe(&mut observer, &session, 0).await?;
         sessions.push((token, session, observer));
     }
@@ -135,7 +136,7 @@ async fn round_once(cluster: &Cluster, args: &ReconnectArgs) -> anyhow::Result<O
                 let k = i % k_count;
                 let (token, session) = &ids[k];
                 let node = (k + 1 + i / k_count) % n;
-                let mut ws = client::connect(cluster.addr(node), token, Some(client::source_address(i))).await?;
+                let mut ws = ws::open(cluster.addr(node), token, Some(ws::source_address(i))).await?;
                 client::subscribe(&mut ws, session, 0).await?;
                 Ok((k, token.clone(), node, ws))
             }
@@ -148,7 +149,7 @@ async fn round_once(cluster: &Cluster, args: &ReconnectArgs) -> anyhow::Result<O
     let mut observers = Vec::new();
     let mut tops = Vec::new();
     for (_, session, mut ws) in sessions {
-        client::send(&mut ws, json!({ "type": "chat.send", "sessionId": session, "content": script })).await?;
+        ws::send(&mut ws, json!({ "type": "chat.send", "sessionId": session, "content": script })).await?;
         let (top_tx, top_rx) = watch::channel(0u64);
         tops.push(top_rx);
         observers.push(tokio::spawn(observe(ws, session, top_tx)));
@@ -233,7 +234,7 @@ async fn read_until(
     mut stop: impl FnMut(u64) -> bool,
 ) -> anyhow::Result<Option<u64>> {
     loop {
-        let text = client::recv_text(ws, FRAME_WAIT).await?;
+        let text = ws::recv_text(ws, FRAME_WAIT).await?;
         let head = Head::parse(&text)?;
         let Some(seq) = head.seq else { continue };
         if head.session_id != Some(session) {
@@ -272,7 +273,7 @@ async fn come_back(
 ) -> anyhow::Result<Back> {
     let last_seq = a.check.last();
     let began = Instant::now();
-    let mut ws = client::connect(addr, &a.token, Some(client::source_address(i))).await?;
+    let mut ws = ws::open(addr, &a.token, Some(ws::source_address(i))).await?;
     let to_connect = began.elapsed();
     let ack = client::subscribe(&mut ws, &session, last_seq).await?;
     let to_ack = began.elapsed();

@@ -10,10 +10,11 @@ use serde_json::{Value, json};
 use tokio::{sync::watch, time::Instant};
 
 use crate::{
-    client::{self, Socket},
+    client,
     cluster::Cluster,
     stats::{Head, Latencies, SeqCheck, round},
 };
+use chatgate_testkit::ws::{self, Socket};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReplayArgs {
@@ -42,12 +43,11 @@ pub async fn measure(cluster: &Cluster, args: &ReplayArgs) -> anyhow::Result<Val
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let token = cluster.api.token(&format!("replay-{}", &tag[..8]))?;
     let session = cluster.api.create_session(cluster.addr(0), &token).await?;
-    let mut owner = client::connect(cluster.addr(0), &token, None).await?;
+    let mut owner = ws::open(cluster.addr(0), &token, None).await?;
     client::subscribe(&mut owner, &session, 0).await?;
     // Long enough to outlast the readers; aborted once they are done.
     let script = json!({ "events": args.events * 10, "intervalMs": 1, "payloadBytes": args.payload_bytes });
-    client::send(&mut owner, json!({ "type": "chat.send", "sessionId": session, "content": script.to_string() }))
-        .await?;
+    ws::send(&mut owner, json!({ "type": "chat.send", "sessionId": session, "content": script.to_string() })).await?;
     let (top_tx, mut top) = watch::channel(0u64);
     let observer = tokio::spawn(follow(owner, session.clone(), top_tx));
     let fill_started = Instant::now();
@@ -61,7 +61,7 @@ pub async fn measure(cluster: &Cluster, args: &ReplayArgs) -> anyhow::Result<Val
     let mut check = SeqCheck::default();
     let mut bytes = 0u64;
     for _ in 0..args.readers.max(1) {
-        let mut ws = client::connect(cluster.addr(1), &token, None).await?;
+        let mut ws = ws::open(cluster.addr(1), &token, None).await?;
         let target = *top.borrow();
         let began = Instant::now();
         let ack = client::subscribe(&mut ws, &session, 0).await?;
@@ -71,7 +71,7 @@ pub async fn measure(cluster: &Cluster, args: &ReplayArgs) -> anyhow::Result<Val
         }
         let mut reader = SeqCheck::starting_at(1);
         loop {
-            let text = client::recv_text(&mut ws, FRAME_WAIT).await?;
+            let text = ws::recv_text(&mut ws, FRAME_WAIT).await?;
             let head = Head::parse(&text)?;
             let Some(seq) = head.seq else { continue };
             bytes += text.len() as u64;
@@ -84,8 +84,8 @@ pub async fn measure(cluster: &Cluster, args: &ReplayArgs) -> anyhow::Result<Val
         replayed.push(target);
         check.merge(&reader);
     }
-    let mut abort = client::connect(cluster.addr(2), &token, None).await?;
-    client::send(&mut abort, json!({ "type": "chat.abort", "sessionId": session })).await?;
+    let mut abort = ws::open(cluster.addr(2), &token, None).await?;
+    ws::send(&mut abort, json!({ "type": "chat.abort", "sessionId": session })).await?;
     let observed = observer.await.context("observer panicked")??;
     Ok(json!({
         "nodes": cluster.nodes.len(),
@@ -104,7 +104,7 @@ pub async fn measure(cluster: &Cluster, args: &ReplayArgs) -> anyhow::Result<Val
 async fn follow(mut ws: Socket, session: String, top: watch::Sender<u64>) -> anyhow::Result<SeqCheck> {
     let mut check = SeqCheck::starting_at(1);
     loop {
-        let text = client::recv_text(&mut ws, FRAME_WAIT).await?;
+        let text = ws::recv_text(&mut ws, FRAME_WAIT).await?;
         let head = Head::parse(&text)?;
         let Some(seq) = head.seq else { continue };
         if head.session_id != Some(session.as_str()) {

@@ -14,6 +14,7 @@ use crate::{
     fanout::{self, FanoutArgs},
     stats::{Head, Latencies},
 };
+use chatgate_testkit::ws;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct StartArgs {
@@ -81,17 +82,17 @@ async fn starter(cluster: &Cluster, i: usize, sends: usize) -> anyhow::Result<(L
     let token = cluster.api.token(&format!("start-{}-{i}", &tag[..8]))?;
     let addr = cluster.addr(i);
     let session = cluster.api.create_session(addr, &token).await?;
-    let mut ws = client::connect(addr, &token, Some(client::source_address(5000 + i))).await?;
+    let mut ws = ws::open(addr, &token, Some(ws::source_address(5000 + i))).await?;
     client::subscribe(&mut ws, &session, 0).await?;
     let mut first = Latencies::default();
     let mut whole = Latencies::default();
     let script = json!({ "events": 3 }).to_string();
     for _ in 0..sends {
         let began = Instant::now();
-        client::send(&mut ws, json!({ "type": "chat.send", "sessionId": session, "content": script })).await?;
+        ws::send(&mut ws, json!({ "type": "chat.send", "sessionId": session, "content": script })).await?;
         let mut seen_first = false;
         loop {
-            let text = client::recv_text(&mut ws, FRAME_WAIT).await.context("waiting for the run")?;
+            let text = ws::recv_text(&mut ws, FRAME_WAIT).await.context("waiting for the run")?;
             let head = Head::parse(&text)?;
             if head.kind == Some("protocol_error") {
                 anyhow::bail!("chat.send refused: {text}");
