@@ -5,11 +5,11 @@ mod common;
 
 use std::{
     io::{BufRead, BufReader},
-    process::{Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
-use common::Ws;
+use common::{NodeProcess, Ws};
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_chatgate");
@@ -97,38 +97,32 @@ fn start_failures_are_one_line_naming_the_flag() {
 }
 
 /// Starts the binary; returns it and the lines it printed on stdout at start.
-fn serve(dir: &tempfile::TempDir, extra: &[&str]) -> (std::process::Child, Vec<String>) {
-    let port = chatgate_testkit::ports::free_port().unwrap();
-    let db = format!("sqlite://{}?mode=rwc", dir.path().join("g.db").display());
+fn serve(dir: &tempfile::TempDir, extra: &[&str]) -> (NodeProcess, Vec<String>) {
     let workspaces = dir.path().join("workspaces");
     std::fs::create_dir_all(&workspaces).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--database-url", &db])
-        .arg("--workspaces-root")
-        .arg(workspaces)
-        .arg("--homes-root")
-        .arg(dir.path().join("homes"))
+    let node = common::node_command()
+        .database_url(&format!("sqlite://{}?mode=rwc", dir.path().join("g.db").display()))
+        .workspaces(&workspaces)
+        .homes(&dir.path().join("homes"))
         .args(extra)
-        .env_remove("REDIS_URL")
-        .env_remove("CHATGATE_JWT_SECRET")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .clean_env()
+        .stdout_piped()
         .spawn()
-        .unwrap();
+        .expect("chatgate starts");
     let mut lines = Vec::new();
-    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let mut reader = BufReader::new(node.take_stdout().unwrap());
     for _ in 0..3 {
         let mut line = String::new();
         reader.read_line(&mut line).unwrap();
         lines.push(line.trim().to_string());
     }
-    (child, lines)
+    (node, lines)
 }
 
 #[tokio::test]
 async fn embedded_default_prints_a_token_and_sigterm_ends_runs_then_exits_0() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, lines) = serve(&dir, &["--drain-grace", "300ms"]);
+    let (child, lines) = serve(&dir, &["--drain-grace", "300ms"]);
     let url_line = lines.iter().find(|l| l.starts_with("WebSocket: ")).expect("ws url printed");
     let ws_url = url_line.trim_start_matches("WebSocket: ");
     let token = ws_url.split("token=").nth(1).unwrap().to_string();
@@ -150,7 +144,7 @@ async fn embedded_default_prints_a_token_and_sigterm_ends_runs_then_exits_0() {
         .await;
     let frames = ws.recv_until(|v| v["kind"] == "stream_delta").await;
     assert_eq!(frames[0]["kind"], "session_upserted", "the first run announces the provider session id");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    child.sigterm().unwrap();
     // The socket is closed with 1012 (after any frames already queued).
     let close = loop {
         match ws.try_recv(Duration::from_secs(10)).await {
@@ -160,10 +154,10 @@ async fn embedded_default_prints_a_token_and_sigterm_ends_runs_then_exits_0() {
         }
     };
     assert_eq!(close, Some(1012));
-    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let status = child.exited(Duration::from_secs(30)).await.unwrap();
     assert_eq!(status.code(), Some(0));
     // The run was ended with a terminal complete, kept in history.
-    let (mut child, lines) = serve(&dir, &[]);
+    let (_node, lines) = serve(&dir, &[]);
     let token = lines[1].rsplit(' ').next().unwrap().to_string();
     let base = lines[0].split(' ').find(|w| w.starts_with("http://")).unwrap().to_string();
     // The restarted node signs with the secret kept beside its database; user 1 again.
@@ -181,6 +175,4 @@ async fn embedded_default_prints_a_token_and_sigterm_ends_runs_then_exits_0() {
     assert_eq!(last["kind"], "complete", "{history}");
     assert_eq!(last["aborted"], true);
     assert_eq!(last["error"], "node draining");
-    child.kill().unwrap();
-    let _ = child.wait();
 }

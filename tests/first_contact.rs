@@ -11,7 +11,7 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::TcpStream,
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
@@ -20,34 +20,26 @@ use common::{Db, NodeProcess, TestNode};
 const BIN: &str = env!("CARGO_BIN_EXE_chatgate");
 
 /// Starts a quick-start node (no secret, no Redis) on `dir`'s SQLite database,
-/// stdout piped; returns it and its port.
-fn spawn_quick_start(dir: &Path) -> (std::process::Child, u16) {
-    let port = chatgate_testkit::ports::free_port().unwrap();
+/// stdout piped.
+fn spawn_quick_start(dir: &Path) -> NodeProcess {
     let workspaces = dir.join("workspaces");
     std::fs::create_dir_all(&workspaces).unwrap();
-    let child = Command::new(BIN)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .arg("--database-url")
-        .arg(format!("sqlite://{}?mode=rwc", dir.join("chatgate.db").display()))
-        .arg("--workspaces-root")
-        .arg(&workspaces)
-        .arg("--homes-root")
-        .arg(dir.join("homes"))
-        .env_remove("REDIS_URL")
-        .env_remove("CHATGATE_JWT_SECRET")
-        .env_remove("DATABASE_URL")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+    common::node_command()
+        .without_serve()
+        .database_url(&format!("sqlite://{}?mode=rwc", dir.join("chatgate.db").display()))
+        .workspaces(&workspaces)
+        .homes(&dir.join("homes"))
+        .clean_env()
+        .stdout_piped()
         .spawn()
-        .unwrap();
-    (child, port)
+        .expect("the quick start starts")
 }
 
 /// A quick-start node (no secret, no Redis) on `dir`'s SQLite database; its
 /// stdout lines until the token line.
-fn quick_start(dir: &Path) -> (std::process::Child, String, String, Vec<String>) {
-    let (mut child, port) = spawn_quick_start(dir);
-    let mut reader = BufReader::new(child.stdout.take().unwrap());
+fn quick_start(dir: &Path) -> (NodeProcess, String, String, Vec<String>) {
+    let node = spawn_quick_start(dir);
+    let mut reader = BufReader::new(node.take_stdout().unwrap());
     let mut lines = Vec::new();
     let token = loop {
         let mut line = String::new();
@@ -57,7 +49,8 @@ fn quick_start(dir: &Path) -> (std::process::Child, String, String, Vec<String>)
             break token.to_string();
         }
     };
-    (child, format!("http://127.0.0.1:{port}"), token, lines)
+    let base = node.base.clone();
+    (node, base, token, lines)
 }
 
 async fn sessions_status(base: &str, token: &str) -> u16 {
@@ -66,9 +59,9 @@ async fn sessions_status(base: &str, token: &str) -> u16 {
     response.status().as_u16()
 }
 
-fn stop(mut child: std::process::Child) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
-    let _ = child.wait();
+/// SIGTERM, then the exit (killed if it takes longer than a drain could).
+async fn stop(node: NodeProcess) {
+    node.stop(Duration::from_secs(30)).await.expect("the node exits on SIGTERM");
 }
 
 #[tokio::test]
@@ -81,7 +74,7 @@ async fn the_quick_start_secret_outlives_a_restart_and_token_finds_it() {
     assert_eq!(sessions_status(&base, &first_token).await, 200);
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&secret_file).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600, "only the owner reads the secret");
-    stop(child);
+    stop(child).await;
 
     let (child, base, _, lines) = quick_start(dir.path());
     assert!(lines[0].contains("kept since its first start"), "{lines:?}");
@@ -98,7 +91,7 @@ async fn the_quick_start_secret_outlives_a_restart_and_token_finds_it() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let bob = String::from_utf8(out.stdout).unwrap();
     assert_eq!(sessions_status(&base, bob.trim()).await, 200, "the gateway accepts bob's token");
-    stop(child);
+    stop(child).await;
 
     // With no file beside the database, `token` says how to get one.
     let out = Command::new(BIN)
@@ -118,9 +111,9 @@ async fn the_quick_start_secret_outlives_a_restart_and_token_finds_it() {
 #[tokio::test]
 async fn a_closed_stdout_does_not_take_the_node_down() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, port) = spawn_quick_start(dir.path());
-    drop(child.stdout.take());
-    let base = format!("http://127.0.0.1:{port}");
+    let child = spawn_quick_start(dir.path());
+    drop(child.take_stdout());
+    let base = child.base.clone();
     let mut ready = false;
     for _ in 0..200 {
         if reqwest::get(format!("{base}/healthz")).await.is_ok_and(|r| r.status().is_success()) {
@@ -129,11 +122,11 @@ async fn a_closed_stdout_does_not_take_the_node_down() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(ready || child.try_wait().unwrap().is_none(), "the node never served");
+    assert!(ready || child.is_running(), "the node never served");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(child.try_wait().unwrap().is_none(), "the node died after printing to a closed stdout");
+    assert!(child.is_running(), "the node died after printing to a closed stdout");
     assert!(reqwest::get(format!("{base}/healthz")).await.unwrap().status().is_success());
-    stop(child);
+    stop(child).await;
 }
 
 #[test]
