@@ -164,10 +164,7 @@ impl RunOwnership for RedisRegistry {
     async fn renew(&self, lease: &RunLease) -> Result<(), RegistryError> {
         let node = &self.node;
         let session_id = lease.session_id.as_str();
-        let (owner_json, floor) = lock_unpoisoned(&node.runs)
-            .get(&run_key(session_id, &lease.run_id))
-            .map(|r| (r.owner_json.clone(), r.last_seq))
-            .unwrap_or_default();
+        let (owner_json, floor) = self.re_take_state(lease);
         let input = RenewInput {
             session_id,
             run_id: &lease.run_id,
@@ -250,6 +247,15 @@ fn new_batch_id() -> String {
 }
 
 impl RedisRegistry {
+    /// What a fenced write of this node's run needs to re-take a lock Redis lost: the
+    /// lock JSON and the last seq the run was given (empty and 0 for a run not held here).
+    fn re_take_state(&self, lease: &RunLease) -> (String, u64) {
+        lock_unpoisoned(&self.node.runs)
+            .get(&run_key(&lease.session_id, &lease.run_id))
+            .map(|r| (r.owner_json.clone(), r.last_seq))
+            .unwrap_or_default()
+    }
+
     /// Appends one batch under `batch_id`; a second call with the same id (a
     /// retry after a lost reply) returns the first call's seqs and appends nothing.
     pub(super) async fn append_batch_as(
@@ -261,10 +267,7 @@ impl RedisRegistry {
     ) -> Result<Vec<Event>, RegistryError> {
         let node = &self.node;
         let session_id = lease.session_id.as_str();
-        let (owner_json, floor) = lock_unpoisoned(&node.runs)
-            .get(&run_key(session_id, &lease.run_id))
-            .map(|r| (r.owner_json.clone(), r.last_seq))
-            .unwrap_or_default();
+        let (owner_json, floor) = self.re_take_state(lease);
         let input = AppendInput {
             session_id,
             run_id: &lease.run_id,
