@@ -1,6 +1,7 @@
 //! nginx as the load balancer in front of N nodes: round robin, no stickiness, WebSocket
 //! upgrade, configured like `deploy/local/up.sh`, in the foreground, without an access log.
-//! Used by the chaos soak; stopped (only the nginx started here) when dropped.
+//! Used by the chaos soak and `chatgate-stack`; stopped (only the nginx started here) when
+//! dropped.
 
 use std::{
     path::{Path, PathBuf},
@@ -88,6 +89,7 @@ fn config(dir: &Path, port: u16, upstreams: &[u16]) -> String {
     let d = dir.display();
     let servers: String =
         upstreams.iter().map(|p| format!("        server 127.0.0.1:{p} max_fails=1 fail_timeout=2s;\n")).collect();
+    let tries = upstreams.len().clamp(1, 3);
     format!(
         "# Load balancer written by chatgate-testkit.
 daemon off;
@@ -118,12 +120,15 @@ http {{
             proxy_set_header Upgrade $http_upgrade;
             proxy_set_header Connection $connection_upgrade;
             proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
             proxy_read_timeout 3600s;
             proxy_send_timeout 3600s;
             proxy_connect_timeout 2s;
             proxy_buffering off;
+            client_max_body_size 16m;
             proxy_next_upstream error timeout http_502 http_503;
-            proxy_next_upstream_tries 3;
+            proxy_next_upstream_tries {tries};
         }}
     }}
 }}

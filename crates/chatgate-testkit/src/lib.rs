@@ -7,7 +7,9 @@
 //! - [`redis`]: a private `redis-server` on its own port;
 //! - [`postgres`]: a private PostgreSQL cluster, and the URL of the shared test database;
 //! - [`balancer`]: nginx in front of N nodes (round robin, WebSocket upgrade);
-//! - [`ws`]: a WebSocket client; [`token`]: tokens, valid and crafted.
+//! - [`ws`]: a WebSocket client; [`token`]: tokens, valid and crafted;
+//! - [`stack`]: N nodes behind nginx for as long as a command runs, with a control endpoint
+//!   (the `chatgate-stack` binary, the browser suite's stack).
 //!
 //! Errors: starting and stopping things returns [`anyhow::Result`] (the bench propagates it,
 //! tests `.expect()` it); the test client [`ws::Ws`] panics with a clear message instead,
@@ -18,5 +20,6 @@ pub mod node;
 pub mod ports;
 pub mod postgres;
 pub mod redis;
+pub mod stack;
 pub mod token;
 pub mod ws;

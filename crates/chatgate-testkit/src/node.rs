@@ -243,6 +243,7 @@ impl NodeProcess {
             }
         }
         command.envs(c.env.iter().map(|(k, v)| (k, v)));
+        command.stdin(Stdio::null());
         command.stdout(if c.stdout_piped { Stdio::piped() } else { Stdio::null() });
         command.stderr(match (&c.stderr, &self.stderr_log) {
             (Stderr::Inherit, _) => Stdio::inherit(),
