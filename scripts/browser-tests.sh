@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Browser suite: the web console and the client module in headless Chromium against the local
-# 3-node stack behind nginx (deploy/local/up.sh), plus the client's Node unit tests.
+# Browser suite: the web console and the client module in headless Chromium against a 3-node
+# stack behind nginx, plus the client's Node unit tests.
 #
 # Installs what is missing (as root, Debian's chromium; the npm packages of tests/browser from
-# its lockfile), builds the debug binary, starts the stack in a temp state dir on free ports
-# (Redis 127.0.0.1:6379 and PostgreSQL postgres://postgres@127.0.0.1:5432/test by default),
-# runs the tests and always stops the stack. Screenshots and node logs go to
-# tests/browser/artifacts/ (CHATGATE_BROWSER_ARTIFACTS to change).
+# its lockfile), builds the debug binary and the test kit's stack supervisor, and runs the tests
+# under it: `chatgate-stack --nodes 3` (crates/chatgate-testkit/src/stack.rs) starts the nodes and
+# nginx on free ports below the ephemeral range in a temp state dir (Redis 127.0.0.1:6379 and
+# PostgreSQL postgres://postgres@127.0.0.1:5432/test by default), gives the tests the stack's
+# URLs, secret and a control endpoint that restarts or kills a node, and always stops the stack
+# when the tests end. Screenshots and node logs go to tests/browser/artifacts/
+# (CHATGATE_BROWSER_ARTIFACTS to change).
 #
 #   scripts/browser-tests.sh [files or name filters...]   (e.g. e2e/05_node_drain.test.js, 11_upstream)
 set -euo pipefail
@@ -38,54 +41,46 @@ if [[ "$installed" != "$pinned" ]]; then
     npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error >/dev/null
 fi
 
-# --- binary -------------------------------------------------------------------------------------
+# --- binaries -----------------------------------------------------------------------------------
+target_dir="${CARGO_TARGET_DIR:-target}"
+[[ "$target_dir" == /* ]] || target_dir="$repo/$target_dir"
 if [[ -z "${CHATGATE_BIN:-}" ]]; then
     log "building the debug binary"
     cargo build --locked --bin chatgate
-    target_dir="${CARGO_TARGET_DIR:-target}"
-    [[ "$target_dir" == /* ]] || target_dir="$repo/$target_dir"
     export CHATGATE_BIN="$target_dir/debug/chatgate"
 fi
+log "building the stack supervisor (chatgate-testkit)"
+cargo build --locked -p chatgate-testkit --bin chatgate-stack
+stack_bin="$target_dir/debug/chatgate-stack"
 
 # --- the stack ----------------------------------------------------------------------------------
-free_port() {
-    node -e 'const s = require("net").createServer(); s.listen(0, "127.0.0.1", () => { console.log(s.address().port); s.close(); });'
-}
 state="$(mktemp -d /tmp/chatgate-browser.XXXXXX)"
 mkdir -p "$state/workspaces" "$artifacts"
 rm -f "$artifacts"/*.png "$artifacts"/*.log # this run's screenshots and logs only
-export CHATGATE_LOCAL_STATE="$state/stack"
-export CHATGATE_LB_PORT="$(free_port)"
-export CHATGATE_LOCAL_BASE_PORT="$(( 20000 + RANDOM % 20000 ))"
 export CHATGATE_WORKSPACES_ROOT="$state/workspaces"
 export CHATGATE_RUN_LEASE="${CHATGATE_RUN_LEASE:-3s}"
 export CHATGATE_DRAIN_GRACE="${CHATGATE_DRAIN_GRACE:-2s}"
 # A small replay window, so a tab joining a long run late gets replayTruncated.
 export CHATGATE_REPLAY_MAX_EVENTS="${CHATGATE_REPLAY_MAX_EVENTS:-150}"
-export CHATGATE_LOCAL_USER="browser-$(od -An -tx1 -N4 /dev/urandom | tr -d ' \n')"
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 export DATABASE_URL="${DATABASE_URL:-${CHATGATE_TEST_PG_URL:-postgres://postgres@127.0.0.1:5432/test}}"
 
-stop_stack() {
+# chatgate-stack stops the nodes and nginx itself; this keeps their logs and removes the rest.
+keep_logs() {
     local status=$?
-    "$repo/deploy/local/down.sh" >"$state/down.log" 2>&1 || cat "$state/down.log" >&2
-    for f in "$CHATGATE_LOCAL_STATE"/node-*.log "$CHATGATE_LOCAL_STATE"/nginx-error.log; do
+    for f in "$state"/stack/node-*.log "$state"/stack/nginx-error.log; do
         [[ -e "$f" ]] && cp "$f" "$artifacts/" 2>/dev/null
     done
     rm -rf "$state"
     exit "$status"
 }
-trap stop_stack EXIT
+trap keep_logs EXIT
 trap 'exit 130' INT TERM
-
-log "starting the local stack (3 nodes + nginx on :$CHATGATE_LB_PORT, run lease $CHATGATE_RUN_LEASE, replay window $CHATGATE_REPLAY_MAX_EVENTS)"
-"$repo/deploy/local/up.sh" 3 >"$state/up.log" 2>&1 || { cat "$state/up.log" >&2; die "deploy/local/up.sh failed"; }
-# shellcheck source=/dev/null
-. "$CHATGATE_LOCAL_STATE/env"
 export CHATGATE_CHROMIUM="$chromium_bin" CHATGATE_BROWSER_ARTIFACTS="$artifacts"
 
-log "browser tests (Chromium $("$chromium_bin" --version 2>/dev/null | awk '{print $2}'))"
+log "browser tests (Chromium $("$chromium_bin" --version 2>/dev/null | awk '{print $2}')) on 3 nodes + nginx (run lease $CHATGATE_RUN_LEASE, replay window $CHATGATE_REPLAY_MAX_EVENTS)"
 cd tests/browser
+stack=("$stack_bin" --nodes 3 --state "$state/stack" --)
 # The upstream-style client test (e2e/11) uses Node's WebSocket: built in from Node 22, behind a
 # flag on Node 20 and 21.
 node_flags=()
@@ -108,7 +103,7 @@ if (( $# > 0 )); then
         done
         (( matched )) || die "no test file under tests/browser matches '$filter'"
     done
-    node "${node_flags[@]}" --test --test-concurrency=1 "${files[@]}"
+    "${stack[@]}" node "${node_flags[@]}" --test --test-concurrency=1 "${files[@]}"
 else
-    node "${node_flags[@]}" --test --test-concurrency=1 unit/ e2e/
+    "${stack[@]}" node "${node_flags[@]}" --test --test-concurrency=1 unit/ e2e/
 fi

@@ -2,10 +2,6 @@
 // misses nothing of the run living elsewhere.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
-import path from 'node:path';
-import { promisify } from 'node:util';
-import { fileURLToPath } from 'node:url';
 
 import {
   contiguous,
@@ -16,6 +12,7 @@ import {
   mintToken,
   openConsole,
   reloadOntoOtherNode,
+  restartNode,
   runOwner,
   script,
   sendInPage,
@@ -25,8 +22,6 @@ import {
   waitChunks,
   waitComplete,
 } from '../lib/harness.js';
-
-const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 
 test('a tab whose node drains mid-run reconnects and misses nothing', async () => {
   const { context, errors, close } = await launchBrowser();
@@ -51,7 +46,7 @@ test('a tab whose node drains mid-run reconnects and misses nothing', async () =
         { attributes: true, attributeFilter: ['data-state'] },
       );
     });
-    const restarting = promisify(execFile)(path.join(repo, 'deploy/local/restart-node.sh'), [nodeB.replace('local-', '')]);
+    const restarting = restartNode(nodeB);
     await tabB.waitForSelector('#conn[data-state="reconnecting"]');
     assert.match(await tabB.textContent('#notice'), /shutting down/);
     await tabB.waitForSelector('#conn[data-state="open"] #conn-node:not([data-node-id=""])');

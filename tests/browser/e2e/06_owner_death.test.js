@@ -2,20 +2,18 @@
 // the tab that was on the dead node reconnects to another one. The node is started again after.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 
 import {
   contiguous,
   createSessionInPage,
   freshUser,
+  killNode,
   launchBrowser,
   leaseMs,
   mintToken,
-  nodePid,
   openConsole,
   reloadOntoOtherNode,
+  restartNode,
   runOwner,
   script,
   sendInPage,
@@ -25,8 +23,6 @@ import {
   waitChunks,
   waitComplete,
 } from '../lib/harness.js';
-
-const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 
 test('killing the owner node ends the run in both tabs within lease + 5 s', async () => {
   const { context, errors, close } = await launchBrowser();
@@ -46,8 +42,8 @@ test('killing the owner node ends the run in both tabs within lease + 5 s', asyn
     assert.equal(owner, nodeA, 'the run lives on the node of the tab that sent it');
     await shot(tabB, '06-before-kill-tab-b');
 
-    killed = owner.replace('local-', '');
-    process.kill(nodePid(owner), 'SIGKILL');
+    killed = owner;
+    await killNode(owner);
     const killedAt = Date.now();
     const limit = leaseMs() + 5000;
     await Promise.all([waitComplete(tabA, 1, limit), waitComplete(tabB, 1, limit)]);
@@ -80,7 +76,7 @@ test('killing the owner node ends the run in both tabs within lease + 5 s', asyn
     await close();
     if (killed) {
       // Leave the stack whole for whatever runs next.
-      execFileSync(path.join(repo, 'deploy/local/restart-node.sh'), [killed], { stdio: 'ignore' });
+      await restartNode(killed);
     }
   }
 });

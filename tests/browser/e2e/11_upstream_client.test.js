@@ -17,18 +17,13 @@
 // adds --experimental-websocket on Node 20/21).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { promisify } from 'node:util';
-import { fileURLToPath } from 'node:url';
 
 import {
-  freePort, freshUser, lbUrl, mintToken, mintWith, rest, runOwner, script, stackNodes, startSingleNode,
+  freePort, freshUser, lbUrl, mintToken, mintWith, restartNode, rest, runOwner, script, stackNodes, startSingleNode,
 } from '../lib/harness.js';
-
-const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 
 /** Upstream's WebSocketContext reconnects this long after any close. */
 const RECONNECT_DELAY_MS = 3000;
@@ -331,11 +326,6 @@ async function storedCompletes(tab, sessionId, runs) {
   const completes = events.filter((e) => e.kind === 'complete');
   assert.equal(completes.length, runs, `completes stored: ${JSON.stringify(completes)}`);
   return completes;
-}
-
-/** Restarts node `nodeId` of the local stack (SIGTERM: drain, 1012; then starts it again). */
-function restartNode(nodeId) {
-  return promisify(execFile)(path.join(repo, 'deploy/local/restart-node.sh'), [nodeId.replace('local-', '')]);
 }
 
 /** Polls until the session's run is listed, asking `base`; returns its node. */

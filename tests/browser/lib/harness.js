@@ -1,8 +1,11 @@
 // Shared helpers of the browser suite: the local stack's environment, tokens, Chromium, and
 // reading the console's state from the page (node id, transcript, prompts).
 //
-// The stack is started by scripts/browser-tests.sh (deploy/local/up.sh 3), which exports
-// CHATGATE_LB_URL, CHATGATE_JWT_SECRET and CHATGATE_LOCAL_STATE (see deploy/local/lib.sh).
+// The stack is started by scripts/browser-tests.sh, which runs the suite under the test kit's
+// supervisor (`chatgate-stack --nodes 3`, crates/chatgate-testkit/src/stack.rs): it exports
+// CHATGATE_LB_URL, CHATGATE_NODE_URLS, CHATGATE_JWT_SECRET, CHATGATE_BIN, CHATGATE_STACK_STATE
+// and CHATGATE_STACK_CONTROL, the endpoint through which `restartNode` and `killNode` restart or
+// kill a node. `startSingleNode` starts a lone node of its own (the embedded default).
 import { createHmac, randomUUID } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -20,10 +23,11 @@ function need(name) {
 }
 
 export const lbUrl = () => need('CHATGATE_LB_URL');
-/** Each node of the local stack, not behind nginx: [{nodeId: 'local-1', url}, …] (up.sh's order). */
+/** Each node of the stack, not behind nginx: [{nodeId: 'local-1', url}, …]. */
 export const stackNodes = () =>
   need('CHATGATE_NODE_URLS').split(/\s+/).filter(Boolean).map((url, i) => ({ nodeId: `local-${i + 1}`, url }));
-export const stateDir = () => need('CHATGATE_LOCAL_STATE');
+/** The stack's state directory (node-I.log, nginx's files). */
+export const stateDir = () => need('CHATGATE_STACK_STATE');
 /** The run lease the stack's nodes use (CHATGATE_RUN_LEASE), in ms. */
 export const leaseMs = () => parseDuration(process.env.CHATGATE_RUN_LEASE ?? '15s');
 export const artifactsDir = () => process.env.CHATGATE_BROWSER_ARTIFACTS ?? path.join(here, '..', 'artifacts');
@@ -62,12 +66,25 @@ export async function runOwner(token, sessionId, base = lbUrl()) {
   return data.sessions.find((s) => s.sessionId === sessionId)?.nodeId ?? null;
 }
 
-/** The pid of node `local-I` of the local stack. */
-export function nodePid(nodeId) {
+/** Asks the stack supervisor to `action` node `local-I`; resolves to its answer (a line of text). */
+async function controlNode(nodeId, action) {
   const m = /^local-(\d+)$/.exec(nodeId);
-  if (!m) throw new Error(`not a local stack node id: ${nodeId}`);
-  return Number(readFileSync(path.join(stateDir(), `node-${m[1]}.pid`), 'utf8').trim());
+  if (!m) throw new Error(`not a stack node id: ${nodeId}`);
+  const response = await fetch(`${need('CHATGATE_STACK_CONTROL')}/nodes/${m[1]}/${action}`, { method: 'POST' });
+  const text = await response.text();
+  if (!response.ok) throw new Error(`${action} ${nodeId}: ${response.status} ${text.trim()}`);
+  return text.trim();
 }
+
+/**
+ * Restarts node `local-I` of the stack: SIGTERM (it drains: /readyz 503, sockets closed with
+ * 1012, runs given the grace period), its exit, a new start on the same port, /readyz. A node
+ * that is down (killed) is just started. Resolves once it is ready again.
+ */
+export const restartNode = (nodeId) => controlNode(nodeId, 'restart');
+
+/** SIGKILL to node `local-I` of the stack (a crash); resolves once the process is gone. */
+export const killNode = (nodeId) => controlNode(nodeId, 'kill');
 
 export const CHROMIUM_ARGS = [
   '--headless',
@@ -206,17 +223,31 @@ export function contiguous(seqs) {
   return null;
 }
 
-/** A free TCP port on 127.0.0.1. */
+/**
+ * A free TCP port on 127.0.0.1, below the kernel's ephemeral range, as the test kit picks them
+ * (crates/chatgate-testkit/src/ports.rs): outgoing connections take their source ports from that
+ * range, and one could take the port between this check and the listener's bind, or while a
+ * node is down between two starts on it.
+ */
 export async function freePort() {
   const { createServer } = await import('node:net');
-  return new Promise((resolve, reject) => {
+  let low = 32768;
+  try {
+    low = Number(readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0]) || low;
+  } catch {
+    /* not Linux: the usual start of the range */
+  }
+  const from = Math.max(10000, low - 12000);
+  const free = (port) => new Promise((resolve) => {
     const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address();
-      server.close(() => resolve(port));
-    });
+    server.once('error', () => resolve(false));
+    server.listen(port, '127.0.0.1', () => server.close(() => resolve(true)));
   });
+  for (let i = 0; i < 200; i += 1) {
+    const port = from + Math.floor(Math.random() * (low - from));
+    if (await free(port)) return port;
+  }
+  throw new Error(`no free port between ${from} and ${low}`);
 }
 
 /**
