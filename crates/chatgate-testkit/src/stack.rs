@@ -39,12 +39,16 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use axum::{
+    Router,
+    extract::{Path as UrlPath, State},
+    http::StatusCode,
+    routing::{get, post},
+};
 use nix::{sys::signal::Signal, unistd::Pid};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     signal::unix::{SignalKind, signal},
-    task::JoinSet,
 };
 
 use crate::{
@@ -106,19 +110,10 @@ fn passed_on(name: &str) -> bool {
         && !["CHATGATE_LB_", "CHATGATE_LOCAL_", "CHATGATE_STACK_"].iter().any(|p| name.starts_with(p))
 }
 
-/// A drain grace as the nodes read it (`500ms`, `25s`, `2m`, `1h`); 25 s when unreadable, as
-/// in `deploy/local/lib.sh`.
+/// A drain grace as the nodes read it (`500ms`, `25s`, `2m`); 25 s when unreadable, as in
+/// `deploy/local/lib.sh`.
 fn parse_grace(text: &str) -> Duration {
-    let text = text.trim();
-    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
-    let Ok(n) = number.parse::<u64>() else { return Duration::from_secs(25) };
-    match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => Duration::from_secs(25),
-    }
+    humantime::parse_duration(text.trim()).unwrap_or(Duration::from_secs(25))
 }
 
 /// Appends the line up.sh writes before each start of a node.
@@ -262,62 +257,36 @@ impl Stack {
     }
 }
 
-/// Answers control requests until aborted (which aborts the requests in flight).
-async fn serve_control(stack: Arc<Stack>, listener: TcpListener) {
-    let mut requests = JoinSet::new();
-    loop {
-        if let Ok((socket, _)) = listener.accept().await {
-            requests.spawn(answer(stack.clone(), socket));
-        }
-        while requests.try_join_next().is_some() {}
+/// The control endpoint's routes (see the module's doc).
+fn control_routes(stack: Arc<Stack>) -> Router {
+    Router::new()
+        .route("/nodes", get(list_nodes))
+        .route("/nodes/{index}/restart", post(restart_node))
+        .route("/nodes/{index}/kill", post(kill_node))
+        .with_state(stack)
+}
+
+type Answer = (StatusCode, String);
+
+fn no_such_node(stack: &Stack, index: usize) -> Answer {
+    (StatusCode::NOT_FOUND, format!("no node {index} (1..{})\n", stack.nodes.len()))
+}
+
+async fn list_nodes(State(stack): State<Arc<Stack>>) -> String {
+    stack.listing()
+}
+
+async fn restart_node(State(stack): State<Arc<Stack>>, UrlPath(index): UrlPath<usize>) -> Answer {
+    let Some(node) = stack.node(index) else { return no_such_node(&stack, index) };
+    match stack.restart(node).await {
+        Ok(text) => (StatusCode::OK, text),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")),
     }
 }
 
-/// One request: reads its head (a body is ignored), answers, closes.
-async fn answer(stack: Arc<Stack>, mut socket: TcpStream) {
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
-        match socket.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-        }
-    }
-    let head = String::from_utf8_lossy(&head);
-    let mut words = head.lines().next().unwrap_or_default().split_whitespace();
-    let (method, path) = (words.next().unwrap_or_default(), words.next().unwrap_or_default());
-    let (status, body) = route(&stack, method, path).await;
-    let reason = match status {
-        200 => "OK",
-        404 => "Not Found",
-        _ => "Internal Server Error",
-    };
-    let response = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\
-         connection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = socket.write_all(response.as_bytes()).await;
-    let _ = socket.shutdown().await;
-}
-
-async fn route(stack: &Stack, method: &str, path: &str) -> (u16, String) {
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let node = |i: &str| i.parse().ok().and_then(|i| stack.node(i));
-    match (method, parts.as_slice()) {
-        ("GET", ["nodes"]) => (200, stack.listing()),
-        ("POST", ["nodes", i, action @ ("restart" | "kill")]) => {
-            let Some(node) = node(i) else { return (404, format!("no node {i} (1..{})\n", stack.nodes.len())) };
-            if *action == "kill" {
-                return (200, stack.kill(node).await);
-            }
-            match stack.restart(node).await {
-                Ok(text) => (200, text),
-                Err(e) => (500, format!("{e:#}\n")),
-            }
-        }
-        _ => (404, format!("no {method} {path}: GET /nodes, POST /nodes/{{i}}/restart, POST /nodes/{{i}}/kill\n")),
-    }
+async fn kill_node(State(stack): State<Arc<Stack>>, UrlPath(index): UrlPath<usize>) -> Answer {
+    let Some(node) = stack.node(index) else { return no_such_node(&stack, index) };
+    (StatusCode::OK, stack.kill(node).await)
 }
 
 /// `export NAME='value'` lines.
@@ -358,7 +327,7 @@ pub async fn run(options: StackOptions, command: Vec<OsString>) -> anyhow::Resul
     // Bound now and held until the end: any free port will do.
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let control = format!("http://{}", listener.local_addr()?);
-    let server = tokio::spawn(serve_control(stack.clone(), listener));
+    let server = tokio::spawn(axum::serve(listener, control_routes(stack.clone())).into_future());
     let env = stack.command_env(&control);
     std::fs::write(options.state.join("env"), env_file(&env))?;
     eprintln!(
@@ -395,6 +364,7 @@ mod tests {
         assert_eq!(parse_grace("500ms"), Duration::from_millis(500));
         assert_eq!(parse_grace("1m"), Duration::from_secs(60));
         assert_eq!(parse_grace("soon"), Duration::from_secs(25));
+        assert_eq!(parse_grace(""), Duration::from_secs(25));
     }
 
     #[test]

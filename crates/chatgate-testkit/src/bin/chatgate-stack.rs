@@ -5,58 +5,46 @@
 
 use std::{ffi::OsString, path::PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use chatgate_testkit::stack::{StackOptions, run};
+use clap::Parser;
 
-const USAGE: &str = "usage: chatgate-stack --nodes N --state DIR [--bin PATH] -- <command> [args…]
-  --nodes N    gateway nodes local-1 … local-N (1..99)
-  --state DIR  logs, nginx's files, workspaces, homes and `env` (created if missing)
-  --bin PATH   the chatgate binary (default: $CHATGATE_BIN)";
+/// N chatgate nodes behind nginx for as long as a command runs.
+#[derive(Parser)]
+#[command(name = "chatgate-stack")]
+struct Args {
+    /// Gateway nodes local-1 … local-N.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..100))]
+    nodes: u8,
+    /// Logs, nginx's files, workspaces, homes and `env` (created if missing).
+    #[arg(long)]
+    state: PathBuf,
+    /// The chatgate binary.
+    #[arg(long, env = "CHATGATE_BIN")]
+    bin: PathBuf,
+    /// The command to run in the stack, and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<OsString>,
+}
 
-fn parse(mut args: impl Iterator<Item = OsString>) -> anyhow::Result<(StackOptions, Vec<OsString>)> {
-    let (mut nodes, mut state, mut bin) = (None, None, std::env::var_os("CHATGATE_BIN").map(PathBuf::from));
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().with_context(|| format!("{} needs a value", arg.to_string_lossy()));
-        match arg.to_str() {
-            Some("--nodes") => {
-                let n = value()?.to_str().and_then(|n| n.parse().ok()).filter(|n| (1..100).contains(n));
-                nodes = Some(n.context("--nodes takes a number, 1..99")?);
-            }
-            Some("--state") => state = Some(PathBuf::from(value()?)),
-            Some("--bin") => bin = Some(PathBuf::from(value()?)),
-            Some("--") => break,
-            _ => bail!("unknown argument {}", arg.to_string_lossy()),
-        }
-    }
-    let command: Vec<OsString> = args.collect();
-    if command.is_empty() {
-        bail!("no command after --");
-    }
-    let state = state.context("--state is required")?;
-    std::fs::create_dir_all(&state).with_context(|| format!("state directory {}", state.display()))?;
-    let bin = bin.context("--bin is required when CHATGATE_BIN is not set")?;
-    let bin = bin.canonicalize().with_context(|| format!("the chatgate binary {}", bin.display()))?;
-    let options = StackOptions { nodes: nodes.context("--nodes is required")?, state: state.canonicalize()?, bin };
-    Ok((options, command))
+fn options(args: &Args) -> anyhow::Result<StackOptions> {
+    std::fs::create_dir_all(&args.state).with_context(|| format!("state directory {}", args.state.display()))?;
+    Ok(StackOptions {
+        nodes: usize::from(args.nodes),
+        state: args.state.canonicalize()?,
+        bin: args.bin.canonicalize().with_context(|| format!("the chatgate binary {}", args.bin.display()))?,
+    })
 }
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-    if args.first().is_some_and(|a| a == "-h" || a == "--help") {
-        println!("{USAGE}");
-        return;
-    }
-    let (options, command) = match parse(args.into_iter()) {
-        Ok(parsed) => parsed,
-        Err(e) => {
-            eprintln!("chatgate-stack: {e:#}\n{USAGE}");
-            std::process::exit(2);
-        }
+    let args = Args::parse();
+    let code = match options(&args) {
+        Ok(options) => run(options, args.command).await,
+        Err(e) => Err(e),
     };
-    let code = run(options, command).await.unwrap_or_else(|e| {
+    std::process::exit(code.unwrap_or_else(|e| {
         eprintln!("chatgate-stack: {e:#}");
         1
-    });
-    std::process::exit(code);
+    }));
 }
