@@ -4,7 +4,8 @@
 //! - [`ports`]: free ports for listeners, below the kernel's ephemeral range;
 //! - [`node`]: the real `chatgate` binary as a child process ([`node::NodeCommand`] builds it,
 //!   [`node::NodeProcess`] signals, restarts and waits for it);
-//! - [`redis`]: a private `redis-server` on its own port;
+//! - [`redis`]: a private `redis-server` on its own port; [`redis_cluster`]: a private Redis
+//!   Cluster (failover, restart, slot migration by hand);
 //! - [`postgres`]: a private PostgreSQL cluster, and the URL of the shared test database;
 //! - [`balancer`]: nginx in front of N nodes (round robin, WebSocket upgrade);
 //! - [`ws`]: a WebSocket client; [`token`]: tokens, valid and crafted;
@@ -20,6 +21,8 @@ pub mod node;
 pub mod ports;
 pub mod postgres;
 pub mod redis;
+pub mod redis_cluster;
+mod redis_proc;
 pub mod stack;
 pub mod token;
 pub mod ws;

@@ -1,0 +1,87 @@
+//! What the private Redis Cluster, Sentinel and TLS servers share: spawning one
+//! `redis-server` in a directory of the caller's, waiting for it, killing it, and sending it
+//! one command over a short-lived plain connection (the `redis` crate's blocking client).
+
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+/// How long a fresh server has to answer `PING`.
+pub(crate) const START_WAIT: Duration = Duration::from_secs(10);
+
+/// How often the waits below look again.
+pub(crate) const POLL: Duration = Duration::from_millis(50);
+
+/// `redis-server` with `args`, its working directory `dir` (where it writes its files), its
+/// output into `dir/redis-<label>.log`.
+pub(crate) fn spawn(dir: &Path, label: &str, args: &[String]) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(dir.join(format!("redis-{label}.log")))?;
+    Command::new("redis-server")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting redis-server (is it installed?)")
+}
+
+/// Returns once the server on `port` answers `PING`; fails if `child` exits first.
+pub(crate) fn wait_for_ping(port: u16, child: &mut Child) -> anyhow::Result<()> {
+    let deadline = Instant::now() + START_WAIT;
+    while Instant::now() < deadline {
+        if query::<String>(port, &redis::cmd("PING")).is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("redis-server on port {port} exited at start ({status})");
+        }
+        std::thread::sleep(POLL);
+    }
+    bail!("redis-server on port {port} did not answer PING within {START_WAIT:?}")
+}
+
+/// SIGKILL and reap.
+pub(crate) fn kill(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// `cmd` sent to the server on `port` over a fresh connection (1 s to connect, 10 s for the
+/// reply).
+pub(crate) fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+    let mut conn = client.get_connection_with_timeout(Duration::from_secs(1))?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    cmd.query(&mut conn)
+}
+
+/// One `field:value` line of `INFO <section>` on `port`.
+pub(crate) fn info_field(port: u16, section: &str, field: &str) -> Option<String> {
+    let info: String = query(port, redis::cmd("INFO").arg(section)).ok()?;
+    field_of(&info, field)
+}
+
+/// The value of `field` in `field:value` lines (`INFO`, `CLUSTER INFO`).
+pub(crate) fn field_of(text: &str, field: &str) -> Option<String> {
+    text.lines().find_map(|line| line.trim_end().strip_prefix(field)?.strip_prefix(':').map(str::to_string))
+}
+
+/// Polls `done` every [`POLL`] until it says yes or `within` has passed (then fails with
+/// `what`).
+pub(crate) fn wait_until(within: Duration, what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        if done() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("{what}: not within {within:?}");
+        }
+        std::thread::sleep(POLL);
+    }
+}
