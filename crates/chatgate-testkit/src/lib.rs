@@ -5,7 +5,8 @@
 //! - [`node`]: the real `chatgate` binary as a child process ([`node::NodeCommand`] builds it,
 //!   [`node::NodeProcess`] signals, restarts and waits for it);
 //! - [`redis`]: a private `redis-server` on its own port; [`redis_cluster`]: a private Redis
-//!   Cluster (failover, restart, slot migration by hand);
+//!   Cluster (failover, restart, slot migration by hand); [`redis_sentinel`]: a primary, a
+//!   replica and 3 sentinels;
 //! - [`postgres`]: a private PostgreSQL cluster, and the URL of the shared test database;
 //! - [`balancer`]: nginx in front of N nodes (round robin, WebSocket upgrade);
 //! - [`ws`]: a WebSocket client; [`token`]: tokens, valid and crafted;
@@ -23,6 +24,7 @@ pub mod postgres;
 pub mod redis;
 pub mod redis_cluster;
 mod redis_proc;
+pub mod redis_sentinel;
 pub mod stack;
 pub mod token;
 pub mod ws;

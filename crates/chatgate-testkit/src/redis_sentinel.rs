@@ -1,0 +1,259 @@
+//! A private Redis Sentinel setup (no persistence) in a temporary directory, for tests that
+//! fail a primary over: a primary, one replica and 3 sentinels (`redis-server <conf>
+//! --sentinel`; Debian ships no `redis-sentinel`) with a quorum of 2 and short timeouts.
+//! Only the processes started here are ever signalled; all of them are killed, and the
+//! directory removed, when it is dropped.
+
+use std::{
+    collections::BTreeMap,
+    process::Child,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+use crate::{
+    ports::free_ports,
+    redis_proc::{info_field, kill, query, spawn, wait_for_ping, wait_until},
+};
+
+/// The name the sentinels monitor the primary under.
+pub const MASTER_NAME: &str = "chatgate";
+
+/// `sentinel down-after-milliseconds`: a primary silent this long is subjectively down.
+pub const DOWN_AFTER_MS: u64 = 1000;
+
+/// `sentinel failover-timeout` (also how long before a failed failover is tried again, ×2).
+pub const FAILOVER_TIMEOUT_MS: u64 = 4000;
+
+/// How long the sentinels have to see the setup, or to fail it over.
+const AGREE_WAIT: Duration = Duration::from_secs(30);
+
+/// Sentinels started.
+const SENTINELS: usize = 3;
+
+/// A primary, a replica and 3 sentinels owned by their creator.
+pub struct PrivateRedisSentinel {
+    /// The primary's and the replica's ports, in start order.
+    data_ports: Vec<u16>,
+    sentinel_ports: Vec<u16>,
+    children: BTreeMap<u16, Child>,
+    dir: tempfile::TempDir,
+}
+
+impl PrivateRedisSentinel {
+    /// Starts the primary, its replica (returns once it is in sync) and the sentinels;
+    /// returns once every sentinel knows the replica and the other sentinels, so that a
+    /// failover can happen.
+    pub fn start() -> anyhow::Result<PrivateRedisSentinel> {
+        let ports = free_ports(2 + SENTINELS as u16)?;
+        let mut setup = PrivateRedisSentinel {
+            data_ports: ports[..2].to_vec(),
+            sentinel_ports: ports[2..].to_vec(),
+            children: BTreeMap::new(),
+            dir: tempfile::tempdir()?,
+        };
+        let (primary, replica) = (ports[0], ports[1]);
+        setup.spawn_data(primary, None)?;
+        setup.spawn_data(replica, Some(primary))?;
+        wait_until(AGREE_WAIT, "the replica's sync", || {
+            info_field(replica, "replication", "master_link_status").as_deref() == Some("up")
+        })?;
+        for port in setup.sentinel_ports.clone() {
+            setup.spawn_sentinel(port, primary)?;
+        }
+        let sentinels = setup.sentinel_ports.clone();
+        wait_until(AGREE_WAIT, "the sentinels' discovery", || {
+            sentinels.iter().all(|&port| {
+                let Ok(fields) = master_state(port) else { return false };
+                fields.get("num-slaves").map(String::as_str) == Some("1")
+                    && fields.get("num-other-sentinels").map(String::as_str) == Some(&(SENTINELS - 1).to_string())
+                    && fields.get("flags").map(String::as_str) == Some("master")
+            })
+        })?;
+        Ok(setup)
+    }
+
+    /// `redis://127.0.0.1:P` of each sentinel.
+    pub fn sentinel_urls(&self) -> Vec<String> {
+        self.sentinel_ports.iter().map(|port| format!("redis://127.0.0.1:{port}")).collect()
+    }
+
+    /// The name the primary is monitored under ([`MASTER_NAME`]).
+    pub fn master_name(&self) -> &str {
+        MASTER_NAME
+    }
+
+    /// The primary's and the replica's ports (whichever is primary now).
+    pub fn data_ports(&self) -> &[u16] {
+        &self.data_ports
+    }
+
+    /// The running processes' pids (data nodes and sentinels, for their CPU time).
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.values().map(Child::id).collect()
+    }
+
+    /// The primary's port, as the first live sentinel reports it
+    /// (`SENTINEL get-master-addr-by-name`).
+    pub fn primary(&self) -> anyhow::Result<u16> {
+        let live = self.sentinel_ports.iter().filter(|p| self.children.contains_key(p));
+        for &port in live {
+            if let Ok(found) = reported_primary(port) {
+                return Ok(found);
+            }
+        }
+        bail!("no sentinel answers")
+    }
+
+    /// `SENTINEL FAILOVER` (the primary stays up and is demoted); returns the time until
+    /// every sentinel reports the replica as primary and it says `role:master`.
+    pub fn failover(&self) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let old = self.primary()?;
+        let asked = self.sentinel_ports[0];
+        let _: () =
+            query(asked, redis::cmd("SENTINEL").arg("FAILOVER").arg(MASTER_NAME)).context("SENTINEL FAILOVER")?;
+        self.wait_for_new_primary(old)?;
+        Ok(started.elapsed())
+    }
+
+    /// SIGKILLs the primary; returns the time until every sentinel reports the replica as
+    /// primary and it says `role:master` (about [`DOWN_AFTER_MS`] plus an election).
+    pub fn kill_primary(&mut self) -> anyhow::Result<Duration> {
+        let old = self.primary()?;
+        let started = Instant::now();
+        if let Some(child) = self.children.remove(&old) {
+            kill(child);
+        }
+        self.wait_for_new_primary(old)?;
+        Ok(started.elapsed())
+    }
+
+    /// Starts the killed data node on `port` again, empty and replicating the current
+    /// primary (as an operator restarts a failed primary; one restarted as a primary is
+    /// demoted by the sentinels only after reporting `role:master` for 8 s and their next
+    /// `INFO`, ~10 s); returns once it is in sync and every sentinel lists it as a healthy
+    /// replica (so it can be failed over to).
+    pub fn restart(&mut self, port: u16) -> anyhow::Result<()> {
+        if !self.data_ports.contains(&port) || self.children.contains_key(&port) {
+            bail!("{port} is not a killed data node");
+        }
+        let primary = self.primary()?;
+        self.spawn_data(port, Some(primary))?;
+        let sentinels: Vec<u16> =
+            self.sentinel_ports.iter().copied().filter(|p| self.children.contains_key(p)).collect();
+        let result = wait_until(AGREE_WAIT, "the restarted node's sync", || {
+            info_field(port, "replication", "master_link_status").as_deref() == Some("up")
+                && sentinels.iter().all(|&sentinel| {
+                    replicas_state(sentinel).is_ok_and(|replicas| {
+                        replicas.iter().any(|r| {
+                            r.get("port") == Some(&port.to_string())
+                                && r.get("flags").map(String::as_str) == Some("slave")
+                        })
+                    })
+                })
+        });
+        result.with_context(|| format!("sentinel setup in {}", self.dir.path().display()))
+    }
+
+    /// Waits until every live sentinel reports a live primary other than `old` that says
+    /// `role:master`.
+    fn wait_for_new_primary(&self, old: u16) -> anyhow::Result<()> {
+        let sentinels: Vec<u16> =
+            self.sentinel_ports.iter().copied().filter(|p| self.children.contains_key(p)).collect();
+        let result = wait_until(AGREE_WAIT, "the new primary", || {
+            let reported: Vec<u16> = sentinels.iter().filter_map(|&port| reported_primary(port).ok()).collect();
+            let new = reported[..].first().copied();
+            reported.len() == sentinels.len()
+                && reported.iter().all(|p| Some(*p) == new)
+                && new.is_some_and(|p| {
+                    p != old
+                        && self.children.contains_key(&p)
+                        && info_field(p, "replication", "role").as_deref() == Some("master")
+                })
+        });
+        result.with_context(|| format!("sentinel setup in {}", self.dir.path().display()))
+    }
+
+    /// A data node on `port`, replicating `primary` if given.
+    fn spawn_data(&mut self, port: u16, primary: Option<u16>) -> anyhow::Result<()> {
+        let mut args: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            // A replica's full sync starts at once (the default waits 5 s for more replicas).
+            "--repl-diskless-sync-delay",
+            "0",
+            "--appendonly",
+            "no",
+            "--save",
+            "",
+        ]
+        .map(String::from)
+        .to_vec();
+        if let Some(primary) = primary {
+            args.extend(["--replicaof".into(), "127.0.0.1".into(), primary.to_string()]);
+        }
+        self.spawn_checked(port, &port.to_string(), &args)
+    }
+
+    /// A sentinel on `port` monitoring `primary`, from a config file of its own (Sentinel
+    /// rewrites it).
+    fn spawn_sentinel(&mut self, port: u16, primary: u16) -> anyhow::Result<()> {
+        let conf = self.dir.path().join(format!("sentinel-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                 sentinel monitor {MASTER_NAME} 127.0.0.1 {primary} 2\n\
+                 sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}\n\
+                 sentinel failover-timeout {MASTER_NAME} {FAILOVER_TIMEOUT_MS}\n",
+                dir = self.dir.path().display()
+            ),
+        )?;
+        let args = [conf.to_string_lossy().into_owned(), "--sentinel".into()];
+        self.spawn_checked(port, &format!("sentinel-{port}"), &args)
+    }
+
+    fn spawn_checked(&mut self, port: u16, label: &str, args: &[String]) -> anyhow::Result<()> {
+        let mut child = spawn(self.dir.path(), label, args)?;
+        if let Err(e) = wait_for_ping(port, &mut child) {
+            kill(child);
+            return Err(e);
+        }
+        self.children.insert(port, child);
+        Ok(())
+    }
+}
+
+impl Drop for PrivateRedisSentinel {
+    fn drop(&mut self) {
+        for (_, child) in std::mem::take(&mut self.children) {
+            kill(child);
+        }
+    }
+}
+
+/// The primary's port as the sentinel on `port` reports it.
+fn reported_primary(port: u16) -> anyhow::Result<u16> {
+    let addr: Vec<String> = query(port, redis::cmd("SENTINEL").arg("get-master-addr-by-name").arg(MASTER_NAME))?;
+    Ok(addr.get(1).context("no primary reported")?.parse()?)
+}
+
+/// `SENTINEL MASTER <name>` on the sentinel on `port`, as field → value.
+fn master_state(port: u16) -> anyhow::Result<BTreeMap<String, String>> {
+    let flat: Vec<String> = query(port, redis::cmd("SENTINEL").arg("MASTER").arg(MASTER_NAME))?;
+    Ok(pairs(&flat))
+}
+
+/// `SENTINEL REPLICAS <name>` on the sentinel on `port`, each as field → value.
+fn replicas_state(port: u16) -> anyhow::Result<Vec<BTreeMap<String, String>>> {
+    let replicas: Vec<Vec<String>> = query(port, redis::cmd("SENTINEL").arg("REPLICAS").arg(MASTER_NAME))?;
+    Ok(replicas.iter().map(|flat| pairs(flat)).collect())
+}
+
+fn pairs(flat: &[String]) -> BTreeMap<String, String> {
+    flat.chunks(2).filter_map(|kv| Some((kv.first()?.clone(), kv.get(1)?.clone()))).collect()
+}
