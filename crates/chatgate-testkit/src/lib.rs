@@ -6,7 +6,8 @@
 //!   [`node::NodeProcess`] signals, restarts and waits for it);
 //! - [`redis`]: a private `redis-server` on its own port; [`redis_cluster`]: a private Redis
 //!   Cluster (failover, restart, slot migration by hand); [`redis_sentinel`]: a primary, a
-//!   replica and 3 sentinels;
+//!   replica and 3 sentinels; [`redis_tls`]: a TLS-only server with certificates made at
+//!   test time (mutual TLS and an ACL user optional);
 //! - [`postgres`]: a private PostgreSQL cluster, and the URL of the shared test database;
 //! - [`balancer`]: nginx in front of N nodes (round robin, WebSocket upgrade);
 //! - [`ws`]: a WebSocket client; [`token`]: tokens, valid and crafted;
@@ -25,6 +26,7 @@ pub mod redis;
 pub mod redis_cluster;
 mod redis_proc;
 pub mod redis_sentinel;
+pub mod redis_tls;
 pub mod stack;
 pub mod token;
 pub mod ws;
