@@ -15,34 +15,34 @@ use crate::{protocol::sequenced, runs::Event};
 /// A script reply that does not have the expected shape.
 #[derive(Debug, thiserror::Error)]
 #[error("unexpected reply from Redis: {0}")]
-pub struct BadReply(pub String);
+pub(super) struct BadReply(pub String);
 
 /// The lock / owner record (`cg:{S}:run`, `cg:{S}:owner`).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct OwnerRecord {
-    pub run_id: String,
-    pub node_id: String,
-    pub provider: String,
-    pub user_id: String,
-    pub started_at: String,
-    pub first_seq: u64,
+pub(super) struct OwnerRecord {
+    pub(super) run_id: String,
+    pub(super) node_id: String,
+    pub(super) provider: String,
+    pub(super) user_id: String,
+    pub(super) started_at: String,
+    pub(super) first_seq: u64,
 }
 
 impl OwnerRecord {
-    pub fn parse(json: &str) -> Result<Self, BadReply> {
+    pub(super) fn parse(json: &str) -> Result<Self, BadReply> {
         serde_json::from_str(json).map_err(|e| BadReply(format!("owner record {json:?}: {e}")))
     }
 }
 
 /// Builds events, sharing one `Arc<str>` per run id.
 #[derive(Default)]
-pub struct EventBuilder {
+pub(super) struct EventBuilder {
     run_id: Option<Arc<str>>,
 }
 
 impl EventBuilder {
-    pub fn event(&mut self, seq: u64, run_id: &str, terminal: bool, body: &str) -> Event {
+    pub(super) fn event(&mut self, seq: u64, run_id: &str, terminal: bool, body: &str) -> Event {
         let run_id = match &self.run_id {
             Some(current) if **current == *run_id => current.clone(),
             _ => {
@@ -57,7 +57,7 @@ impl EventBuilder {
 
 /// How old an event is, by the `timestamp` its owner labelled it with: for a
 /// live message, the time from labelling through append and pub/sub to this node.
-pub fn event_age(frame: &str) -> Option<std::time::Duration> {
+pub(super) fn event_age(frame: &str) -> Option<std::time::Duration> {
     const KEY: &str = "\"timestamp\":\"";
     let start = frame.find(KEY)? + KEY.len();
     let raw = frame.get(start..start + 24)?;
@@ -67,7 +67,7 @@ pub fn event_age(frame: &str) -> Option<std::time::Duration> {
 }
 
 /// Decodes one live message (a batch) into events.
-pub fn decode_live(payload: &[u8], builder: &mut EventBuilder) -> Result<Vec<Event>, BadReply> {
+pub(super) fn decode_live(payload: &[u8], builder: &mut EventBuilder) -> Result<Vec<Event>, BadReply> {
     let mut events = Vec::new();
     let mut rest = payload;
     while !rest.is_empty() {
@@ -104,7 +104,7 @@ fn take_str<'a>(rest: &mut &'a [u8], len: usize) -> Result<&'a str, BadReply> {
 }
 
 /// Flattened stream entries (`seq, runId, t, body`…) into events.
-pub fn decode_entries(value: Value) -> Result<Vec<Event>, BadReply> {
+pub(super) fn decode_entries(value: Value) -> Result<Vec<Event>, BadReply> {
     let items = array(value)?;
     if items.len() % 4 != 0 {
         return Err(BadReply(format!("stream entries: {} items", items.len())));
@@ -123,7 +123,7 @@ pub fn decode_entries(value: Value) -> Result<Vec<Event>, BadReply> {
 }
 
 /// True when `events` are exactly the seqs `from + 1 ..= to` (or the range is empty).
-pub fn is_contiguous(events: &[Event], from: u64, to: u64) -> bool {
+pub(super) fn is_contiguous(events: &[Event], from: u64, to: u64) -> bool {
     if to <= from {
         return true;
     }
@@ -131,7 +131,7 @@ pub fn is_contiguous(events: &[Event], from: u64, to: u64) -> bool {
     events.len() == expected && events.iter().zip(from + 1..).all(|(e, seq)| e.seq == seq)
 }
 
-pub fn array(value: Value) -> Result<Vec<Value>, BadReply> {
+pub(super) fn array(value: Value) -> Result<Vec<Value>, BadReply> {
     match value {
         Value::Array(items) | Value::Set(items) => Ok(items),
         Value::Nil => Ok(Vec::new()),
@@ -139,7 +139,7 @@ pub fn array(value: Value) -> Result<Vec<Value>, BadReply> {
     }
 }
 
-pub fn text(value: Value) -> Result<String, BadReply> {
+pub(super) fn text(value: Value) -> Result<String, BadReply> {
     match value {
         Value::BulkString(bytes) => String::from_utf8(bytes).map_err(|_| BadReply("non-UTF-8 string".into())),
         Value::SimpleString(s) => Ok(s),
@@ -150,7 +150,7 @@ pub fn text(value: Value) -> Result<String, BadReply> {
     }
 }
 
-pub fn int(value: Value) -> Result<u64, BadReply> {
+pub(super) fn int(value: Value) -> Result<u64, BadReply> {
     match value {
         Value::Int(n) => u64::try_from(n).map_err(|_| BadReply(format!("negative number {n}"))),
         Value::BulkString(bytes) => std::str::from_utf8(&bytes)
@@ -162,7 +162,7 @@ pub fn int(value: Value) -> Result<u64, BadReply> {
 }
 
 /// A list of strings (e.g. request ids).
-pub fn texts(value: Value) -> Result<Vec<String>, BadReply> {
+pub(super) fn texts(value: Value) -> Result<Vec<String>, BadReply> {
     array(value)?.into_iter().map(text).collect()
 }
 

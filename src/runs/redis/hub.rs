@@ -34,7 +34,7 @@ struct Table {
 }
 
 /// Channel subscriptions of one node.
-pub struct Hub {
+pub(super) struct Hub {
     client: Client,
     table: Mutex<Table>,
     connected: AtomicBool,
@@ -42,7 +42,7 @@ pub struct Hub {
 
 /// A failed (re)connection.
 #[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
+pub(super) enum ConnectError {
     #[error("{0}")]
     Redis(#[from] RedisError),
     #[error("timed out")]
@@ -51,17 +51,17 @@ pub enum ConnectError {
 
 impl Hub {
     /// A hub that holds `permanent` channels for as long as it lives.
-    pub fn new(client: Client, permanent: &[String]) -> Self {
+    pub(super) fn new(client: Client, permanent: &[String]) -> Self {
         let refs = permanent.iter().map(|c| (c.clone(), 1)).collect();
         Hub { client, table: Mutex::new(Table { sink: None, refs }), connected: AtomicBool::new(false) }
     }
 
-    pub fn is_connected(&self) -> bool {
+    pub(super) fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Acquire)
     }
 
     /// Holds `channel`; returns once the node's subscription is confirmed.
-    pub async fn acquire(&self, channel: &str) -> Result<(), RegistryError> {
+    pub(super) async fn acquire(&self, channel: &str) -> Result<(), RegistryError> {
         let mut table = self.table.lock().await;
         if let Some(count) = table.refs.get_mut(channel) {
             *count += 1;
@@ -81,7 +81,7 @@ impl Hub {
     }
 
     /// Lets go of one hold on `channel`; the last one unsubscribes.
-    pub async fn release(&self, channel: &str) {
+    pub(super) async fn release(&self, channel: &str) {
         let mut table = self.table.lock().await;
         let Some(count) = table.refs.get_mut(channel) else { return };
         *count -= 1;
@@ -100,7 +100,7 @@ impl Hub {
 
     /// Opens a fresh pub/sub connection, subscribes every held channel, and
     /// makes it the node's connection. Returns the message stream.
-    pub async fn connect(&self, timeout: Duration) -> Result<PubSubStream, ConnectError> {
+    pub(super) async fn connect(&self, timeout: Duration) -> Result<PubSubStream, ConnectError> {
         let pubsub = tokio::time::timeout(timeout, self.client.get_async_pubsub())
             .await
             .map_err(|_| ConnectError::Timeout)??;
@@ -118,13 +118,13 @@ impl Hub {
     }
 
     /// Forgets the current connection (it failed or went silent).
-    pub async fn disconnected(&self) {
+    pub(super) async fn disconnected(&self) {
         self.connected.store(false, Ordering::Release);
         self.table.lock().await.sink = None;
     }
 
     /// Number of channels the node holds (for tests and metrics).
-    pub async fn channel_count(&self) -> usize {
+    pub(super) async fn channel_count(&self) -> usize {
         self.table.lock().await.refs.len()
     }
 }

@@ -20,27 +20,27 @@ use crate::{
 
 /// A run seen in progress on a watched session (for owner-loss detection).
 #[derive(Debug, Clone)]
-pub struct SeenRun {
-    pub run_id: String,
-    pub provider: String,
+pub(super) struct SeenRun {
+    pub(super) run_id: String,
+    pub(super) provider: String,
 }
 
 /// A session this node has live feeds on.
-pub struct LiveSession {
-    pub tx: broadcast::Sender<LiveBatch>,
-    pub feeds: usize,
+pub(super) struct LiveSession {
+    pub(super) tx: broadcast::Sender<LiveBatch>,
+    pub(super) feeds: usize,
     /// Highest seq seen for the session (handed to `tx`, or read by a subscribe
     /// that was the session's only feed); a catch-up reads after it.
-    pub last_dispatched: u64,
+    pub(super) last_dispatched: u64,
     /// The run in progress as far as this node knows.
-    pub run: Option<SeenRun>,
+    pub(super) run: Option<SeenRun>,
     /// Since when the lock of `run` was seen missing.
-    pub lock_missing_since: Option<Instant>,
+    pub(super) lock_missing_since: Option<Instant>,
     builder: EventBuilder,
 }
 
 impl LiveSession {
-    pub fn new() -> Self {
+    pub(super) fn new() -> Self {
         LiveSession {
             tx: broadcast::channel(LIVE_CAPACITY).0,
             feeds: 0,
@@ -82,7 +82,7 @@ fn provider_of(frame: &str) -> String {
 
 impl RedisNode {
     /// Routes one pub/sub message.
-    pub fn on_message(&self, channel: &str, payload: &[u8]) {
+    pub(super) fn on_message(&self, channel: &str, payload: &[u8]) {
         if let Some(session_id) = keys::session_of_live_channel(channel) {
             self.on_live(session_id, payload);
         } else if channel == self.node_channel {
@@ -139,7 +139,7 @@ impl RedisNode {
 
     /// Hands the events in the stream after each watched session's last
     /// dispatched seq to its feeds (after a reconnect, pub/sub lost them).
-    pub async fn catch_up(&self) {
+    pub(super) async fn catch_up(&self) {
         let watched: Vec<String> = lock_unpoisoned(&self.sessions).keys().cloned().collect();
         for session_id in watched {
             if let Err(e) = self.catch_up_session(&session_id).await {
@@ -151,7 +151,7 @@ impl RedisNode {
     }
 
     /// Hands one session's events after its last dispatched seq to its feeds.
-    pub async fn catch_up_session(&self, session_id: &str) -> Result<(), Failure> {
+    pub(super) async fn catch_up_session(&self, session_id: &str) -> Result<(), Failure> {
         let Some(after) = lock_unpoisoned(&self.sessions).get(session_id).map(|s| s.last_dispatched) else {
             return Ok(());
         };
@@ -166,9 +166,9 @@ impl RedisNode {
 }
 
 /// Keeps a feed's session entry and hub subscription; released on drop.
-pub struct FeedGuard {
-    pub node: Arc<RedisNode>,
-    pub session_id: String,
+pub(super) struct FeedGuard {
+    pub(super) node: Arc<RedisNode>,
+    pub(super) session_id: String,
 }
 
 impl Drop for FeedGuard {
@@ -191,7 +191,7 @@ impl Drop for FeedGuard {
 }
 
 /// Registers a new feed on a session: its entry (created if needed) and a receiver.
-pub fn attach_feed(node: &Arc<RedisNode>, session_id: &str) -> (broadcast::Receiver<LiveBatch>, FeedGuard) {
+pub(super) fn attach_feed(node: &Arc<RedisNode>, session_id: &str) -> (broadcast::Receiver<LiveBatch>, FeedGuard) {
     let mut sessions = lock_unpoisoned(&node.sessions);
     let session = sessions.entry(session_id.to_string()).or_insert_with(LiveSession::new);
     session.feeds += 1;

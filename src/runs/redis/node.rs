@@ -33,20 +33,20 @@ use crate::{
 };
 
 /// Capacity of a user's notice channel on one node.
-pub const USER_CAPACITY: usize = crate::runs::NOTICE_CAPACITY;
+pub(super) const USER_CAPACITY: usize = crate::runs::NOTICE_CAPACITY;
 /// How long a finished session's seq counter stays in Redis; after that the
 /// next run restores it from SQL's high-water mark (plus the margin).
-pub const SEQ_IDLE_TTL: Duration = Duration::from_secs(24 * 3600);
+pub(super) const SEQ_IDLE_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Safety expiry of `cg:perm:{R}`; normally deleted when answered or at the run's end.
-pub const PERMISSION_TTL: Duration = Duration::from_secs(24 * 3600);
+pub(super) const PERMISSION_TTL: Duration = Duration::from_secs(24 * 3600);
 /// The `error` of the terminal `complete` that ends an orphaned run.
-pub const OWNER_LOST: &str = "run owner lost";
+pub(super) const OWNER_LOST: &str = "run owner lost";
 /// Seqs at or above this are beyond what Lua numbers hold exactly.
-pub const MAX_SCRIPT_SEQ: u64 = 1 << 53;
+pub(super) const MAX_SCRIPT_SEQ: u64 = 1 << 53;
 
 /// A Redis call that failed.
 #[derive(Debug, thiserror::Error)]
-pub enum Failure {
+pub(super) enum Failure {
     #[error("Redis: {0}")]
     Redis(#[from] RedisError),
     #[error("Redis pool: {0}")]
@@ -57,7 +57,7 @@ pub enum Failure {
 
 impl Failure {
     /// Worth retrying: the connection failed, not the request.
-    pub fn is_transient(&self) -> bool {
+    pub(super) fn is_transient(&self) -> bool {
         match self {
             Failure::Redis(e) => {
                 e.is_io_error()
@@ -87,53 +87,53 @@ impl From<Failure> for RegistryError {
 }
 
 /// A user this node has notice receivers for.
-pub struct NoticeChannel {
-    pub tx: broadcast::Sender<Frame>,
+pub(super) struct NoticeChannel {
+    pub(super) tx: broadcast::Sender<Frame>,
     /// Hub holds taken for this user's channel.
-    pub holds: usize,
+    pub(super) holds: usize,
 }
 
 /// A run this node owns.
-pub struct OwnedRun {
-    pub user_id: String,
-    pub control: mpsc::Sender<Control>,
+pub(super) struct OwnedRun {
+    pub(super) user_id: String,
+    pub(super) control: mpsc::Sender<Control>,
     /// The lock JSON, to re-take the lock if Redis lost it.
-    pub owner_json: String,
+    pub(super) owner_json: String,
     /// The last seq this run was given (or the floor before its first event).
-    pub last_seq: u64,
+    pub(super) last_seq: u64,
     /// Its pending approvals (request id, request JSON), to record them again
     /// when Redis lost them with the lock (they are few: the runtime waits on each).
-    pub pending: Vec<(String, String)>,
+    pub(super) pending: Vec<(String, String)>,
 }
 
 /// Local runs are keyed by (session id, run id).
-pub type RunKey = (String, String);
+pub(super) type RunKey = (String, String);
 
-pub fn run_key(session_id: &str, run_id: &str) -> RunKey {
+pub(super) fn run_key(session_id: &str, run_id: &str) -> RunKey {
     (session_id.to_string(), run_id.to_string())
 }
 
 /// A control message on `cg:node:<id>`.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct NodeMessage {
-    pub session_id: String,
-    pub run_id: String,
-    pub control: Control,
+pub(super) struct NodeMessage {
+    pub(super) session_id: String,
+    pub(super) run_id: String,
+    pub(super) control: Control,
 }
 
 /// The node's view of its own pub/sub probe.
-pub struct Probe {
+pub(super) struct Probe {
     /// Highest probe nonce heard back.
-    pub echo: watch::Sender<u64>,
+    pub(super) echo: watch::Sender<u64>,
     /// `Err(reason)` after an unanswered probe.
-    pub status: Mutex<Result<(), String>>,
+    pub(super) status: Mutex<Result<(), String>>,
 }
 
 /// Which kept command connection a call uses: replay reads (possibly large)
 /// do not queue in front of the owners' appends.
 #[derive(Debug, Clone, Copy)]
-pub enum Lane {
+pub(super) enum Lane {
     Write,
     Read,
 }
@@ -143,46 +143,46 @@ pub enum Lane {
 /// keeping them makes a call cost its own round trip only. A transient
 /// failure drops them and the pool hands out validated or new ones.
 #[derive(Default)]
-pub struct Lanes {
+pub(super) struct Lanes {
     write: Mutex<Option<MultiplexedConnection>>,
     read: Mutex<Option<MultiplexedConnection>>,
 }
 
 /// Shared state of one registry node.
-pub struct RedisNode {
-    pub id: String,
-    pub opts: RedisRegistryOptions,
-    pub pool: Pool,
-    pub lanes: Lanes,
-    pub scripts: Scripts,
-    pub hub: Hub,
-    pub node_channel: String,
-    pub probe_channel: String,
-    pub sessions: Mutex<HashMap<String, LiveSession>>,
-    pub users: Mutex<HashMap<String, NoticeChannel>>,
-    pub runs: Mutex<HashMap<RunKey, OwnedRun>>,
-    pub probe: Probe,
+pub(super) struct RedisNode {
+    pub(super) id: String,
+    pub(super) opts: RedisRegistryOptions,
+    pub(super) pool: Pool,
+    pub(super) lanes: Lanes,
+    pub(super) scripts: Scripts,
+    pub(super) hub: Hub,
+    pub(super) node_channel: String,
+    pub(super) probe_channel: String,
+    pub(super) sessions: Mutex<HashMap<String, LiveSession>>,
+    pub(super) users: Mutex<HashMap<String, NoticeChannel>>,
+    pub(super) runs: Mutex<HashMap<RunKey, OwnedRun>>,
+    pub(super) probe: Probe,
     /// Runs this node reaped, for the gateway's history copy.
-    pub orphans: tokio::sync::mpsc::Sender<crate::runs::OrphanedRun>,
+    pub(super) orphans: tokio::sync::mpsc::Sender<crate::runs::OrphanedRun>,
 }
 
 /// A `["S","R"]` member of the run indexes.
-pub fn index_member(session_id: &str, run_id: &str) -> String {
+pub(super) fn index_member(session_id: &str, run_id: &str) -> String {
     serde_json::json!([session_id, run_id]).to_string()
 }
 
 /// Reads a `["S","R"]` index member.
-pub fn parse_index_member(member: &str) -> Option<(String, String)> {
+pub(super) fn parse_index_member(member: &str) -> Option<(String, String)> {
     serde_json::from_str(member).ok()
 }
 
-pub fn millis(duration: Duration) -> u64 {
+pub(super) fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 /// What an orphan reap did.
 #[derive(Debug, PartialEq)]
-pub enum Reaped {
+pub(super) enum Reaped {
     /// The lock is held: the owner is alive.
     Alive,
     /// Nothing to end.
@@ -193,13 +193,13 @@ pub enum Reaped {
 
 impl RedisNode {
     /// A command connection on the write lane (the owner's hot path and small commands).
-    pub async fn conn(&self) -> Result<MultiplexedConnection, Failure> {
+    pub(super) async fn conn(&self) -> Result<MultiplexedConnection, Failure> {
         self.lane(Lane::Write).await
     }
 
     /// A command connection: the lane's kept multiplexed connection, or a
     /// fresh one from the pool (which validates or creates it).
-    pub async fn lane(&self, lane: Lane) -> Result<MultiplexedConnection, Failure> {
+    pub(super) async fn lane(&self, lane: Lane) -> Result<MultiplexedConnection, Failure> {
         let slot = match lane {
             Lane::Write => &self.lanes.write,
             Lane::Read => &self.lanes.read,
@@ -213,14 +213,19 @@ impl RedisNode {
     }
 
     /// Drops the kept connections after a failure; the next calls get fresh ones.
-    pub fn invalidate_connections(&self) {
+    pub(super) fn invalidate_connections(&self) {
         *lock_unpoisoned(&self.lanes.write) = None;
         *lock_unpoisoned(&self.lanes.read) = None;
     }
 
     /// Retries `op` on transient failures until `window` has passed.
     /// Every attempt is counted as a round trip of `what`, every failure as an error.
-    pub async fn retrying<T, F, Fut>(&self, what: &'static str, window: Duration, mut op: F) -> Result<T, Failure>
+    pub(super) async fn retrying<T, F, Fut>(
+        &self,
+        what: &'static str,
+        window: Duration,
+        mut op: F,
+    ) -> Result<T, Failure>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
@@ -248,7 +253,7 @@ impl RedisNode {
     }
 
     /// One attempt, counted and with failed connections dropped like [`RedisNode::retrying`].
-    pub async fn once<T, F, Fut>(&self, what: &'static str, op: F) -> Result<T, Failure>
+    pub(super) async fn once<T, F, Fut>(&self, what: &'static str, op: F) -> Result<T, Failure>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
@@ -257,16 +262,16 @@ impl RedisNode {
     }
 
     /// How long a call may be retried before the caller is told the backend is away.
-    pub fn retry_window(&self) -> Duration {
+    pub(super) fn retry_window(&self) -> Duration {
         (self.opts.lease / 3).clamp(Duration::from_millis(100), Duration::from_secs(5))
     }
 
-    pub fn margin(&self) -> u64 {
+    pub(super) fn margin(&self) -> u64 {
         self.opts.max_events.max(1)
     }
 
     /// Queues an orphaned-run notice for the gateway (dropped, and logged, when full).
-    pub fn notify_orphan(
+    pub(super) fn notify_orphan(
         &self,
         session_id: &str,
         run_id: &str,
@@ -285,7 +290,7 @@ impl RedisNode {
     }
 
     /// Hands a run whose history needs copying to the gateway's copier.
-    pub fn send_orphan(&self, notice: crate::runs::OrphanedRun) {
+    pub(super) fn send_orphan(&self, notice: crate::runs::OrphanedRun) {
         if let Err(e) = self.orphans.try_send(notice) {
             let notice = e.into_inner();
             tracing::warn!(
@@ -299,7 +304,7 @@ impl RedisNode {
     /// Ends the session's orphaned run (lock gone, owner record left), or with
     /// `lost` = (run id, provider) a run Redis lost altogether. Exactly one
     /// caller across the cluster ends a given run.
-    pub async fn reap(&self, session_id: &str, lost: Option<&SeenRun>, floor: u64) -> Result<Reaped, Failure> {
+    pub(super) async fn reap(&self, session_id: &str, lost: Option<&SeenRun>, floor: u64) -> Result<Reaped, Failure> {
         let lost_run = lost.map(|r| (r.run_id.as_str(), r.provider.as_str()));
         let (event_id, timestamp) = (uuid::Uuid::new_v4().to_string(), now_iso());
         let input = ReapInput {
@@ -328,7 +333,7 @@ impl RedisNode {
     }
 
     /// The seq and expiry rules of a script call whose counter may restart from `floor`.
-    pub fn seq_rules(&self, floor: u64) -> SeqRules {
+    pub(super) fn seq_rules(&self, floor: u64) -> SeqRules {
         SeqRules {
             lease_ms: millis(self.opts.lease),
             floor: floor.min(MAX_SCRIPT_SEQ - 1),
@@ -340,12 +345,12 @@ impl RedisNode {
     }
 
     /// Invokes a prepared script on a pooled connection; its reply decodes as `T`.
-    pub async fn invoke<T: FromRedisValue>(&self, inv: &::redis::ScriptInvocation<'_>) -> Result<T, Failure> {
+    pub(super) async fn invoke<T: FromRedisValue>(&self, inv: &::redis::ScriptInvocation<'_>) -> Result<T, Failure> {
         self.invoke_on(Lane::Write, inv).await
     }
 
     /// Invokes a prepared script on the given lane; its reply decodes as `T`.
-    pub async fn invoke_on<T: FromRedisValue>(
+    pub(super) async fn invoke_on<T: FromRedisValue>(
         &self,
         lane: Lane,
         inv: &::redis::ScriptInvocation<'_>,
@@ -356,13 +361,19 @@ impl RedisNode {
 
     /// Drops the index entries and permission keys of a reaped run (best effort:
     /// stale index entries are skipped by readers and swept later).
-    pub async fn forget_run(&self, session_id: &str, run_id: &str, user_id: Option<&str>, pending: &[String]) {
+    pub(super) async fn forget_run(&self, session_id: &str, run_id: &str, user_id: Option<&str>, pending: &[String]) {
         self.forget(session_id, run_id, user_id, pending, true).await;
     }
 
     /// As [`RedisNode::forget_run`] for a run its owner ended, but the global index entry
     /// stays until the owner's `history_saved` (in [`super::ownership`]): the sweeper's lead to a `complete` not in SQL yet.
-    pub async fn forget_ended_run(&self, session_id: &str, run_id: &str, user_id: Option<&str>, pending: &[String]) {
+    pub(super) async fn forget_ended_run(
+        &self,
+        session_id: &str,
+        run_id: &str,
+        user_id: Option<&str>,
+        pending: &[String],
+    ) {
         self.forget(session_id, run_id, user_id, pending, false).await;
     }
 
@@ -384,7 +395,7 @@ impl RedisNode {
     }
 
     /// Adds a run to the indexes read by `running_runs` and the sweeper.
-    pub async fn index_run(&self, session_id: &str, run_id: &str, user_id: &str) {
+    pub(super) async fn index_run(&self, session_id: &str, run_id: &str, user_id: &str) {
         let member = index_member(session_id, run_id);
         let now = u64::try_from(
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis(),
@@ -398,13 +409,18 @@ impl RedisNode {
         }
     }
 
-    pub async fn query_pipe(&self, pipe: &::redis::Pipeline) -> Result<(), Failure> {
+    pub(super) async fn query_pipe(&self, pipe: &::redis::Pipeline) -> Result<(), Failure> {
         let mut conn = self.conn().await?;
         Ok(pipe.query_async::<()>(&mut conn).await?)
     }
 
     /// Reads the stream's events with `after < seq <= up_to` and the seq top.
-    pub async fn read_events(&self, session_id: &str, after: u64, up_to: u64) -> Result<(u64, Vec<Event>), Failure> {
+    pub(super) async fn read_events(
+        &self,
+        session_id: &str,
+        after: u64,
+        up_to: u64,
+    ) -> Result<(u64, Vec<Event>), Failure> {
         if after >= MAX_SCRIPT_SEQ || up_to <= after {
             return Ok((0, Vec::new()));
         }
@@ -416,7 +432,7 @@ impl RedisNode {
     }
 
     /// Delivers a control message to the run's owner node (directly when it is this one).
-    pub async fn deliver(
+    pub(super) async fn deliver(
         &self,
         owner_node: &str,
         session_id: &str,

@@ -18,7 +18,7 @@ use super::node::SEQ_IDLE_TTL;
 /// Whether a session changed recently enough that Redis should still hold its
 /// seq counter (kept [`SEQ_IDLE_TTL`] after its last run); an hour of slack
 /// covers clocks and a counter set a little after the session's last write.
-pub fn recently_active(last_active_ms: i64) -> bool {
+pub(super) fn recently_active(last_active_ms: i64) -> bool {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let age_ms = i64::try_from(now.as_millis()).unwrap_or(i64::MAX).saturating_sub(last_active_ms);
     let kept = SEQ_IDLE_TTL.saturating_sub(Duration::from_secs(3600));

@@ -30,7 +30,7 @@ const PRELUDE: &str = include_str!("lua/prelude.lua");
 
 /// The registry's scripts, hashed once; each method builds one call of its script from its
 /// inputs by name. Replies decode into the typed answers below (`FromRedisValue`).
-pub struct Scripts {
+pub(super) struct Scripts {
     count_send: Script,
     start: Script,
     append: Script,
@@ -43,7 +43,7 @@ pub struct Scripts {
 }
 
 impl Scripts {
-    pub fn new() -> Self {
+    pub(super) fn new() -> Self {
         let with_prelude = |body: &str| Script::new(&format!("{PRELUDE}\n{body}"));
         Scripts {
             count_send: Script::new(include_str!("lua/count_send.lua")),
@@ -59,14 +59,14 @@ impl Scripts {
     }
 
     /// `lua/count_send.lua`: counts one `chat.send` of `user_id` in a window of `window_ms`.
-    pub fn count_send(&self, user_id: &str, window_ms: u64) -> ScriptInvocation<'_> {
+    pub(super) fn count_send(&self, user_id: &str, window_ms: u64) -> ScriptInvocation<'_> {
         let mut inv = self.count_send.prepare_invoke();
         inv.key(keys::user_sends(user_id)).arg(window_ms);
         inv
     }
 
     /// `lua/start.lua`: takes the session's run lock, reaping an orphan first.
-    pub fn start(&self, input: &StartInput<'_>) -> ScriptInvocation<'_> {
+    pub(super) fn start(&self, input: &StartInput<'_>) -> ScriptInvocation<'_> {
         let session_id = input.session_id;
         let mut inv = self.start.prepare_invoke();
         inv.key(keys::run(session_id))
@@ -97,7 +97,7 @@ impl Scripts {
     }
 
     /// `lua/append.lua`: appends `bodies` under `batch_id`, fenced.
-    pub fn append(&self, input: &AppendInput<'_>) -> ScriptInvocation<'_> {
+    pub(super) fn append(&self, input: &AppendInput<'_>) -> ScriptInvocation<'_> {
         let session_id = input.session_id;
         let mut inv = self.append.prepare_invoke();
         inv.key(keys::run(session_id))
@@ -125,7 +125,7 @@ impl Scripts {
     }
 
     /// `lua/renew.lua`: extends the run's lock, or re-takes it as `owner_json`.
-    pub fn renew(&self, input: &RenewInput<'_>) -> ScriptInvocation<'_> {
+    pub(super) fn renew(&self, input: &RenewInput<'_>) -> ScriptInvocation<'_> {
         let session_id = input.session_id;
         let mut inv = self.renew.prepare_invoke();
         inv.key(keys::run(session_id))
@@ -137,7 +137,7 @@ impl Scripts {
     }
 
     /// `lua/pending.lua`: records (`Some(request_json)`) or forgets a pending approval, fenced.
-    pub fn pending(
+    pub(super) fn pending(
         &self,
         session_id: &str,
         run_id: &str,
@@ -151,7 +151,7 @@ impl Scripts {
     }
 
     /// `lua/reap.lua`: ends the session's orphaned run (or `lost`, a run Redis lost).
-    pub fn reap(&self, input: &ReapInput<'_>) -> ScriptInvocation<'_> {
+    pub(super) fn reap(&self, input: &ReapInput<'_>) -> ScriptInvocation<'_> {
         let session_id = input.session_id;
         let (expected_run_id, lost_provider) = input.lost.unwrap_or(("", ""));
         let mut inv = self.reap.prepare_invoke();
@@ -178,7 +178,7 @@ impl Scripts {
 
     /// `lua/read.lua`: the session's owner, seq top, replay after `after` (`None`: no replay)
     /// and pending approvals, in one read.
-    pub fn read(&self, session_id: &str, after: Option<u64>) -> ScriptInvocation<'_> {
+    pub(super) fn read(&self, session_id: &str, after: Option<u64>) -> ScriptInvocation<'_> {
         let mut inv = self.read.prepare_invoke();
         inv.key(keys::owner(session_id)).key(keys::seq(session_id)).key(keys::events(session_id));
         inv.key(keys::pending(session_id));
@@ -190,7 +190,7 @@ impl Scripts {
     }
 
     /// `lua/read_range.lua`: the entries with `after < seq <= up_to` (`None`: to the newest).
-    pub fn read_range(&self, session_id: &str, after: u64, up_to: Option<u64>) -> ScriptInvocation<'_> {
+    pub(super) fn read_range(&self, session_id: &str, after: u64, up_to: Option<u64>) -> ScriptInvocation<'_> {
         let mut inv = self.read_range.prepare_invoke();
         inv.key(keys::seq(session_id)).key(keys::events(session_id)).arg(after);
         match up_to {
@@ -201,7 +201,13 @@ impl Scripts {
     }
 
     /// `lua/settle.lua`: how long a reader waits for a session whose state Redis lost.
-    pub fn settle(&self, session_id: &str, floor: u64, lease_ms: u64, recently_active: bool) -> ScriptInvocation<'_> {
+    pub(super) fn settle(
+        &self,
+        session_id: &str,
+        floor: u64,
+        lease_ms: u64,
+        recently_active: bool,
+    ) -> ScriptInvocation<'_> {
         let mut inv = self.settle.prepare_invoke();
         inv.key(keys::run(session_id)).key(keys::owner(session_id)).key(keys::seq(session_id));
         inv.arg(floor).arg(lease_ms).arg(flag(recently_active));
@@ -215,80 +221,80 @@ fn flag(on: bool) -> &'static str {
 
 /// How a script keeps seqs and expires a finished run's keys.
 #[derive(Debug, Clone, Copy)]
-pub struct SeqRules {
+pub(super) struct SeqRules {
     /// The run lock's lease.
-    pub lease_ms: u64,
+    pub(super) lease_ms: u64,
     /// The lowest seq the counter may restart from (SQL's mark, or the owner's last seq).
-    pub floor: u64,
+    pub(super) floor: u64,
     /// Added to the highest seq known when the counter is restored.
-    pub margin: u64,
+    pub(super) margin: u64,
     /// The stream's `MAXLEN`.
-    pub max_events: u64,
+    pub(super) max_events: u64,
     /// How long a finished run's stream is kept.
-    pub retention_ms: u64,
+    pub(super) retention_ms: u64,
     /// How long an idle session's counter is kept.
-    pub seq_ttl_ms: u64,
+    pub(super) seq_ttl_ms: u64,
 }
 
 /// The terminal `complete` a script writes for a run whose owner was lost.
 #[derive(Debug, Clone, Copy)]
-pub struct OrphanComplete<'a> {
-    pub event_id: &'a str,
-    pub timestamp: &'a str,
-    pub error: &'a str,
+pub(super) struct OrphanComplete<'a> {
+    pub(super) event_id: &'a str,
+    pub(super) timestamp: &'a str,
+    pub(super) error: &'a str,
 }
 
 /// `lua/start.lua`'s inputs.
-pub struct StartInput<'a> {
-    pub session_id: &'a str,
-    pub run_id: &'a str,
-    pub node_id: &'a str,
-    pub provider: &'a str,
-    pub user_id: &'a str,
-    pub started_at: &'a str,
-    pub seqs: SeqRules,
-    pub orphan: OrphanComplete<'a>,
+pub(super) struct StartInput<'a> {
+    pub(super) session_id: &'a str,
+    pub(super) run_id: &'a str,
+    pub(super) node_id: &'a str,
+    pub(super) provider: &'a str,
+    pub(super) user_id: &'a str,
+    pub(super) started_at: &'a str,
+    pub(super) seqs: SeqRules,
+    pub(super) orphan: OrphanComplete<'a>,
     /// Whether SQL saw the session active within the counter's idle TTL.
-    pub recently_active: bool,
-    pub prompt: &'a str,
+    pub(super) recently_active: bool,
+    pub(super) prompt: &'a str,
 }
 
 /// `lua/append.lua`'s inputs.
-pub struct AppendInput<'a> {
-    pub session_id: &'a str,
-    pub run_id: &'a str,
+pub(super) struct AppendInput<'a> {
+    pub(super) session_id: &'a str,
+    pub(super) run_id: &'a str,
     /// The same on every retry of one batch: a retry of an applied batch answers `Duplicate`.
-    pub batch_id: &'a str,
+    pub(super) batch_id: &'a str,
     /// The run's lock value, for a re-take.
-    pub owner_json: &'a str,
-    pub seqs: SeqRules,
+    pub(super) owner_json: &'a str,
+    pub(super) seqs: SeqRules,
     /// The last body is the run's `complete`.
-    pub terminal: bool,
-    pub bodies: &'a [&'a str],
+    pub(super) terminal: bool,
+    pub(super) bodies: &'a [&'a str],
 }
 
 /// `lua/renew.lua`'s inputs.
-pub struct RenewInput<'a> {
-    pub session_id: &'a str,
-    pub run_id: &'a str,
-    pub lease_ms: u64,
-    pub owner_json: &'a str,
-    pub floor: u64,
-    pub margin: u64,
+pub(super) struct RenewInput<'a> {
+    pub(super) session_id: &'a str,
+    pub(super) run_id: &'a str,
+    pub(super) lease_ms: u64,
+    pub(super) owner_json: &'a str,
+    pub(super) floor: u64,
+    pub(super) margin: u64,
 }
 
 /// `lua/reap.lua`'s inputs.
-pub struct ReapInput<'a> {
-    pub session_id: &'a str,
+pub(super) struct ReapInput<'a> {
+    pub(super) session_id: &'a str,
     /// `(run id, provider)` of a run Redis may have lost altogether.
-    pub lost: Option<(&'a str, &'a str)>,
-    pub orphan: OrphanComplete<'a>,
-    pub seqs: SeqRules,
+    pub(super) lost: Option<(&'a str, &'a str)>,
+    pub(super) orphan: OrphanComplete<'a>,
+    pub(super) seqs: SeqRules,
 }
 
 /// `lua/start.lua`'s answer.
 #[derive(Debug)]
-pub enum StartReply {
+pub(super) enum StartReply {
     /// Another run holds the lock.
     Busy,
     /// Redis lost the session's state less than a lease ago: retry after this long.
@@ -299,7 +305,7 @@ pub enum StartReply {
 
 /// `lua/append.lua`'s answer.
 #[derive(Debug)]
-pub enum AppendReply {
+pub(super) enum AppendReply {
     /// The lock is another run's (or gone with the run's state).
     Fenced,
     /// A retry of a batch already applied at `first`.
@@ -311,7 +317,7 @@ pub enum AppendReply {
 
 /// `lua/renew.lua`'s answer.
 #[derive(Debug, PartialEq)]
-pub enum RenewReply {
+pub(super) enum RenewReply {
     Renewed,
     Retaken,
     Fenced,
@@ -319,7 +325,7 @@ pub enum RenewReply {
 
 /// `lua/reap.lua`'s answer.
 #[derive(Debug)]
-pub enum ReapReply {
+pub(super) enum ReapReply {
     /// The run's lock is held.
     Alive,
     /// Nothing to end.
@@ -330,20 +336,20 @@ pub enum ReapReply {
 
 /// `lua/read.lua`'s answer.
 #[derive(Debug)]
-pub struct ReadReply {
+pub(super) struct ReadReply {
     /// The run's owner record (empty: no run).
-    pub owner_json: String,
-    pub top: u64,
-    pub replay: Vec<Event>,
+    pub(super) owner_json: String,
+    pub(super) top: u64,
+    pub(super) replay: Vec<Event>,
     /// The pending approvals' JSON.
-    pub pending: Vec<String>,
+    pub(super) pending: Vec<String>,
 }
 
 /// `lua/read_range.lua`'s answer.
 #[derive(Debug)]
-pub struct RangeReply {
-    pub top: u64,
-    pub events: Vec<Event>,
+pub(super) struct RangeReply {
+    pub(super) top: u64,
+    pub(super) events: Vec<Event>,
 }
 
 /// The items of an array reply, one at a time (a missing one reads as nil).

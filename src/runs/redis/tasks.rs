@@ -28,7 +28,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 const SWEEP_BATCH: isize = 2000;
 
 /// Reads the node's pub/sub connection and re-dials it when it drops or the probe says it went silent.
-pub async fn dispatch(node: Arc<RedisNode>, first: PubSubStream, redial: Arc<Notify>, cancel: CancellationToken) {
+pub(super) async fn dispatch(
+    node: Arc<RedisNode>,
+    first: PubSubStream,
+    redial: Arc<Notify>,
+    cancel: CancellationToken,
+) {
     let mut stream = Some(first);
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -75,12 +80,12 @@ pub async fn dispatch(node: Arc<RedisNode>, first: PubSubStream, redial: Arc<Not
 }
 
 /// How often the probe runs.
-pub fn probe_period(node: &RedisNode) -> Duration {
+pub(super) fn probe_period(node: &RedisNode) -> Duration {
     (node.opts.lease / 3).clamp(Duration::from_millis(100), Duration::from_secs(2))
 }
 
 /// Publishes a nonce to the node's probe channel and expects it back within one period.
-pub async fn probe(node: Arc<RedisNode>, redial: Arc<Notify>, cancel: CancellationToken) {
+pub(super) async fn probe(node: Arc<RedisNode>, redial: Arc<Notify>, cancel: CancellationToken) {
     let period = probe_period(&node);
     let mut echo = node.probe.echo.subscribe();
     let mut nonce = 0u64;
@@ -122,13 +127,13 @@ pub async fn probe(node: Arc<RedisNode>, redial: Arc<Notify>, cancel: Cancellati
 }
 
 /// How often the sweeper runs.
-pub fn sweep_period(node: &RedisNode) -> Duration {
+pub(super) fn sweep_period(node: &RedisNode) -> Duration {
     (node.opts.lease / 3).clamp(Duration::from_millis(50), Duration::from_secs(5))
 }
 
 /// Ends orphaned runs (watched sessions first, then the global index) and
 /// drops user channels nobody listens to any more.
-pub async fn sweep(node: Arc<RedisNode>, cancel: CancellationToken) {
+pub(super) async fn sweep(node: Arc<RedisNode>, cancel: CancellationToken) {
     let period = sweep_period(&node);
     loop {
         tokio::select! {
