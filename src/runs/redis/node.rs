@@ -379,17 +379,15 @@ impl RedisNode {
 
     async fn forget(&self, session_id: &str, run_id: &str, user_id: Option<&str>, pending: &[String], index: bool) {
         let member = index_member(session_id, run_id);
-        let mut pipe = ::redis::pipe();
+        let mut commands = Vec::with_capacity(pending.len() + 2);
         if index {
-            pipe.zrem(keys::RUNS_INDEX, &member).ignore();
+            commands.push(::redis::Cmd::zrem(keys::RUNS_INDEX, &member));
         }
         if let Some(user_id) = user_id {
-            pipe.srem(keys::user_runs(user_id), &member).ignore();
+            commands.push(::redis::Cmd::srem(keys::user_runs(user_id), &member));
         }
-        for request_id in pending {
-            pipe.del(keys::permission(request_id)).ignore();
-        }
-        if let Err(e) = self.query_pipe(&pipe).await {
+        commands.extend(pending.iter().map(|request_id| ::redis::Cmd::del(keys::permission(request_id))));
+        if let Err(e) = self.query_each::<()>(&commands).await {
             tracing::warn!(session_id, run_id, error = %e, "could not clean a finished run's index entries");
         }
     }
@@ -401,17 +399,25 @@ impl RedisNode {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis(),
         )
         .unwrap_or(0);
-        let mut pipe = ::redis::pipe();
-        pipe.zadd(keys::RUNS_INDEX, &member, now).ignore().sadd(keys::user_runs(user_id), &member).ignore();
-        let result = self.retrying("index_run", self.retry_window(), || self.query_pipe(&pipe)).await;
+        let commands =
+            [::redis::Cmd::zadd(keys::RUNS_INDEX, &member, now), ::redis::Cmd::sadd(keys::user_runs(user_id), &member)];
+        let result = self.retrying("index_run", self.retry_window(), || self.query_each::<()>(&commands)).await;
         if let Err(e) = result {
             tracing::warn!(session_id, run_id, error = %e, "could not index a run; only its subscribers will notice if its owner dies");
         }
     }
 
-    pub(super) async fn query_pipe(&self, pipe: &::redis::Pipeline) -> Result<(), Failure> {
-        let mut conn = self.conn().await?;
-        Ok(pipe.query_async::<()>(&mut conn).await?)
+    /// Sends `commands` at once on one multiplexed connection (pipelined on the wire, as a
+    /// pipeline is) and returns their replies in order. Unlike a pipeline they may name keys
+    /// of different hash slots (the global indexes beside a session's keys), which a Redis
+    /// Cluster client refuses to pipeline.
+    pub(super) async fn query_each<T: FromRedisValue>(&self, commands: &[::redis::Cmd]) -> Result<Vec<T>, Failure> {
+        let conn = self.conn().await?;
+        let replies = commands.iter().map(|command| {
+            let mut conn = conn.clone();
+            async move { command.query_async::<T>(&mut conn).await }
+        });
+        Ok(futures_util::future::try_join_all(replies).await?)
     }
 
     /// Reads the stream's events with `after < seq <= up_to` and the seq top.

@@ -222,10 +222,11 @@ impl RunOwnership for RedisRegistry {
     /// sweeper (its `cg:runs` entry and the saving marker go).
     async fn history_saved(&self, lease: &RunLease) {
         let (session_id, run_id) = (lease.session_id.as_str(), lease.run_id.as_str());
-        let mut pipe = ::redis::pipe();
-        pipe.zrem(keys::RUNS_INDEX, node::index_member(session_id, run_id)).ignore();
-        pipe.del(keys::saving(session_id, run_id)).ignore();
-        if let Err(e) = self.node.query_pipe(&pipe).await {
+        let commands = [
+            ::redis::Cmd::zrem(keys::RUNS_INDEX, node::index_member(session_id, run_id)),
+            ::redis::Cmd::del(keys::saving(session_id, run_id)),
+        ];
+        if let Err(e) = self.node.query_each::<()>(&commands).await {
             tracing::debug!(session_id, run_id, error = %e, "could not clear a saved run's marker; the sweeper will");
         }
     }

@@ -101,16 +101,14 @@ impl RunRouting for RedisRegistry {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = ::redis::pipe();
-        for (_, (session_id, _)) in &entries {
-            pipe.get(keys::owner(session_id)).get(keys::seq(session_id));
-        }
-        let values: Vec<Option<String>> = node
-            .retrying("running_owners", node.retry_window(), || async {
-                let mut conn = node.conn().await?;
-                Ok(pipe.query_async(&mut conn).await?)
+        let commands: Vec<::redis::Cmd> = entries
+            .iter()
+            .flat_map(|(_, (session_id, _))| {
+                [::redis::Cmd::get(keys::owner(session_id)), ::redis::Cmd::get(keys::seq(session_id))]
             })
-            .await?;
+            .collect();
+        let values: Vec<Option<String>> =
+            node.retrying("running_owners", node.retry_window(), || node.query_each(&commands)).await?;
         let mut runs = Vec::new();
         let mut stale = Vec::new();
         for ((member, (session_id, run_id)), pair) in entries.into_iter().zip(values.chunks(2)) {

@@ -182,17 +182,9 @@ async fn sweep_watched(node: &RedisNode) {
     if watched.is_empty() {
         return;
     }
-    let mut pipe = ::redis::pipe();
-    for (session_id, _, _) in &watched {
-        pipe.exists(keys::run(session_id));
-    }
-    let held: Vec<bool> = match node
-        .once("sweep_locks", || async {
-            let mut conn = node.conn().await?;
-            Ok(pipe.query_async(&mut conn).await?)
-        })
-        .await
-    {
+    let commands: Vec<::redis::Cmd> =
+        watched.iter().map(|(session_id, _, _)| ::redis::Cmd::exists(keys::run(session_id))).collect();
+    let held: Vec<bool> = match node.once("sweep_locks", || node.query_each(&commands)).await {
         Ok(held) => held,
         Err(e) => {
             tracing::debug!(error = %e, "watched-session sweep failed");
@@ -262,16 +254,9 @@ async fn sweep_index(node: &RedisNode, period: Duration) -> Result<(), Failure> 
     if entries.is_empty() {
         return Ok(());
     }
-    let mut pipe = ::redis::pipe();
-    for (_, (session_id, _)) in &entries {
-        pipe.get(keys::run(session_id));
-    }
-    let locks: Vec<Option<String>> = node
-        .once("sweep_locks", || async {
-            let mut conn = node.conn().await?;
-            Ok(pipe.query_async(&mut conn).await?)
-        })
-        .await?;
+    let commands: Vec<::redis::Cmd> =
+        entries.iter().map(|(_, (session_id, _))| ::redis::Cmd::get(keys::run(session_id))).collect();
+    let locks: Vec<Option<String>> = node.once("sweep_locks", || node.query_each(&commands)).await?;
     for ((member, (session_id, run_id)), lock_json) in entries.into_iter().zip(locks) {
         let live = lock_json.as_deref().and_then(|j| super::codec::OwnerRecord::parse(j).ok());
         if live.is_some_and(|o| o.run_id == run_id) {
