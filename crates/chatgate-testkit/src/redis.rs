@@ -2,19 +2,14 @@
 //! that kill, restart or measure Redis without touching the shared one. Only the process
 //! started here is ever signalled; it is killed when dropped.
 
-use std::{
-    io::{Read, Write},
-    net::TcpStream,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+use std::process::{Child, Command, Stdio};
+
+use anyhow::Context;
+
+use crate::{
+    ports::free_port,
+    redis_proc::{kill, server_args, wait_for_ping},
 };
-
-use anyhow::{Context, bail};
-
-use crate::ports::free_port;
-
-/// How long a fresh server has to answer `PING`.
-const START_WAIT: Duration = Duration::from_secs(10);
 
 /// A `redis-server` owned by its creator.
 pub struct PrivateRedis {
@@ -52,34 +47,24 @@ impl PrivateRedis {
     /// answers `PING`.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
-        let port = self.port;
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        let mut child = Command::new("redis-server")
+            .args(server_args(self.port))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("starting redis-server (is it installed?)")?;
+        let ready = wait_for_ping(self.port, &mut child);
         self.child = Some(child);
-        let deadline = Instant::now() + START_WAIT;
-        while Instant::now() < deadline {
-            if ping(port) {
-                return Ok(());
-            }
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                self.child = None;
-                bail!("private redis-server on port {port} exited at start ({status})");
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if ready.is_err() {
+            self.kill();
         }
-        self.kill();
-        bail!("private redis-server on port {port} did not answer PING within {START_WAIT:?}")
+        ready
     }
 
     /// SIGKILL (whatever the server held is gone) and reap; a no-op when it is down.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            kill(child);
         }
     }
 }
@@ -88,17 +73,4 @@ impl Drop for PrivateRedis {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-/// Whether a server on `port` answers `PING` with `+PONG`.
-fn ping(port: u16) -> bool {
-    let attempt = || -> std::io::Result<bool> {
-        let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-        stream.set_read_timeout(Some(Duration::from_millis(500)))?;
-        stream.write_all(b"PING\r\n")?;
-        let mut reply = [0u8; 7];
-        stream.read_exact(&mut reply)?;
-        Ok(&reply == b"+PONG\r\n")
-    };
-    attempt().unwrap_or(false)
 }

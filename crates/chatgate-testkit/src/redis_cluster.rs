@@ -17,7 +17,7 @@ use anyhow::{Context, bail};
 
 use crate::{
     ports::free_cluster_ports,
-    redis_proc::{field_of, info_field, kill, query, spawn, wait_for_ping, wait_until},
+    redis_proc::{field_of, info_field, kill, query, server_args, spawn, wait_for_ping, wait_until},
 };
 
 /// A node's `--cluster-node-timeout`: a killed primary is failed over after about twice this.
@@ -259,31 +259,22 @@ impl PrivateRedisCluster {
     fn spawn_node(&mut self, port: u16) -> anyhow::Result<()> {
         let dir = self.dir.path().join(port.to_string());
         std::fs::create_dir_all(&dir)?;
-        let args: Vec<String> = [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            "nodes.conf",
-            "--cluster-node-timeout",
-            &NODE_TIMEOUT_MS.to_string(),
-            // A replica fails over however long its link was down (the default refuses after
-            // 10 node timeouts, which a test that kills twice can reach).
-            "--cluster-replica-validity-factor",
-            "0",
-            // A replica's full sync starts at once (the default waits 5 s for more replicas).
-            "--repl-diskless-sync-delay",
-            "0",
-            "--appendonly",
-            "no",
-            "--save",
-            "",
-        ]
-        .map(String::from)
-        .to_vec();
+        let mut args = server_args(port);
+        args.extend(
+            [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                &NODE_TIMEOUT_MS.to_string(),
+                // A replica fails over however long its link was down (the default refuses after
+                // 10 node timeouts, which a test that kills twice can reach).
+                "--cluster-replica-validity-factor",
+                "0",
+            ]
+            .map(String::from),
+        );
         let mut child = spawn(&dir, &port.to_string(), &args)?;
         if let Err(e) = wait_for_ping(port, &mut child) {
             kill(child);

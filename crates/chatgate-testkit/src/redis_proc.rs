@@ -16,6 +16,17 @@ pub(crate) const START_WAIT: Duration = Duration::from_secs(10);
 /// How often the waits below look again.
 pub(crate) const POLL: Duration = Duration::from_millis(50);
 
+/// The flags every private server starts with: on loopback only, no persistence, and a
+/// replica's full sync at once (the default waits 5 s for more replicas). `port` 0: no plain
+/// port (a TLS-only server adds its `--tls-port`).
+pub(crate) fn server_args(port: u16) -> Vec<String> {
+    ["--port", &port.to_string(), "--bind", "127.0.0.1", "--appendonly", "no", "--save", ""]
+        .into_iter()
+        .chain(["--repl-diskless-sync-delay", "0"])
+        .map(String::from)
+        .collect()
+}
+
 /// `redis-server` with `args`, its working directory `dir` (where it writes its files), its
 /// output into `dir/redis-<label>.log`.
 pub(crate) fn spawn(dir: &Path, label: &str, args: &[String]) -> anyhow::Result<Child> {

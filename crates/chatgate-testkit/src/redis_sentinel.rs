@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 
 use crate::{
     ports::free_ports,
-    redis_proc::{info_field, kill, query, spawn, wait_for_ping, wait_until},
+    redis_proc::{info_field, kill, query, server_args, spawn, wait_for_ping, wait_until},
 };
 
 /// The name the sentinels monitor the primary under.
@@ -178,21 +178,7 @@ impl PrivateRedisSentinel {
 
     /// A data node on `port`, replicating `primary` if given.
     fn spawn_data(&mut self, port: u16, primary: Option<u16>) -> anyhow::Result<()> {
-        let mut args: Vec<String> = [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            // A replica's full sync starts at once (the default waits 5 s for more replicas).
-            "--repl-diskless-sync-delay",
-            "0",
-            "--appendonly",
-            "no",
-            "--save",
-            "",
-        ]
-        .map(String::from)
-        .to_vec();
+        let mut args = server_args(port);
         if let Some(primary) = primary {
             args.extend(["--replicaof".into(), "127.0.0.1".into(), primary.to_string()]);
         }

@@ -17,7 +17,7 @@ use rcgen::{
 
 use crate::{
     ports::free_port,
-    redis_proc::{START_WAIT, kill, spawn, wait_until},
+    redis_proc::{START_WAIT, kill, server_args, spawn, wait_until},
 };
 
 /// A CA and the certificates and keys it signed, as PEM text and as files.
@@ -122,13 +122,10 @@ impl PrivateRedisTls {
         let certs = TestCerts::generate(dir.path())?;
         let port = free_port()?;
         let path = |p: PathBuf| p.to_string_lossy().into_owned();
-        let mut args: Vec<String> = vec![
-            "--port".into(),
-            "0".into(),
+        let mut args = server_args(0);
+        args.extend([
             "--tls-port".into(),
             port.to_string(),
-            "--bind".into(),
-            "127.0.0.1".into(),
             "--tls-cert-file".into(),
             path(certs.server_cert_path()),
             "--tls-key-file".into(),
@@ -137,11 +134,7 @@ impl PrivateRedisTls {
             path(certs.ca_path()),
             "--tls-auth-clients".into(),
             if options.require_client_cert { "yes" } else { "no" }.into(),
-            "--save".into(),
-            "".into(),
-            "--appendonly".into(),
-            "no".into(),
-        ];
+        ]);
         if let Some((name, password)) = &options.user {
             args.extend([
                 "--user".into(),
