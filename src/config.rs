@@ -8,7 +8,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{gateway::workspaces::WorkspaceLayout, runtime::sandbox::SandboxSetting};
+use crate::{
+    gateway::workspaces::WorkspaceLayout,
+    runs::redis::{RedisTarget, Topology},
+    runtime::sandbox::SandboxSetting,
+};
 
 /// Provider runtimes chatgate knows how to run.
 pub const KNOWN_PROVIDERS: [&str; 6] = ["claude", "codex", "cursor", "gemini", "opencode", "script"];
@@ -140,9 +144,12 @@ pub struct Config {
     /// Sessions and history database (`sqlite://…` or `postgres://…`).
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, value_parser = parse_database_url, hide_env_values = true)]
     pub database_url: String,
-    /// Redis URL; set = cluster mode.
+    /// Redis URL; set = cluster mode. With --redis-mode cluster, a comma list of seed nodes.
     #[arg(long, env = "REDIS_URL", value_parser = parse_redis_url, hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// `standalone` (one Redis) or `cluster` (a Redis Cluster: slot-routed commands, sharded pub/sub).
+    #[arg(long, env = "CHATGATE_REDIS_MODE", default_value = "standalone", value_parser = Topology::parse)]
+    pub redis_mode: Topology,
     /// HS256 secret for JWTs (prefer --jwt-secret-file or the environment: a flag is visible in /proc).
     #[arg(long, env = "CHATGATE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -298,6 +305,8 @@ impl ProviderList {
 pub enum ConfigError {
     #[error("--jwt-secret (CHATGATE_JWT_SECRET) is required when --redis-url is set")]
     ClusterWithoutSecret,
+    #[error("--redis-url: {0}")]
+    RedisUrl(String),
     #[error(
         "--jwt-secret (CHATGATE_JWT_SECRET) or --jwt-secret-file is required to mint tokens for a gateway on PostgreSQL or in memory"
     )]
@@ -327,7 +336,13 @@ impl Config {
         if self.redis_url.is_some() && self.jwt_secret.is_none() {
             return Err(ConfigError::ClusterWithoutSecret);
         }
+        self.redis_target().transpose().map_err(ConfigError::RedisUrl)?;
         Ok(())
+    }
+
+    /// Where the Redis registry connects (`--redis-url` read for `--redis-mode`); `None` on one node.
+    pub fn redis_target(&self) -> Option<Result<RedisTarget, String>> {
+        self.redis_url.as_deref().map(|raw| RedisTarget::parse(self.redis_mode, raw))
     }
 
     /// `--node-id`, or the host name with a random suffix.
@@ -520,8 +535,9 @@ fn parse_database_url(raw: &str) -> Result<String, String> {
     if ok { Ok(raw.to_string()) } else { Err("expected sqlite://… or postgres://…".into()) }
 }
 
+/// One Redis URL, or a comma list of them (the seed nodes of a Redis Cluster).
 fn parse_redis_url(raw: &str) -> Result<String, String> {
-    redis::Client::open(raw).map_err(|e| format!("not a Redis URL ({e})"))?;
+    RedisTarget::parse(Topology::Cluster, raw)?;
     Ok(raw.to_string())
 }
 
@@ -646,6 +662,29 @@ mod tests {
         }
         let c = Cli::try_parse_from(["chatgate", "--redis-url", "redis://127.0.0.1/"]).unwrap().config;
         assert!(matches!(c.validate(), Err(ConfigError::ClusterWithoutSecret)));
+    }
+
+    #[test]
+    fn redis_modes_and_seed_lists() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["chatgate", "--jwt-secret", "s"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all).map(|cli| cli.config)
+        };
+        let c = parse(&["--redis-url", "redis://a:7000"]).unwrap();
+        assert_eq!(c.redis_mode, Topology::Standalone);
+        assert_eq!(c.redis_target().unwrap().unwrap(), RedisTarget::standalone("redis://a:7000"));
+        let c = parse(&["--redis-mode", "cluster", "--redis-url", "redis://a:7000, redis://b:7001"]).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.redis_target().unwrap().unwrap(), RedisTarget::cluster(&["redis://a:7000", "redis://b:7001"]));
+        // A seed list without cluster mode is refused with the fix in the message.
+        let c = parse(&["--redis-url", "redis://a:7000,redis://b:7001"]).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("--redis-mode cluster"), "{err}");
+        for bad in [vec!["--redis-mode", "sharded"], vec!["--redis-url", "redis://a:7000,http://b"]] {
+            let err = parse(&bad).unwrap_err().to_string();
+            assert!(err.contains(bad[0]), "{err}");
+        }
     }
 
     #[test]

@@ -166,15 +166,16 @@ impl Node {
         metrics::gauge!("chatgate_sandbox_active").set(if sandboxed { 1.0 } else { 0.0 });
         let store = Store::connect(&config.database_url).await?;
         store.migrate().await?;
-        let registry: SharedRegistry = match &config.redis_url {
+        let registry: SharedRegistry = match config.redis_target() {
             None => Arc::new(MemoryRegistry::new(config.replay_max_events, config.replay_retention)),
-            Some(url) => {
+            Some(target) => {
+                let target = target.map_err(|e| NodeError::Registry(format!("--redis-url: {e}")))?;
                 let options = RedisRegistryOptions {
                     lease: config.run_lease,
                     max_events: config.replay_max_events,
                     retention: config.replay_retention,
                 };
-                let registry = RedisRegistry::connect(url, &node_id, options)
+                let registry = RedisRegistry::connect(target, &node_id, options)
                     .await
                     .map_err(|e| NodeError::Registry(format!("--redis-url: {e}")))?;
                 Arc::new(registry)

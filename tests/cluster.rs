@@ -7,10 +7,43 @@ use std::time::{Duration, Instant};
 
 use chatgate::config::Config;
 use common::{
-    NodeProcess, PrivateRedis, Ws, assert_contiguous, assert_history_matches, cluster_node, cluster_workspaces,
-    redis_url, seqs, user,
+    NodeProcess, PrivateRedis, Ws, assert_contiguous, assert_history_matches, cluster_node, cluster_workspaces, seqs,
+    user,
 };
 use serde_json::{Value, json};
+
+/// Each case that needs only a shared Redis runs twice: on one Redis
+/// (`standalone::…`) and on a Redis Cluster with `--redis-mode cluster`
+/// (`redis_cluster::…`, the test process's shared 3-primary cluster).
+macro_rules! on_each_redis {
+    ($($case:ident),* $(,)?) => {
+        mod standalone {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(&super::common::redis_url()).await
+                }
+            )*
+        }
+        mod redis_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(&super::common::shared_redis_cluster().await).await
+                }
+            )*
+        }
+    };
+}
+
+on_each_redis!(
+    tabs_on_other_nodes_watch_live_and_resume_by_last_seq,
+    one_run_per_session_in_the_cluster_and_running_lists_every_node,
+    abort_and_permission_answers_reach_the_owner_from_any_node,
+    session_upserted_reaches_the_owner_on_every_node_and_no_one_else,
+    a_dead_owner_s_run_ends_with_run_owner_lost_within_lease_plus_5s,
+    a_stream_cut_with_its_owner_is_whole_in_history_past_the_replay_window,
+);
 
 fn paced(events: u64, interval_ms: u64) -> String {
     json!({ "events": events, "intervalMs": interval_ms }).to_string()
@@ -21,12 +54,10 @@ async fn until_complete(ws: &mut Ws, session: &str) -> Vec<Value> {
     ws.run_events(session).await
 }
 
-#[tokio::test]
-async fn tabs_on_other_nodes_watch_live_and_resume_by_last_seq() {
-    let redis = redis_url();
-    let a = cluster_node(&redis, "a", |_| {}).await;
-    let b = cluster_node(&redis, "b", |_| {}).await;
-    let c = cluster_node(&redis, "c", |_| {}).await;
+async fn tabs_on_other_nodes_watch_live_and_resume_by_last_seq(redis: &str) {
+    let a = cluster_node(redis, "a", |_| {}).await;
+    let b = cluster_node(redis, "b", |_| {}).await;
+    let c = cluster_node(redis, "c", |_| {}).await;
     let user = user();
     let token = a.token(&user);
     let session = a.create_session(&token, "script").await;
@@ -62,11 +93,9 @@ async fn tabs_on_other_nodes_watch_live_and_resume_by_last_seq() {
     assert_contiguous(&until_complete(&mut tab2, &session).await, 43);
 }
 
-#[tokio::test]
-async fn one_run_per_session_in_the_cluster_and_running_lists_every_node() {
-    let redis = redis_url();
-    let a = cluster_node(&redis, "a1", |_| {}).await;
-    let b = cluster_node(&redis, "b1", |_| {}).await;
+async fn one_run_per_session_in_the_cluster_and_running_lists_every_node(redis: &str) {
+    let a = cluster_node(redis, "a1", |_| {}).await;
+    let b = cluster_node(redis, "b1", |_| {}).await;
     let user = user();
     let token = a.token(&user);
     let s1 = a.create_session(&token, "script").await;
@@ -101,11 +130,9 @@ async fn one_run_per_session_in_the_cluster_and_running_lists_every_node() {
     assert_eq!(shown["data"]["isProcessing"], true);
 }
 
-#[tokio::test]
-async fn abort_and_permission_answers_reach_the_owner_from_any_node() {
-    let redis = redis_url();
-    let a = cluster_node(&redis, "a2", |_| {}).await;
-    let b = cluster_node(&redis, "b2", |_| {}).await;
+async fn abort_and_permission_answers_reach_the_owner_from_any_node(redis: &str) {
+    let a = cluster_node(redis, "a2", |_| {}).await;
+    let b = cluster_node(redis, "b2", |_| {}).await;
     let user = user();
     let token = a.token(&user);
     let session = a.create_session(&token, "script").await;
@@ -143,11 +170,9 @@ async fn abort_and_permission_answers_reach_the_owner_from_any_node() {
     owner_tab.expect_silence(Duration::from_millis(300)).await;
 }
 
-#[tokio::test]
-async fn session_upserted_reaches_the_owner_on_every_node_and_no_one_else() {
-    let redis = redis_url();
-    let a = cluster_node(&redis, "a3", |_| {}).await;
-    let b = cluster_node(&redis, "b3", |_| {}).await;
+async fn session_upserted_reaches_the_owner_on_every_node_and_no_one_else(redis: &str) {
+    let a = cluster_node(redis, "a3", |_| {}).await;
+    let b = cluster_node(redis, "b3", |_| {}).await;
     let user = user();
     let token = a.token(&user);
     let session = a.create_session(&token, "script").await;
@@ -166,11 +191,9 @@ fn spawn_child(redis: &str, node_id: &str, lease: &str) -> NodeProcess {
     common::spawn_node(redis, node_id, &cluster_workspaces(), &["--run-lease", lease])
 }
 
-#[tokio::test]
-async fn a_dead_owner_s_run_ends_with_run_owner_lost_within_lease_plus_5s() {
-    let redis = redis_url();
-    let owner = spawn_child(&redis, "doomed", "2s");
-    let survivor = spawn_child(&redis, "survivor", "2s");
+async fn a_dead_owner_s_run_ends_with_run_owner_lost_within_lease_plus_5s(redis: &str) {
+    let owner = spawn_child(redis, "doomed", "2s");
+    let survivor = spawn_child(redis, "survivor", "2s");
     owner.wait_ready().await.expect("owner ready");
     survivor.wait_ready().await.expect("survivor ready");
     let auth = chatgate::auth::Auth::new(common::SECRET.as_bytes());
@@ -249,18 +272,16 @@ async fn a_dead_owner_s_run_ends_with_run_owner_lost_within_lease_plus_5s() {
 /// owner now stores each append batch's deltas as a draft, and the reaper
 /// resumes the stream from them: history holds every delta, in order, in one
 /// merged text at the last delta's seq.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_cut_with_its_owner_is_whole_in_history_past_the_replay_window() {
+async fn a_stream_cut_with_its_owner_is_whole_in_history_past_the_replay_window(redis: &str) {
     const WINDOW: u64 = 20;
-    let redis = redis_url();
     let suffix = uuid::Uuid::new_v4().simple().to_string();
-    let survivor = cluster_node(&redis, &format!("cut-reaper-{suffix}"), |c| {
+    let survivor = cluster_node(redis, &format!("cut-reaper-{suffix}"), |c| {
         c.run_lease = Duration::from_secs(2);
         c.replay_max_events = WINDOW;
     })
     .await;
     let owner = common::spawn_node(
-        &redis,
+        redis,
         &format!("cut-owner-{suffix}"),
         &cluster_workspaces(),
         &["--run-lease", "2s", "--replay-max-events", &WINDOW.to_string()],

@@ -1,7 +1,8 @@
 //! Cluster failures end to end (issue 3, "Tests that must exist"): a tab
 //! hopping over three nodes mid-run, two nodes racing `chat.send`, Redis
 //! restarted mid-run, SIGTERM of a node that has sockets and runs, expiry of
-//! finished runs' Redis keys, and an owner fenced behind its back.
+//! finished runs' Redis keys, an owner fenced behind its back, and on a Redis
+//! Cluster (`--redis-mode cluster`) a primary killed and slots migrated mid-run.
 //!
 //! Every client is checked the way a browser tab relies on the stream
 //! ([`View`]): each seq once and in order, a jump ahead only when the server
@@ -16,6 +17,7 @@ use std::{
 };
 
 use chatgate::{config::Config, runs::redis::keys};
+use chatgate_testkit::redis_cluster::{PrivateRedisCluster, Role};
 use common::{PrivateRedis, TestNode, Ws, cluster_node, mint, redis_url, seqs, user};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use redis::AsyncCommands;
@@ -789,4 +791,140 @@ async fn a_complete_its_owner_died_before_storing_reaches_history() {
     let marker: bool = conn.exists(keys::saving(&session, &run_id)).await.unwrap();
     assert!(!marker, "the marker is cleared");
     pool.close().await;
+}
+
+// ------------------------------------------------------------ Redis Cluster: failover and resharding
+
+/// Sessions per Redis Cluster test: enough that every shard owns some of them.
+const CLUSTER_SESSIONS: usize = 6;
+
+/// A private 3-primary, 3-replica Redis Cluster (this test kills or reshards it) and two nodes on it.
+async fn nodes_on_a_private_cluster(prefix: &str) -> (PrivateRedisCluster, TestNode, TestNode) {
+    let cluster = tokio::task::spawn_blocking(|| PrivateRedisCluster::start(3, 1))
+        .await
+        .expect("the cluster's start")
+        .expect("a private Redis Cluster");
+    let seeds = cluster.seed_urls().join(",");
+    let a = cluster_node(&seeds, &unique(&format!("{prefix}-a")), |_| {}).await;
+    let b = cluster_node(&seeds, &unique(&format!("{prefix}-b")), |_| {}).await;
+    (cluster, a, b)
+}
+
+/// Starts one paced run per session from a tab on `a` and follows every session from a tab
+/// on `b` too; returns both once every run streamed its first events.
+async fn runs_on_every_shard(a: &TestNode, b: &TestNode, sessions: &[String], token: &str, prompt: &str) -> [Tab; 2] {
+    let mut sender = Tab::new("sender on A", a.connect(token).await);
+    let mut watcher = Tab::new("watcher on B", b.connect(token).await);
+    for session in sessions {
+        sender.follow(session, 0);
+        watcher.follow(session, 0);
+    }
+    watcher.subscribe_all().await;
+    watcher.pump_until(|t| t.views.values().all(|v| v.acks.len() == 1)).await;
+    for session in sessions {
+        sender.ws.send_chat(session, prompt).await;
+    }
+    sender.pump_until(|t| t.views.values().all(|v| v.last >= 3)).await;
+    [sender, watcher]
+}
+
+/// Every run ended once, whole or with every gap announced, on both tabs alike, and its
+/// history in SQL holds what the sender saw. Returns the announced gaps.
+async fn every_run_completes_once(tabs: &mut [Tab; 2], node: &TestNode, token: &str, prompt: &str) -> usize {
+    let sessions: Vec<String> = tabs[0].views.keys().cloned().collect();
+    for tab in tabs.iter_mut() {
+        tab.pump_until(|t| t.views.values().all(|v| !v.completes.is_empty())).await;
+        tab.ws.expect_silence(Duration::from_millis(300)).await;
+        assert!(tab.errors.is_empty(), "{}: {:?}", tab.name, tab.errors);
+    }
+    let mut gaps = 0;
+    for session in &sessions {
+        let [sender, watcher] = [tabs[0].view(session), tabs[1].view(session)];
+        for view in [sender, watcher] {
+            assert_eq!(view.completes.len(), 1, "{}", view.who);
+            assert_eq!(view.events.last().unwrap()["kind"], "complete", "{}", view.who);
+            gaps += view.gaps;
+        }
+        let complete = &sender.completes[0];
+        assert_eq!(watcher.completes[0], *complete, "{session}: the tabs saw different ends");
+        assert_eq!(complete["exitCode"], 0, "{session}: the run did not finish: {complete}");
+        if sender.gaps == 0 {
+            let history = node.history_complete(token, session, complete["seq"].as_u64()).await;
+            common::assert_history_matches(&history, prompt, &sender.events);
+        }
+    }
+    gaps
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_primary_killed_mid_run_fails_over_and_every_run_completes_once() {
+    let (mut cluster, a, b) = nodes_on_a_private_cluster("failover").await;
+    let token = a.token(&user());
+    let mut sessions = Vec::new();
+    for _ in 0..CLUSTER_SESSIONS {
+        sessions.push(a.create_session(&token, "script").await);
+    }
+    let prompt = paced(150, 20);
+    let mut tabs = runs_on_every_shard(&a, &b, &sessions, &token, &prompt).await;
+
+    let victim = keys::run(&sessions[0]);
+    let slot = keys::slot(&victim);
+    let on_victim = sessions
+        .iter()
+        .filter(|s| cluster.primary_for_key(&keys::run(s)).ok() == cluster.primary_for_key(&victim).ok())
+        .count();
+    let killed = cluster.kill_primary_of(&victim).expect("a primary to kill");
+    let (cluster, failover) = tokio::task::spawn_blocking(move || {
+        let took = cluster.wait_for_failover(slot);
+        (cluster, took)
+    })
+    .await
+    .unwrap();
+    let failover = failover.expect("the replica takes over");
+    let recovered = Instant::now();
+    let gaps = every_run_completes_once(&mut tabs, &a, &token, &prompt).await;
+    eprintln!(
+        "primary {killed} killed with {on_victim} of {CLUSTER_SESSIONS} sessions on it; replica promoted in {failover:?}; \
+         runs done {:?} after; announced gaps {gaps}",
+        recovered.elapsed()
+    );
+    drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_of_live_sessions_migrated_mid_run_keep_every_run_whole() {
+    let (cluster, a, b) = nodes_on_a_private_cluster("reshard").await;
+    let token = a.token(&user());
+    let mut sessions = Vec::new();
+    for _ in 0..CLUSTER_SESSIONS {
+        sessions.push(a.create_session(&token, "script").await);
+    }
+    let prompt = paced(150, 20);
+    let mut tabs = runs_on_every_shard(&a, &b, &sessions, &token, &prompt).await;
+
+    // Each session's slot moves to the next primary while its run streams (keys, then ownership),
+    // as `redis-cli --cluster reshard` moves them.
+    let primaries: Vec<u16> =
+        cluster.nodes().unwrap().iter().filter(|n| n.role == Role::Primary).map(|n| n.port).collect();
+    let slots: Vec<u16> = sessions.iter().map(|s| keys::slot(&keys::run(s))).collect();
+    let cluster = std::sync::Arc::new(cluster);
+    let moving = cluster.clone();
+    let took = tokio::task::spawn_blocking(move || {
+        let mut took = Vec::new();
+        for slot in slots {
+            let from = moving.primary_for_slot(slot).expect("the slot's owner");
+            let to = primaries[(primaries.iter().position(|p| *p == from).unwrap() + 1) % primaries.len()];
+            took.push(moving.migrate_slot(slot, to).expect("the slot moves"));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        took
+    })
+    .await
+    .unwrap();
+    for session in &sessions {
+        assert!(tabs[0].view(session).completes.is_empty(), "{session}: the run ended before its slot moved");
+    }
+    let gaps = every_run_completes_once(&mut tabs, &a, &token, &prompt).await;
+    eprintln!("{CLUSTER_SESSIONS} slots migrated mid-run in {took:?}; announced gaps {gaps}");
+    assert_eq!(gaps, 0, "a migration loses nothing: no gap to announce");
 }

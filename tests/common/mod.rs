@@ -276,11 +276,28 @@ pub fn cluster_workspaces() -> PathBuf {
     root
 }
 
-/// Starts a cluster-mode node on PostgreSQL and the given Redis.
+/// The seed list (`redis://…,redis://…`) of the test process's shared Redis Cluster
+/// (3 primaries, 1 replica each; started on first use, gone with the process).
+pub async fn shared_redis_cluster() -> String {
+    let cluster = tokio::task::spawn_blocking(chatgate_testkit::redis_cluster::PrivateRedisCluster::shared)
+        .await
+        .expect("the shared cluster's start")
+        .expect("a Redis Cluster");
+    cluster.seed_urls().join(",")
+}
+
+/// `--redis-mode` for a `--redis-url` of the tests: a seed list is a Redis Cluster.
+fn redis_mode_of(redis: &str) -> &'static str {
+    if redis.contains(',') { "cluster" } else { "standalone" }
+}
+
+/// Starts a cluster-mode node on PostgreSQL and the given Redis (a comma list:
+/// a Redis Cluster's seed nodes, with `--redis-mode cluster`).
 pub async fn cluster_node(redis: &str, node_id: &str, tweak: impl FnOnce(&mut Config)) -> TestNode {
     let redis = redis.to_string();
     let node_id = node_id.to_string();
     TestNode::start_with(Db::Postgres, move |c| {
+        c.redis_mode = chatgate::runs::redis::Topology::parse(redis_mode_of(&redis)).expect("a Redis mode");
         c.redis_url = Some(redis);
         c.node_id = Some(node_id);
         c.workspaces_root = Some(cluster_workspaces());
@@ -404,7 +421,7 @@ pub fn node_command() -> NodeCommand {
 /// Spawns `chatgate serve` (not waiting for it) on a free port against `redis` and the test
 /// PostgreSQL, with `extra` flags appended (e.g. `--drain-grace 2s`).
 pub fn spawn_node(redis: &str, node_id: &str, workspaces: &Path, extra: &[&str]) -> NodeProcess {
-    let cluster = ["--node-id", node_id, "--redis-url", redis];
+    let cluster = ["--node-id", node_id, "--redis-url", redis, "--redis-mode", redis_mode_of(redis)];
     spawn_node_on(&pg_url(), workspaces, &[&cluster[..], extra].concat())
 }
 

@@ -1,8 +1,10 @@
 //! Conformance suite of the run registry (docs/cluster.md §The seam).
 //!
 //! Every case is written once against `RunRegistry` and instantiated for each
-//! implementation by `conformance!`: `memory` (in process) and `redis` (real
-//! Redis at `REDIS_URL`, default 127.0.0.1:6379, unique keys per test). A case
+//! implementation by `conformance!`: `memory` (in process), `redis` (real
+//! Redis at `REDIS_URL`, default 127.0.0.1:6379, unique keys per test) and
+//! `redis_cluster` (a real 3-primary Redis Cluster the test process starts
+//! once, `PrivateRedisCluster::shared`, with `--redis-mode cluster`). A case
 //! gets two registries, "node a" and "node b", sharing one backend; for the
 //! in-process registry both are the same instance.
 //!
@@ -26,7 +28,7 @@ use chatgate::{
     runs::{
         Control, Event, FeedItem, LiveFeed, RegistryError, RunGrant, RunStart, SharedRegistry,
         memory::MemoryRegistry,
-        redis::{RedisRegistry, RedisRegistryOptions},
+        redis::{RedisRegistry, RedisRegistryOptions, RedisTarget},
     },
 };
 use rand::{RngExt, SeedableRng, rngs::StdRng};
@@ -65,19 +67,31 @@ fn redis_url() -> String {
 }
 
 fn redis_nodes(opts: Opts) -> Pin<Box<dyn Future<Output = Nodes> + Send>> {
+    Box::pin(redis_target_nodes(RedisTarget::standalone(&redis_url()), opts))
+}
+
+fn redis_cluster_nodes(opts: Opts) -> Pin<Box<dyn Future<Output = Nodes> + Send>> {
     Box::pin(async move {
-        let options = RedisRegistryOptions {
-            lease: Duration::from_secs(15),
-            max_events: opts.max_events,
-            retention: Duration::from_secs(300),
-        };
-        let tag = uuid::Uuid::new_v4().simple().to_string();
-        let node_a = format!("conf-a-{tag}");
-        let node_b = format!("conf-b-{tag}");
-        let a = RedisRegistry::connect(&redis_url(), &node_a, options.clone()).await.expect("connect node a");
-        let b = RedisRegistry::connect(&redis_url(), &node_b, options).await.expect("connect node b");
-        Nodes { a: Arc::new(a), b: Arc::new(b), node_a, node_b }
+        let cluster = tokio::task::spawn_blocking(chatgate_testkit::redis_cluster::PrivateRedisCluster::shared)
+            .await
+            .expect("the shared cluster's start")
+            .expect("a Redis Cluster");
+        redis_target_nodes(RedisTarget::cluster(&cluster.seed_urls()), opts).await
     })
+}
+
+async fn redis_target_nodes(target: RedisTarget, opts: Opts) -> Nodes {
+    let options = RedisRegistryOptions {
+        lease: Duration::from_secs(15),
+        max_events: opts.max_events,
+        retention: Duration::from_secs(300),
+    };
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let node_a = format!("conf-a-{tag}");
+    let node_b = format!("conf-b-{tag}");
+    let a = RedisRegistry::connect(target.clone(), &node_a, options.clone()).await.expect("connect node a");
+    let b = RedisRegistry::connect(target, &node_b, options).await.expect("connect node b");
+    Nodes { a: Arc::new(a), b: Arc::new(b), node_a, node_b }
 }
 
 macro_rules! conformance {
@@ -127,6 +141,7 @@ macro_rules! conformance {
 
 conformance!(memory, memory_nodes);
 conformance!(redis, redis_nodes);
+conformance!(redis_cluster, redis_cluster_nodes);
 
 // ---------------------------------------------------------------- helpers
 

@@ -30,8 +30,27 @@ pub(crate) fn server_args(port: u16) -> Vec<String> {
 /// `redis-server` with `args`, its working directory `dir` (where it writes its files), its
 /// output into `dir/redis-<label>.log`.
 pub(crate) fn spawn(dir: &Path, label: &str, args: &[String]) -> anyhow::Result<Child> {
+    spawn_command(dir, label, args, Command::new("redis-server"))
+}
+
+/// As [`spawn`], and the kernel SIGKILLs the server when the calling thread exits
+/// (`PR_SET_PDEATHSIG`): for servers a process keeps until it exits, started on a thread that
+/// lives as long (see [`crate::redis_cluster::PrivateRedisCluster::shared`]).
+pub(crate) fn spawn_tied_to_thread(dir: &Path, label: &str, args: &[String]) -> anyhow::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new("redis-server");
+    // SAFETY: the closure only calls prctl(2), which is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
+    spawn_command(dir, label, args, command)
+}
+
+fn spawn_command(dir: &Path, label: &str, args: &[String], mut command: Command) -> anyhow::Result<Child> {
     let log = std::fs::File::create(dir.join(format!("redis-{label}.log")))?;
-    Command::new("redis-server")
+    command
         .args(args)
         .current_dir(dir)
         .stdin(Stdio::null())

@@ -11,9 +11,10 @@ use serde_json::Value as Json;
 use super::{
     RedisRegistry,
     codec::{self, OwnerRecord},
+    connection::Lane,
     keys,
     live::{SeenRun, attach_feed},
-    node::{Failure, Lane, MAX_SCRIPT_SEQ, RedisNode, millis},
+    node::{Failure, MAX_SCRIPT_SEQ, RedisNode, millis},
     recovery::recently_active,
     scripts::ReadReply,
 };

@@ -3,39 +3,150 @@
 //!
 //! [`Hub::acquire`] returns once Redis confirmed the subscription (or at once
 //! when the node already holds it), so a caller may read the stream right
-//! after and miss nothing. SUBSCRIBE / UNSUBSCRIBE are only sent on refcount
-//! transitions, under one async lock, so they reach Redis in the order the
-//! refcounts changed. After a reconnect, [`Hub::connect`] re-subscribes every
-//! channel that still has holders before the connection is used again.
+//! after and miss nothing. Subscribe / unsubscribe commands are only sent on
+//! refcount transitions, under one async lock, so they reach Redis in the
+//! order the refcounts changed. After a reconnect, [`Hub::connect`]
+//! re-subscribes every channel that still has holders before the connection
+//! is used again.
+//!
+//! On one Redis the connection is a RESP2 pub/sub connection (SUBSCRIBE). On
+//! a Redis Cluster it is a RESP3 cluster connection used for sharded pub/sub
+//! only (SSUBSCRIBE: each channel on the shard owning its slot); messages and
+//! the connection's own notices (a shard dropped a subscription when its slot
+//! moved, a shard connection was lost) arrive as pushes on a bounded queue
+//! ([`Incoming::Pushes`]). redis-rs does not re-subscribe a sharded channel
+//! after a slot moved or a shard failed over, so the dispatcher answers
+//! either by re-dialing the hub ([`super::tasks::dispatch`]).
 
 use std::{
     collections::HashMap,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
 use ::redis::{
-    Client, RedisError,
+    Client, Msg, ProtocolVersion, PushInfo, PushKind, RedisError,
     aio::{PubSubSink, PubSubStream},
+    cluster_async::ClusterConnection,
 };
-use tokio::sync::Mutex;
+use futures_util::StreamExt;
+use tokio::sync::{Mutex, mpsc};
 
+use super::connection;
 use crate::runs::RegistryError;
 
-/// How long one SUBSCRIBE / UNSUBSCRIBE may take before the connection is
+/// How long one subscribe / unsubscribe may take before the connection is
 /// considered dead.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Channels per SUBSCRIBE command when restoring after a reconnect.
+/// Channels per SUBSCRIBE command (or SSUBSCRIBEs in flight) when restoring after a reconnect.
 const RESUBSCRIBE_CHUNK: usize = 512;
+/// Pushes a cluster hub queues for its dispatcher; beyond that they are
+/// dropped and the dispatcher catches up from the streams.
+const PUSH_QUEUE: usize = 8192;
+
+/// Where the hub's connection goes.
+pub(super) enum Source {
+    Standalone(Client),
+    /// The seed node URLs of a Redis Cluster.
+    Cluster(Vec<String>),
+}
+
+/// The subscribing half of the hub's connection.
+enum Link {
+    Pubsub(PubSubSink),
+    Sharded(ClusterConnection),
+}
+
+impl Link {
+    async fn subscribe(&mut self, channels: &[String]) -> Result<(), RedisError> {
+        match self {
+            Link::Pubsub(sink) => sink.subscribe(channels).await,
+            // One SSUBSCRIBE per channel (one command may not span slots), sent at once.
+            Link::Sharded(conn) => {
+                for chunk in channels.chunks(RESUBSCRIBE_CHUNK) {
+                    let subscribes = chunk.iter().cloned().map(|channel| {
+                        let mut conn = conn.clone();
+                        async move { conn.ssubscribe(channel).await }
+                    });
+                    futures_util::future::try_join_all(subscribes).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn unsubscribe(&mut self, channel: &str) -> Result<(), RedisError> {
+        match self {
+            Link::Pubsub(sink) => sink.unsubscribe(channel).await,
+            Link::Sharded(conn) => conn.sunsubscribe(channel).await,
+        }
+    }
+}
+
+/// What the dispatcher reads: the message stream of one Redis, or the pushes
+/// of a cluster connection.
+pub(super) enum Incoming {
+    Pubsub(PubSubStream),
+    Pushes {
+        rx: mpsc::Receiver<PushInfo>,
+        /// Set when a push was dropped because the queue was full.
+        dropped: Arc<AtomicBool>,
+    },
+}
+
+/// One thing the dispatcher got from the hub's connection.
+pub(super) enum Delivery {
+    /// A message on a held channel.
+    Message(Msg),
+    /// A shard dropped the subscription of this channel (its slot moved).
+    Unsubscribed(String),
+    /// The connection to one shard was lost.
+    ShardLost,
+    /// Pushes were dropped (the queue was full): the streams hold what they carried.
+    Overflowed,
+}
+
+impl Incoming {
+    /// The next delivery; `None` once the connection is gone.
+    pub(super) async fn next(&mut self) -> Option<Delivery> {
+        match self {
+            Incoming::Pubsub(stream) => stream.next().await.map(Delivery::Message),
+            Incoming::Pushes { rx, dropped } => loop {
+                if dropped.swap(false, Ordering::AcqRel) {
+                    return Some(Delivery::Overflowed);
+                }
+                let push = rx.recv().await?;
+                match push.kind {
+                    PushKind::Message | PushKind::SMessage => {
+                        if let Some(msg) = Msg::from_push_info(push) {
+                            return Some(Delivery::Message(msg));
+                        }
+                    }
+                    PushKind::SUnsubscribe => {
+                        let channel = push.data.first().and_then(|v| ::redis::from_redis_value_ref::<String>(v).ok());
+                        if let Some(channel) = channel {
+                            return Some(Delivery::Unsubscribed(channel));
+                        }
+                    }
+                    PushKind::Disconnection => return Some(Delivery::ShardLost),
+                    _ => {}
+                }
+            },
+        }
+    }
+}
 
 struct Table {
-    sink: Option<PubSubSink>,
+    link: Option<Link>,
     refs: HashMap<String, usize>,
 }
 
 /// Channel subscriptions of one node.
 pub(super) struct Hub {
-    client: Client,
+    source: Source,
     table: Mutex<Table>,
     connected: AtomicBool,
 }
@@ -51,9 +162,9 @@ pub(super) enum ConnectError {
 
 impl Hub {
     /// A hub that holds `permanent` channels for as long as it lives.
-    pub(super) fn new(client: Client, permanent: &[String]) -> Self {
+    pub(super) fn new(source: Source, permanent: &[String]) -> Self {
         let refs = permanent.iter().map(|c| (c.clone(), 1)).collect();
-        Hub { client, table: Mutex::new(Table { sink: None, refs }), connected: AtomicBool::new(false) }
+        Hub { source, table: Mutex::new(Table { link: None, refs }), connected: AtomicBool::new(false) }
     }
 
     pub(super) fn is_connected(&self) -> bool {
@@ -67,10 +178,10 @@ impl Hub {
             *count += 1;
             return Ok(());
         }
-        let Some(sink) = table.sink.as_mut() else {
+        let Some(link) = table.link.as_mut() else {
             return Err(RegistryError::Unavailable("Redis pub/sub is reconnecting".into()));
         };
-        match tokio::time::timeout(SUBSCRIBE_TIMEOUT, sink.subscribe(channel)).await {
+        match tokio::time::timeout(SUBSCRIBE_TIMEOUT, link.subscribe(&[channel.to_string()])).await {
             Ok(Ok(())) => {
                 table.refs.insert(channel.to_string(), 1);
                 Ok(())
@@ -89,38 +200,63 @@ impl Hub {
             return;
         }
         table.refs.remove(channel);
-        let Some(sink) = table.sink.as_mut() else { return };
+        let Some(link) = table.link.as_mut() else { return };
         // On failure the connection is failing anyway; the reconnect will not restore this channel.
-        match tokio::time::timeout(SUBSCRIBE_TIMEOUT, sink.unsubscribe(channel)).await {
+        match tokio::time::timeout(SUBSCRIBE_TIMEOUT, link.unsubscribe(channel)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::debug!(channel, error = %e, "UNSUBSCRIBE failed"),
             Err(_) => tracing::debug!(channel, "UNSUBSCRIBE timed out"),
         }
     }
 
+    /// Whether the node still holds `channel`.
+    pub(super) async fn holds(&self, channel: &str) -> bool {
+        self.table.lock().await.refs.contains_key(channel)
+    }
+
     /// Opens a fresh pub/sub connection, subscribes every held channel, and
-    /// makes it the node's connection. Returns the message stream.
-    pub(super) async fn connect(&self, timeout: Duration) -> Result<PubSubStream, ConnectError> {
-        let pubsub = tokio::time::timeout(timeout, self.client.get_async_pubsub())
-            .await
-            .map_err(|_| ConnectError::Timeout)??;
-        let (mut sink, stream) = pubsub.split();
+    /// makes it the node's connection. Returns what the dispatcher reads.
+    pub(super) async fn connect(&self, timeout: Duration) -> Result<Incoming, ConnectError> {
+        let (mut link, incoming) = match &self.source {
+            Source::Standalone(client) => {
+                let pubsub = tokio::time::timeout(timeout, client.get_async_pubsub())
+                    .await
+                    .map_err(|_| ConnectError::Timeout)??;
+                let (sink, stream) = pubsub.split();
+                (Link::Pubsub(sink), Incoming::Pubsub(stream))
+            }
+            Source::Cluster(urls) => {
+                let (tx, rx) = mpsc::channel(PUSH_QUEUE);
+                let dropped = Arc::new(AtomicBool::new(false));
+                let overflow = dropped.clone();
+                let client = connection::cluster_builder(urls)
+                    .use_protocol(ProtocolVersion::RESP3)
+                    .push_sender(move |push: PushInfo| {
+                        tx.try_send(push).inspect_err(|_| overflow.store(true, Ordering::Release))
+                    })
+                    .build()?;
+                let conn = tokio::time::timeout(timeout, client.get_async_connection())
+                    .await
+                    .map_err(|_| ConnectError::Timeout)??;
+                (Link::Sharded(conn), Incoming::Pushes { rx, dropped })
+            }
+        };
         let mut table = self.table.lock().await;
         let channels: Vec<String> = table.refs.keys().cloned().collect();
         for chunk in channels.chunks(RESUBSCRIBE_CHUNK) {
-            tokio::time::timeout(SUBSCRIBE_TIMEOUT, sink.subscribe(chunk))
+            tokio::time::timeout(SUBSCRIBE_TIMEOUT, link.subscribe(chunk))
                 .await
                 .map_err(|_| ConnectError::Timeout)??;
         }
-        table.sink = Some(sink);
+        table.link = Some(link);
         self.connected.store(true, Ordering::Release);
-        Ok(stream)
+        Ok(incoming)
     }
 
     /// Forgets the current connection (it failed or went silent).
     pub(super) async fn disconnected(&self) {
         self.connected.store(false, Ordering::Release);
-        self.table.lock().await.sink = None;
+        self.table.lock().await.link = None;
     }
 
     /// Number of channels the node holds (for tests and metrics).

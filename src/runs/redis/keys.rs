@@ -82,6 +82,27 @@ pub fn probe_channel(node_id: &str, instance: &str) -> String {
     format!("cg:probe:{node_id}:{instance}")
 }
 
+/// The probe channel of one Redis Cluster shard: the node's probe channel with a
+/// hash tag chosen so that the channel's slot is one the shard owns.
+pub fn shard_probe_channel(probe_channel: &str, tag: &str) -> String {
+    format!("{probe_channel}:{{{tag}}}")
+}
+
+/// Whether `channel` is the node's probe channel or one of its shard probe channels.
+pub fn is_probe_channel(channel: &str, probe_channel: &str) -> bool {
+    channel.strip_prefix(probe_channel).is_some_and(|rest| rest.is_empty() || rest.starts_with(":{"))
+}
+
+/// The hash slot of a key or channel name (CRC16 of its hash tag, or of the whole name).
+pub fn slot(name: &str) -> u16 {
+    let bytes = name.as_bytes();
+    let tagged = bytes.iter().position(|&b| b == b'{').and_then(|open| {
+        let close = bytes[open + 1..].iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &bytes[open + 1..open + 1 + close])
+    });
+    crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(bytes)) % 16384
+}
+
 /// Global index of started runs: sorted set, member `["S","R"]`, score = start time (ms).
 pub const RUNS_INDEX: &str = "cg:runs";
 
@@ -120,5 +141,18 @@ mod tests {
         assert_eq!(session_of_live_channel(&live_channel("a.b-c")), Some("a.b-c"));
         assert_eq!(session_of_live_channel("cg:{a}:run"), None);
         assert_eq!(user_of_channel(&user_channel("42")), Some("42"));
+    }
+
+    #[test]
+    fn slots_follow_the_hash_tag() {
+        // Values from CLUSTER KEYSLOT on Redis 7.
+        assert_eq!(slot("foo"), 12182);
+        assert_eq!(slot("{user1000}.following"), slot("user1000"));
+        assert_eq!(slot(&run("s1")), slot(&live_channel("s1")));
+        let probe = "cg:probe:n1:abc";
+        assert!(is_probe_channel(probe, probe));
+        assert!(is_probe_channel(&shard_probe_channel(probe, "7"), probe));
+        assert_eq!(slot(&shard_probe_channel(probe, "7")), slot("7"));
+        assert!(!is_probe_channel("cg:probe:n1:abcd", probe));
     }
 }

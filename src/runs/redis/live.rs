@@ -87,15 +87,12 @@ impl RedisNode {
             self.on_live(session_id, payload);
         } else if channel == self.node_channel {
             self.on_control(payload);
-        } else if channel == self.probe_channel {
+        } else if keys::is_probe_channel(channel, &self.probe_channel) {
             if let Some(nonce) = std::str::from_utf8(payload).ok().and_then(|s| s.parse::<u64>().ok()) {
-                self.probe.echo.send_if_modified(|last| {
-                    let newer = nonce > *last;
-                    if newer {
-                        *last = nonce;
-                    }
-                    newer
-                });
+                let mut heard = lock_unpoisoned(&self.probe.heard);
+                let last = heard.entry(channel.to_string()).or_default();
+                *last = nonce.max(*last);
+                self.probe.echo.send_modify(|echoes| *echoes = echoes.wrapping_add(1));
             }
         } else if let Some(user_id) = keys::user_of_channel(channel) {
             let Ok(text) = std::str::from_utf8(payload) else { return };

@@ -38,6 +38,7 @@
 //! reaches subscribers as a gap (`replayTruncated`).
 
 mod codec;
+mod connection;
 mod feeds;
 mod hub;
 pub mod keys;
@@ -56,11 +57,12 @@ use std::{sync::Arc, time::Duration};
 
 use ::redis::{AsyncConnectionConfig, Client};
 use deadpool_redis::{Manager, Pool, Runtime};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use self::{
-    hub::Hub,
+    connection::Commands,
+    hub::{Hub, Source},
     node::{Probe, Reaped, RedisNode},
     scripts::Scripts,
 };
@@ -75,6 +77,74 @@ pub struct RedisRegistryOptions {
     pub max_events: u64,
     /// How long a finished run's events stay replayable (`--replay-retention`).
     pub retention: Duration,
+}
+
+/// What kind of Redis the registry talks to (`--redis-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Topology {
+    /// One Redis (or a proxy that looks like one): a connection pool, classic pub/sub.
+    #[default]
+    Standalone,
+    /// A Redis Cluster: slot-routed commands, sharded pub/sub (SPUBLISH / SSUBSCRIBE).
+    Cluster,
+}
+
+impl Topology {
+    /// Parses `standalone` or `cluster`.
+    pub fn parse(raw: &str) -> Result<Topology, String> {
+        match raw {
+            "standalone" => Ok(Topology::Standalone),
+            "cluster" => Ok(Topology::Cluster),
+            _ => Err("expected standalone or cluster".into()),
+        }
+    }
+}
+
+/// Where the registry's Redis is: one URL, or a Redis Cluster's seed nodes
+/// (any of them; the client reads the rest of the cluster from the first that answers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisTarget {
+    pub topology: Topology,
+    pub urls: Vec<String>,
+}
+
+impl RedisTarget {
+    /// Reads `--redis-url` (a comma list of URLs in cluster mode) for `topology`.
+    pub fn parse(topology: Topology, raw: &str) -> Result<RedisTarget, String> {
+        let urls: Vec<String> = raw.split(',').map(str::trim).filter(|u| !u.is_empty()).map(String::from).collect();
+        if urls.is_empty() {
+            return Err("no Redis URL".into());
+        }
+        for url in &urls {
+            Client::open(url.as_str()).map_err(|e| format!("not a Redis URL ({e})"))?;
+        }
+        if topology == Topology::Standalone && urls.len() > 1 {
+            return Err("a list of Redis URLs needs --redis-mode cluster".into());
+        }
+        Ok(RedisTarget { topology, urls })
+    }
+
+    /// One Redis at `url`.
+    pub fn standalone(url: &str) -> RedisTarget {
+        RedisTarget { topology: Topology::Standalone, urls: vec![url.to_string()] }
+    }
+
+    /// A Redis Cluster reached through the seed nodes `urls`.
+    pub fn cluster<S: AsRef<str>>(urls: &[S]) -> RedisTarget {
+        RedisTarget { topology: Topology::Cluster, urls: urls.iter().map(|u| u.as_ref().to_string()).collect() }
+    }
+}
+
+impl From<&str> for RedisTarget {
+    fn from(url: &str) -> Self {
+        RedisTarget::standalone(url)
+    }
+}
+
+impl From<&String> for RedisTarget {
+    fn from(url: &String) -> Self {
+        RedisTarget::standalone(url)
+    }
 }
 
 /// Timeout of one Redis command on a pooled connection.
@@ -95,41 +165,63 @@ pub struct RedisRegistry {
 }
 
 impl RedisRegistry {
-    /// Connects to Redis at `url` as node `node_id`: a command pool and a
-    /// dedicated pub/sub connection, confirmed before this returns.
-    pub async fn connect(url: &str, node_id: &str, opts: RedisRegistryOptions) -> Result<RedisRegistry, RegistryError> {
+    /// Connects to Redis (one, or a Redis Cluster) as node `node_id`: the
+    /// command connections and a dedicated pub/sub connection, confirmed before this returns.
+    pub async fn connect(
+        target: impl Into<RedisTarget>,
+        node_id: &str,
+        opts: RedisRegistryOptions,
+    ) -> Result<RedisRegistry, RegistryError> {
+        let target = target.into();
         let unavailable = |what: &str, e: &dyn std::fmt::Display| RegistryError::Unavailable(format!("{what}: {e}"));
-        let client = Client::open(url).map_err(|e| unavailable("Redis URL", &e))?;
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT));
-        let manager = Manager::new_with_config(url, config).map_err(|e| unavailable("Redis URL", &e))?;
-        let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(RESPONSE_TIMEOUT))
-            .create_timeout(Some(CONNECT_TIMEOUT))
-            .recycle_timeout(Some(CONNECT_TIMEOUT))
-            .build()
-            .map_err(|e| unavailable("Redis pool", &e))?;
+        let (commands, source) = match target.topology {
+            Topology::Standalone => {
+                let url = target.urls.first().map(String::as_str).unwrap_or_default();
+                let client = Client::open(url).map_err(|e| unavailable("Redis URL", &e))?;
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(RESPONSE_TIMEOUT));
+                let manager = Manager::new_with_config(url, config).map_err(|e| unavailable("Redis URL", &e))?;
+                let pool = Pool::builder(manager)
+                    .max_size(POOL_SIZE)
+                    .runtime(Runtime::Tokio1)
+                    .wait_timeout(Some(RESPONSE_TIMEOUT))
+                    .create_timeout(Some(CONNECT_TIMEOUT))
+                    .recycle_timeout(Some(CONNECT_TIMEOUT))
+                    .build()
+                    .map_err(|e| unavailable("Redis pool", &e))?;
+                (Commands::standalone(pool), Source::Standalone(client))
+            }
+            Topology::Cluster => {
+                let client =
+                    connection::cluster_builder(&target.urls).build().map_err(|e| unavailable("Redis Cluster", &e))?;
+                let commands = Commands::cluster(&client, CONNECT_TIMEOUT).await?;
+                (commands, Source::Cluster(target.urls.clone()))
+            }
+        };
         let instance = uuid::Uuid::new_v4().simple().to_string();
         let node_channel = keys::node_channel(node_id);
         let probe_channel = keys::probe_channel(node_id, &instance);
-        let hub = Hub::new(client, &[node_channel.clone(), probe_channel.clone()]);
+        // On a cluster the probe holds one channel per shard itself (tasks::probe).
+        let permanent = match target.topology {
+            Topology::Standalone => vec![node_channel.clone(), probe_channel.clone()],
+            Topology::Cluster => vec![node_channel.clone()],
+        };
+        let hub = Hub::new(source, &permanent);
         let (orphans, orphans_rx) = mpsc::channel(ORPHAN_CAPACITY);
         let node = Arc::new(RedisNode {
             id: node_id.to_string(),
             opts,
-            pool,
-            lanes: Default::default(),
-            scripts: Scripts::new(),
+            topology: target.topology,
+            commands,
+            scripts: Scripts::new(target.topology),
             hub,
             node_channel,
             probe_channel,
             sessions: Default::default(),
             users: Default::default(),
             runs: Default::default(),
-            probe: Probe { echo: watch::channel(0).0, status: std::sync::Mutex::new(Ok(())) },
+            probe: Probe::new(),
             orphans,
         });
         let mut conn = node.conn().await.map_err(RegistryError::from)?;

@@ -1,7 +1,6 @@
 //! One node's shared state and its Redis plumbing.
 //!
-//! The [`RedisNode`] holds the command pool and the two kept command connections
-//! ([`Lanes`]), the scripts, the pub/sub [`Hub`], and three local maps:
+//! The [`RedisNode`] holds the command connections ([`Commands`]), the scripts, the pub/sub [`Hub`], and three local maps:
 //! sessions this node has feeds on (a broadcast channel per session, filled
 //! by the dispatcher), users this node has notice receivers for, and runs this
 //! node owns (their control senders, keyed by session and run id).
@@ -13,14 +12,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ::redis::{ErrorKind, FromRedisValue, RedisError, ServerErrorKind, aio::MultiplexedConnection};
-use deadpool_redis::{Connection, Pool, PoolError};
+use ::redis::{ErrorKind, FromRedisValue, RedisError, ServerErrorKind};
+use deadpool_redis::PoolError;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, watch};
 
 use super::{
-    RedisRegistryOptions,
+    RedisRegistryOptions, Topology,
     codec::{BadReply, OwnerRecord},
+    connection::{Commands, Conn, Lane},
     hub::Hub,
     keys,
     live::{LiveSession, SeenRun},
@@ -53,6 +53,10 @@ pub(super) enum Failure {
     Pool(#[from] PoolError),
     #[error(transparent)]
     Reply(#[from] BadReply),
+    #[error("Redis: timed out {0}")]
+    Timeout(&'static str),
+    #[error("Redis pub/sub: {0}")]
+    Subscribe(String),
 }
 
 impl Failure {
@@ -69,12 +73,13 @@ impl Failure {
                         ErrorKind::Server(
                             ServerErrorKind::BusyLoading
                                 | ServerErrorKind::TryAgain
+                                | ServerErrorKind::ClusterDown
                                 | ServerErrorKind::MasterDown
                                 | ServerErrorKind::ReadOnly
                         )
                     )
             }
-            Failure::Pool(_) => true,
+            Failure::Pool(_) | Failure::Timeout(_) | Failure::Subscribe(_) => true,
             Failure::Reply(_) => false,
         }
     }
@@ -106,6 +111,12 @@ pub(super) struct OwnedRun {
     pub(super) pending: Vec<(String, String)>,
 }
 
+impl Probe {
+    pub(super) fn new() -> Self {
+        Probe { heard: Default::default(), echo: watch::channel(0).0, status: Mutex::new(Ok(())) }
+    }
+}
+
 /// Local runs are keyed by (session id, run id).
 pub(super) type RunKey = (String, String);
 
@@ -124,36 +135,22 @@ pub(super) struct NodeMessage {
 
 /// The node's view of its own pub/sub probe.
 pub(super) struct Probe {
-    /// Highest probe nonce heard back.
+    /// Highest probe nonce heard back on each probe channel (one on one
+    /// Redis, one per shard on a Redis Cluster).
+    pub(super) heard: Mutex<HashMap<String, u64>>,
+    /// Bumped on every echo, to wake the prober.
     pub(super) echo: watch::Sender<u64>,
     /// `Err(reason)` after an unanswered probe.
     pub(super) status: Mutex<Result<(), String>>,
-}
-
-/// Which kept command connection a call uses: replay reads (possibly large)
-/// do not queue in front of the owners' appends.
-#[derive(Debug, Clone, Copy)]
-pub(super) enum Lane {
-    Write,
-    Read,
-}
-
-/// The kept command connections. Each is a multiplexed connection taken from
-/// the pool: a checkout from `deadpool-redis` PINGs the connection first, so
-/// keeping them makes a call cost its own round trip only. A transient
-/// failure drops them and the pool hands out validated or new ones.
-#[derive(Default)]
-pub(super) struct Lanes {
-    write: Mutex<Option<MultiplexedConnection>>,
-    read: Mutex<Option<MultiplexedConnection>>,
 }
 
 /// Shared state of one registry node.
 pub(super) struct RedisNode {
     pub(super) id: String,
     pub(super) opts: RedisRegistryOptions,
-    pub(super) pool: Pool,
-    pub(super) lanes: Lanes,
+    /// One Redis or a Redis Cluster: it decides the connections and the publish command.
+    pub(super) topology: Topology,
+    pub(super) commands: Commands,
     pub(super) scripts: Scripts,
     pub(super) hub: Hub,
     pub(super) node_channel: String,
@@ -193,29 +190,29 @@ pub(super) enum Reaped {
 
 impl RedisNode {
     /// A command connection on the write lane (the owner's hot path and small commands).
-    pub(super) async fn conn(&self) -> Result<MultiplexedConnection, Failure> {
-        self.lane(Lane::Write).await
+    pub(super) async fn conn(&self) -> Result<Conn, Failure> {
+        self.commands.lane(Lane::Write).await
     }
 
-    /// A command connection: the lane's kept multiplexed connection, or a
-    /// fresh one from the pool (which validates or creates it).
-    pub(super) async fn lane(&self, lane: Lane) -> Result<MultiplexedConnection, Failure> {
-        let slot = match lane {
-            Lane::Write => &self.lanes.write,
-            Lane::Read => &self.lanes.read,
-        };
-        if let Some(conn) = lock_unpoisoned(slot).clone() {
-            return Ok(conn);
-        }
-        let fresh = Connection::take(self.pool.get().await?);
-        *lock_unpoisoned(slot) = Some(fresh.clone());
-        Ok(fresh)
+    /// A command connection of the given lane.
+    pub(super) async fn lane(&self, lane: Lane) -> Result<Conn, Failure> {
+        self.commands.lane(lane).await
     }
 
     /// Drops the kept connections after a failure; the next calls get fresh ones.
     pub(super) fn invalidate_connections(&self) {
-        *lock_unpoisoned(&self.lanes.write) = None;
-        *lock_unpoisoned(&self.lanes.read) = None;
+        self.commands.invalidate();
+    }
+
+    /// Publishes `payload` on `channel`: PUBLISH on one Redis, SPUBLISH (to the
+    /// shard owning the channel's slot) on a Redis Cluster. Returns the receivers.
+    pub(super) async fn publish(&self, channel: &str, payload: impl ::redis::ToRedisArgs) -> Result<u64, Failure> {
+        let command = match self.topology {
+            Topology::Standalone => "PUBLISH",
+            Topology::Cluster => "SPUBLISH",
+        };
+        let mut conn = self.conn().await?;
+        Ok(::redis::cmd(command).arg(channel).arg(payload).query_async(&mut conn).await?)
     }
 
     /// Retries `op` on transient failures until `window` has passed.
@@ -455,12 +452,8 @@ impl RedisNode {
         let message = NodeMessage { session_id: session_id.to_string(), run_id: run_id.to_string(), control };
         let payload = serde_json::to_string(&message).map_err(|e| RegistryError::Unavailable(e.to_string()))?;
         let channel = keys::node_channel(owner_node);
-        let receivers: u64 = self
-            .retrying("publish_control", self.retry_window(), || async {
-                let mut conn = self.conn().await?;
-                Ok(::redis::cmd("PUBLISH").arg(&channel).arg(&payload).query_async(&mut conn).await?)
-            })
-            .await?;
+        let receivers: u64 =
+            self.retrying("publish_control", self.retry_window(), || self.publish(&channel, &payload)).await?;
         if receivers == 0 {
             tracing::warn!(
                 owner_node,

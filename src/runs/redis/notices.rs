@@ -1,9 +1,8 @@
-//! [`UserNotices`] over Redis: one PUBLISH on `cg:user:<id>` per notice; each
+//! [`UserNotices`] over Redis: one publish on `cg:user:<id>` per notice; each
 //! node holds that channel while it has receivers for the user (the
 //! dispatcher in [`super::live`] fans messages out to them, the sweeper in
 //! [`super::tasks`] lets go of users nobody listens to any more).
 
-use ::redis::AsyncCommands;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
@@ -19,16 +18,11 @@ use crate::{
 
 #[async_trait]
 impl UserNotices for RedisRegistry {
-    /// One PUBLISH on the user's channel; every node holding it fans out.
+    /// One publish on the user's channel; every node holding it fans out.
     async fn notify_user(&self, user_id: &str, frame: Frame) -> Result<(), RegistryError> {
         let node = &self.node;
         let channel = keys::user_channel(user_id);
-        node.retrying("notify_user", node.retry_window(), || async {
-            let mut conn = node.conn().await?;
-            let _: u64 = conn.publish(&channel, frame.as_str()).await?;
-            Ok(())
-        })
-        .await?;
+        node.retrying("notify_user", node.retry_window(), || node.publish(&channel, frame.as_str())).await?;
         Ok(())
     }
 

@@ -10,7 +10,9 @@
 //! Stream entries: id `<seq>-0`, fields `r` (run id), `t` (`1` for the terminal
 //! `complete`), `b` (the event body JSON without `seq`; readers splice it in).
 //! One PUBLISH per batch on `cg:{S}:live` carries every event of the batch as
-//! `"<seq> <t> <#runId> <#body> " .. runId .. body` records (see `codec`).
+//! `"<seq> <t> <#runId> <#body> " .. runId .. body` records (see `codec`);
+//! on a Redis Cluster it is an SPUBLISH, so the message stays on the shard
+//! that owns the session's slot (the prelude's `publish_command`, set here).
 //!
 //! Seq restore: a counter that is missing (Redis lost it, or it idled out) or
 //! below the caller's floor (SQL's high-water mark, or the owner's own last
@@ -20,6 +22,7 @@
 use ::redis::{FromRedisValue, ParsingError, Script, ScriptInvocation, Value};
 
 use super::{
+    Topology,
     codec::{self, BadReply},
     keys,
 };
@@ -43,8 +46,13 @@ pub(super) struct Scripts {
 }
 
 impl Scripts {
-    pub(super) fn new() -> Self {
-        let with_prelude = |body: &str| Script::new(&format!("{PRELUDE}\n{body}"));
+    /// The scripts for a Redis of the given topology (it decides the publish command).
+    pub(super) fn new(topology: Topology) -> Self {
+        let publish = match topology {
+            Topology::Standalone => "PUBLISH",
+            Topology::Cluster => "SPUBLISH",
+        };
+        let with_prelude = |body: &str| Script::new(&format!("local publish_command = '{publish}'\n{PRELUDE}\n{body}"));
         Scripts {
             count_send: Script::new(include_str!("lua/count_send.lua")),
             start: with_prelude(include_str!("lua/start.lua")),

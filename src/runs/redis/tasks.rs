@@ -5,17 +5,18 @@
 //! (its cancellation token).
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use ::redis::{AsyncCommands, aio::PubSubStream};
-use futures_util::StreamExt;
+use ::redis::AsyncCommands;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{
+    Topology,
+    hub::{Delivery, Incoming},
     keys,
     live::SeenRun,
     node::{Failure, Reaped, RedisNode, RunKey, parse_index_member, run_key},
@@ -27,17 +28,15 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Most index entries looked at per global sweep.
 const SWEEP_BATCH: isize = 2000;
 
-/// Reads the node's pub/sub connection and re-dials it when it drops or the probe says it went silent.
-pub(super) async fn dispatch(
-    node: Arc<RedisNode>,
-    first: PubSubStream,
-    redial: Arc<Notify>,
-    cancel: CancellationToken,
-) {
-    let mut stream = Some(first);
+/// Reads the node's pub/sub connection and re-dials it when it drops, when the
+/// probe says it went silent, or (Redis Cluster) when a shard dropped a held
+/// channel, lost its connection or the slot map changed; every re-dial is
+/// followed by a catch-up from the streams.
+pub(super) async fn dispatch(node: Arc<RedisNode>, first: Incoming, redial: Arc<Notify>, cancel: CancellationToken) {
+    let mut incoming = Some(first);
     let mut backoff = Duration::from_millis(50);
     loop {
-        let mut current = match stream.take() {
+        let mut current = match incoming.take() {
             Some(current) => current,
             None => match node.hub.connect(CONNECT_TIMEOUT).await {
                 Ok(fresh) => {
@@ -63,11 +62,27 @@ pub(super) async fn dispatch(
                 biased;
                 _ = cancel.cancelled() => return,
                 _ = redial.notified() => {
-                    tracing::warn!(node = node.id, "Redis pub/sub probe unanswered; re-dialing");
+                    tracing::warn!(node = node.id, "Redis pub/sub probe unanswered or slots moved; re-dialing");
                     break;
                 }
-                message = current.next() => match message {
-                    Some(message) => node.on_message(message.get_channel_name(), message.get_payload_bytes()),
+                delivery = current.next() => match delivery {
+                    Some(Delivery::Message(message)) => {
+                        node.on_message(message.get_channel_name(), message.get_payload_bytes())
+                    }
+                    Some(Delivery::Overflowed) => {
+                        tracing::warn!(node = node.id, "Redis pub/sub queue overflowed; catching up from the streams");
+                        node.catch_up().await;
+                    }
+                    Some(Delivery::Unsubscribed(channel)) => {
+                        if node.hub.holds(&channel).await {
+                            tracing::warn!(node = node.id, channel, "a Redis Cluster shard dropped a held channel; re-dialing");
+                            break;
+                        }
+                    }
+                    Some(Delivery::ShardLost) => {
+                        tracing::warn!(node = node.id, "a Redis Cluster shard connection was lost; re-dialing");
+                        break;
+                    }
                     None => {
                         tracing::warn!(node = node.id, "Redis pub/sub connection lost");
                         break;
@@ -84,10 +99,14 @@ pub(super) fn probe_period(node: &RedisNode) -> Duration {
     (node.opts.lease / 3).clamp(Duration::from_millis(100), Duration::from_secs(2))
 }
 
-/// Publishes a nonce to the node's probe channel and expects it back within one period.
+/// Publishes a nonce to each of the node's probe channels and expects every
+/// one back within one period. On one Redis that is one channel; on a Redis
+/// Cluster one per shard (the probe reads the slot map each period, holds a
+/// channel on every primary, and re-dials the hub when the map changed).
 pub(super) async fn probe(node: Arc<RedisNode>, redial: Arc<Notify>, cancel: CancellationToken) {
     let period = probe_period(&node);
     let mut echo = node.probe.echo.subscribe();
+    let mut shards = ShardProbes::default();
     let mut nonce = 0u64;
     loop {
         tokio::select! {
@@ -98,16 +117,32 @@ pub(super) async fn probe(node: Arc<RedisNode>, redial: Arc<Notify>, cancel: Can
             *lock_unpoisoned(&node.probe.status) = Err("Redis pub/sub is reconnecting".into());
             continue;
         }
+        let channels = match node.topology {
+            Topology::Standalone => vec![node.probe_channel.clone()],
+            Topology::Cluster => match shards.refresh(&node, &redial).await {
+                Ok(channels) => channels,
+                Err(e) => {
+                    metrics::counter!("chatgate_redis_probe_failures_total").increment(1);
+                    tracing::warn!(node = node.id, error = %e, "Redis Cluster slot map unreadable");
+                    *lock_unpoisoned(&node.probe.status) = Err(format!("Redis Cluster slot map unreadable: {e}"));
+                    continue;
+                }
+            },
+        };
         nonce += 1;
-        let published = node.once("probe", || async {
-            let mut conn = node.conn().await?;
-            let receivers: u64 = conn.publish(&node.probe_channel, nonce).await?;
-            Ok(receivers)
-        });
+        let published = async {
+            for channel in &channels {
+                node.once("probe", || node.publish(channel, nonce)).await?;
+            }
+            Ok::<(), Failure>(())
+        };
         let outcome = match tokio::time::timeout(period, published).await {
             Ok(Ok(_)) => {
-                let heard = tokio::time::timeout(period, echo.wait_for(|seen| *seen >= nonce)).await;
-                match heard {
+                let all_heard = || {
+                    let heard = lock_unpoisoned(&node.probe.heard);
+                    channels.iter().all(|c| heard.get(c).is_some_and(|seen| *seen >= nonce))
+                };
+                match tokio::time::timeout(period, echo.wait_for(|_| all_heard())).await {
                     Ok(Ok(_)) => Ok(()),
                     _ => {
                         redial.notify_one();
@@ -124,6 +159,102 @@ pub(super) async fn probe(node: Arc<RedisNode>, redial: Arc<Notify>, cancel: Can
         }
         *lock_unpoisoned(&node.probe.status) = outcome;
     }
+}
+
+/// The probe's view of a Redis Cluster: the slot map last read and the probe
+/// channel held on each primary.
+#[derive(Default)]
+struct ShardProbes {
+    slots: Option<Vec<SlotRange>>,
+    /// Probe channel per primary address.
+    held: HashMap<String, String>,
+}
+
+/// One range of slots and the address of the primary serving it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct SlotRange {
+    start: u16,
+    end: u16,
+    primary: String,
+}
+
+impl ShardProbes {
+    /// Reads the slot map, re-dials the hub when it changed, holds one probe
+    /// channel per primary, and returns them.
+    async fn refresh(&mut self, node: &RedisNode, redial: &Notify) -> Result<Vec<String>, Failure> {
+        let slots = read_slot_map(node).await?;
+        if self.slots.as_ref().is_some_and(|last| *last != slots) {
+            tracing::info!(node = node.id, "Redis Cluster slot map changed; re-subscribing where the slots live now");
+            metrics::counter!("chatgate_redis_slot_map_changes_total").increment(1);
+            redial.notify_one();
+        }
+        let mut wanted: HashMap<String, String> = HashMap::new();
+        for range in &slots {
+            if wanted.contains_key(&range.primary) {
+                continue;
+            }
+            let channel = self.held.get(&range.primary).filter(|c| {
+                let slot = keys::slot(c);
+                slots.iter().any(|r| r.primary == range.primary && (r.start..=r.end).contains(&slot))
+            });
+            let channel = match channel {
+                Some(channel) => channel.clone(),
+                None => probe_channel_in(&node.probe_channel, range.start, range.end),
+            };
+            wanted.insert(range.primary.clone(), channel);
+        }
+        for (primary, channel) in &wanted {
+            if self.held.get(primary) != Some(channel) {
+                node.hub.acquire(channel).await.map_err(|e| Failure::Subscribe(e.to_string()))?;
+                if let Some(old) = self.held.insert(primary.clone(), channel.clone()) {
+                    node.hub.release(&old).await;
+                }
+            }
+        }
+        let gone: Vec<String> = self.held.keys().filter(|p| !wanted.contains_key(*p)).cloned().collect();
+        for primary in gone {
+            if let Some(old) = self.held.remove(&primary) {
+                node.hub.release(&old).await;
+            }
+        }
+        self.slots = Some(slots);
+        Ok(self.held.values().cloned().collect())
+    }
+}
+
+/// A shard probe channel whose slot is in `start..=end`.
+fn probe_channel_in(probe_channel: &str, start: u16, end: u16) -> String {
+    (0u32..)
+        .map(|n| keys::shard_probe_channel(probe_channel, &n.to_string()))
+        .find(|channel| (start..=end).contains(&keys::slot(channel)))
+        .unwrap_or_else(|| keys::shard_probe_channel(probe_channel, "0"))
+}
+
+/// `CLUSTER SLOTS`: each range with its primary's `host:port`, sorted.
+async fn read_slot_map(node: &RedisNode) -> Result<Vec<SlotRange>, Failure> {
+    let reply: Vec<::redis::Value> = node
+        .once("cluster_slots", || async {
+            let mut conn = node.conn().await?;
+            Ok(::redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut conn).await?)
+        })
+        .await?;
+    let mut ranges = Vec::with_capacity(reply.len());
+    for range in reply {
+        let ::redis::Value::Array(fields) = range else { continue };
+        let (Some(start), Some(end), Some(::redis::Value::Array(primary))) =
+            (fields.first(), fields.get(1), fields.get(2))
+        else {
+            continue;
+        };
+        let number = |v: &::redis::Value| ::redis::from_redis_value_ref::<u16>(v).ok();
+        let host = primary.first().and_then(|v| ::redis::from_redis_value_ref::<String>(v).ok());
+        let port = primary.get(1).and_then(|v| ::redis::from_redis_value_ref::<u16>(v).ok());
+        if let (Some(start), Some(end), Some(host), Some(port)) = (number(start), number(end), host, port) {
+            ranges.push(SlotRange { start, end, primary: format!("{host}:{port}") });
+        }
+    }
+    ranges.sort();
+    Ok(ranges)
 }
 
 /// How often the sweeper runs.

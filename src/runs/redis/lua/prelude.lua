@@ -1,6 +1,7 @@
 -- The functions every script but count_send shares; concatenated before the script's own
 -- text (scripts.rs). A function takes key names and values as arguments: it never reads
--- KEYS or ARGV itself.
+-- KEYS or ARGV itself. `publish_command` is set by scripts.rs before this text: PUBLISH on one
+-- Redis, SPUBLISH on a Redis Cluster (the live channel shares the session's hash tag).
 
 -- The seq of a stream entry id `<seq>-0`.
 local function seq_of(id)
@@ -25,7 +26,7 @@ local function current_seq(seq_key, events_key, floor, margin)
 end
 
 -- XADDs `bodies` at seqs first.. (the last one terminal when `last_terminal`), trims the
--- stream to `max_events`, and PUBLISHes them as one message of codec records
+-- stream to `max_events`, and publishes them as one message of codec records
 -- `"<seq> <t> <#runId> <#body> " .. runId .. body`.
 local function append_entries(events_key, live_channel, run_id, first, bodies, last_terminal, max_events)
   local n = #bodies
@@ -39,7 +40,7 @@ local function append_entries(events_key, live_channel, run_id, first, bodies, l
     redis.call('XADD', events_key, 'MAXLEN', max_events, string.format('%d-0', seq), 'r', run_id, 't', t, 'b', body)
     out[i] = string.format('%d %s %d %d ', seq, t, #run_id, #body) .. run_id .. body
   end
-  redis.call('PUBLISH', live_channel, table.concat(out))
+  redis.call(publish_command, live_channel, table.concat(out))
 end
 
 -- Ends a run's state: lock, owner record, approvals and prompt go; the stream and the
