@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     gateway::workspaces::WorkspaceLayout,
-    runs::redis::{RedisTarget, Topology},
+    runs::redis::{DEFAULT_SENTINEL_MASTER, RedisTarget, RedisTls, Topology},
     runtime::sandbox::SandboxSetting,
 };
 
@@ -147,9 +147,31 @@ pub struct Config {
     /// Redis URL; set = cluster mode. With --redis-mode cluster, a comma list of seed nodes.
     #[arg(long, env = "REDIS_URL", value_parser = parse_redis_url, hide_env_values = true)]
     pub redis_url: Option<String>,
-    /// `standalone` (one Redis) or `cluster` (a Redis Cluster: slot-routed commands, sharded pub/sub).
+    /// `standalone` (one Redis), `cluster` (a Redis Cluster: slot-routed commands, sharded
+    /// pub/sub) or `sentinel` (--redis-url lists the sentinels of a managed primary).
     #[arg(long, env = "CHATGATE_REDIS_MODE", default_value = "standalone", value_parser = Topology::parse)]
     pub redis_mode: Topology,
+    /// The primary's name the sentinels know it by (--redis-mode sentinel).
+    #[arg(long, env = "CHATGATE_REDIS_SENTINEL_MASTER", default_value = DEFAULT_SENTINEL_MASTER)]
+    pub redis_sentinel_master: String,
+    /// PEM CA bundle for rediss:// (default: the system's roots).
+    #[arg(long, env = "CHATGATE_REDIS_TLS_CA", hide_env_values = true)]
+    pub redis_tls_ca: Option<String>,
+    /// PEM client certificate for rediss:// servers that require one (with --redis-tls-key).
+    #[arg(long, env = "CHATGATE_REDIS_TLS_CERT", hide_env_values = true)]
+    pub redis_tls_cert: Option<String>,
+    /// PEM key of --redis-tls-cert (prefer the environment or the file: a flag is visible in /proc).
+    #[arg(long, env = "CHATGATE_REDIS_TLS_KEY", hide_env_values = true)]
+    pub redis_tls_key: Option<String>,
+    /// A file holding --redis-tls-ca (wins over it).
+    #[arg(long, env = "CHATGATE_REDIS_TLS_CA_FILE")]
+    pub redis_tls_ca_file: Option<PathBuf>,
+    /// A file holding --redis-tls-cert (wins over it).
+    #[arg(long, env = "CHATGATE_REDIS_TLS_CERT_FILE")]
+    pub redis_tls_cert_file: Option<PathBuf>,
+    /// A file holding --redis-tls-key (wins over it).
+    #[arg(long, env = "CHATGATE_REDIS_TLS_KEY_FILE")]
+    pub redis_tls_key_file: Option<PathBuf>,
     /// HS256 secret for JWTs (prefer --jwt-secret-file or the environment: a flag is visible in /proc).
     #[arg(long, env = "CHATGATE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -340,9 +362,24 @@ impl Config {
         Ok(())
     }
 
-    /// Where the Redis registry connects (`--redis-url` read for `--redis-mode`); `None` on one node.
+    /// Where the Redis registry connects (`--redis-url` read for `--redis-mode`, the Sentinel
+    /// primary's name, the TLS material); `None` on one node.
     pub fn redis_target(&self) -> Option<Result<RedisTarget, String>> {
-        self.redis_url.as_deref().map(|raw| RedisTarget::parse(self.redis_mode, raw))
+        let raw = self.redis_url.as_deref()?;
+        let target = RedisTarget::parse(self.redis_mode, raw).and_then(|target| {
+            let client = match (&self.redis_tls_cert, &self.redis_tls_key) {
+                (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+                (None, None) => None,
+                _ => return Err("--redis-tls-cert and --redis-tls-key go together".to_string()),
+            };
+            let tls = RedisTls { ca: self.redis_tls_ca.clone(), client };
+            let uses_tls = target.urls.iter().any(|url| url.starts_with("rediss://"));
+            if tls != RedisTls::default() && !uses_tls {
+                return Err("--redis-tls-* are for rediss:// URLs".to_string());
+            }
+            Ok(RedisTarget { sentinel_master: self.redis_sentinel_master.clone(), ..target.with_tls(tls) })
+        });
+        Some(target)
     }
 
     /// `--node-id`, or the host name with a random suffix.
@@ -363,8 +400,8 @@ impl Config {
     }
 
     /// Replaces the secrets given as files (`--jwt-secret-file`,
-    /// `--database-url-file`, `--redis-url-file`) by their contents, trailing
-    /// newline trimmed; a file wins over the value.
+    /// `--database-url-file`, `--redis-url-file`, `--redis-tls-*-file`) by their
+    /// contents, trailing newline trimmed; a file wins over the value.
     pub fn load_secret_files(&mut self) -> Result<(), ConfigError> {
         if let Some(path) = &self.jwt_secret_file {
             self.jwt_secret = Some(read_secret("--jwt-secret-file", path)?);
@@ -373,6 +410,15 @@ impl Config {
             let url = read_secret("--database-url-file", path)?;
             self.database_url = parse_database_url(&url)
                 .map_err(|reason| ConfigError::SecretValue { flag: "--database-url-file", reason })?;
+        }
+        for (flag, path, value) in [
+            ("--redis-tls-ca-file", &self.redis_tls_ca_file, &mut self.redis_tls_ca),
+            ("--redis-tls-cert-file", &self.redis_tls_cert_file, &mut self.redis_tls_cert),
+            ("--redis-tls-key-file", &self.redis_tls_key_file, &mut self.redis_tls_key),
+        ] {
+            if let Some(path) = path {
+                *value = Some(read_secret(flag, path)?);
+            }
         }
         if let Some(path) = &self.redis_url_file {
             let url = read_secret("--redis-url-file", path)?;
@@ -386,7 +432,7 @@ impl Config {
 
     /// The files holding secrets a provider CLI must never see.
     pub fn secret_files(&self) -> Vec<PathBuf> {
-        [&self.jwt_secret_file, &self.database_url_file, &self.redis_url_file]
+        [&self.jwt_secret_file, &self.database_url_file, &self.redis_url_file, &self.redis_tls_key_file]
             .into_iter()
             .flatten()
             .map(|path| std::path::absolute(path).unwrap_or_else(|_| path.clone()))
@@ -681,6 +727,35 @@ mod tests {
         let c = parse(&["--redis-url", "redis://a:7000,redis://b:7001"]).unwrap();
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("--redis-mode cluster"), "{err}");
+        let c = parse(&["--redis-mode", "sentinel", "--redis-url", "redis://s1:26379,redis://s2:26379"]).unwrap();
+        assert_eq!(
+            c.redis_target().unwrap().unwrap(),
+            RedisTarget::sentinel(&["redis://s1:26379", "redis://s2:26379"], "mymaster")
+        );
+        let c =
+            parse(&["--redis-mode", "sentinel", "--redis-sentinel-master", "cache", "--redis-url", "redis://s1:26379"]);
+        assert_eq!(c.unwrap().redis_target().unwrap().unwrap().sentinel_master, "cache");
+        // TLS material: a certificate goes with its key, and only with rediss:// URLs.
+        let c = parse(&[
+            "--redis-url",
+            "rediss://a:6380",
+            "--redis-tls-ca",
+            "CA",
+            "--redis-tls-cert",
+            "C",
+            "--redis-tls-key",
+            "K",
+        ]);
+        let tls = c.unwrap().redis_target().unwrap().unwrap().tls;
+        assert_eq!(tls, RedisTls { ca: Some("CA".into()), client: Some(("C".into(), "K".into())) });
+        assert!(!format!("{tls:?}").contains('K'), "the key stays out of Debug output");
+        for (args, want) in [
+            (vec!["--redis-url", "rediss://a:6380", "--redis-tls-cert", "C"], "go together"),
+            (vec!["--redis-url", "redis://a:6379", "--redis-tls-ca", "CA"], "rediss://"),
+        ] {
+            let err = parse(&args).unwrap().validate().unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        }
         for bad in [vec!["--redis-mode", "sharded"], vec!["--redis-url", "redis://a:7000,http://b"]] {
             let err = parse(&bad).unwrap_err().to_string();
             assert!(err.contains(bad[0]), "{err}");

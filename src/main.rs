@@ -18,8 +18,12 @@ const EXIT_CONFIG: u8 = 2;
 
 /// Flags that carry a secret: (clap id, flag). Database and Redis URLs count
 /// when they hold a password.
-const SECRET_FLAGS: [(&str, &str); 3] =
-    [("jwt_secret", "--jwt-secret"), ("database_url", "--database-url"), ("redis_url", "--redis-url")];
+const SECRET_FLAGS: [(&str, &str); 4] = [
+    ("jwt_secret", "--jwt-secret"),
+    ("redis_tls_key", "--redis-tls-key"),
+    ("database_url", "--database-url"),
+    ("redis_url", "--redis-url"),
+];
 
 /// Whether the secret flag `id` was typed on the command line (not the
 /// environment or a default); a URL only when it carries a password.
@@ -27,7 +31,7 @@ fn given_on_command_line(matches: &clap::ArgMatches, id: &str) -> bool {
     if matches.value_source(id) != Some(clap::parser::ValueSource::CommandLine) {
         return false;
     }
-    if id == "jwt_secret" {
+    if id == "jwt_secret" || id == "redis_tls_key" {
         return true;
     }
     matches.get_one::<String>(id).is_some_and(|url| url_has_password(url))

@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use chatgate::config::Config;
+use chatgate_testkit::redis_tls::{PrivateRedisTls, TlsOptions};
 use common::{
     NodeProcess, PrivateRedis, Ws, assert_contiguous, assert_history_matches, cluster_node, cluster_workspaces, seqs,
     user,
@@ -380,4 +381,60 @@ async fn redis_down_keeps_sockets_refuses_runs_and_recovers() {
     assert_contiguous(&after, after[0]["seq"].as_u64().unwrap());
     let watched = tab_b.recv_until(|v| v["kind"] == "complete").await;
     assert!(watched.iter().any(|v| v["seq"] == after[0]["seq"] || v["kind"] == "chat_subscribed"));
+}
+
+/// Nodes on a TLS-only Redis that requires a client certificate (signed by a CA made at test
+/// time) and an ACL user: one node in process (the PEM values), one a `chatgate` process with
+/// the file flags; a run sent on one streams on the other. A node without the client
+/// certificate does not start, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_reach_a_tls_redis_with_a_client_certificate_and_an_acl_user() {
+    let redis = tokio::task::spawn_blocking(|| {
+        let user = Some(("chatgate".to_string(), "tls-test-password".to_string()));
+        PrivateRedisTls::start_with(TlsOptions { require_client_cert: true, user })
+    })
+    .await
+    .unwrap()
+    .expect("a TLS-only redis-server");
+    let (url, certs) = (redis.url_with_auth(), redis.certs().clone());
+    let path = |p: std::path::PathBuf| p.to_string_lossy().into_owned();
+    let in_process = certs.clone();
+    let a = cluster_node(&url, "tls-a", move |c| {
+        c.redis_tls_ca = Some(in_process.ca_pem.clone());
+        c.redis_tls_cert = Some(in_process.client_cert_pem.clone());
+        c.redis_tls_key = Some(in_process.client_key_pem.clone());
+    })
+    .await;
+    let (ca, cert, key) = (path(certs.ca_path()), path(certs.client_cert_path()), path(certs.client_key_path()));
+    let flags = ["--redis-tls-ca-file", &ca, "--redis-tls-cert-file", &cert, "--redis-tls-key-file", &key];
+    let b = common::spawn_node(&url, "tls-b", &cluster_workspaces(), &flags);
+    b.wait_ready().await.expect("the node with the file flags is ready");
+
+    let token = a.token(&user());
+    let session = a.create_session(&token, "script").await;
+    let mut watcher = b.connect(&token).await;
+    watcher.subscribe(&session, 0).await;
+    assert_eq!(watcher.recv_reply().await["kind"], "chat_subscribed");
+    let mut sender = a.connect(&token).await;
+    sender.send_chat(&session, &paced(20, 5)).await;
+    let sent = until_complete(&mut sender, &session).await;
+    let watched = until_complete(&mut watcher, &session).await;
+    assert_contiguous(&sent, 1);
+    assert_eq!(seqs(&sent), seqs(&watched), "the node on the other side of TLS saw the run");
+    assert_eq!(sent.last().unwrap()["exitCode"], 0);
+
+    let logs = tempfile::tempdir().unwrap();
+    let refused = common::node_command()
+        .database_url(&common::pg_url())
+        .jwt_secret(common::SECRET)
+        .workspaces(&cluster_workspaces())
+        .args(["--node-id", "tls-c", "--redis-url", &url, "--redis-tls-ca-file", &ca])
+        .stderr_in(logs.path())
+        .spawn()
+        .expect("chatgate starts");
+    let status = refused.exited(Duration::from_secs(20)).await.expect("a node without the certificate exits");
+    assert!(!status.success(), "{status}");
+    let stderr = refused.stderr();
+    let error = stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_default();
+    assert!(error.contains("--redis-url") && error.contains("CertificateRequired"), "{stderr}");
 }

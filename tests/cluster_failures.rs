@@ -2,7 +2,9 @@
 //! hopping over three nodes mid-run, two nodes racing `chat.send`, Redis
 //! restarted mid-run, SIGTERM of a node that has sockets and runs, expiry of
 //! finished runs' Redis keys, an owner fenced behind its back, and on a Redis
-//! Cluster (`--redis-mode cluster`) a primary killed and slots migrated mid-run.
+//! Cluster (`--redis-mode cluster`) a primary killed and slots migrated mid-run,
+//! and under Redis Sentinel (`--redis-mode sentinel`) the primary killed or
+//! failed over mid-run.
 //!
 //! Every client is checked the way a browser tab relies on the stream
 //! ([`View`]): each seq once and in order, a jump ahead only when the server
@@ -16,8 +18,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use chatgate::{config::Config, runs::redis::keys};
-use chatgate_testkit::redis_cluster::{PrivateRedisCluster, Role};
+use chatgate::{
+    config::Config,
+    runs::redis::{Topology, keys},
+};
+use chatgate_testkit::{
+    redis_cluster::{PrivateRedisCluster, Role},
+    redis_sentinel::PrivateRedisSentinel,
+};
 use common::{PrivateRedis, TestNode, Ws, cluster_node, mint, redis_url, seqs, user};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use redis::AsyncCommands;
@@ -927,4 +935,71 @@ async fn slots_of_live_sessions_migrated_mid_run_keep_every_run_whole() {
     let gaps = every_run_completes_once(&mut tabs, &a, &token, &prompt).await;
     eprintln!("{CLUSTER_SESSIONS} slots migrated mid-run in {took:?}; announced gaps {gaps}");
     assert_eq!(gaps, 0, "a migration loses nothing: no gap to announce");
+}
+
+// ------------------------------------------------------------ Redis Sentinel: the primary fails over
+
+/// Two nodes on a private Sentinel setup (a primary, a replica, 3 sentinels) with `--redis-mode sentinel`.
+async fn nodes_on_a_private_sentinel_setup(prefix: &str) -> (PrivateRedisSentinel, TestNode, TestNode) {
+    let setup = tokio::task::spawn_blocking(PrivateRedisSentinel::start)
+        .await
+        .expect("the setup's start")
+        .expect("a private Sentinel setup");
+    let sentinels = setup.sentinel_urls().join(",");
+    let master = setup.master_name().to_string();
+    let sentinel_mode = |c: &mut Config| {
+        c.redis_mode = Topology::Sentinel;
+        c.redis_sentinel_master = master.clone();
+    };
+    let a = cluster_node(&sentinels, &unique(&format!("{prefix}-a")), sentinel_mode).await;
+    let b = cluster_node(&sentinels, &unique(&format!("{prefix}-b")), sentinel_mode).await;
+    (setup, a, b)
+}
+
+/// Runs stream on both nodes while the sentinels move the primary (`fail`: kill -9 of the
+/// primary, or `SENTINEL FAILOVER` with the old primary demoted alive); every run ends once,
+/// every gap is announced, and the session takes a new run on the new primary.
+async fn runs_survive_a_sentinel_failover(prefix: &str, kill: bool) {
+    let (mut setup, a, b) = nodes_on_a_private_sentinel_setup(prefix).await;
+    let token = a.token(&user());
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        sessions.push(a.create_session(&token, "script").await);
+    }
+    let prompt = paced(150, 20);
+    let mut tabs = runs_on_every_shard(&a, &b, &sessions, &token, &prompt).await;
+    let old = setup.primary().expect("a primary");
+    let (setup_back, took) = tokio::task::spawn_blocking(move || {
+        let took = if kill { setup.kill_primary() } else { setup.failover() };
+        (setup, took)
+    })
+    .await
+    .unwrap();
+    setup = setup_back;
+    let took = took.expect("the sentinels promote the replica");
+    let gaps = every_run_completes_once(&mut tabs, &a, &token, &prompt).await;
+    eprintln!(
+        "primary {old} {} under {} live runs; new primary {} named in {took:?}; announced gaps {gaps}",
+        if kill { "killed" } else { "failed over" },
+        sessions.len(),
+        setup.primary().unwrap()
+    );
+    // The next run goes to the new primary from both nodes.
+    let top = tabs[0].view(&sessions[0]).last;
+    tabs[1].ws.send_chat(&sessions[0], "after the failover").await;
+    for tab in tabs.iter_mut() {
+        tab.pump_until(|t| t.view(&sessions[0]).completes.len() == 2).await;
+        let next = tab.view(&sessions[0]).after(top);
+        assert_eq!(next.last().unwrap()["exitCode"], 0, "{}", tab.name);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_primary_killed_mid_run_is_followed_and_every_run_completes_once() {
+    runs_survive_a_sentinel_failover("sentinel-kill", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_with_the_old_primary_alive_is_followed_and_every_run_completes_once() {
+    runs_survive_a_sentinel_failover("sentinel-failover", false).await;
 }

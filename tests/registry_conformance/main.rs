@@ -4,7 +4,10 @@
 //! implementation by `conformance!`: `memory` (in process), `redis` (real
 //! Redis at `REDIS_URL`, default 127.0.0.1:6379, unique keys per test) and
 //! `redis_cluster` (a real 3-primary Redis Cluster the test process starts
-//! once, `PrivateRedisCluster::shared`, with `--redis-mode cluster`). A case
+//! once, `PrivateRedisCluster::shared`, with `--redis-mode cluster`),
+//! `redis_sentinel` (a primary, a replica and 3 sentinels, `--redis-mode
+//! sentinel`) and `redis_tls` (a TLS-only Redis requiring a client
+//! certificate signed by a CA made at test time, and an ACL user). A case
 //! gets two registries, "node a" and "node b", sharing one backend; for the
 //! in-process registry both are the same instance.
 //!
@@ -28,7 +31,7 @@ use chatgate::{
     runs::{
         Control, Event, FeedItem, LiveFeed, RegistryError, RunGrant, RunStart, SharedRegistry,
         memory::MemoryRegistry,
-        redis::{RedisRegistry, RedisRegistryOptions, RedisTarget},
+        redis::{RedisRegistry, RedisRegistryOptions, RedisTarget, RedisTls},
     },
 };
 use rand::{RngExt, SeedableRng, rngs::StdRng};
@@ -77,6 +80,31 @@ fn redis_cluster_nodes(opts: Opts) -> Pin<Box<dyn Future<Output = Nodes> + Send>
             .expect("the shared cluster's start")
             .expect("a Redis Cluster");
         redis_target_nodes(RedisTarget::cluster(&cluster.seed_urls()), opts).await
+    })
+}
+
+fn redis_sentinel_nodes(opts: Opts) -> Pin<Box<dyn Future<Output = Nodes> + Send>> {
+    Box::pin(async move {
+        let setup = tokio::task::spawn_blocking(chatgate_testkit::redis_sentinel::PrivateRedisSentinel::shared)
+            .await
+            .expect("the shared Sentinel setup's start")
+            .expect("a Sentinel setup");
+        redis_target_nodes(RedisTarget::sentinel(&setup.sentinel_urls(), setup.master_name()), opts).await
+    })
+}
+
+fn redis_tls_nodes(opts: Opts) -> Pin<Box<dyn Future<Output = Nodes> + Send>> {
+    Box::pin(async move {
+        let redis = tokio::task::spawn_blocking(chatgate_testkit::redis_tls::PrivateRedisTls::shared)
+            .await
+            .expect("the shared TLS Redis's start")
+            .expect("a TLS Redis");
+        let certs = redis.certs();
+        let tls = RedisTls {
+            ca: Some(certs.ca_pem.clone()),
+            client: Some((certs.client_cert_pem.clone(), certs.client_key_pem.clone())),
+        };
+        redis_target_nodes(RedisTarget::standalone(&redis.url_with_auth()).with_tls(tls), opts).await
     })
 }
 
@@ -142,6 +170,8 @@ macro_rules! conformance {
 conformance!(memory, memory_nodes);
 conformance!(redis, redis_nodes);
 conformance!(redis_cluster, redis_cluster_nodes);
+conformance!(redis_sentinel, redis_sentinel_nodes);
+conformance!(redis_tls, redis_tls_nodes);
 
 // ---------------------------------------------------------------- helpers
 

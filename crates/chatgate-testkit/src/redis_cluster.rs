@@ -17,9 +17,7 @@ use anyhow::{Context, bail};
 
 use crate::{
     ports::free_cluster_ports,
-    redis_proc::{
-        field_of, info_field, kill, query, server_args, spawn, spawn_tied_to_thread, wait_for_ping, wait_until,
-    },
+    redis_proc::{field_of, info_field, kill, process_wide, query, server_args, spawn, wait_for_ping, wait_until},
 };
 
 /// A node's `--cluster-node-timeout`: a killed primary is failed over after about twice this.
@@ -71,8 +69,6 @@ pub struct PrivateRedisCluster {
     children: BTreeMap<u16, Child>,
     killed_at: Option<Instant>,
     dir: tempfile::TempDir,
-    /// The servers die with the thread that started them (the shared cluster's).
-    tied: bool,
 }
 
 /// The process-wide cluster of [`PrivateRedisCluster::shared`].
@@ -82,38 +78,12 @@ impl PrivateRedisCluster {
     /// `primaries` primaries with `replicas_per_primary` replicas each; returns once every
     /// node says `cluster_state:ok` with all 16384 slots served and every replica is in sync.
     pub fn start(primaries: u16, replicas_per_primary: u16) -> anyhow::Result<PrivateRedisCluster> {
-        Self::start_inner(primaries, replicas_per_primary, false)
-    }
-
-    /// One cluster (3 primaries, 1 replica each) for every test of this process that only
-    /// uses it (no kills, no migrations): started on first use on a thread of its own that
-    /// lives as long as the process, its servers SIGKILLed by the kernel when the process
-    /// exits (a `static` is never dropped).
-    pub fn shared() -> anyhow::Result<&'static PrivateRedisCluster> {
-        let shared = SHARED.get_or_init(|| {
-            let (tx, rx) = std::sync::mpsc::channel();
-            let spawned = std::thread::Builder::new().name("shared-redis-cluster".into()).spawn(move || {
-                let _ = tx.send(Self::start_inner(3, 1, true).map_err(|e| format!("{e:#}")));
-                loop {
-                    std::thread::park();
-                }
-            });
-            match spawned {
-                Ok(_) => rx.recv().unwrap_or_else(|_| Err("the shared cluster's thread died".into())),
-                Err(e) => Err(e.to_string()),
-            }
-        });
-        shared.as_ref().map_err(|e| anyhow::anyhow!("the shared Redis Cluster did not start: {e}"))
-    }
-
-    fn start_inner(primaries: u16, replicas_per_primary: u16, tied: bool) -> anyhow::Result<PrivateRedisCluster> {
         let count = primaries * (1 + replicas_per_primary);
         let mut cluster = PrivateRedisCluster {
             ports: free_cluster_ports(count)?,
             children: BTreeMap::new(),
             killed_at: None,
             dir: tempfile::tempdir()?,
-            tied,
         };
         for port in cluster.ports.clone() {
             cluster.spawn_node(port)?;
@@ -133,6 +103,15 @@ impl PrivateRedisCluster {
         }
         cluster.wait_agreed("the new cluster", |_| true)?;
         Ok(cluster)
+    }
+
+    /// One cluster (3 primaries, 1 replica each) for every test of this process that only
+    /// uses it (no kills, no migrations): started on first use on a thread of its own that
+    /// lives as long as the process, its servers SIGKILLed by the kernel when the process
+    /// exits (a `static` is never dropped).
+    pub fn shared() -> anyhow::Result<&'static PrivateRedisCluster> {
+        let shared = SHARED.get_or_init(|| process_wide("shared-redis-cluster", || Self::start(3, 1)));
+        shared.as_ref().map_err(|e| anyhow::anyhow!("the shared Redis Cluster did not start: {e}"))
     }
 
     /// `redis://127.0.0.1:P` of every node (killed ones too).
@@ -308,11 +287,7 @@ impl PrivateRedisCluster {
             ]
             .map(String::from),
         );
-        let mut child = if self.tied {
-            spawn_tied_to_thread(&dir, &port.to_string(), &args)?
-        } else {
-            spawn(&dir, &port.to_string(), &args)?
-        };
+        let mut child = spawn(&dir, &port.to_string(), &args)?;
         if let Err(e) = wait_for_ping(port, &mut child) {
             kill(child);
             return Err(e);

@@ -30,22 +30,44 @@ pub(crate) fn server_args(port: u16) -> Vec<String> {
 /// `redis-server` with `args`, its working directory `dir` (where it writes its files), its
 /// output into `dir/redis-<label>.log`.
 pub(crate) fn spawn(dir: &Path, label: &str, args: &[String]) -> anyhow::Result<Child> {
-    spawn_command(dir, label, args, Command::new("redis-server"))
-}
-
-/// As [`spawn`], and the kernel SIGKILLs the server when the calling thread exits
-/// (`PR_SET_PDEATHSIG`): for servers a process keeps until it exits, started on a thread that
-/// lives as long (see [`crate::redis_cluster::PrivateRedisCluster::shared`]).
-pub(crate) fn spawn_tied_to_thread(dir: &Path, label: &str, args: &[String]) -> anyhow::Result<Child> {
-    use std::os::unix::process::CommandExt;
     let mut command = Command::new("redis-server");
-    // SAFETY: the closure only calls prctl(2), which is async-signal-safe.
-    unsafe {
-        command.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
-        });
+    if TIED_TO_THREAD.get() {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the closure only calls prctl(2), which is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
     }
     spawn_command(dir, label, args, command)
+}
+
+thread_local! {
+    /// Set on [`process_wide`]'s threads: servers spawned there die with the thread.
+    static TIED_TO_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `start` on a thread of its own that then lives as long as the process, and returns
+/// what it made: for servers a test process shares among its tests until it exits (a `static`
+/// is never dropped). Every `redis-server` spawned by `start` gets `PR_SET_PDEATHSIG`, so the
+/// kernel SIGKILLs it when that thread, hence the process, ends.
+pub(crate) fn process_wide<T: Send + 'static>(
+    name: &str,
+    start: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> Result<T, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new().name(name.into()).spawn(move || {
+        TIED_TO_THREAD.set(true);
+        let _ = tx.send(start().map_err(|e| format!("{e:#}")));
+        loop {
+            std::thread::park();
+        }
+    });
+    match spawned {
+        Ok(_) => rx.recv().unwrap_or_else(|_| Err(format!("the thread of {name} died"))),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn spawn_command(dir: &Path, label: &str, args: &[String], mut command: Command) -> anyhow::Result<Child> {

@@ -41,7 +41,17 @@ pub struct PrivateRedisSentinel {
     dir: tempfile::TempDir,
 }
 
+/// The process-wide setup of [`PrivateRedisSentinel::shared`].
+static SHARED: std::sync::OnceLock<Result<PrivateRedisSentinel, String>> = std::sync::OnceLock::new();
+
 impl PrivateRedisSentinel {
+    /// One setup for every test of this process that only uses it (no failover); it lives as
+    /// long as the process (see [`crate::redis_cluster::PrivateRedisCluster::shared`]).
+    pub fn shared() -> anyhow::Result<&'static PrivateRedisSentinel> {
+        let shared = SHARED.get_or_init(|| crate::redis_proc::process_wide("shared-redis-sentinel", Self::start));
+        shared.as_ref().map_err(|e| anyhow::anyhow!("the shared Sentinel setup did not start: {e}"))
+    }
+
     /// Starts the primary, its replica (returns once it is in sync) and the sentinels;
     /// returns once every sentinel knows the replica and the other sentinels, so that a
     /// failover can happen.

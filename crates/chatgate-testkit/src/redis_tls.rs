@@ -21,6 +21,7 @@ use crate::{
 };
 
 /// A CA and the certificates and keys it signed, as PEM text and as files.
+#[derive(Clone)]
 pub struct TestCerts {
     pub ca_pem: String,
     pub server_cert_pem: String,
@@ -109,7 +110,23 @@ pub struct PrivateRedisTls {
     _dir: tempfile::TempDir,
 }
 
+/// The process-wide server of [`PrivateRedisTls::shared`].
+static SHARED: std::sync::OnceLock<Result<PrivateRedisTls, String>> = std::sync::OnceLock::new();
+
 impl PrivateRedisTls {
+    /// One TLS-only server, requiring client certificates and an ACL user (`chatgate`), for
+    /// every test of this process that only uses it; it lives as long as the process (see
+    /// [`crate::redis_cluster::PrivateRedisCluster::shared`]).
+    pub fn shared() -> anyhow::Result<&'static PrivateRedisTls> {
+        let shared = SHARED.get_or_init(|| {
+            crate::redis_proc::process_wide("shared-redis-tls", || {
+                let user = Some(("chatgate".to_string(), format!("pw-{}", rand::random::<u64>())));
+                PrivateRedisTls::start_with(TlsOptions { require_client_cert: true, user })
+            })
+        });
+        shared.as_ref().map_err(|e| anyhow::anyhow!("the shared TLS Redis did not start: {e}"))
+    }
+
     /// A TLS-only server on a free port, requiring client certificates or not, no ACL user.
     pub fn start(require_client_cert: bool) -> anyhow::Result<PrivateRedisTls> {
         PrivateRedisTls::start_with(TlsOptions { require_client_cert, user: None })

@@ -9,7 +9,8 @@
 //! re-subscribes every channel that still has holders before the connection
 //! is used again.
 //!
-//! On one Redis the connection is a RESP2 pub/sub connection (SUBSCRIBE). On
+//! On one Redis the connection is a RESP2 pub/sub connection (SUBSCRIBE);
+//! under Sentinel the same, to the primary the sentinels name when it dials. On
 //! a Redis Cluster it is a RESP3 cluster connection used for sharded pub/sub
 //! only (SSUBSCRIBE: each channel on the shard owning its slot); messages and
 //! the connection's own notices (a shard dropped a subscription when its slot
@@ -50,8 +51,10 @@ const PUSH_QUEUE: usize = 8192;
 /// Where the hub's connection goes.
 pub(super) enum Source {
     Standalone(Client),
-    /// The seed node URLs of a Redis Cluster.
-    Cluster(Vec<String>),
+    /// The primary the sentinels name at each (re)connect.
+    Sentinel(Arc<connection::Sentinels>),
+    /// A Redis Cluster (its seed nodes and TLS material).
+    Cluster(super::RedisTarget),
 }
 
 /// The subscribing half of the hub's connection.
@@ -158,6 +161,8 @@ pub(super) enum ConnectError {
     Redis(#[from] RedisError),
     #[error("timed out")]
     Timeout,
+    #[error("{0}")]
+    Sentinel(String),
 }
 
 impl Hub {
@@ -218,18 +223,16 @@ impl Hub {
     /// makes it the node's connection. Returns what the dispatcher reads.
     pub(super) async fn connect(&self, timeout: Duration) -> Result<Incoming, ConnectError> {
         let (mut link, incoming) = match &self.source {
-            Source::Standalone(client) => {
-                let pubsub = tokio::time::timeout(timeout, client.get_async_pubsub())
-                    .await
-                    .map_err(|_| ConnectError::Timeout)??;
-                let (sink, stream) = pubsub.split();
-                (Link::Pubsub(sink), Incoming::Pubsub(stream))
+            Source::Standalone(client) => Self::pubsub(client, timeout).await?,
+            Source::Sentinel(sentinels) => {
+                let primary = sentinels.primary().await.map_err(|e| ConnectError::Sentinel(e.to_string()))?;
+                Self::pubsub(&primary, timeout).await?
             }
-            Source::Cluster(urls) => {
+            Source::Cluster(target) => {
                 let (tx, rx) = mpsc::channel(PUSH_QUEUE);
                 let dropped = Arc::new(AtomicBool::new(false));
                 let overflow = dropped.clone();
-                let client = connection::cluster_builder(urls)
+                let client = connection::cluster_builder(target)
                     .use_protocol(ProtocolVersion::RESP3)
                     .push_sender(move |push: PushInfo| {
                         tx.try_send(push).inspect_err(|_| overflow.store(true, Ordering::Release))
@@ -251,6 +254,14 @@ impl Hub {
         table.link = Some(link);
         self.connected.store(true, Ordering::Release);
         Ok(incoming)
+    }
+
+    /// A classic pub/sub connection to `client`'s Redis.
+    async fn pubsub(client: &Client, timeout: Duration) -> Result<(Link, Incoming), ConnectError> {
+        let pubsub =
+            tokio::time::timeout(timeout, client.get_async_pubsub()).await.map_err(|_| ConnectError::Timeout)??;
+        let (sink, stream) = pubsub.split();
+        Ok((Link::Pubsub(sink), Incoming::Pubsub(stream)))
     }
 
     /// Forgets the current connection (it failed or went silent).

@@ -51,17 +51,19 @@ mod readiness;
 mod recovery;
 mod routing;
 mod scripts;
+mod target;
 mod tasks;
+
+pub use target::{DEFAULT_SENTINEL_MASTER, RedisTarget, RedisTls, Topology};
 
 use std::{sync::Arc, time::Duration};
 
-use ::redis::{AsyncConnectionConfig, Client};
 use deadpool_redis::{Manager, Pool, Runtime};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use self::{
-    connection::Commands,
+    connection::{Commands, Sentinels},
     hub::{Hub, Source},
     node::{Probe, Reaped, RedisNode},
     scripts::Scripts,
@@ -77,74 +79,6 @@ pub struct RedisRegistryOptions {
     pub max_events: u64,
     /// How long a finished run's events stay replayable (`--replay-retention`).
     pub retention: Duration,
-}
-
-/// What kind of Redis the registry talks to (`--redis-mode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Topology {
-    /// One Redis (or a proxy that looks like one): a connection pool, classic pub/sub.
-    #[default]
-    Standalone,
-    /// A Redis Cluster: slot-routed commands, sharded pub/sub (SPUBLISH / SSUBSCRIBE).
-    Cluster,
-}
-
-impl Topology {
-    /// Parses `standalone` or `cluster`.
-    pub fn parse(raw: &str) -> Result<Topology, String> {
-        match raw {
-            "standalone" => Ok(Topology::Standalone),
-            "cluster" => Ok(Topology::Cluster),
-            _ => Err("expected standalone or cluster".into()),
-        }
-    }
-}
-
-/// Where the registry's Redis is: one URL, or a Redis Cluster's seed nodes
-/// (any of them; the client reads the rest of the cluster from the first that answers).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RedisTarget {
-    pub topology: Topology,
-    pub urls: Vec<String>,
-}
-
-impl RedisTarget {
-    /// Reads `--redis-url` (a comma list of URLs in cluster mode) for `topology`.
-    pub fn parse(topology: Topology, raw: &str) -> Result<RedisTarget, String> {
-        let urls: Vec<String> = raw.split(',').map(str::trim).filter(|u| !u.is_empty()).map(String::from).collect();
-        if urls.is_empty() {
-            return Err("no Redis URL".into());
-        }
-        for url in &urls {
-            Client::open(url.as_str()).map_err(|e| format!("not a Redis URL ({e})"))?;
-        }
-        if topology == Topology::Standalone && urls.len() > 1 {
-            return Err("a list of Redis URLs needs --redis-mode cluster".into());
-        }
-        Ok(RedisTarget { topology, urls })
-    }
-
-    /// One Redis at `url`.
-    pub fn standalone(url: &str) -> RedisTarget {
-        RedisTarget { topology: Topology::Standalone, urls: vec![url.to_string()] }
-    }
-
-    /// A Redis Cluster reached through the seed nodes `urls`.
-    pub fn cluster<S: AsRef<str>>(urls: &[S]) -> RedisTarget {
-        RedisTarget { topology: Topology::Cluster, urls: urls.iter().map(|u| u.as_ref().to_string()).collect() }
-    }
-}
-
-impl From<&str> for RedisTarget {
-    fn from(url: &str) -> Self {
-        RedisTarget::standalone(url)
-    }
-}
-
-impl From<&String> for RedisTarget {
-    fn from(url: &String) -> Self {
-        RedisTarget::standalone(url)
-    }
 }
 
 /// Timeout of one Redis command on a pooled connection.
@@ -177,11 +111,10 @@ impl RedisRegistry {
         let (commands, source) = match target.topology {
             Topology::Standalone => {
                 let url = target.urls.first().map(String::as_str).unwrap_or_default();
-                let client = Client::open(url).map_err(|e| unavailable("Redis URL", &e))?;
-                let config = AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                    .set_response_timeout(Some(RESPONSE_TIMEOUT));
-                let manager = Manager::new_with_config(url, config).map_err(|e| unavailable("Redis URL", &e))?;
+                let client = target.tls.client(url).map_err(|e| unavailable("Redis URL", &e))?;
+                let manager =
+                    Manager::new_with_config(client.get_connection_info().clone(), connection::connection_config())
+                        .map_err(|e| unavailable("Redis URL", &e))?;
                 let pool = Pool::builder(manager)
                     .max_size(POOL_SIZE)
                     .runtime(Runtime::Tokio1)
@@ -192,11 +125,15 @@ impl RedisRegistry {
                     .map_err(|e| unavailable("Redis pool", &e))?;
                 (Commands::standalone(pool), Source::Standalone(client))
             }
+            Topology::Sentinel => {
+                let sentinels = Arc::new(Sentinels::new(&target).map_err(|e| unavailable("Redis Sentinel", &e))?);
+                (Commands::sentinel(sentinels.clone()), Source::Sentinel(sentinels))
+            }
             Topology::Cluster => {
                 let client =
-                    connection::cluster_builder(&target.urls).build().map_err(|e| unavailable("Redis Cluster", &e))?;
+                    connection::cluster_builder(&target).build().map_err(|e| unavailable("Redis Cluster", &e))?;
                 let commands = Commands::cluster(&client, CONNECT_TIMEOUT).await?;
-                (commands, Source::Cluster(target.urls.clone()))
+                (commands, Source::Cluster(target.clone()))
             }
         };
         let instance = uuid::Uuid::new_v4().simple().to_string();
@@ -204,7 +141,7 @@ impl RedisRegistry {
         let probe_channel = keys::probe_channel(node_id, &instance);
         // On a cluster the probe holds one channel per shard itself (tasks::probe).
         let permanent = match target.topology {
-            Topology::Standalone => vec![node_channel.clone(), probe_channel.clone()],
+            Topology::Standalone | Topology::Sentinel => vec![node_channel.clone(), probe_channel.clone()],
             Topology::Cluster => vec![node_channel.clone()],
         };
         let hub = Hub::new(source, &permanent);

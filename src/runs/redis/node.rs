@@ -204,11 +204,11 @@ impl RedisNode {
         self.commands.invalidate();
     }
 
-    /// Publishes `payload` on `channel`: PUBLISH on one Redis, SPUBLISH (to the
+    /// Publishes `payload` on `channel`: PUBLISH on one Redis (or Sentinel's primary), SPUBLISH (to the
     /// shard owning the channel's slot) on a Redis Cluster. Returns the receivers.
     pub(super) async fn publish(&self, channel: &str, payload: impl ::redis::ToRedisArgs) -> Result<u64, Failure> {
         let command = match self.topology {
-            Topology::Standalone => "PUBLISH",
+            Topology::Standalone | Topology::Sentinel => "PUBLISH",
             Topology::Cluster => "SPUBLISH",
         };
         let mut conn = self.conn().await?;

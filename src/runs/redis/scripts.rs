@@ -49,7 +49,7 @@ impl Scripts {
     /// The scripts for a Redis of the given topology (it decides the publish command).
     pub(super) fn new(topology: Topology) -> Self {
         let publish = match topology {
-            Topology::Standalone => "PUBLISH",
+            Topology::Standalone | Topology::Sentinel => "PUBLISH",
             Topology::Cluster => "SPUBLISH",
         };
         let with_prelude = |body: &str| Script::new(&format!("local publish_command = '{publish}'\n{PRELUDE}\n{body}"));

@@ -100,13 +100,16 @@ pub(super) fn probe_period(node: &RedisNode) -> Duration {
 }
 
 /// Publishes a nonce to each of the node's probe channels and expects every
-/// one back within one period. On one Redis that is one channel; on a Redis
-/// Cluster one per shard (the probe reads the slot map each period, holds a
-/// channel on every primary, and re-dials the hub when the map changed).
+/// one back within one period. On one Redis that is one channel; under
+/// Sentinel too, after asking the sentinels whether the primary is still the
+/// one the node uses ([`PrimaryWatch`]); on a Redis Cluster one per shard (the
+/// probe reads the slot map each period, holds a channel on every primary, and
+/// re-dials the hub when the map changed).
 pub(super) async fn probe(node: Arc<RedisNode>, redial: Arc<Notify>, cancel: CancellationToken) {
     let period = probe_period(&node);
     let mut echo = node.probe.echo.subscribe();
     let mut shards = ShardProbes::default();
+    let mut primary = PrimaryWatch::default();
     let mut nonce = 0u64;
     loop {
         tokio::select! {
@@ -119,6 +122,15 @@ pub(super) async fn probe(node: Arc<RedisNode>, redial: Arc<Notify>, cancel: Can
         }
         let channels = match node.topology {
             Topology::Standalone => vec![node.probe_channel.clone()],
+            Topology::Sentinel => match primary.check(&node, &redial).await {
+                Ok(()) => vec![node.probe_channel.clone()],
+                Err(e) => {
+                    metrics::counter!("chatgate_redis_probe_failures_total").increment(1);
+                    tracing::warn!(node = node.id, error = %e, "the sentinels name no primary");
+                    *lock_unpoisoned(&node.probe.status) = Err(format!("the sentinels name no primary: {e}"));
+                    continue;
+                }
+            },
             Topology::Cluster => match shards.refresh(&node, &redial).await {
                 Ok(channels) => channels,
                 Err(e) => {
@@ -158,6 +170,30 @@ pub(super) async fn probe(node: Arc<RedisNode>, redial: Arc<Notify>, cancel: Can
             tracing::warn!(node = node.id, reason, "Redis probe failed");
         }
         *lock_unpoisoned(&node.probe.status) = outcome;
+    }
+}
+
+/// The probe's view of a Sentinel-managed Redis: the primary the sentinels named last.
+#[derive(Default)]
+struct PrimaryWatch {
+    last: Option<String>,
+}
+
+impl PrimaryWatch {
+    /// Asks the sentinels for the primary; when they name another one than last time (a
+    /// failover), drops the command connections and re-dials the hub, so that nothing more is
+    /// written to the old primary and the feeds catch up from the new one.
+    async fn check(&mut self, node: &RedisNode, redial: &Notify) -> Result<(), Failure> {
+        let Some(sentinels) = node.commands.sentinels() else { return Ok(()) };
+        let address = sentinels.primary_address().await?;
+        if self.last.as_ref().is_some_and(|last| *last != address) {
+            tracing::warn!(node = node.id, primary = address, "the sentinels promoted another primary; following it");
+            metrics::counter!("chatgate_redis_primary_changes_total").increment(1);
+            node.invalidate_connections();
+            redial.notify_one();
+        }
+        self.last = Some(address);
+        Ok(())
     }
 }
 
