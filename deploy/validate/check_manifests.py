@@ -74,7 +74,7 @@ SECRET_VARS = (
     ("DATABASE_URL", "DATABASE_URL_FILE"),
 )
 # Flags that take a secret's value (their *-file forms are fine).
-SECRET_FLAGS = ("--jwt-secret", "--redis-url", "--database-url")
+SECRET_FLAGS = ("--jwt-secret", "--redis-url", "--database-url", "--redis-tls-key", "--redis-tls-cert", "--redis-tls-ca")
 # A URL with a password in it: scheme://user:password@host
 URL_WITH_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/@\s:]*:[^/@\s]+@", re.IGNORECASE)
 # PEM material (a certificate or a key) written out in a manifest.
