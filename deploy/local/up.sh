@@ -105,8 +105,9 @@ if (( redis_cluster )); then
         fi
         command -v "$program" >/dev/null 2>&1 || die "--redis-cluster needs $program (as root: apt-get install redis-server)"
     done
-elif command -v redis-cli >/dev/null 2>&1; then
-    # A seed list or the sentinels: the first of them answers PING too.
+elif command -v redis-cli >/dev/null 2>&1 && [[ "$redis_url" == redis://* ]]; then
+    # A seed list or the sentinels: the first of them answers PING too. (rediss:// is left to
+    # the nodes: redis-cli would need the CA and client certificate passed separately.)
     [[ "$(redis-cli -u "${redis_url%%,*}" ping 2>/dev/null)" == PONG ]] || die "Redis does not answer at ${redis_url%%,*}"
 fi
 if command -v psql >/dev/null 2>&1 && [[ "$database_url" == postgres* ]]; then
