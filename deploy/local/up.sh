@@ -2,11 +2,21 @@
 # Starts a local chatgate cluster: N gateway nodes (default 3) in cluster mode against the local
 # Redis and PostgreSQL, behind nginx as a WebSocket-aware round-robin load balancer.
 #
-#   deploy/local/up.sh [N]        then   . .state/local/env   and   deploy/local/down.sh
+#   deploy/local/up.sh [--redis-cluster] [N]   then   . .state/local/env   and   deploy/local/down.sh
+#
+# --redis-cluster (or CHATGATE_LOCAL_REDIS_CLUSTER=1): instead of REDIS_URL, a Redis Cluster of
+# its own: cluster-enabled redis-servers on free ports (no persistence, loopback only, their
+# files under the state directory), formed with `redis-cli --cluster create`; the nodes run with
+# CHATGATE_REDIS_MODE=cluster and the seed list as REDIS_URL; down.sh stops the Redis nodes too.
 #
 # Environment (all optional):
 #   CHATGATE_BIN                  gateway binary (default target/release/chatgate, built if missing)
-#   REDIS_URL                     default redis://127.0.0.1:6379
+#   REDIS_URL                     default redis://127.0.0.1:6379 (with CHATGATE_REDIS_MODE=cluster
+#                                 or sentinel, a comma list: an existing cluster or sentinels)
+#   CHATGATE_LOCAL_REDIS_CLUSTER_NODES  Redis Cluster nodes with --redis-cluster: 3 (three
+#                                 primaries, default) or 6 (three primaries with a replica each)
+#   CHATGATE_LOCAL_REDIS_BASE_PORT  first port tried for them (default 7101; the port + 10000,
+#                                 their cluster bus, must be free too)
 #   DATABASE_URL                  default postgres://postgres@127.0.0.1:5432/test
 #   CHATGATE_LB_PORT              balancer port (default 8080)
 #   CHATGATE_LOCAL_BASE_PORT      first port tried for the nodes (default 3101; taken ones skipped)
@@ -21,8 +31,26 @@ set -euo pipefail
 # shellcheck source=deploy/local/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-nodes="${1:-3}"
-[[ "$nodes" =~ ^[1-9][0-9]?$ ]] || die "usage: up.sh [N]  (N = 1..99 gateway nodes, default 3)"
+usage="usage: up.sh [--redis-cluster] [N]  (N = 1..99 gateway nodes, default 3)"
+redis_cluster="${CHATGATE_LOCAL_REDIS_CLUSTER:-0}"
+[[ "$redis_cluster" =~ ^[01]$ ]] || die "CHATGATE_LOCAL_REDIS_CLUSTER must be 0 or 1"
+nodes=""
+for arg in "$@"; do
+    case "$arg" in
+        --redis-cluster) redis_cluster=1 ;;
+        -*) die "$usage" ;;
+        *) [[ -z "$nodes" ]] || die "$usage"; nodes="$arg" ;;
+    esac
+done
+nodes="${nodes:-3}"
+[[ "$nodes" =~ ^[1-9][0-9]?$ ]] || die "$usage"
+redis_cluster_nodes="${CHATGATE_LOCAL_REDIS_CLUSTER_NODES:-3}"
+case "$redis_cluster_nodes" in
+    3) redis_replicas=0 ;;
+    6) redis_replicas=1 ;;
+    *) die "CHATGATE_LOCAL_REDIS_CLUSTER_NODES must be 3 or 6" ;;
+esac
+redis_mode="${CHATGATE_REDIS_MODE:-standalone}"
 lb_port="${CHATGATE_LB_PORT:-8080}"
 [[ "$lb_port" =~ ^[0-9]+$ ]] || die "CHATGATE_LB_PORT must be a port number"
 redis_url="${REDIS_URL:-redis://127.0.0.1:6379}"
@@ -66,8 +94,21 @@ if [[ -z "$nginx" ]]; then
 fi
 
 # --- backing services (checked when their clients are installed) ---------------------------
-if command -v redis-cli >/dev/null 2>&1; then
-    [[ "$(redis-cli -u "$redis_url" ping 2>/dev/null)" == PONG ]] || die "Redis does not answer at $redis_url"
+if (( redis_cluster )); then
+    for program in redis-server redis-cli; do
+        command -v "$program" >/dev/null 2>&1 && continue
+        if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+            log "installing redis-server (Debian package) for --redis-cluster"
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null 2>&1 \
+                || { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; } \
+                || die "could not install redis-server"
+        fi
+        command -v "$program" >/dev/null 2>&1 || die "--redis-cluster needs $program (as root: apt-get install redis-server)"
+    done
+elif command -v redis-cli >/dev/null 2>&1 && [[ "$redis_url" == redis://* ]]; then
+    # A seed list or the sentinels: the first of them answers PING too. (rediss:// is left to
+    # the nodes: redis-cli would need the CA and client certificate passed separately.)
+    [[ "$(redis-cli -u "${redis_url%%,*}" ping 2>/dev/null)" == PONG ]] || die "Redis does not answer at ${redis_url%%,*}"
 fi
 if command -v psql >/dev/null 2>&1 && [[ "$database_url" == postgres* ]]; then
     psql "$database_url" -tAc 'select 1' >/dev/null 2>&1 || die "PostgreSQL does not answer at $database_url"
@@ -111,6 +152,18 @@ while (( ${#ports[@]} < nodes )); do
     fi
     candidate=$(( candidate + 1 ))
 done
+redis_ports=()
+if (( redis_cluster )); then
+    candidate="${CHATGATE_LOCAL_REDIS_BASE_PORT:-7101}"
+    [[ "$candidate" =~ ^[0-9]+$ ]] || die "CHATGATE_LOCAL_REDIS_BASE_PORT must be a port number"
+    while (( ${#redis_ports[@]} < redis_cluster_nodes )); do
+        (( candidate < 55535 )) || die "no free ports left for the Redis Cluster (each needs port + 10000 free too)"
+        if (( candidate != lb_port )) && [[ " ${ports[*]} " != *" $candidate "* ]] && redis_ports_free "$candidate"; then
+            redis_ports+=("$candidate")
+        fi
+        candidate=$(( candidate + 1 ))
+    done
+fi
 
 # From here on, a failure stops whatever was started.
 starting=1
@@ -122,6 +175,20 @@ on_exit() {
     fi
 }
 trap on_exit EXIT
+
+# --- the local Redis Cluster ------------------------------------------------------------------
+if (( redis_cluster )); then
+    log "starting a Redis Cluster of $redis_cluster_nodes nodes on ports ${redis_ports[*]}"
+    redis_url="$(start_redis_cluster "$redis_replicas" "${redis_ports[@]}")" || die "the local Redis Cluster did not form"
+    redis_mode=cluster
+    {
+        grep -v -e '^REDIS_URL=' -e '^CHATGATE_REDIS_MODE=' "$STATE_DIR/node.env"
+        printf 'REDIS_URL=%q\n' "$redis_url"
+        printf 'CHATGATE_REDIS_MODE=%q\n' "$redis_mode"
+    } >"$STATE_DIR/node.env.new"
+    chmod 600 "$STATE_DIR/node.env.new"
+    mv "$STATE_DIR/node.env.new" "$STATE_DIR/node.env"
+fi
 
 # --- nodes ----------------------------------------------------------------------------------
 for ((i = 1; i <= nodes; i++)); do
@@ -220,6 +287,9 @@ done
     printf 'export CHATGATE_JWT_SECRET=%q\n' "$jwt_secret"
     printf 'export CHATGATE_BIN=%q\n' "$bin"
     printf 'export CHATGATE_LOCAL_STATE=%q\n' "$STATE_DIR"
+    # The Redis the nodes use (not REDIS_URL itself, so that a later up.sh is not steered by it).
+    printf 'export CHATGATE_LOCAL_REDIS_URL=%q\n' "$redis_url"
+    printf 'export CHATGATE_LOCAL_REDIS_MODE=%q\n' "$redis_mode"
 } >"$STATE_DIR/env"
 chmod 600 "$STATE_DIR/env"
 
@@ -228,5 +298,10 @@ for ((i = 1; i <= nodes; i++)); do
     echo "  node local-$i  http://127.0.0.1:$(node_port "$i")  pid $(node_pid "$i")  log $STATE_DIR/node-$i.log"
 done
 echo "load balancer   http://127.0.0.1:$lb_port   (WebSocket ws://127.0.0.1:$lb_port/ws)"
+if (( redis_cluster )); then
+    echo "redis cluster   $redis_url   ($redis_cluster_nodes nodes, files in $STATE_DIR/redis-cluster)"
+else
+    echo "redis           $(sed -E 's#//[^@/,]*@#//***@#g' <<<"$redis_url")   ($redis_mode)"
+fi
 echo "token ($user)   $token"
 echo "environment     . $STATE_DIR/env      stop: deploy/local/down.sh"

@@ -8,8 +8,9 @@ what ties them together and to the gateway's contract (README.md "Configuration"
                       match pods, references resolve, probes, drain timing, env names,
                       restricted security context (or exactly the bubblewrap opt-in), each
                       secret exactly once as an env var from a secretKeyRef (never a file, a
-                      literal or an argument), the image's entrypoint kept, WebSocket-safe
-                      ingress timeouts
+                      literal or an argument; the Redis TLS PEM variables likewise), a
+                      known Redis mode with URLs that fit it (and rediss:// with TLS), the
+                      image's entrypoint kept, WebSocket-safe ingress timeouts
   dockerfile DOCKERFILE DOCKERIGNORE
                       the image's contract: non-root user, tini entrypoint, bubblewrap
                       installed, the per-user layout, no HEALTHCHECK, the WITH_PROVIDERS build
@@ -51,6 +52,19 @@ CONTAINMENT_ENV = {
     "CHATGATE_JWT_SECRET_FILE",
 }
 KNOWN_ENV |= CONTAINMENT_ENV
+# Redis topologies and TLS (issue 17): listed here too, so the deployment files may name them
+# before src/config.rs does.
+REDIS_MODE_ENV = "CHATGATE_REDIS_MODE"
+REDIS_SENTINEL_MASTER_ENV = "CHATGATE_REDIS_SENTINEL_MASTER"
+REDIS_MODES = {"standalone", "cluster", "sentinel"}
+# PEM contents for rediss:// (a private CA; a client certificate and its key for mutual TLS),
+# each with the env form of its file flag (--redis-tls-ca-file, ...), which is for local use only.
+REDIS_TLS_VARS = (
+    ("CHATGATE_REDIS_TLS_CA", "CHATGATE_REDIS_TLS_CA_FILE"),
+    ("CHATGATE_REDIS_TLS_CERT", "CHATGATE_REDIS_TLS_CERT_FILE"),
+    ("CHATGATE_REDIS_TLS_KEY", "CHATGATE_REDIS_TLS_KEY_FILE"),
+)
+KNOWN_ENV |= {REDIS_MODE_ENV, REDIS_SENTINEL_MASTER_ENV} | {v for pair in REDIS_TLS_VARS for v in pair}
 # The gateway's secrets: (the variable, its *_FILE form). The manifests set the variable from a
 # secretKeyRef: the gateway is non-dumpable, so an unsandboxed CLI of the same uid cannot read
 # its environment, whereas it could read a mounted secret file. The *_FILE forms are refused.
@@ -60,9 +74,12 @@ SECRET_VARS = (
     ("DATABASE_URL", "DATABASE_URL_FILE"),
 )
 # Flags that take a secret's value (their *-file forms are fine).
-SECRET_FLAGS = ("--jwt-secret", "--redis-url", "--database-url")
+SECRET_FLAGS = ("--jwt-secret", "--redis-url", "--database-url", "--redis-tls-key", "--redis-tls-cert", "--redis-tls-ca")
 # A URL with a password in it: scheme://user:password@host
 URL_WITH_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/@\s:]*:[^/@\s]+@", re.IGNORECASE)
+# PEM material (a certificate or a key) written out in a manifest.
+PEM_BLOCK = re.compile(r"-----BEGIN [A-Z0-9 ]+-----")
+REDIS_URL_ITEM = re.compile(r"rediss?://[^\s,]+")
 SANDBOX_MODES = {"auto", "bwrap", "none"}
 # The server pings every 30 s and drops a socket after two missed pongs.
 MIN_PROXY_TIMEOUT_SECONDS = 75
@@ -158,7 +175,74 @@ def secret_file_problem(path, container, spec):
     return f"{path} is not inside a read-only Secret volume mount"
 
 
-def check_gateway(report, doc, configmaps, secret_values=()):
+def secret_value(secrets, ref):
+    """The decoded value a secretKeyRef points at, when that Secret is in the output (else None)."""
+    secret = secrets.get((ref or {}).get("name"))
+    if secret is None:
+        return None
+    key = ref.get("key")
+    if key in (secret.get("stringData", {}) or {}):
+        return str(secret["stringData"][key])
+    try:
+        return base64.b64decode((secret.get("data", {}) or {}).get(key, "")).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def check_redis(report, name, env, env_list, config_env, secrets):
+    """Redis topology and TLS settings: a known mode, the sentinel master only in sentinel mode,
+    the TLS PEM variables only from a secretKeyRef (never a file, a literal or the ConfigMap),
+    a client certificate together with its key, and, when the REDIS_URL Secret is in the output,
+    URLs that fit the mode and the TLS setting."""
+
+    def plain(var):
+        return config_env.get(var, env.get(var, {}).get("value"))
+
+    mode = plain(REDIS_MODE_ENV)
+    report.check(mode is None or mode in REDIS_MODES,
+                 f"{name}: {REDIS_MODE_ENV} must be one of {sorted(REDIS_MODES)}, got {mode!r}")
+    mode = mode or "standalone"
+    master = plain(REDIS_SENTINEL_MASTER_ENV)
+    if mode == "sentinel":
+        report.check(master is None or re.fullmatch(r"[A-Za-z0-9._-]+", master) is not None,
+                     f"{name}: {REDIS_SENTINEL_MASTER_ENV} must be a master name, got {master!r}")
+    else:
+        report.check(master is None, f"{name}: {REDIS_SENTINEL_MASTER_ENV} is set, but {REDIS_MODE_ENV} is {mode}, not sentinel")
+
+    tls_set = set()
+    for plain_var, file_var in REDIS_TLS_VARS:
+        report.check(plain_var not in config_env and file_var not in config_env,
+                     f"{name}: {plain_var}/{file_var} belong to the Deployment's secretKeyRef env, not the ConfigMap")
+        report.check(file_var not in env,
+                     f"{name}: {file_var} is set: a secret file is readable by an unsandboxed CLI of the gateway's uid;"
+                     f" set {plain_var} from a secretKeyRef (the gateway is non-dumpable)")
+        entries = [e for e in env_list if e.get("name") == plain_var]
+        if not entries:
+            continue
+        tls_set.add(plain_var)
+        if report.check(len(entries) == 1, f"{name}: {plain_var} must be set at most once, found {len(entries)}"):
+            entry = entries[0]
+            report.check("value" not in entry and "secretKeyRef" in (entry.get("valueFrom", {}) or {}),
+                         f"{name}: {plain_var} must come from a secretKeyRef, not a literal or another source")
+    report.check(("CHATGATE_REDIS_TLS_CERT" in tls_set) == ("CHATGATE_REDIS_TLS_KEY" in tls_set),
+                 f"{name}: CHATGATE_REDIS_TLS_CERT and CHATGATE_REDIS_TLS_KEY go together (a client certificate and its key)")
+
+    ref = (env.get("REDIS_URL", {}).get("valueFrom", {}) or {}).get("secretKeyRef")
+    url = secret_value(secrets, ref) if ref else None
+    if url is None:
+        return  # an existing Secret made out of band: nothing to check here
+    items = [u.strip() for u in url.split(",")]
+    report.check(all(REDIS_URL_ITEM.fullmatch(u) for u in items),
+                 f"{name}: REDIS_URL must be redis:// or rediss:// URLs separated by commas")
+    if mode == "standalone":
+        report.check(len(items) == 1, f"{name}: REDIS_URL holds {len(items)} URLs; standalone mode takes one"
+                                      f" (a comma list needs {REDIS_MODE_ENV} cluster or sentinel)")
+    if tls_set:
+        report.check(all(u.startswith("rediss://") for u in items),
+                     f"{name}: {', '.join(sorted(tls_set))} set, but REDIS_URL is not rediss:// (TLS) throughout")
+
+
+def check_gateway(report, doc, configmaps, secret_values=(), secrets=None):
     """Contract checks of the chatgate Deployment."""
     name = name_of(doc)
     container = gateway_container(doc)
@@ -209,8 +293,11 @@ def check_gateway(report, doc, configmaps, secret_values=()):
     for var, entry in env.items():
         if "value" in entry:
             report.check(URL_WITH_PASSWORD.search(str(entry["value"])) is None, f"{name}: {var} holds a URL with a literal password")
+            report.check(PEM_BLOCK.search(str(entry["value"])) is None, f"{name}: {var} holds a literal PEM certificate or key")
     for var, value in config_env.items():
         report.check(URL_WITH_PASSWORD.search(str(value)) is None, f"{name}: ConfigMap {var} holds a URL with a literal password")
+        report.check(PEM_BLOCK.search(str(value)) is None, f"{name}: ConfigMap {var} holds a PEM certificate or key")
+    check_redis(report, name, env, env_list, config_env, secrets or {})
 
     # The command line: `args` only (the image's entrypoint is tini, PID 1), and no secret in it.
     report.check("command" not in container, f"{name}: the chatgate container must not set `command` (it would replace the tini entrypoint)")
@@ -345,7 +432,7 @@ def check_manifests(path):
                 for item in secret_volume.get("items", []) or []:
                     report.check(item.get("key") in data, f"{name}: Secret {secret_volume['secretName']} has no key {item.get('key')}")
         if gateway_container(doc) is not None:
-            check_gateway(report, doc, configmaps, secret_values)
+            check_gateway(report, doc, configmaps, secret_values, secrets)
 
     for svc in services.values():
         selector = svc.get("spec", {}).get("selector", {})

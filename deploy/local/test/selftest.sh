@@ -2,7 +2,8 @@
 # Self-test of the local multi-node stack scripts (up.sh, down.sh, restart-node.sh) and their
 # nginx balancer. By default the nodes are deploy/local/test/stand-in-node.py, so the plumbing
 # is tested without building the gateway; CHATGATE_BIN=target/release/chatgate runs the same
-# checks against the real binary (stand-in-only checks are then skipped).
+# checks against the real binary (stand-in-only checks are then skipped). Last, `up.sh
+# --redis-cluster` on a 3-node Redis Cluster of its own (skipped without redis-server).
 #
 # Uses its own state directory and balancer port, so it does not disturb a running stack.
 # Ends with a line "selftest: N passed, N failed"; exit status 1 if anything failed.
@@ -173,6 +174,47 @@ check "up.sh fails when a node cannot start" test $? -ne 0
 check "up.sh shows the failing node's log" grep -q "cannot start: bad configuration" <<<"$fail_output"
 check "nothing is left listening on the balancer port" port_free "$lb_port"
 check "no node is left running" bash -c "! ls '$state'/node-*.pid >/dev/null 2>&1"
+
+# --- a stack on a local Redis Cluster (up.sh --redis-cluster) ----------------------------------
+if command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; then
+    redis_base=17101
+    while ! port_free "$redis_base" || ! port_free $((redis_base + 1)) || ! port_free $((redis_base + 2)) \
+        || ! port_free $((redis_base + 10000)) || ! port_free $((redis_base + 10001)) || ! port_free $((redis_base + 10002)); do
+        redis_base=$((redis_base + 10))
+    done
+    cluster_output="$(CHATGATE_LOCAL_REDIS_BASE_PORT="$redis_base" "$local_dir/up.sh" --redis-cluster 1 2>&1)"
+    cluster_status=$?
+    check "up.sh --redis-cluster 1 succeeds" test "$cluster_status" -eq 0
+    [[ "$cluster_status" -eq 0 ]] || echo "$cluster_output"
+    redis_ports=()
+    for port_file in "$state"/redis-*.port; do
+        [[ -e "$port_file" ]] && redis_ports+=("$(cat "$port_file")")
+    done
+    check "3 Redis Cluster nodes were started (ports ${redis_ports[*]})" test "${#redis_ports[@]}" -eq 3
+    for port in "${redis_ports[@]}"; do
+        check "Redis Cluster node :$port reports cluster_state:ok" \
+            bash -c "redis-cli -p $port cluster info | grep -q '^cluster_state:ok'"
+    done
+    check "the nodes run in cluster mode" grep -qx 'CHATGATE_REDIS_MODE=cluster' "$state/node.env"
+    check "the nodes get the 3 seeds as REDIS_URL" \
+        bash -c "set -a && . '$state/node.env' && test \"\$REDIS_URL\" = \"\$(cat '$state/redis-urls' 2>/dev/null)\" && test \"\$(tr ',' '\\n' <<<\"\$REDIS_URL\" | grep -c '^redis://127.0.0.1:')\" -eq 3"
+    check "the balancer answers /readyz on the Redis Cluster stack" \
+        test "$(curl -s -o /dev/null -w '%{http_code}' "$lb/readyz")" = 200
+    redis_pids=()
+    for pid_file in "$state"/redis-*.pid; do
+        [[ -e "$pid_file" ]] && redis_pids+=("$(cat "$pid_file")")
+    done
+    cluster_down="$("$local_dir/down.sh" 2>&1)"
+    check "down.sh stops the 3 Redis Cluster nodes" grep -q "stopped 3 Redis Cluster nodes" <<<"$cluster_down"
+    for pid in "${redis_pids[@]}"; do
+        check "redis-server pid $pid is gone" bash -c "! kill -0 $pid 2>/dev/null || grep -q '^[0-9]* (.*) Z' /proc/$pid/stat"
+    done
+    for port in "${redis_ports[@]}"; do
+        check "Redis port $port and its bus port are free again" bash -c "! (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && ! (exec 3<>/dev/tcp/127.0.0.1/$((port + 10000))) 2>/dev/null"
+    done
+else
+    echo "skip  the Redis Cluster stack (redis-server and redis-cli are not installed)"
+fi
 
 echo "selftest: $passed passed, $failed failed"
 (( failed == 0 ))

@@ -101,12 +101,31 @@ The bundled PostgreSQL's password. Both the PostgreSQL Secret and the gateway's 
 {{- .Values.postgresql.generatedPassword }}
 {{- end }}
 
+{{/*
+The REDIS_URL the chart puts in its Secret: the bundled Redis's, the external seeds (cluster
+nodes or sentinels) joined with commas, or externalRedis.url. With redisTls every URL must be
+rediss://: the CA and client certificate are of no use to a plain connection.
+*/}}
 {{- define "chatgate.redisUrl" -}}
+{{- $url := "" }}
 {{- if .Values.redis.enabled }}
-{{- printf "redis://%s:6379" (include "chatgate.redisName" .) }}
-{{- else }}
-{{- required "externalRedis.url is required (or redis.enabled=true, or auth.existingSecret)" .Values.externalRedis.url }}
+{{- $url = printf "redis://%s:6379" (include "chatgate.redisName" .) }}
+{{- else if .Values.externalRedis.seeds }}
+{{- if eq .Values.config.redisMode "standalone" }}
+{{- fail "externalRedis.seeds needs config.redisMode cluster or sentinel (standalone takes one externalRedis.url)" }}
 {{- end }}
+{{- $url = join "," .Values.externalRedis.seeds }}
+{{- else }}
+{{- $url = required "externalRedis.url is required (or externalRedis.seeds, redis.enabled=true, or auth.existingSecret)" .Values.externalRedis.url }}
+{{- end }}
+{{- if .Values.redisTls.existingSecret }}
+{{- range splitList "," $url }}
+{{- if not (hasPrefix "rediss://" (trim .)) }}
+{{- fail (printf "redisTls is set, but REDIS_URL holds %s: use rediss:// URLs (TLS)" (regexReplaceAll "//[^@/]*@" (trim .) "//***@")) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $url }}
 {{- end }}
 
 {{/* The database URL the chart puts in its Secret: the bundled PostgreSQL's or the external one. */}}
