@@ -6,8 +6,10 @@
 //! `redis_cluster` (a real 3-primary Redis Cluster the test process starts
 //! once, `PrivateRedisCluster::shared`, with `--redis-mode cluster`),
 //! `redis_sentinel` (a primary, a replica and 3 sentinels, `--redis-mode
-//! sentinel`) and `redis_tls` (a TLS-only Redis requiring a client
-//! certificate signed by a CA made at test time, and an ACL user). A case
+//! sentinel`), `redis_tls` (a TLS-only Redis requiring a client
+//! certificate signed by a CA made at test time, and an ACL user) and
+//! `redis_cluster_tls` and `redis_sentinel_tls` (the same, every process
+//! TLS-only, `rediss://` URLs and the test CA). A case
 //! gets two registries, "node a" and "node b", sharing one backend; for the
 //! in-process registry both are the same instance.
 //!
@@ -83,6 +85,18 @@ fn redis_cluster_nodes(opts: Opts) -> Pin<Box<dyn Future<Output = Nodes> + Send>
     })
 }
 
+fn redis_cluster_tls_nodes(opts: Opts) -> Pin<Box<dyn Future<Output = Nodes> + Send>> {
+    Box::pin(async move {
+        let cluster = tokio::task::spawn_blocking(chatgate_testkit::redis_cluster::PrivateRedisCluster::shared_tls)
+            .await
+            .expect("the shared TLS cluster's start")
+            .expect("a TLS Redis Cluster");
+        let ca = cluster.certs().map(|certs| certs.ca_pem.clone());
+        let target = RedisTarget::cluster(&cluster.seed_urls()).with_tls(RedisTls { ca, client: None });
+        redis_target_nodes(target, opts).await
+    })
+}
+
 fn redis_sentinel_nodes(opts: Opts) -> Pin<Box<dyn Future<Output = Nodes> + Send>> {
     Box::pin(async move {
         let setup = tokio::task::spawn_blocking(chatgate_testkit::redis_sentinel::PrivateRedisSentinel::shared)
@@ -90,6 +104,19 @@ fn redis_sentinel_nodes(opts: Opts) -> Pin<Box<dyn Future<Output = Nodes> + Send
             .expect("the shared Sentinel setup's start")
             .expect("a Sentinel setup");
         redis_target_nodes(RedisTarget::sentinel(&setup.sentinel_urls(), setup.master_name()), opts).await
+    })
+}
+
+fn redis_sentinel_tls_nodes(opts: Opts) -> Pin<Box<dyn Future<Output = Nodes> + Send>> {
+    Box::pin(async move {
+        let setup = tokio::task::spawn_blocking(chatgate_testkit::redis_sentinel::PrivateRedisSentinel::shared_tls)
+            .await
+            .expect("the shared TLS Sentinel setup's start")
+            .expect("a TLS Sentinel setup");
+        let ca = setup.certs().map(|certs| certs.ca_pem.clone());
+        let target =
+            RedisTarget::sentinel(&setup.sentinel_urls(), setup.master_name()).with_tls(RedisTls { ca, client: None });
+        redis_target_nodes(target, opts).await
     })
 }
 
@@ -172,6 +199,8 @@ conformance!(redis, redis_nodes);
 conformance!(redis_cluster, redis_cluster_nodes);
 conformance!(redis_sentinel, redis_sentinel_nodes);
 conformance!(redis_tls, redis_tls_nodes);
+conformance!(redis_cluster_tls, redis_cluster_tls_nodes);
+conformance!(redis_sentinel_tls, redis_sentinel_tls_nodes);
 
 // ---------------------------------------------------------------- helpers
 

@@ -17,7 +17,8 @@ use anyhow::{Context, bail};
 
 use crate::{
     ports::free_cluster_ports,
-    redis_proc::{field_of, info_field, kill, process_wide, query, server_args, spawn, wait_for_ping, wait_until},
+    redis_proc::{Dial, POLL, field_of, kill, process_wide, spawn, wait_until},
+    redis_tls::TestCerts,
 };
 
 /// A node's `--cluster-node-timeout`: a killed primary is failed over after about twice this.
@@ -69,30 +70,64 @@ pub struct PrivateRedisCluster {
     children: BTreeMap<u16, Child>,
     killed_at: Option<Instant>,
     dir: tempfile::TempDir,
+    /// Plain, or TLS everywhere (clients, cluster bus, replication).
+    dial: Dial,
+    /// Where a TLS cluster's certificates are.
+    cert_dir: Option<tempfile::TempDir>,
 }
 
-/// The process-wide cluster of [`PrivateRedisCluster::shared`].
+/// The process-wide clusters of [`PrivateRedisCluster::shared`] and [`PrivateRedisCluster::shared_tls`].
 static SHARED: std::sync::OnceLock<Result<PrivateRedisCluster, String>> = std::sync::OnceLock::new();
+static SHARED_TLS: std::sync::OnceLock<Result<PrivateRedisCluster, String>> = std::sync::OnceLock::new();
 
 impl PrivateRedisCluster {
     /// `primaries` primaries with `replicas_per_primary` replicas each; returns once every
     /// node says `cluster_state:ok` with all 16384 slots served and every replica is in sync.
     pub fn start(primaries: u16, replicas_per_primary: u16) -> anyhow::Result<PrivateRedisCluster> {
+        Self::start_dialed(primaries, replicas_per_primary, Dial::Plain)
+    }
+
+    /// As [`PrivateRedisCluster::start`], every node TLS-only (`--tls-cluster yes`, `--tls-replication
+    /// yes`; no client certificate asked) with certificates made at test time: clients use
+    /// [`PrivateRedisCluster::seed_urls`] (`rediss://`) and trust [`PrivateRedisCluster::certs`]' CA.
+    pub fn start_tls(primaries: u16, replicas_per_primary: u16) -> anyhow::Result<PrivateRedisCluster> {
+        let dir = tempfile::tempdir()?;
+        let certs = TestCerts::generate(dir.path())?;
+        let mut cluster = Self::start_dialed(primaries, replicas_per_primary, Dial::Tls(std::sync::Arc::new(certs)))?;
+        cluster.cert_dir = Some(dir);
+        Ok(cluster)
+    }
+
+    fn start_dialed(primaries: u16, replicas_per_primary: u16, dial: Dial) -> anyhow::Result<PrivateRedisCluster> {
         let count = primaries * (1 + replicas_per_primary);
         let mut cluster = PrivateRedisCluster {
             ports: free_cluster_ports(count)?,
             children: BTreeMap::new(),
             killed_at: None,
             dir: tempfile::tempdir()?,
+            dial,
+            cert_dir: None,
         };
         for port in cluster.ports.clone() {
             cluster.spawn_node(port)?;
         }
         let mut create = Command::new("redis-cli");
-        create.arg("--cluster").arg("create");
+        create.args(cluster.dial.cli_args()).arg("--cluster").arg("create");
         create.args(cluster.ports.iter().map(|port| format!("127.0.0.1:{port}")));
         create.args(["--cluster-replicas", &replicas_per_primary.to_string(), "--cluster-yes"]);
-        let out = create.output().context("running redis-cli --cluster create")?;
+        // redis-cli waits for the nodes to meet without a limit: give it one.
+        let mut child = create
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("running redis-cli --cluster create")?;
+        let deadline = Instant::now() + AGREE_WAIT;
+        while child.try_wait()?.is_none() && Instant::now() < deadline {
+            std::thread::sleep(POLL);
+        }
+        // Still waiting for the nodes to meet: stop it (its output says how far it got).
+        let _ = child.kill();
+        let out = child.wait_with_output().context("waiting for redis-cli --cluster create")?;
         if !out.status.success() {
             bail!(
                 "redis-cli --cluster create failed ({}): {}{}",
@@ -114,9 +149,24 @@ impl PrivateRedisCluster {
         shared.as_ref().map_err(|e| anyhow::anyhow!("the shared Redis Cluster did not start: {e}"))
     }
 
-    /// `redis://127.0.0.1:P` of every node (killed ones too).
+    /// One TLS cluster (3 primaries, no replicas) for every test of this process that only uses
+    /// it, as [`PrivateRedisCluster::shared`].
+    pub fn shared_tls() -> anyhow::Result<&'static PrivateRedisCluster> {
+        let shared = SHARED_TLS.get_or_init(|| process_wide("shared-redis-cluster-tls", || Self::start_tls(3, 0)));
+        shared.as_ref().map_err(|e| anyhow::anyhow!("the shared TLS Redis Cluster did not start: {e}"))
+    }
+
+    /// `redis://127.0.0.1:P` (`rediss://` for a TLS cluster) of every node (killed ones too).
     pub fn seed_urls(&self) -> Vec<String> {
-        self.ports.iter().map(|port| format!("redis://127.0.0.1:{port}")).collect()
+        self.ports.iter().map(|port| format!("{}://127.0.0.1:{port}", self.dial.scheme())).collect()
+    }
+
+    /// A TLS cluster's certificates (its CA signs every node's certificate).
+    pub fn certs(&self) -> Option<&TestCerts> {
+        match &self.dial {
+            Dial::Tls(certs) => Some(certs),
+            Dial::Plain => None,
+        }
     }
 
     /// Every node's port, in start order.
@@ -143,7 +193,7 @@ impl PrivateRedisCluster {
     /// The hash slot of `key` (`CLUSTER KEYSLOT`).
     pub fn slot_of(&self, key: &str) -> anyhow::Result<u16> {
         let port = *self.children.keys().next().context("every node of the cluster is down")?;
-        Ok(query(port, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))?)
+        Ok(self.dial.query(port, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))?)
     }
 
     /// The port of the primary serving `slot`.
@@ -217,7 +267,9 @@ impl PrivateRedisCluster {
         let to_id = id_of(to_primary).with_context(|| format!("{to_primary} is not a primary"))?;
         let from_id = id_of(from).context("the slot's owner")?;
         let setslot = |port: u16, state: &str, id: &str| -> anyhow::Result<()> {
-            let _: () = query(port, redis::cmd("CLUSTER").arg("SETSLOT").arg(slot).arg(state).arg(id))
+            let _: () = self
+                .dial
+                .query(port, redis::cmd("CLUSTER").arg("SETSLOT").arg(slot).arg(state).arg(id))
                 .with_context(|| format!("CLUSTER SETSLOT {slot} {state} on {port}"))?;
             Ok(())
         };
@@ -237,9 +289,10 @@ impl PrivateRedisCluster {
             self.nodes()?.iter().filter(|n| n.role == Role::Primary && n.pid.is_some()).map(|n| n.port).collect();
         let others = primaries.into_iter().filter(|p| *p != migration.to && *p != migration.from);
         for port in [migration.to, migration.from].into_iter().chain(others) {
-            let _: () =
-                query(port, redis::cmd("CLUSTER").arg("SETSLOT").arg(migration.slot).arg("NODE").arg(&migration.to_id))
-                    .with_context(|| format!("CLUSTER SETSLOT {} NODE on {port}", migration.slot))?;
+            let _: () = self
+                .dial
+                .query(port, redis::cmd("CLUSTER").arg("SETSLOT").arg(migration.slot).arg("NODE").arg(&migration.to_id))
+                .with_context(|| format!("CLUSTER SETSLOT {} NODE on {port}", migration.slot))?;
         }
         let (slot, to) = (migration.slot, migration.to);
         self.wait_agreed("the migrated slot's new owner", |nodes| {
@@ -253,14 +306,15 @@ impl PrivateRedisCluster {
         let mut moved = 0;
         while moved < limit {
             let batch = MIGRATE_BATCH.min(limit - moved);
-            let keys: Vec<Vec<u8>> =
-                query(migration.from, redis::cmd("CLUSTER").arg("GETKEYSINSLOT").arg(migration.slot).arg(batch))?;
+            let keys: Vec<Vec<u8>> = self
+                .dial
+                .query(migration.from, redis::cmd("CLUSTER").arg("GETKEYSINSLOT").arg(migration.slot).arg(batch))?;
             if keys.is_empty() {
                 break;
             }
             let mut migrate = redis::cmd("MIGRATE");
             migrate.arg("127.0.0.1").arg(migration.to).arg("").arg(0).arg(5000).arg("KEYS").arg(&keys);
-            let _: String = query(migration.from, &migrate).context("MIGRATE")?;
+            let _: String = self.dial.query(migration.from, &migrate).context("MIGRATE")?;
             moved += keys.len();
         }
         Ok(())
@@ -271,7 +325,7 @@ impl PrivateRedisCluster {
     fn spawn_node(&mut self, port: u16) -> anyhow::Result<()> {
         let dir = self.dir.path().join(port.to_string());
         std::fs::create_dir_all(&dir)?;
-        let mut args = server_args(port);
+        let mut args = self.dial.server_args(port);
         args.extend(
             [
                 "--cluster-enabled",
@@ -288,7 +342,7 @@ impl PrivateRedisCluster {
             .map(String::from),
         );
         let mut child = spawn(&dir, &port.to_string(), &args)?;
-        if let Err(e) = wait_for_ping(port, &mut child) {
+        if let Err(e) = self.dial.wait_for_ping(port, &mut child) {
             kill(child);
             return Err(e);
         }
@@ -298,7 +352,7 @@ impl PrivateRedisCluster {
 
     /// `CLUSTER NODES` as the node on `port` sees it.
     fn nodes_seen_by(&self, port: u16) -> anyhow::Result<Vec<ClusterNode>> {
-        let text: String = query(port, redis::cmd("CLUSTER").arg("NODES"))?;
+        let text: String = self.dial.query(port, redis::cmd("CLUSTER").arg("NODES"))?;
         let mut nodes: Vec<ClusterNode> = text.lines().filter_map(|line| self.parse_node(line)).collect();
         nodes.sort_by_key(|n| self.ports.iter().position(|p| *p == n.port));
         Ok(nodes)
@@ -339,7 +393,7 @@ impl PrivateRedisCluster {
         let live: Vec<u16> = self.children.keys().copied().collect();
         let result = wait_until(AGREE_WAIT, what, || {
             live.iter().all(|&port| {
-                let info: String = query(port, redis::cmd("CLUSTER").arg("INFO")).unwrap_or_default();
+                let info: String = self.dial.query(port, redis::cmd("CLUSTER").arg("INFO")).unwrap_or_default();
                 let Ok(nodes) = self.nodes_seen_by(port) else { return false };
                 field_of(&info, "cluster_state").as_deref() == Some("ok")
                     && field_of(&info, "cluster_slots_ok").as_deref() == Some("16384")
@@ -347,7 +401,7 @@ impl PrivateRedisCluster {
                     && nodes.iter().filter(|n| n.pid.is_some()).count() == live.len()
                     && nodes.iter().find(|n| n.port == port).is_some_and(|me| {
                         me.role == Role::Primary
-                            || info_field(port, "replication", "master_link_status").as_deref() == Some("up")
+                            || self.dial.info_field(port, "replication", "master_link_status").as_deref() == Some("up")
                     })
                     && also(&nodes)
             })

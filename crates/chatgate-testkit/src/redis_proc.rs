@@ -82,19 +82,9 @@ fn spawn_command(dir: &Path, label: &str, args: &[String], mut command: Command)
         .context("starting redis-server (is it installed?)")
 }
 
-/// Returns once the server on `port` answers `PING`; fails if `child` exits first.
+/// Returns once the server on `port` answers `PING` (plain); fails if `child` exits first.
 pub(crate) fn wait_for_ping(port: u16, child: &mut Child) -> anyhow::Result<()> {
-    let deadline = Instant::now() + START_WAIT;
-    while Instant::now() < deadline {
-        if query::<String>(port, &redis::cmd("PING")).is_ok() {
-            return Ok(());
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            bail!("redis-server on port {port} exited at start ({status})");
-        }
-        std::thread::sleep(POLL);
-    }
-    bail!("redis-server on port {port} did not answer PING within {START_WAIT:?}")
+    Dial::Plain.wait_for_ping(port, child)
 }
 
 /// SIGKILL and reap.
@@ -103,19 +93,102 @@ pub(crate) fn kill(mut child: Child) {
     let _ = child.wait();
 }
 
-/// `cmd` sent to the server on `port` over a fresh connection (1 s to connect, 10 s for the
-/// reply).
-pub(crate) fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> redis::RedisResult<T> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
-    let mut conn = client.get_connection_with_timeout(Duration::from_secs(1))?;
-    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-    cmd.query(&mut conn)
+/// How the kit reaches a private server for its own commands: plain, or over TLS trusting the
+/// test CA (servers that do not ask for a client certificate).
+#[derive(Clone, Default)]
+pub(crate) enum Dial {
+    #[default]
+    Plain,
+    Tls(std::sync::Arc<crate::redis_tls::TestCerts>),
 }
 
-/// One `field:value` line of `INFO <section>` on `port`.
-pub(crate) fn info_field(port: u16, section: &str, field: &str) -> Option<String> {
-    let info: String = query(port, redis::cmd("INFO").arg(section)).ok()?;
-    field_of(&info, field)
+impl Dial {
+    /// `redis://` or `rediss://`.
+    pub(crate) fn scheme(&self) -> &'static str {
+        match self {
+            Dial::Plain => "redis",
+            Dial::Tls(_) => "rediss",
+        }
+    }
+
+    /// `cmd` sent to the server on `port` over a fresh connection (1 s to connect, 10 s for the
+    /// reply).
+    pub(crate) fn query<T: redis::FromRedisValue>(&self, port: u16, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        let url = format!("{}://127.0.0.1:{port}", self.scheme());
+        let client = match self {
+            Dial::Plain => redis::Client::open(url)?,
+            Dial::Tls(certs) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates { client_tls: None, root_cert: Some(certs.ca_pem.clone().into_bytes()) },
+            )?,
+        };
+        let mut conn = client.get_connection_with_timeout(Duration::from_secs(1))?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        cmd.query(&mut conn)
+    }
+
+    /// One `field:value` line of `INFO <section>` on `port`.
+    pub(crate) fn info_field(&self, port: u16, section: &str, field: &str) -> Option<String> {
+        let info: String = self.query(port, redis::cmd("INFO").arg(section)).ok()?;
+        field_of(&info, field)
+    }
+
+    /// The flags a server listening on `port` takes: a plain port, or a TLS-only one whose
+    /// cluster bus and replication are TLS too (clients need no certificate).
+    pub(crate) fn server_args(&self, port: u16) -> Vec<String> {
+        match self {
+            Dial::Plain => server_args(port),
+            Dial::Tls(certs) => {
+                let path = |p: std::path::PathBuf| p.to_string_lossy().into_owned();
+                let mut args = server_args(0);
+                args.extend([
+                    "--tls-port".into(),
+                    port.to_string(),
+                    "--tls-cert-file".into(),
+                    path(certs.server_cert_path()),
+                    "--tls-key-file".into(),
+                    path(certs.server_key_path()),
+                    "--tls-ca-cert-file".into(),
+                    path(certs.ca_path()),
+                    // The cluster bus and replication links authenticate with the client certificate.
+                    "--tls-client-cert-file".into(),
+                    path(certs.client_cert_path()),
+                    "--tls-client-key-file".into(),
+                    path(certs.client_key_path()),
+                    "--tls-auth-clients".into(),
+                    "no".into(),
+                    "--tls-cluster".into(),
+                    "yes".into(),
+                    "--tls-replication".into(),
+                    "yes".into(),
+                ]);
+                args
+            }
+        }
+    }
+
+    /// `redis-cli` flags that reach such a server.
+    pub(crate) fn cli_args(&self) -> Vec<String> {
+        match self {
+            Dial::Plain => Vec::new(),
+            Dial::Tls(certs) => vec!["--tls".into(), "--cacert".into(), certs.ca_path().to_string_lossy().into_owned()],
+        }
+    }
+
+    /// Returns once the server on `port` answers `PING`; fails if `child` exits first.
+    pub(crate) fn wait_for_ping(&self, port: u16, child: &mut Child) -> anyhow::Result<()> {
+        let deadline = Instant::now() + START_WAIT;
+        while Instant::now() < deadline {
+            if self.query::<String>(port, &redis::cmd("PING")).is_ok() {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!("redis-server on port {port} exited at start ({status})");
+            }
+            std::thread::sleep(POLL);
+        }
+        bail!("redis-server on port {port} did not answer PING within {START_WAIT:?}")
+    }
 }
 
 /// The value of `field` in `field:value` lines (`INFO`, `CLUSTER INFO`).

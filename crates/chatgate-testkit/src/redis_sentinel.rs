@@ -14,7 +14,8 @@ use anyhow::{Context, bail};
 
 use crate::{
     ports::free_ports,
-    redis_proc::{info_field, kill, query, server_args, spawn, wait_for_ping, wait_until},
+    redis_proc::{Dial, kill, spawn, wait_until},
+    redis_tls::TestCerts,
 };
 
 /// The name the sentinels monitor the primary under.
@@ -39,10 +40,14 @@ pub struct PrivateRedisSentinel {
     sentinel_ports: Vec<u16>,
     children: BTreeMap<u16, Child>,
     dir: tempfile::TempDir,
+    /// Plain, or TLS everywhere (clients, replication, sentinels).
+    dial: Dial,
 }
 
 /// The process-wide setup of [`PrivateRedisSentinel::shared`].
 static SHARED: std::sync::OnceLock<Result<PrivateRedisSentinel, String>> = std::sync::OnceLock::new();
+/// The process-wide TLS setup of [`PrivateRedisSentinel::shared_tls`].
+static SHARED_TLS: std::sync::OnceLock<Result<PrivateRedisSentinel, String>> = std::sync::OnceLock::new();
 
 impl PrivateRedisSentinel {
     /// One setup for every test of this process that only uses it (no failover); it lives as
@@ -52,22 +57,45 @@ impl PrivateRedisSentinel {
         shared.as_ref().map_err(|e| anyhow::anyhow!("the shared Sentinel setup did not start: {e}"))
     }
 
+    /// As [`PrivateRedisSentinel::shared`], every process TLS-only (see
+    /// [`PrivateRedisSentinel::start_tls`]).
+    pub fn shared_tls() -> anyhow::Result<&'static PrivateRedisSentinel> {
+        let shared =
+            SHARED_TLS.get_or_init(|| crate::redis_proc::process_wide("shared-redis-sentinel-tls", Self::start_tls));
+        shared.as_ref().map_err(|e| anyhow::anyhow!("the shared TLS Sentinel setup did not start: {e}"))
+    }
+
     /// Starts the primary, its replica (returns once it is in sync) and the sentinels;
     /// returns once every sentinel knows the replica and the other sentinels, so that a
     /// failover can happen.
     pub fn start() -> anyhow::Result<PrivateRedisSentinel> {
+        Self::start_dialed(tempfile::tempdir()?, Dial::Plain)
+    }
+
+    /// As [`PrivateRedisSentinel::start`], every process TLS-only (replication and the
+    /// sentinels' links too; no client certificate asked) with certificates made at test time:
+    /// clients use [`PrivateRedisSentinel::sentinel_urls`] (`rediss://`) and trust
+    /// [`PrivateRedisSentinel::certs`]' CA.
+    pub fn start_tls() -> anyhow::Result<PrivateRedisSentinel> {
+        let dir = tempfile::tempdir()?;
+        let certs = TestCerts::generate(dir.path())?;
+        Self::start_dialed(dir, Dial::Tls(std::sync::Arc::new(certs)))
+    }
+
+    fn start_dialed(dir: tempfile::TempDir, dial: Dial) -> anyhow::Result<PrivateRedisSentinel> {
         let ports = free_ports(2 + SENTINELS as u16)?;
         let mut setup = PrivateRedisSentinel {
             data_ports: ports[..2].to_vec(),
             sentinel_ports: ports[2..].to_vec(),
             children: BTreeMap::new(),
-            dir: tempfile::tempdir()?,
+            dir,
+            dial,
         };
         let (primary, replica) = (ports[0], ports[1]);
         setup.spawn_data(primary, None)?;
         setup.spawn_data(replica, Some(primary))?;
         wait_until(AGREE_WAIT, "the replica's sync", || {
-            info_field(replica, "replication", "master_link_status").as_deref() == Some("up")
+            setup.dial.info_field(replica, "replication", "master_link_status").as_deref() == Some("up")
         })?;
         for port in setup.sentinel_ports.clone() {
             setup.spawn_sentinel(port, primary)?;
@@ -75,7 +103,7 @@ impl PrivateRedisSentinel {
         let sentinels = setup.sentinel_ports.clone();
         wait_until(AGREE_WAIT, "the sentinels' discovery", || {
             sentinels.iter().all(|&port| {
-                let Ok(fields) = master_state(port) else { return false };
+                let Ok(fields) = master_state(&setup.dial, port) else { return false };
                 fields.get("num-slaves").map(String::as_str) == Some("1")
                     && fields.get("num-other-sentinels").map(String::as_str) == Some(&(SENTINELS - 1).to_string())
                     && fields.get("flags").map(String::as_str) == Some("master")
@@ -84,9 +112,17 @@ impl PrivateRedisSentinel {
         Ok(setup)
     }
 
-    /// `redis://127.0.0.1:P` of each sentinel.
+    /// `redis://127.0.0.1:P` (`rediss://` for a TLS setup) of each sentinel.
     pub fn sentinel_urls(&self) -> Vec<String> {
-        self.sentinel_ports.iter().map(|port| format!("redis://127.0.0.1:{port}")).collect()
+        self.sentinel_ports.iter().map(|port| format!("{}://127.0.0.1:{port}", self.dial.scheme())).collect()
+    }
+
+    /// A TLS setup's certificates (its CA signs every process's certificate).
+    pub fn certs(&self) -> Option<&TestCerts> {
+        match &self.dial {
+            Dial::Tls(certs) => Some(certs),
+            Dial::Plain => None,
+        }
     }
 
     /// The name the primary is monitored under ([`MASTER_NAME`]).
@@ -109,7 +145,7 @@ impl PrivateRedisSentinel {
     pub fn primary(&self) -> anyhow::Result<u16> {
         let live = self.sentinel_ports.iter().filter(|p| self.children.contains_key(p));
         for &port in live {
-            if let Ok(found) = reported_primary(port) {
+            if let Ok(found) = reported_primary(&self.dial, port) {
                 return Ok(found);
             }
         }
@@ -122,8 +158,10 @@ impl PrivateRedisSentinel {
         let started = Instant::now();
         let old = self.primary()?;
         let asked = self.sentinel_ports[0];
-        let _: () =
-            query(asked, redis::cmd("SENTINEL").arg("FAILOVER").arg(MASTER_NAME)).context("SENTINEL FAILOVER")?;
+        let _: () = self
+            .dial
+            .query(asked, redis::cmd("SENTINEL").arg("FAILOVER").arg(MASTER_NAME))
+            .context("SENTINEL FAILOVER")?;
         self.wait_for_new_primary(old)?;
         Ok(started.elapsed())
     }
@@ -154,9 +192,9 @@ impl PrivateRedisSentinel {
         let sentinels: Vec<u16> =
             self.sentinel_ports.iter().copied().filter(|p| self.children.contains_key(p)).collect();
         let result = wait_until(AGREE_WAIT, "the restarted node's sync", || {
-            info_field(port, "replication", "master_link_status").as_deref() == Some("up")
+            self.dial.info_field(port, "replication", "master_link_status").as_deref() == Some("up")
                 && sentinels.iter().all(|&sentinel| {
-                    replicas_state(sentinel).is_ok_and(|replicas| {
+                    replicas_state(&self.dial, sentinel).is_ok_and(|replicas| {
                         replicas.iter().any(|r| {
                             r.get("port") == Some(&port.to_string())
                                 && r.get("flags").map(String::as_str) == Some("slave")
@@ -173,14 +211,15 @@ impl PrivateRedisSentinel {
         let sentinels: Vec<u16> =
             self.sentinel_ports.iter().copied().filter(|p| self.children.contains_key(p)).collect();
         let result = wait_until(AGREE_WAIT, "the new primary", || {
-            let reported: Vec<u16> = sentinels.iter().filter_map(|&port| reported_primary(port).ok()).collect();
+            let reported: Vec<u16> =
+                sentinels.iter().filter_map(|&port| reported_primary(&self.dial, port).ok()).collect();
             let new = reported[..].first().copied();
             reported.len() == sentinels.len()
                 && reported.iter().all(|p| Some(*p) == new)
                 && new.is_some_and(|p| {
                     p != old
                         && self.children.contains_key(&p)
-                        && info_field(p, "replication", "role").as_deref() == Some("master")
+                        && self.dial.info_field(p, "replication", "role").as_deref() == Some("master")
                 })
         });
         result.with_context(|| format!("sentinel setup in {}", self.dir.path().display()))
@@ -188,7 +227,7 @@ impl PrivateRedisSentinel {
 
     /// A data node on `port`, replicating `primary` if given.
     fn spawn_data(&mut self, port: u16, primary: Option<u16>) -> anyhow::Result<()> {
-        let mut args = server_args(port);
+        let mut args = self.dial.server_args(port);
         if let Some(primary) = primary {
             args.extend(["--replicaof".into(), "127.0.0.1".into(), primary.to_string()]);
         }
@@ -202,20 +241,40 @@ impl PrivateRedisSentinel {
         std::fs::write(
             &conf,
             format!(
-                "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                "{listen}bind 127.0.0.1\ndir {dir}\n\
                  sentinel monitor {MASTER_NAME} 127.0.0.1 {primary} 2\n\
                  sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}\n\
                  sentinel failover-timeout {MASTER_NAME} {FAILOVER_TIMEOUT_MS}\n",
-                dir = self.dir.path().display()
+                dir = self.dir.path().display(),
+                listen = self.sentinel_listen(port),
             ),
         )?;
         let args = [conf.to_string_lossy().into_owned(), "--sentinel".into()];
         self.spawn_checked(port, &format!("sentinel-{port}"), &args)
     }
 
+    /// A sentinel's config lines for its port: plain, or TLS-only like the data nodes.
+    fn sentinel_listen(&self, port: u16) -> String {
+        match &self.dial {
+            Dial::Plain => format!("port {port}\n"),
+            Dial::Tls(certs) => {
+                let path = |p: std::path::PathBuf| p.to_string_lossy().into_owned();
+                format!(
+                    "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
+                     tls-client-cert-file {}\ntls-client-key-file {}\ntls-auth-clients no\ntls-replication yes\n",
+                    path(certs.server_cert_path()),
+                    path(certs.server_key_path()),
+                    path(certs.ca_path()),
+                    path(certs.client_cert_path()),
+                    path(certs.client_key_path()),
+                )
+            }
+        }
+    }
+
     fn spawn_checked(&mut self, port: u16, label: &str, args: &[String]) -> anyhow::Result<()> {
         let mut child = spawn(self.dir.path(), label, args)?;
-        if let Err(e) = wait_for_ping(port, &mut child) {
+        if let Err(e) = self.dial.wait_for_ping(port, &mut child) {
             kill(child);
             return Err(e);
         }
@@ -233,20 +292,20 @@ impl Drop for PrivateRedisSentinel {
 }
 
 /// The primary's port as the sentinel on `port` reports it.
-fn reported_primary(port: u16) -> anyhow::Result<u16> {
-    let addr: Vec<String> = query(port, redis::cmd("SENTINEL").arg("get-master-addr-by-name").arg(MASTER_NAME))?;
+fn reported_primary(dial: &Dial, port: u16) -> anyhow::Result<u16> {
+    let addr: Vec<String> = dial.query(port, redis::cmd("SENTINEL").arg("get-master-addr-by-name").arg(MASTER_NAME))?;
     Ok(addr.get(1).context("no primary reported")?.parse()?)
 }
 
 /// `SENTINEL MASTER <name>` on the sentinel on `port`, as field → value.
-fn master_state(port: u16) -> anyhow::Result<BTreeMap<String, String>> {
-    let flat: Vec<String> = query(port, redis::cmd("SENTINEL").arg("MASTER").arg(MASTER_NAME))?;
+fn master_state(dial: &Dial, port: u16) -> anyhow::Result<BTreeMap<String, String>> {
+    let flat: Vec<String> = dial.query(port, redis::cmd("SENTINEL").arg("MASTER").arg(MASTER_NAME))?;
     Ok(pairs(&flat))
 }
 
 /// `SENTINEL REPLICAS <name>` on the sentinel on `port`, each as field → value.
-fn replicas_state(port: u16) -> anyhow::Result<Vec<BTreeMap<String, String>>> {
-    let replicas: Vec<Vec<String>> = query(port, redis::cmd("SENTINEL").arg("REPLICAS").arg(MASTER_NAME))?;
+fn replicas_state(dial: &Dial, port: u16) -> anyhow::Result<Vec<BTreeMap<String, String>>> {
+    let replicas: Vec<Vec<String>> = dial.query(port, redis::cmd("SENTINEL").arg("REPLICAS").arg(MASTER_NAME))?;
     Ok(replicas.iter().map(|flat| pairs(flat)).collect())
 }
 

@@ -89,9 +89,12 @@ impl RedisNode {
             self.on_control(payload);
         } else if keys::is_probe_channel(channel, &self.probe_channel) {
             if let Some(nonce) = std::str::from_utf8(payload).ok().and_then(|s| s.parse::<u64>().ok()) {
-                let mut heard = lock_unpoisoned(&self.probe.heard);
-                let last = heard.entry(channel.to_string()).or_default();
-                *last = nonce.max(*last);
+                {
+                    let mut heard = lock_unpoisoned(&self.probe.heard);
+                    let last = heard.entry(channel.to_string()).or_default();
+                    *last = nonce.max(*last);
+                }
+                // After `heard` is released: the prober reads it inside the watch's lock.
                 self.probe.echo.send_modify(|echoes| *echoes = echoes.wrapping_add(1));
             }
         } else if let Some(user_id) = keys::user_of_channel(channel) {

@@ -150,6 +150,7 @@ pub(super) async fn probe(node: Arc<RedisNode>, redial: Arc<Notify>, cancel: Can
         };
         let outcome = match tokio::time::timeout(period, published).await {
             Ok(Ok(_)) => {
+                // Runs inside the watch's lock: `on_message` releases `heard` before it notifies.
                 let all_heard = || {
                     let heard = lock_unpoisoned(&node.probe.heard);
                     channels.iter().all(|c| heard.get(c).is_some_and(|seen| *seen >= nonce))
