@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use chatgate::config::Config;
+use chatgate::{config::Config, runs::redis::keys};
 use chatgate_testkit::redis_tls::{PrivateRedisTls, TlsOptions};
 use common::{
     NodeProcess, PrivateRedis, Ws, assert_contiguous, assert_history_matches, cluster_node, cluster_workspaces, seqs,
@@ -437,4 +437,18 @@ async fn nodes_reach_a_tls_redis_with_a_client_certificate_and_an_acl_user() {
     let stderr = refused.stderr();
     let error = stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_default();
     assert!(error.contains("--redis-url") && error.contains("CertificateRequired"), "{stderr}");
+}
+
+/// The node's hash slots (the shard probe channels are picked by them) are the cluster's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_slots_are_the_redis_cluster_s_own() {
+    let cluster = tokio::task::spawn_blocking(chatgate_testkit::redis_cluster::PrivateRedisCluster::shared)
+        .await
+        .unwrap()
+        .expect("a Redis Cluster");
+    let session = uuid::Uuid::new_v4().to_string();
+    let probe = keys::shard_probe_channel("cg:probe:node-1:abc", "42");
+    for name in ["foo", "cg:runs", "{}x", "a{}{b}", "{user1000}.following", &keys::run(&session), &probe] {
+        assert_eq!(keys::slot(name), cluster.slot_of(name).unwrap(), "{name}");
+    }
 }
