@@ -15,7 +15,9 @@
 //! - `start`: `chat.send` → first event latency under a paced load.
 //! - `ceiling`: the machine's Redis limits, for ratios.
 //! - `chaos`: a soak under faults (nodes killed, frozen, drained; Redis
-//!   restarted) with every delivery invariant checked; exit code 1 on a failure.
+//!   restarted, or with `--redis-cluster` a Redis Cluster's primary killed and
+//!   live sessions' slots migrated) with every delivery invariant checked; exit
+//!   code 1 on a failure.
 
 mod all;
 mod ceiling;
@@ -26,6 +28,7 @@ mod echo;
 mod fanout;
 mod idle;
 mod reconnect;
+mod redis_shards;
 mod replay;
 mod start;
 mod stats;
@@ -130,8 +133,9 @@ enum Scenario {
         #[arg(long, default_value_t = 3)]
         nodes: usize,
     },
-    /// Soak under faults: 3 nodes behind nginx, a private Redis, runs with approvals and aborts,
-    /// clients hopping nodes; every invariant checked (exit code 1 if one failed).
+    /// Soak under faults: 3 nodes behind nginx, a private Redis (or Redis Cluster with
+    /// `--redis-cluster`), runs with approvals and aborts, clients hopping nodes; every invariant
+    /// checked (exit code 1 if one failed).
     Chaos(chaos::ChaosArgs),
     /// This machine's Redis limits (redis-benchmark XADD and PUBLISH, one at a time and pipelined).
     Ceiling,
