@@ -7,7 +7,9 @@
 //! - `idle`: N authenticated sockets each subscribed to its own session on one
 //!   node: the node's RSS per socket, and the kernel's TCP memory per socket.
 //! - `fanout`: R runs × S subscribers over 3 cluster nodes: deliveries/s, CPU
-//!   per delivered event (nodes + Redis), latency, Redis round trips per event.
+//!   per delivered event (nodes + Redis), latency, Redis round trips per event;
+//!   on a private Redis Cluster (`--private-redis-cluster`) every server's CPU
+//!   and a per-shard breakdown.
 //! - `latency`: the same paced at a delivery rate, then saturated, side by side.
 //! - `reconnect`: clients miss M events and resume on another node.
 //! - `storm`: `reconnect` at scale: thousands of sockets drop at once and resume.
@@ -20,6 +22,7 @@
 //!   code 1 on a failure.
 
 mod all;
+mod bench_redis;
 mod ceiling;
 mod chaos;
 mod client;
@@ -82,6 +85,10 @@ enum Scenario {
         /// Environment for B's nodes (repeatable; with or without --compare-bin).
         #[arg(long, value_parser = client::parse_env)]
         compare_env: Vec<(String, String)>,
+        /// B's nodes run on a private Redis Cluster (`--redis-mode cluster`, 3 primaries,
+        /// `--cluster-replicas` each), A's on the Redis the other flags choose.
+        #[arg(long)]
+        compare_redis_cluster: bool,
         /// Measurements per binary.
         #[arg(long, default_value_t = 1)]
         repeat: usize,
@@ -171,12 +178,19 @@ fn main() -> anyhow::Result<()> {
                 ("echo", echo::run(&bin, &cli.cluster, events, payload_bytes, runs).await?)
             }
             Scenario::Idle(args) => ("idle", idle::run(&bin, &cli.cluster, &args).await?),
-            Scenario::Fanout { shape, nodes, compare_bin, compare_env, repeat } => {
-                let mut variants = vec![fanout::Variant { bin: bin.clone(), env: cli.cluster.node_env.clone() }];
-                if compare_bin.is_some() || !compare_env.is_empty() {
+            Scenario::Fanout { shape, nodes, compare_bin, compare_env, compare_redis_cluster, repeat } => {
+                let a = fanout::Variant {
+                    bin: bin.clone(),
+                    env: cli.cluster.node_env.clone(),
+                    redis_cluster: cli.cluster.private_redis_cluster,
+                };
+                let mut variants = vec![a];
+                if compare_bin.is_some() || !compare_env.is_empty() || compare_redis_cluster {
                     let mut env = cli.cluster.node_env.clone();
                     env.extend(compare_env);
-                    variants.push(fanout::Variant { bin: compare_bin.unwrap_or(bin.clone()), env });
+                    let bin = compare_bin.unwrap_or(bin.clone());
+                    let redis_cluster = compare_redis_cluster || cli.cluster.private_redis_cluster;
+                    variants.push(fanout::Variant { bin, env, redis_cluster });
                 }
                 ("fanout", fanout::compare(&variants, &cli.cluster, nodes, &shape, repeat).await?)
             }
