@@ -16,6 +16,8 @@
 //! - `replay`: a live run with 10 000 retained events replayed from seq 0 on another node.
 //! - `start`: `chat.send` → first event latency under a paced load.
 //! - `ceiling`: the machine's Redis limits, for ratios.
+//! - `publish`: classic PUBLISH against sharded SPUBLISH on a private Redis
+//!   Cluster: Redis CPU and cluster-bus messages per message, and their ratio.
 //! - `chaos`: a soak under faults (nodes killed, frozen, drained; Redis
 //!   restarted, or with `--redis-cluster` a Redis Cluster's primary killed and
 //!   live sessions' slots migrated) with every delivery invariant checked; exit
@@ -30,6 +32,7 @@ mod cluster;
 mod echo;
 mod fanout;
 mod idle;
+mod publish;
 mod reconnect;
 mod redis_shards;
 mod replay;
@@ -146,6 +149,8 @@ enum Scenario {
     Chaos(chaos::ChaosArgs),
     /// This machine's Redis limits (redis-benchmark XADD and PUBLISH, one at a time and pipelined).
     Ceiling,
+    /// Classic PUBLISH against sharded SPUBLISH on one private Redis Cluster, alternately.
+    Publish(publish::PublishArgs),
     /// Every scenario at the documented size; prints the Markdown table of docs/benchmarks.md.
     All {
         #[arg(long, default_value_t = 19_000)]
@@ -244,6 +249,7 @@ fn main() -> anyhow::Result<()> {
                 drop(private);
                 ("ceiling", result?)
             }
+            Scenario::Publish(args) => ("publish", publish::run(&args).await?),
             Scenario::All { idle_sockets, storm_clients } => {
                 let result = all::run(&bin, &cli.cluster, idle_sockets, storm_clients).await?;
                 if !cli.json {
