@@ -1,5 +1,6 @@
 //! The faults, injected one after another on a fixed rotation (node faults
-//! round robin over the nodes): `kill -9` a node and start it again; SIGSTOP a
+//! round robin over the nodes, shifted by one every round so that each node
+//! meets each kind): `kill -9` a node and start it again; SIGSTOP a
 //! node for longer than the lease, then SIGCONT (its runs must be fenced);
 //! restart Redis empty; SIGTERM a node (it drains: 1012 to its sockets) and
 //! start it again. On a Redis Cluster (`--redis-cluster`) the Redis restart is
@@ -130,7 +131,10 @@ pub async fn inject(ctx: Arc<Ctx>, stack: Arc<Stack>, first_at: Instant, every: 
             FaultKind::PrimaryFailover => cluster_faults::kill_primary(&ctx, &stack.redis).await,
             FaultKind::SlotMigration => cluster_faults::migrate_live_slots(&ctx, &stack.redis).await,
             _ => {
-                let node = node_turn % stack.nodes.len();
+                // Round robin, shifted by one node every round: with as many node fault kinds
+                // as nodes, plain round robin would give each kind always the same node.
+                let count = stack.nodes.len();
+                let node = (node_turn + node_turn / count) % count;
                 node_turn += 1;
                 node_fault(&ctx, &stack, kind, node).await
             }
