@@ -18,6 +18,8 @@ use crate::redis_shards;
 #[derive(Debug, Default, Clone)]
 pub struct RedisUsage {
     pub keys: BTreeMap<&'static str, u64>,
+    /// The first few keys of kinds that do not last (by name, with the port that holds them).
+    pub examples: Vec<String>,
     /// `used_memory`: everything Redis allocated, less replication buffers.
     pub used: u64,
     /// `used_memory_dataset`: the keys' share of it.
@@ -35,7 +37,11 @@ pub async fn redis_usage(ports: &[u16]) -> anyhow::Result<RedisUsage> {
             let (next, batch): (u64, Vec<String>) =
                 redis_shards::query(port, redis::cmd("SCAN").arg(cursor).arg("COUNT").arg(1000)).await?;
             for key in batch {
-                *usage.keys.entry(key_class(&key)).or_default() += 1;
+                let class = key_class(&key);
+                *usage.keys.entry(class).or_default() += 1;
+                if !LASTING.contains(&class) && usage.examples.len() < EXAMPLES {
+                    usage.examples.push(format!("{key} on {port}"));
+                }
             }
             if next == 0 {
                 break;
@@ -86,6 +92,8 @@ fn key_class(key: &str) -> &'static str {
 /// Key kinds that stay by design: a finished session's seq counter (a day),
 /// and the sweeper's short lock.
 const LASTING: &[&str] = &["session_seq", "sweep_lock"];
+/// Names of leftover keys kept for the report.
+const EXAMPLES: usize = 5;
 /// Bytes per lasting seq counter allowed above the baseline.
 const BYTES_PER_SEQ_KEY: u64 = 256;
 /// Allowance per server above the baseline for what Redis keeps after a burst of keys is gone (its
@@ -121,7 +129,10 @@ pub async fn redis_after_retention(ctx: &Ctx, redis: &SoakRedis, baseline: &Redi
     let seq_keys = last.keys.get("session_seq").copied().unwrap_or(0);
     let allowed_used = baseline.used + seq_keys * BYTES_PER_SEQ_KEY + MEMORY_SLACK * last.servers.max(1);
     if !leftover.is_empty() {
-        ctx.fail(ledger::REDIS_MEMORY, format!("keys left after retention: {leftover:?}"));
+        ctx.fail(
+            ledger::REDIS_MEMORY,
+            format!("keys left after retention: {leftover:?} ({})", last.examples.join(", ")),
+        );
     }
     if last.used > allowed_used {
         ctx.fail(
@@ -137,7 +148,7 @@ pub async fn redis_after_retention(ctx: &Ctx, redis: &SoakRedis, baseline: &Redi
         "allowed_used_memory_bytes": allowed_used,
         "baseline_dataset_bytes": baseline.dataset, "after_dataset_bytes": last.dataset,
         "keys_after": last.keys, "seconds_until_only_lasting_keys": waited.as_secs(),
-        "servers_summed": last.servers,
+        "servers_summed": last.servers, "leftover_key_examples": last.examples,
     })
 }
 
