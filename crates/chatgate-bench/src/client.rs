@@ -24,8 +24,9 @@ pub enum Backend {
     /// Single node: its own SQLite file, runs coordinated in process.
     Sqlite,
     /// Cluster mode: the shared Redis and PostgreSQL, under a unique node id,
-    /// with the workspaces root every node of the cluster shares.
-    Cluster { redis_url: String, database_url: String, node_id: String, workspaces: PathBuf },
+    /// with the workspaces root every node of the cluster shares; `redis_cluster`:
+    /// `--redis-mode cluster` (the URL is a seed list).
+    Cluster { redis_url: String, redis_cluster: bool, database_url: String, node_id: String, workspaces: PathBuf },
 }
 
 /// A gateway node the bench talks to.
@@ -57,8 +58,9 @@ impl Node {
             Backend::Sqlite => {
                 command.database_url(&format!("sqlite://{}?mode=rwc", dir.path().join("bench.db").display()))
             }
-            Backend::Cluster { redis_url, database_url, node_id, .. } => {
-                command.database_url(database_url).redis_url(redis_url).node_id(node_id)
+            Backend::Cluster { redis_url, redis_cluster, database_url, node_id, .. } => {
+                let command = command.database_url(database_url).redis_url(redis_url).node_id(node_id);
+                if *redis_cluster { command.args(["--redis-mode", "cluster"]) } else { command }
             }
         };
         let process = command

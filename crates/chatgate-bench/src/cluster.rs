@@ -1,15 +1,19 @@
 //! Nodes for a scenario (one single node, or several cluster nodes on the
-//! shared Redis and PostgreSQL) and what is read from them around a
-//! measurement: CPU time from `/proc/<pid>/stat` (nodes and `redis-server`)
-//! and counters from each node's `/metrics`.
+//! shared Redis and PostgreSQL, or private ones) and what is read from them
+//! around a measurement: CPU time from `/proc/<pid>/stat` (nodes and every
+//! `redis-server`: [`crate::bench_redis`]) and counters from each node's
+//! `/metrics`.
 
 use std::{collections::BTreeMap, net::SocketAddr, path::Path};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
-use chatgate_testkit::{postgres::PrivatePostgres, redis::PrivateRedis};
+use chatgate_testkit::postgres::PrivatePostgres;
 
-use crate::client::{Api, Backend, Node};
+use crate::{
+    bench_redis::BenchRedis,
+    client::{Api, Backend, Node},
+};
 
 /// Where cluster nodes find Redis and PostgreSQL.
 #[derive(Debug, Clone, clap::Args)]
@@ -24,6 +28,13 @@ pub struct ClusterArgs {
     /// of using `--redis-url`, so that its CPU time is the scenario's alone.
     #[arg(long, global = true)]
     pub private_redis: bool,
+    /// Start a private Redis Cluster (3 primaries, `--cluster-replicas` replicas each) and run
+    /// the nodes with `--redis-mode cluster` on it; the CPU of every server is counted.
+    #[arg(long, global = true, conflicts_with = "private_redis")]
+    pub private_redis_cluster: bool,
+    /// Replicas per primary of `--private-redis-cluster`.
+    #[arg(long, default_value_t = 0, global = true)]
+    pub cluster_replicas: u16,
     /// Start a private PostgreSQL (fsync off, as the `postgres` user) instead
     /// of using `--database-url`: its CPU time is then reported too.
     #[arg(long, global = true)]
@@ -36,12 +47,8 @@ pub struct ClusterArgs {
 /// The nodes of one scenario.
 pub struct Cluster {
     pub nodes: Vec<Node>,
-    /// `redis-server`'s pid (cluster mode, when it runs on this machine).
-    pub redis_pid: Option<u32>,
-    /// The Redis the nodes use (cluster mode).
-    pub redis_url: Option<String>,
-    /// Private services, stopped with the cluster.
-    private_redis: Option<PrivateRedis>,
+    /// The Redis the nodes use (cluster mode), stopped with the cluster when private.
+    pub redis: Option<BenchRedis>,
     private_postgres: Option<PrivatePostgres>,
     pub api: Api,
     /// The workspaces root the cluster's nodes share (as on a shared volume).
@@ -58,48 +65,28 @@ impl Cluster {
     /// (each applies the migrations at start).
     pub async fn start(bin: &Path, args: &ClusterArgs, count: usize, extra: &[String]) -> anyhow::Result<Cluster> {
         let run = uuid::Uuid::new_v4().simple().to_string();
-        let private_redis = if args.private_redis { Some(PrivateRedis::start()?) } else { None };
-        let redis_url = private_redis.as_ref().map_or(args.redis_url.clone(), PrivateRedis::url);
+        let redis = BenchRedis::start(args).await?;
         let private_postgres = if args.private_postgres { Some(PrivatePostgres::start().await?) } else { None };
         let database_url = private_postgres.as_ref().map_or(args.database_url.clone(), |p| p.url.clone());
         let workspaces = tempfile::tempdir()?;
         let mut nodes = Vec::with_capacity(count);
         for i in 0..count {
             let backend = Backend::Cluster {
-                redis_url: redis_url.clone(),
+                redis_url: redis.url.clone(),
+                redis_cluster: redis.is_cluster(),
                 database_url: database_url.clone(),
                 node_id: format!("bench-{}-{i}", &run[..8]),
                 workspaces: workspaces.path().to_path_buf(),
             };
             nodes.push(Node::spawn(bin, &backend, extra, &args.node_env).await?);
         }
-        let redis_pid = match &private_redis {
-            Some(redis) => redis.pid(),
-            None => redis_pid(&redis_url).await.ok(),
-        };
-        Ok(Cluster {
-            nodes,
-            redis_pid,
-            redis_url: Some(redis_url),
-            private_redis,
-            private_postgres,
-            api: Api::new(),
-            _workspaces: Some(workspaces),
-        })
+        Ok(Cluster { nodes, redis: Some(redis), private_postgres, api: Api::new(), _workspaces: Some(workspaces) })
     }
 
     /// One single node (SQLite, in-process registry).
     pub async fn single(bin: &Path, args: &ClusterArgs, extra: &[String]) -> anyhow::Result<Cluster> {
         let node = Node::spawn(bin, &Backend::Sqlite, extra, &args.node_env).await?;
-        Ok(Cluster {
-            nodes: vec![node],
-            redis_pid: None,
-            redis_url: None,
-            private_redis: None,
-            private_postgres: None,
-            api: Api::new(),
-            _workspaces: None,
-        })
+        Ok(Cluster { nodes: vec![node], redis: None, private_postgres: None, api: Api::new(), _workspaces: None })
     }
 
     pub fn addr(&self, i: usize) -> SocketAddr {
@@ -115,24 +102,27 @@ impl Cluster {
             let text = self.api.metrics(node.addr).await?;
             metrics.add(&text);
         }
-        let redis_cpu = self.redis_pid.and_then(cpu_seconds);
+        let redis_cpu_by_port = self.redis.as_ref().map(BenchRedis::cpu_by_port).unwrap_or_default();
+        let redis_cpu = (!redis_cpu_by_port.is_empty()).then(|| redis_cpu_by_port.values().sum());
         let client_cpu = cpu_seconds(std::process::id()).unwrap_or(0.0);
         let postgres_cpu = match &self.private_postgres {
             Some(pg) => private_postgres_cpu_seconds(pg).unwrap_or(0.0),
             None => postgres_cpu_seconds(),
         };
-        let redis_commands = match &self.redis_url {
-            Some(url) => command_stats(url).await.unwrap_or_default(),
+        let redis_commands = match &self.redis {
+            Some(redis) => redis.command_stats().await,
             None => BTreeMap::new(),
         };
-        Ok(Sample { node_cpu, redis_cpu, client_cpu, postgres_cpu, metrics, redis_commands })
+        Ok(Sample { node_cpu, redis_cpu, redis_cpu_by_port, client_cpu, postgres_cpu, metrics, redis_commands })
     }
 
     pub async fn stop(self) {
         for node in self.nodes {
             node.stop().await;
         }
-        drop(self.private_redis);
+        if let Some(redis) = self.redis {
+            redis.stop();
+        }
         if let Some(postgres) = self.private_postgres {
             postgres.stop().await;
         }
@@ -195,39 +185,6 @@ pub fn load_average() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
 }
 
-/// `INFO commandstats`: command → (calls, microseconds).
-async fn command_stats(url: &str) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
-    let client = redis::Client::open(url)?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await?;
-    let mut stats = BTreeMap::new();
-    for line in info.lines() {
-        let Some((name, fields)) = line.strip_prefix("cmdstat_").and_then(|l| l.split_once(':')) else { continue };
-        let field = |key: &str| {
-            fields.split(',').find_map(|f| f.strip_prefix(key)?.strip_prefix('=')?.parse::<u64>().ok()).unwrap_or(0)
-        };
-        stats.insert(name.to_string(), (field("calls"), field("usec")));
-    }
-    Ok(stats)
-}
-
-/// `redis-server`'s pid from `INFO server` (only meaningful when it runs here).
-async fn redis_pid(url: &str) -> anyhow::Result<u32> {
-    let client = redis::Client::open(url)?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let info: String = redis::cmd("INFO").arg("server").query_async(&mut conn).await?;
-    let pid = info
-        .lines()
-        .find_map(|l| l.strip_prefix("process_id:"))
-        .context("no process_id in INFO")?
-        .trim()
-        .parse::<u32>()?;
-    if !Path::new(&format!("/proc/{pid}")).exists() {
-        bail!("redis-server {pid} is not a process on this machine");
-    }
-    Ok(pid)
-}
-
 /// Counters summed over the nodes' `/metrics`.
 #[derive(Debug, Default, Clone)]
 pub struct Counters {
@@ -285,7 +242,10 @@ impl Counters {
 #[derive(Debug, Clone)]
 pub struct Sample {
     pub node_cpu: f64,
+    /// Every `redis-server` of the scenario, summed (`None`: none runs on this machine).
     pub redis_cpu: Option<f64>,
+    /// Each server's, by port.
+    pub redis_cpu_by_port: BTreeMap<u16, f64>,
     pub client_cpu: f64,
     pub postgres_cpu: f64,
     pub metrics: Counters,
@@ -300,6 +260,11 @@ impl Sample {
         Usage {
             node_cpu: self.node_cpu - before.node_cpu,
             redis_cpu: self.redis_cpu.zip(before.redis_cpu).map(|(a, b)| a - b),
+            redis_cpu_by_port: self
+                .redis_cpu_by_port
+                .iter()
+                .map(|(port, cpu)| (*port, cpu - before.redis_cpu_by_port.get(port).copied().unwrap_or(0.0)))
+                .collect(),
             client_cpu: self.client_cpu - before.client_cpu,
             postgres_cpu: self.postgres_cpu - before.postgres_cpu,
             metrics: self.metrics.minus(&before.metrics),

@@ -2,8 +2,9 @@
 //! sockets spread over the nodes, events of B bytes as fast as possible or
 //! paced to a target delivery rate. Every socket checks its seq sequence and
 //! measures each stamped event's delivery latency (runtime emit → client
-//! receive); the nodes' and Redis's CPU time and the nodes' counters are read
-//! before and after.
+//! receive); the nodes' and Redis's CPU time (every server of a Redis Cluster,
+//! with a per-shard breakdown against the sessions each serves) and the nodes'
+//! counters are read before and after.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -47,10 +48,12 @@ const FRAME_WAIT: Duration = Duration::from_secs(120);
 /// Sockets being set up at once.
 const SETUP_CONCURRENCY: usize = 32;
 
-/// A chatgate build and the environment its nodes run with.
+/// A chatgate build, the environment its nodes run with, and whether they run on a private
+/// Redis Cluster.
 pub struct Variant {
     pub bin: PathBuf,
     pub env: Vec<(String, String)>,
+    pub redis_cluster: bool,
 }
 
 /// Figures compared between variants.
@@ -79,6 +82,10 @@ pub async fn compare(
         for (i, variant) in variants.iter().enumerate() {
             let mut args_here = cluster_args.clone();
             args_here.node_env = variant.env.clone();
+            if variant.redis_cluster {
+                args_here.private_redis_cluster = true;
+                args_here.private_redis = false;
+            }
             let cluster = Cluster::start(&variant.bin, &args_here, nodes, &[]).await?;
             let result = measure(&cluster, args).await;
             cluster.stop().await;
@@ -99,6 +106,8 @@ pub async fn compare(
         figures.insert("binary".into(), json!(variant.bin.display().to_string()));
         let env: Vec<String> = variant.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         figures.insert("node_env".into(), json!(env.join(" ")));
+        figures
+            .insert("redis".into(), json!(if variant.redis_cluster { "private Redis Cluster" } else { "one Redis" }));
         for pointer in COMPARED {
             let name = pointer.trim_start_matches('/').replace('/', ".");
             let each: Vec<Value> = runs.iter().map(|r| r.pointer(pointer).cloned().unwrap_or(Value::Null)).collect();
@@ -115,6 +124,9 @@ pub async fn compare(
         let seq_clean =
             runs.iter().all(|r| r["seq"]["gaps"] == 0 && r["seq"]["duplicates"] == 0 && r["seq"]["reorders"] == 0);
         figures.insert("seq_clean".into(), json!(seq_clean));
+        if let Some(last) = runs.last().filter(|r| !r["redis_shards"].is_null()) {
+            figures.insert("redis_shards (last measurement)".into(), last["redis_shards"].clone());
+        }
         out.insert(((b'A' + i as u8) as char).to_string(), Value::Object(figures));
     }
     out.insert(
@@ -179,6 +191,7 @@ pub async fn measure(cluster: &Cluster, args: &FanoutArgs) -> anyhow::Result<Val
     // Sockets: watcher j of run r on node (r + j) mod nodes; watcher 0 sends on the run's node.
     let stagger = Duration::from_millis(interval_ms) / args.runs.max(1) as u32;
     let specs: Vec<(usize, usize)> = (0..args.runs).flat_map(|r| (0..args.subscribers).map(move |j| (r, j))).collect();
+    let sessions: Vec<String> = plans.iter().map(|(_, _, session)| session.clone()).collect();
     let plans = Arc::new(plans);
     let watchers: Vec<anyhow::Result<Watcher>> = stream::iter(specs)
         .map(|(r, j)| {
@@ -225,6 +238,10 @@ pub async fn measure(cluster: &Cluster, args: &FanoutArgs) -> anyhow::Result<Val
     let expected_deliveries = expected * (args.runs * args.subscribers) as u64;
     let per_event_us = |cpu: f64| round(cpu / delivered * 1e6, 2);
     let server_cpu = usage.node_cpu + usage.redis_cpu.unwrap_or(0.0);
+    let shards = match &cluster.redis {
+        Some(redis) => redis.shard_breakdown(&sessions, &usage.redis_cpu_by_port)?,
+        None => None,
+    };
     Ok(json!({
         "nodes": nodes,
         "runs": args.runs,
@@ -263,6 +280,8 @@ pub async fn measure(cluster: &Cluster, args: &FanoutArgs) -> anyhow::Result<Val
         "redis_round_trips_by_op": usage.metrics.round_trips_by_op,
         "slow_consumer_closes": usage.metrics.slow_consumer_closes,
         "redis_commands": redis_commands(&usage.redis_commands, usage.metrics.events_appended),
+        "redis_servers": usage.redis_cpu_by_port.len(),
+        "redis_shards": shards,
         "load_average_before": load_average,
     }))
 }

@@ -7,17 +7,24 @@
 //! - `idle`: N authenticated sockets each subscribed to its own session on one
 //!   node: the node's RSS per socket, and the kernel's TCP memory per socket.
 //! - `fanout`: R runs × S subscribers over 3 cluster nodes: deliveries/s, CPU
-//!   per delivered event (nodes + Redis), latency, Redis round trips per event.
+//!   per delivered event (nodes + Redis), latency, Redis round trips per event;
+//!   on a private Redis Cluster (`--private-redis-cluster`) every server's CPU
+//!   and a per-shard breakdown.
 //! - `latency`: the same paced at a delivery rate, then saturated, side by side.
 //! - `reconnect`: clients miss M events and resume on another node.
 //! - `storm`: `reconnect` at scale: thousands of sockets drop at once and resume.
 //! - `replay`: a live run with 10 000 retained events replayed from seq 0 on another node.
 //! - `start`: `chat.send` → first event latency under a paced load.
 //! - `ceiling`: the machine's Redis limits, for ratios.
+//! - `publish`: classic PUBLISH against sharded SPUBLISH on a private Redis
+//!   Cluster: Redis CPU and cluster-bus messages per message, and their ratio.
 //! - `chaos`: a soak under faults (nodes killed, frozen, drained; Redis
-//!   restarted) with every delivery invariant checked; exit code 1 on a failure.
+//!   restarted, or with `--redis-cluster` a Redis Cluster's primary killed and
+//!   live sessions' slots migrated) with every delivery invariant checked; exit
+//!   code 1 on a failure.
 
 mod all;
+mod bench_redis;
 mod ceiling;
 mod chaos;
 mod client;
@@ -25,7 +32,9 @@ mod cluster;
 mod echo;
 mod fanout;
 mod idle;
+mod publish;
 mod reconnect;
+mod redis_shards;
 mod replay;
 mod start;
 mod stats;
@@ -79,6 +88,10 @@ enum Scenario {
         /// Environment for B's nodes (repeatable; with or without --compare-bin).
         #[arg(long, value_parser = client::parse_env)]
         compare_env: Vec<(String, String)>,
+        /// B's nodes run on a private Redis Cluster (`--redis-mode cluster`, 3 primaries,
+        /// `--cluster-replicas` each), A's on the Redis the other flags choose.
+        #[arg(long)]
+        compare_redis_cluster: bool,
         /// Measurements per binary.
         #[arg(long, default_value_t = 1)]
         repeat: usize,
@@ -130,11 +143,14 @@ enum Scenario {
         #[arg(long, default_value_t = 3)]
         nodes: usize,
     },
-    /// Soak under faults: 3 nodes behind nginx, a private Redis, runs with approvals and aborts,
-    /// clients hopping nodes; every invariant checked (exit code 1 if one failed).
+    /// Soak under faults: 3 nodes behind nginx, a private Redis (or Redis Cluster with
+    /// `--redis-cluster`), runs with approvals and aborts, clients hopping nodes; every invariant
+    /// checked (exit code 1 if one failed).
     Chaos(chaos::ChaosArgs),
     /// This machine's Redis limits (redis-benchmark XADD and PUBLISH, one at a time and pipelined).
     Ceiling,
+    /// Classic PUBLISH against sharded SPUBLISH on one private Redis Cluster, alternately.
+    Publish(publish::PublishArgs),
     /// Every scenario at the documented size; prints the Markdown table of docs/benchmarks.md.
     All {
         #[arg(long, default_value_t = 19_000)]
@@ -167,12 +183,19 @@ fn main() -> anyhow::Result<()> {
                 ("echo", echo::run(&bin, &cli.cluster, events, payload_bytes, runs).await?)
             }
             Scenario::Idle(args) => ("idle", idle::run(&bin, &cli.cluster, &args).await?),
-            Scenario::Fanout { shape, nodes, compare_bin, compare_env, repeat } => {
-                let mut variants = vec![fanout::Variant { bin: bin.clone(), env: cli.cluster.node_env.clone() }];
-                if compare_bin.is_some() || !compare_env.is_empty() {
+            Scenario::Fanout { shape, nodes, compare_bin, compare_env, compare_redis_cluster, repeat } => {
+                let a = fanout::Variant {
+                    bin: bin.clone(),
+                    env: cli.cluster.node_env.clone(),
+                    redis_cluster: cli.cluster.private_redis_cluster,
+                };
+                let mut variants = vec![a];
+                if compare_bin.is_some() || !compare_env.is_empty() || compare_redis_cluster {
                     let mut env = cli.cluster.node_env.clone();
                     env.extend(compare_env);
-                    variants.push(fanout::Variant { bin: compare_bin.unwrap_or(bin.clone()), env });
+                    let bin = compare_bin.unwrap_or(bin.clone());
+                    let redis_cluster = compare_redis_cluster || cli.cluster.private_redis_cluster;
+                    variants.push(fanout::Variant { bin, env, redis_cluster });
                 }
                 ("fanout", fanout::compare(&variants, &cli.cluster, nodes, &shape, repeat).await?)
             }
@@ -226,6 +249,7 @@ fn main() -> anyhow::Result<()> {
                 drop(private);
                 ("ceiling", result?)
             }
+            Scenario::Publish(args) => ("publish", publish::run(&args).await?),
             Scenario::All { idle_sockets, storm_clients } => {
                 let result = all::run(&bin, &cli.cluster, idle_sockets, storm_clients).await?;
                 if !cli.json {

@@ -1,8 +1,11 @@
 //! Correctness under load, not speed: small, fast runs of the load generator's
 //! `fanout` and `storm` (`reconnect` with many clients dropping at once)
-//! scenarios against three cluster nodes on the shared Redis and PostgreSQL.
-//! Every socket's seq sequence must have no gap and no duplicate, and every
-//! expected event must arrive. Figures are printed, never asserted.
+//! scenarios against three cluster nodes on the shared Redis and PostgreSQL,
+//! `fanout` again on a private Redis Cluster, and `publish` (classic against
+//! sharded pub/sub). Every socket's seq sequence must have no gap and no
+//! duplicate, and every expected event must arrive. Figures are printed, never
+//! asserted (but for what must hold: a per-shard breakdown covering every
+//! session, every published message received).
 
 use std::{path::PathBuf, process::Command};
 
@@ -67,4 +70,25 @@ fn storm_smoke_resumes_every_client_without_loss() {
     assert_clean(&result["seq"]);
     assert_eq!(result["delivery_percent"], 100.0, "{result}");
     assert_eq!(result["replay_truncated_acks"], 0, "{result}");
+}
+
+#[test]
+fn fanout_smoke_on_a_redis_cluster_counts_every_shard() {
+    let result = bench(&["--private-redis-cluster", "fanout", "--runs", "8", "--subscribers", "4", "--events", "300"]);
+    assert_clean(&result["seq"]);
+    assert_eq!(result["delivered_events"], result["expected_deliveries"], "{result}");
+    assert_eq!(result["redis_servers"], 3, "{result}");
+    let shards = result["redis_shards"].as_object().expect("a per-shard breakdown");
+    assert_eq!(shards.len(), 3, "{result}");
+    let sessions: u64 = shards.values().filter_map(|s| s["sessions"].as_u64()).sum();
+    assert_eq!(sessions, 8, "every session on one shard: {result}");
+}
+
+#[test]
+fn publish_smoke_delivers_every_message_classic_and_sharded() {
+    let result = bench(&["publish", "--messages", "2000", "--channels", "30", "--repeat", "1", "--replicas", "0"]);
+    for mode in ["classic_publish", "sharded_spublish"] {
+        let runs = result["each"][mode].as_array().expect("one measurement per mode");
+        assert!(runs.iter().all(|r| r["received"] == 2000), "{result}");
+    }
 }

@@ -1,11 +1,17 @@
 //! The faults, injected one after another on a fixed rotation (node faults
-//! round robin over the nodes): `kill -9` a node and start it again; SIGSTOP a
+//! round robin over the nodes, shifted by one every round so that each node
+//! meets each kind): `kill -9` a node and start it again; SIGSTOP a
 //! node for longer than the lease, then SIGCONT (its runs must be fenced);
 //! restart Redis empty; SIGTERM a node (it drains: 1012 to its sockets) and
-//! start it again. Each is recorded with its times for the checks that
-//! depend on them (how soon an owner's runs must end).
+//! start it again. On a Redis Cluster (`--redis-cluster`) the Redis restart is
+//! replaced by two faults of [`super::cluster_faults`]: a primary SIGKILLed,
+//! failed over and restarted as a replica, and live sessions' slots migrated
+//! to another primary. Each is recorded with its times for the checks that
+//! depend on them (how soon an owner's runs must end, which sessions' Redis
+//! state may have been lost).
 
 use std::{
+    ops::RangeInclusive,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -14,7 +20,7 @@ use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use super::{Ctx, ledger, stack::Stack};
+use super::{Ctx, cluster_faults, ledger, soak_redis::SoakRedis, stack::Stack};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultKind {
@@ -22,6 +28,8 @@ pub enum FaultKind {
     Freeze,
     RedisRestart,
     Drain,
+    PrimaryFailover,
+    SlotMigration,
 }
 
 impl FaultKind {
@@ -31,10 +39,20 @@ impl FaultKind {
             FaultKind::Freeze => "sigstop_past_lease",
             FaultKind::RedisRestart => "redis_restart",
             FaultKind::Drain => "sigterm_drain",
+            FaultKind::PrimaryFailover => "redis_primary_killed",
+            FaultKind::SlotMigration => "slot_migration",
         }
     }
 
-    pub const ALL: [FaultKind; 4] = [FaultKind::Kill, FaultKind::Freeze, FaultKind::RedisRestart, FaultKind::Drain];
+    /// The rotation on one Redis.
+    pub const SINGLE: [FaultKind; 4] = [FaultKind::Kill, FaultKind::Freeze, FaultKind::RedisRestart, FaultKind::Drain];
+    /// The rotation on a Redis Cluster.
+    pub const CLUSTER: [FaultKind; 5] =
+        [FaultKind::Kill, FaultKind::Freeze, FaultKind::PrimaryFailover, FaultKind::Drain, FaultKind::SlotMigration];
+
+    pub fn rotation(cluster: bool) -> &'static [FaultKind] {
+        if cluster { &Self::CLUSTER } else { &Self::SINGLE }
+    }
 }
 
 /// One injected fault.
@@ -48,6 +66,9 @@ pub struct FaultRecord {
     /// When it was back (restarted, continued, Redis answering).
     pub back_at: Option<SystemTime>,
     pub note: String,
+    /// The hash slots whose Redis state the fault may have lost (every slot for a restart of
+    /// the one Redis; the killed primary's slots, whose unreplicated writes died with it).
+    pub lost_slots: Vec<RangeInclusive<u16>>,
 }
 
 impl FaultRecord {
@@ -57,8 +78,19 @@ impl FaultRecord {
         match self.kind {
             FaultKind::Kill | FaultKind::Freeze => Some(self.at + lease + slack),
             FaultKind::Drain => Some(self.at + grace + slack),
-            FaultKind::RedisRestart => None,
+            FaultKind::RedisRestart | FaultKind::PrimaryFailover | FaultKind::SlotMigration => None,
         }
+    }
+
+    /// Whether Redis may have lost state of the keys in `slot` at this fault.
+    pub fn loses_state_of(&self, slot: u16) -> bool {
+        self.lost_slots.iter().any(|r| r.contains(&slot))
+    }
+
+    /// A fault that could not be injected (`note` says why).
+    pub fn skipped(kind: FaultKind, note: &str) -> FaultRecord {
+        let now = SystemTime::now();
+        FaultRecord { kind, node: None, at: now, back_at: Some(now), note: note.to_string(), lost_slots: Vec::new() }
     }
 
     pub fn to_json(&self, origin: SystemTime) -> Value {
@@ -90,13 +122,19 @@ pub async fn inject(ctx: Arc<Ctx>, stack: Arc<Stack>, first_at: Instant, every: 
     let mut turn = 0usize;
     let mut node_turn = 0usize;
     let mut next = first_at;
+    let rotation = FaultKind::rotation(stack.redis.is_cluster());
     while Instant::now() < until {
-        let kind = FaultKind::ALL[turn % FaultKind::ALL.len()];
+        let kind = rotation[turn % rotation.len()];
         turn += 1;
         let record = match kind {
             FaultKind::RedisRestart => restart_redis(&ctx, &stack).await,
+            FaultKind::PrimaryFailover => cluster_faults::kill_primary(&ctx, &stack.redis).await,
+            FaultKind::SlotMigration => cluster_faults::migrate_live_slots(&ctx, &stack.redis).await,
             _ => {
-                let node = node_turn % stack.nodes.len();
+                // Round robin, shifted by one node every round: with as many node fault kinds
+                // as nodes, plain round robin would give each kind always the same node.
+                let count = stack.nodes.len();
+                let node = (node_turn + node_turn / count) % count;
                 node_turn += 1;
                 node_fault(&ctx, &stack, kind, node).await
             }
@@ -110,7 +148,10 @@ pub async fn inject(ctx: Arc<Ctx>, stack: Arc<Stack>, first_at: Instant, every: 
 }
 
 async fn restart_redis(ctx: &Ctx, stack: &Stack) -> FaultRecord {
-    let mut redis = stack.redis.lock().await;
+    let SoakRedis::Single { server, .. } = &stack.redis else {
+        return FaultRecord::skipped(FaultKind::RedisRestart, "no single Redis to restart");
+    };
+    let mut redis = server.lock().await;
     let at = SystemTime::now();
     redis.kill();
     tokio::time::sleep(Duration::from_millis(rand::random_range(300..1500))).await;
@@ -122,7 +163,14 @@ async fn restart_redis(ctx: &Ctx, stack: &Stack) -> FaultRecord {
             e.to_string()
         }
     };
-    FaultRecord { kind: FaultKind::RedisRestart, node: None, at, back_at: Some(SystemTime::now()), note }
+    FaultRecord {
+        kind: FaultKind::RedisRestart,
+        node: None,
+        at,
+        back_at: Some(SystemTime::now()),
+        note,
+        lost_slots: vec![0..=16383],
+    }
 }
 
 async fn node_fault(ctx: &Ctx, stack: &Stack, kind: FaultKind, index: usize) -> FaultRecord {
@@ -156,13 +204,20 @@ async fn node_fault(ctx: &Ctx, stack: &Stack, kind: FaultKind, index: usize) -> 
             if note.is_empty() {
                 note = format!("frozen {frozen:?}; {fenced} fenced writes after SIGCONT");
             }
-            return FaultRecord { kind, node: Some(node.id.clone()), at, back_at: Some(back_at), note };
+            return FaultRecord {
+                kind,
+                node: Some(node.id.clone()),
+                at,
+                back_at: Some(back_at),
+                note,
+                lost_slots: Vec::new(),
+            };
         }
         FaultKind::Drain => {
             at = SystemTime::now();
             let signalled = node.signal(Signal::SIGTERM);
             let limit = settings.drain_grace + Duration::from_secs(15);
-            let exited = node.wait_exit(limit).await;
+            let exited = node.wait_exit(limit, stack.dir.path()).await;
             let took = at.elapsed().unwrap_or_default();
             if !exited {
                 ctx.fail(ledger::AVAILABILITY, format!("node {} did not exit within {limit:?} of SIGTERM", node.id));
@@ -172,14 +227,21 @@ async fn node_fault(ctx: &Ctx, stack: &Stack, kind: FaultKind, index: usize) -> 
                 Err(e) => format!("SIGTERM failed: {e}"),
             };
         }
-        FaultKind::RedisRestart => {
+        FaultKind::RedisRestart | FaultKind::PrimaryFailover | FaultKind::SlotMigration => {
             drop(node);
-            return restart_redis(ctx, stack).await;
+            return FaultRecord::skipped(kind, "not a node fault");
         }
     }
     if let Err(e) = node.start().await {
         ctx.fail(ledger::AVAILABILITY, format!("node {} did not come back: {e}", node.id));
         note.push_str(&format!("; restart failed: {e}"));
     }
-    FaultRecord { kind, node: Some(node.id.clone()), at, back_at: Some(SystemTime::now()), note }
+    FaultRecord {
+        kind,
+        node: Some(node.id.clone()),
+        at,
+        back_at: Some(SystemTime::now()),
+        note,
+        lost_slots: Vec::new(),
+    }
 }

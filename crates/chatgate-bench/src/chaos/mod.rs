@@ -9,19 +9,24 @@
 //! reported as a failure count, with totals; the exit code is non-zero if any
 //! failed. See docs/reliability.md.
 //!
-//! - [`stack`]: the nodes, nginx, the private Redis.
+//! - [`stack`]: the nodes, nginx, the private Redis ([`soak_redis`]: one server or a cluster).
 //! - [`peer`]: one logical client and its per-frame checks.
 //! - [`load`]: drivers (runs), watchers (other tabs), aborts.
-//! - [`faults`]: the fault rotation.
+//! - [`faults`]: the fault rotation; [`cluster_faults`]: a Redis Cluster's;
+//!   [`diagnose`]: what a node that would not exit was doing.
 //! - [`monitor`]: running runs and resources while the soak goes on.
-//! - [`verify`]: a finished session against history; Redis after retention.
+//! - [`verify`]: a finished session against history; [`redis_usage`]: Redis after retention.
 //! - [`ledger`]: the shared book of observations and the tally.
 
+mod cluster_faults;
+mod diagnose;
 mod faults;
 mod ledger;
 mod load;
 mod monitor;
 mod peer;
+mod redis_usage;
+mod soak_redis;
 mod stack;
 mod verify;
 
@@ -90,6 +95,11 @@ pub struct ChaosArgs {
     /// `prompt-lost`, `rows-lost-on-kill`, `run-superseded-after-redis-loss`.
     #[arg(long = "tolerate-known-bug", value_parser = known_bug)]
     pub tolerate: Vec<String>,
+    /// Run on a private Redis Cluster (3 primaries, 1 replica each; `--redis-mode cluster`):
+    /// the Redis restart fault is replaced by a primary killed (failed over, then restarted
+    /// as a replica) and live sessions' slots migrated between primaries.
+    #[arg(long)]
+    pub redis_cluster: bool,
 }
 
 fn known_bug(raw: &str) -> Result<String, String> {
@@ -240,7 +250,7 @@ pub async fn run(bin: &Path, cluster: &ClusterArgs, args: &ChaosArgs) -> anyhow:
         drain_grace: Duration::from_millis(args.drain_grace_ms),
         replay_max_events: args.replay_max_events,
     };
-    let stack = Arc::new(Stack::start(bin, cluster, NODES, settings.clone()).await?);
+    let stack = Arc::new(Stack::start(bin, cluster, NODES, settings.clone(), args.redis_cluster).await?);
     let outcome = soak(&stack, args, settings).await;
     let failed = outcome.as_ref().map_or(true, |r| r["passed"] != true);
     if failed {
@@ -256,7 +266,7 @@ pub async fn run(bin: &Path, cluster: &ClusterArgs, args: &ChaosArgs) -> anyhow:
 }
 
 async fn soak(stack: &Arc<Stack>, args: &ChaosArgs, settings: NodeSettings) -> anyhow::Result<Value> {
-    let baseline = verify::redis_usage(&stack.redis_url).await?;
+    let baseline = redis_usage::redis_usage(&stack.redis.key_holders().await?).await?;
     let auth = chatgate::auth::Auth::new(SECRET.as_bytes());
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let tokens = (0..args.users)
@@ -315,14 +325,14 @@ async fn soak(stack: &Arc<Stack>, args: &ChaosArgs, settings: NodeSettings) -> a
     let _ = running.await;
     let samples = sampler.await.unwrap_or_default();
     let _ = checker.await;
-    let redis = verify::redis_after_retention(&ctx, &stack.redis_url, &baseline).await;
+    let redis = redis_usage::redis_after_retention(&ctx, &stack.redis, &baseline).await;
 
     let origin = ctx.started_wall;
     let fault_log: Vec<Value> = ctx.fault_log().iter().map(|f| f.to_json(origin)).collect();
     let book = ctx.book();
     let tally = book.tally.to_json();
     let failed = book.tally.failed();
-    let faults: serde_json::Map<String, Value> = faults::FaultKind::ALL
+    let faults: serde_json::Map<String, Value> = faults::FaultKind::rotation(args.redis_cluster)
         .iter()
         .map(|k| {
             (k.name().to_string(), json!(book.tally.totals.get(&format!("faults_{}", k.name())).copied().unwrap_or(0)))
@@ -333,6 +343,11 @@ async fn soak(stack: &Arc<Stack>, args: &ChaosArgs, settings: NodeSettings) -> a
         "failed_checks": failed,
         "minutes": args.minutes,
         "nodes": NODES,
+        "redis_mode": if args.redis_cluster {
+            format!("Redis Cluster, {} primaries × {} replica", soak_redis::CLUSTER_PRIMARIES, soak_redis::CLUSTER_REPLICAS)
+        } else {
+            "one redis-server".to_string()
+        },
         "drivers": args.drivers,
         "watchers_per_session": args.watchers,
         "users": args.users,

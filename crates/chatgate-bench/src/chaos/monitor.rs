@@ -2,8 +2,9 @@
 //! of every user (which node owns which run since when; a run still listed
 //! longer than lease + 5 s after its owner died is stuck), and resource
 //! samples every few seconds (each node's RSS and open descriptors, Redis's
-//! memory and clients, the bench's own RSS and descriptors, the machine's TCP
-//! sockets) to show that they stay bounded over a long soak.
+//! memory and clients, summed over a cluster's primaries, the bench's own RSS
+//! and descriptors, the machine's TCP sockets) to show that they stay bounded
+//! over a long soak.
 
 use std::{
     collections::HashSet,
@@ -13,8 +14,8 @@ use std::{
 
 use serde_json::{Value, json};
 
-use super::{Ctx, ledger, stack::Stack};
-use crate::client::rss_of;
+use super::{Ctx, ledger, soak_redis::SoakRedis, stack::Stack};
+use crate::{client::rss_of, redis_shards};
 
 /// Polls the running runs of every user until the soak stops.
 pub async fn running(ctx: Arc<Ctx>) {
@@ -79,12 +80,17 @@ fn tcp_inuse() -> Option<u64> {
     None
 }
 
-async fn redis_info(url: &str) -> Option<(u64, u64)> {
-    let client = redis::Client::open(url).ok()?;
-    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-    let info: String = redis::cmd("INFO").query_async(&mut conn).await.ok()?;
-    let field = |name: &str| info.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok());
-    Some((field("used_memory:")?, field("connected_clients:")?))
+/// Used memory and clients, summed over the servers that hold keys (each live primary of a
+/// Redis Cluster).
+async fn redis_info(redis: &SoakRedis) -> Option<(u64, u64)> {
+    let mut sum = (0, 0);
+    for port in redis.key_holders().await.ok()? {
+        let memory = redis_shards::info_numbers(port, "memory").await.ok()?;
+        let clients = redis_shards::info_numbers(port, "clients").await.ok()?;
+        sum.0 += memory.get("used_memory")?;
+        sum.1 += clients.get("connected_clients")?;
+    }
+    Some(sum)
 }
 
 /// One moment's resources; `None` where a process was down.
@@ -105,7 +111,7 @@ pub async fn sample(ctx: Arc<Ctx>, stack: Arc<Stack>, every: Duration) -> Vec<Sa
             values.push((format!("node{index}_rss_mib"), alive.and_then(rss_of).map(|b| b >> 20)));
             values.push((format!("node{index}_open_fds"), alive.and_then(open_fds)));
         }
-        let redis = redis_info(&stack.redis_url).await;
+        let redis = redis_info(&stack.redis).await;
         values.push(("redis_used_memory_kib".to_string(), redis.map(|r| r.0 >> 10)));
         values.push(("redis_clients".to_string(), redis.map(|r| r.1)));
         values.push(("bench_rss_mib".to_string(), rss_of(me).map(|b| b >> 20)));

@@ -1,8 +1,9 @@
 //! The soak's stack: three cluster nodes that can be killed, frozen, drained
 //! and started again under the same node id and port, nginx in front of them
 //! (round robin, no stickiness, configured like `deploy/local/up.sh`), a
-//! private `redis-server` that can be restarted empty on its port, and
-//! PostgreSQL (the shared one, or a private one with `--private-postgres`).
+//! private `redis-server` that can be restarted empty on its port or a private
+//! Redis Cluster ([`super::soak_redis`]), and PostgreSQL (the shared one, or a
+//! private one with `--private-postgres`).
 //!
 //! Ports are taken below the kernel's ephemeral range, so that while a node
 //! or Redis is down no outgoing connection can take its port.
@@ -19,10 +20,10 @@ use chatgate_testkit::{
     node::{NodeCommand, NodeProcess},
     ports::free_ports,
     postgres::PrivatePostgres,
-    redis::PrivateRedis,
 };
 use nix::sys::signal::Signal;
 
+use super::soak_redis::SoakRedis;
 use crate::{client::SECRET, cluster::ClusterArgs};
 
 /// Settings every node starts with.
@@ -53,8 +54,13 @@ impl ChaosNode {
     }
 
     /// Waits up to `limit` for the process to exit; SIGKILL after that. True if it exited by itself.
-    pub async fn wait_exit(&mut self, limit: Duration) -> bool {
+    /// A process still there at the limit is looked at first ([`super::diagnose`]: its threads'
+    /// stacks, whether it answers HTTP), into `dir/node-<id>-stuck-<n>.txt`.
+    pub async fn wait_exit(&mut self, limit: Duration, dir: &Path) -> bool {
         let exited = self.process.exited(limit).await.is_ok();
+        if !exited && let Some(pid) = self.process.pid() {
+            super::diagnose::stuck_process(pid, self.port, &self.id, dir).await;
+        }
         self.process.kill();
         exited
     }
@@ -80,22 +86,27 @@ pub struct Stack {
     /// Each node's current pid (0 while down).
     pub pids: Vec<Arc<AtomicU32>>,
     pub balancer: Option<Balancer>,
-    pub redis: tokio::sync::Mutex<PrivateRedis>,
-    pub redis_url: String,
+    pub redis: SoakRedis,
     private_postgres: Option<PrivatePostgres>,
     pub settings: NodeSettings,
 }
 
 impl Stack {
-    pub async fn start(bin: &Path, args: &ClusterArgs, count: usize, settings: NodeSettings) -> anyhow::Result<Stack> {
+    /// `count` nodes on a private Redis Cluster with `redis_cluster`, else on one private Redis.
+    pub async fn start(
+        bin: &Path,
+        args: &ClusterArgs,
+        count: usize,
+        settings: NodeSettings,
+        redis_cluster: bool,
+    ) -> anyhow::Result<Stack> {
         let dir = tempfile::Builder::new().prefix("chatgate-chaos-").tempdir()?;
         // nginx's workers may run as another user: let them traverse the directory.
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         let workspaces = dir.path().join("workspaces");
         std::fs::create_dir_all(&workspaces)?;
         let ports = free_ports(count as u16 + 2)?;
-        let redis = PrivateRedis::start_on(ports[count + 1])?;
-        let redis_url = redis.url();
+        let redis = if redis_cluster { SoakRedis::cluster().await? } else { SoakRedis::single(ports[count + 1])? };
         let private_postgres = if args.private_postgres { Some(PrivatePostgres::start().await?) } else { None };
         let database_url = private_postgres.as_ref().map_or(args.database_url.clone(), |p| p.url.clone());
         let tag = &uuid::Uuid::new_v4().simple().to_string()[..6];
@@ -111,7 +122,7 @@ impl Stack {
                 .jwt_secret(SECRET)
                 .args(["--providers", "script"])
                 .workspaces(&workspaces)
-                .redis_url(&redis_url)
+                .args(redis.node_args())
                 .database_url(&database_url)
                 .args(["--run-lease", &ms(settings.lease), "--replay-retention", &ms(settings.retention)])
                 .args(["--drain-grace", &ms(settings.drain_grace)])
@@ -138,8 +149,7 @@ impl Stack {
             pids,
             nodes,
             balancer: Some(balancer),
-            redis: tokio::sync::Mutex::new(redis),
-            redis_url,
+            redis,
             private_postgres,
             settings,
             dir,
@@ -174,7 +184,7 @@ impl Stack {
         for node in &self.nodes {
             node.lock().await.stop().await;
         }
-        self.redis.into_inner().kill();
+        self.redis.stop().await;
         if let Some(postgres) = self.private_postgres.take() {
             postgres.stop().await;
         }

@@ -6,21 +6,20 @@
 //! seq, or at the last delta's when the run was cut; every other event as it
 //! streamed), one `complete` per run and nothing after it, runs' seq ranges
 //! apart, each run's events in its script's order, the jumps clients were not
-//! told about, and how soon runs ended after their owner died. Also Redis's
-//! keys and memory against the baseline.
+//! told about, and how soon runs ended after their owner died. Redis's keys
+//! and memory against the baseline: [`super::redis_usage`].
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     time::{Duration, SystemTime},
 };
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::time::Instant;
-
-use chatgate::runs::redis::keys;
 
 use super::{
     Ctx,
+    cluster_faults::session_slot,
     faults::FaultKind,
     ledger::{self, Kind, SessionLog},
 };
@@ -95,8 +94,10 @@ pub async fn session(ctx: &Ctx, mut log: SessionLog) {
         return;
     };
     let id = log.id.clone();
-    let restarts: Vec<SystemTime> =
-        ctx.fault_log().iter().filter(|f| f.kind == FaultKind::RedisRestart).map(|f| f.at).collect();
+    // The moments Redis may have lost this session's state: restarts of the one Redis, kills
+    // of the primary serving its slot.
+    let slot = session_slot(&log.id);
+    let restarts: Vec<SystemTime> = ctx.fault_log().iter().filter(|f| f.loses_state_of(slot)).map(|f| f.at).collect();
 
     // History rows by seq, and per run.
     let mut rows: BTreeMap<u64, Row> = BTreeMap::new();
@@ -583,149 +584,6 @@ fn stuck(ctx: &Ctx, log: &SessionLog, run: u32, view: &RunView, sent: Option<(Sy
                     if late_ack { "; an ack showed it processing after the limit" } else { "" }
                 ),
             );
-        }
-    }
-}
-
-/// Redis's keys by kind, and memory.
-#[derive(Debug, Default, Clone)]
-pub struct RedisUsage {
-    pub keys: BTreeMap<&'static str, u64>,
-    /// `used_memory`: everything Redis allocated.
-    pub used: u64,
-    /// `used_memory_dataset`: the keys' share of it.
-    pub dataset: u64,
-}
-
-/// Redis's keys by kind, and memory.
-pub async fn redis_usage(url: &str) -> anyhow::Result<RedisUsage> {
-    let client = redis::Client::open(url)?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let mut cursor: u64 = 0;
-    let mut keys: BTreeMap<&'static str, u64> = BTreeMap::new();
-    loop {
-        let (next, batch): (u64, Vec<String>) =
-            redis::cmd("SCAN").arg(cursor).arg("COUNT").arg(1000).query_async(&mut conn).await?;
-        for key in batch {
-            *keys.entry(key_class(&key)).or_default() += 1;
-        }
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
-    let info: String = redis::cmd("INFO").arg("memory").query_async(&mut conn).await?;
-    let field = |name: &str| info.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok()).unwrap_or(0);
-    Ok(RedisUsage { keys, used: field("used_memory:"), dataset: field("used_memory_dataset:") })
-}
-
-/// The kind of a gateway key, by the names of `chatgate::runs::redis::keys`
-/// (built for a probe session and user, so a renamed key is classed here too).
-fn key_class(key: &str) -> &'static str {
-    const S: &str = "\u{1}";
-    if key == keys::RUNS_INDEX {
-        return "runs_index";
-    }
-    if key == keys::SWEEP_LOCK {
-        return "sweep_lock";
-    }
-    let by_shape: [(String, &'static str); 11] = [
-        (keys::permission(S), "permission"),
-        (keys::user_runs(S), "user_runs"),
-        (keys::user_sends(S), "user_sends"),
-        (keys::seq(S), "session_seq"),
-        (keys::events(S), "events"),
-        (keys::run(S), "run_lock"),
-        (keys::owner(S), "owner"),
-        (keys::pending(S), "pending"),
-        (keys::prompt(S), "prompt"),
-        (keys::batch(S, S), "batch"),
-        (keys::saving(S, S), "saving"),
-    ];
-    let matches = |pattern: &str| {
-        let parts: Vec<&str> = pattern.split(S).collect();
-        key.starts_with(parts[0]) && key.ends_with(parts[parts.len() - 1]) && parts.iter().all(|p| key.contains(p))
-    };
-    by_shape.iter().find(|(pattern, _)| matches(pattern)).map_or("other", |(_, class)| class)
-}
-
-/// Key kinds that stay by design: a finished session's seq counter (a day),
-/// and the sweeper's short lock.
-const LASTING: &[&str] = &["session_seq", "sweep_lock"];
-/// Bytes per lasting seq counter allowed above the baseline.
-const BYTES_PER_SEQ_KEY: u64 = 256;
-/// Allowance above the baseline for what Redis keeps after a burst of keys is gone (its
-/// allocator's and tables' high-water, a few hundred KiB that do not grow with more bursts),
-/// scripts and client buffers.
-const MEMORY_SLACK: u64 = 1 << 20;
-
-/// After the load and the retention: only lasting keys left, memory near the baseline.
-pub async fn redis_after_retention(ctx: &Ctx, url: &str, baseline: &RedisUsage) -> Value {
-    let deadline = Instant::now() + ctx.settings.retention + Duration::from_secs(60);
-    let started = Instant::now();
-    let mut last = RedisUsage::default();
-    while Instant::now() < deadline {
-        match redis_usage(url).await {
-            Ok(usage) => {
-                let leftover: u64 = usage.keys.iter().filter(|(k, _)| !LASTING.contains(k)).map(|(_, n)| n).sum();
-                last = usage;
-                if leftover == 0 {
-                    break;
-                }
-            }
-            Err(e) => ctx.add(&format!("redis_usage_errors: {e}"), 1),
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    let waited = started.elapsed();
-    let leftover: BTreeMap<&str, u64> =
-        last.keys.iter().filter(|(k, _)| !LASTING.contains(k)).map(|(k, n)| (*k, *n)).collect();
-    let seq_keys = last.keys.get("session_seq").copied().unwrap_or(0);
-    let allowed_used = baseline.used + seq_keys * BYTES_PER_SEQ_KEY + MEMORY_SLACK;
-    if !leftover.is_empty() {
-        ctx.fail(ledger::REDIS_MEMORY, format!("keys left after retention: {leftover:?}"));
-    }
-    if last.used > allowed_used {
-        ctx.fail(
-            ledger::REDIS_MEMORY,
-            format!(
-                "used_memory {} B after retention, baseline {} B, allowed {allowed_used} B ({seq_keys} seq counters)",
-                last.used, baseline.used
-            ),
-        );
-    }
-    json!({
-        "baseline_used_memory_bytes": baseline.used, "after_used_memory_bytes": last.used,
-        "allowed_used_memory_bytes": allowed_used,
-        "baseline_dataset_bytes": baseline.dataset, "after_dataset_bytes": last.dataset,
-        "keys_after": last.keys, "seconds_until_only_lasting_keys": waited.as_secs(),
-    })
-}
-
-#[cfg(test)]
-mod key_class_tests {
-    use super::*;
-
-    #[test]
-    fn gateway_keys_are_classed_by_the_keys_module() {
-        let classes = [
-            (keys::RUNS_INDEX.to_string(), "runs_index"),
-            (keys::SWEEP_LOCK.to_string(), "sweep_lock"),
-            (keys::seq("a.b-1"), "session_seq"),
-            (keys::events("s"), "events"),
-            (keys::run("s"), "run_lock"),
-            (keys::owner("s"), "owner"),
-            (keys::pending("s"), "pending"),
-            (keys::prompt("s"), "prompt"),
-            (keys::batch("s", "0f3a"), "batch"),
-            (keys::saving("s", "r-1"), "saving"),
-            (keys::permission("rq-1"), "permission"),
-            (keys::user_runs("42"), "user_runs"),
-            (keys::user_sends("42"), "user_sends"),
-            ("cg:something-else".to_string(), "other"),
-        ];
-        for (key, class) in classes {
-            assert_eq!(key_class(&key), class, "{key}");
         }
     }
 }
