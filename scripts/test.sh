@@ -112,6 +112,8 @@ cargo test --workspace --all-targets --locked
 
 log "chaos soak (2 minutes: 3 nodes behind nginx, kill -9, SIGSTOP past the lease, Redis restart, drain)"
 target/debug/chatgate-bench chaos --minutes 2
+log "chaos soak on a Redis Cluster (2 minutes: 3 primaries + 3 replicas, kill -9, SIGSTOP, drain, a primary killed, live sessions' slots migrated)"
+target/debug/chatgate-bench chaos --minutes 2 --redis-cluster
 
 log "fuzzing (libFuzzer, ${FUZZ_SECONDS:-20} s per target, from the committed corpora)"
 scripts/fuzz.sh "${FUZZ_SECONDS:-20}"

@@ -41,6 +41,12 @@ pub(super) const SEQ_IDLE_TTL: Duration = Duration::from_secs(24 * 3600);
 pub(super) const PERMISSION_TTL: Duration = Duration::from_secs(24 * 3600);
 /// The `error` of the terminal `complete` that ends an orphaned run.
 pub(super) const OWNER_LOST: &str = "run owner lost";
+/// How long the run-index and approval-key housekeeping around a run is retried: it covers a
+/// Redis Cluster failover (about twice `cluster-node-timeout`) or a Sentinel promotion, during
+/// which the shard of `cg:runs` or of a `cg:perm:{R}` answers `CLUSTERDOWN` or not at all, while
+/// the session's own shard may be fine. An index entry lost there hides the run from the sweeper;
+/// an approval key stays for its 24 h expiry.
+pub(super) const HOUSEKEEPING_WINDOW: Duration = Duration::from_secs(10);
 /// Seqs at or above this are beyond what Lua numbers hold exactly.
 pub(super) const MAX_SCRIPT_SEQ: u64 = 1 << 53;
 
@@ -384,7 +390,8 @@ impl RedisNode {
             commands.push(::redis::Cmd::srem(keys::user_runs(user_id), &member));
         }
         commands.extend(pending.iter().map(|request_id| ::redis::Cmd::del(keys::permission(request_id))));
-        if let Err(e) = self.query_each::<()>(&commands).await {
+        let window = HOUSEKEEPING_WINDOW.max(self.retry_window());
+        if let Err(e) = self.retrying("forget_run", window, || self.query_each::<()>(&commands)).await {
             tracing::warn!(session_id, run_id, error = %e, "could not clean a finished run's index entries");
         }
     }
@@ -398,7 +405,8 @@ impl RedisNode {
         .unwrap_or(0);
         let commands =
             [::redis::Cmd::zadd(keys::RUNS_INDEX, &member, now), ::redis::Cmd::sadd(keys::user_runs(user_id), &member)];
-        let result = self.retrying("index_run", self.retry_window(), || self.query_each::<()>(&commands)).await;
+        let window = HOUSEKEEPING_WINDOW.max(self.retry_window());
+        let result = self.retrying("index_run", window, || self.query_each::<()>(&commands)).await;
         if let Err(e) = result {
             tracing::warn!(session_id, run_id, error = %e, "could not index a run; only its subscribers will notice if its owner dies");
         }
