@@ -189,6 +189,23 @@ def secret_value(secrets, ref):
         return None
 
 
+def check_secret_placement(report, name, plain_var, file_var, config_env, env, env_list):
+    """A secret is an env var of the Deployment, never in the ConfigMap or as a file (readable by
+    an unsandboxed CLI of the gateway's uid); returns the env entries that set it."""
+    report.check(plain_var not in config_env and file_var not in config_env,
+                 f"{name}: {plain_var}/{file_var} belong to the Deployment's secretKeyRef env, not the ConfigMap")
+    report.check(file_var not in env,
+                 f"{name}: {file_var} is set: a secret file is readable by an unsandboxed CLI of the gateway's uid;"
+                 f" set {plain_var} from a secretKeyRef (the gateway is non-dumpable)")
+    return [e for e in env_list if e.get("name") == plain_var]
+
+
+def check_from_secret_key_ref(report, name, plain_var, entry):
+    """The env entry of a secret comes from a secretKeyRef, not a literal or another source."""
+    report.check("value" not in entry and "secretKeyRef" in (entry.get("valueFrom", {}) or {}),
+                 f"{name}: {plain_var} must come from a secretKeyRef, not a literal or another source")
+
+
 def check_redis(report, name, env, env_list, config_env, secrets):
     """Redis topology and TLS settings: a known mode, the sentinel master only in sentinel mode,
     the TLS PEM variables only from a secretKeyRef (never a file, a literal or the ConfigMap),
@@ -211,19 +228,12 @@ def check_redis(report, name, env, env_list, config_env, secrets):
 
     tls_set = set()
     for plain_var, file_var in REDIS_TLS_VARS:
-        report.check(plain_var not in config_env and file_var not in config_env,
-                     f"{name}: {plain_var}/{file_var} belong to the Deployment's secretKeyRef env, not the ConfigMap")
-        report.check(file_var not in env,
-                     f"{name}: {file_var} is set: a secret file is readable by an unsandboxed CLI of the gateway's uid;"
-                     f" set {plain_var} from a secretKeyRef (the gateway is non-dumpable)")
-        entries = [e for e in env_list if e.get("name") == plain_var]
+        entries = check_secret_placement(report, name, plain_var, file_var, config_env, env, env_list)
         if not entries:
             continue
         tls_set.add(plain_var)
         if report.check(len(entries) == 1, f"{name}: {plain_var} must be set at most once, found {len(entries)}"):
-            entry = entries[0]
-            report.check("value" not in entry and "secretKeyRef" in (entry.get("valueFrom", {}) or {}),
-                         f"{name}: {plain_var} must come from a secretKeyRef, not a literal or another source")
+            check_from_secret_key_ref(report, name, plain_var, entries[0])
     report.check(("CHATGATE_REDIS_TLS_CERT" in tls_set) == ("CHATGATE_REDIS_TLS_KEY" in tls_set),
                  f"{name}: CHATGATE_REDIS_TLS_CERT and CHATGATE_REDIS_TLS_KEY go together (a client certificate and its key)")
 
@@ -269,16 +279,9 @@ def check_gateway(report, doc, configmaps, secret_values=(), secrets=None):
     # Secrets: each exactly once, as an env var from a secretKeyRef; never a file (readable by an
     # unsandboxed CLI of the gateway's uid), a literal, the ConfigMap or an argument.
     for plain_var, file_var in SECRET_VARS:
-        report.check(plain_var not in config_env and file_var not in config_env,
-                     f"{name}: {plain_var}/{file_var} belong to the Deployment's secretKeyRef env, not the ConfigMap")
-        report.check(file_var not in env,
-                     f"{name}: {file_var} is set: a secret file is readable by an unsandboxed CLI of the gateway's uid;"
-                     f" set {plain_var} from a secretKeyRef (the gateway is non-dumpable)")
-        entries = [e for e in env_list if e.get("name") == plain_var]
+        entries = check_secret_placement(report, name, plain_var, file_var, config_env, env, env_list)
         if report.check(len(entries) == 1, f"{name}: {plain_var} must be set exactly once, found {len(entries)}"):
-            entry = entries[0]
-            report.check("value" not in entry and "secretKeyRef" in (entry.get("valueFrom", {}) or {}),
-                         f"{name}: {plain_var} must come from a secretKeyRef, not a literal or another source")
+            check_from_secret_key_ref(report, name, plain_var, entries[0])
     provider_files = env.get("CHATGATE_PROVIDER_ENV_FILE", {}).get("value") or config_env.get("CHATGATE_PROVIDER_ENV_FILE")
     for pair in filter(None, (provider_files or "").split(",")):
         var, _, path = pair.partition("=")

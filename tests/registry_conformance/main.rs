@@ -77,20 +77,14 @@ fn redis_nodes(opts: Opts) -> Pin<Box<dyn Future<Output = Nodes> + Send>> {
 
 fn redis_cluster_nodes(opts: Opts) -> Pin<Box<dyn Future<Output = Nodes> + Send>> {
     Box::pin(async move {
-        let cluster = tokio::task::spawn_blocking(chatgate_testkit::redis_cluster::PrivateRedisCluster::shared)
-            .await
-            .expect("the shared cluster's start")
-            .expect("a Redis Cluster");
+        let cluster = shared_server(chatgate_testkit::redis_cluster::PrivateRedisCluster::shared).await;
         redis_target_nodes(RedisTarget::cluster(&cluster.seed_urls()), opts).await
     })
 }
 
 fn redis_cluster_tls_nodes(opts: Opts) -> Pin<Box<dyn Future<Output = Nodes> + Send>> {
     Box::pin(async move {
-        let cluster = tokio::task::spawn_blocking(chatgate_testkit::redis_cluster::PrivateRedisCluster::shared_tls)
-            .await
-            .expect("the shared TLS cluster's start")
-            .expect("a TLS Redis Cluster");
+        let cluster = shared_server(chatgate_testkit::redis_cluster::PrivateRedisCluster::shared_tls).await;
         let ca = cluster.certs().map(|certs| certs.ca_pem.clone());
         let target = RedisTarget::cluster(&cluster.seed_urls()).with_tls(RedisTls { ca, client: None });
         redis_target_nodes(target, opts).await
@@ -99,20 +93,14 @@ fn redis_cluster_tls_nodes(opts: Opts) -> Pin<Box<dyn Future<Output = Nodes> + S
 
 fn redis_sentinel_nodes(opts: Opts) -> Pin<Box<dyn Future<Output = Nodes> + Send>> {
     Box::pin(async move {
-        let setup = tokio::task::spawn_blocking(chatgate_testkit::redis_sentinel::PrivateRedisSentinel::shared)
-            .await
-            .expect("the shared Sentinel setup's start")
-            .expect("a Sentinel setup");
+        let setup = shared_server(chatgate_testkit::redis_sentinel::PrivateRedisSentinel::shared).await;
         redis_target_nodes(RedisTarget::sentinel(&setup.sentinel_urls(), setup.master_name()), opts).await
     })
 }
 
 fn redis_sentinel_tls_nodes(opts: Opts) -> Pin<Box<dyn Future<Output = Nodes> + Send>> {
     Box::pin(async move {
-        let setup = tokio::task::spawn_blocking(chatgate_testkit::redis_sentinel::PrivateRedisSentinel::shared_tls)
-            .await
-            .expect("the shared TLS Sentinel setup's start")
-            .expect("a TLS Sentinel setup");
+        let setup = shared_server(chatgate_testkit::redis_sentinel::PrivateRedisSentinel::shared_tls).await;
         let ca = setup.certs().map(|certs| certs.ca_pem.clone());
         let target =
             RedisTarget::sentinel(&setup.sentinel_urls(), setup.master_name()).with_tls(RedisTls { ca, client: None });
@@ -122,10 +110,7 @@ fn redis_sentinel_tls_nodes(opts: Opts) -> Pin<Box<dyn Future<Output = Nodes> + 
 
 fn redis_tls_nodes(opts: Opts) -> Pin<Box<dyn Future<Output = Nodes> + Send>> {
     Box::pin(async move {
-        let redis = tokio::task::spawn_blocking(chatgate_testkit::redis_tls::PrivateRedisTls::shared)
-            .await
-            .expect("the shared TLS Redis's start")
-            .expect("a TLS Redis");
+        let redis = shared_server(chatgate_testkit::redis_tls::PrivateRedisTls::shared).await;
         let certs = redis.certs();
         let tls = RedisTls {
             ca: Some(certs.ca_pem.clone()),
@@ -133,6 +118,11 @@ fn redis_tls_nodes(opts: Opts) -> Pin<Box<dyn Future<Output = Nodes> + Send>> {
         };
         redis_target_nodes(RedisTarget::standalone(&redis.url_with_auth()).with_tls(tls), opts).await
     })
+}
+
+/// A process-wide private server of the kit, started (once) off the async runtime.
+async fn shared_server<T: Sync>(start: fn() -> anyhow::Result<&'static T>) -> &'static T {
+    tokio::task::spawn_blocking(start).await.expect("the server's start").expect("a private Redis")
 }
 
 async fn redis_target_nodes(target: RedisTarget, opts: Opts) -> Nodes {

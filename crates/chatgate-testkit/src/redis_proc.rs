@@ -93,6 +93,30 @@ pub(crate) fn kill(mut child: Child) {
     let _ = child.wait();
 }
 
+/// The flags of a TLS-only server (no plain port) on `port` with the test certificates;
+/// clients must show a certificate signed by the test CA when `require_client_cert`.
+pub(crate) fn tls_server_args(
+    port: u16,
+    certs: &crate::redis_tls::TestCerts,
+    require_client_cert: bool,
+) -> Vec<String> {
+    let path = |p: std::path::PathBuf| p.to_string_lossy().into_owned();
+    let mut args = server_args(0);
+    args.extend([
+        "--tls-port".into(),
+        port.to_string(),
+        "--tls-cert-file".into(),
+        path(certs.server_cert_path()),
+        "--tls-key-file".into(),
+        path(certs.server_key_path()),
+        "--tls-ca-cert-file".into(),
+        path(certs.ca_path()),
+        "--tls-auth-clients".into(),
+        if require_client_cert { "yes" } else { "no" }.into(),
+    ]);
+    args
+}
+
 /// How the kit reaches a private server for its own commands: plain, or over TLS trusting the
 /// test CA (servers that do not ask for a client certificate).
 #[derive(Clone, Default)]
@@ -140,23 +164,13 @@ impl Dial {
             Dial::Plain => server_args(port),
             Dial::Tls(certs) => {
                 let path = |p: std::path::PathBuf| p.to_string_lossy().into_owned();
-                let mut args = server_args(0);
+                let mut args = tls_server_args(port, certs, false);
                 args.extend([
-                    "--tls-port".into(),
-                    port.to_string(),
-                    "--tls-cert-file".into(),
-                    path(certs.server_cert_path()),
-                    "--tls-key-file".into(),
-                    path(certs.server_key_path()),
-                    "--tls-ca-cert-file".into(),
-                    path(certs.ca_path()),
                     // The cluster bus and replication links authenticate with the client certificate.
                     "--tls-client-cert-file".into(),
                     path(certs.client_cert_path()),
                     "--tls-client-key-file".into(),
                     path(certs.client_key_path()),
-                    "--tls-auth-clients".into(),
-                    "no".into(),
                     "--tls-cluster".into(),
                     "yes".into(),
                     "--tls-replication".into(),

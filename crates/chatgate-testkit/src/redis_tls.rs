@@ -17,7 +17,7 @@ use rcgen::{
 
 use crate::{
     ports::free_port,
-    redis_proc::{START_WAIT, kill, server_args, spawn, wait_until},
+    redis_proc::{START_WAIT, kill, spawn, tls_server_args, wait_until},
 };
 
 /// A CA and the certificates and keys it signed, as PEM text and as files.
@@ -138,20 +138,7 @@ impl PrivateRedisTls {
         let dir = tempfile::tempdir()?;
         let certs = TestCerts::generate(dir.path())?;
         let port = free_port()?;
-        let path = |p: PathBuf| p.to_string_lossy().into_owned();
-        let mut args = server_args(0);
-        args.extend([
-            "--tls-port".into(),
-            port.to_string(),
-            "--tls-cert-file".into(),
-            path(certs.server_cert_path()),
-            "--tls-key-file".into(),
-            path(certs.server_key_path()),
-            "--tls-ca-cert-file".into(),
-            path(certs.ca_path()),
-            "--tls-auth-clients".into(),
-            if options.require_client_cert { "yes" } else { "no" }.into(),
-        ]);
+        let mut args = tls_server_args(port, &certs, options.require_client_cert);
         if let Some((name, password)) = &options.user {
             args.extend([
                 "--user".into(),

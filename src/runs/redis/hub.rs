@@ -67,16 +67,14 @@ impl Link {
     async fn subscribe(&mut self, channels: &[String]) -> Result<(), RedisError> {
         match self {
             Link::Pubsub(sink) => sink.subscribe(channels).await,
-            // One SSUBSCRIBE per channel (one command may not span slots), sent at once.
+            // One SSUBSCRIBE per channel (one command may not span slots), sent at once; the
+            // caller bounds how many (`connect` restores them a chunk at a time).
             Link::Sharded(conn) => {
-                for chunk in channels.chunks(RESUBSCRIBE_CHUNK) {
-                    let subscribes = chunk.iter().cloned().map(|channel| {
-                        let mut conn = conn.clone();
-                        async move { conn.ssubscribe(channel).await }
-                    });
-                    futures_util::future::try_join_all(subscribes).await?;
-                }
-                Ok(())
+                let subscribes = channels.iter().cloned().map(|channel| {
+                    let mut conn = conn.clone();
+                    async move { conn.ssubscribe(channel).await }
+                });
+                futures_util::future::try_join_all(subscribes).await.map(drop)
             }
         }
     }
