@@ -25,6 +25,8 @@ pub const INVARIANTS: &[&str] = &[
     SCRIPT_ORDER,
     REDIS_MEMORY,
     AVAILABILITY,
+    RUNS_SENT_AGAIN_AND_STARTED_TWICE,
+    IDEMPOTENCY_ANSWERS,
 ];
 
 /// A client got a seq lower than one it already had (and not a repeat of it).
@@ -49,6 +51,13 @@ pub const SCRIPT_ORDER: &str = "script_order";
 pub const REDIS_MEMORY: &str = "redis_memory";
 /// A client could not reach any node for a minute, or a node did not come back.
 pub const AVAILABILITY: &str = "availability";
+/// One prompt (its nonce, sent again with the same `clientRequestId` whenever its driver could
+/// not tell whether a send arrived) shows up in history as more than one run.
+pub const RUNS_SENT_AGAIN_AND_STARTED_TWICE: &str = "runs_sent_again_and_started_twice";
+/// The answers to one prompt's keys disagree: two `chat_accepted` with `duplicate: false`, a
+/// `duplicate: true` naming another run than the one the key started, or a `chat_accepted`
+/// without the contract's fields.
+pub const IDEMPOTENCY_ANSWERS: &str = "idempotency_answers";
 
 /// Gateway bugs the soak found that stay open for now (docs/reliability.md): each
 /// occurrence is counted and shown; with `--tolerate-known-bug ID` it is not a failure.

@@ -9,6 +9,10 @@
 //! on another node, runs whose every client goes away for a while (nobody
 //! watches the session while the faults go on), and long fast runs that
 //! outgrow the replay window of a client that was away (`replayTruncated`).
+//!
+//! Every prompt carries a `clientRequestId` (issue 18), and a driver that cannot
+//! tell whether a send arrived sends it again with the same key ([`Prompt`]); a
+//! prompt that starts twice fails the soak.
 
 use std::{
     collections::HashSet,
@@ -22,7 +26,7 @@ use tokio::{sync::watch, time::Instant};
 use super::{
     Ctx,
     ledger::{self, Kind, SentRun},
-    peer::{Ack, Peer, SessionRef, Step, Target},
+    peer::{Accepted, Peer, SessionRef, Step, Target},
 };
 
 /// How long a driver waits for its run's `complete` before the run counts as never ended.
@@ -214,43 +218,127 @@ pub async fn driver(ctx: Arc<Ctx>, slot: usize, sessions: watch::Sender<Option<A
     let _ = sessions.send(None);
 }
 
-/// What the driver does next after a subscribe ack.
-enum Resumed {
-    Following,
-    SendAgain,
-    EndedAway,
+/// One prompt of a driver: its nonce, its idempotency keys and what their answers said.
+///
+/// Every `chat.send` of it carries a `clientRequestId`. Whenever the driver cannot tell whether
+/// a send arrived (its socket died or went silent, the node drained, `BACKEND_UNAVAILABLE` with
+/// `outcome: "unknown"`) it sends again with the same key: the gateway starts at most one run per
+/// key and answers a resend with that run (`chat_accepted`, `duplicate: true`). A refusal that
+/// started nothing (`RATE_LIMITED`, `NODE_BUSY`, `BACKEND_UNAVAILABLE` …) is sent again with the
+/// same key too. Only `RUN_IN_PROGRESS` burns a key (a resend of it is refused again, as
+/// `duplicate`): the prompt is then sent under a new key, once the run in the way ended. The
+/// nonce stays, so a prompt that starts twice under any of its keys shows in history.
+struct Prompt {
+    nonce: String,
+    content: String,
+    /// Its keys, the current one last.
+    keys: Vec<String>,
+    /// Sends under the current key.
+    sends_of_key: u32,
+    /// The run an answer named, and its `firstSeq`.
+    run: Option<(String, u64)>,
+    /// Whether a `chat_accepted` with `duplicate: false` came (the send that started the run).
+    fresh_accepted: bool,
 }
 
-fn resumed(ack: &Ack, base: u64, ours_seen: bool) -> Resumed {
-    if ack.processing {
-        Resumed::Following
-    } else if ack.last_seq > base || ours_seen {
-        Resumed::EndedAway
-    } else {
-        Resumed::SendAgain
+impl Prompt {
+    fn new(nonce: String, content: String) -> Prompt {
+        Prompt { nonce, content, keys: vec![new_key()], sends_of_key: 0, run: None, fresh_accepted: false }
     }
-}
 
-/// Whether the session's history holds the run sent with `nonce` (polled for a
-/// few seconds: the rows of a run that just ended may still be on their way).
-async fn in_history(ctx: &Ctx, session: &SessionRef, nonce: &str) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let found = ctx.history(session.user, &session.id).await.is_some_and(|messages| {
-            messages.iter().any(|m| m["role"] == "user" && m["content"].as_str().is_some_and(|c| c.contains(nonce)))
-        });
-        if found || Instant::now() >= deadline {
-            return found;
+    fn key(&self) -> &str {
+        self.keys.last().map(String::as_str).unwrap_or_default()
+    }
+
+    fn frame(&self, session: &str) -> Value {
+        json!({ "type": "chat.send", "sessionId": session, "content": self.content, "clientRequestId": self.key() })
+    }
+
+    fn renew_key(&mut self) {
+        self.keys.push(new_key());
+        self.sends_of_key = 0;
+    }
+
+    fn run_id(&self) -> Option<&str> {
+        self.run.as_ref().map(|(id, _)| id.as_str())
+    }
+
+    /// How a `chat_accepted` for one of its keys disagrees with the earlier answers: a second
+    /// `duplicate: false` (a second run started), or another run or `firstSeq` than the one named
+    /// before.
+    fn disagreements(&self, answer: &Accepted) -> Vec<String> {
+        let mut found = Vec::new();
+        if !answer.duplicate && self.fresh_accepted {
+            found.push(format!(
+                "a second chat_accepted with duplicate false (key {}, run {})",
+                answer.key, answer.run_id
+            ));
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Some((run, first_seq)) = &self.run
+            && (*run != answer.run_id || *first_seq != answer.first_seq)
+        {
+            found.push(format!(
+                "key {} answered run {} firstSeq {} (duplicate {}), an earlier answer named run {run} firstSeq {first_seq}",
+                answer.key, answer.run_id, answer.first_seq, answer.duplicate
+            ));
+        }
+        found
+    }
+
+    /// Records a `chat_accepted` for one of its keys; returns its disagreements with the earlier ones.
+    fn record(&mut self, answer: &Accepted) -> Vec<String> {
+        let found = self.disagreements(answer);
+        self.fresh_accepted |= !answer.duplicate;
+        if self.run.is_none() {
+            self.run = Some((answer.run_id.clone(), answer.first_seq));
+        }
+        found
+    }
+
+    /// Takes a `chat_accepted` for one of its keys; disagreements fail `idempotency_answers`.
+    fn accept(&mut self, ctx: &Ctx, peer: &Peer, answer: &Accepted) {
+        for what in self.record(answer) {
+            ctx.fail(
+                ledger::IDEMPOTENCY_ANSWERS,
+                format!(
+                    "{} session {} prompt {}: {what}; trace: {}",
+                    peer.name,
+                    peer.session.id,
+                    self.nonce,
+                    peer.traced()
+                ),
+            );
+        }
     }
 }
 
-/// Sends one run and follows it to its `complete`, across hops, closes and faults.
+fn new_key() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// How long a driver waits before it sends again after a refusal that started nothing.
+fn retry_after(code: &str) -> Duration {
+    match code {
+        "RATE_LIMITED" => millis(1000, 2000),
+        "NODE_BUSY" => millis(300, 800),
+        _ => Duration::from_millis(300),
+    }
+}
+
+/// A run that ended while its driver was away: history must hold it with its complete.
+fn ended_away(ctx: &Ctx, peer: &Peer, nonce: &str, base: u64, why: String) {
+    ctx.add("runs_ended_while_away", 1);
+    let detail = format!("{why}; trace: {}", peer.traced());
+    if let Some(log) = ctx.book().sessions.get_mut(&peer.session.id) {
+        log.ended_away.push((nonce.to_string(), base, detail));
+    }
+}
+
+/// Sends one prompt and follows its run to its `complete`, across hops, closes and faults.
 async fn drive_run(ctx: &Arc<Ctx>, peer: &mut Peer, plan: &Plan) {
     let nonce = uuid::Uuid::new_v4().simple().to_string();
     let session = peer.session.clone();
-    let chat_send = json!({ "type": "chat.send", "sessionId": session.id, "content": plan.content(&nonce) });
+    let mut prompt = Prompt::new(nonce.clone(), plan.content(&nonce));
     if !peer.connected() {
         if peer.connect_any().await.is_err() {
             return;
@@ -264,7 +352,7 @@ async fn drive_run(ctx: &Arc<Ctx>, peer: &mut Peer, plan: &Plan) {
             peer.implicit = true;
         }
     }
-    let mut base = peer.top_seen();
+    let base = peer.top_seen();
     let sent = SentRun {
         nonce: nonce.clone(),
         plan: plan.name,
@@ -278,11 +366,12 @@ async fn drive_run(ctx: &Arc<Ctx>, peer: &mut Peer, plan: &Plan) {
     ctx.add("runs_sent", 1);
     ctx.add(&format!("plan_{}", plan.name), 1);
     let started = Instant::now();
-    let mut resend_at = (!peer.send(chat_send.clone()).await).then_some(started);
-    let mut sends = u32::from(resend_at.is_none());
-    let mut ours_seen = false;
-    // Our only send was refused with RUN_IN_PROGRESS: a run we took for ended is still going
-    // (an ack said idle while it was not); wait for its end, then send again.
+    let mut send_at = Some(started);
+    // Runs whose `complete` this driver saw since the prompt was sent (its own may come before
+    // the answer that names it).
+    let mut completed: HashSet<String> = HashSet::new();
+    // A send was refused with RUN_IN_PROGRESS: the run we took for ended is still going (an ack
+    // said idle while it was not); wait for its end, then send again.
     let mut waiting_for_earlier = false;
     let mut next_hop = started + exp_pause(Duration::from_secs(4));
     let mut abort_at = plan.abort_after.map(|d| started + d);
@@ -294,14 +383,21 @@ async fn drive_run(ctx: &Arc<Ctx>, peer: &mut Peer, plan: &Plan) {
             ctx.fail(
                 ledger::COMPLETE_NOT_ONCE,
                 format!(
-                    "{}: session {} run {nonce} ({}) saw no complete in {RUN_DEADLINE:?}",
-                    peer.name, session.id, plan.name
+                    "{}: session {} run {nonce} ({}, run {:?}) saw no complete in {RUN_DEADLINE:?}; trace: {}",
+                    peer.name,
+                    session.id,
+                    plan.name,
+                    prompt.run_id(),
+                    peer.traced()
                 ),
             );
             peer.drop_socket();
             return;
         }
         let mut ack = None;
+        // An ack on the socket the last send went out on (a gap the live path told of), not
+        // the first of a new socket or subscription.
+        let mut mid_stream = false;
         if let Some(at) = abandon_at
             && now >= at
         {
@@ -320,13 +416,18 @@ async fn drive_run(ctx: &Arc<Ctx>, peer: &mut Peer, plan: &Plan) {
         } else if now >= next_hop {
             next_hop = now + exp_pause(Duration::from_secs(4));
             ack = Some(peer.hop().await);
-        } else if resend_at.is_some_and(|at| now >= at) {
-            resend_at = None;
-            ctx.add("sends_repeated", 1);
-            if peer.send(chat_send.clone()).await {
-                sends += 1;
+        } else if send_at.is_some_and(|at| now >= at) {
+            send_at = None;
+            if peer.send(prompt.frame(&session.id)).await {
+                last_frame = now;
+                ctx.add("prompt_sends", 1);
+                if prompt.sends_of_key > 0 {
+                    ctx.add("prompt_resends", 1);
+                }
+                prompt.sends_of_key += 1;
                 if let Some(log) = ctx.book().sessions.get_mut(&session.id)
                     && let Some(sent) = log.sent.last_mut()
+                    && !prompt.fresh_accepted
                 {
                     sent.node = peer.node.clone();
                     sent.sent_at = SystemTime::now();
@@ -336,40 +437,96 @@ async fn drive_run(ctx: &Arc<Ctx>, peer: &mut Peer, plan: &Plan) {
             }
         } else {
             match peer.next(Duration::from_millis(250)).await {
-                Step::Event(ev) if waiting_for_earlier => {
-                    last_frame = now;
-                    if ev.kind == Kind::Complete {
-                        waiting_for_earlier = false;
-                        base = base.max(ev.seq);
-                        resend_at = Some(now);
-                    }
-                }
                 Step::Event(ev) => {
                     last_frame = now;
-                    if ev.seq > base {
-                        ours_seen = true;
-                        if ev.kind == Kind::Complete {
+                    if ev.kind == Kind::Complete {
+                        if prompt.run_id() == Some(ev.run_id.as_str()) {
                             ctx.add("runs_completed_live", 1);
                             return;
                         }
+                        completed.insert(ev.run_id);
+                        if waiting_for_earlier {
+                            waiting_for_earlier = false;
+                            send_at = Some(now);
+                        }
                     }
                 }
-                Step::Ack(mid_stream) => ack = Some(Some(mid_stream)),
-                Step::Error(code) if code == "BACKEND_UNAVAILABLE" && !ours_seen => {
-                    ctx.add("backend_unavailable_retries", 1);
-                    resend_at = Some(now + Duration::from_millis(300));
+                Step::Accepted(answer) if prompt.keys.contains(&answer.key) => {
+                    last_frame = now;
+                    prompt.accept(ctx, peer, &answer);
+                    if answer.key != prompt.key() {
+                        ctx.add("answers_to_a_renewed_key", 1);
+                    }
+                    if answer.duplicate {
+                        ctx.add("resends_answered_duplicate_accepted", 1);
+                    } else {
+                        ctx.add("sends_accepted", 1);
+                        // The run lives on the node that accepted it.
+                        if let Some(log) = ctx.book().sessions.get_mut(&session.id)
+                            && let Some(sent) = log.sent.last_mut()
+                        {
+                            sent.node = peer.node.clone();
+                        }
+                    }
+                    send_at = None;
+                    waiting_for_earlier = false;
+                    if completed.contains(&answer.run_id) {
+                        ctx.add("runs_completed_live", 1);
+                        return;
+                    }
+                    if !answer.processing {
+                        let why = format!("answered {answer:?}, its complete not seen");
+                        ended_away(ctx, peer, &nonce, base, why);
+                        return;
+                    }
+                    if !peer.subscribed {
+                        // A duplicate answer does not subscribe the socket: follow the run.
+                        ack = Some(match peer.subscribe().await {
+                            Some(ack) => Some(ack),
+                            None => peer.resume().await,
+                        });
+                    }
                 }
-                Step::Error(code) if code == "RUN_IN_PROGRESS" && sends == 1 => {
-                    ctx.add("sends_refused_an_earlier_run_was_still_going", 1);
-                    waiting_for_earlier = true;
-                    ours_seen = false;
+                Step::Accepted(answer) => {
+                    ctx.add(&format!("answers_to_another_prompt_duplicate_{}", answer.duplicate), 1)
                 }
-                Step::Error(code) if code == "RUN_IN_PROGRESS" => {
-                    // An earlier send of this run started after all: follow it.
-                    ctx.add("run_in_progress_answers", 1);
-                    ack = Some(peer.hop().await);
+                Step::Ack(unprompted) => {
+                    mid_stream = true;
+                    ack = Some(Some(unprompted));
                 }
-                Step::Error(code) => ctx.add(&format!("protocol_error_{code}"), 1),
+                Step::Error(refusal) if refusal.key.as_deref() == Some(prompt.key()) => {
+                    last_frame = now;
+                    ctx.add(&format!("sends_refused_{}", refusal.code), 1);
+                    match refusal.code.as_str() {
+                        "RUN_IN_PROGRESS" if refusal.duplicate => {
+                            // This key's first send met a run in progress; it never starts one.
+                            ctx.add("resends_answered_duplicate_run_in_progress", 1);
+                            ctx.add("keys_renewed", 1);
+                            prompt.renew_key();
+                            send_at = Some(now + Duration::from_millis(300));
+                        }
+                        "RUN_IN_PROGRESS" => {
+                            ctx.add("sends_refused_an_earlier_run_was_still_going", 1);
+                            waiting_for_earlier = true;
+                            if !peer.subscribed {
+                                ack = Some(match peer.subscribe().await {
+                                    Some(ack) => Some(ack),
+                                    None => peer.resume().await,
+                                });
+                            }
+                        }
+                        code => {
+                            if refusal.outcome_unknown {
+                                ctx.add("outcome_unknown_answers", 1);
+                            }
+                            send_at = Some(now + retry_after(code));
+                        }
+                    }
+                }
+                Step::Error(refusal) => {
+                    let whose = if refusal.key.is_some() { "an_older_key" } else { "no_key" };
+                    ctx.add(&format!("protocol_error_{}_{whose}", refusal.code), 1);
+                }
                 Step::Closed => ack = Some(peer.resume().await),
                 Step::Silent if now.duration_since(last_frame) > DRIVER_PATIENCE => {
                     last_frame = now;
@@ -382,33 +539,24 @@ async fn drive_run(ctx: &Arc<Ctx>, peer: &mut Peer, plan: &Plan) {
         let Some(ack) = ack else { continue };
         let Some(ack) = ack else { return };
         last_frame = Instant::now();
-        if waiting_for_earlier {
-            if !ack.processing {
-                waiting_for_earlier = false;
-                base = base.max(ack.last_seq);
-                resend_at = Some(Instant::now());
-            }
-            continue;
-        }
-        match resumed(&ack, base, ours_seen) {
-            Resumed::Following => {}
-            Resumed::SendAgain => resend_at = Some(Instant::now()),
-            Resumed::EndedAway if !ours_seen && !in_history(ctx, &session, &nonce).await => {
-                // Idle and ahead of our cursor, yet nothing of ours anywhere: the seq moved
-                // without our run (a counter restored above SQL after Redis came back empty,
-                // while our send was refused). A client that reloads history sees the same.
-                ctx.add("idle_acks_ahead_without_our_run", 1);
-                base = base.max(ack.last_seq);
-                resend_at = Some(Instant::now());
-            }
-            Resumed::EndedAway => {
-                // History must hold its complete (checked with the session).
-                ctx.add("runs_ended_while_away", 1);
-                let detail = format!("ack {ack:?} after base {base}; trace: {}", peer.traced());
-                if let Some(log) = ctx.book().sessions.get_mut(&session.id) {
-                    log.ended_away.push((nonce.clone(), base, detail));
-                }
+        match prompt.run_id() {
+            Some(run) if ack.processing && ack.run_id.as_deref() == Some(run) => {}
+            Some(run) => {
+                let why = format!("run {run} not processing after the ack {ack:?} (base {base})");
+                ended_away(ctx, peer, &nonce, base, why);
                 return;
+            }
+            None if waiting_for_earlier => {
+                if !ack.processing {
+                    waiting_for_earlier = false;
+                    send_at = Some(Instant::now());
+                }
+            }
+            None if mid_stream => {}
+            // A new socket, and nothing says what became of the last send: send it again,
+            // same key.
+            None => {
+                send_at.get_or_insert_with(Instant::now);
             }
         }
     }
@@ -435,13 +583,13 @@ async fn abort_elsewhere(ctx: Arc<Ctx>, session: Arc<SessionRef>, avoid: Option<
         answered = true;
         while Instant::now() < wait_until {
             match peer.next(Duration::from_millis(200)).await {
-                Step::Error(code) if code == "BACKEND_UNAVAILABLE" => {
+                Step::Error(refusal) if refusal.code == "BACKEND_UNAVAILABLE" => {
                     answered = false;
                     tokio::time::sleep(Duration::from_millis(300)).await;
                     break;
                 }
-                Step::Error(code) => {
-                    ctx.add(&format!("aborts_answered_{code}"), 1);
+                Step::Error(refusal) => {
+                    ctx.add(&format!("aborts_answered_{}", refusal.code), 1);
                     break;
                 }
                 Step::Closed => {
@@ -559,5 +707,80 @@ async fn answer(ctx: &Ctx, peer: &mut Peer, index: usize, request: &Value, answe
     if peer.send(response).await {
         answered.insert(request_id.to_string());
         ctx.add("approval_answers_sent", 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(key: &str, run: &str, first_seq: u64, duplicate: bool) -> Accepted {
+        Accepted { key: key.into(), run_id: run.into(), first_seq, duplicate, processing: true }
+    }
+
+    fn take(prompt: &mut Prompt, answer: &Accepted) -> Vec<String> {
+        prompt.record(answer)
+    }
+
+    #[test]
+    fn keys_fit_the_contract() {
+        let mut prompt = Prompt::new("n".into(), "{}".into());
+        let first = prompt.key().to_string();
+        prompt.renew_key();
+        assert_ne!(prompt.key(), first);
+        assert_eq!(prompt.keys.len(), 2);
+        for key in &prompt.keys {
+            assert!((1..=128).contains(&key.len()));
+            assert!(key.chars().all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c)), "{key}");
+        }
+        assert_eq!(prompt.frame("s")["clientRequestId"], prompt.key());
+    }
+
+    #[test]
+    fn agreeing_answers_pass() {
+        let mut prompt = Prompt::new("n".into(), "{}".into());
+        let key = prompt.key().to_string();
+        assert!(take(&mut prompt, &answer(&key, "r1", 7, false)).is_empty());
+        assert!(take(&mut prompt, &answer(&key, "r1", 7, true)).is_empty());
+        assert!(take(&mut prompt, &answer(&key, "r1", 7, true)).is_empty());
+        assert_eq!(prompt.run_id(), Some("r1"));
+    }
+
+    #[test]
+    fn a_duplicate_first_then_the_fresh_answer_pass() {
+        // The fresh answer went to a socket that died after the resend: order does not matter.
+        let mut prompt = Prompt::new("n".into(), "{}".into());
+        let key = prompt.key().to_string();
+        assert!(take(&mut prompt, &answer(&key, "r1", 3, true)).is_empty());
+        assert!(take(&mut prompt, &answer(&key, "r1", 3, false)).is_empty());
+    }
+
+    #[test]
+    fn a_second_fresh_answer_fails() {
+        let mut prompt = Prompt::new("n".into(), "{}".into());
+        let key = prompt.key().to_string();
+        assert!(take(&mut prompt, &answer(&key, "r1", 7, false)).is_empty());
+        let found = take(&mut prompt, &answer(&key, "r1", 7, false));
+        assert_eq!(found.len(), 1, "{found:?}");
+        prompt.renew_key();
+        let other = prompt.key().to_string();
+        let found = take(&mut prompt, &answer(&other, "r2", 12, false));
+        assert_eq!(found.len(), 2, "{found:?}");
+    }
+
+    #[test]
+    fn a_duplicate_naming_another_run_or_seq_fails() {
+        let mut prompt = Prompt::new("n".into(), "{}".into());
+        let key = prompt.key().to_string();
+        assert!(take(&mut prompt, &answer(&key, "r1", 7, false)).is_empty());
+        assert_eq!(take(&mut prompt, &answer(&key, "r2", 7, true)).len(), 1);
+        assert_eq!(take(&mut prompt, &answer(&key, "r1", 8, true)).len(), 1);
+    }
+
+    #[test]
+    fn refusals_that_started_nothing_are_retried() {
+        assert!(retry_after("RATE_LIMITED") >= Duration::from_secs(1));
+        assert!(retry_after("NODE_BUSY") < Duration::from_secs(1));
+        assert_eq!(retry_after("BACKEND_UNAVAILABLE"), Duration::from_millis(300));
     }
 }

@@ -5,9 +5,11 @@
 //! clients that hop between nginx and the nodes and resume by `lastSeq`;
 //! meanwhile, on a schedule: `kill -9` a node and restart it, SIGSTOP one past
 //! its lease then SIGCONT it, restart Redis empty, SIGTERM-drain one and
-//! restart it. Every invariant is checked for every session and client and
-//! reported as a failure count, with totals; the exit code is non-zero if any
-//! failed. See docs/reliability.md.
+//! restart it. Drivers send every prompt with an idempotency key and resend it
+//! with the same key when they cannot tell whether it arrived; a prompt that
+//! starts more than one run is a failure. Every invariant is checked for every
+//! session and client and reported as a failure count, with totals; the exit
+//! code is non-zero if any failed. See docs/reliability.md.
 //!
 //! - [`stack`]: the nodes, nginx, the private Redis ([`soak_redis`]: one server or a cluster).
 //! - [`peer`]: one logical client and its per-frame checks.
@@ -236,6 +238,25 @@ async fn verifier(ctx: Arc<Ctx>) {
     }
 }
 
+/// What became of the drivers' keyed sends (every prompt carries a `clientRequestId`).
+fn idempotency(tally: &ledger::Tally) -> Value {
+    let total = |name: &str| tally.totals.get(name).copied().unwrap_or(0);
+    let failures = |name: &str| tally.failures.get(name).copied().unwrap_or(0);
+    json!({
+        "sends": total("prompt_sends"),
+        "resends_same_key": total("prompt_resends"),
+        "accepted_fresh": total("sends_accepted"),
+        "resends_answered_duplicate": total("resends_answered_duplicate_accepted")
+            + total("resends_answered_duplicate_run_in_progress"),
+        "resends_answered_duplicate_accepted": total("resends_answered_duplicate_accepted"),
+        "resends_answered_duplicate_run_in_progress": total("resends_answered_duplicate_run_in_progress"),
+        "outcome_unknown_answers": total("outcome_unknown_answers"),
+        "keys_renewed_after_run_in_progress": total("keys_renewed"),
+        "runs_sent_again_and_started_twice": failures(ledger::RUNS_SENT_AGAIN_AND_STARTED_TWICE),
+        "idempotency_answers_failed": failures(ledger::IDEMPOTENCY_ANSWERS),
+    })
+}
+
 /// Runs the soak; the result's `passed` is false if any invariant failed.
 pub async fn run(bin: &Path, cluster: &ClusterArgs, args: &ChaosArgs) -> anyhow::Result<Value> {
     if args.watchers == 0 || args.users == 0 || args.drivers == 0 || args.runs_per_session == 0 {
@@ -356,6 +377,7 @@ async fn soak(stack: &Arc<Stack>, args: &ChaosArgs, settings: NodeSettings) -> a
         "drain_grace_ms": args.drain_grace_ms,
         "replay_max_events": args.replay_max_events,
         "failures": tally["failures"],
+        "idempotency": idempotency(&book.tally),
         "faults": faults,
         "totals": tally["totals"],
         "examples": tally["examples"],

@@ -50,12 +50,38 @@ pub struct Ack {
     pub last_seq: u64,
     pub truncated: bool,
     pub pending: Vec<Value>,
+    /// The run going on, when `processing`.
+    pub run_id: Option<String>,
+}
+
+/// A `chat_accepted`: the answer to a `chat.send` with a `clientRequestId` that started a run
+/// (`duplicate: false`) or whose key had already started one (`duplicate: true`).
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub key: String,
+    pub run_id: String,
+    pub first_seq: u64,
+    pub duplicate: bool,
+    /// Whether the run still runs.
+    pub processing: bool,
+}
+
+/// A `protocol_error` of the client's session.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub code: String,
+    /// The `clientRequestId` of the `chat.send` it answers (none for other verbs and keyless sends).
+    pub key: Option<String>,
+    /// A `RUN_IN_PROGRESS` answering a key whose first send was refused the same way.
+    pub duplicate: bool,
+    /// `BACKEND_UNAVAILABLE` with `outcome: "unknown"`: the run may have started.
+    pub outcome_unknown: bool,
 }
 
 /// An event of the client's session, after the cursor checks.
 #[derive(Debug, Clone)]
 pub struct Ev {
-    pub seq: u64,
+    pub run_id: String,
     pub kind: Kind,
     pub frame: Value,
 }
@@ -65,7 +91,8 @@ pub struct Ev {
 pub enum Step {
     Event(Ev),
     Ack(Ack),
-    Error(String),
+    Accepted(Accepted),
+    Error(Refusal),
     Other,
     Closed,
     Silent,
@@ -103,6 +130,9 @@ pub struct Peer {
     cursor: Cursor,
     /// Set when the session was subscribed implicitly by `chat.send` on a fresh socket.
     pub implicit: bool,
+    /// Whether the current socket is subscribed to the session (an ack, or a `chat_accepted`
+    /// that started a run, came on it).
+    pub subscribed: bool,
     /// The client's last steps (sockets, acks, events), for failure reports.
     trace: VecDeque<String>,
 }
@@ -117,6 +147,7 @@ impl Peer {
             node: None,
             cursor: Cursor::default(),
             implicit: false,
+            subscribed: false,
             trace: VecDeque::new(),
         }
     }
@@ -177,6 +208,7 @@ impl Peer {
         self.note(format!("socket to {} via {target:?}", node.as_deref().unwrap_or("?")));
         self.ws = Some(ws);
         self.node = node;
+        self.subscribed = false;
         Ok(())
     }
 
@@ -222,11 +254,13 @@ impl Peer {
             .await;
         }
         self.node = None;
+        self.subscribed = false;
     }
 
     pub fn drop_socket(&mut self) {
         self.ws = None;
         self.node = None;
+        self.subscribed = false;
     }
 
     pub async fn send(&mut self, value: Value) -> bool {
@@ -251,7 +285,7 @@ impl Peer {
         while Instant::now() < deadline {
             match self.next(Duration::from_millis(500)).await {
                 Step::Ack(ack) => return Some(ack),
-                Step::Error(code) if code == "BACKEND_UNAVAILABLE" && unavailable < 40 => {
+                Step::Error(refusal) if refusal.code == "BACKEND_UNAVAILABLE" && unavailable < 40 => {
                     unavailable += 1;
                     self.ctx.add("backend_unavailable_retries", 1);
                     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -321,7 +355,24 @@ impl Peer {
         }
         match frame["kind"].as_str().unwrap_or_default() {
             "chat_subscribed" => Step::Ack(self.on_ack(&frame)),
-            "protocol_error" => Step::Error(frame["code"].as_str().unwrap_or_default().to_string()),
+            "chat_accepted" => self.on_accepted(&frame),
+            "protocol_error" => {
+                let refusal = Refusal {
+                    code: frame["code"].as_str().unwrap_or_default().to_string(),
+                    key: frame["clientRequestId"].as_str().map(str::to_string),
+                    duplicate: frame["duplicate"] == true,
+                    outcome_unknown: frame["outcome"] == "unknown",
+                };
+                if let Some(key) = &refusal.key {
+                    self.note(format!(
+                        "refused {} key {key}{}{}",
+                        refusal.code,
+                        if refusal.duplicate { " duplicate" } else { "" },
+                        if refusal.outcome_unknown { " outcome unknown" } else { "" }
+                    ));
+                }
+                Step::Error(refusal)
+            }
             _ if frame.get("seq").is_some_and(Value::is_u64) => match self.on_event(frame) {
                 Some(ev) => Step::Event(ev),
                 None => Step::Other,
@@ -330,12 +381,40 @@ impl Peer {
         }
     }
 
+    /// A `chat_accepted`; one that lacks a field the contract gives it fails `idempotency_answers`.
+    fn on_accepted(&mut self, frame: &Value) -> Step {
+        let (Some(key), Some(run_id), Some(first_seq), Some(duplicate), Some(processing)) = (
+            frame["clientRequestId"].as_str(),
+            frame["runId"].as_str(),
+            frame["firstSeq"].as_u64(),
+            frame["duplicate"].as_bool(),
+            frame["isProcessing"].as_bool(),
+        ) else {
+            self.ctx.fail(
+                ledger::IDEMPOTENCY_ANSWERS,
+                format!("{} session {}: a chat_accepted without its fields: {frame}", self.name, self.session.id),
+            );
+            return Step::Other;
+        };
+        let accepted = Accepted { key: key.to_string(), run_id: run_id.to_string(), first_seq, duplicate, processing };
+        if !duplicate {
+            // The send that started the run subscribed this socket.
+            self.subscribed = true;
+        }
+        self.note(format!(
+            "accepted key {key} run {run_id} firstSeq {first_seq} duplicate={duplicate} processing={processing}"
+        ));
+        Step::Accepted(accepted)
+    }
+
     fn on_ack(&mut self, frame: &Value) -> Ack {
+        self.subscribed = true;
         let ack = Ack {
             processing: frame["isProcessing"] == true,
             last_seq: frame["lastSeq"].as_u64().unwrap_or(0),
             truncated: frame["replayTruncated"] == true,
             pending: frame["pendingPermissions"].as_array().cloned().unwrap_or_default(),
+            run_id: frame["runId"].as_str().map(str::to_string),
         };
         self.note(format!(
             "ack processing={} lastSeq={} truncated={} run={}",
@@ -416,7 +495,7 @@ impl Peer {
                 log.suspects.push(Suspect { invariant, runs, text });
             }
             if invariant == ledger::DUPLICATE_DELIVERED || invariant == ledger::SEQ_ORDER {
-                return Some(Ev { seq, kind, frame });
+                return Some(Ev { run_id, kind, frame });
             }
         }
         if seq > self.cursor.last + 1 {
@@ -448,6 +527,6 @@ impl Peer {
             }
             cursor.completed.push_back(run);
         }
-        Some(Ev { seq, kind, frame })
+        Some(Ev { run_id, kind, frame })
     }
 }

@@ -288,7 +288,8 @@ pub async fn session(ctx: &Ctx, mut log: SessionLog) {
 
     // Per run: one complete, nothing after it, a prompt, script order.
     let mut ranges: Vec<(u64, u64, u32)> = Vec::new();
-    let mut nonces_seen: HashMap<String, usize> = HashMap::new();
+    // The runs each prompt (nonce) shows up as in history: one at most, whatever was sent again.
+    let mut nonces_seen: HashMap<String, Vec<u32>> = HashMap::new();
     for (run, view) in &runs {
         let run_id = &log.run_ids[*run as usize];
         if !view.in_history {
@@ -343,7 +344,7 @@ pub async fn session(ctx: &Ctx, mut log: SessionLog) {
             }
         }
         let plan = view.prompts.first().and_then(|p| nonce_of(p)).and_then(|nonce| {
-            *nonces_seen.entry(nonce.clone()).or_default() += 1;
+            nonces_seen.entry(nonce.clone()).or_default().push(*run);
             plans.get(&nonce).cloned()
         });
         let seqs: Vec<u64> = owner_of.iter().filter(|(_, r)| **r == *run).map(|(s, _)| *s).collect();
@@ -398,7 +399,15 @@ pub async fn session(ctx: &Ctx, mut log: SessionLog) {
         }
     }
     ctx.add("runs", runs.values().filter(|v| v.in_history).count() as u64);
-    ctx.add("runs_sent_again_and_started_twice", nonces_seen.values().filter(|n| **n > 1).count() as u64);
+    for (nonce, started) in nonces_seen.iter().filter(|(_, runs)| runs.len() > 1) {
+        let plan = plans.get(nonce).map_or("?", |p| p.0);
+        let run_ids: Vec<&str> = started.iter().take(4).map(|r| log.run_ids[*r as usize].as_str()).collect();
+        let more = if started.len() > run_ids.len() { ", …" } else { "" };
+        ctx.fail(
+            ledger::RUNS_SENT_AGAIN_AND_STARTED_TWICE,
+            format!("session {id}: prompt {nonce} ({plan}) started {} runs: {run_ids:?}{more}", started.len()),
+        );
+    }
     ranges.sort();
     for pair in ranges.windows(2) {
         if pair[1].0 <= pair[0].1 {
