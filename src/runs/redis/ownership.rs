@@ -388,41 +388,54 @@ impl RedisRegistry {
     }
 
     /// After a start whose reply was lost: whether the lock is this run's.
-    /// The lock is ours: go on. Not ours: nothing was started. Unreadable: unknown.
+    /// The lock is ours: go on. Neither the lock nor the owner record is ours:
+    /// nothing was started. The owner record only (the lease lapsed meanwhile),
+    /// or nothing readable: unknown.
     async fn read_back(&self, start: &RunStart, failure: &Failure) -> Result<Started, RegistryError> {
-        match self.lock_holder(&start.session_id, READ_BACK_WINDOW).await {
-            Ok(Some(owner_json)) if OwnerRecord::parse(&owner_json).is_ok_and(|o| o.run_id == start.run_id) => {
-                Ok(Started::Granted(Granted { owner_json, ..Granted::default() }))
-            }
-            Ok(_) => Err(RegistryError::Unavailable(failure.to_string())),
-            Err(e) => {
-                metrics::counter!("chatgate_runs_unconfirmed_total").increment(1);
-                tracing::warn!(session_id = start.session_id, run_id = start.run_id, error = %e,
-                    "a run's start could not be confirmed; if it took the lock it ends as an orphan");
-                Err(RegistryError::Unconfirmed(failure.to_string()))
-            }
-        }
-    }
-
-    /// The session's lock JSON, read with retries for `window`.
-    async fn lock_holder(&self, session_id: &str, window: Duration) -> Result<Option<String>, Failure> {
         let node = &self.node;
-        let key = keys::run(session_id);
-        node.retrying("read_lock", window, || async { Ok(node.conn().await?.get(&key).await?) }).await
+        let keys = [keys::run(&start.session_id), keys::owner(&start.session_id)];
+        let read = || async { Ok::<_, Failure>(node.conn().await?.mget::<_, Vec<Option<String>>>(&keys).await?) };
+        let ours = |json: &Option<String>| {
+            json.as_deref().and_then(|j| OwnerRecord::parse(j).ok()).is_some_and(|o| o.run_id == start.run_id)
+        };
+        let unknown = |why: String| {
+            metrics::counter!("chatgate_runs_unconfirmed_total").increment(1);
+            tracing::warn!(
+                session_id = start.session_id,
+                run_id = start.run_id,
+                why,
+                "a run's start could not be confirmed; if it took the lock it ends as an orphan"
+            );
+            Err(RegistryError::Unconfirmed(failure.to_string()))
+        };
+        match node.retrying("read_back", READ_BACK_WINDOW, read).await {
+            Ok(held) => match (held.first().cloned().flatten(), held.get(1).cloned().flatten()) {
+                (lock, _) if ours(&lock) => {
+                    Ok(Started::Granted(Granted { owner_json: lock.unwrap_or_default(), ..Granted::default() }))
+                }
+                (_, owner) if ours(&owner) => unknown("its lease lapsed before it could be confirmed".into()),
+                _ => Err(RegistryError::Unavailable(failure.to_string())),
+            },
+            Err(e) => unknown(e.to_string()),
+        }
     }
 
     /// An unconfirmed start that did take the lock has no owner to drive it:
     /// index it (once Redis answers again) so the sweeper ends it as an orphan
-    /// when its lease lapses, `complete` and history included.
+    /// when its lease lapses, `complete` and history included. The owner
+    /// record says whether it did (it outlives the lease until the run is ended).
     fn index_if_started(&self, start: &RunStart) {
         let registry = self.clone();
         let (session_id, run_id, user_id) = (start.session_id.clone(), start.run_id.clone(), start.user_id.clone());
         tokio::spawn(async move {
-            let holder = registry.lock_holder(&session_id, node::HOUSEKEEPING_WINDOW).await;
-            if let Ok(Some(owner_json)) = holder
+            let node = &registry.node;
+            let key = keys::owner(&session_id);
+            let read = || async { Ok::<Option<String>, Failure>(node.conn().await?.get(&key).await?) };
+            let owner = node.retrying("read_owner", node::HOUSEKEEPING_WINDOW, read).await;
+            if let Ok(Some(owner_json)) = owner
                 && OwnerRecord::parse(&owner_json).is_ok_and(|o| o.run_id == run_id)
             {
-                registry.node.index_run(&session_id, &run_id, &user_id).await;
+                node.index_run(&session_id, &run_id, &user_id).await;
             }
         });
     }

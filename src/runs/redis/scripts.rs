@@ -103,7 +103,8 @@ impl Scripts {
             .arg(flag(input.recently_active))
             .arg(input.prompt)
             .arg(flag(input.request.is_some()))
-            .arg(input.request.map_or(0, |r| r.window_ms));
+            .arg(input.request.map_or(0, |r| r.window_ms))
+            .arg(input.request.map_or("", |r| r.key));
         inv
     }
 

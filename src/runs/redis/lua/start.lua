@@ -37,6 +37,7 @@ local recently_active = ARGV[16]
 local prompt = ARGV[17]
 local has_request = ARGV[18] == '1'
 local request_window_ms = ARGV[19]
+local request_id = ARGV[20]
 
 if has_request then
   local seen = redis.call('GET', request_key)
@@ -45,8 +46,15 @@ end
 local held = redis.call('GET', run_key)
 if held then
   if has_request then
-    local busy_with = cjson.decode(held).runId
-    redis.call('SET', request_key, cjson.encode({refused = 'RUN_IN_PROGRESS', runId = busy_with}),
+    local holder = cjson.decode(held)
+    -- The run holding the lock is this key's (its record was lost with Redis's data and the owner
+    -- re-took the lock): the key's send started it.
+    if holder.requestKey == request_id then
+      local record = cjson.encode({runId = holder.runId, firstSeq = holder.firstSeq})
+      redis.call('SET', request_key, record, 'PX', request_window_ms)
+      return {'SEEN', record, held}
+    end
+    redis.call('SET', request_key, cjson.encode({refused = 'RUN_IN_PROGRESS', runId = holder.runId}),
       'PX', request_window_ms)
   end
   return {'BUSY'}
@@ -73,8 +81,10 @@ local last = current_seq(seq_key, events_key, floor, margin)
 redis.call('SET', seq_key, string.format('%d', last))
 redis.call('PERSIST', events_key)
 redis.call('DEL', pending_key)
-local owner_json = cjson.encode({runId = run_id, nodeId = node_id, provider = provider, userId = user_id,
-  startedAt = started_at, firstSeq = last + 1})
+local owner = {runId = run_id, nodeId = node_id, provider = provider, userId = user_id,
+  startedAt = started_at, firstSeq = last + 1}
+if has_request then owner.requestKey = request_id end
+local owner_json = cjson.encode(owner)
 redis.call('SET', run_key, owner_json, 'PX', lease_ms)
 redis.call('SET', owner_key, owner_json)
 redis.call('SET', prompt_key, prompt)
