@@ -35,7 +35,12 @@ fn shared_url() -> String {
 }
 
 fn options(lease: Duration) -> RedisRegistryOptions {
-    RedisRegistryOptions { lease, max_events: 1000, retention: Duration::from_secs(60) }
+    RedisRegistryOptions {
+        lease,
+        max_events: 1000,
+        retention: Duration::from_secs(60),
+        idempotency_window: Duration::from_secs(60),
+    }
 }
 
 fn unique(prefix: &str) -> String {
@@ -56,6 +61,7 @@ fn start(registry: &RedisRegistry, session_id: &str, run_id: &str, user_id: &str
         seq_floor: 0,
         last_active_ms: 0,
         prompt: "hello".into(),
+        request_key: None,
     }
 }
 
