@@ -235,6 +235,10 @@ pub struct Config {
     /// How long a finished run's events stay replayable.
     #[arg(long, env = "CHATGATE_REPLAY_RETENTION", default_value = "5m", value_parser = parse_duration)]
     pub replay_retention: Duration,
+    /// How long a session remembers a `chat.send`'s `clientRequestId`: a resend with the
+    /// same key within it starts nothing and is told what became of the first.
+    #[arg(long, env = "CHATGATE_IDEMPOTENCY_WINDOW", default_value = "1h", value_parser = parse_positive_duration)]
+    pub idempotency_window: Duration,
     /// Newest events kept per session for replay.
     #[arg(long, env = "CHATGATE_REPLAY_MAX_EVENTS", default_value = "10000", value_parser = clap::value_parser!(u64).range(1..))]
     pub replay_max_events: u64,
@@ -621,6 +625,7 @@ mod tests {
         assert_eq!(c.database_url, "sqlite://chatgate.db?mode=rwc");
         assert_eq!(c.run_lease, Duration::from_secs(15));
         assert_eq!(c.replay_retention, Duration::from_secs(300));
+        assert_eq!(c.idempotency_window, Duration::from_secs(3600));
         assert_eq!(c.replay_max_events, 10_000);
         assert_eq!(c.max_frame_bytes, 8 * 1024 * 1024);
         assert_eq!(c.send_queue_bytes, 8 * 1024 * 1024);

@@ -167,13 +167,18 @@ impl Node {
         let store = Store::connect(&config.database_url).await?;
         store.migrate().await?;
         let registry: SharedRegistry = match config.redis_target() {
-            None => Arc::new(MemoryRegistry::new(config.replay_max_events, config.replay_retention)),
+            None => Arc::new(MemoryRegistry::new(
+                config.replay_max_events,
+                config.replay_retention,
+                config.idempotency_window,
+            )),
             Some(target) => {
                 let target = target.map_err(|e| NodeError::Registry(format!("--redis-url: {e}")))?;
                 let options = RedisRegistryOptions {
                     lease: config.run_lease,
                     max_events: config.replay_max_events,
                     retention: config.replay_retention,
+                    idempotency_window: config.idempotency_window,
                 };
                 let registry = RedisRegistry::connect(target, &node_id, options)
                     .await

@@ -18,12 +18,12 @@ use std::{
 use chatgate::{
     protocol::{EventBody, PermissionAnswer},
     runs::{
-        Control, Event, FeedItem, LiveFeed, RegistryError, RunOwnership, RunRegistry, RunRouting, RunStart,
+        Control, Event, FeedItem, LiveFeed, PriorSend, RegistryError, RunOwnership, RunRegistry, RunRouting, RunStart,
         SessionFeeds, UserNotices,
-        redis::{RedisRegistry, RedisRegistryOptions, keys},
+        redis::{RedisRegistry, RedisRegistryOptions, RedisTarget, keys},
     },
 };
-use chatgate_testkit::redis::PrivateRedis;
+use chatgate_testkit::{redis::PrivateRedis, redis_cluster::PrivateRedisCluster};
 use redis::AsyncCommands;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,7 +35,12 @@ fn shared_url() -> String {
 }
 
 fn options(lease: Duration) -> RedisRegistryOptions {
-    RedisRegistryOptions { lease, max_events: 1000, retention: Duration::from_secs(60) }
+    RedisRegistryOptions {
+        lease,
+        max_events: 1000,
+        retention: Duration::from_secs(60),
+        idempotency_window: Duration::from_secs(60),
+    }
 }
 
 fn unique(prefix: &str) -> String {
@@ -56,6 +61,7 @@ fn start(registry: &RedisRegistry, session_id: &str, run_id: &str, user_id: &str
         seq_floor: 0,
         last_active_ms: 0,
         prompt: "hello".into(),
+        request_key: None,
     }
 }
 
@@ -829,4 +835,129 @@ async fn after_an_empty_restart_a_dead_owners_session_takes_runs_once_redis_is_a
     let (grant, waited) = start_when_recovered(&other, idle_start).await;
     assert!(waited < lease, "{waited:?}");
     assert_eq!(grant.first_seq, 40 + 1000 + 1);
+}
+
+// ------------------------------------------------------------ idempotency keys
+
+fn keyed(registry: &RedisRegistry, session_id: &str, run_id: &str, key: &str) -> RunStart {
+    RunStart { request_key: Some(key.into()), ..start(registry, session_id, run_id, "u") }
+}
+
+fn already_started(run_id: &str, first_seq: u64, is_processing: bool) -> RegistryError {
+    RegistryError::AlreadySent(PriorSend::Started { run_id: run_id.into(), first_seq, is_processing })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_resent_after_a_redis_restart_is_told_its_live_run() {
+    let mut redis = PrivateRedis::start().expect("private redis-server");
+    let lease = Duration::from_secs(10);
+    let (a, b) = (node(&redis.url(), "a", lease).await, node(&redis.url(), "b", lease).await);
+    let s = unique("s");
+    let grant = a.start_run(keyed(&a, &s, "r1", "k")).await.unwrap();
+    a.append(&grant.lease, bodies(&s, "r1", 3)).await.unwrap();
+    redis.restart().expect("private redis-server restarts"); // back, and empty: the key's record is gone
+    a.append(&grant.lease, bodies(&s, "r1", 1)).await.expect("the owner re-takes its lock");
+    // The re-taken lock names the key: the resend is told its run, it does not start a second one.
+    assert_eq!(b.start_run(keyed(&b, &s, "r2", "k")).await.err(), Some(already_started("r1", 1, true)));
+    assert_eq!(
+        a.prior_send(&s, "k").await.unwrap(),
+        Some(PriorSend::Started { run_id: "r1".into(), first_seq: 1, is_processing: true })
+    );
+    // Another key is refused as busy, as ever.
+    assert_eq!(b.start_run(keyed(&b, &s, "r3", "other")).await.err(), Some(RegistryError::RunInProgress));
+    a.complete(&grant.lease, complete_body(&s, "r1")).await.unwrap();
+}
+
+/// A TCP proxy to Redis whose replies can be swallowed: the commands still reach
+/// Redis and run, their answers never come back (a reply lost on the way).
+struct ReplyEater {
+    url: String,
+    eat: Arc<AtomicBool>,
+}
+
+impl ReplyEater {
+    async fn start(redis_port: u16) -> ReplyEater {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("redis://{}", listener.local_addr().unwrap());
+        let eat = Arc::new(AtomicBool::new(false));
+        let eating = eat.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await else { continue };
+                let ((mut client_rx, mut client_tx), (mut server_rx, mut server_tx)) =
+                    (client.into_split(), server.into_split());
+                tokio::spawn(async move { tokio::io::copy(&mut client_rx, &mut server_tx).await });
+                let eating = eating.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while let Ok(n) = server_rx.read(&mut buf).await {
+                        if n == 0 || (!eating.load(Ordering::SeqCst) && client_tx.write_all(&buf[..n]).await.is_err()) {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        ReplyEater { url, eat }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_whose_reply_is_lost_is_reported_unknown_and_its_run_ends_as_an_orphan() {
+    let redis = PrivateRedis::start().expect("private redis-server");
+    let proxy = ReplyEater::start(redis.port()).await;
+    let lease = Duration::from_secs(3);
+    let (a, b) = (node(&proxy.url, "a", lease).await, node(&redis.url(), "b", lease).await);
+    let s = unique("s");
+    let mut feed = b.subscribe(&s, 0).await.unwrap();
+    let warm = unique("s"); // Redis has the start script from then on (EVALSHA runs it at once).
+    let grant = a.start_run(start(&a, &warm, "w", "u")).await.unwrap();
+    a.complete(&grant.lease, complete_body(&warm, "w")).await.unwrap();
+    // The start script runs in Redis; its reply, and the read-back's, are lost.
+    proxy.eat.store(true, Ordering::SeqCst);
+    let outcome = a.start_run(keyed(&a, &s, "r1", "k")).await;
+    proxy.eat.store(false, Ordering::SeqCst);
+    assert!(matches!(outcome, Err(RegistryError::Unconfirmed(_))), "no false 'nothing started': {outcome:?}");
+    // The key names the run, which no node drives: it is indexed once Redis answers again and
+    // ended like any orphan when its lease lapses, so the resend sees it end.
+    // (Its lease may have lapsed already: the lost replies took longer than one.)
+    let told = b.start_run(keyed(&b, &s, "r2", "k")).await.err();
+    let named = matches!(&told, Some(RegistryError::AlreadySent(PriorSend::Started { run_id, first_seq: 1, .. })) if run_id == "r1");
+    assert!(named, "{told:?}");
+    let ended = tokio::time::timeout(lease * 5, next_event(&mut feed.live)).await.expect("the orphan is ended");
+    assert_owner_lost(&ended, &s, "r1");
+    assert_eq!(b.start_run(keyed(&b, &s, "r3", "k")).await.err(), Some(already_started("r1", 1, false)));
+    let fresh = b.start_run(keyed(&b, &s, "r4", "a-new-key")).await.expect("a new key starts");
+    b.complete(&fresh.lease, complete_body(&s, "r4")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_resent_after_a_redis_cluster_failover_is_told_its_run() {
+    let mut cluster = tokio::task::spawn_blocking(|| PrivateRedisCluster::start(3, 1))
+        .await
+        .expect("the cluster's start")
+        .expect("a private Redis Cluster");
+    let target = RedisTarget::cluster(&cluster.seed_urls());
+    let lease = Duration::from_secs(10);
+    let a = RedisRegistry::connect(target.clone(), &unique("a"), options(lease)).await.expect("connect a");
+    let b = RedisRegistry::connect(target, &unique("b"), options(lease)).await.expect("connect b");
+    let s = unique("s");
+    let grant = a.start_run(keyed(&a, &s, "r1", "k")).await.unwrap();
+    a.append(&grant.lease, bodies(&s, "r1", 3)).await.unwrap();
+    let victim = keys::run(&s);
+    cluster.kill_primary_of(&victim).expect("a primary to kill");
+    let slot = keys::slot(&victim);
+    let (cluster, took) = tokio::task::spawn_blocking(move || {
+        let took = cluster.wait_for_failover(slot);
+        (cluster, took)
+    })
+    .await
+    .unwrap();
+    took.expect("the replica takes over");
+    a.append(&grant.lease, bodies(&s, "r1", 1)).await.expect("the run goes on after the failover");
+    // Whether the key's record reached the replica or not, the resend is told its run.
+    assert_eq!(b.start_run(keyed(&b, &s, "r2", "k")).await.err(), Some(already_started("r1", 1, true)));
+    a.complete(&grant.lease, complete_body(&s, "r1")).await.unwrap();
+    assert_eq!(b.start_run(keyed(&b, &s, "r3", "k")).await.err(), Some(already_started("r1", 1, false)));
+    drop(cluster);
 }

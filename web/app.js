@@ -2,7 +2,7 @@
 // chat (every event kind), abort runs, answer tool approvals, rename / archive / restore /
 // delete sessions. Plain DOM, no build step; the wire protocol is handled by the client module
 // (/client/chatgate.js), assistant Markdown by /markdown.js (DOM nodes only, never HTML).
-import { ChatgateClient, CloseCode } from '/client/chatgate.js';
+import { ChatgateClient, CloseCode, newClientRequestId } from '/client/chatgate.js';
 import { renderMarkdown } from '/markdown.js';
 
 const TOKEN_KEY = 'chatgate.token';
@@ -80,7 +80,10 @@ const view = {
   prompts: new Map(),
   /** runs whose prompt this tab already shows (sent here, or from history) */
   promptedRuns: new Set(),
-  /** prompts typed here whose run has not started yet (elements, oldest first) */
+  /**
+   * prompts typed here (or left by the previous page) that the gateway has not answered yet:
+   * elements, oldest first, each with its `data-client-request-id`
+   */
   localPrompts: [],
   /** whether the transcript follows new output (the user is at the bottom) */
   stick: true,
@@ -197,6 +200,7 @@ function startClient() {
     }),
     client.on('session', ({ frame }) => upsertSession(frame.session ?? { sessionId: frame.sessionId })),
     client.on('sent', onQueuedSent),
+    client.on('accepted', onAccepted),
     client.on('error', onError),
   ];
   client.connect();
@@ -225,14 +229,84 @@ function onClose({ code, willReconnect, delayMs }) {
     [CloseCode.POLICY]: 'this page’s origin is not allowed by the gateway',
   }[code];
   if (why) notice(`Connection closed: ${why}.${willReconnect ? ` Reconnecting in ${Math.round(delayMs / 100) / 10} s.` : ''}`);
+  // Prompts that went out on this socket without an answer may or may not have arrived: the
+  // client sends them again, with the same key, after the reconnect (the gateway runs each once).
+  for (const el of view.localPrompts) if (el.dataset.state === 'sent') el.dataset.state = 'resending';
 }
 
-function onError({ code, error, sessionId }) {
+function onError({ code, error, sessionId, clientRequestId, duplicate, willResend }) {
   if (sessionId && sessionId !== view.id) return;
-  notice(`${code}: ${error}`);
-  if (['RUN_IN_PROGRESS', 'BACKEND_UNAVAILABLE', 'INVALID_OPTIONS', 'NODE_BUSY'].includes(code)) {
-    const failed = view.localPrompts.shift();
-    if (failed) failed.dataset.state = 'failed';
+  const el = clientRequestId === undefined ? null : localPrompt(clientRequestId);
+  if (willResend) {
+    // The gateway cannot tell whether the run started: the same prompt goes again, same key.
+    notice(`${code}: ${error} — sending it again.`, 'info');
+    if (el) el.dataset.state = 'resending';
+    return;
+  }
+  notice(duplicate ? `${code}: ${error} (the answer to this prompt's first attempt)` : `${code}: ${error}`);
+  if (!el) return;
+  // Refused: nothing was started. Shown as failed (again, if a history reload had taken it out).
+  view.localPrompts = view.localPrompts.filter((p) => p !== el);
+  el.dataset.state = 'failed';
+  if (!el.isConnected) {
+    ui.transcript.append(el);
+    contentAdded();
+  }
+}
+
+/** The unanswered prompt of this view with that key, or null. */
+function localPrompt(clientRequestId) {
+  return view.localPrompts.find((el) => el.dataset.clientRequestId === clientRequestId) ?? null;
+}
+
+/** A prompt bubble typed in this browser, for the send with that key. */
+function promptElement(content, clientRequestId, state) {
+  const el = item('li', 'msg user', content);
+  el.dataset.kind = 'prompt';
+  el.dataset.local = 'true';
+  el.dataset.clientRequestId = clientRequestId;
+  el.dataset.state = state;
+  return el;
+}
+
+/**
+ * `chat_accepted`: the prompt with that key runs as `runId` — started now, or by an earlier
+ * attempt (`duplicate`). Either way the view shows the prompt once, before the run's events.
+ */
+function onAccepted({ sessionId, clientRequestId, runId, content }) {
+  if (sessionId !== view.id) return;
+  let el = localPrompt(clientRequestId);
+  view.localPrompts = view.localPrompts.filter((p) => p !== el);
+  if (!runId) return;
+  if (view.promptedRuns.has(runId)) {
+    // The run's prompt is shown already: from the history, or as a placeholder its first
+    // event made (the replay came before this answer), which the known text fills.
+    const shown = [...ui.transcript.querySelectorAll('[data-kind="prompt"]')].find(
+      (p) => p !== el && p.dataset.runId === runId,
+    );
+    if (shown?.classList.contains('pending-prompt') && content !== null) {
+      shown.textContent = content;
+      shown.classList.remove('pending-prompt');
+    }
+    if (shown) el?.remove();
+    else if (el) markStarted(el, runId);
+    return;
+  }
+  view.promptedRuns.add(runId);
+  if (!el) {
+    if (content === null) return; // not sent from this browser: the history has it
+    el = promptElement(content, clientRequestId, 'sent');
+  }
+  markStarted(el, runId);
+}
+
+/** A local prompt whose run started: shown (at the end, before the run's events). */
+function markStarted(el, runId) {
+  el.dataset.state = 'sent';
+  el.dataset.runId = runId;
+  if (!el.isConnected) {
+    ui.transcript.append(el);
+    contentAdded();
   }
 }
 
@@ -655,6 +729,9 @@ function selectSession(id) {
   ui.send.disabled = false;
   if (!same) {
     resetView();
+    // Prompts a previous page of this tab sent without an answer: the client sends them again;
+    // shown once answered (accepted, or refused).
+    view.localPrompts = client.pendingSends(id).map((p) => promptElement(p.content, p.clientRequestId, 'resending'));
     view.loaded = false;
     updateEmpty();
     renderChatHead();
@@ -718,10 +795,9 @@ function onHistory({ sessionId, messages, reason }) {
   ui.transcript.dataset.history = reason;
   view.promptedRuns.clear();
   for (const m of messages) renderEvent(m, false);
-  // A prompt still waiting in the queue stays visible; one already sent is the history's now
-  // (or, if its run has not written it yet, comes back with the run's first event).
-  view.localPrompts = view.localPrompts.filter((el) => el.dataset.state === 'queued');
-  for (const el of view.localPrompts) ui.transcript.append(el);
+  // A prompt still waiting in the queue stays visible. One that went out is in the history if
+  // it arrived; if it did not, the gateway's answer to its resend (chat_accepted) shows it.
+  for (const el of view.localPrompts) if (el.dataset.state === 'queued') ui.transcript.append(el);
   const first = messages.find((m) => m.kind === 'text' && m.role === 'user');
   if (first && rememberTitle(sessionId, contentText(first.content))) {
     renderSessionList();
@@ -737,7 +813,7 @@ function onHistory({ sessionId, messages, reason }) {
 function onQueuedSent({ sessionId, frame }) {
   updateQueued();
   if (sessionId !== view.id || frame.type !== 'chat.send') return;
-  const el = view.localPrompts.find((p) => p.dataset.state === 'queued');
+  const el = localPrompt(frame.clientRequestId);
   if (el) el.dataset.state = 'sent';
 }
 
@@ -745,11 +821,11 @@ function sendMessage(event) {
   event?.preventDefault();
   const content = ui.message.value;
   if (!client || !view.id || !content.trim()) return;
-  const el = item('li', 'msg user', content);
-  el.dataset.kind = 'prompt';
-  el.dataset.local = 'true';
+  // One key per prompt: however often it is sent again, the gateway runs it once.
+  const clientRequestId = newClientRequestId();
+  const el = promptElement(content, clientRequestId, 'queued');
   try {
-    el.dataset.state = client.send(view.id, content);
+    el.dataset.state = client.send(view.id, content, undefined, { clientRequestId });
   } catch (e) {
     notice(e.message);
     return;
@@ -1008,6 +1084,7 @@ function renderEvent(event, live) {
         // A prompt from the history: it stands for the run that follows it.
         const el = item('li', 'msg user', contentText(event.content));
         el.dataset.kind = 'prompt';
+        if (event.runId) el.dataset.runId = event.runId;
         t.append(el);
         break;
       }
@@ -1133,15 +1210,11 @@ function repeatsLastReply(event) {
 function noteRun(event) {
   if (!event.runId) return;
   if (event.kind !== 'complete') setRunning(true, event.runId);
+  // A prompt typed here is matched to its run by chat_accepted, which comes before the run's
+  // first event (or, for a resend answered as a duplicate, may come after its replay: it then
+  // fills this placeholder).
   if (view.promptedRuns.has(event.runId)) return;
   view.promptedRuns.add(event.runId);
-  const local = view.localPrompts.shift();
-  if (local) {
-    // Typed here: its run has started.
-    local.dataset.state = 'sent';
-    local.dataset.runId = event.runId;
-    return;
-  }
   // Typed in another tab: the prompt is in the history, just before the run's first event.
   const placeholder = item('li', 'msg user pending-prompt', '…');
   placeholder.dataset.kind = 'prompt';
@@ -1155,6 +1228,7 @@ async function fillPrompt(placeholder, sessionId, firstSeq) {
   for (const pause of [0, 250, 500, 1000, 2000, 4000]) {
     if (pause) await new Promise((resolve) => setTimeout(resolve, pause));
     if (!client || view.id !== sessionId || !placeholder.isConnected) return;
+    if (!placeholder.classList.contains('pending-prompt')) return; // filled by chat_accepted
     let messages;
     try {
       messages = await client.loadHistory(sessionId);
@@ -1172,7 +1246,7 @@ async function fillPrompt(placeholder, sessionId, firstSeq) {
       return;
     }
   }
-  placeholder.remove();
+  if (placeholder.classList.contains('pending-prompt')) placeholder.remove();
 }
 
 // ---- wiring ----------------------------------------------------------------------------------
@@ -1183,6 +1257,8 @@ ui.signinForm.addEventListener('submit', (e) => {
   if (token) signIn(token);
 });
 ui.signOut.addEventListener('click', () => {
+  // Prompts still waiting for an answer are this user's: not sent again after signing out.
+  client?.discardPending();
   storeToken('');
   sessions.clear();
   archived.clear();

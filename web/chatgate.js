@@ -13,6 +13,10 @@
 //   client.subscribe(sessionId);          // loads history over REST, then follows live
 //   client.send(sessionId, 'hello');      // queued while disconnected, sent after re-subscribe
 //
+// Every prompt carries an idempotency key (`clientRequestId`): until the gateway answers it
+// (`chat_accepted`, or a `protocol_error` naming the key) the send is kept in sessionStorage and
+// sent again, with the same key, after a reconnect or a page reload; the gateway starts it once.
+//
 // Works in browsers and in Node 20+ (pass `WebSocket` and `fetch` where the globals lack them).
 
 /** Close codes the gateway uses (docs/protocol.md). */
@@ -43,6 +47,34 @@ export const State = Object.freeze({
 const MAX_RECOVERIES = 3;
 /** Pause before the n-th history reload in a row (lets the history writer catch up). */
 const RECOVERY_PAUSE_MS = 250;
+/** Where unanswered sends are kept (sessionStorage), per WebSocket URL. */
+const PENDING_KEY_PREFIX = 'chatgate.pendingSends ';
+/** What the gateway takes as a `clientRequestId` (docs/protocol.md §Idempotent sends). */
+const REQUEST_ID_PATTERN = /^[A-Za-z0-9._:-]{1,128}$/;
+
+/**
+ * A fresh idempotency key for one prompt: `crypto.randomUUID()`, or 32 random hex digits where
+ * it is not available (pages served over plain http from another host than localhost are not a
+ * secure context and have no `randomUUID`).
+ * @returns {string}
+ */
+export function newClientRequestId() {
+  const crypto = globalThis.crypto;
+  if (typeof crypto?.randomUUID === 'function') return crypto.randomUUID();
+  const bytes = new Uint8Array(16);
+  if (typeof crypto?.getRandomValues === 'function') crypto.getRandomValues(bytes);
+  else for (let i = 0; i < bytes.length; i += 1) bytes[i] = Math.floor(Math.random() * 256);
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+/**
+ * A send the gateway has not answered yet.
+ * @typedef {object} PendingSend
+ * @property {string} sessionId
+ * @property {string} content
+ * @property {object} [options]
+ * @property {string} clientRequestId
+ */
 
 /**
  * @typedef {object} TokenRequest
@@ -71,6 +103,8 @@ const RECOVERY_PAUSE_MS = 250;
  * @property {string} [baseUrl] REST base URL (default: the page's origin)
  * @property {BackoffOptions} [backoff]
  * @property {number} [maxQueued=100] largest number of frames queued while disconnected
+ * @property {Storage | null} [storage] where unanswered sends are kept across page reloads
+ *   (default: `sessionStorage` where there is one; `null`: in memory only)
  * @property {typeof WebSocket} [WebSocket] constructor to use (default: the global one)
  * @property {typeof fetch} [fetch] fetch to use (default: the global one)
  * @property {() => number} [random] random source in [0, 1) for jitter (default Math.random)
@@ -116,10 +150,17 @@ const historyPath = (sessionId) => `/api/providers/sessions/${encodeURIComponent
  *   `reason`: `initial` (subscribe without lastSeq), `truncated` (replayTruncated), `missed`
  *   (whole runs finished while away), `gap` (a live gap the replay could not fill), `completed`
  *   (a run whose start was never replayable ended: its full text is history now)
- * - `sent` `{sessionId, frame}` — a queued frame went out (after a reconnect's re-subscribe)
+ * - `sent` `{sessionId, frame, resend}` — a queued frame went out (after a reconnect's
+ *   re-subscribe); `resend` is true for an unanswered `chat.send` sent again with its key
+ * - `accepted` `{sessionId, clientRequestId, runId, firstSeq, duplicate, isProcessing, content}` —
+ *   a `chat_accepted` frame: the run a send started (`duplicate: false`), or the run an earlier
+ *   send with the same key started (`duplicate: true`: nothing new started; show the prompt once)
  * - `session` `{frame}` — a `session_upserted` frame (session created, renamed, provider id)
  * - `error` `{code, error, sessionId}` — a `protocol_error` frame, or a client-side failure
- *   (`code` `HISTORY_FAILED`, `QUEUE_FULL`)
+ *   (`code` `HISTORY_FAILED`, `QUEUE_FULL`); the refusal of a keyed send also carries
+ *   `clientRequestId`, `duplicate`, `outcome` (when the gateway gave one) and `willResend`
+ *   (`BACKEND_UNAVAILABLE` with `outcome: "unknown"`: sent again with the same key after
+ *   `delayMs`)
  * - `close` `{code, reason, willReconnect, delayMs}` — the socket closed
  * - `tokenexpired` `{willReconnect}` — the gateway closed with 4401
  */
@@ -171,6 +212,16 @@ export class ChatgateClient {
     /** @private */ this.timer = null;
     /** @private */ this.wanted = false;
     /** @private */ this.nextTokenReason = 'connect';
+
+    /** @private */ this.storage = options.storage !== undefined ? options.storage : defaultStorage();
+    /** @private */ this.pendingKey = `${PENDING_KEY_PREFIX}${this.url}`;
+    /**
+     * Sends not answered yet, by key, oldest first; `retries` counts resends after an unknown
+     * outcome, `timer` is the scheduled one.
+     * @private @type {Map<string, PendingSend & {retries: number, timer: any}>}
+     */
+    this.pending = new Map();
+    this.restorePending();
   }
 
   // ---- events --------------------------------------------------------------------------
@@ -212,6 +263,9 @@ export class ChatgateClient {
     if (this.wanted && this.state !== State.CLOSED && this.state !== State.IDLE) return;
     this.wanted = true;
     this.nextTokenReason = 'connect';
+    // Sends a previous page left unanswered: follow their sessions, so they go out again (with
+    // their keys) once each session's history is in and its subscription acknowledged.
+    for (const p of this.pending.values()) if (!this.sessions.has(p.sessionId)) this.subscribe(p.sessionId);
     this.open();
   }
 
@@ -365,13 +419,25 @@ export class ChatgateClient {
     }, delayMs);
   }
 
-  /** @private Forget what the closed socket had acknowledged. */
+  /**
+   * @private Forget what the closed socket had acknowledged. Every send it left unanswered
+   * may or may not have arrived: it goes back to the front of the queue, with its key, to be
+   * sent again after the session's re-subscribe.
+   */
   resetSocketState() {
     for (const s of this.sessions.values()) {
       s.acked = false;
       s.awaitingAck = false;
       s.expectReplay = false;
     }
+    const queued = new Set(this.queue.map((q) => q.frame.clientRequestId).filter(Boolean));
+    const again = [];
+    for (const p of this.pending.values()) {
+      if (p.timer !== null) this.clearTimer(p.timer);
+      p.timer = null;
+      if (!queued.has(p.clientRequestId)) again.push({ sessionId: p.sessionId, frame: sendFrameOf(p), resend: true });
+    }
+    if (again.length > 0) this.queue = [...again, ...this.queue];
   }
 
   /** @private */
@@ -422,12 +488,13 @@ export class ChatgateClient {
   }
 
   /**
-   * Stops following a session (and drops its queued frames).
+   * Stops following a session (and drops its queued frames and unanswered sends).
    * @param {string} sessionId
    */
   unsubscribe(sessionId) {
     if (!this.sessions.delete(sessionId)) return;
     this.queue = this.queue.filter((q) => q.sessionId !== sessionId);
+    this.discardPending(sessionId);
     this.sendFrame({ type: 'chat.unsubscribe', sessions: [sessionId] });
   }
 
@@ -570,19 +637,56 @@ export class ChatgateClient {
   // ---- verbs ---------------------------------------------------------------------------
 
   /**
-   * Sends `chat.send`. While disconnected (or before the session's subscription is
+   * Sends `chat.send` with an idempotency key (`clientRequestId`: `key` if given, else a fresh
+   * {@link newClientRequestId}). While disconnected (or before the session's subscription is
    * acknowledged) the frame is queued and sent after the re-subscribe. A session not followed
-   * yet is followed (history, then live).
+   * yet is followed (history, then live). Until the gateway answers the key (`accepted`, or an
+   * `error` carrying it) the send is kept (in `storage` too) and sent again with the same key
+   * after a reconnect or a page reload: the gateway starts it at most once.
    * @param {string} sessionId
    * @param {string} content
    * @param {object} [options] run options (`model`, `permissionMode`, …)
+   * @param {{clientRequestId?: string}} [key] the key to use (1–128 of `A-Za-z0-9._:-`)
    * @returns {'sent' | 'queued'}
    */
-  send(sessionId, content, options) {
+  send(sessionId, content, options, { clientRequestId = newClientRequestId() } = {}) {
+    if (typeof clientRequestId !== 'string' || !REQUEST_ID_PATTERN.test(clientRequestId)) {
+      throw new TypeError('clientRequestId must be 1–128 characters of letters, digits, ".", "_", ":" or "-"');
+    }
+    if (this.pending.has(clientRequestId)) throw new Error(`a send with key ${clientRequestId} is already waiting for its answer`);
     if (!this.sessions.has(sessionId)) this.subscribe(sessionId);
-    const frame = { type: 'chat.send', sessionId, content };
-    if (options !== undefined) frame.options = options;
-    return this.deliverOrQueue(sessionId, frame);
+    const p = { sessionId, content, clientRequestId, retries: 0, timer: null };
+    if (options !== undefined) p.options = options;
+    const result = this.deliverOrQueue(sessionId, sendFrameOf(p));
+    this.pending.set(clientRequestId, p);
+    this.savePending();
+    return result;
+  }
+
+  /**
+   * Sends not answered yet (oldest first), of one session or of all.
+   * @param {string} [sessionId]
+   * @returns {PendingSend[]}
+   */
+  pendingSends(sessionId) {
+    return [...this.pending.values()]
+      .filter((p) => sessionId === undefined || p.sessionId === sessionId)
+      .map(publicPending);
+  }
+
+  /**
+   * Forgets unanswered sends (of one session, or all): they are not sent again, here nor after
+   * a reload. For example when the user signs out.
+   * @param {string} [sessionId]
+   */
+  discardPending(sessionId) {
+    let changed = false;
+    for (const [key, p] of [...this.pending]) {
+      if (sessionId !== undefined && p.sessionId !== sessionId) continue;
+      this.forgetPending(key);
+      changed = true;
+    }
+    if (changed) this.savePending();
   }
 
   /**
@@ -621,9 +725,17 @@ export class ChatgateClient {
   }
 
   /** @private */
-  deliverOrQueue(sessionId, frame) {
+  deliverOrQueue(sessionId, frame, resend = false) {
     const waiting = this.queue.some((q) => q.sessionId === sessionId);
-    if (!waiting && this.ready(sessionId) && this.sendFrame(frame)) return 'sent';
+    if (!waiting && this.ready(sessionId) && this.sendFrame(frame)) {
+      if (resend) this.emit('sent', { sessionId, frame, resend });
+      return 'sent';
+    }
+    if (resend) {
+      // An answer is owed to a send the application already made: never refused for room.
+      this.queue.push({ sessionId, frame, resend });
+      return 'queued';
+    }
     if (this.queue.length >= this.maxQueued) {
       const error = `send queue full (${this.maxQueued} frames waiting for a connection)`;
       this.emit('error', { code: 'QUEUE_FULL', error, sessionId });
@@ -648,7 +760,115 @@ export class ChatgateClient {
       }
     }
     this.queue = rest;
-    for (const item of sent) this.emit('sent', { sessionId: item.sessionId, frame: item.frame });
+    for (const item of sent) this.emit('sent', { sessionId: item.sessionId, frame: item.frame, resend: Boolean(item.resend) });
+  }
+
+  // ---- unanswered sends ----------------------------------------------------------------
+
+  /** @private Loads the sends a previous page left unanswered; they wait in the queue. */
+  restorePending() {
+    let list = [];
+    try {
+      list = JSON.parse(this.storage?.getItem(this.pendingKey) ?? '[]');
+    } catch {
+      list = [];
+    }
+    if (!Array.isArray(list)) return;
+    for (const entry of list) {
+      if (
+        !entry ||
+        typeof entry.sessionId !== 'string' ||
+        typeof entry.content !== 'string' ||
+        typeof entry.clientRequestId !== 'string' ||
+        !REQUEST_ID_PATTERN.test(entry.clientRequestId) ||
+        (entry.options !== undefined && (entry.options === null || typeof entry.options !== 'object')) ||
+        this.pending.has(entry.clientRequestId)
+      ) {
+        continue;
+      }
+      const p = { sessionId: entry.sessionId, content: entry.content, clientRequestId: entry.clientRequestId, retries: 0, timer: null };
+      if (entry.options !== undefined) p.options = entry.options;
+      this.pending.set(p.clientRequestId, p);
+      this.queue.push({ sessionId: p.sessionId, frame: sendFrameOf(p), resend: true });
+    }
+  }
+
+  /** @private Writes the unanswered sends to storage (memory only when it is full or absent). */
+  savePending() {
+    if (!this.storage) return;
+    try {
+      if (this.pending.size === 0) this.storage.removeItem(this.pendingKey);
+      else this.storage.setItem(this.pendingKey, JSON.stringify([...this.pending.values()].map(publicPending)));
+    } catch {
+      /* quota exceeded or storage refused: the send is still kept for this page */
+    }
+  }
+
+  /** @private Drops one unanswered send (its timer and queued frame too); the caller saves. */
+  forgetPending(key) {
+    const p = this.pending.get(key);
+    if (!p) return null;
+    if (p.timer !== null) this.clearTimer(p.timer);
+    this.pending.delete(key);
+    this.queue = this.queue.filter((q) => q.frame.clientRequestId !== key);
+    return p;
+  }
+
+  /** @private `chat_accepted`: the key's send started a run, now or (duplicate) before. */
+  handleAccepted(frame) {
+    const key = typeof frame.clientRequestId === 'string' ? frame.clientRequestId : null;
+    const p = key === null ? null : this.forgetPending(key);
+    if (p) this.savePending();
+    // A duplicate does not subscribe the socket; this client resends only after the session's
+    // subscription was acknowledged on the same socket, so the run's events reach it anyway.
+    this.emit('accepted', {
+      sessionId: typeof frame.sessionId === 'string' ? frame.sessionId : (p?.sessionId ?? null),
+      clientRequestId: key,
+      runId: frame.runId ?? null,
+      firstSeq: typeof frame.firstSeq === 'number' ? frame.firstSeq : null,
+      duplicate: frame.duplicate === true,
+      isProcessing: Boolean(frame.isProcessing),
+      content: p?.content ?? null,
+    });
+  }
+
+  /**
+   * @private A `protocol_error`. One naming a pending key answers it: nothing started (the key
+   * is done) — except `BACKEND_UNAVAILABLE` with `outcome: "unknown"`, where the run may have
+   * started: the same frame goes again, with the same key, after a backoff delay.
+   */
+  handleRefusal(frame) {
+    const payload = { code: frame.code, error: frame.error, sessionId: frame.sessionId ?? null };
+    if (typeof frame.clientRequestId === 'string') {
+      const key = frame.clientRequestId;
+      payload.clientRequestId = key;
+      payload.duplicate = frame.duplicate === true;
+      if (frame.outcome !== undefined) payload.outcome = frame.outcome;
+      const p = this.pending.get(key);
+      const unknown = frame.code === 'BACKEND_UNAVAILABLE' && frame.outcome === 'unknown';
+      payload.willResend = Boolean(p) && unknown;
+      if (p && unknown) {
+        payload.delayMs = this.retryPending(p);
+      } else if (p) {
+        this.forgetPending(key);
+        this.savePending();
+      }
+    }
+    this.emit('error', payload);
+  }
+
+  /** @private Schedules the resend of a send whose outcome is unknown; returns the delay. */
+  retryPending(p) {
+    const delayMs = this.delayFor(p.retries);
+    p.retries += 1;
+    if (p.timer !== null) this.clearTimer(p.timer);
+    // Cleared when the key is answered or forgotten, and when the socket closes (the send is
+    // queued again then).
+    p.timer = this.setTimer(() => {
+      p.timer = null;
+      this.deliverOrQueue(p.sessionId, sendFrameOf(p), true);
+    }, delayMs);
+    return delayMs;
   }
 
   // ---- inbound -------------------------------------------------------------------------
@@ -675,7 +895,10 @@ export class ChatgateClient {
         this.emit('session', { frame });
         return;
       case 'protocol_error':
-        this.emit('error', { code: frame.code, error: frame.error, sessionId: frame.sessionId ?? null });
+        this.handleRefusal(frame);
+        return;
+      case 'chat_accepted':
+        this.handleAccepted(frame);
         return;
       default:
         if (typeof frame.seq === 'number' && typeof frame.sessionId === 'string') this.handleEvent(frame);
@@ -745,6 +968,30 @@ export class ChatgateClient {
       this.recover(s, 'completed');
     }
   }
+}
+
+/** The page's sessionStorage, or null (none, or refused: sandboxed frames, privacy modes). */
+function defaultStorage() {
+  try {
+    return globalThis.sessionStorage ?? null;
+  } catch {
+    return null;
+  }
+}
+
+/** The `chat.send` frame of a send (the same on every resend). */
+function sendFrameOf(p) {
+  const frame = { type: 'chat.send', sessionId: p.sessionId, content: p.content };
+  if (p.options !== undefined) frame.options = p.options;
+  frame.clientRequestId = p.clientRequestId;
+  return frame;
+}
+
+/** What is kept of a pending send (and stored). @returns {PendingSend} */
+function publicPending(p) {
+  const out = { sessionId: p.sessionId, content: p.content, clientRequestId: p.clientRequestId };
+  if (p.options !== undefined) out.options = p.options;
+  return out;
 }
 
 /**

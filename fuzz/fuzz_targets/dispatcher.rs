@@ -127,7 +127,8 @@ async fn run_input(text: &str) {
         .await
         .clone();
     reset_sessions(&store).await;
-    let registry: SharedRegistry = Arc::new(MemoryRegistry::new(REPLAY_MAX_EVENTS, Duration::from_secs(60)));
+    let registry: SharedRegistry =
+        Arc::new(MemoryRegistry::new(REPLAY_MAX_EVENTS, Duration::from_secs(60), Duration::from_secs(60)));
     let mut runtimes: Runtimes = HashMap::new();
     runtimes.insert("script".into(), Arc::new(ScriptRuntime));
     let settings = GatewaySettings {

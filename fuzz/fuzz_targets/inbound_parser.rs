@@ -48,8 +48,9 @@ fn check_normalised(parsed: &Inbound) {
 /// The frame a well-behaved client would send for this verb.
 fn canonical(parsed: &Inbound) -> Value {
     match parsed {
-        Inbound::Send { session_id, content, options } => {
-            json!({"type": "chat.send", "sessionId": session_id, "content": content, "options": options})
+        Inbound::Send { session_id, content, options, client_request_id } => {
+            json!({"type": "chat.send", "sessionId": session_id, "content": content, "options": options,
+                   "clientRequestId": client_request_id})
         }
         Inbound::Abort { session_id } => json!({"type": "chat.abort", "sessionId": session_id}),
         Inbound::Subscribe { targets } => {
@@ -81,9 +82,9 @@ fn canonical(parsed: &Inbound) -> Value {
 fn same_inbound(a: &Inbound, b: &Inbound) -> bool {
     match (a, b) {
         (
-            Inbound::Send { session_id: sa, content: ca, options: oa },
-            Inbound::Send { session_id: sb, content: cb, options: ob },
-        ) => sa == sb && ca == cb && same_map(oa, ob),
+            Inbound::Send { session_id: sa, content: ca, options: oa, client_request_id: ka },
+            Inbound::Send { session_id: sb, content: cb, options: ob, client_request_id: kb },
+        ) => sa == sb && ca == cb && ka == kb && same_map(oa, ob),
         (
             Inbound::PermissionResponse { request_id: ra, answer: aa },
             Inbound::PermissionResponse { request_id: rb, answer: ab },

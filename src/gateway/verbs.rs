@@ -15,8 +15,11 @@ use super::{
     valid_session_id,
 };
 use crate::{
-    protocol::{ErrorCode, Inbound, PermissionAnswer, ProtocolError, SubscribeTarget, chat_subscribed, parse_inbound},
-    runs::{RegistryError, RunStart, Subscription},
+    protocol::{
+        ErrorCode, Inbound, PermissionAnswer, ProtocolError, SubscribeTarget, chat_accepted, chat_subscribed,
+        parse_inbound,
+    },
+    runs::{PriorSend, RegistryError, RunStart, Subscription},
     runtime::{RunRequest, sandbox::Launch},
     store::SessionRow,
 };
@@ -43,8 +46,9 @@ impl Gateway {
 
     async fn dispatch_parsed(self: &Arc<Self>, conn: &Arc<Connection>, parsed: Result<Inbound, ProtocolError>) {
         let result = match parsed {
-            Ok(Inbound::Send { session_id, content, options }) => {
-                self.chat_send(conn, &session_id, content, &options).await
+            Ok(Inbound::Send { session_id, content, options, client_request_id }) => {
+                let key = client_request_id.as_deref();
+                self.chat_send(conn, &session_id, content, &options, key).await.map_err(|e| e.with_request(key))
             }
             Ok(Inbound::Abort { session_id }) => self.chat_abort(conn, &session_id).await,
             Ok(Inbound::Subscribe { targets }) => {
@@ -107,12 +111,19 @@ impl Gateway {
         session_id: &str,
         content: String,
         options: &Map<String, Value>,
+        key: Option<&str>,
     ) -> Result<(), ProtocolError> {
         let _admission = self.admission.read().await;
         if self.is_draining() {
-            return Err(unavailable(session_id, "This node is draining; reconnect and send again."));
+            let refusal = unavailable(session_id, "This node is draining; reconnect and send again.");
+            return self.refuse_before_lock(conn, session_id, key, refusal).await;
         }
-        self.admit_send(conn, session_id).await?;
+        match self.admit_send(conn, session_id).await {
+            Err(refusal) if refusal.code == ErrorCode::RateLimited => {
+                return self.refuse_before_lock(conn, session_id, key, refusal).await;
+            }
+            other => other?,
+        }
         let session = self.owned_session(conn, session_id).await?;
         let Some(runtime) = self.runtimes.get(&session.provider).cloned() else {
             return Err(ProtocolError::new(
@@ -133,19 +144,22 @@ impl Gateway {
         let (run_options, cwd) =
             validate_options(session_id, &project_path, options, self.settings.allow_bypass_permissions)?;
         // The sender follows its own run, which takes a subscription slot.
-        if !conn.is_subscribed(session_id) {
-            self.check_subscription_slot(conn, session_id)?;
+        if !conn.is_subscribed(session_id)
+            && let Err(refusal) = self.check_subscription_slot(conn, session_id)
+        {
+            return self.refuse_before_lock(conn, session_id, key, refusal).await;
         }
         let Ok(slot) = self.run_slots.clone().try_acquire_owned() else {
             Limit::MaxRuns.refused();
-            return Err(ProtocolError::new(
+            let refusal = ProtocolError::new(
                 ErrorCode::NodeBusy,
                 format!(
                     "This node is running its maximum of {} runs; nothing was started. Send again shortly.",
                     self.settings.max_runs
                 ),
             )
-            .with_session(session_id));
+            .with_session(session_id);
+            return self.refuse_before_lock(conn, session_id, key, refusal).await;
         };
         let home = workspaces.ensure_home(&conn.user_id).map_err(|e| {
             tracing::warn!(error = %e, "cannot make the user's provider home");
@@ -161,15 +175,21 @@ impl Gateway {
             seq_floor: session.last_seq,
             last_active_ms: session.updated_at,
             prompt: content.clone(),
+            request_key: key.map(str::to_string),
         };
         let grant = match self.registry.start_run(start).await {
             Ok(grant) => grant,
-            Err(RegistryError::RunInProgress) => {
-                return Err(ProtocolError::new(
-                    ErrorCode::RunInProgress,
-                    format!("Session \"{session_id}\" already has a run in progress."),
+            Err(RegistryError::RunInProgress) => return Err(run_in_progress(session_id)),
+            Err(RegistryError::AlreadySent(prior)) => return answer_prior(conn, session_id, key, prior),
+            Err(RegistryError::Unconfirmed(e)) => {
+                tracing::warn!(error = %e, "start_run unconfirmed");
+                let resend =
+                    if key.is_some() { "send again with the same clientRequestId" } else { "look at the session" };
+                return Err(unavailable(
+                    session_id,
+                    &format!("The run coordinator failed mid-start: the run may have started; {resend} to learn what became of it."),
                 )
-                .with_session(session_id));
+                .with_unknown_outcome());
             }
             Err(RegistryError::Recovering { retry_after }) => {
                 return Err(unavailable(
@@ -186,6 +206,9 @@ impl Gateway {
                 return Err(unavailable(session_id, "The run coordinator cannot be reached; nothing was started."));
             }
         };
+        if let Some(key) = key {
+            conn.send(chat_accepted(session_id, key, &run_id, grant.first_seq, false, true));
+        }
         // The sender follows its own run (a no-op when it already subscribed).
         if !conn.is_subscribed(session_id)
             && let Ok(subscription) = self.registry.subscribe(session_id, u64::MAX).await
@@ -215,6 +238,30 @@ impl Gateway {
             slot,
         });
         Ok(())
+    }
+
+    /// A keyed send refused before it reached the run lock (draining node, rate
+    /// limit, busy node) may be the resend of one that did start: when the
+    /// session saw its key, the answer is what became of the first send.
+    async fn refuse_before_lock(
+        &self,
+        conn: &Connection,
+        session_id: &str,
+        key: Option<&str>,
+        refusal: ProtocolError,
+    ) -> Result<(), ProtocolError> {
+        let Some(request_key) = key else { return Err(refusal) };
+        if self.owned_session(conn, session_id).await.is_err() {
+            return Err(refusal);
+        }
+        match self.registry.prior_send(session_id, request_key).await {
+            Ok(Some(prior)) => answer_prior(conn, session_id, key, prior),
+            Ok(None) => Err(refusal),
+            Err(e) => {
+                tracing::warn!(error = %e, "idempotency key lookup failed");
+                Err(refusal)
+            }
+        }
     }
 
     /// `--max-sends-per-minute`, counted by the registry (cluster-wide).
@@ -372,6 +419,26 @@ impl Gateway {
             tracing::warn!(error = %e, "permission routing failed");
         }
     }
+}
+
+/// The answer to a send whose key the session saw: what became of the first
+/// send with it (docs/protocol.md §Idempotent sends). Nothing is started.
+fn answer_prior(conn: &Connection, session_id: &str, key: Option<&str>, prior: PriorSend) -> Result<(), ProtocolError> {
+    metrics::counter!("chatgate_sends_duplicate_total").increment(1);
+    match prior {
+        PriorSend::Started { run_id, first_seq, is_processing } => {
+            if let Some(key) = key {
+                conn.send(chat_accepted(session_id, key, &run_id, first_seq, true, is_processing));
+            }
+            Ok(())
+        }
+        PriorSend::RefusedBusy => Err(run_in_progress(session_id).as_duplicate()),
+    }
+}
+
+fn run_in_progress(session_id: &str) -> ProtocolError {
+    ProtocolError::new(ErrorCode::RunInProgress, format!("Session \"{session_id}\" already has a run in progress."))
+        .with_session(session_id)
 }
 
 fn unavailable(session_id: &str, message: &str) -> ProtocolError {

@@ -32,6 +32,8 @@ pub enum Inbound {
         session_id: String,
         content: String,
         options: Map<String, Value>,
+        /// The client's idempotency key (docs/protocol.md §Idempotent sends).
+        client_request_id: Option<String>,
     },
     Abort {
         session_id: String,
@@ -76,7 +78,18 @@ pub fn parse_inbound(text: &str) -> Result<Inbound, ProtocolError> {
                         .with_session(&session_id));
                 }
             };
-            Ok(Inbound::Send { session_id, content, options })
+            let client_request_id = match data.get("clientRequestId") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(key)) if valid_client_request_id(key) => Some(key.clone()),
+                Some(_) => {
+                    return Err(ProtocolError::new(
+                        ErrorCode::InvalidPayload,
+                        "chat.send clientRequestId must be 1–128 characters of letters, digits, '.', '_', ':' or '-'.",
+                    )
+                    .with_session(&session_id));
+                }
+            };
+            Ok(Inbound::Send { session_id, content, options, client_request_id })
         }
         "chat.abort" => Ok(Inbound::Abort { session_id: required_session_id(&data, "chat.abort")? }),
         "chat.subscribe" => {
@@ -120,6 +133,16 @@ pub fn parse_inbound(text: &str) -> Result<Inbound, ProtocolError> {
         }
         other => Err(ProtocolError::new(ErrorCode::UnknownMessageType, format!("Unknown message type \"{other}\"."))),
     }
+}
+
+/// The most characters a `clientRequestId` may have.
+pub const MAX_CLIENT_REQUEST_ID: usize = 128;
+
+/// 1–128 characters of `[A-Za-z0-9._:-]` (a UUID fits; nothing that needs escaping in a Redis key).
+fn valid_client_request_id(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= MAX_CLIENT_REQUEST_ID
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
 fn required_session_id(data: &Map<String, Value>, verb: &str) -> Result<String, ProtocolError> {
@@ -177,6 +200,31 @@ mod tests {
         assert_eq!(code(r#"{"type":"chat.abort"}"#), ErrorCode::SessionIdRequired);
         assert_eq!(code(r#"{"type":"chat.send","sessionId":"a","content":5}"#), ErrorCode::InvalidPayload);
         assert_eq!(code(r#"{"type":"chat.send","sessionId":"a","options":[]}"#), ErrorCode::InvalidOptions);
+    }
+
+    #[test]
+    fn client_request_id_is_optional_and_checked() {
+        let key = |text: &str| match parse_inbound(text) {
+            Ok(Inbound::Send { client_request_id, .. }) => Ok(client_request_id),
+            Ok(_) => panic!("not a send"),
+            Err(e) => Err(e.code),
+        };
+        assert_eq!(key(r#"{"type":"chat.send","sessionId":"a"}"#), Ok(None));
+        assert_eq!(key(r#"{"type":"chat.send","sessionId":"a","clientRequestId":null}"#), Ok(None));
+        let uuid = "0b6f1c2e-3a4d-4e5f-8a9b-0c1d2e3f4a5b";
+        assert_eq!(
+            key(&format!(r#"{{"type":"chat.send","sessionId":"a","clientRequestId":"{uuid}"}}"#)),
+            Ok(Some(uuid.into()))
+        );
+        let longest = "k".repeat(MAX_CLIENT_REQUEST_ID);
+        assert_eq!(
+            key(&format!(r#"{{"type":"chat.send","sessionId":"a","clientRequestId":"{longest}"}}"#)),
+            Ok(Some(longest))
+        );
+        for bad in ["\"\"", "5", "{}", "\"a b\"", "\"a}b\"", "\"é\"", &format!("\"{}\"", "k".repeat(129))] {
+            let text = format!(r#"{{"type":"chat.send","sessionId":"a","clientRequestId":{bad}}}"#);
+            assert_eq!(key(&text), Err(ErrorCode::InvalidPayload), "{bad}");
+        }
     }
 
     #[test]

@@ -8,8 +8,8 @@
 mod inbound;
 mod outbound;
 
-pub use inbound::{Inbound, PermissionAnswer, SubscribeTarget, parse_inbound};
+pub use inbound::{Inbound, MAX_CLIENT_REQUEST_ID, PermissionAnswer, SubscribeTarget, parse_inbound};
 pub use outbound::{
-    ErrorCode, EventBody, Frame, ProtocolError, chat_subscribed, connected, for_upstream_client, gateway_id, now_iso,
-    protocol_error, sequenced, session_upserted,
+    ErrorCode, EventBody, Frame, ProtocolError, chat_accepted, chat_subscribed, connected, for_upstream_client,
+    gateway_id, now_iso, protocol_error, sequenced, session_upserted,
 };

@@ -50,11 +50,24 @@ pub struct ProtocolError {
     pub code: ErrorCode,
     pub message: String,
     pub session_id: Option<String>,
+    /// The `clientRequestId` of the `chat.send` this answers (only when it carried one).
+    pub client_request_id: Option<String>,
+    /// The key's send was answered before: this is what became of it.
+    pub duplicate: bool,
+    /// Whether a run may have started despite the refusal (`outcome: "unknown"`).
+    pub outcome_unknown: bool,
 }
 
 impl ProtocolError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ProtocolError { code, message: message.into(), session_id: None }
+        ProtocolError {
+            code,
+            message: message.into(),
+            session_id: None,
+            client_request_id: None,
+            duplicate: false,
+            outcome_unknown: false,
+        }
     }
 
     pub fn with_session(mut self, session_id: &str) -> Self {
@@ -62,8 +75,43 @@ impl ProtocolError {
         self
     }
 
+    /// Names the `clientRequestId` of the `chat.send` this refuses.
+    pub fn with_request(mut self, client_request_id: Option<&str>) -> Self {
+        self.client_request_id = client_request_id.map(str::to_string);
+        self
+    }
+
+    /// Marks the answer as the recorded outcome of an earlier send with the same key.
+    pub fn as_duplicate(mut self) -> Self {
+        self.duplicate = true;
+        self
+    }
+
+    /// Marks a refusal after which a run may still have started.
+    pub fn with_unknown_outcome(mut self) -> Self {
+        self.outcome_unknown = true;
+        self
+    }
+
     pub fn to_frame(&self) -> Frame {
-        protocol_error(self.code, &self.message, self.session_id.as_deref())
+        let Some(key) = &self.client_request_id else {
+            return protocol_error(self.code, &self.message, self.session_id.as_deref());
+        };
+        // Fields a client only gets when it sent a key (docs/protocol.md §Idempotent sends).
+        let mut frame = json!({
+            "id": gateway_id("protocol_error"),
+            "kind": "protocol_error",
+            "code": self.code.as_str(),
+            "error": self.message,
+            "sessionId": self.session_id,
+            "clientRequestId": key,
+            "duplicate": self.duplicate,
+            "timestamp": now_iso(),
+        });
+        if self.outcome_unknown {
+            frame["outcome"] = Value::from("unknown");
+        }
+        Frame::from(frame.to_string())
     }
 }
 
@@ -147,6 +195,33 @@ pub fn chat_subscribed(
             "runId": run_id,
             "pendingPermissions": pending_permissions,
             "replayTruncated": replay_truncated,
+            "timestamp": now_iso(),
+        })
+        .to_string(),
+    )
+}
+
+/// `chat_accepted` frame (addition, only to a sender that gave a
+/// `clientRequestId`): the run its send started, or, for a key already seen
+/// (`duplicate`), the run the first send with that key started.
+pub fn chat_accepted(
+    session_id: &str,
+    client_request_id: &str,
+    run_id: &str,
+    first_seq: u64,
+    duplicate: bool,
+    is_processing: bool,
+) -> Frame {
+    Frame::from(
+        json!({
+            "id": gateway_id("chat_accepted"),
+            "kind": "chat_accepted",
+            "sessionId": session_id,
+            "clientRequestId": client_request_id,
+            "runId": run_id,
+            "firstSeq": first_seq,
+            "duplicate": duplicate,
+            "isProcessing": is_processing,
             "timestamp": now_iso(),
         })
         .to_string(),
@@ -248,6 +323,24 @@ mod tests {
         assert_eq!(v["content"], "}");
         let empty: Value = serde_json::from_str(&sequenced("{}", 1)).unwrap();
         assert_eq!(empty["seq"], 1);
+    }
+
+    #[test]
+    fn only_keyed_refusals_carry_the_key_fields() {
+        let plain: Value =
+            serde_json::from_str(&ProtocolError::new(ErrorCode::RateLimited, "slow").with_session("s").to_frame())
+                .unwrap();
+        for field in ["clientRequestId", "duplicate", "outcome"] {
+            assert!(plain.get(field).is_none(), "{field} in {plain}");
+        }
+        let keyed =
+            ProtocolError::new(ErrorCode::BackendUnavailable, "down").with_session("s").with_request(Some("k1"));
+        let frame: Value = serde_json::from_str(&keyed.clone().with_unknown_outcome().to_frame()).unwrap();
+        assert_eq!((frame["clientRequestId"].as_str(), frame["outcome"].as_str()), (Some("k1"), Some("unknown")));
+        assert_eq!(frame["duplicate"], false);
+        let frame: Value = serde_json::from_str(&keyed.as_duplicate().to_frame()).unwrap();
+        assert_eq!(frame["duplicate"], true);
+        assert!(frame.get("outcome").is_none());
     }
 
     #[test]

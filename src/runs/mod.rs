@@ -90,6 +90,20 @@ pub struct RunStart {
     /// The user's message, kept with the run so that a node ending it for a
     /// lost owner can store it in history.
     pub prompt: String,
+    /// The send's idempotency key (`clientRequestId`): a key the session saw
+    /// within the window starts nothing ([`RegistryError::AlreadySent`]); the
+    /// check, the lock and the key's record are one atomic step.
+    pub request_key: Option<String>,
+}
+
+/// What became of the first `chat.send` with an idempotency key
+/// (docs/protocol.md §Idempotent sends).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PriorSend {
+    /// It started this run; `is_processing` while the run still holds the lock.
+    Started { run_id: String, first_seq: u64, is_processing: bool },
+    /// It was refused: another run held the session's lock.
+    RefusedBusy,
 }
 
 /// Proof of ownership of a session's run; every write is fenced by it.
@@ -191,6 +205,14 @@ pub enum RegistryError {
     /// may have had a live run; no run starts until its owner could re-take it.
     #[error("the session's run state is being recovered; retry in {}ms", .retry_after.as_millis())]
     Recovering { retry_after: Duration },
+    /// The send's idempotency key was seen before: nothing was started.
+    #[error("this idempotency key was sent before")]
+    AlreadySent(PriorSend),
+    /// A start whose outcome is unknown: the backend failed after the start may
+    /// have taken effect, and reading it back failed too. The run is not
+    /// driven here; if it did take the lock, it ends like an orphan.
+    #[error("the start's outcome is unknown: {0}")]
+    Unconfirmed(String),
 }
 
 /// The run registry (docs/cluster.md §The seam): every concern of

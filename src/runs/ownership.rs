@@ -13,14 +13,19 @@ use async_trait::async_trait;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::{Event, OrphanedRun, RegistryError, RunGrant, RunLease, RunStart};
+use super::{Event, OrphanedRun, PriorSend, RegistryError, RunGrant, RunLease, RunStart};
 use crate::protocol::EventBody;
 
 /// The lease-fenced writes of a run's owner (docs/cluster.md §The seam).
 #[async_trait]
 pub trait RunOwnership: Send + Sync + 'static {
-    /// Takes the session's run lock. `RunInProgress` when any node holds it.
+    /// Takes the session's run lock. `RunInProgress` when any node holds it;
+    /// `AlreadySent` when the start's idempotency key was seen (nothing starts).
     async fn start_run(&self, start: RunStart) -> Result<RunGrant, RegistryError>;
+
+    /// What became of the send with this idempotency key, if the session saw
+    /// it within the window (for sends refused before they reach the lock).
+    async fn prior_send(&self, session_id: &str, request_key: &str) -> Result<Option<PriorSend>, RegistryError>;
 
     /// Appends non-terminal events (one batch, one round trip), fenced by the lease.
     async fn append(&self, lease: &RunLease, batch: Vec<EventBody>) -> Result<Vec<Event>, RegistryError>;

@@ -140,7 +140,7 @@ pub(crate) async fn idle_subscribe_gets_no_replay_then_later_runs(make: Factory)
 }
 
 pub(crate) async fn replay_is_truncated_when_the_window_lost_events(make: Factory) {
-    let n = make(Opts { max_events: 5 }).await;
+    let n = make(Opts { max_events: 5, ..Opts::default() }).await;
     let s = unique("s");
     let grant = n.a.start_run(start(&s, "r1", "u", &n.node_a, 0)).await.unwrap();
     for _ in 0..4 {
@@ -159,7 +159,7 @@ pub(crate) async fn replay_is_truncated_when_the_window_lost_events(make: Factor
 }
 
 pub(crate) async fn read_range_reports_completeness(make: Factory) {
-    let n = make(Opts { max_events: 5 }).await;
+    let n = make(Opts { max_events: 5, ..Opts::default() }).await;
     let s = unique("s");
     let unknown = n.a.read_range(&unique("s"), 0, u64::MAX).await.unwrap();
     assert!(unknown.events.is_empty() && unknown.complete);

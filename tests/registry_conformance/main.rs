@@ -31,7 +31,7 @@ use std::{collections::BTreeSet, future::Future, pin::Pin, sync::Arc, time::Dura
 use chatgate::{
     protocol::{EventBody, Frame, PermissionAnswer},
     runs::{
-        Control, Event, FeedItem, LiveFeed, RegistryError, RunGrant, RunStart, SharedRegistry,
+        Control, Event, FeedItem, LiveFeed, PriorSend, RegistryError, RunGrant, RunStart, SharedRegistry,
         memory::MemoryRegistry,
         redis::{RedisRegistry, RedisRegistryOptions, RedisTarget, RedisTls},
     },
@@ -50,11 +50,12 @@ struct Nodes {
 #[derive(Clone, Copy)]
 struct Opts {
     max_events: u64,
+    idempotency_window: Duration,
 }
 
 impl Default for Opts {
     fn default() -> Self {
-        Opts { max_events: 10_000 }
+        Opts { max_events: 10_000, idempotency_window: Duration::from_secs(300) }
     }
 }
 
@@ -62,7 +63,8 @@ type Factory = fn(Opts) -> Pin<Box<dyn Future<Output = Nodes> + Send>>;
 
 fn memory_nodes(opts: Opts) -> Pin<Box<dyn Future<Output = Nodes> + Send>> {
     Box::pin(async move {
-        let registry: SharedRegistry = Arc::new(MemoryRegistry::new(opts.max_events, Duration::from_secs(300)));
+        let registry: SharedRegistry =
+            Arc::new(MemoryRegistry::new(opts.max_events, Duration::from_secs(300), opts.idempotency_window));
         Nodes { a: registry.clone(), b: registry, node_a: "mem-node".into(), node_b: "mem-node".into() }
     })
 }
@@ -130,6 +132,7 @@ async fn redis_target_nodes(target: RedisTarget, opts: Opts) -> Nodes {
         lease: Duration::from_secs(15),
         max_events: opts.max_events,
         retention: Duration::from_secs(300),
+        idempotency_window: opts.idempotency_window,
     };
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let node_a = format!("conf-a-{tag}");
@@ -148,6 +151,9 @@ macro_rules! conformance {
                 seq_continues_from_the_floor_and_never_goes_back,
                 writes_are_fenced_and_complete_happens_once,
                 pending_permissions_follow_the_run,
+                a_request_key_starts_at_most_one_run,
+                request_keys_race_to_one_run_across_nodes,
+                request_keys_are_forgotten_after_the_window,
             );
             conformance!(@group $factory; feeds:
                 subscribe_replays_the_current_run_after_the_cursor_then_goes_live,
@@ -210,7 +216,12 @@ fn start(session_id: &str, run_id: &str, user_id: &str, node_id: &str, seq_floor
         seq_floor,
         last_active_ms: 0,
         prompt: "hello".into(),
+        request_key: None,
     }
+}
+
+fn keyed(session_id: &str, run_id: &str, node_id: &str, key: &str) -> RunStart {
+    RunStart { request_key: Some(key.into()), ..start(session_id, run_id, "u", node_id, 0) }
 }
 
 fn body(session_id: &str, run_id: &str, content: &str) -> EventBody {

@@ -180,3 +180,74 @@ pub(crate) async fn pending_permissions_follow_the_run(make: Factory) {
     n.a.start_run(start(&s, "r2", "u", &n.node_a, 0)).await.unwrap();
     assert!(n.b.snapshot(&s).await.unwrap().pending_permissions.is_empty(), "a new run starts with none");
 }
+
+pub(crate) async fn a_request_key_starts_at_most_one_run(make: Factory) {
+    let n = make(Opts::default()).await;
+    let s = unique("s");
+    let started = |run_id: &str, first_seq: u64, is_processing: bool| {
+        RegistryError::AlreadySent(PriorSend::Started { run_id: run_id.into(), first_seq, is_processing })
+    };
+    let grant = n.a.start_run(keyed(&s, "r1", &n.node_a, "k1")).await.expect("a keyed send starts");
+    assert_eq!(grant.first_seq, 1);
+    // The same key again, from either node, starts nothing and names the first run.
+    assert_eq!(n.b.start_run(keyed(&s, "r2", &n.node_b, "k1")).await.err(), Some(started("r1", 1, true)));
+    assert_eq!(n.a.start_run(keyed(&s, "r3", &n.node_a, "k1")).await.err(), Some(started("r1", 1, true)));
+    let running = PriorSend::Started { run_id: "r1".into(), first_seq: 1, is_processing: true };
+    assert_eq!(n.b.prior_send(&s, "k1").await.unwrap(), Some(running));
+    // A new key while r1 runs is refused, and the refusal is what the key answers from then on.
+    assert_eq!(n.b.start_run(keyed(&s, "r4", &n.node_b, "k2")).await.err(), Some(RegistryError::RunInProgress));
+    let refused = Some(RegistryError::AlreadySent(PriorSend::RefusedBusy));
+    assert_eq!(n.a.start_run(keyed(&s, "r5", &n.node_a, "k2")).await.err(), refused);
+    assert_eq!(n.a.prior_send(&s, "k2").await.unwrap(), Some(PriorSend::RefusedBusy));
+    n.a.append(&grant.lease, bodies(&s, "r1", 2)).await.unwrap();
+    n.a.complete(&grant.lease, complete_body(&s, "r1")).await.unwrap();
+    // After the run: the key still names it, no longer processing; the refused key stays refused.
+    assert_eq!(n.b.start_run(keyed(&s, "r6", &n.node_b, "k1")).await.err(), Some(started("r1", 1, false)));
+    assert_eq!(n.b.start_run(keyed(&s, "r7", &n.node_b, "k2")).await.err(), refused);
+    // A fresh key, a keyless send, another session with a used key: all start.
+    let g3 = n.b.start_run(keyed(&s, "r8", &n.node_b, "k3")).await.expect("a fresh key starts");
+    assert_eq!(g3.first_seq, 4, "after r1's 2 events and its complete: refusals take no seq");
+    n.b.complete(&g3.lease, complete_body(&s, "r8")).await.unwrap();
+    let g4 = n.a.start_run(start(&s, "r9", "u", &n.node_a, 0)).await.expect("a keyless send starts");
+    n.a.complete(&g4.lease, complete_body(&s, "r9")).await.unwrap();
+    let other = unique("s");
+    let g5 = n.a.start_run(keyed(&other, "r1", &n.node_a, "k1")).await.expect("keys are per session");
+    n.a.complete(&g5.lease, complete_body(&other, "r1")).await.unwrap();
+    assert_eq!(n.a.prior_send(&s, "never-sent").await.unwrap(), None);
+}
+
+pub(crate) async fn request_keys_race_to_one_run_across_nodes(make: Factory) {
+    let n = make(Opts::default()).await;
+    let s = unique("s");
+    let attempts = (0..16).map(|i| {
+        let (registry, node) =
+            if i % 2 == 0 { (n.a.clone(), n.node_a.clone()) } else { (n.b.clone(), n.node_b.clone()) };
+        let s = s.clone();
+        tokio::spawn(async move { registry.start_run(keyed(&s, &format!("race-{i}"), &node, "one-key")).await })
+    });
+    let (mut won, mut named) = (Vec::new(), Vec::new());
+    for attempt in attempts {
+        match attempt.await.expect("task") {
+            Ok(grant) => won.push(grant.lease.run_id),
+            Err(RegistryError::AlreadySent(PriorSend::Started { run_id, first_seq: 1, is_processing: true })) => {
+                named.push(run_id)
+            }
+            Err(other) => panic!("a racing send with the key got {other:?}"),
+        }
+    }
+    assert_eq!(won.len(), 1, "one send with the key starts a run");
+    assert!(named.iter().all(|r| *r == won[0]), "every other send is told the winner: {named:?} vs {won:?}");
+}
+
+pub(crate) async fn request_keys_are_forgotten_after_the_window(make: Factory) {
+    let window = Duration::from_millis(400);
+    let n = make(Opts { idempotency_window: window, ..Opts::default() }).await;
+    let s = unique("s");
+    let grant = n.a.start_run(keyed(&s, "r1", &n.node_a, "k")).await.unwrap();
+    n.a.complete(&grant.lease, complete_body(&s, "r1")).await.unwrap();
+    assert!(matches!(n.b.start_run(keyed(&s, "r2", &n.node_b, "k")).await, Err(RegistryError::AlreadySent(_))));
+    tokio::time::sleep(window + Duration::from_millis(200)).await;
+    assert_eq!(n.b.prior_send(&s, "k").await.unwrap(), None);
+    let again = n.b.start_run(keyed(&s, "r3", &n.node_b, "k")).await.expect("a key past its window is a new send");
+    n.b.complete(&again.lease, complete_body(&s, "r3")).await.unwrap();
+}

@@ -26,7 +26,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc};
 
-use super::{Control, Event, LIVE_CAPACITY, LiveBatch, RunRegistry};
+use super::{Control, Event, LIVE_CAPACITY, LiveBatch, PriorSend, RunRegistry};
 use crate::{protocol::Frame, sync::lock_unpoisoned};
 
 /// The in-process registry.
@@ -44,7 +44,13 @@ struct Inner {
     sends: Mutex<HashMap<String, SendWindow>>,
     max_events: usize,
     retention: Duration,
+    /// How long a session remembers a send's idempotency key.
+    idempotency_window: Duration,
 }
+
+/// The most idempotency keys one session remembers (the oldest go first);
+/// `--max-sends-per-minute` keeps a session far below it within a window.
+const MAX_KEYS_PER_SESSION: usize = 1024;
 
 /// One user's current `chat.send` window.
 struct SendWindow {
@@ -61,6 +67,20 @@ struct SessionState {
     window_first_seq: u64,
     finished_at: Option<Instant>,
     live: broadcast::Sender<LiveBatch>,
+    /// Idempotency keys seen within the window, oldest first.
+    sent: VecDeque<SentKey>,
+}
+
+/// One idempotency key a session saw, and what became of its send.
+struct SentKey {
+    key: String,
+    at: Instant,
+    outcome: SendOutcome,
+}
+
+enum SendOutcome {
+    Started { run_id: Arc<str>, first_seq: u64 },
+    RefusedBusy,
 }
 
 struct ActiveRun {
@@ -82,20 +102,50 @@ impl SessionState {
             window_first_seq: 1,
             finished_at: None,
             live: broadcast::channel(LIVE_CAPACITY).0,
+            sent: VecDeque::new(),
         }
     }
 
     fn idle_and_unwatched(&self, retention: Duration) -> bool {
         self.run.is_none()
             && self.live.receiver_count() == 0
+            && self.sent.is_empty()
             && self.finished_at.is_none_or(|at| at.elapsed() >= retention)
+    }
+
+    /// What became of the send with `key`, if it was seen within `window`.
+    fn prior_send(&mut self, key: &str, window: Duration) -> Option<PriorSend> {
+        self.forget_keys_older_than(window);
+        let seen = self.sent.iter().find(|k| k.key == key)?;
+        Some(match &seen.outcome {
+            SendOutcome::Started { run_id, first_seq } => PriorSend::Started {
+                run_id: run_id.to_string(),
+                first_seq: *first_seq,
+                is_processing: self.run.as_ref().is_some_and(|r| r.run_id == *run_id),
+            },
+            SendOutcome::RefusedBusy => PriorSend::RefusedBusy,
+        })
+    }
+
+    fn remember_key(&mut self, key: String, outcome: SendOutcome) {
+        if self.sent.len() >= MAX_KEYS_PER_SESSION {
+            self.sent.pop_front();
+        }
+        self.sent.push_back(SentKey { key, at: Instant::now(), outcome });
+    }
+
+    fn forget_keys_older_than(&mut self, window: Duration) {
+        while self.sent.front().is_some_and(|k| k.at.elapsed() >= window) {
+            self.sent.pop_front();
+        }
     }
 }
 
 impl MemoryRegistry {
-    /// A registry keeping `max_events` per session for `retention` after a run ends.
-    /// Spawns a sweeper on the current tokio runtime.
-    pub fn new(max_events: u64, retention: Duration) -> Self {
+    /// A registry keeping `max_events` per session for `retention` after a run
+    /// ends, and sends' idempotency keys for `idempotency_window`. Spawns a
+    /// sweeper on the current tokio runtime.
+    pub fn new(max_events: u64, retention: Duration, idempotency_window: Duration) -> Self {
         let inner = Arc::new(Inner {
             sessions: Mutex::new(HashMap::new()),
             users: Mutex::new(HashMap::new()),
@@ -103,6 +153,7 @@ impl MemoryRegistry {
             sends: Mutex::new(HashMap::new()),
             max_events: usize::try_from(max_events).unwrap_or(usize::MAX).max(1),
             retention,
+            idempotency_window,
         });
         tokio::spawn(sweep(Arc::downgrade(&inner)));
         MemoryRegistry { inner }
@@ -117,6 +168,9 @@ async fn sweep(inner: Weak<Inner>) {
         let Some(inner) = inner.upgrade() else { return };
         let retention = inner.retention;
         let mut sessions = lock_unpoisoned(&inner.sessions);
+        for state in sessions.values_mut() {
+            state.forget_keys_older_than(inner.idempotency_window);
+        }
         sessions.retain(|_, s| !s.idle_and_unwatched(retention));
         for state in sessions.values_mut() {
             if state.run.is_none() && state.finished_at.is_some_and(|at| at.elapsed() >= retention) {

@@ -9,11 +9,12 @@ use async_trait::async_trait;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::{ActiveRun, MemoryRegistry, SessionState};
+use super::{ActiveRun, MemoryRegistry, SendOutcome, SessionState};
 use crate::{
     protocol::{EventBody, now_iso, sequenced},
     runs::{
-        CONTROL_CAPACITY, Event, LiveBatch, OrphanedRun, RegistryError, RunGrant, RunLease, RunOwnership, RunStart,
+        CONTROL_CAPACITY, Event, LiveBatch, OrphanedRun, PriorSend, RegistryError, RunGrant, RunLease, RunOwnership,
+        RunStart,
     },
     sync::lock_unpoisoned,
 };
@@ -53,7 +54,15 @@ impl RunOwnership for MemoryRegistry {
     async fn start_run(&self, start: RunStart) -> Result<RunGrant, RegistryError> {
         let mut sessions = lock_unpoisoned(&self.inner.sessions);
         let state = sessions.entry(start.session_id.clone()).or_insert_with(SessionState::new);
+        if let Some(key) = &start.request_key
+            && let Some(prior) = state.prior_send(key, self.inner.idempotency_window)
+        {
+            return Err(RegistryError::AlreadySent(prior));
+        }
         if state.run.is_some() {
+            if let Some(key) = start.request_key {
+                state.remember_key(key, SendOutcome::RefusedBusy);
+            }
             return Err(RegistryError::RunInProgress);
         }
         let (control, control_rx) = mpsc::channel(CONTROL_CAPACITY);
@@ -61,8 +70,12 @@ impl RunOwnership for MemoryRegistry {
         state.window.clear();
         state.window_first_seq = state.last_seq + 1;
         state.finished_at = None;
+        let run_id: Arc<str> = Arc::from(start.run_id.as_str());
+        if let Some(key) = start.request_key {
+            state.remember_key(key, SendOutcome::Started { run_id: run_id.clone(), first_seq: state.last_seq + 1 });
+        }
         state.run = Some(ActiveRun {
-            run_id: Arc::from(start.run_id.as_str()),
+            run_id,
             provider: start.provider,
             user_id: start.user_id,
             node_id: start.node_id,
@@ -75,6 +88,11 @@ impl RunOwnership for MemoryRegistry {
             first_seq: state.last_seq + 1,
             control: control_rx,
         })
+    }
+
+    async fn prior_send(&self, session_id: &str, request_key: &str) -> Result<Option<PriorSend>, RegistryError> {
+        let window = self.inner.idempotency_window;
+        Ok(lock_unpoisoned(&self.inner.sessions).get_mut(session_id).and_then(|s| s.prior_send(request_key, window)))
     }
 
     async fn append(&self, lease: &RunLease, batch: Vec<EventBody>) -> Result<Vec<Event>, RegistryError> {

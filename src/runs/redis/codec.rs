@@ -35,6 +35,37 @@ impl OwnerRecord {
     }
 }
 
+/// What `cg:{S}:req:<key>` holds: the run the key's send started, or the run
+/// that held the lock when it was refused (`refused: "RUN_IN_PROGRESS"`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct RequestRecord {
+    pub(super) run_id: String,
+    #[serde(default)]
+    pub(super) first_seq: u64,
+    #[serde(default)]
+    pub(super) refused: Option<String>,
+}
+
+impl RequestRecord {
+    pub(super) fn parse(json: &str) -> Result<Self, BadReply> {
+        serde_json::from_str(json).map_err(|e| BadReply(format!("request record {json:?}: {e}")))
+    }
+
+    /// The answer to a send with this key, given the lock's JSON now (empty: no run).
+    pub(super) fn prior_send(&self, lock_json: &str) -> crate::runs::PriorSend {
+        if self.refused.is_some() {
+            return crate::runs::PriorSend::RefusedBusy;
+        }
+        let running = OwnerRecord::parse(lock_json).is_ok_and(|lock| lock.run_id == self.run_id);
+        crate::runs::PriorSend::Started {
+            run_id: self.run_id.clone(),
+            first_seq: self.first_seq,
+            is_processing: running,
+        }
+    }
+}
+
 /// Builds events, sharing one `Arc<str>` per run id.
 #[derive(Default)]
 pub(super) struct EventBuilder {

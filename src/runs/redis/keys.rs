@@ -36,6 +36,13 @@ pub fn prompt(session_id: &str) -> String {
     format!("cg:{{{session_id}}}:prompt")
 }
 
+/// What became of the `chat.send` with idempotency key `request_key` (`{runId, firstSeq}` or
+/// `{refused, runId}`), kept `--idempotency-window`. Without a key the start script is
+/// handed `request(session_id, "")`, which it never touches: every key a script names carries the tag.
+pub fn request(session_id: &str, request_key: &str) -> String {
+    format!("cg:{{{session_id}}}:req:{request_key}")
+}
+
 /// The result (first seq) of one append batch, kept one lease long for retries.
 pub fn batch(session_id: &str, batch_id: &str) -> String {
     format!("cg:{{{session_id}}}:batch:{batch_id}")

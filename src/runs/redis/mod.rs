@@ -79,6 +79,8 @@ pub struct RedisRegistryOptions {
     pub max_events: u64,
     /// How long a finished run's events stay replayable (`--replay-retention`).
     pub retention: Duration,
+    /// How long a send's idempotency key is remembered (`--idempotency-window`).
+    pub idempotency_window: Duration,
 }
 
 /// Timeout of one Redis command on a pooled connection.

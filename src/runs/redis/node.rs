@@ -89,6 +89,18 @@ impl Failure {
             Failure::Reply(_) => false,
         }
     }
+
+    /// Whether the call may have reached Redis and taken effect although it
+    /// failed: its reply was lost (a timeout, a dropped connection) or could not
+    /// be read. A refused connection, an empty pool or an error answered by
+    /// Redis itself (`CLUSTERDOWN`, `TRYAGAIN`, `LOADING`…) did nothing.
+    pub(super) fn may_have_applied(&self) -> bool {
+        match self {
+            Failure::Redis(e) => !(e.is_connection_refusal() || matches!(e.kind(), ErrorKind::Server(_))),
+            Failure::Pool(_) | Failure::Subscribe(_) => false,
+            Failure::Timeout(_) | Failure::Reply(_) => true,
+        }
+    }
 }
 
 impl From<Failure> for RegistryError {
@@ -267,6 +279,10 @@ impl RedisNode {
     /// How long a call may be retried before the caller is told the backend is away.
     pub(super) fn retry_window(&self) -> Duration {
         (self.opts.lease / 3).clamp(Duration::from_millis(100), Duration::from_secs(5))
+    }
+
+    pub(super) fn idempotency_window_ms(&self) -> u64 {
+        millis(self.opts.idempotency_window).max(1)
     }
 
     pub(super) fn margin(&self) -> u64 {

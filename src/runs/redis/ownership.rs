@@ -3,7 +3,13 @@
 //! fenced script (see [`super::scripts`]); a lock Redis lost is re-taken by the
 //! owner's next append or renewal ([`super::recovery`]).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use ::redis::AsyncCommands;
 use async_trait::async_trait;
@@ -12,15 +18,17 @@ use tokio::sync::mpsc;
 
 use super::{
     RedisRegistry,
-    codec::OwnerRecord,
+    codec::{OwnerRecord, RequestRecord},
     keys,
     node::{self, Failure, MAX_SCRIPT_SEQ, OwnedRun, PERMISSION_TTL, millis, run_key},
     recovery::recently_active,
-    scripts::{AppendInput, AppendReply, OrphanComplete, RenewInput, RenewReply, StartInput, StartReply},
+    scripts::{AppendInput, AppendReply, OrphanComplete, RenewInput, RenewReply, RequestKey, StartInput, StartReply},
 };
 use crate::{
     protocol::{EventBody, now_iso, sequenced},
-    runs::{CONTROL_CAPACITY, Event, OrphanedRun, RegistryError, RunGrant, RunLease, RunOwnership, RunStart},
+    runs::{
+        CONTROL_CAPACITY, Event, OrphanedRun, PriorSend, RegistryError, RunGrant, RunLease, RunOwnership, RunStart,
+    },
     sync::lock_unpoisoned,
 };
 
@@ -29,6 +37,7 @@ enum Started {
     Granted(Granted),
     Busy,
     Recovering(Duration),
+    AlreadySent(PriorSend),
 }
 
 /// A granted start: the lock JSON, and the orphan it ended first (if any).
@@ -40,10 +49,14 @@ struct Granted {
     reaped_prompt: String,
 }
 
+/// How long a start whose reply was lost is read back before it is reported as unknown.
+const READ_BACK_WINDOW: Duration = Duration::from_secs(1);
+
 #[async_trait]
 impl RunOwnership for RedisRegistry {
     /// The local run is registered first, then the start script takes the lock
-    /// (ending an orphan first) and the run is indexed.
+    /// (ending an orphan first, checking and recording the idempotency key) and
+    /// the run is indexed.
     async fn start_run(&self, start: RunStart) -> Result<RunGrant, RegistryError> {
         let node = &self.node;
         let (control, control_rx) = mpsc::channel(CONTROL_CAPACITY);
@@ -67,6 +80,8 @@ impl RunOwnership for RedisRegistry {
         }
         let session_id = start.session_id.as_str();
         let (started_at, orphan_event_id) = (now_iso(), uuid::Uuid::new_v4().to_string());
+        let request =
+            start.request_key.as_deref().map(|key| RequestKey { key, window_ms: node.idempotency_window_ms() });
         let input = StartInput {
             session_id,
             run_id: &start.run_id,
@@ -78,41 +93,33 @@ impl RunOwnership for RedisRegistry {
             orphan: OrphanComplete { event_id: &orphan_event_id, timestamp: &started_at, error: node::OWNER_LOST },
             recently_active: recently_active(start.last_active_ms),
             prompt: &start.prompt,
+            request,
         };
         let inv = node.scripts.start(&input);
         let lease = RunLease { session_id: start.session_id.clone(), run_id: start.run_id.clone() };
-        let outcome = async {
-            let reply: StartReply = node.retrying("start", node.retry_window(), || node.invoke(&inv)).await?;
-            Ok::<_, Failure>(match reply {
-                StartReply::Recovering { retry_ms } => Started::Recovering(Duration::from_millis(retry_ms)),
-                StartReply::Busy => {
-                    // A retried start whose first attempt went through finds its own lock.
-                    let held: Option<String> = node.conn().await?.get(keys::run(session_id)).await?;
-                    let ours = held
-                        .as_deref()
-                        .and_then(|j| OwnerRecord::parse(j).ok())
-                        .is_some_and(|o| o.run_id == start.run_id);
-                    match held.filter(|_| ours) {
-                        Some(owner_json) => Started::Granted(Granted { owner_json, ..Granted::default() }),
-                        None => Started::Busy,
-                    }
-                }
-                StartReply::Started { owner_json, reaped_owner_json, reaped_pending_ids, reaped_prompt } => {
-                    Started::Granted(Granted {
-                        owner_json,
-                        reaped: reaped_owner_json,
-                        reaped_pending: reaped_pending_ids,
-                        reaped_prompt,
-                    })
-                }
-            })
-        }
-        .await;
+        // Whether an attempt may have taken effect though its reply was lost.
+        let maybe_applied = AtomicBool::new(false);
+        let attempt = || async {
+            let reply = node.invoke::<StartReply>(&inv).await;
+            if reply.as_ref().is_err_and(Failure::may_have_applied) {
+                maybe_applied.store(true, Ordering::Relaxed);
+            }
+            reply
+        };
+        let outcome = match node.retrying("start", node.retry_window(), attempt).await {
+            Ok(reply) => self.start_outcome(&start, reply).await,
+            Err(e) if maybe_applied.load(Ordering::Relaxed) => self.read_back(&start, &e).await,
+            Err(e) => Err(e.into()),
+        };
         let Granted { owner_json, reaped, reaped_pending, reaped_prompt } = match outcome {
             Ok(Started::Granted(granted)) => granted,
             Ok(Started::Busy) => {
                 self.drop_local_run(&lease);
                 return Err(RegistryError::RunInProgress);
+            }
+            Ok(Started::AlreadySent(prior)) => {
+                self.drop_local_run(&lease);
+                return Err(RegistryError::AlreadySent(prior));
             }
             Ok(Started::Recovering(retry_after)) => {
                 self.drop_local_run(&lease);
@@ -125,7 +132,10 @@ impl RunOwnership for RedisRegistry {
             }
             Err(e) => {
                 self.drop_local_run(&lease);
-                return Err(e.into());
+                if matches!(e, RegistryError::Unconfirmed(_)) {
+                    self.index_if_started(&start);
+                }
+                return Err(e);
             }
         };
         let owner = OwnerRecord::parse(&owner_json).map_err(Failure::from)?;
@@ -146,6 +156,17 @@ impl RunOwnership for RedisRegistry {
         }
         node.index_run(session_id, &start.run_id, &start.user_id).await;
         Ok(RunGrant { lease, first_seq: owner.first_seq, control: control_rx })
+    }
+
+    /// The key's record and the lock, read together (one slot, one MGET).
+    async fn prior_send(&self, session_id: &str, request_key: &str) -> Result<Option<PriorSend>, RegistryError> {
+        let node = &self.node;
+        let keys = [keys::request(session_id, request_key), keys::run(session_id)];
+        let read = || async { Ok::<_, Failure>(node.conn().await?.mget::<_, Vec<Option<String>>>(&keys).await?) };
+        let mut values = node.retrying("prior_send", node.retry_window(), read).await?.into_iter();
+        let (Some(record), lock) = (values.next().flatten(), values.next().flatten()) else { return Ok(None) };
+        let record = RequestRecord::parse(&record).map_err(Failure::from)?;
+        Ok(Some(record.prior_send(lock.as_deref().unwrap_or(""))))
     }
 
     /// One append script call under a fresh batch id.
@@ -323,6 +344,102 @@ impl RedisRegistry {
     }
 
     /// Forgets a local run (ended or fenced); drops its control sender.
+    /// What the start script's reply means for this start.
+    async fn start_outcome(&self, start: &RunStart, reply: StartReply) -> Result<Started, RegistryError> {
+        let ours = |lock_json: &str| OwnerRecord::parse(lock_json).is_ok_and(|o| o.run_id == start.run_id);
+        Ok(match reply {
+            StartReply::Recovering { retry_ms } => Started::Recovering(Duration::from_millis(retry_ms)),
+            StartReply::Seen { record_json, lock_json } => {
+                let record = RequestRecord::parse(&record_json).map_err(Failure::from)?;
+                if record.run_id == start.run_id && record.refused.is_none() {
+                    // A retried start whose first attempt went through finds its own key.
+                    if !ours(&lock_json) {
+                        return Err(RegistryError::Unconfirmed("the run's lock was gone before it began".into()));
+                    }
+                    Started::Granted(Granted { owner_json: lock_json, ..Granted::default() })
+                } else {
+                    Started::AlreadySent(record.prior_send(&lock_json))
+                }
+            }
+            StartReply::Busy => {
+                // A retried start whose first attempt went through finds its own lock.
+                let held: Option<String> = self
+                    .node
+                    .conn()
+                    .await
+                    .map_err(RegistryError::from)?
+                    .get(keys::run(&start.session_id))
+                    .await
+                    .map_err(Failure::from)?;
+                match held.filter(|j| ours(j)) {
+                    Some(owner_json) => Started::Granted(Granted { owner_json, ..Granted::default() }),
+                    None => Started::Busy,
+                }
+            }
+            StartReply::Started { owner_json, reaped_owner_json, reaped_pending_ids, reaped_prompt } => {
+                Started::Granted(Granted {
+                    owner_json,
+                    reaped: reaped_owner_json,
+                    reaped_pending: reaped_pending_ids,
+                    reaped_prompt,
+                })
+            }
+        })
+    }
+
+    /// After a start whose reply was lost: whether the lock is this run's.
+    /// The lock is ours: go on. Neither the lock nor the owner record is ours:
+    /// nothing was started. The owner record only (the lease lapsed meanwhile),
+    /// or nothing readable: unknown.
+    async fn read_back(&self, start: &RunStart, failure: &Failure) -> Result<Started, RegistryError> {
+        let node = &self.node;
+        let keys = [keys::run(&start.session_id), keys::owner(&start.session_id)];
+        let read = || async { Ok::<_, Failure>(node.conn().await?.mget::<_, Vec<Option<String>>>(&keys).await?) };
+        let ours = |json: &Option<String>| {
+            json.as_deref().and_then(|j| OwnerRecord::parse(j).ok()).is_some_and(|o| o.run_id == start.run_id)
+        };
+        let unknown = |why: String| {
+            metrics::counter!("chatgate_runs_unconfirmed_total").increment(1);
+            tracing::warn!(
+                session_id = start.session_id,
+                run_id = start.run_id,
+                why,
+                "a run's start could not be confirmed; if it took the lock it ends as an orphan"
+            );
+            Err(RegistryError::Unconfirmed(failure.to_string()))
+        };
+        match node.retrying("read_back", READ_BACK_WINDOW, read).await {
+            Ok(held) => match (held.first().cloned().flatten(), held.get(1).cloned().flatten()) {
+                (lock, _) if ours(&lock) => {
+                    Ok(Started::Granted(Granted { owner_json: lock.unwrap_or_default(), ..Granted::default() }))
+                }
+                (_, owner) if ours(&owner) => unknown("its lease lapsed before it could be confirmed".into()),
+                _ => Err(RegistryError::Unavailable(failure.to_string())),
+            },
+            Err(e) => unknown(e.to_string()),
+        }
+    }
+
+    /// An unconfirmed start that did take the lock has no owner to drive it:
+    /// index it (once Redis answers again) so the sweeper ends it as an orphan
+    /// when its lease lapses, `complete` and history included. The owner
+    /// record says whether it did (it outlives the lease until the run is ended).
+    fn index_if_started(&self, start: &RunStart) {
+        let registry = self.clone();
+        let (session_id, run_id, user_id) = (start.session_id.clone(), start.run_id.clone(), start.user_id.clone());
+        tokio::spawn(async move {
+            let node = &registry.node;
+            let key = keys::owner(&session_id);
+            let read = || async { Ok::<Option<String>, Failure>(node.conn().await?.get(&key).await?) };
+            let owner = node.retrying("read_owner", node::HOUSEKEEPING_WINDOW, read).await;
+            if let Ok(Some(owner_json)) = owner
+                && OwnerRecord::parse(&owner_json).is_ok_and(|o| o.run_id == run_id)
+            {
+                node.index_run(&session_id, &run_id, &user_id).await;
+            }
+        });
+    }
+
     pub(super) fn drop_local_run(&self, lease: &RunLease) -> Option<OwnedRun> {
         lock_unpoisoned(&self.node.runs).remove(&run_key(&lease.session_id, &lease.run_id))
     }

@@ -83,7 +83,8 @@ impl Scripts {
             .key(keys::events(session_id))
             .key(keys::pending(session_id))
             .key(keys::live_channel(session_id))
-            .key(keys::prompt(session_id));
+            .key(keys::prompt(session_id))
+            .key(keys::request(session_id, input.request.map_or("", |r| r.key)));
         inv.arg(input.run_id)
             .arg(input.node_id)
             .arg(input.provider)
@@ -100,7 +101,10 @@ impl Scripts {
             .arg(session_id)
             .arg(input.orphan.error)
             .arg(flag(input.recently_active))
-            .arg(input.prompt);
+            .arg(input.prompt)
+            .arg(flag(input.request.is_some()))
+            .arg(input.request.map_or(0, |r| r.window_ms))
+            .arg(input.request.map_or("", |r| r.key));
         inv
     }
 
@@ -265,6 +269,15 @@ pub(super) struct StartInput<'a> {
     /// Whether SQL saw the session active within the counter's idle TTL.
     pub(super) recently_active: bool,
     pub(super) prompt: &'a str,
+    /// The send's idempotency key, if it has one.
+    pub(super) request: Option<RequestKey<'a>>,
+}
+
+/// An idempotency key and how long it is remembered.
+#[derive(Clone, Copy)]
+pub(super) struct RequestKey<'a> {
+    pub(super) key: &'a str,
+    pub(super) window_ms: u64,
 }
 
 /// `lua/append.lua`'s inputs.
@@ -307,6 +320,8 @@ pub(super) enum StartReply {
     Busy,
     /// Redis lost the session's state less than a lease ago: retry after this long.
     Recovering { retry_ms: u64 },
+    /// The idempotency key was seen: its record, and the lock's JSON (empty: no run).
+    Seen { record_json: String, lock_json: String },
     /// The lock is ours; `reaped_owner_json` is the orphan ended first (empty: none).
     Started { owner_json: String, reaped_owner_json: String, reaped_pending_ids: Vec<String>, reaped_prompt: String },
 }
@@ -400,6 +415,7 @@ impl FromRedisValue for StartReply {
         let decoded = match items.text()?.as_str() {
             "BUSY" => StartReply::Busy,
             "RECOVERING" => StartReply::Recovering { retry_ms: items.int()? },
+            "SEEN" => StartReply::Seen { record_json: items.text()?, lock_json: items.text()? },
             "OK" => StartReply::Started {
                 owner_json: items.text()?,
                 reaped_owner_json: items.text()?,

@@ -13,7 +13,12 @@ fn redis_url() -> String {
 }
 
 fn options() -> RedisRegistryOptions {
-    RedisRegistryOptions { lease: Duration::from_secs(15), max_events: 100, retention: Duration::from_secs(60) }
+    RedisRegistryOptions {
+        lease: Duration::from_secs(15),
+        max_events: 100,
+        retention: Duration::from_secs(60),
+        idempotency_window: Duration::from_secs(60),
+    }
 }
 
 fn start(session_id: &str, run_id: &str) -> RunStart {
@@ -26,6 +31,7 @@ fn start(session_id: &str, run_id: &str) -> RunStart {
         seq_floor: 0,
         last_active_ms: 0,
         prompt: "hello".into(),
+        request_key: None,
     }
 }
 

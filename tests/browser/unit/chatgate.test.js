@@ -1,9 +1,26 @@
 // Unit tests of web/chatgate.js (Node's test runner, no browser): reconnect and backoff,
-// re-subscribe with lastSeq, dedupe, gap repair, replayTruncated, the send queue, close codes.
+// re-subscribe with lastSeq, dedupe, gap repair, replayTruncated, the send queue, close codes,
+// and idempotent sends (a key per prompt, kept until answered, resent with the same key).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 
-import { ChatgateClient, CloseCode, State } from '../../../web/chatgate.js';
+import { ChatgateClient, CloseCode, State, newClientRequestId } from '../../../web/chatgate.js';
+
+/** A sessionStorage stand-in. */
+class FakeStorage {
+  constructor() {
+    this.items = new Map();
+  }
+  getItem(key) {
+    return this.items.has(key) ? this.items.get(key) : null;
+  }
+  setItem(key, value) {
+    this.items.set(key, String(value));
+  }
+  removeItem(key) {
+    this.items.delete(key);
+  }
+}
 
 /** A WebSocket stand-in: records what the client sends; the test plays the server. */
 class FakeSocket {
@@ -118,6 +135,7 @@ function setup(options = {}) {
     clearTimeout: timers.clearTimeout,
     backoff: { initialMs: 100, maxMs: 1000, factor: 2, jitter: 0.5, stableMs: 5000, ...(options.backoff ?? {}) },
     maxQueued: options.maxQueued,
+    storage: options.storage ?? new FakeStorage(),
   });
   const seen = { events: [], history: [], errors: [], closes: [], states: [], expired: [] };
   client.on('event', (e) => seen.events.push(e));
@@ -569,4 +587,301 @@ test('after giving up on a truncated replay, the run\'s complete reloads the who
   for (const seq of [205, 206]) socket().push(event('s', seq, seq === 206 ? 'complete' : 'stream_delta'));
   await timers.advance(10);
   assert.equal(fetches.length, 5);
+});
+
+// ---- idempotent sends (clientRequestId) ---------------------------------------------------------
+
+const KEY = /^[A-Za-z0-9._:-]{1,128}$/;
+const PENDING = 'chatgate.pendingSends ws://gw/ws';
+const stored = (storage) => JSON.parse(storage.getItem(PENDING) ?? '[]');
+
+function accepted(sessionId, clientRequestId, extra = {}) {
+  return {
+    id: `chat_accepted_${clientRequestId}`,
+    kind: 'chat_accepted',
+    sessionId,
+    clientRequestId,
+    runId: 'r1',
+    firstSeq: 5,
+    duplicate: false,
+    isProcessing: true,
+    timestamp: 't',
+    ...extra,
+  };
+}
+
+/** A connected client following `s` (acknowledged at lastSeq 4), with its storage. */
+async function connected(options = {}) {
+  const storage = options.storage ?? new FakeStorage();
+  const env = setup({ ...options, storage });
+  const accepts = [];
+  const sent = [];
+  env.client.on('accepted', (a) => accepts.push(a));
+  env.client.on('sent', (e) => sent.push(e));
+  env.client.connect();
+  await settle();
+  env.socket().accept();
+  env.client.subscribe('s', { lastSeq: 4 });
+  env.socket().push(ack('s', 4));
+  return { ...env, storage, accepts, sent };
+}
+
+test('every prompt carries its own key, kept in storage until the gateway answers it', async () => {
+  const { client, socket, storage, accepts } = await connected();
+  assert.equal(client.send('s', 'one', { model: 'm' }), 'sent');
+  assert.equal(client.send('s', 'two'), 'sent');
+  const [first, second] = socket().ofType('chat.send');
+  assert.match(first.clientRequestId, KEY);
+  assert.match(second.clientRequestId, KEY);
+  assert.notEqual(first.clientRequestId, second.clientRequestId);
+  assert.deepEqual(first, { type: 'chat.send', sessionId: 's', content: 'one', options: { model: 'm' }, clientRequestId: first.clientRequestId });
+  assert.deepEqual(stored(storage), [
+    { sessionId: 's', content: 'one', options: { model: 'm' }, clientRequestId: first.clientRequestId },
+    { sessionId: 's', content: 'two', clientRequestId: second.clientRequestId },
+  ]);
+  socket().push(accepted('s', first.clientRequestId));
+  assert.deepEqual(accepts, [
+    { sessionId: 's', clientRequestId: first.clientRequestId, runId: 'r1', firstSeq: 5, duplicate: false, isProcessing: true, content: 'one' },
+  ]);
+  assert.deepEqual(client.pendingSends().map((p) => p.content), ['two']);
+  socket().push({ kind: 'protocol_error', code: 'RUN_IN_PROGRESS', error: 'busy', sessionId: 's', clientRequestId: second.clientRequestId, duplicate: false });
+  assert.equal(storage.getItem(PENDING), null, 'answered sends leave storage');
+  assert.deepEqual(client.pendingSends(), []);
+});
+
+test('a caller-given key is used and checked', async () => {
+  const { client, socket } = await connected();
+  client.send('s', 'x', undefined, { clientRequestId: 'k-1.a:b_c' });
+  assert.equal(socket().ofType('chat.send')[0].clientRequestId, 'k-1.a:b_c');
+  assert.throws(() => client.send('s', 'y', undefined, { clientRequestId: 'has space' }), TypeError);
+  assert.throws(() => client.send('s', 'y', undefined, { clientRequestId: 'x'.repeat(129) }), TypeError);
+  assert.throws(() => client.send('s', 'y', undefined, { clientRequestId: 'k-1.a:b_c' }), /already waiting/);
+  assert.equal(socket().ofType('chat.send').length, 1);
+});
+
+test('keys are UUIDs, or 32 random hex digits where crypto.randomUUID is missing', () => {
+  assert.match(newClientRequestId(), /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/);
+  const original = Object.getOwnPropertyDescriptor(globalThis, 'crypto');
+  try {
+    for (const crypto of [{ getRandomValues: (a) => a.fill(171) }, undefined]) {
+      Object.defineProperty(globalThis, 'crypto', { value: crypto, configurable: true, writable: true });
+      const key = newClientRequestId();
+      assert.match(key, /^[0-9a-f]{32}$/);
+      if (crypto) assert.equal(key, 'ab'.repeat(16));
+      assert.match(key, KEY);
+    }
+    Object.defineProperty(globalThis, 'crypto', { value: undefined, configurable: true, writable: true });
+    assert.notEqual(newClientRequestId(), newClientRequestId());
+  } finally {
+    Object.defineProperty(globalThis, 'crypto', original);
+  }
+});
+
+test('a socket dropped before the answer: the same frame, same key, after the re-subscribe', async () => {
+  const { client, timers, socket, storage, sent, accepts } = await connected();
+  client.send('s', 'deploy', { permissionMode: 'plan' });
+  const original = socket().ofType('chat.send')[0];
+  socket().drop(1006);
+  assert.equal(client.queued(), 1, 'waiting for the connection');
+  await timers.advance(100);
+  const fresh = socket();
+  fresh.accept('node-b');
+  assert.deepEqual(fresh.sent.map((f) => f.type), ['chat.subscribe'], 'nothing before the ack');
+  fresh.push(ack('s', 4));
+  assert.deepEqual(fresh.ofType('chat.send'), [original], 'the very same frame');
+  assert.deepEqual(sent, [{ sessionId: 's', frame: original, resend: true }]);
+  assert.equal(stored(storage).length, 1, 'still unanswered');
+  // Dropped again before the answer: once more, still the same key.
+  fresh.drop(1006);
+  await timers.advance(200);
+  socket().accept('node-c');
+  socket().push(ack('s', 4));
+  assert.deepEqual(socket().ofType('chat.send'), [original]);
+  socket().push(accepted('s', original.clientRequestId, { duplicate: true, isProcessing: false }));
+  assert.equal(accepts.at(-1).duplicate, true);
+  assert.equal(accepts.at(-1).content, 'deploy');
+  assert.equal(storage.getItem(PENDING), null);
+  // Answered: a later drop sends nothing again.
+  socket().drop(1006);
+  await timers.advance(400);
+  socket().accept();
+  socket().push(ack('s', 4));
+  assert.deepEqual(socket().ofType('chat.send'), []);
+  assert.equal(client.queued(), 0);
+});
+
+test('a send queued while disconnected goes out once, with its key, across several drops', async () => {
+  const { client, timers, socket } = await connected();
+  socket().drop(1006);
+  assert.equal(client.send('s', 'later'), 'queued');
+  await timers.advance(100);
+  socket().drop(1006); // never opened
+  await timers.advance(200);
+  socket().accept();
+  socket().push(ack('s', 4));
+  const sends = socket().ofType('chat.send');
+  assert.equal(sends.length, 1);
+  assert.equal(sends[0].content, 'later');
+  assert.match(sends[0].clientRequestId, KEY);
+});
+
+test('a refusal naming the key ends it; a duplicate RUN_IN_PROGRESS is reported as such', async () => {
+  const { client, timers, socket, seen, storage } = await connected();
+  client.send('s', 'again');
+  const key = socket().ofType('chat.send')[0].clientRequestId;
+  socket().drop(1006);
+  await timers.advance(100);
+  socket().accept();
+  socket().push(ack('s', 4, { isProcessing: true }));
+  socket().push({ kind: 'protocol_error', code: 'RUN_IN_PROGRESS', error: 'A run is in progress', sessionId: 's', clientRequestId: key, duplicate: true });
+  assert.deepEqual(seen.errors.at(-1), {
+    code: 'RUN_IN_PROGRESS',
+    error: 'A run is in progress',
+    sessionId: 's',
+    clientRequestId: key,
+    duplicate: true,
+    willResend: false,
+  });
+  assert.equal(storage.getItem(PENDING), null);
+  socket().drop(1006);
+  await timers.advance(200);
+  socket().accept();
+  socket().push(ack('s', 4));
+  assert.deepEqual(socket().ofType('chat.send'), [], 'a refused send is not sent again');
+});
+
+test('BACKEND_UNAVAILABLE with an unknown outcome resends the same key after a backoff', async () => {
+  const { client, timers, socket, seen, storage, accepts, sent } = await connected();
+  client.send('s', 'maybe');
+  const frame = socket().ofType('chat.send')[0];
+  const unknown = { kind: 'protocol_error', code: 'BACKEND_UNAVAILABLE', error: 'Redis', sessionId: 's', clientRequestId: frame.clientRequestId, duplicate: false, outcome: 'unknown' };
+  socket().push(unknown);
+  assert.equal(seen.errors.at(-1).willResend, true);
+  assert.equal(seen.errors.at(-1).outcome, 'unknown');
+  assert.equal(seen.errors.at(-1).delayMs, 100);
+  await timers.advance(99);
+  assert.equal(socket().ofType('chat.send').length, 1);
+  await timers.advance(1);
+  assert.deepEqual(socket().ofType('chat.send'), [frame, frame]);
+  assert.deepEqual(sent, [{ sessionId: 's', frame, resend: true }]);
+  // Unknown again: the next delay grows; a drop meanwhile resends it once, after the ack.
+  socket().push(unknown);
+  assert.equal(seen.errors.at(-1).delayMs, 200);
+  socket().drop(1006);
+  await timers.advance(1000);
+  socket().accept();
+  await timers.advance(1000);
+  assert.deepEqual(socket().ofType('chat.send'), [], 'not before the ack, not by the old timer');
+  socket().push(ack('s', 4));
+  assert.deepEqual(socket().ofType('chat.send'), [frame]);
+  assert.equal(stored(storage).length, 1);
+  socket().push(accepted('s', frame.clientRequestId, { duplicate: true }));
+  assert.equal(accepts.length, 1);
+  assert.equal(storage.getItem(PENDING), null);
+  await timers.advance(5000);
+  assert.equal(socket().ofType('chat.send').length, 1);
+
+  // Any other refusal of a keyed send (even BACKEND_UNAVAILABLE without "unknown") is final.
+  client.send('s', 'refused');
+  const key = socket().ofType('chat.send').at(-1).clientRequestId;
+  socket().push({ kind: 'protocol_error', code: 'BACKEND_UNAVAILABLE', error: 'down', sessionId: 's', clientRequestId: key, duplicate: false });
+  assert.equal(seen.errors.at(-1).willResend, false);
+  await timers.advance(20000);
+  assert.equal(socket().ofType('chat.send').length, 2);
+  assert.deepEqual(client.pendingSends(), []);
+});
+
+test('a page reload resends what the previous page left unanswered, after history and ack', async () => {
+  const storage = new FakeStorage();
+  const before = await connected({ storage });
+  before.client.send('s', 'survive the reload', { model: 'x' });
+  const frame = before.socket().ofType('chat.send')[0];
+  before.client.send('s', 'answered');
+  before.socket().push(accepted('s', before.socket().ofType('chat.send')[1].clientRequestId));
+  // Another gateway's leftovers in the same tab are not this client's.
+  storage.setItem('chatgate.pendingSends ws://other/ws', JSON.stringify([{ sessionId: 's', content: 'no', clientRequestId: 'other' }]));
+  before.client.close(); // the page goes away
+
+  const history = { s: [{ kind: 'complete', seq: 9 }] };
+  const after = setup({ storage, history });
+  const sent = [];
+  after.client.on('sent', (e) => sent.push(e));
+  assert.deepEqual(after.client.pendingSends(), [{ sessionId: 's', content: 'survive the reload', options: { model: 'x' }, clientRequestId: frame.clientRequestId }]);
+  after.client.connect();
+  await after.timers.advance(10);
+  assert.equal(after.seen.history.length, 1, 'the session of the pending send is followed');
+  after.socket().accept();
+  assert.deepEqual(after.socket().sent.map((f) => f.type), ['chat.subscribe']);
+  assert.deepEqual(after.socket().ofType('chat.subscribe')[0].sessions, [{ sessionId: 's', lastSeq: 9 }]);
+  after.socket().push(ack('s', 9));
+  assert.deepEqual(after.socket().ofType('chat.send'), [frame]);
+  assert.equal(sent[0].resend, true);
+  after.socket().push(accepted('s', frame.clientRequestId, { duplicate: true, isProcessing: false }));
+  assert.equal(storage.getItem(PENDING), null);
+  assert.notEqual(storage.getItem('chatgate.pendingSends ws://other/ws'), null, 'left alone');
+});
+
+test('garbage in storage is ignored', async () => {
+  const storage = new FakeStorage();
+  storage.setItem(PENDING, JSON.stringify([
+    null,
+    { sessionId: 's', content: 'ok', clientRequestId: 'good' },
+    { sessionId: 's', content: 1, clientRequestId: 'bad-content' },
+    { sessionId: 's', content: 'x', clientRequestId: 'bad key' },
+    { sessionId: 's', content: 'x', clientRequestId: 'bad-options', options: 'no' },
+  ]));
+  assert.deepEqual(setup({ storage }).client.pendingSends().map((p) => p.clientRequestId), ['good']);
+  storage.setItem(PENDING, '{not json');
+  assert.deepEqual(setup({ storage }).client.pendingSends(), []);
+});
+
+test('unsubscribe and discardPending forget unanswered sends', async () => {
+  const { client, timers, socket, storage } = await connected();
+  client.subscribe('t', { lastSeq: 0 });
+  socket().push(ack('t', 0));
+  client.send('s', 'a');
+  client.send('t', 'b');
+  client.unsubscribe('s');
+  assert.deepEqual(stored(storage).map((p) => p.content), ['b']);
+  // A resend scheduled after an unknown outcome is cancelled with it.
+  const key = socket().ofType('chat.send')[1].clientRequestId;
+  socket().push({ kind: 'protocol_error', code: 'BACKEND_UNAVAILABLE', error: 'x', sessionId: 't', clientRequestId: key, duplicate: false, outcome: 'unknown' });
+  client.discardPending();
+  assert.equal(storage.getItem(PENDING), null);
+  await timers.advance(5000);
+  assert.equal(socket().ofType('chat.send').length, 2);
+  socket().drop(1006);
+  await timers.advance(100);
+  socket().accept();
+  socket().push(ack('t', 0));
+  assert.deepEqual(socket().ofType('chat.send'), []);
+});
+
+test('frames without a key are reported as before: no new fields', async () => {
+  const { client, socket, seen, accepts } = await connected();
+  socket().push({ kind: 'protocol_error', code: 'NO_ACTIVE_RUN', error: 'nothing to abort', sessionId: 's' });
+  assert.deepEqual(seen.errors.at(-1), { code: 'NO_ACTIVE_RUN', error: 'nothing to abort', sessionId: 's' });
+  // An answer for a key this client does not hold changes nothing it keeps.
+  client.send('s', 'mine');
+  socket().push(accepted('s', 'someone-else'));
+  assert.equal(accepts[0].content, null);
+  assert.equal(client.pendingSends().length, 1);
+});
+
+test('a resend waits its turn behind a history reload, even with the queue full', async () => {
+  const history = { s: [{ kind: 'complete', seq: 20 }] };
+  const { client, timers, socket, seen } = await connected({ history, maxQueued: 1 });
+  client.send('s', 'maybe');
+  const frame = socket().ofType('chat.send')[0];
+  socket().push({ kind: 'protocol_error', code: 'BACKEND_UNAVAILABLE', error: 'x', sessionId: 's', clientRequestId: frame.clientRequestId, duplicate: false, outcome: 'unknown' });
+  // Runs finished meanwhile: the session reloads its history, and a new prompt waits for it.
+  socket().push(ack('s', 20));
+  assert.equal(client.send('s', 'next'), 'queued');
+  await timers.advance(100); // the resend is due during the reload: queued, never refused
+  assert.equal(seen.errors.filter((e) => e.code === 'QUEUE_FULL').length, 0);
+  assert.equal(client.queued(), 2);
+  await timers.advance(10);
+  socket().push(ack('s', 20));
+  assert.deepEqual(socket().ofType('chat.send').map((f) => f.content), ['maybe', 'next', 'maybe']);
+  assert.equal(socket().ofType('chat.send')[2].clientRequestId, frame.clientRequestId);
 });

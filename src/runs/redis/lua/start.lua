@@ -4,7 +4,10 @@
 -- has been up for less than a lease, a session whose state it lost is not started (a live
 -- owner may still re-take it; the caller judges `recently_active` from SQL against the counter's
 -- idle TTL).
--- Returns {'BUSY'}, {'RECOVERING', retry_ms} or
+-- With an idempotency key (has_request): a key the session saw within the window starts nothing
+-- and answers what became of its send; otherwise the key is recorded with the outcome, in the same
+-- step as the lock (started: the run; refused: BUSY), so two sends with one key start one run.
+-- Returns {'BUSY'}, {'RECOVERING', retry_ms}, {'SEEN', request_record_json, lock_json|''} or
 -- {'OK', owner_json, reaped_owner_json|'', reaped_pending_ids, reaped_prompt|''}.
 local run_key = KEYS[1]
 local owner_key = KEYS[2]
@@ -13,6 +16,7 @@ local events_key = KEYS[4]
 local pending_key = KEYS[5]
 local live_channel = KEYS[6]
 local prompt_key = KEYS[7]
+local request_key = KEYS[8]
 
 local run_id = ARGV[1]
 local node_id = ARGV[2]
@@ -31,8 +35,30 @@ local session_id = ARGV[14]
 local orphan_error = ARGV[15]
 local recently_active = ARGV[16]
 local prompt = ARGV[17]
+local has_request = ARGV[18] == '1'
+local request_window_ms = ARGV[19]
+local request_id = ARGV[20]
 
-if redis.call('EXISTS', run_key) == 1 then return {'BUSY'} end
+if has_request then
+  local seen = redis.call('GET', request_key)
+  if seen then return {'SEEN', seen, redis.call('GET', run_key) or ''} end
+end
+local held = redis.call('GET', run_key)
+if held then
+  if has_request then
+    local holder = cjson.decode(held)
+    -- The run holding the lock is this key's (its record was lost with Redis's data and the owner
+    -- re-took the lock): the key's send started it.
+    if holder.requestKey == request_id then
+      local record = cjson.encode({runId = holder.runId, firstSeq = holder.firstSeq})
+      redis.call('SET', request_key, record, 'PX', request_window_ms)
+      return {'SEEN', record, held}
+    end
+    redis.call('SET', request_key, cjson.encode({refused = 'RUN_IN_PROGRESS', runId = holder.runId}),
+      'PX', request_window_ms)
+  end
+  return {'BUSY'}
+end
 if state_lost(run_key, owner_key, seq_key, floor, recently_active) then
   local left = recovery_left(lease_ms)
   if left > 0 then return {'RECOVERING', left} end
@@ -55,9 +81,14 @@ local last = current_seq(seq_key, events_key, floor, margin)
 redis.call('SET', seq_key, string.format('%d', last))
 redis.call('PERSIST', events_key)
 redis.call('DEL', pending_key)
-local owner_json = cjson.encode({runId = run_id, nodeId = node_id, provider = provider, userId = user_id,
-  startedAt = started_at, firstSeq = last + 1})
+local owner = {runId = run_id, nodeId = node_id, provider = provider, userId = user_id,
+  startedAt = started_at, firstSeq = last + 1}
+if has_request then owner.requestKey = request_id end
+local owner_json = cjson.encode(owner)
 redis.call('SET', run_key, owner_json, 'PX', lease_ms)
 redis.call('SET', owner_key, owner_json)
 redis.call('SET', prompt_key, prompt)
+if has_request then
+  redis.call('SET', request_key, cjson.encode({runId = run_id, firstSeq = last + 1}), 'PX', request_window_ms)
+end
 return {'OK', owner_json, reaped, reaped_ids, reaped_prompt}
