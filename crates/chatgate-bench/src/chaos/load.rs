@@ -21,7 +21,10 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use tokio::{sync::watch, time::Instant};
+use tokio::{
+    sync::{oneshot, watch},
+    time::Instant,
+};
 
 use super::{
     Ctx,
@@ -33,6 +36,10 @@ use super::{
 const RUN_DEADLINE: Duration = Duration::from_secs(120);
 /// A driver hops when its socket was silent this long.
 const DRIVER_PATIENCE: Duration = Duration::from_secs(5);
+/// Share of sends after which the driver's socket is closed or dropped at once.
+const DROP_AFTER_SEND_SHARE: f64 = 0.15;
+/// Share of prompts sent a second time at once, same key, from another socket to another node.
+const RACE_SHARE: f64 = 0.1;
 
 /// A tool approval in a run's script, and who answers it.
 #[derive(Debug, Clone)]
@@ -370,6 +377,8 @@ async fn drive_run(ctx: &Arc<Ctx>, peer: &mut Peer, plan: &Plan) {
     // Runs whose `complete` this driver saw since the prompt was sent (its own may come before
     // the answer that names it).
     let mut completed: HashSet<String> = HashSet::new();
+    // The answer of a racing send of the same key from another socket, if one was sent.
+    let mut racer: Option<oneshot::Receiver<(Accepted, Option<String>)>> = None;
     // A send was refused with RUN_IN_PROGRESS: the run we took for ended is still going (an ack
     // said idle while it was not); wait for its end, then send again.
     let mut waiting_for_earlier = false;
@@ -432,8 +441,40 @@ async fn drive_run(ctx: &Arc<Ctx>, peer: &mut Peer, plan: &Plan) {
                     sent.node = peer.node.clone();
                     sent.sent_at = SystemTime::now();
                 }
+                if prompt.sends_of_key == 1 && prompt.keys.len() == 1 && rand::random_bool(RACE_SHARE) {
+                    // Another tab sends the same prompt, same key, through another node at once.
+                    let (tx, rx) = oneshot::channel();
+                    racer = Some(rx);
+                    tokio::spawn(race_same_key(
+                        ctx.clone(),
+                        session.clone(),
+                        prompt.frame(&session.id),
+                        peer.node.clone(),
+                        tx,
+                    ));
+                }
+                if rand::random_bool(DROP_AFTER_SEND_SHARE) {
+                    // The socket dies right after the send: did it arrive? Resend, same key.
+                    ctx.add("sockets_lost_right_after_a_send", 1);
+                    peer.close().await;
+                    ack = Some(peer.resume().await);
+                }
             } else {
                 ack = Some(peer.resume().await);
+            }
+        } else if let Some(Ok((answer, node))) = racer.as_mut().map(|rx| rx.try_recv()) {
+            racer = None;
+            ctx.add(&format!("racing_sends_answered_duplicate_{}", answer.duplicate), 1);
+            prompt.accept(ctx, peer, &answer);
+            if !answer.duplicate
+                && let Some(log) = ctx.book().sessions.get_mut(&session.id)
+                && let Some(sent) = log.sent.last_mut()
+            {
+                sent.node = node;
+            }
+            if completed.contains(&answer.run_id) {
+                ctx.add("runs_completed_live", 1);
+                return;
             }
         } else {
             match peer.next(Duration::from_millis(250)).await {
@@ -560,6 +601,45 @@ async fn drive_run(ctx: &Arc<Ctx>, peer: &mut Peer, plan: &Plan) {
             }
         }
     }
+}
+
+/// The same `chat.send` (same key) from a new socket straight to another node than the
+/// driver's, at about the same time as the driver's: the gateway must start one run and name it
+/// in both answers. A `chat_accepted` is handed to the driver (with the racer's node) for the
+/// check; the socket closes as soon as an answer came, before any event.
+async fn race_same_key(
+    ctx: Arc<Ctx>,
+    session: Arc<SessionRef>,
+    frame: Value,
+    avoid: Option<String>,
+    answer: oneshot::Sender<(Accepted, Option<String>)>,
+) {
+    let key = frame["clientRequestId"].as_str().unwrap_or_default().to_string();
+    let mut peer = Peer::new(ctx.clone(), "racer".to_string(), session);
+    let candidates: Vec<usize> =
+        (0..ctx.node_ids.len()).filter(|i| avoid.as_deref() != Some(ctx.node_ids[*i].as_str())).collect();
+    let node = candidates[rand::random_range(0..candidates.len())];
+    if peer.connect_to(Target::Node(node)).await.is_err() || !peer.send(frame).await {
+        ctx.add("racing_sends_not_sent", 1);
+        return;
+    }
+    ctx.add("racing_sends", 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match peer.next(Duration::from_millis(250)).await {
+            Step::Accepted(accepted) if accepted.key == key => {
+                let _ = answer.send((accepted, peer.node.clone()));
+                break;
+            }
+            Step::Error(refusal) if refusal.key.as_deref() == Some(key.as_str()) => {
+                ctx.add(&format!("racing_sends_refused_{}", refusal.code), 1);
+                break;
+            }
+            Step::Closed => break,
+            _ => {}
+        }
+    }
+    peer.drop_socket();
 }
 
 /// `chat.abort` from a socket on another node than the driver's.

@@ -69,7 +69,9 @@ fn key_class(key: &str) -> &'static str {
     if key == keys::SWEEP_LOCK {
         return "sweep_lock";
     }
-    let by_shape: [(String, &'static str); 11] = [
+    let by_shape: [(String, &'static str); 12] = [
+        // First: a client's key is free text after `:req:` and could end like another kind.
+        (keys::request(S, S), "request"),
         (keys::permission(S), "permission"),
         (keys::user_runs(S), "user_runs"),
         (keys::user_sends(S), "user_sends"),
@@ -89,9 +91,14 @@ fn key_class(key: &str) -> &'static str {
     by_shape.iter().find(|(pattern, _)| matches(pattern)).map_or("other", |(_, class)| class)
 }
 
-/// Key kinds that stay by design: a finished session's seq counter (a day),
+/// Key kinds that stay by design: a finished session's seq counter (a day), what became
+/// of each idempotency key (`--idempotency-window`, an hour by default; each must expire),
 /// and the sweeper's short lock.
-const LASTING: &[&str] = &["session_seq", "sweep_lock"];
+const LASTING: &[&str] = &["session_seq", "request", "sweep_lock"];
+/// The nodes' `--idempotency-window` (the default): no request record may outlive it.
+const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(3600);
+/// Bytes per lasting idempotency record allowed above the baseline (its name holds two UUIDs).
+const BYTES_PER_REQUEST_KEY: u64 = 384;
 /// Names of leftover keys kept for the report.
 const EXAMPLES: usize = 5;
 /// Bytes per lasting seq counter allowed above the baseline.
@@ -127,7 +134,35 @@ pub async fn redis_after_retention(ctx: &Ctx, redis: &SoakRedis, baseline: &Redi
     let leftover: BTreeMap<&str, u64> =
         last.keys.iter().filter(|(k, _)| !LASTING.contains(k)).map(|(k, n)| (*k, *n)).collect();
     let seq_keys = last.keys.get("session_seq").copied().unwrap_or(0);
-    let allowed_used = baseline.used + seq_keys * BYTES_PER_SEQ_KEY + MEMORY_SLACK * last.servers.max(1);
+    let request_keys = last.keys.get("request").copied().unwrap_or(0);
+    let allowed_used = baseline.used
+        + seq_keys * BYTES_PER_SEQ_KEY
+        + request_keys * BYTES_PER_REQUEST_KEY
+        + MEMORY_SLACK * last.servers.max(1);
+    // Every idempotency record expires within the window, and there are no more of them than
+    // keys the drivers made (a prompt's first key, and one per renewal).
+    let keys_made = {
+        let totals = &ctx.book().tally.totals;
+        totals.get("runs_sent").copied().unwrap_or(0) + totals.get("keys_renewed").copied().unwrap_or(0)
+    };
+    if request_keys > keys_made {
+        ctx.fail(
+            ledger::REDIS_MEMORY,
+            format!("{request_keys} idempotency records after the load, the drivers made {keys_made} keys"),
+        );
+    }
+    let unexpiring = match redis.key_holders().await {
+        Ok(ports) => requests_outliving_the_window(&ports).await,
+        Err(e) => Err(e),
+    };
+    match &unexpiring {
+        Ok((count, examples)) if *count > 0 => ctx.fail(
+            ledger::REDIS_MEMORY,
+            format!("{count} idempotency records without an expiry within {IDEMPOTENCY_WINDOW:?}: {examples:?}"),
+        ),
+        Ok(_) => {}
+        Err(e) => ctx.add(&format!("redis_usage_errors: {e}"), 1),
+    }
     if !leftover.is_empty() {
         ctx.fail(
             ledger::REDIS_MEMORY,
@@ -149,7 +184,53 @@ pub async fn redis_after_retention(ctx: &Ctx, redis: &SoakRedis, baseline: &Redi
         "baseline_dataset_bytes": baseline.dataset, "after_dataset_bytes": last.dataset,
         "keys_after": last.keys, "seconds_until_only_lasting_keys": waited.as_secs(),
         "servers_summed": last.servers, "leftover_key_examples": last.examples,
+        "idempotency_records_after": request_keys,
     })
+}
+
+/// Idempotency records (`cg:{S}:req:<key>`) with no expiry or one beyond the window, on the
+/// servers on `ports`: how many, and a few examples with their `PTTL`.
+async fn requests_outliving_the_window(ports: &[u16]) -> anyhow::Result<(u64, Vec<String>)> {
+    let pattern = keys::request("*", "*");
+    let window_ms = IDEMPOTENCY_WINDOW.as_millis() as i64;
+    let mut count = 0;
+    let mut examples = Vec::new();
+    for &port in ports {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            if !batch.is_empty() {
+                let mut pipe = redis::pipe();
+                for key in &batch {
+                    pipe.cmd("PTTL").arg(key);
+                }
+                let ttls: Vec<i64> = pipe.query_async(&mut conn).await?;
+                for (key, ttl) in batch.iter().zip(ttls) {
+                    // -2: gone since the SCAN; -1: no expiry.
+                    if ttl == -1 || ttl > window_ms {
+                        count += 1;
+                        if examples.len() < EXAMPLES {
+                            examples.push(format!("{key} on {port}: PTTL {ttl}"));
+                        }
+                    }
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok((count, examples))
 }
 
 #[cfg(test)]
@@ -172,6 +253,8 @@ mod key_class_tests {
             (keys::permission("rq-1"), "permission"),
             (keys::user_runs("42"), "user_runs"),
             (keys::user_sends("42"), "user_sends"),
+            (keys::request("s", "8767c364-2047-4467-85a2-043cf03ca025"), "request"),
+            (keys::request("s", "ends:prompt"), "request"),
             ("cg:something-else".to_string(), "other"),
         ];
         for (key, class) in classes {
