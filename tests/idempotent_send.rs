@@ -225,3 +225,31 @@ async fn a_resend_after_the_socket_dropped_or_its_node_drained_is_told_its_run()
     let users = ran.iter().filter(|m| m["role"] == "user").count();
     assert_eq!(users, 2, "two prompts, each run once: {ran:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resend_after_the_node_restarted_is_told_its_run_from_sql() {
+    // One node, keys in process: a restart forgets them; SQL keeps the session's last.
+    let mut node = TestNode::start(Db::Sqlite).await;
+    let token = node.token(&user());
+    let session = node.create_session(&token, "script").await;
+    let mut ws = node.connect(&token).await;
+    ws.send(keyed_send(&session, &paced(2, 10), "before-restart")).await;
+    let first = answer(&mut ws, "before-restart").await;
+    ws.recv_until(|f| f["kind"] == "complete").await;
+    node.history_until(&token, &session, |m| m.iter().any(|v| v["kind"] == "complete")).await;
+    drop(ws);
+    node.restart().await;
+    let mut ws = node.connect(&token).await;
+    ws.send(keyed_send(&session, &paced(2, 10), "before-restart")).await;
+    let again = answer(&mut ws, "before-restart").await;
+    assert_eq!((again["kind"].as_str(), again["duplicate"].as_bool()), (Some("chat_accepted"), Some(true)), "{again}");
+    assert_eq!(
+        (&again["runId"], &again["firstSeq"], &again["isProcessing"]),
+        (&first["runId"], &json!(1), &json!(false))
+    );
+    assert_eq!(prompts(&node, &token, &session).await.len(), 1, "the prompt ran once");
+    // A new key runs as ever, and becomes the one SQL keeps.
+    ws.send(keyed_send(&session, &paced(1, 0), "after-restart")).await;
+    assert_eq!(answer(&mut ws, "after-restart").await["duplicate"], false);
+    ws.recv_until(|f| f["kind"] == "complete").await;
+}

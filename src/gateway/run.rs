@@ -27,7 +27,7 @@ use crate::{
     protocol::{EventBody, PermissionAnswer, now_iso, session_upserted},
     runs::{Control, Event, RegistryError, RunGrant, RunLease},
     runtime::{RUNTIME_EVENT_CAPACITY, RunContext, RunOutcome, RunRequest, Runtime, RuntimeMsg, sandbox::Launch},
-    store::{HistoryRow, SessionRow},
+    store::{HistoryRow, LastRequest, SessionRow},
 };
 
 /// Most runtime messages folded into one append.
@@ -56,6 +56,8 @@ pub(super) struct RunPlan {
     pub launch: Launch,
     /// The run's slot of `--max-runs`, released when the driver ends.
     pub slot: OwnedSemaphorePermit,
+    /// The send's `clientRequestId`, kept in SQL beside the prompt.
+    pub request_key: Option<String>,
 }
 
 /// How the run ended, before it is written as `complete`.
@@ -111,6 +113,7 @@ struct Driver {
     plan: Option<Start>,
     /// This run's slot of `--max-runs`, given back once its runtime has ended.
     slot: Option<OwnedSemaphorePermit>,
+    request_key: Option<String>,
 }
 
 impl Driver {
@@ -134,6 +137,7 @@ impl Driver {
             last_renewal: Instant::now(),
             plan: Some(Start { request: plan.request, runtime: plan.runtime, control, launch: plan.launch }),
             slot: Some(plan.slot),
+            request_key: plan.request_key,
         }
     }
 
@@ -148,6 +152,7 @@ impl Driver {
         });
         // While the runtime starts: the prompt is durable before any event of the run is appended.
         self.store_prompt(prompt).await;
+        self.record_request();
         let lease_len = self.gateway.settings.run_lease;
         let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + lease_len / 3, lease_len / 3);
         let mut control_open = true;
@@ -225,6 +230,20 @@ impl Driver {
             }
         }
         self.gateway.history.write(vec![row]).await;
+    }
+
+    /// Keeps the send's `clientRequestId` in SQL as the session's last, off the
+    /// run's path: a resend the registry no longer knows is still told its run.
+    fn record_request(&mut self) {
+        let Some(key) = self.request_key.take() else { return };
+        let request = LastRequest { key, run_id: self.lease.run_id.clone(), first_seq: self.first_seq };
+        let (store, session_id) = (self.gateway.store.clone(), self.lease.session_id.clone());
+        tokio::spawn(async move {
+            if let Err(e) = store.record_request(&session_id, &request).await {
+                metrics::counter!("chatgate_backend_errors_total", "backend" => "database").increment(1);
+                tracing::warn!(error = %e, "could not keep the send's clientRequestId in SQL");
+            }
+        });
     }
 
     /// Labels, appends and records one batch of runtime messages.

@@ -21,7 +21,7 @@ use crate::{
     },
     runs::{PriorSend, RegistryError, RunStart, Subscription},
     runtime::{RunRequest, sandbox::Launch},
-    store::SessionRow,
+    store::{LastRequest, SessionRow},
 };
 
 /// How often a subscribe waiting out a registry's recovery reads again.
@@ -125,6 +125,11 @@ impl Gateway {
             other => other?,
         }
         let session = self.owned_session(conn, session_id).await?;
+        if let (Some(key), Some(last)) = (key, &session.last_request)
+            && last.key == key
+        {
+            return self.answer_from_sql(conn, session_id, key, last).await;
+        }
         let Some(runtime) = self.runtimes.get(&session.provider).cloned() else {
             return Err(ProtocolError::new(
                 ErrorCode::UnsupportedProvider,
@@ -236,6 +241,7 @@ impl Gateway {
             grant,
             launch,
             slot,
+            request_key: key.map(str::to_string),
         });
         Ok(())
     }
@@ -262,6 +268,25 @@ impl Gateway {
                 Err(refusal)
             }
         }
+    }
+
+    /// A resend of the key SQL keeps as the session's last: the registry's
+    /// answer when it still has one, else the run SQL names (the registry lost
+    /// its record: a restarted node, a Redis that came back empty).
+    async fn answer_from_sql(
+        &self,
+        conn: &Connection,
+        session_id: &str,
+        key: &str,
+        last: &LastRequest,
+    ) -> Result<(), ProtocolError> {
+        if let Ok(Some(prior)) = self.registry.prior_send(session_id, key).await {
+            return answer_prior(conn, session_id, Some(key), prior);
+        }
+        let running = self.registry.snapshot(session_id).await.ok().and_then(|s| s.run_id);
+        let is_processing = running.as_deref() == Some(last.run_id.as_str());
+        let prior = PriorSend::Started { run_id: last.run_id.clone(), first_seq: last.first_seq, is_processing };
+        answer_prior(conn, session_id, Some(key), prior)
     }
 
     /// `--max-sends-per-minute`, counted by the registry (cluster-wide).

@@ -16,7 +16,7 @@ use sqlx::{
 };
 
 pub use messages::{CONVERSATION_KINDS, DRAFT_PART, EVENT_PART, HistoryRow, HistoryView, MessagePage, PROMPT_PART};
-pub use sessions::{NewSession, SessionRow};
+pub use sessions::{LastRequest, NewSession, SessionRow};
 
 /// Database failures.
 #[derive(Debug, thiserror::Error)]

@@ -18,6 +18,16 @@ pub struct SessionRow {
     pub created_at: i64,
     pub updated_at: i64,
     pub last_seq: u64,
+    /// The last `clientRequestId` that started a run of the session, with its run.
+    pub last_request: Option<LastRequest>,
+}
+
+/// A send's idempotency key and the run it started, kept in SQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastRequest {
+    pub key: String,
+    pub run_id: String,
+    pub first_seq: u64,
 }
 
 impl SessionRow {
@@ -60,7 +70,7 @@ pub struct NewSession {
 macro_rules! columns {
     () => {
         "session_id, user_id, provider, provider_session_id, project_path, summary, is_archived, created_at, \
-         updated_at, last_seq"
+         updated_at, last_seq, last_request_key, last_request_run_id, last_request_seq"
     };
 }
 
@@ -76,6 +86,14 @@ fn from_row(row: &sqlx::any::AnyRow) -> Result<SessionRow, sqlx::Error> {
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         last_seq: u64::try_from(row.try_get::<i64, _>("last_seq")?).unwrap_or(0),
+        last_request: match (row.try_get("last_request_key")?, row.try_get("last_request_run_id")?) {
+            (Some(key), Some(run_id)) => Some(LastRequest {
+                key,
+                run_id,
+                first_seq: u64::try_from(row.try_get::<i64, _>("last_request_seq")?).unwrap_or(0),
+            }),
+            _ => None,
+        },
     })
 }
 
@@ -106,7 +124,23 @@ impl Store {
             created_at: now,
             updated_at: now,
             last_seq: 0,
+            last_request: None,
         })
+    }
+
+    /// Remembers the `clientRequestId` that started run `run_id` (at `first_seq`) as the session's last.
+    pub async fn record_request(&self, session_id: &str, request: &LastRequest) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE sessions SET last_request_key = $1, last_request_run_id = $2, last_request_seq = $3 \
+             WHERE session_id = $4",
+        )
+        .bind(&request.key)
+        .bind(&request.run_id)
+        .bind(i64::try_from(request.first_seq).unwrap_or(i64::MAX))
+        .bind(session_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// The user's session, archived or not; `None` for a missing or foreign one.
