@@ -345,6 +345,28 @@ step "helm template sandbox.podSettings with an AppArmor profile (Kubernetes 1.3
      && grep -q 'appArmorProfile:' '$apparmor' \
      && '$KV' --strict --quiet --kubernetes-version ${KUBE_VERSIONS[0]} '$apparmor' \
      && '$PY' '$CHECKER' manifests '$apparmor'"
+# Chart extras (issue 19): the PrometheusRule against the docs' alert table, and the checks of the
+# HTTPRoute, the NetworkPolicy and the `helm test` pod refusing broken output.
+full="$WORK/rendered/helm-full-values.yaml"
+alerts="$WORK/helm-prometheusrule.yaml"
+step "PrometheusRule has every alert of docs/operations.md (and no other)" bash -c \
+    "'$HELM' template chatgate '$CHART' --namespace chatgate --set metrics.prometheusRule.enabled=true --show-only templates/prometheusrule.yaml >'$alerts' \
+     && '$PY' '$CHECKER' alerts '$ROOT/docs/operations.md' '$alerts'"
+step "alert check refuses a PrometheusRule without ChatgateBackendErrors" \
+    mutate_and_expect 's/alert: ChatgateBackendErrors/alert: ChatgateBackendFailures/' "$alerts" \
+    "alert ChatgateBackendErrors of the docs is not in the PrometheusRule" "$PY" "$CHECKER" alerts "$ROOT/docs/operations.md"
+step "contract checks refuse an HTTPRoute to a port the Service lacks" \
+    mutate_and_expect '/^kind: HTTPRoute$/,/^---/s/^          port: 8080$/          port: 8081/' "$full" \
+    "backend port 8081 is not a Service port" "$PY" "$CHECKER" manifests
+step "contract checks refuse an HTTPRoute request timeout that ends WebSockets" \
+    mutate_and_expect 's/^        request: 0s$/        request: 30s/' "$full" \
+    "timeouts.request 30s would end every WebSocket" "$PY" "$CHECKER" manifests
+step "contract checks refuse a NetworkPolicy ingress rule open to every source" \
+    mutate_and_expect '/^kind: NetworkPolicy$/,/^---/s/^    - from:$/    - ports: []\n      from_:/' "$full" \
+    "admits every source" "$PY" "$CHECKER" manifests
+step "contract checks refuse a root helm test pod" \
+    mutate_and_expect '/^kind: Pod$/,/^---/s/runAsNonRoot: true/runAsNonRoot: false/' "$full" \
+    "runAsNonRoot must be true" "$PY" "$CHECKER" manifests
 step "yamllint refuses a duplicated key" \
     mutate_and_expect '0,/^  labels:$/s//  labels:\n    app.kubernetes.io\/part-of: chatgate/' "$default" \
     "key-duplicates" "$YAMLLINT" -c "$ROOT/deploy/yamllint-rendered.yaml" -f parsable

@@ -56,8 +56,14 @@ app.kubernetes.io/component: gateway
 {{- end }}
 {{- end }}
 
+{{/* The gateway image: repository@digest when image.digest is set (it wins over the tag), else
+repository:tag (the chart's appVersion when the tag is empty). */}}
 {{- define "chatgate.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
 {{- end }}
 
 {{/* Name of the Secret holding jwt-secret, redis-url and database-url. */}}
@@ -158,4 +164,11 @@ rediss://: the CA and client certificate are of no use to a plain connection.
 {{/* Name of the claim behind /data when persistence is on. */}}
 {{- define "chatgate.dataClaimName" -}}
 {{- default (printf "%s-data" (include "chatgate.fullname" .)) .Values.persistence.existingClaim }}
+{{- end }}
+
+{{/* Labels of the `helm test` pod (the NetworkPolicy lets it reach the gateway). */}}
+{{- define "chatgate.testSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "chatgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: test
 {{- end }}
