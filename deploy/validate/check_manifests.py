@@ -264,12 +264,16 @@ def check_gateway(report, doc, configmaps, secret_values=(), secrets=None):
     env_list = container.get("env", []) or []
     env = {e["name"]: e for e in env_list}
 
+    # The first envFrom is the chart's (or the base's) own ConfigMap, which must be in the output;
+    # more sources (values `envFrom`) may name ConfigMaps and Secrets made out of band.
     config_env = {}
-    for source in container.get("envFrom", []) or []:
-        ref = source.get("configMapRef", {}).get("name")
-        if ref is not None:
-            if report.check(ref in configmaps, f"{name}: envFrom ConfigMap {ref} is not in the output"):
-                config_env.update(configmaps[ref].get("data", {}) or {})
+    sources = container.get("envFrom", []) or []
+    first = (sources[0].get("configMapRef", {}) or {}).get("name") if sources else None
+    report.check(first in configmaps, f"{name}: the first envFrom must be the ConfigMap of the output, got {first}")
+    for source in sources:
+        ref = (source.get("configMapRef", {}) or {}).get("name")
+        if ref in configmaps:
+            config_env.update({source.get("prefix", "") + k: v for k, v in (configmaps[ref].get("data", {}) or {}).items()})
 
     for var in list(env) + list(config_env):
         if var.startswith("CHATGATE_"):

@@ -172,3 +172,15 @@ app.kubernetes.io/name: {{ include "chatgate.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: test
 {{- end }}
+
+{{/*
+An extra (init) container as a list item: as given, with the chart's `securityContext` when it
+has none (Pod Security `restricted`). Call with (dict "ctx" $ "container" C).
+*/}}
+{{- define "chatgate.extraContainer" -}}
+{{- $container := deepCopy .container }}
+{{- if and (not (hasKey $container "securityContext")) .ctx.Values.securityContext }}
+{{- $_ := set $container "securityContext" .ctx.Values.securityContext }}
+{{- end }}
+{{- list $container | toYaml }}
+{{- end }}
