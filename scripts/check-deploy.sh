@@ -7,7 +7,9 @@
 #                   values and every helm/chatgate/ci/*.yaml through kubernetes-validate --strict
 #                   (newest schemas and the chart's oldest supported Kubernetes, 1.27); the strict
 #                   values.schema.json refusing each file of deploy/validate/bad-values/; every
-#                   value documented in the chart README
+#                   value documented in the chart README; helm template twice giving identical
+#                   bytes (default and ci/ values: no secret generated at render time); the
+#                   PrometheusRule holding exactly the alerts of docs/operations.md §10
 #   kustomize       kubectl kustomize of deploy/k8s/base and every overlay, through the same
 #                   validator
 #   all manifests   yamllint; deploy/validate/check_manifests.py (selectors, references, probes,
@@ -208,6 +210,30 @@ for bad in "$ROOT"/deploy/validate/bad-values/*.yaml; do
     step "values.schema.json refuses bad-values/$(basename "$bad") ($expected)" \
         expect_failure "$expected" "$HELM" template chatgate "$CHART" -f "$bad"
 done
+# GitOps: the same values give the same bytes (nothing random, no lookup-dependent output), for
+# the default values and every ci/ file; auth.generate, the one opt-in to render-time secrets,
+# must be caught by the same comparison.
+render_twice() { # [helm template args...]
+    "$HELM" template chatgate "$CHART" --namespace chatgate "$@" >"$WORK/render-1.yaml" \
+        && "$HELM" template chatgate "$CHART" --namespace chatgate "$@" >"$WORK/render-2.yaml" || return 1
+    if ! cmp -s "$WORK/render-1.yaml" "$WORK/render-2.yaml"; then
+        echo "two renders with the same values differ:"
+        diff "$WORK/render-1.yaml" "$WORK/render-2.yaml" | sed 's/^\([<>] *[A-Za-z0-9_.-]*: \).*/\1(value hidden)/' | head -n 20
+        return 1
+    fi
+    echo "identical: $(wc -c <"$WORK/render-1.yaml") bytes"
+}
+step "helm template twice gives identical output (default values)" render_twice
+for values in "${values_files[@]}"; do
+    step "helm template twice gives identical output -f ci/$(basename "$values")" render_twice -f "$values"
+done
+step "the determinism check catches a secret generated at render time (auth.generate=true)" \
+    expect_failure "two renders with the same values differ" render_twice --set auth.generate=true
+step "chart refuses the bundled PostgreSQL without a password or auth.generate" \
+    expect_failure "postgresql.password is empty" "$HELM" template chatgate "$CHART" --set postgresql.enabled=true
+step "chart refuses auth.redisPasswordRef with a password in the URL" \
+    expect_failure "holds a password already" "$HELM" template chatgate "$CHART" --set auth.redisPasswordRef.name=redis \
+    --set externalRedis.url=redis://:hunter2@redis:6379
 step "values.schema.json errors are the schema's (not a template failure)" \
     expect_failure "values don't meet the specifications" "$HELM" template chatgate "$CHART" -f "$ROOT/deploy/validate/bad-values/unknown-key.yaml"
 # NOTES.txt is only rendered by `helm install`, which needs a cluster: render it through a
@@ -298,6 +324,10 @@ step "contract checks refuse a writable provider-credentials mount" \
 # The secretKeyRef of REDIS_URL (valueFrom, secretKeyRef, name, key) replaced by a literal.
 step "contract checks refuse a secret as a literal env value" \
     mutate_and_expect '/^            - name: REDIS_URL$/{n;s|valueFrom:|value: "redis://:hunter2hunter2@redis:6379"|;n;N;N;d}' "$default" \
+    "REDIS_URL must come from a secretKeyRef" "$PY" "$CHECKER" manifests
+# shellcheck disable=SC2016 # $(REDIS_PASSWORD) and $(HOME) are Kubernetes' expansions, not the shell's
+step "contract checks refuse a REDIS_URL literal that expands a variable not from a secretKeyRef" \
+    mutate_and_expect 's/\$(REDIS_PASSWORD)@redis-node-1/$(HOME)@redis-node-1/' "$WORK/rendered/helm-gitops-values.yaml" \
     "REDIS_URL must come from a secretKeyRef" "$PY" "$CHECKER" manifests
 step "contract checks refuse a secret set twice" \
     mutate_and_expect 's|^            - name: HOME$|            - name: DATABASE_URL\n              value: "postgres://chatgate@db:5432/chatgate"\n            - name: HOME|' "$default" \

@@ -81,6 +81,11 @@ SECRET_VARS = (
 SECRET_FLAGS = ("--jwt-secret", "--redis-url", "--database-url", "--redis-tls-key", "--redis-tls-cert", "--redis-tls-ca")
 # A URL with a password in it: scheme://user:password@host
 URL_WITH_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/@\s:]*:[^/@\s]+@", re.IGNORECASE)
+# The same, with the password only a Kubernetes expansion of another variable: $(VAR).
+URL_WITH_PASSWORD_VAR = re.compile(r"[a-z][a-z0-9+.-]*://[^/@\s:]*:\$\(([A-Za-z_][A-Za-z0-9_]*)\)@", re.IGNORECASE)
+# The chart's auth.redisPasswordRef: REDIS_URL as a literal whose passwords are $(REDIS_PASSWORD),
+# REDIS_PASSWORD from a secretKeyRef.
+REDIS_PASSWORD_VAR = "REDIS_PASSWORD"
 # PEM material (a certificate or a key) written out in a manifest.
 PEM_BLOCK = re.compile(r"-----BEGIN [A-Z0-9 ]+-----")
 REDIS_URL_ITEM = re.compile(r"rediss?://[^\s,]+")
@@ -204,8 +209,19 @@ def check_secret_placement(report, name, plain_var, file_var, config_env, env, e
     return [e for e in env_list if e.get("name") == plain_var]
 
 
-def check_from_secret_key_ref(report, name, plain_var, entry):
-    """The env entry of a secret comes from a secretKeyRef, not a literal or another source."""
+def check_from_secret_key_ref(report, name, plain_var, entry, env_list=()):
+    """The env entry of a secret comes from a secretKeyRef, not a literal or another source. The
+    one exception: REDIS_URL as a literal whose every password is $(REDIS_PASSWORD), set before it
+    from a secretKeyRef (the chart's auth.redisPasswordRef): the URL then holds no secret."""
+    if plain_var == "REDIS_URL" and "value" in entry:
+        before = {e["name"]: e for e in env_list[: env_list.index(entry)]} if entry in env_list else {}
+        password_ref = "secretKeyRef" in (before.get(REDIS_PASSWORD_VAR, {}).get("valueFrom", {}) or {})
+        items = [u.strip() for u in str(entry["value"]).split(",")]
+        expanded = [URL_WITH_PASSWORD_VAR.match(u) for u in items]
+        report.check(password_ref and all(m and m.group(1) == REDIS_PASSWORD_VAR for m in expanded),
+                     f"{name}: REDIS_URL must come from a secretKeyRef, not a literal or another source"
+                     f" (or be a literal whose every password is $({REDIS_PASSWORD_VAR}), set before it from a secretKeyRef)")
+        return
     report.check("value" not in entry and "secretKeyRef" in (entry.get("valueFrom", {}) or {}),
                  f"{name}: {plain_var} must come from a secretKeyRef, not a literal or another source")
 
@@ -242,7 +258,7 @@ def check_redis(report, name, env, env_list, config_env, secrets):
                  f"{name}: CHATGATE_REDIS_TLS_CERT and CHATGATE_REDIS_TLS_KEY go together (a client certificate and its key)")
 
     ref = (env.get("REDIS_URL", {}).get("valueFrom", {}) or {}).get("secretKeyRef")
-    url = secret_value(secrets, ref) if ref else None
+    url = secret_value(secrets, ref) if ref else env.get("REDIS_URL", {}).get("value")
     if url is None:
         return  # an existing Secret made out of band: nothing to check here
     items = [u.strip() for u in url.split(",")]
@@ -289,7 +305,9 @@ def check_gateway(report, doc, configmaps, secret_values=(), secrets=None):
     for plain_var, file_var in SECRET_VARS:
         entries = check_secret_placement(report, name, plain_var, file_var, config_env, env, env_list)
         if report.check(len(entries) == 1, f"{name}: {plain_var} must be set exactly once, found {len(entries)}"):
-            check_from_secret_key_ref(report, name, plain_var, entries[0])
+            check_from_secret_key_ref(report, name, plain_var, entries[0], env_list)
+    if REDIS_PASSWORD_VAR in env:
+        check_from_secret_key_ref(report, name, REDIS_PASSWORD_VAR, env[REDIS_PASSWORD_VAR])
     provider_files = env.get("CHATGATE_PROVIDER_ENV_FILE", {}).get("value") or config_env.get("CHATGATE_PROVIDER_ENV_FILE")
     for pair in filter(None, (provider_files or "").split(",")):
         var, _, path = pair.partition("=")
@@ -299,11 +317,12 @@ def check_gateway(report, doc, configmaps, secret_values=(), secrets=None):
             report.check(problem is None, f"{name}: CHATGATE_PROVIDER_ENV_FILE {var}: {problem}")
     passed_on = (env.get("CHATGATE_PROVIDER_ENV", {}).get("value") or config_env.get("CHATGATE_PROVIDER_ENV") or "").split(",")
     for var in filter(None, passed_on):
-        report.check(not var.startswith("CHATGATE_") and var not in ("DATABASE_URL", "REDIS_URL"),
+        report.check(not var.startswith("CHATGATE_") and var not in ("DATABASE_URL", "REDIS_URL", REDIS_PASSWORD_VAR),
                      f"{name}: CHATGATE_PROVIDER_ENV would hand the gateway's {var} to the CLIs")
     for var, entry in env.items():
         if "value" in entry:
-            report.check(URL_WITH_PASSWORD.search(str(entry["value"])) is None, f"{name}: {var} holds a URL with a literal password")
+            literal = URL_WITH_PASSWORD_VAR.sub("", str(entry["value"])) if var == "REDIS_URL" else str(entry["value"])
+            report.check(URL_WITH_PASSWORD.search(literal) is None, f"{name}: {var} holds a URL with a literal password")
             report.check(PEM_BLOCK.search(str(entry["value"])) is None, f"{name}: {var} holds a literal PEM certificate or key")
     for var, value in config_env.items():
         report.check(URL_WITH_PASSWORD.search(str(value)) is None, f"{name}: ConfigMap {var} holds a URL with a literal password")
