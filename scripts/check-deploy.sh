@@ -7,7 +7,9 @@
 #                   values and every helm/chatgate/ci/*.yaml through kubernetes-validate --strict
 #                   (newest schemas and the chart's oldest supported Kubernetes, 1.27); the strict
 #                   values.schema.json refusing each file of deploy/validate/bad-values/; every
-#                   value documented in the chart README
+#                   value documented in the chart README; helm template twice giving identical
+#                   bytes (default and ci/ values: no secret generated at render time); the
+#                   PrometheusRule holding exactly the alerts of docs/operations.md §10
 #   kustomize       kubectl kustomize of deploy/k8s/base and every overlay, through the same
 #                   validator
 #   all manifests   yamllint; deploy/validate/check_manifests.py (selectors, references, probes,
@@ -208,6 +210,30 @@ for bad in "$ROOT"/deploy/validate/bad-values/*.yaml; do
     step "values.schema.json refuses bad-values/$(basename "$bad") ($expected)" \
         expect_failure "$expected" "$HELM" template chatgate "$CHART" -f "$bad"
 done
+# GitOps: the same values give the same bytes (nothing random, no lookup-dependent output), for
+# the default values and every ci/ file; auth.generate, the one opt-in to render-time secrets,
+# must be caught by the same comparison.
+render_twice() { # [helm template args...]
+    "$HELM" template chatgate "$CHART" --namespace chatgate "$@" >"$WORK/render-1.yaml" \
+        && "$HELM" template chatgate "$CHART" --namespace chatgate "$@" >"$WORK/render-2.yaml" || return 1
+    if ! cmp -s "$WORK/render-1.yaml" "$WORK/render-2.yaml"; then
+        echo "two renders with the same values differ:"
+        diff "$WORK/render-1.yaml" "$WORK/render-2.yaml" | sed 's/^\([<>] *[A-Za-z0-9_.-]*: \).*/\1(value hidden)/' | head -n 20
+        return 1
+    fi
+    echo "identical: $(wc -c <"$WORK/render-1.yaml") bytes"
+}
+step "helm template twice gives identical output (default values)" render_twice
+for values in "${values_files[@]}"; do
+    step "helm template twice gives identical output -f ci/$(basename "$values")" render_twice -f "$values"
+done
+step "the determinism check catches a secret generated at render time (auth.generate=true)" \
+    expect_failure "two renders with the same values differ" render_twice --set auth.generate=true
+step "chart refuses the bundled PostgreSQL without a password or auth.generate" \
+    expect_failure "postgresql.password is empty" "$HELM" template chatgate "$CHART" --set postgresql.enabled=true
+step "chart refuses auth.redisPasswordRef with a password in the URL" \
+    expect_failure "holds a password already" "$HELM" template chatgate "$CHART" --set auth.redisPasswordRef.name=redis \
+    --set externalRedis.url=redis://:hunter2@redis:6379
 step "values.schema.json errors are the schema's (not a template failure)" \
     expect_failure "values don't meet the specifications" "$HELM" template chatgate "$CHART" -f "$ROOT/deploy/validate/bad-values/unknown-key.yaml"
 # NOTES.txt is only rendered by `helm install`, which needs a cluster: render it through a
@@ -299,6 +325,10 @@ step "contract checks refuse a writable provider-credentials mount" \
 step "contract checks refuse a secret as a literal env value" \
     mutate_and_expect '/^            - name: REDIS_URL$/{n;s|valueFrom:|value: "redis://:hunter2hunter2@redis:6379"|;n;N;N;d}' "$default" \
     "REDIS_URL must come from a secretKeyRef" "$PY" "$CHECKER" manifests
+# shellcheck disable=SC2016 # $(REDIS_PASSWORD) and $(HOME) are Kubernetes' expansions, not the shell's
+step "contract checks refuse a REDIS_URL literal that expands a variable not from a secretKeyRef" \
+    mutate_and_expect 's/\$(REDIS_PASSWORD)@redis-node-1/$(HOME)@redis-node-1/' "$WORK/rendered/helm-gitops-values.yaml" \
+    "REDIS_URL must come from a secretKeyRef" "$PY" "$CHECKER" manifests
 step "contract checks refuse a secret set twice" \
     mutate_and_expect 's|^            - name: HOME$|            - name: DATABASE_URL\n              value: "postgres://chatgate@db:5432/chatgate"\n            - name: HOME|' "$default" \
     "DATABASE_URL must be set exactly once, found 2" "$PY" "$CHECKER" manifests
@@ -345,6 +375,28 @@ step "helm template sandbox.podSettings with an AppArmor profile (Kubernetes 1.3
      && grep -q 'appArmorProfile:' '$apparmor' \
      && '$KV' --strict --quiet --kubernetes-version ${KUBE_VERSIONS[0]} '$apparmor' \
      && '$PY' '$CHECKER' manifests '$apparmor'"
+# Chart extras (issue 19): the PrometheusRule against the docs' alert table, and the checks of the
+# HTTPRoute, the NetworkPolicy and the `helm test` pod refusing broken output.
+full="$WORK/rendered/helm-full-values.yaml"
+alerts="$WORK/helm-prometheusrule.yaml"
+step "PrometheusRule has every alert of docs/operations.md (and no other)" bash -c \
+    "'$HELM' template chatgate '$CHART' --namespace chatgate --set metrics.prometheusRule.enabled=true --show-only templates/prometheusrule.yaml >'$alerts' \
+     && '$PY' '$CHECKER' alerts '$ROOT/docs/operations.md' '$alerts'"
+step "alert check refuses a PrometheusRule without ChatgateBackendErrors" \
+    mutate_and_expect 's/alert: ChatgateBackendErrors/alert: ChatgateBackendFailures/' "$alerts" \
+    "alert ChatgateBackendErrors of the docs is not in the PrometheusRule" "$PY" "$CHECKER" alerts "$ROOT/docs/operations.md"
+step "contract checks refuse an HTTPRoute to a port the Service lacks" \
+    mutate_and_expect '/^kind: HTTPRoute$/,/^---/s/^          port: 8080$/          port: 8081/' "$full" \
+    "backend port 8081 is not a Service port" "$PY" "$CHECKER" manifests
+step "contract checks refuse an HTTPRoute request timeout that ends WebSockets" \
+    mutate_and_expect 's/^        request: 0s$/        request: 30s/' "$full" \
+    "timeouts.request 30s would end every WebSocket" "$PY" "$CHECKER" manifests
+step "contract checks refuse a NetworkPolicy ingress rule open to every source" \
+    mutate_and_expect '/^kind: NetworkPolicy$/,/^---/s/^    - from:$/    - ports: []\n      from_:/' "$full" \
+    "admits every source" "$PY" "$CHECKER" manifests
+step "contract checks refuse a root helm test pod" \
+    mutate_and_expect '/^kind: Pod$/,/^---/s/runAsNonRoot: true/runAsNonRoot: false/' "$full" \
+    "runAsNonRoot must be true" "$PY" "$CHECKER" manifests
 step "yamllint refuses a duplicated key" \
     mutate_and_expect '0,/^  labels:$/s//  labels:\n    app.kubernetes.io\/part-of: chatgate/' "$default" \
     "key-duplicates" "$YAMLLINT" -c "$ROOT/deploy/yamllint-rendered.yaml" -f parsable

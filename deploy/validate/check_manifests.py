@@ -10,7 +10,9 @@ what ties them together and to the gateway's contract (README.md "Configuration"
                       secret exactly once as an env var from a secretKeyRef (never a file, a
                       literal or an argument; the Redis TLS PEM variables likewise), a
                       known Redis mode with URLs that fit it (and rediss:// with TLS), the
-                      image's entrypoint kept, WebSocket-safe ingress timeouts
+                      image's entrypoint kept, WebSocket-safe ingress timeouts; HTTPRoute
+                      backends and timeouts, PrometheusRule alerts, NetworkPolicy selectors
+                      and rules, the restricted `helm test` pod
   dockerfile DOCKERFILE DOCKERIGNORE
                       the image's contract: non-root user, tini entrypoint, bubblewrap
                       installed, the per-user layout, no HEALTHCHECK, the WITH_PROVIDERS build
@@ -18,6 +20,8 @@ what ties them together and to the gateway's contract (README.md "Configuration"
                       sources and leaves target/ and .git out
   readme VALUES README
                       every value in the chart's values.yaml is documented in its README
+  alerts DOCS RENDERED
+                      the rendered PrometheusRule has exactly the alerts of the docs' table
 
 Exit status 0 when every check passes, 1 otherwise (each failure printed on its own line).
 """
@@ -77,6 +81,11 @@ SECRET_VARS = (
 SECRET_FLAGS = ("--jwt-secret", "--redis-url", "--database-url", "--redis-tls-key", "--redis-tls-cert", "--redis-tls-ca")
 # A URL with a password in it: scheme://user:password@host
 URL_WITH_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/@\s:]*:[^/@\s]+@", re.IGNORECASE)
+# The same, with the password only a Kubernetes expansion of another variable: $(VAR).
+URL_WITH_PASSWORD_VAR = re.compile(r"[a-z][a-z0-9+.-]*://[^/@\s:]*:\$\(([A-Za-z_][A-Za-z0-9_]*)\)@", re.IGNORECASE)
+# The chart's auth.redisPasswordRef: REDIS_URL as a literal whose passwords are $(REDIS_PASSWORD),
+# REDIS_PASSWORD from a secretKeyRef.
+REDIS_PASSWORD_VAR = "REDIS_PASSWORD"
 # PEM material (a certificate or a key) written out in a manifest.
 PEM_BLOCK = re.compile(r"-----BEGIN [A-Z0-9 ]+-----")
 REDIS_URL_ITEM = re.compile(r"rediss?://[^\s,]+")
@@ -200,8 +209,19 @@ def check_secret_placement(report, name, plain_var, file_var, config_env, env, e
     return [e for e in env_list if e.get("name") == plain_var]
 
 
-def check_from_secret_key_ref(report, name, plain_var, entry):
-    """The env entry of a secret comes from a secretKeyRef, not a literal or another source."""
+def check_from_secret_key_ref(report, name, plain_var, entry, env_list=()):
+    """The env entry of a secret comes from a secretKeyRef, not a literal or another source. The
+    one exception: REDIS_URL as a literal whose every password is $(REDIS_PASSWORD), set before it
+    from a secretKeyRef (the chart's auth.redisPasswordRef): the URL then holds no secret."""
+    if plain_var == "REDIS_URL" and "value" in entry:
+        before = {e["name"]: e for e in env_list[: env_list.index(entry)]} if entry in env_list else {}
+        password_ref = "secretKeyRef" in (before.get(REDIS_PASSWORD_VAR, {}).get("valueFrom", {}) or {})
+        items = [u.strip() for u in str(entry["value"]).split(",")]
+        expanded = [URL_WITH_PASSWORD_VAR.match(u) for u in items]
+        report.check(password_ref and all(m and m.group(1) == REDIS_PASSWORD_VAR for m in expanded),
+                     f"{name}: REDIS_URL must come from a secretKeyRef, not a literal or another source"
+                     f" (or be a literal whose every password is $({REDIS_PASSWORD_VAR}), set before it from a secretKeyRef)")
+        return
     report.check("value" not in entry and "secretKeyRef" in (entry.get("valueFrom", {}) or {}),
                  f"{name}: {plain_var} must come from a secretKeyRef, not a literal or another source")
 
@@ -238,7 +258,7 @@ def check_redis(report, name, env, env_list, config_env, secrets):
                  f"{name}: CHATGATE_REDIS_TLS_CERT and CHATGATE_REDIS_TLS_KEY go together (a client certificate and its key)")
 
     ref = (env.get("REDIS_URL", {}).get("valueFrom", {}) or {}).get("secretKeyRef")
-    url = secret_value(secrets, ref) if ref else None
+    url = secret_value(secrets, ref) if ref else env.get("REDIS_URL", {}).get("value")
     if url is None:
         return  # an existing Secret made out of band: nothing to check here
     items = [u.strip() for u in url.split(",")]
@@ -260,12 +280,16 @@ def check_gateway(report, doc, configmaps, secret_values=(), secrets=None):
     env_list = container.get("env", []) or []
     env = {e["name"]: e for e in env_list}
 
+    # The first envFrom is the chart's (or the base's) own ConfigMap, which must be in the output;
+    # more sources (values `envFrom`) may name ConfigMaps and Secrets made out of band.
     config_env = {}
-    for source in container.get("envFrom", []) or []:
-        ref = source.get("configMapRef", {}).get("name")
-        if ref is not None:
-            if report.check(ref in configmaps, f"{name}: envFrom ConfigMap {ref} is not in the output"):
-                config_env.update(configmaps[ref].get("data", {}) or {})
+    sources = container.get("envFrom", []) or []
+    first = (sources[0].get("configMapRef", {}) or {}).get("name") if sources else None
+    report.check(first in configmaps, f"{name}: the first envFrom must be the ConfigMap of the output, got {first}")
+    for source in sources:
+        ref = (source.get("configMapRef", {}) or {}).get("name")
+        if ref in configmaps:
+            config_env.update({source.get("prefix", "") + k: v for k, v in (configmaps[ref].get("data", {}) or {}).items()})
 
     for var in list(env) + list(config_env):
         if var.startswith("CHATGATE_"):
@@ -281,7 +305,9 @@ def check_gateway(report, doc, configmaps, secret_values=(), secrets=None):
     for plain_var, file_var in SECRET_VARS:
         entries = check_secret_placement(report, name, plain_var, file_var, config_env, env, env_list)
         if report.check(len(entries) == 1, f"{name}: {plain_var} must be set exactly once, found {len(entries)}"):
-            check_from_secret_key_ref(report, name, plain_var, entries[0])
+            check_from_secret_key_ref(report, name, plain_var, entries[0], env_list)
+    if REDIS_PASSWORD_VAR in env:
+        check_from_secret_key_ref(report, name, REDIS_PASSWORD_VAR, env[REDIS_PASSWORD_VAR])
     provider_files = env.get("CHATGATE_PROVIDER_ENV_FILE", {}).get("value") or config_env.get("CHATGATE_PROVIDER_ENV_FILE")
     for pair in filter(None, (provider_files or "").split(",")):
         var, _, path = pair.partition("=")
@@ -291,11 +317,12 @@ def check_gateway(report, doc, configmaps, secret_values=(), secrets=None):
             report.check(problem is None, f"{name}: CHATGATE_PROVIDER_ENV_FILE {var}: {problem}")
     passed_on = (env.get("CHATGATE_PROVIDER_ENV", {}).get("value") or config_env.get("CHATGATE_PROVIDER_ENV") or "").split(",")
     for var in filter(None, passed_on):
-        report.check(not var.startswith("CHATGATE_") and var not in ("DATABASE_URL", "REDIS_URL"),
+        report.check(not var.startswith("CHATGATE_") and var not in ("DATABASE_URL", "REDIS_URL", REDIS_PASSWORD_VAR),
                      f"{name}: CHATGATE_PROVIDER_ENV would hand the gateway's {var} to the CLIs")
     for var, entry in env.items():
         if "value" in entry:
-            report.check(URL_WITH_PASSWORD.search(str(entry["value"])) is None, f"{name}: {var} holds a URL with a literal password")
+            literal = URL_WITH_PASSWORD_VAR.sub("", str(entry["value"])) if var == "REDIS_URL" else str(entry["value"])
+            report.check(URL_WITH_PASSWORD.search(literal) is None, f"{name}: {var} holds a URL with a literal password")
             report.check(PEM_BLOCK.search(str(entry["value"])) is None, f"{name}: {var} holds a literal PEM certificate or key")
     for var, value in config_env.items():
         report.check(URL_WITH_PASSWORD.search(str(value)) is None, f"{name}: ConfigMap {var} holds a URL with a literal password")
@@ -481,7 +508,96 @@ def check_manifests(path):
                     known = {p.get("name") for p in svc["spec"]["ports"]} | {p.get("port") for p in svc["spec"]["ports"]}
                     report.check(port.get("name", port.get("number")) in known, f"{name_of(ingress)}: backend port {port} is not a Service port")
 
+    for route in by_kind.get("HTTPRoute", {}).values():
+        spec = route.get("spec", {}) or {}
+        report.check(bool(spec.get("parentRefs")), f"{name_of(route)}: no parentRefs (the route attaches to no Gateway)")
+        for rule in spec.get("rules", []) or []:
+            for backend in rule.get("backendRefs", []) or []:
+                svc = services.get(backend.get("name"))
+                if report.check(svc is not None, f"{name_of(route)}: backend Service {backend.get('name')} is not in the output"):
+                    known = {p.get("port") for p in svc["spec"]["ports"]}
+                    report.check(backend.get("port") in known, f"{name_of(route)}: backend port {backend.get('port')} is not a Service port")
+            request = (rule.get("timeouts") or {}).get("request")
+            if request is not None:
+                seconds = parse_gateway_duration(request)
+                report.check(seconds is not None and (seconds == 0 or seconds >= 3600),
+                             f"{name_of(route)}: timeouts.request {request} would end every WebSocket after it (0s turns it off)")
+
+    for rule_doc in by_kind.get("PrometheusRule", {}).values():
+        names = []
+        for group in (rule_doc.get("spec", {}) or {}).get("groups", []) or []:
+            for rule in group.get("rules", []) or []:
+                label = f"{name_of(rule_doc)} alert {rule.get('alert')}"
+                names.append(rule.get("alert"))
+                expr = str(rule.get("expr", ""))
+                report.check(bool(rule.get("alert")) and expr.strip() != "", f"{label}: alert name and expr required")
+                report.check("{{" not in expr and "<" + "capacity>" not in expr, f"{label}: unrendered placeholder in expr")
+                report.check(expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), f"{label}: unbalanced brackets in expr")
+                report.check("for" not in rule or parse_gateway_duration(rule["for"]) is not None, f"{label}: bad `for` {rule.get('for')}")
+                report.check((rule.get("labels") or {}).get("severity") in ("critical", "warning", "info"), f"{label}: severity label missing")
+        report.check(len(names) == len(set(names)), f"{name_of(rule_doc)}: an alert is defined twice")
+
+    for policy in by_kind.get("NetworkPolicy", {}).values():
+        spec = policy.get("spec", {}) or {}
+        selector = (spec.get("podSelector") or {}).get("matchLabels", {})
+        selected = [w for w in workloads if selector_matches(selector, pod_labels(w))]
+        report.check(bool(selected), f"{name_of(policy)}: podSelector matches no workload")
+        report.check({"Ingress", "Egress"} <= set(spec.get("policyTypes", [])), f"{name_of(policy)}: policyTypes must be Ingress and Egress")
+        for rule in spec.get("ingress", []) or []:
+            report.check(bool(rule.get("from")), f"{name_of(policy)}: an ingress rule without `from` admits every source")
+            for port in rule.get("ports", []) or []:
+                if isinstance(port.get("port"), str):
+                    report.check(all(port["port"] in container_ports(w) for w in selected), f"{name_of(policy)}: port {port['port']} is not a container port")
+        for rule in spec.get("egress", []) or []:
+            report.check(bool(rule.get("to")), f"{name_of(policy)}: an egress rule without `to` allows every destination")
+        report.check(any(p.get("port") == 53 for r in spec.get("egress", []) or [] for p in r.get("ports", []) or []),
+                     f"{name_of(policy)}: no egress to DNS (port 53)")
+
+    for pod in by_kind.get("Pod", {}).values():
+        if "test" not in ((pod.get("metadata", {}) or {}).get("annotations", {}) or {}).get("helm.sh/hook", ""):
+            continue
+        spec = pod.get("spec", {}) or {}
+        pod_sc = spec.get("securityContext", {}) or {}
+        report.check(pod_sc.get("runAsNonRoot") is True, f"{name_of(pod)}: runAsNonRoot must be true")
+        report.check((pod_sc.get("seccompProfile") or {}).get("type") == "RuntimeDefault", f"{name_of(pod)}: seccompProfile must be RuntimeDefault")
+        report.check(spec.get("restartPolicy") == "Never", f"{name_of(pod)}: a test pod must not restart")
+        for c in spec.get("containers", []):
+            sc = c.get("securityContext", {}) or {}
+            report.check(sc.get("allowPrivilegeEscalation") is False and sc.get("readOnlyRootFilesystem") is True
+                         and "ALL" in (sc.get("capabilities", {}) or {}).get("drop", []) and not sc.get("privileged"),
+                         f"{name_of(pod)} container {c.get('name')}: restricted securityContext required")
+            script = " ".join(str(w) for w in (c.get("command") or []) + (c.get("args") or []))
+            report.check("/readyz" in script and any(f"http://{n}." in script for n in services),
+                         f"{name_of(pod)}: the test must GET /readyz through a Service of the output")
+
     report.check(any(gateway_container(w) is not None for w in workloads), "no chatgate Deployment rendered")
+    return report
+
+
+def parse_gateway_duration(text):
+    """Seconds of a Gateway API / Prometheus duration (e.g. 1h30m, 0s, 500ms), None if unparsable."""
+    parts = re.findall(r"([0-9]+)(ms|s|m|h|d)", str(text))
+    if not parts or "".join(a + b for a, b in parts) != str(text):
+        return None
+    return sum(int(v) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[u] for v, u in parts)
+
+
+def check_alerts(docs_path, rendered_path):
+    """The rendered PrometheusRule holds every alert of docs/operations.md's "Suggested alerts"."""
+    report = Report(rendered_path)
+    with open(docs_path, encoding="utf-8") as handle:
+        docs = handle.read()
+    table = docs[docs.index("Suggested alerts"):]
+    documented = re.findall(r"^\|\s*(Chatgate[A-Za-z]+)\s*\|", table, re.MULTILINE)
+    report.check(len(documented) >= 5, f"found only {len(documented)} alerts in {docs_path}'s table")
+    with open(rendered_path, encoding="utf-8") as handle:
+        docs_rendered = [d for d in yaml.safe_load_all(handle) if d]
+    rendered = {r.get("alert") for d in docs_rendered if d.get("kind") == "PrometheusRule"
+                for g in d["spec"].get("groups", []) for r in g.get("rules", [])}
+    for name in documented:
+        report.check(name in rendered, f"alert {name} of the docs is not in the PrometheusRule")
+    for name in rendered - set(documented):
+        report.check(False, f"alert {name} is rendered but not documented in {docs_path}")
     return report
 
 
@@ -564,7 +680,8 @@ def check_readme(values_path, readme_path):
         readme = handle.read()
     documented = set(re.findall(r"^\|\s*`([^`]+)`\s*\|", readme, re.MULTILINE))
     free_form = {"probes.startup", "probes.readiness", "probes.liveness", "autoscaling.behavior", "resources", "podSecurityContext", "securityContext",
-                 "redis.resources", "postgresql.resources", "sandbox.seccompProfile"}
+                 "redis.resources", "postgresql.resources", "sandbox.seccompProfile", "ingress.classAnnotations",
+                 "networkPolicy.ingress.controller", "networkPolicy.ingress.prometheus", "networkPolicy.egress.dns.to"}
     for path in leaf_paths(values):
         covered = path in documented or any(path == f or path.startswith(f + ".") for f in free_form if f in documented)
         report.check(covered, f"value {path} is not documented in the README's table")
@@ -589,6 +706,8 @@ def main(argv):
         reports = [check_dockerfile(*rest)]
     elif mode == "readme" and len(rest) == 2:
         reports = [check_readme(*rest)]
+    elif mode == "alerts" and len(rest) == 2:
+        reports = [check_alerts(*rest)]
     else:
         print(__doc__)
         return 2

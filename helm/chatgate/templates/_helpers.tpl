@@ -56,8 +56,14 @@ app.kubernetes.io/component: gateway
 {{- end }}
 {{- end }}
 
+{{/* The gateway image: repository@digest when image.digest is set (it wins over the tag), else
+repository:tag (the chart's appVersion when the tag is empty). */}}
 {{- define "chatgate.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
 {{- end }}
 
 {{/* Name of the Secret holding jwt-secret, redis-url and database-url. */}}
@@ -66,12 +72,91 @@ app.kubernetes.io/component: gateway
 {{- end }}
 
 {{/*
-A value kept across upgrades: the given one, else the one already stored in the named Secret,
-else a new random one. Call with (dict "ctx" $ "secret" NAME "key" KEY "given" VALUE).
+Where each secret variable comes from, as YAML: {name, key} of a Secret, plus `chart: true` when
+that Secret is the chart's own (rendered from the values). Per-key references win, then
+auth.existingSecret, then the chart's Secret. The JWT secret is in the chart's Secret only when
+given (auth.jwtSecret) or generated (auth.generate); otherwise the pods read the Secret
+<fullname>-jwt, made out of band: nothing random at render time.
+*/}}
+{{- define "chatgate.jwtSecretSource" -}}
+{{- $a := .Values.auth }}
+{{- if $a.jwtSecretRef.name }}
+{{- dict "name" $a.jwtSecretRef.name "key" $a.jwtSecretRef.key | toYaml }}
+{{- else if $a.existingSecret }}
+{{- dict "name" $a.existingSecret "key" $a.jwtSecretKey | toYaml }}
+{{- else if or $a.jwtSecret $a.generate }}
+{{- dict "name" (include "chatgate.fullname" .) "key" $a.jwtSecretKey "chart" true | toYaml }}
+{{- else }}
+{{- dict "name" (include "chatgate.outOfBandJwtSecretName" .) "key" $a.jwtSecretKey | toYaml }}
+{{- end }}
+{{- end }}
+
+{{- define "chatgate.outOfBandJwtSecretName" -}}
+{{- printf "%s-jwt" (include "chatgate.fullname" .) }}
+{{- end }}
+
+{{- define "chatgate.databaseUrlSource" -}}
+{{- $a := .Values.auth }}
+{{- if $a.databaseUrlRef.name }}
+{{- dict "name" $a.databaseUrlRef.name "key" $a.databaseUrlRef.key | toYaml }}
+{{- else if $a.existingSecret }}
+{{- dict "name" $a.existingSecret "key" $a.databaseUrlKey | toYaml }}
+{{- else }}
+{{- dict "name" (include "chatgate.fullname" .) "key" $a.databaseUrlKey "chart" true | toYaml }}
+{{- end }}
+{{- end }}
+
+{{/* REDIS_URL's source; `composed: true` with auth.redisPasswordRef (a literal URL that expands
+$(REDIS_PASSWORD), see chatgate.redisUrlWithPasswordRef). */}}
+{{- define "chatgate.redisUrlSource" -}}
+{{- $a := .Values.auth }}
+{{- if $a.redisUrlRef.name }}
+{{- dict "name" $a.redisUrlRef.name "key" $a.redisUrlRef.key | toYaml }}
+{{- else if $a.redisPasswordRef.name }}
+{{- dict "composed" true | toYaml }}
+{{- else if $a.existingSecret }}
+{{- dict "name" $a.existingSecret "key" $a.redisUrlKey | toYaml }}
+{{- else }}
+{{- dict "name" (include "chatgate.fullname" .) "key" $a.redisUrlKey "chart" true | toYaml }}
+{{- end }}
+{{- end }}
+
+{{/* True when the chart renders its own Secret (some variable comes from it). */}}
+{{- define "chatgate.chartSecretNeeded" -}}
+{{- if or (include "chatgate.jwtSecretSource" . | fromYaml).chart (include "chatgate.databaseUrlSource" . | fromYaml).chart (include "chatgate.redisUrlSource" . | fromYaml).chart }}true{{ end }}
+{{- end }}
+
+{{/*
+REDIS_URL with auth.redisPasswordRef: every URL of chatgate.redisUrl with `:$(REDIS_PASSWORD)`
+as its password (after the user name, if any), for Kubernetes to expand from the env var
+REDIS_PASSWORD (a secretKeyRef) set just before. A URL that already holds a password is refused.
+*/}}
+{{- define "chatgate.redisUrlWithPasswordRef" -}}
+{{- $items := list }}
+{{- range splitList "," (include "chatgate.redisUrl" .) }}
+{{- $item := trim . }}
+{{- if regexMatch "^rediss?://[^/@]*:[^/@]*@" $item }}
+{{- fail (printf "auth.redisPasswordRef is set, but %s holds a password already: leave it out of the URL" (regexReplaceAll "//[^@/]*@" $item "//***@")) }}
+{{- else if regexMatch "^rediss?://[^/@]+@" $item }}
+{{- $items = append $items (regexReplaceAll "^(rediss?://)([^/@]+)@" $item "${1}${2}:$$(REDIS_PASSWORD)@") }}
+{{- else }}
+{{- $items = append $items (regexReplaceAll "^(rediss?://)" $item "${1}:$$(REDIS_PASSWORD)@") }}
+{{- end }}
+{{- end }}
+{{- join "," $items }}
+{{- end }}
+
+{{/*
+A value kept across upgrades: the given one, else (auth.generate only) the one already stored in
+the named Secret, else a new random one. Without auth.generate a missing value fails the render
+with `what` in the message: nothing random at render time (GitOps).
+Call with (dict "ctx" $ "secret" NAME "key" KEY "given" VALUE "what" HINT).
 */}}
 {{- define "chatgate.stableSecretValue" -}}
 {{- if .given }}
 {{- .given }}
+{{- else if not .ctx.Values.auth.generate }}
+{{- fail (printf "%s: set it, or auth.generate=true to generate it at install (helm install/upgrade only: under helm template or Argo CD every render would make a new one)" .what) }}
 {{- else }}
 {{- $existing := lookup "v1" "Secret" .ctx.Release.Namespace .secret }}
 {{- if and $existing $existing.data (hasKey $existing.data .key) }}
@@ -96,7 +181,7 @@ The bundled PostgreSQL's password. Both the PostgreSQL Secret and the gateway's 
 */}}
 {{- define "chatgate.postgresqlPassword" -}}
 {{- if not (hasKey .Values.postgresql "generatedPassword") }}
-{{- $_ := set .Values.postgresql "generatedPassword" (include "chatgate.stableSecretValue" (dict "ctx" . "secret" (include "chatgate.postgresqlName" .) "key" "password" "given" .Values.postgresql.password)) }}
+{{- $_ := set .Values.postgresql "generatedPassword" (include "chatgate.stableSecretValue" (dict "ctx" . "secret" (include "chatgate.postgresqlName" .) "key" "password" "given" .Values.postgresql.password "what" "postgresql.password is empty")) }}
 {{- end }}
 {{- .Values.postgresql.generatedPassword }}
 {{- end }}
@@ -152,10 +237,29 @@ rediss://: the CA and client certificate are of no use to a plain connection.
 
 {{/* True when DATABASE_URL points at the bundled PostgreSQL. */}}
 {{- define "chatgate.useBundledPostgresql" -}}
-{{- if and .Values.postgresql.enabled (not .Values.auth.existingSecret) }}true{{ end }}
+{{- if and .Values.postgresql.enabled (include "chatgate.databaseUrlSource" . | fromYaml).chart }}true{{ end }}
 {{- end }}
 
 {{/* Name of the claim behind /data when persistence is on. */}}
 {{- define "chatgate.dataClaimName" -}}
 {{- default (printf "%s-data" (include "chatgate.fullname" .)) .Values.persistence.existingClaim }}
+{{- end }}
+
+{{/* Labels of the `helm test` pod (the NetworkPolicy lets it reach the gateway). */}}
+{{- define "chatgate.testSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "chatgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: test
+{{- end }}
+
+{{/*
+An extra (init) container as a list item: as given, with the chart's `securityContext` when it
+has none (Pod Security `restricted`). Call with (dict "ctx" $ "container" C).
+*/}}
+{{- define "chatgate.extraContainer" -}}
+{{- $container := deepCopy .container }}
+{{- if and (not (hasKey $container "securityContext")) .ctx.Values.securityContext }}
+{{- $_ := set $container "securityContext" .ctx.Values.securityContext }}
+{{- end }}
+{{- list $container | toYaml }}
 {{- end }}
