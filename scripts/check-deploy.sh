@@ -250,6 +250,15 @@ step "NOTES.txt renders (default values)" render_notes
 for values in "${values_files[@]}"; do
     step "NOTES.txt renders -f ci/$(basename "$values")" render_notes -f "$values"
 done
+notes_say() { # pattern [helm template args...]: NOTES.txt renders and holds the pattern
+    local pattern="$1"
+    shift
+    render_notes "$@" | grep -- "$pattern" >/dev/null || { echo "NOTES.txt does not say: $pattern"; return 1; }
+}
+step "NOTES.txt warns when an Ingress fronts the pods and no proxy is trusted" \
+    notes_say "no proxy is trusted" --set ingress.enabled=true --set config.trustClusterNetworksBehindIngress=false
+step "NOTES.txt does not warn when the cluster's networks are trusted behind the Ingress" \
+    expect_failure "does not say" notes_say "no proxy is trusted" --set ingress.enabled=true
 step "chart README documents every value" "$PY" "$CHECKER" readme "$CHART/values.yaml" "$CHART/README.md"
 
 # ---------------------------------------------------------------------------------------------

@@ -596,3 +596,45 @@ db_tests!(
     rest_bodies_over_the_limit_get_413,
     replay_is_bounded_and_says_so,
 );
+
+/// The per-IP connection budget behind a real nginx (`proxy_add_x_forwarded_for`, as the
+/// ingress controller sets it): with nginx's address trusted, each client has its own budget;
+/// without it, every client shares nginx's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_nginx_the_per_ip_budget_is_each_real_clients() {
+    use chatgate_testkit::{balancer::Balancer, ws::source_address};
+    if chatgate_testkit::balancer::nginx_bin().is_none() {
+        panic!("nginx is not installed (scripts/test.sh installs it)");
+    }
+    let limited = |c: &mut chatgate::config::Config| {
+        c.conn_rate_per_ip = 1;
+        c.conn_burst_per_ip = 2;
+    };
+    for trusted in [true, false] {
+        let node = TestNode::start_with(Db::Sqlite, |c| {
+            limited(c);
+            if trusted {
+                c.trusted_proxies = Some(vec!["127.0.0.1/32".parse().unwrap()]);
+            }
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let port = chatgate_testkit::ports::free_port().unwrap();
+        let nginx = Balancer::start(dir.path(), port, &[node.node().addr.port()]).await.expect("nginx starts");
+        let lb: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        let token = node.token(&user());
+        let (alice, bob) = (source_address(0), source_address(1));
+        let open = |source| chatgate_testkit::ws::open(lb, &token, Some(source));
+        let _a1 = open(alice).await.expect("alice's first socket");
+        let _a2 = open(alice).await.expect("alice's second socket");
+        assert!(open(alice).await.is_err(), "alice's burst is spent (trusted: {trusted})");
+        let bob_first = open(bob).await;
+        if trusted {
+            bob_first.expect("bob behind the same nginx has his own budget");
+        } else {
+            assert!(bob_first.is_err(), "untrusted, nginx's address is everyone's: bob shares alice's spent budget");
+        }
+        nginx.stop().await;
+    }
+}

@@ -263,3 +263,16 @@ has none (Pod Security `restricted`). Call with (dict "ctx" $ "container" C).
 {{- end }}
 {{- list $container | toYaml }}
 {{- end }}
+
+{{/*
+The proxies whose X-Forwarded-For is believed (comma list, or empty): config.trustedProxies, else
+the cluster's private ranges when an Ingress or HTTPRoute fronts the pods and
+config.trustClusterNetworksBehindIngress is on.
+*/}}
+{{- define "chatgate.trustedProxies" -}}
+{{- if .Values.config.trustedProxies -}}
+{{- join "," .Values.config.trustedProxies -}}
+{{- else if and .Values.config.trustClusterNetworksBehindIngress (or .Values.ingress.enabled .Values.httpRoute.enabled) -}}
+10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10
+{{- end -}}
+{{- end }}
