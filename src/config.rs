@@ -141,6 +141,10 @@ pub struct Config {
     /// HTTP + WebSocket address.
     #[arg(long, env = "CHATGATE_LISTEN", default_value = "127.0.0.1:3001")]
     pub listen: SocketAddr,
+    /// Internal address serving `/metrics`, `/healthz` and `/readyz` only (for probes and
+    /// Prometheus); when set, the public address no longer serves them.
+    #[arg(long, env = "CHATGATE_INTERNAL_LISTEN")]
+    pub internal_listen: Option<SocketAddr>,
     /// Sessions and history database (`sqlite://…` or `postgres://…`).
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, value_parser = parse_database_url, hide_env_values = true)]
     pub database_url: String,

@@ -69,11 +69,14 @@ fn containment_options(config: &Config, workspaces: &Workspaces) -> ContainmentO
 /// A started node.
 pub struct Node {
     pub addr: SocketAddr,
+    /// The internal port's address (`--internal-listen`), when there is one.
+    pub internal_addr: Option<SocketAddr>,
     pub node_id: String,
     pub gateway: Arc<Gateway>,
     pub auth: Arc<Auth>,
     stop_serving: CancellationToken,
     server: JoinHandle<()>,
+    internal_server: Option<JoinHandle<()>>,
     drain_grace: Duration,
 }
 
@@ -220,9 +223,22 @@ impl Node {
             .map_err(|source| NodeError::Listen { addr: config.listen, source })?;
         let addr = listener.local_addr().map_err(|source| NodeError::Listen { addr: config.listen, source })?;
         let stop_serving = CancellationToken::new();
+        let (internal_addr, internal_server) = match config.internal_listen {
+            Some(internal) => {
+                let listener =
+                    TcpListener::bind(internal).await.map_err(|source| NodeError::Listen { addr: internal, source })?;
+                let addr = listener.local_addr().map_err(|source| NodeError::Listen { addr: internal, source })?;
+                let router = api::internal_router(state.clone());
+                let server =
+                    tokio::spawn(api::serve::serve(listener, router, config.handshake_timeout, stop_serving.clone()));
+                tracing::info!(%addr, "internal port (/metrics, /healthz, /readyz) listening");
+                (Some(addr), Some(server))
+            }
+            None => (None, None),
+        };
         let server = tokio::spawn(api::serve::serve(
             listener,
-            api::router(state),
+            api::router(state, internal_addr.is_none()),
             config.handshake_timeout,
             stop_serving.clone(),
         ));
@@ -233,7 +249,17 @@ impl Node {
             );
         }
         tracing::info!(%addr, node_id = %node_id, cluster = config.redis_url.is_some(), "chatgate node listening");
-        Ok(Node { addr, node_id, gateway, auth, stop_serving, server, drain_grace: config.drain_grace })
+        Ok(Node {
+            addr,
+            internal_addr,
+            node_id,
+            gateway,
+            auth,
+            stop_serving,
+            server,
+            internal_server,
+            drain_grace: config.drain_grace,
+        })
     }
 
     /// SIGTERM behaviour: readiness off, sockets closed with 1012, no new runs,
@@ -244,6 +270,9 @@ impl Node {
         self.gateway.drain(self.drain_grace).await;
         self.stop_serving.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.server).await;
+        if let Some(internal) = self.internal_server {
+            let _ = tokio::time::timeout(Duration::from_secs(5), internal).await;
+        }
         self.gateway.store.close().await;
         self.gateway.settings.containment.shut_down();
         tracing::info!("drained");

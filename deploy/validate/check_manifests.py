@@ -364,6 +364,14 @@ def check_gateway(report, doc, configmaps, secret_values=(), secrets=None):
     report.check(probe_path("readinessProbe") == "/readyz", f"{name}: readiness probe must GET /readyz")
     report.check(probe_path("livenessProbe") == "/healthz", f"{name}: liveness probe must GET /healthz")
     report.check(probe_path("startupProbe") is not None, f"{name}: startup probe missing")
+    internal = config_env.get("CHATGATE_INTERNAL_LISTEN")
+    if internal:
+        # /healthz and /readyz live on the internal port only: the probes must go there.
+        report.check(str(ports.get("internal")) == internal.rsplit(":", 1)[-1],
+                     f"{name}: containerPort internal {ports.get('internal')} differs from CHATGATE_INTERNAL_LISTEN {internal}")
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            port = (container.get(probe) or {}).get("httpGet", {}).get("port")
+            report.check(port in ("internal", ports.get("internal")), f"{name}: {probe} must use the internal port, got {port}")
 
     grace = parse_duration_seconds(config_env.get("CHATGATE_DRAIN_GRACE", "25s"))
     report.check(grace is not None, f"{name}: CHATGATE_DRAIN_GRACE unparsable")

@@ -67,11 +67,39 @@ pub struct AppState {
 /// The response header naming the node that served a request or a WebSocket upgrade.
 pub const NODE_HEADER: &str = "x-chatgate-node";
 
-/// The node's router.
-pub fn router(state: AppState) -> Router {
+/// The operations endpoints: liveness, readiness and the Prometheus metrics.
+fn operations() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+}
+
+/// The internal port's router (`--internal-listen`): the operations endpoints only.
+pub fn internal_router(state: AppState) -> Router {
+    let node_header = axum::http::HeaderValue::from_str(&state.gateway.settings.node_id).ok();
+    operations()
+        .fallback(no_route)
+        .method_not_allowed_fallback(no_method)
+        .layer(middleware::from_fn(error::log_errors))
+        .layer(middleware::map_response(move |response: Response| name_node(response, node_header.clone())))
+        .with_state(state)
+}
+
+/// Names the node that served a response.
+async fn name_node(mut response: Response, node: Option<axum::http::HeaderValue>) -> Response {
+    if let Some(node) = node {
+        response.headers_mut().insert(NODE_HEADER, node);
+    }
+    response
+}
+
+/// The node's public router; `with_operations: false` when an internal port serves those.
+pub fn router(state: AppState, with_operations: bool) -> Router {
     let max_body_bytes = state.settings.max_body_bytes;
     let node_header = axum::http::HeaderValue::from_str(&state.gateway.settings.node_id).ok();
-    let router = Router::new()
+    let public = if with_operations { operations() } else { Router::new() };
+    let router = public
         .route("/api/providers", get(providers::list))
         .route("/api/providers/sessions", post(sessions::create).get(sessions::list))
         .route("/api/providers/sessions/running", get(sessions::running))
@@ -79,9 +107,6 @@ pub fn router(state: AppState) -> Router {
         .route("/api/providers/sessions/{id}/messages", get(sessions::messages))
         .route("/api/providers/sessions/{id}/restore", post(sessions::restore))
         .route("/ws", get(ws::upgrade))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
         .route("/", get(web::index))
         .route("/app.js", get(web::app_js))
         .route("/app.css", get(web::app_css))
@@ -96,15 +121,7 @@ pub fn router(state: AppState) -> Router {
             body_too_large_envelope(response, max_body_bytes)
         }))
         // Every answer (REST, the WebSocket upgrade) names the node that served it.
-        .layer(middleware::map_response(move |mut response: Response| {
-            let node = node_header.clone();
-            async move {
-                if let Some(node) = node {
-                    response.headers_mut().insert(NODE_HEADER, node);
-                }
-                response
-            }
-        }));
+        .layer(middleware::map_response(move |response: Response| name_node(response, node_header.clone())));
     // Outermost: a preflight is answered before routing.
     let router = match cors::layer(state.settings.allowed_origins.as_deref()) {
         Some(cors) => router.layer(cors),

@@ -276,3 +276,10 @@ config.trustClusterNetworksBehindIngress is on.
 10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10
 {{- end -}}
 {{- end }}
+
+{{/*
+The container port serving /metrics, /healthz and /readyz: the internal one when internalPort is set.
+*/}}
+{{- define "chatgate.operationsPort" -}}
+{{- if .Values.internalPort -}}internal{{- else -}}http{{- end -}}
+{{- end }}
