@@ -306,8 +306,8 @@ step "kubernetes-validate refuses an unknown field" \
     mutate_and_expect 's/revisionHistoryLimit:/revisionHistoryLimits:/' "$default" "Additional properties are not allowed" \
     "$KV" --strict --quiet
 step "contract checks refuse a grace period shorter than the drain" \
-    mutate_and_expect 's/terminationGracePeriodSeconds: 45/terminationGracePeriodSeconds: 20/' "$default" \
-    "terminationGracePeriodSeconds 20" "$PY" "$CHECKER" manifests
+    mutate_and_expect 's/terminationGracePeriodSeconds: 620/terminationGracePeriodSeconds: 300/' "$default" \
+    "terminationGracePeriodSeconds 300" "$PY" "$CHECKER" manifests
 step "contract checks refuse readiness on /healthz" \
     mutate_and_expect '/readinessProbe:/,/path:/s|path: /readyz|path: /healthz|' "$default" \
     "readiness probe must GET /readyz" "$PY" "$CHECKER" manifests

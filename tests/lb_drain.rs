@@ -40,8 +40,10 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const CLIENTS: usize = 12;
 const NODES: usize = 3;
-/// `--drain-grace` of every node.
+/// `--drain-grace` of every node (a long run outlives it).
 const GRACE: Duration = Duration::from_secs(5);
+/// A run grace longer than every run (issue 19: runs outlive a rollout).
+const LONG_GRACE: Duration = Duration::from_secs(20);
 /// Pause before each `stream_delta` of a run.
 const INTERVAL_MS: u64 = 20;
 /// Run lengths in events (× `INTERVAL_MS`): a short run fits in the drain grace, a long one
@@ -666,9 +668,23 @@ async fn restart_node(stack: &Stack, index: usize) -> DrainWindow {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_and_rolling_restart_through_nginx_lose_nothing() {
+    rolling_restart_through_nginx(GRACE).await;
+}
+
+/// With a run grace longer than every run, a full rolling restart ends no run: sockets move
+/// at once (1012), each draining node keeps its runs until they finish normally, then exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_long_run_grace_every_run_outlives_a_rolling_restart() {
+    rolling_restart_through_nginx(LONG_GRACE).await;
+}
+
+async fn rolling_restart_through_nginx(grace: Duration) {
     let began = Instant::now();
     let _serial = SERIAL.lock().await;
-    let stack = Stack::up(&[]).await;
+    let grace_setting = format!("{}s", grace.as_secs());
+    let stack = Stack::up(&[("CHATGATE_DRAIN_GRACE", grace_setting.as_str())]).await;
+    // Whether the longest run ends within the grace (then no drain may end a run).
+    let runs_fit = grace >= Duration::from_millis(FIRST_LONG * INTERVAL_MS) + Duration::from_secs(5);
     let user = common::user();
     let token = stack.token(&user);
     let http = reqwest::Client::new();
@@ -751,8 +767,11 @@ async fn sigterm_and_rolling_restart_through_nginx_lose_nothing() {
     let phase1_unready = phase1.unready_at.expect("the drained node answered /readyz 503 while draining");
     let phase1_down = phase1.down_at.expect("the drained node's port went down");
     let drain_took = phase1_down.duration_since(phase1_unready).unwrap_or_default();
-    if drain_took < GRACE - Duration::from_millis(500) {
+    if !runs_fit && drain_took < grace - Duration::from_millis(500) {
         failures.push(format!("{drained} stopped {drain_took:?} after draining began, before its long runs' grace"));
+    }
+    if runs_fit && drain_took >= grace {
+        failures.push(format!("{drained} took its whole grace ({drain_took:?}) though every run fits in it"));
     }
     for log in &logs {
         let closed_in_phase1: Vec<&CloseLog> = log.closes.iter().filter(|c| c.at <= phase1_end).collect();
@@ -765,10 +784,10 @@ async fn sigterm_and_rolling_restart_through_nginx_lose_nothing() {
             _ => {}
         }
         // The first run of a client on the drained node: short ones finish in the grace, long
-        // ones are ended by the drain.
+        // ones are ended by the drain — unless the grace is longer than every run.
         if on_drained && let Some(first) = log.runs.first() {
             let complete = &first.complete;
-            if first.planned == FIRST_SHORT {
+            if first.planned == FIRST_SHORT || runs_fit {
                 if complete["exitCode"] != 0 || complete["aborted"] != false {
                     failures.push(format!("client {}: short run on {drained} did not finish: {complete}", log.index));
                 }
@@ -834,6 +853,12 @@ async fn sigterm_and_rolling_restart_through_nginx_lose_nothing() {
                 }
             } else if complete["exitCode"] == 1 && complete["aborted"] == true && complete["error"] == "node draining" {
                 drain_aborted += 1;
+                if runs_fit {
+                    failures.push(format!(
+                        "client {}: run {} on {} ended by a drain though the grace outlasts every run: {complete}",
+                        log.index, run.run_id, owner.node
+                    ));
+                }
                 let drained_then = windows
                     .iter()
                     .any(|w| w.node == owner.node && w.unready_at.is_some_and(|at| at <= run.completed_at));
@@ -920,7 +945,7 @@ async fn sigterm_and_rolling_restart_through_nginx_lose_nothing() {
     let from_history: u64 = logs.iter().map(|l| l.from_history).sum();
     let slowest = logs.iter().flat_map(|l| &l.closes).max_by_key(|c| c.resumed_in);
     eprintln!(
-        "[lb_drain] {runs} runs ({drain_aborted} ended by a drain), {closes} closes, slowest resume {:?} \
+        "[lb_drain] grace {grace:?}: {runs} runs ({drain_aborted} ended by a drain), {closes} closes, slowest resume {:?} \
          (failed attempts first: {:?}), {refused} BACKEND_UNAVAILABLE answers retried, {from_history} seqs of runs \
          that ended during a reconnect read from history, {started_while_draining} runs started elsewhere \
          during drains, {monitor_failures} failed /running polls, {:?} in all",
