@@ -228,12 +228,7 @@ test('a reload with an unanswered prompt in sessionStorage sends it again: one r
   const { context, errors, close } = await launchBrowser({ viewport: { width: 390, height: 844 } });
   try {
     const token = mintToken(freshUser('resend-reload'));
-    const page = await context.newPage();
-    await page.addInitScript(faultySocket);
-    const frames = recordFrames(page);
-    await page.goto(`${lbUrl()}/?token=${encodeURIComponent(token)}`);
-    await waitConnected(page);
-    const sessionId = await createSessionInPage(page);
+    const { page, frames, sessionId } = await consoleWithSession(context, token);
     // From here on the first page of this tab loses the gateway's answers.
     await page.evaluate(() => sessionStorage.setItem('test.loseFirstPage', 'yes'));
     await page.reload();
