@@ -33,6 +33,11 @@ impl OwnerRecord {
     pub(super) fn parse(json: &str) -> Result<Self, BadReply> {
         serde_json::from_str(json).map_err(|e| BadReply(format!("owner record {json:?}: {e}")))
     }
+
+    /// Whether `json` (a lock or owner record, if any) is run `run_id`'s.
+    pub(super) fn names_run(json: Option<&str>, run_id: &str) -> bool {
+        json.and_then(|j| Self::parse(j).ok()).is_some_and(|o| o.run_id == run_id)
+    }
 }
 
 /// What `cg:{S}:req:<key>` holds: the run the key's send started, or the run
@@ -57,7 +62,7 @@ impl RequestRecord {
         if self.refused.is_some() {
             return crate::runs::PriorSend::RefusedBusy;
         }
-        let running = OwnerRecord::parse(lock_json).is_ok_and(|lock| lock.run_id == self.run_id);
+        let running = OwnerRecord::names_run(Some(lock_json), &self.run_id);
         crate::runs::PriorSend::Started {
             run_id: self.run_id.clone(),
             first_seq: self.first_seq,

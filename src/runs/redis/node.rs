@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ::redis::{ErrorKind, FromRedisValue, RedisError, ServerErrorKind};
+use ::redis::{AsyncCommands, ErrorKind, FromRedisValue, RedisError, ServerErrorKind};
 use deadpool_redis::PoolError;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, watch};
@@ -279,6 +279,19 @@ impl RedisNode {
     /// How long a call may be retried before the caller is told the backend is away.
     pub(super) fn retry_window(&self) -> Duration {
         (self.opts.lease / 3).clamp(Duration::from_millis(100), Duration::from_secs(5))
+    }
+
+    /// String keys of one slot, read together (one `MGET`), retried for `window`.
+    pub(super) async fn read_strings<const N: usize>(
+        &self,
+        what: &'static str,
+        window: Duration,
+        keys: [String; N],
+    ) -> Result<[Option<String>; N], Failure> {
+        let read = || async { Ok::<_, Failure>(self.conn().await?.mget::<_, Vec<Option<String>>>(&keys).await?) };
+        let values = self.retrying(what, window, read).await?;
+        let count = values.len();
+        values.try_into().map_err(|_| Failure::Reply(BadReply(format!("MGET of {N} keys gave {count} values"))))
     }
 
     pub(super) fn idempotency_window_ms(&self) -> u64 {

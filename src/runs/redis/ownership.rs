@@ -160,11 +160,9 @@ impl RunOwnership for RedisRegistry {
 
     /// The key's record and the lock, read together (one slot, one MGET).
     async fn prior_send(&self, session_id: &str, request_key: &str) -> Result<Option<PriorSend>, RegistryError> {
-        let node = &self.node;
         let keys = [keys::request(session_id, request_key), keys::run(session_id)];
-        let read = || async { Ok::<_, Failure>(node.conn().await?.mget::<_, Vec<Option<String>>>(&keys).await?) };
-        let mut values = node.retrying("prior_send", node.retry_window(), read).await?.into_iter();
-        let (Some(record), lock) = (values.next().flatten(), values.next().flatten()) else { return Ok(None) };
+        let [record, lock] = self.node.read_strings("prior_send", self.node.retry_window(), keys).await?;
+        let Some(record) = record else { return Ok(None) };
         let record = RequestRecord::parse(&record).map_err(Failure::from)?;
         Ok(Some(record.prior_send(lock.as_deref().unwrap_or(""))))
     }
@@ -343,10 +341,9 @@ impl RedisRegistry {
         Ok(events)
     }
 
-    /// Forgets a local run (ended or fenced); drops its control sender.
     /// What the start script's reply means for this start.
     async fn start_outcome(&self, start: &RunStart, reply: StartReply) -> Result<Started, RegistryError> {
-        let ours = |lock_json: &str| OwnerRecord::parse(lock_json).is_ok_and(|o| o.run_id == start.run_id);
+        let ours = |lock_json: &str| OwnerRecord::names_run(Some(lock_json), &start.run_id);
         Ok(match reply {
             StartReply::Recovering { retry_ms } => Started::Recovering(Duration::from_millis(retry_ms)),
             StartReply::Seen { record_json, lock_json } => {
@@ -363,14 +360,8 @@ impl RedisRegistry {
             }
             StartReply::Busy => {
                 // A retried start whose first attempt went through finds its own lock.
-                let held: Option<String> = self
-                    .node
-                    .conn()
-                    .await
-                    .map_err(RegistryError::from)?
-                    .get(keys::run(&start.session_id))
-                    .await
-                    .map_err(Failure::from)?;
+                let [held] =
+                    self.node.read_strings("read_lock", Duration::ZERO, [keys::run(&start.session_id)]).await?;
                 match held.filter(|j| ours(j)) {
                     Some(owner_json) => Started::Granted(Granted { owner_json, ..Granted::default() }),
                     None => Started::Busy,
@@ -392,12 +383,8 @@ impl RedisRegistry {
     /// nothing was started. The owner record only (the lease lapsed meanwhile),
     /// or nothing readable: unknown.
     async fn read_back(&self, start: &RunStart, failure: &Failure) -> Result<Started, RegistryError> {
-        let node = &self.node;
         let keys = [keys::run(&start.session_id), keys::owner(&start.session_id)];
-        let read = || async { Ok::<_, Failure>(node.conn().await?.mget::<_, Vec<Option<String>>>(&keys).await?) };
-        let ours = |json: &Option<String>| {
-            json.as_deref().and_then(|j| OwnerRecord::parse(j).ok()).is_some_and(|o| o.run_id == start.run_id)
-        };
+        let ours = |json: &Option<String>| OwnerRecord::names_run(json.as_deref(), &start.run_id);
         let unknown = |why: String| {
             metrics::counter!("chatgate_runs_unconfirmed_total").increment(1);
             tracing::warn!(
@@ -408,8 +395,8 @@ impl RedisRegistry {
             );
             Err(RegistryError::Unconfirmed(failure.to_string()))
         };
-        match node.retrying("read_back", READ_BACK_WINDOW, read).await {
-            Ok(held) => match (held.first().cloned().flatten(), held.get(1).cloned().flatten()) {
+        match self.node.read_strings("read_back", READ_BACK_WINDOW, keys).await {
+            Ok([lock, owner]) => match (lock, owner) {
                 (lock, _) if ours(&lock) => {
                     Ok(Started::Granted(Granted { owner_json: lock.unwrap_or_default(), ..Granted::default() }))
                 }
@@ -429,17 +416,16 @@ impl RedisRegistry {
         let (session_id, run_id, user_id) = (start.session_id.clone(), start.run_id.clone(), start.user_id.clone());
         tokio::spawn(async move {
             let node = &registry.node;
-            let key = keys::owner(&session_id);
-            let read = || async { Ok::<Option<String>, Failure>(node.conn().await?.get(&key).await?) };
-            let owner = node.retrying("read_owner", node::HOUSEKEEPING_WINDOW, read).await;
-            if let Ok(Some(owner_json)) = owner
-                && OwnerRecord::parse(&owner_json).is_ok_and(|o| o.run_id == run_id)
+            let owner = node.read_strings("read_owner", node::HOUSEKEEPING_WINDOW, [keys::owner(&session_id)]).await;
+            if let Ok([owner]) = owner
+                && OwnerRecord::names_run(owner.as_deref(), &run_id)
             {
                 node.index_run(&session_id, &run_id, &user_id).await;
             }
         });
     }
 
+    /// Forgets a local run (ended or fenced); drops its control sender.
     pub(super) fn drop_local_run(&self, lease: &RunLease) -> Option<OwnedRun> {
         lock_unpoisoned(&self.node.runs).remove(&run_key(&lease.session_id, &lease.run_id))
     }
