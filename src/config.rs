@@ -145,6 +145,11 @@ pub struct Config {
     /// Prometheus); when set, the public address no longer serves them.
     #[arg(long, env = "CHATGATE_INTERNAL_LISTEN")]
     pub internal_listen: Option<SocketAddr>,
+    /// Connections the kernel queues for the public address before they are accepted
+    /// (the listen backlog; Linux caps it at `net.core.somaxconn`). A reconnect storm
+    /// beyond it costs clients a SYN retransmit (1 s, then 3 s).
+    #[arg(long, env = "CHATGATE_LISTEN_BACKLOG", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=65535))]
+    pub listen_backlog: u32,
     /// Sessions and history database (`sqlite://…` or `postgres://…`).
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, value_parser = parse_database_url, hide_env_values = true)]
     pub database_url: String,

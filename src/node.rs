@@ -8,7 +8,10 @@ use std::{
 };
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    task::JoinHandle,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -218,8 +221,7 @@ impl Node {
             metrics,
             connection_limits: Arc::new(api::admission::ConnectionLimits::new(limit_settings(config))),
         };
-        let listener = TcpListener::bind(config.listen)
-            .await
+        let listener = listen(config.listen, config.listen_backlog)
             .map_err(|source| NodeError::Listen { addr: config.listen, source })?;
         let addr = listener.local_addr().map_err(|source| NodeError::Listen { addr: config.listen, source })?;
         let stop_serving = CancellationToken::new();
@@ -304,4 +306,13 @@ fn runtime_settings(config: &Config) -> RuntimeSettings {
         opencode_bin: config.opencode_bin.clone(),
         claude_approval_timeout: config.claude_approval_timeout,
     }
+}
+
+/// A listener on `addr` with a listen backlog of `backlog` (`TcpListener::bind` uses 1 024).
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    // As `TcpListener::bind` does: a restarted node rebinds while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }

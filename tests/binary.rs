@@ -33,8 +33,9 @@ fn run(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
 #[test]
 fn bad_config_is_one_line_naming_the_flag_and_exit_2() {
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 13] = [
+    let cases: [Case; 14] = [
         (&["--run-lease", "soon"], &[], "--run-lease"),
+        (&["--listen-backlog", "0"], &[], "--listen-backlog"),
         (&["--trusted-proxies", "10.0.0.0/8,lb"], &[], "--trusted-proxies"),
         (&[], &[("CHATGATE_MAX_SENDS_PER_MINUTE", "0")], "--max-sends-per-minute"),
         (&[], &[("CHATGATE_HANDSHAKE_TIMEOUT", "never")], "--handshake-timeout"),
@@ -175,4 +176,28 @@ async fn embedded_default_prints_a_token_and_sigterm_ends_runs_then_exits_0() {
     assert_eq!(last["kind"], "complete", "{history}");
     assert_eq!(last["aborted"], true);
     assert_eq!(last["error"], "node draining");
+}
+
+/// `--listen-backlog` sets the public listener's backlog (what `ss` shows as a
+/// listening socket's Send-Q); the default is 4 096, not tokio's 1 024.
+#[tokio::test]
+async fn listen_backlog_is_the_flags() {
+    let port_of = |lines: &[String]| {
+        let url = lines.iter().find(|l| l.starts_with("WebSocket: ")).expect("ws url printed");
+        url.split("127.0.0.1:").nth(1).unwrap().split('/').next().unwrap().to_string()
+    };
+    let backlog_of = |port: &str| {
+        let out = std::process::Command::new("ss").args(["-Hltn", &format!("sport = :{port}")]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let columns: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(columns.first(), Some(&"LISTEN"), "ss: {text}");
+        columns[2].parse::<u32>().unwrap()
+    };
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn").unwrap().trim().parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, lines) = serve(&dir, &["--listen-backlog", "37"]);
+    assert_eq!(backlog_of(&port_of(&lines)), 37.min(somaxconn));
+    let other = tempfile::tempdir().unwrap();
+    let (_node, lines) = serve(&other, &[]);
+    assert_eq!(backlog_of(&port_of(&lines)), 4096.min(somaxconn));
 }

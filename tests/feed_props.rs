@@ -1,5 +1,6 @@
-//! Property test of the subscribe merge (`runs::feed::LiveFeed`): replay from a
-//! trimmed window interleaved with an adversarial live channel.
+//! Property test of the subscribe merge (`runs::feed::LiveFeed`, and the push
+//! subscription a socket turns it into, `runs::live`): replay from a trimmed
+//! window interleaved with an adversarial live channel.
 //!
 //! A session's events 1..=N are published over time. A subscriber with cursor
 //! `lastSeq` gets a feed whose window ([`Window`], a [`RangeSource`]) keeps only
@@ -17,31 +18,64 @@
 //!   read failed), and `resumed_at` is the first event the window still had;
 //! - the feed ends having delivered or announced as lost every event up to N.
 //!
+//! Each scenario runs twice: read by `next()` throughout, and turned into a
+//! push subscription at a chosen step (the publisher then delivers to a
+//! recording sink, and repairs run as tasks), checked the same way.
+//!
 //! Deliveries go through [`deliver`], the one place that knows the channel's
-//! item type: a change to batched delivery only touches it and [`LiveSender`].
+//! item type.
 
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use chatgate::{
+    protocol::Frame,
     protocol::sequenced,
-    runs::{Event, FeedItem, LiveBatch, LiveFeed, RegistryError, ReplayRange, feed::RangeSource},
+    runs::{
+        Event, FeedItem, LiveBatch, LiveChannel, LiveFeed, LiveSink, PushFeed, RegistryError, ReplayRange,
+        feed::RangeSource,
+    },
 };
 use futures_util::FutureExt;
 use proptest::prelude::*;
-use tokio::sync::broadcast;
-
-/// The live channel as the registries hold it: one slot per published batch.
-type LiveSender = broadcast::Sender<LiveBatch>;
 
 /// Hands one delivery (what one registry step sends: an append batch, or a
 /// catch-up read) to the live channel as one batch.
-fn deliver(tx: &LiveSender, delivery: &[Event]) {
+fn deliver(channel: &LiveChannel, delivery: &[Event]) {
     if delivery.is_empty() {
         return;
     }
-    // No receiver left is fine, as in the registries.
-    let _ = tx.send(LiveBatch::from(delivery));
+    channel.send(LiveBatch::from(delivery));
+}
+
+/// A push subscription's sink: every item with the window reads made before it.
+struct Recorder {
+    window: Arc<Window>,
+    items: Mutex<Vec<(FeedItem, Vec<Read>)>>,
+}
+
+impl Recorder {
+    fn record(&self, item: FeedItem) {
+        let reads = self.window.lock().reads.clone();
+        self.items.lock().unwrap().push((item, reads));
+    }
+}
+
+#[async_trait]
+impl LiveSink for Recorder {
+    fn event(&self, event: &Event) -> bool {
+        self.record(FeedItem::Event(event.clone()));
+        true
+    }
+
+    fn frame(&self, _frame: Frame) -> bool {
+        true
+    }
+
+    async fn gap_notice(&self, _session_id: &str, _last_sent: u64, resumed_at: u64) -> Option<Frame> {
+        self.record(FeedItem::Gap { resumed_at });
+        None
+    }
 }
 
 fn event(seq: u64) -> Event {
@@ -161,17 +195,26 @@ struct Scenario {
     retain: u64,
     capacity: usize,
     steps: Vec<Step>,
+    /// The step before which the feed becomes a push subscription (in the push run).
+    push_at: usize,
 }
 
 fn scenario(with_failures: bool) -> impl Strategy<Value = Scenario> {
-    (0u64..60, 1u64..40, 1usize..8, prop::collection::vec(step(), 0..40), any::<prop::sample::Index>()).prop_map(
-        move |(before, retain, capacity, steps, cursor)| {
+    (
+        0u64..60,
+        1u64..40,
+        1usize..8,
+        prop::collection::vec(step(), 0..40),
+        any::<prop::sample::Index>(),
+        any::<prop::sample::Index>(),
+    )
+        .prop_map(move |(before, retain, capacity, steps, cursor, push_at)| {
             let last_seq = cursor.index(before as usize + 1) as u64;
             let steps =
                 steps.into_iter().filter(|s| with_failures || !matches!(s, Step::Failing(_))).collect::<Vec<_>>();
-            Scenario { before, last_seq, retain, capacity, steps }
-        },
-    )
+            let push_at = push_at.index(steps.len() + 1);
+            Scenario { before, last_seq, retain, capacity, steps, push_at }
+        })
 }
 
 /// Checks the feed's output as it comes, against the window reads.
@@ -221,15 +264,41 @@ impl Checker {
     }
 }
 
-fn run_scenario(s: Scenario) -> Result<(), TestCaseError> {
+/// Runs a scenario with the feed read by `next()` (`push: false`), or turned
+/// into a push subscription before step `s.push_at` (`push: true`).
+fn run_scenario(s: Scenario, push: bool) -> Result<(), TestCaseError> {
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    runtime.block_on(scenario_body(s, push))
+}
+
+/// Lets every repair task run to where it waits for nothing but the next batch.
+async fn settle() {
+    for _ in 0..16 {
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn scenario_body(s: Scenario, push: bool) -> Result<(), TestCaseError> {
     let window = Arc::new(Window {
         state: Mutex::new(WindowState { published: s.before, retain: s.retain, failing: false, reads: Vec::new() }),
     });
-    let (tx, rx) = broadcast::channel(s.capacity);
+    let channel = LiveChannel::new(s.capacity);
     let source: Arc<dyn RangeSource> = window.clone();
-    let mut feed = LiveFeed::new("s".into(), rx, s.last_seq, source, None);
+    let mut feed = Some(LiveFeed::new("s".into(), &channel, channel.subscribe(), s.last_seq, source, None));
+    let recorder = Arc::new(Recorder { window: window.clone(), items: Mutex::new(Vec::new()) });
+    let mut pushed: Option<PushFeed> = None;
     let mut checker = Checker { expected: s.last_seq + 1, reads_seen: 0 };
-    let mut consume = |feed: &mut LiveFeed, limit: usize| -> Result<bool, TestCaseError> {
+    let mut recorded = 0;
+    // Checks what the push subscription delivered since the last call.
+    let mut check_recorded = |checker: &mut Checker| -> Result<(), TestCaseError> {
+        let items = recorder.items.lock().unwrap().clone();
+        for (item, reads) in &items[recorded..] {
+            checker.item(item, reads)?;
+        }
+        recorded = items.len();
+        Ok(())
+    };
+    let consume = |feed: &mut LiveFeed, checker: &mut Checker, limit: usize| -> Result<bool, TestCaseError> {
         for _ in 0..limit {
             match feed.next().now_or_never() {
                 None => return Ok(true),
@@ -242,7 +311,12 @@ fn run_scenario(s: Scenario) -> Result<(), TestCaseError> {
         }
         Ok(true)
     };
-    for step in &s.steps {
+    for (i, step) in s.steps.iter().enumerate() {
+        if push && i == s.push_at {
+            pushed = feed.take().map(|f| f.push_to(recorder.clone()));
+            settle().await;
+            check_recorded(&mut checker)?;
+        }
         match step {
             Step::Publish(fates) => {
                 let mut delivery = Vec::new();
@@ -258,19 +332,28 @@ fn run_scenario(s: Scenario) -> Result<(), TestCaseError> {
                         Fate::Repeated => delivery.extend([event(seq), event(seq)]),
                     }
                 }
-                deliver(&tx, &delivery);
+                deliver(&channel, &delivery);
             }
             Step::Resend { back } => {
                 let published = window.lock().published;
                 if published > *back {
-                    deliver(&tx, &[event(published - back)]);
+                    deliver(&channel, &[event(published - back)]);
                 }
             }
-            Step::Consume(limit) => {
-                consume(&mut feed, *limit)?;
-            }
+            Step::Consume(limit) => match feed.as_mut() {
+                Some(feed) => {
+                    consume(feed, &mut checker, *limit)?;
+                }
+                None => {
+                    settle().await;
+                    check_recorded(&mut checker)?;
+                }
+            },
             Step::Failing(failing) => window.lock().failing = *failing,
         }
+    }
+    if push && pushed.is_none() {
+        pushed = feed.take().map(|f| f.push_to(recorder.clone()));
     }
     // The last event always arrives, with the window readable; then the channel closes.
     let last = {
@@ -279,15 +362,25 @@ fn run_scenario(s: Scenario) -> Result<(), TestCaseError> {
         state.published += 1;
         state.published
     };
-    deliver(&tx, &[event(last)]);
-    drop(tx);
-    let mut rounds = 0;
-    while consume(&mut feed, 64)? {
-        rounds += 1;
-        prop_assert!(rounds < 1000, "the feed neither ends nor yields");
+    deliver(&channel, &[event(last)]);
+    drop(channel);
+    match (feed.as_mut(), pushed) {
+        (Some(feed), _) => {
+            let mut rounds = 0;
+            while consume(feed, &mut checker, 64)? {
+                rounds += 1;
+                prop_assert!(rounds < 1000, "the feed neither ends nor yields");
+            }
+            prop_assert_eq!(feed.last_sent(), last);
+        }
+        (None, Some(pushed)) => {
+            settle().await;
+            check_recorded(&mut checker)?;
+            prop_assert_eq!(pushed.last_sent(), last);
+        }
+        (None, None) => unreachable!("the feed is read or pushed"),
     }
     prop_assert_eq!(checker.expected, last + 1, "the feed ended before the last event");
-    prop_assert_eq!(feed.last_sent(), last);
     Ok(())
 }
 
@@ -296,12 +389,22 @@ proptest! {
 
     #[test]
     fn merge_is_contiguous_and_gaps_only_where_trimmed(s in scenario(false)) {
-        run_scenario(s)?;
+        run_scenario(s, false)?;
     }
 
     #[test]
     fn failed_reads_are_announced_never_duplicated(s in scenario(true)) {
-        run_scenario(s)?;
+        run_scenario(s, false)?;
+    }
+
+    #[test]
+    fn pushed_feeds_are_contiguous_and_gap_only_where_trimmed(s in scenario(false)) {
+        run_scenario(s, true)?;
+    }
+
+    #[test]
+    fn pushed_feeds_announce_failed_reads_never_duplicate(s in scenario(true)) {
+        run_scenario(s, true)?;
     }
 }
 
@@ -314,6 +417,8 @@ fn lag_past_the_window_resumes_at_its_front() {
         retain: 4,
         capacity: 2,
         steps: vec![Step::Publish(vec![Fate::Delivered; 5]), Step::Consume(10)],
+        push_at: 1,
     };
-    run_scenario(s).unwrap();
+    run_scenario(s.clone(), false).unwrap();
+    run_scenario(s, true).unwrap();
 }

@@ -1,8 +1,9 @@
 //! `/ws`: the upgrade (token, Origin) and the socket task.
 //!
 //! Each socket is two halves joined by its byte-bounded [`Outbox`]: this task
-//! reads frames and dispatches verbs; a writer task drains the outbox, pings
-//! every interval and closes with the reason the outbox carries (4008 slow
+//! reads frames and dispatches verbs; a writer task drains the outbox (which
+//! subscribed sessions' publishers fill directly), relays the user's notices,
+//! pings every interval and closes with the reason the outbox carries (4008 slow
 //! consumer, 4401 token expired, 1012 draining, 1009 frame too large, 1008
 //! frame flood, 1007 text not UTF-8, 1002 broken framing). The abuse limits
 //! of the upgrade and of inbound frames are decided in [`crate::gateway::limits`].
@@ -25,6 +26,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use futures_util::{SinkExt, StreamExt, stream::SplitSink};
+use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -122,37 +124,23 @@ async fn serve(
     if hello {
         outbox.push(connected(&gateway.settings.node_id));
     }
-    let missed_pongs = Arc::new(AtomicU32::new(0));
-    let writer_done = CancellationToken::new();
-    let writer = tokio::spawn(write_loop(
-        sink,
-        outbox.clone(),
-        missed_pongs.clone(),
-        state.settings.ping_interval,
-        writer_done.clone(),
-    ));
     let notices = match gateway.registry.user_notices(&identity.user_id).await {
-        Ok(mut rx) => {
-            let outbox = outbox.clone();
-            Some(tokio::spawn(async move {
-                loop {
-                    match rx.recv().await {
-                        Ok(frame) => {
-                            if !outbox.push(frame) {
-                                break;
-                            }
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                    }
-                }
-            }))
-        }
+        Ok(rx) => Some(rx),
         Err(e) => {
             tracing::warn!(error = %e, "user notices unavailable for this socket");
             None
         }
     };
+    let missed_pongs = Arc::new(AtomicU32::new(0));
+    let writer_done = CancellationToken::new();
+    let writer = tokio::spawn(write_loop(
+        sink,
+        outbox.clone(),
+        notices,
+        missed_pongs.clone(),
+        state.settings.ping_interval,
+        writer_done.clone(),
+    ));
     let expiry = tokio::time::sleep(identity.remaining());
     tokio::pin!(expiry);
     let limits = &gateway.settings.limits;
@@ -206,9 +194,6 @@ async fn serve(
         }
     }
     conn.shutdown();
-    if let Some(notices) = notices {
-        notices.abort();
-    }
     outbox.close(CloseReason::Normal);
     // Closing handshake: read (and drop) what the peer still sends until its Close,
     // so the connection ends with FIN rather than a reset that would discard our
@@ -230,6 +215,7 @@ async fn serve(
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     outbox: Arc<Outbox>,
+    mut notices: Option<broadcast::Receiver<Frame>>,
     missed_pongs: Arc<AtomicU32>,
     ping_interval: Duration,
     done: CancellationToken,
@@ -267,6 +253,14 @@ async fn write_loop(
                     break;
                 }
             },
+            notice = next_notice(&mut notices) => match notice {
+                Ok(frame) => {
+                    outbox.push(frame);
+                }
+                // A lagging socket skips notices rather than holding memory for them.
+                Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => notices = None,
+            },
             _ = ping.tick() => {
                 if missed_pongs.fetch_add(1, Ordering::Relaxed) >= MAX_MISSED_PONGS {
                     tracing::info!("peer missed two pongs; dropping the socket");
@@ -281,6 +275,14 @@ async fn write_loop(
     let _ = sink.close().await;
     outbox.close(CloseReason::Normal);
     done.cancel();
+}
+
+/// The user's next notice; pending forever without a notice channel.
+async fn next_notice(notices: &mut Option<broadcast::Receiver<Frame>>) -> Result<Frame, RecvError> {
+    match notices {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// `hello=1` (or `true`) in the query: the client opts into chatgate's

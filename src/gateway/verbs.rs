@@ -57,7 +57,7 @@ impl Gateway {
             }
             Ok(Inbound::Unsubscribe { session_ids }) => {
                 for id in session_ids {
-                    conn.detach(&id).await;
+                    conn.detach(&id);
                 }
                 Ok(())
             }
@@ -118,13 +118,15 @@ impl Gateway {
             let refusal = unavailable(session_id, "This node is draining; reconnect and send again.");
             return self.refuse_before_lock(conn, session_id, key, refusal).await;
         }
-        match self.admit_send(conn, session_id).await {
+        // The budget (Redis) and the session row (SQL) are read side by side.
+        let (admitted, session) = tokio::join!(self.admit_send(conn, session_id), self.owned_session(conn, session_id));
+        match admitted {
             Err(refusal) if refusal.code == ErrorCode::RateLimited => {
                 return self.refuse_before_lock(conn, session_id, key, refusal).await;
             }
             other => other?,
         }
-        let session = self.owned_session(conn, session_id).await?;
+        let session = session?;
         if let (Some(key), Some(last)) = (key, &session.last_request)
             && last.key == key
         {
@@ -182,7 +184,17 @@ impl Gateway {
             prompt: content.clone(),
             request_key: key.map(str::to_string),
         };
-        let grant = match self.registry.start_run(start).await {
+        // The sender follows its own run (unless it already does): its subscription is made
+        // beside the start, from the top, so it holds every event the run will append; it is
+        // dropped if nothing starts.
+        let follow = async {
+            if conn.is_subscribed(session_id) {
+                return None;
+            }
+            self.registry.subscribe(session_id, u64::MAX).await.ok()
+        };
+        let (started, following) = tokio::join!(self.registry.start_run(start), follow);
+        let grant = match started {
             Ok(grant) => grant,
             Err(RegistryError::RunInProgress) => return Err(run_in_progress(session_id)),
             Err(RegistryError::AlreadySent(prior)) => return answer_prior(conn, session_id, key, prior),
@@ -214,10 +226,7 @@ impl Gateway {
         if let Some(key) = key {
             conn.send(chat_accepted(session_id, key, &run_id, grant.first_seq, false, true));
         }
-        // The sender follows its own run (a no-op when it already subscribed).
-        if !conn.is_subscribed(session_id)
-            && let Ok(subscription) = self.registry.subscribe(session_id, u64::MAX).await
-        {
+        if let Some(subscription) = following {
             let mut live = subscription.live;
             live.raise_floor(session.last_seq);
             conn.attach(session_id, live, self.registry.clone());
@@ -363,7 +372,7 @@ impl Gateway {
                 conn.send(chat_subscribed(id, false, 0, None, &[], false));
                 continue;
             };
-            conn.detach(id).await;
+            conn.detach(id);
             let subscription = match self.subscribe_settled(&session, target.last_seq).await {
                 Ok(subscription) => subscription,
                 Err(e) => {

@@ -6,13 +6,24 @@
 //! a receiver that lagged behind the channel) is filled from the replay window
 //! before moving on. When the window cannot fill it, the caller is told with
 //! [`FeedItem::Gap`] so the client can reload history (`replayTruncated`).
+//!
+//! A socket does not read its feeds: it turns each into a push subscription
+//! ([`LiveFeed::push_to`], [`super::live`]), which the publisher delivers to
+//! directly with the same guarantees.
 
-use std::{any::Any, collections::VecDeque, sync::Arc};
+use std::{
+    any::Any,
+    collections::VecDeque,
+    sync::{Arc, Weak},
+};
 
 use async_trait::async_trait;
 use tokio::sync::broadcast::{self, error::RecvError};
 
-use super::{Event, LiveBatch, RegistryError, ReplayRange};
+use super::{
+    Event, LiveBatch, RegistryError, ReplayRange,
+    live::{LiveChannel, LiveSink, PushFeed, Pusher},
+};
 
 /// Where a feed fills gaps from.
 #[async_trait]
@@ -33,6 +44,7 @@ pub enum FeedItem {
 /// Live events of one session for one socket, in order, each seq once.
 pub struct LiveFeed {
     session_id: String,
+    channel: Weak<LiveChannel>,
     rx: broadcast::Receiver<LiveBatch>,
     last_sent: u64,
     ready: VecDeque<Event>,
@@ -42,14 +54,47 @@ pub struct LiveFeed {
 }
 
 impl LiveFeed {
+    /// A feed of `channel` from `rx`, a receiver of it taken before the
+    /// caller read the window up to `last_sent`.
     pub fn new(
         session_id: String,
+        channel: &Arc<LiveChannel>,
         rx: broadcast::Receiver<LiveBatch>,
         last_sent: u64,
         source: Arc<dyn RangeSource>,
         guard: Option<Box<dyn Any + Send + Sync>>,
     ) -> Self {
-        LiveFeed { session_id, rx, last_sent, ready: VecDeque::new(), source, _guard: guard }
+        LiveFeed {
+            session_id,
+            channel: Arc::downgrade(channel),
+            rx,
+            last_sent,
+            ready: VecDeque::new(),
+            source,
+            _guard: guard,
+        }
+    }
+
+    /// Turns the feed into a push subscription delivering to `sink`, starting
+    /// with what the feed has received and not handed out yet.
+    pub fn push_to(self, sink: Arc<dyn LiveSink>) -> PushFeed {
+        let LiveFeed { session_id, channel, mut rx, last_sent, ready, source, _guard } = self;
+        let drain = move || {
+            let mut backlog = Vec::new();
+            if !ready.is_empty() {
+                backlog.push(LiveBatch::from(Vec::from(ready)));
+            }
+            let mut lagged = false;
+            loop {
+                match rx.try_recv() {
+                    Ok(batch) => backlog.push(batch),
+                    Err(broadcast::error::TryRecvError::Lagged(_)) => lagged = true,
+                    Err(_) => break,
+                }
+            }
+            (backlog, lagged)
+        };
+        Pusher::attach(session_id, channel, source, sink, last_sent, drain, _guard)
     }
 
     pub fn last_sent(&self) -> u64 {

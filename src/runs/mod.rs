@@ -10,7 +10,9 @@
 //!   (start, append, complete, renew, pending approvals) and the history
 //!   hand-over when an owner dies;
 //! - [`SessionFeeds`] ([`feeds`]): snapshots, subscriptions (replay, then the
-//!   [`LiveFeed`] of [`feed`]), range reads, settling after a data loss;
+//!   [`LiveFeed`] of [`feed`], which a socket turns into a push subscription
+//!   on the session's [`LiveChannel`] ([`live`])), range reads, settling after
+//!   a data loss;
 //! - [`RunRouting`] ([`routing`]): aborts and approval answers routed to the
 //!   owner, a user's running runs;
 //! - [`UserNotices`] ([`notices`]): per-user notices on every node;
@@ -25,6 +27,7 @@
 pub mod feed;
 pub mod feeds;
 pub mod limiter;
+pub mod live;
 pub mod memory;
 pub mod notices;
 pub mod ownership;
@@ -43,6 +46,7 @@ use crate::protocol::{Frame, PermissionAnswer};
 pub use feed::{FeedItem, LiveFeed};
 pub use feeds::SessionFeeds;
 pub use limiter::SendLimiter;
+pub use live::{LiveChannel, LiveSink, PushFeed};
 pub use notices::UserNotices;
 pub use ownership::RunOwnership;
 pub use routing::RunRouting;

@@ -64,7 +64,7 @@ impl SessionFeeds for MemoryRegistry {
             (Vec::new(), false)
         };
         let source: Arc<dyn RangeSource> = self.inner.clone();
-        let live = LiveFeed::new(session_id.to_string(), rx, state.last_seq, source, None);
+        let live = LiveFeed::new(session_id.to_string(), &state.live, rx, state.last_seq, source, None);
         Ok(Subscription { snapshot, replay_truncated, replay, live })
     }
 

@@ -26,7 +26,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc};
 
-use super::{Control, Event, LIVE_CAPACITY, LiveBatch, PriorSend, RunRegistry};
+use super::{Control, Event, LIVE_CAPACITY, LiveChannel, PriorSend, RunRegistry};
 use crate::{protocol::Frame, sync::lock_unpoisoned};
 
 /// The in-process registry.
@@ -66,7 +66,7 @@ struct SessionState {
     /// First seq of the run the window belongs to.
     window_first_seq: u64,
     finished_at: Option<Instant>,
-    live: broadcast::Sender<LiveBatch>,
+    live: Arc<LiveChannel>,
     /// Idempotency keys seen within the window, oldest first.
     sent: VecDeque<SentKey>,
 }
@@ -101,14 +101,14 @@ impl SessionState {
             window: VecDeque::new(),
             window_first_seq: 1,
             finished_at: None,
-            live: broadcast::channel(LIVE_CAPACITY).0,
+            live: LiveChannel::new(LIVE_CAPACITY),
             sent: VecDeque::new(),
         }
     }
 
     fn idle_and_unwatched(&self, retention: Duration) -> bool {
         self.run.is_none()
-            && self.live.receiver_count() == 0
+            && self.live.watchers() == 0
             && self.sent.is_empty()
             && self.finished_at.is_none_or(|at| at.elapsed() >= retention)
     }

@@ -45,7 +45,7 @@ impl SessionState {
     /// Hands appended events to the session's live feeds.
     fn publish(&self, events: &[Event]) {
         // No receivers is fine: the events stay replayable in the window.
-        let _ = self.live.send(LiveBatch::from(events));
+        self.live.send(LiveBatch::from(events));
     }
 }
 

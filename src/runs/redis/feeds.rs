@@ -36,7 +36,7 @@ impl SessionFeeds for RedisRegistry {
         // 1. The node's subscription is confirmed, and this feed's receiver exists,
         //    before anything is read: every later event arrives live.
         node.hub.acquire(&keys::live_channel(session_id)).await?;
-        let (rx, guard) = attach_feed(node, session_id);
+        let (channel, rx, guard) = attach_feed(node, session_id);
         // 2. One atomic read: owner record, seq top, the current run after the cursor.
         let read = self.read_session(session_id, Some(after_seq)).await?;
         let (replay_truncated, replay) = match &read.owner {
@@ -59,7 +59,7 @@ impl SessionFeeds for RedisRegistry {
             }
         }
         let source: Arc<dyn RangeSource> = node.clone();
-        let live = LiveFeed::new(session_id.to_string(), rx, read.top, source, Some(Box::new(guard)));
+        let live = LiveFeed::new(session_id.to_string(), &channel, rx, read.top, source, Some(Box::new(guard)));
         Ok(Subscription { snapshot: read.snapshot(), replay_truncated, replay, live })
     }
 
@@ -99,6 +99,7 @@ impl RedisRegistry {
     async fn read_session(&self, session_id: &str, after: Option<u64>) -> Result<SessionRead, RegistryError> {
         let node = &self.node;
         let inv = node.scripts.read(session_id, after.map(|a| a.min(MAX_SCRIPT_SEQ - 1)));
+        let _permit = node.read_permit().await;
         let reply: ReadReply = node.retrying("read", node.retry_window(), || node.invoke_on(Lane::Read, &inv)).await?;
         let ReadReply { owner_json, top, replay, pending } = reply;
         let pending = pending

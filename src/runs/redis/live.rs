@@ -15,7 +15,7 @@ use super::{
 use crate::sync::lock_unpoisoned;
 use crate::{
     protocol::Frame,
-    runs::{Event, LIVE_CAPACITY, LiveBatch},
+    runs::{Event, LIVE_CAPACITY, LiveBatch, LiveChannel},
 };
 
 /// A run seen in progress on a watched session (for owner-loss detection).
@@ -27,7 +27,7 @@ pub(super) struct SeenRun {
 
 /// A session this node has live feeds on.
 pub(super) struct LiveSession {
-    pub(super) tx: broadcast::Sender<LiveBatch>,
+    pub(super) live: Arc<LiveChannel>,
     pub(super) feeds: usize,
     /// Highest seq seen for the session (handed to `tx`, or read by a subscribe
     /// that was the session's only feed); a catch-up reads after it.
@@ -42,7 +42,7 @@ pub(super) struct LiveSession {
 impl LiveSession {
     pub(super) fn new() -> Self {
         LiveSession {
-            tx: broadcast::channel(LIVE_CAPACITY).0,
+            live: LiveChannel::new(LIVE_CAPACITY),
             feeds: 0,
             last_dispatched: 0,
             run: None,
@@ -68,7 +68,7 @@ impl LiveSession {
         }
         metrics::counter!("chatgate_redis_live_events_total").increment(events.len() as u64);
         // No receiver is fine: a feed that comes later reads the stream.
-        let _ = self.tx.send(LiveBatch::from(events));
+        self.live.send(LiveBatch::from(events));
     }
 }
 
@@ -190,11 +190,14 @@ impl Drop for FeedGuard {
     }
 }
 
-/// Registers a new feed on a session: its entry (created if needed) and a receiver.
-pub(super) fn attach_feed(node: &Arc<RedisNode>, session_id: &str) -> (broadcast::Receiver<LiveBatch>, FeedGuard) {
+/// Registers a new feed on a session: its entry (created if needed), its channel and a receiver.
+pub(super) fn attach_feed(
+    node: &Arc<RedisNode>,
+    session_id: &str,
+) -> (Arc<LiveChannel>, broadcast::Receiver<LiveBatch>, FeedGuard) {
     let mut sessions = lock_unpoisoned(&node.sessions);
     let session = sessions.entry(session_id.to_string()).or_insert_with(LiveSession::new);
     session.feeds += 1;
-    let rx = session.tx.subscribe();
-    (rx, FeedGuard { node: node.clone(), session_id: session_id.to_string() })
+    let rx = session.live.subscribe();
+    (session.live.clone(), rx, FeedGuard { node: node.clone(), session_id: session_id.to_string() })
 }

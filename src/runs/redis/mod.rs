@@ -161,6 +161,7 @@ impl RedisRegistry {
             users: Default::default(),
             runs: Default::default(),
             probe: Probe::new(),
+            reads: tokio::sync::Semaphore::new(node::READS_IN_FLIGHT),
             orphans,
         });
         let mut conn = node.conn().await.map_err(RegistryError::from)?;

@@ -177,6 +177,10 @@ pub(super) struct RedisNode {
     pub(super) users: Mutex<HashMap<String, NoticeChannel>>,
     pub(super) runs: Mutex<HashMap<RunKey, OwnedRun>>,
     pub(super) probe: Probe,
+    /// Bounds the replay reads in flight (subscribes, gap repairs, catch-ups):
+    /// in a reconnect storm they queue here instead of piling onto the read
+    /// connection and timing out behind each other.
+    pub(super) reads: tokio::sync::Semaphore,
     /// Runs this node reaped, for the gateway's history copy.
     pub(super) orphans: tokio::sync::mpsc::Sender<crate::runs::OrphanedRun>,
 }
@@ -206,7 +210,16 @@ pub(super) enum Reaped {
     Ended,
 }
 
+/// Replay reads one node has in flight at most ([`RedisNode::reads`]).
+pub(super) const READS_IN_FLIGHT: usize = 64;
+
 impl RedisNode {
+    /// A place among the replay reads in flight; waits for one (never fails).
+    pub(super) async fn read_permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        // The semaphore is never closed, so `ok()` is always `Some`.
+        self.reads.acquire().await.ok()
+    }
+
     /// A command connection on the write lane (the owner's hot path and small commands).
     pub(super) async fn conn(&self) -> Result<Conn, Failure> {
         self.commands.lane(Lane::Write).await
@@ -466,6 +479,7 @@ impl RedisNode {
         }
         let stop = (up_to < MAX_SCRIPT_SEQ).then_some(up_to);
         let inv = self.scripts.read_range(session_id, after, stop);
+        let _permit = self.read_permit().await;
         let reply: RangeReply =
             self.retrying("read_range", self.retry_window(), || self.invoke_on(Lane::Read, &inv)).await?;
         Ok((reply.top, reply.events))
