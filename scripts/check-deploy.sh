@@ -11,7 +11,7 @@
 #                   bytes (default and ci/ values: no secret generated at render time); the
 #                   PrometheusRule holding exactly the alerts of docs/operations.md §10
 #   kustomize       kubectl kustomize of deploy/k8s/base and every overlay, through the same
-#                   validator
+#                   validator; components/prometheus-rule holding exactly the alerts of §10
 #   all manifests   yamllint; deploy/validate/check_manifests.py (selectors, references, probes,
 #                   drain timing, env names, security context and the bubblewrap opt-in, each
 #                   secret once from a secretKeyRef and never a file, a literal or an argument
@@ -270,6 +270,8 @@ for overlay in "$K8S"/overlays/*/; do
     step "kubectl kustomize deploy/k8s/overlays/$name" \
         bash -c "'$KUBECTL' kustomize '$overlay' >'$WORK/rendered/kustomize-$name.yaml'"
 done
+step "components/prometheus-rule has every alert of docs/operations.md (and no other)" \
+    "$PY" "$CHECKER" alerts "$ROOT/docs/operations.md" "$WORK/rendered/kustomize-prod-example.yaml"
 
 # ---------------------------------------------------------------------------------------------
 # Every rendered manifest
@@ -308,6 +310,9 @@ step "kubernetes-validate refuses an unknown field" \
 step "contract checks refuse a grace period shorter than the drain" \
     mutate_and_expect 's/terminationGracePeriodSeconds: 620/terminationGracePeriodSeconds: 300/' "$default" \
     "terminationGracePeriodSeconds 300" "$PY" "$CHECKER" manifests
+step "contract checks refuse kustomize's probes on the public port (CHATGATE_INTERNAL_LISTEN set)" \
+    mutate_and_expect 's/^            port: internal$/            port: http/' "$WORK/rendered/kustomize-base.yaml" \
+    "must use the internal port" "$PY" "$CHECKER" manifests
 step "contract checks refuse readiness on /healthz" \
     mutate_and_expect '/readinessProbe:/,/path:/s|path: /readyz|path: /healthz|' "$default" \
     "readiness probe must GET /readyz" "$PY" "$CHECKER" manifests
