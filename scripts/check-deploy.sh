@@ -11,12 +11,13 @@
 #                   bytes (default and ci/ values: no secret generated at render time); the
 #                   PrometheusRule holding exactly the alerts of docs/operations.md §10
 #   kustomize       kubectl kustomize of deploy/k8s/base and every overlay, through the same
-#                   validator
+#                   validator; components/prometheus-rule holding exactly the alerts of §10
 #   all manifests   yamllint; deploy/validate/check_manifests.py (selectors, references, probes,
 #                   drain timing, env names, security context and the bubblewrap opt-in, each
-#                   secret once from a secretKeyRef and never a file, a literal or an argument
-#                   (the Redis TLS PEM variables too), Redis mode and URLs, entrypoint kept,
-#                   ingress timeouts)
+#                   secret once from a secretKeyRef and never a literal or an argument (the
+#                   Redis TLS PEM variables too), as a file only with CHATGATE_SANDBOX=bwrap from
+#                   a read-only Secret volume no sandbox binds (auth.mountAsFiles, secret-files),
+#                   Redis mode and URLs, entrypoint kept, ingress timeouts)
 #                   — and proof that each checker fails on a broken input
 #   shell scripts   shellcheck
 #   local stack     deploy/local/test/selftest.sh with the stand-in node, on the shared Redis and on
@@ -270,6 +271,8 @@ for overlay in "$K8S"/overlays/*/; do
     step "kubectl kustomize deploy/k8s/overlays/$name" \
         bash -c "'$KUBECTL' kustomize '$overlay' >'$WORK/rendered/kustomize-$name.yaml'"
 done
+step "components/prometheus-rule has every alert of docs/operations.md (and no other)" \
+    "$PY" "$CHECKER" alerts "$ROOT/docs/operations.md" "$WORK/rendered/kustomize-prod-example.yaml"
 
 # ---------------------------------------------------------------------------------------------
 # Every rendered manifest
@@ -308,6 +311,9 @@ step "kubernetes-validate refuses an unknown field" \
 step "contract checks refuse a grace period shorter than the drain" \
     mutate_and_expect 's/terminationGracePeriodSeconds: 620/terminationGracePeriodSeconds: 300/' "$default" \
     "terminationGracePeriodSeconds 300" "$PY" "$CHECKER" manifests
+step "contract checks refuse kustomize's probes on the public port (CHATGATE_INTERNAL_LISTEN set)" \
+    mutate_and_expect 's/^            port: internal$/            port: http/' "$WORK/rendered/kustomize-base.yaml" \
+    "must use the internal port" "$PY" "$CHECKER" manifests
 step "contract checks refuse readiness on /healthz" \
     mutate_and_expect '/readinessProbe:/,/path:/s|path: /readyz|path: /healthz|' "$default" \
     "readiness probe must GET /readyz" "$PY" "$CHECKER" manifests
@@ -341,10 +347,39 @@ step "contract checks refuse a REDIS_URL literal that expands a variable not fro
 step "contract checks refuse a secret set twice" \
     mutate_and_expect 's|^            - name: HOME$|            - name: DATABASE_URL\n              value: "postgres://chatgate@db:5432/chatgate"\n            - name: HOME|' "$default" \
     "DATABASE_URL must be set exactly once, found 2" "$PY" "$CHECKER" manifests
-# A secret as a file: readable by an unsandboxed CLI running as the gateway's uid.
-step "contract checks refuse a secret file (*_FILE)" \
+# A secret as a file: readable by an unsandboxed CLI running as the gateway's uid, so refused
+# unless every CLI runs in bubblewrap (CHATGATE_SANDBOX=bwrap; the default values have auto).
+step "contract checks refuse a secret file (*_FILE) without CHATGATE_SANDBOX=bwrap" \
     mutate_and_expect 's|^            - name: HOME$|            - name: CHATGATE_JWT_SECRET_FILE\n              value: /var/run/secrets/chatgate/jwt-secret\n            - name: HOME|' "$default" \
     "CHATGATE_JWT_SECRET_FILE is set: a secret file is readable" "$PY" "$CHECKER" manifests
+# auth.mountAsFiles (ci/secret-files-values.yaml): the files and no secret variable, accepted by
+# the contract checks above; refused once the sandbox is optional (the env entry that pins
+# CHATGATE_SANDBOX wins over the ConfigMap), beside its variable, or where a sandbox binds it.
+files="$WORK/rendered/helm-secret-files-values.yaml"
+secret_files_rendered() {
+    local var
+    for var in CHATGATE_JWT_SECRET_FILE REDIS_URL_FILE DATABASE_URL_FILE CHATGATE_REDIS_TLS_KEY_FILE; do
+        grep -q "^            - name: $var\$" "$files" || { echo "$var is not set"; return 1; }
+    done
+    for var in CHATGATE_JWT_SECRET REDIS_URL DATABASE_URL CHATGATE_REDIS_TLS_KEY; do
+        if grep -q "^            - name: $var\$" "$files"; then echo "$var is still set"; return 1; fi
+    done
+    grep -q '^            defaultMode: 256  # 0400$' "$files" || { echo "no projected volume with mode 0400"; return 1; }
+    echo "the secrets are files of the read-only volume gateway-secrets, none is a variable"
+}
+step "helm template -f ci/secret-files-values.yaml sets *_FILE variables, no secret variable" secret_files_rendered
+step "contract checks refuse the secret files with CHATGATE_SANDBOX=auto" \
+    mutate_and_expect 's/^              value: "bwrap"$/              value: "auto"/' "$files" \
+    "CHATGATE_JWT_SECRET_FILE is set: a secret file is readable" "$PY" "$CHECKER" manifests
+step "contract checks refuse a secret file beside its variable" \
+    mutate_and_expect 's|^            - name: HOME$|            - name: DATABASE_URL\n              valueFrom:\n                secretKeyRef:\n                  name: chatgate-db-app\n                  key: uri\n            - name: HOME|' "$files" \
+    "DATABASE_URL_FILE and DATABASE_URL are both set" "$PY" "$CHECKER" manifests
+step "contract checks refuse secret files a sandbox binds (CHATGATE_SANDBOX_RO_PATHS)" \
+    mutate_and_expect 's|^  CHATGATE_SANDBOX_RO_PATHS: "/opt/tools"$|  CHATGATE_SANDBOX_RO_PATHS: "/opt/tools,/var/run/secrets"|' "$files" \
+    "the CLIs would see it" "$PY" "$CHECKER" manifests
+step "contract checks refuse kustomize's secret-files without CHATGATE_SANDBOX=bwrap" \
+    mutate_and_expect 's/^          value: bwrap$/          value: auto/' "$WORK/rendered/kustomize-sandboxed-example.yaml" \
+    "REDIS_URL_FILE is set: a secret file is readable" "$PY" "$CHECKER" manifests
 step "contract checks refuse a missing secret" \
     mutate_and_expect '/^            - name: CHATGATE_JWT_SECRET$/,/^                  key: jwt-secret$/d' "$default" \
     "CHATGATE_JWT_SECRET must be set exactly once, found 0" "$PY" "$CHECKER" manifests

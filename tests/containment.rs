@@ -8,8 +8,11 @@
 //! `--run-processes`, to allocate past `--run-memory` and to write past
 //! `--run-file-size`, and reports what it got. Every attempt must fail, no secret may
 //! reach the stream or the history, and B's concurrent run and the node must not
-//! notice. Also: per-user workspace roots (`--workspace-layout per-user`), start
-//! refusals, and `--max-runs` (`NODE_BUSY`).
+//! notice. The secrets may also be files mounted like a Kubernetes Secret volume (the
+//! chart's `auth.mountAsFiles`): under bubblewrap the CLI must not reach them by any
+//! path, and without a sandbox it does (why the manifests require bwrap for them).
+//! Also: per-user workspace roots (`--workspace-layout per-user`), start refusals, and
+//! `--max-runs` (`NODE_BUSY`).
 
 mod common;
 
@@ -66,6 +69,66 @@ enum SecretIn {
     FileNextToCli,
     /// `--jwt-secret-file`, the file in a directory of its own.
     File,
+    /// Every secret a file of a directory laid out like a Kubernetes Secret volume
+    /// ([`SecretMount`]) outside the workspaces, named in the node's environment by
+    /// `CHATGATE_JWT_SECRET_FILE`, `DATABASE_URL_FILE` and (cluster mode) `REDIS_URL_FILE`,
+    /// with none of the secret variables set: the chart's `auth.mountAsFiles`.
+    MountedFiles,
+}
+
+/// A directory shaped like the kubelet's Secret volumes: the files live in a timestamped
+/// directory, `..data` links to it, and each name links through `..data` (the kubelet
+/// swaps `..data` to update them). Readable by anyone (0444): only the sandbox's view of
+/// the filesystem may keep a CLI from them.
+#[derive(Debug, Clone)]
+struct SecretMount {
+    /// The mount point (like `/var/run/secrets/chatgate`).
+    dir: PathBuf,
+    /// The timestamped directory `..data` points at.
+    data_dir: PathBuf,
+    /// The file names in it.
+    files: Vec<String>,
+}
+
+impl SecretMount {
+    fn make(dir: PathBuf, files: &[(&str, &str)]) -> SecretMount {
+        let data_dir = dir.join("..2025_01_01_00_00_00.000000001");
+        std::fs::create_dir_all(&data_dir).unwrap();
+        for (name, value) in files {
+            let path = data_dir.join(name);
+            std::fs::write(&path, value).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).unwrap();
+            std::os::unix::fs::symlink(Path::new("..data").join(name), dir.join(name)).unwrap();
+        }
+        std::os::unix::fs::symlink(data_dir.file_name().unwrap(), dir.join("..data")).unwrap();
+        SecretMount { dir, data_dir, files: files.iter().map(|(name, _)| name.to_string()).collect() }
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    /// Every way a CLI might name each file: by its path, through `..data`, in the
+    /// timestamped directory, and through the `/proc/<pid>/root` of the sandbox's init, its
+    /// own and the gateway's (whose host pid it is told).
+    fn reads(&self, gateway_pid: u32) -> BTreeMap<String, PathBuf> {
+        let mut reads = BTreeMap::new();
+        for file in &self.files {
+            let key = file.replace('-', "_");
+            let path = self.path(file);
+            let relative = path.strip_prefix("/").unwrap();
+            reads.insert(format!("mounted_{key}"), path.clone());
+            reads.insert(format!("mounted_data_{key}"), self.dir.join("..data").join(file));
+            reads.insert(format!("mounted_timestamped_{key}"), self.data_dir.join(file));
+            reads.insert(format!("via_proc_1_root_{key}"), Path::new("/proc/1/root").join(relative));
+            reads.insert(format!("via_proc_self_root_{key}"), Path::new("/proc/self/root").join(relative));
+            reads.insert(
+                format!("via_gateway_root_{key}"),
+                Path::new(&format!("/proc/{gateway_pid}/root")).join(relative),
+            );
+        }
+        reads
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -95,6 +158,8 @@ struct Gateway {
     cli_dir: PathBuf,
     sqlite: Option<PathBuf>,
     secret_file: Option<PathBuf>,
+    /// With [`SecretIn::MountedFiles`]: the directory of every secret file.
+    secret_mount: Option<SecretMount>,
     jwt_secret: String,
     /// name -> value that must never reach a provider CLI, the stream or history.
     secrets: BTreeMap<String, String>,
@@ -167,6 +232,7 @@ impl Gateway {
                 env.push(("CHATGATE_JWT_SECRET".into(), jwt_secret.clone()));
                 None
             }
+            SecretIn::MountedFiles => None,
             SecretIn::FileNextToCli | SecretIn::File => {
                 let path = if variant.secret == SecretIn::File {
                     std::fs::create_dir_all(root.join("secrets")).unwrap();
@@ -196,13 +262,34 @@ impl Gateway {
             None => pg_url(),
         };
         secrets.insert("database_url".into(), database_url.clone());
-        env.push(("DATABASE_URL".into(), database_url));
-        if variant.cluster {
-            let redis = redis_url();
+        let redis = variant.cluster.then(redis_url);
+        if let Some(redis) = &redis {
             secrets.insert("redis_url".into(), redis.clone());
-            env.push(("REDIS_URL".into(), redis));
             args.extend([os("--node-id"), os(format!("containment-{}", &nonce[..8]))]);
         }
+        let (secret_file, secret_mount) = if variant.secret == SecretIn::MountedFiles {
+            // Only paths in the environment; the values live in the files (a trailing
+            // newline, as `kubectl create secret --from-file` often leaves one).
+            let mut files =
+                vec![("jwt-secret", format!("{jwt_secret}\n")), ("database-url", format!("{database_url}\n"))];
+            if let Some(redis) = &redis {
+                files.push(("redis-url", format!("{redis}\n")));
+            }
+            let files: Vec<(&str, &str)> = files.iter().map(|(name, value)| (*name, value.as_str())).collect();
+            let mount = SecretMount::make(root.join("secret-mount"), &files);
+            env.push(("CHATGATE_JWT_SECRET_FILE".into(), mount.path("jwt-secret").display().to_string()));
+            env.push(("DATABASE_URL_FILE".into(), mount.path("database-url").display().to_string()));
+            if redis.is_some() {
+                env.push(("REDIS_URL_FILE".into(), mount.path("redis-url").display().to_string()));
+            }
+            (Some(mount.path("jwt-secret")), Some(mount))
+        } else {
+            env.push(("DATABASE_URL".into(), database_url));
+            if let Some(redis) = redis {
+                env.push(("REDIS_URL".into(), redis));
+            }
+            (secret_file, None)
+        };
 
         // An unrelated variable of the node's environment (must not be inherited),
         // and the two ways an operator hands a variable to the CLIs (must arrive).
@@ -230,6 +317,7 @@ impl Gateway {
             cli_dir,
             sqlite,
             secret_file,
+            secret_mount,
             jwt_secret,
             secrets,
             provider_env,
@@ -424,8 +512,14 @@ struct Attack {
 }
 
 /// Runs the hostile CLI as user A (attacks `attacks`, all when None) while user B
-/// streams a paced script run on its own socket; then B runs once more.
+/// streams a paced script run on its own socket; then B runs once more. Under bwrap the
+/// CLI puts what it read into its report (so into A's stream).
 async fn attack(gw: &Gateway, attacks: Option<&[&str]>) -> Attack {
+    attack_exfiltrating(gw, attacks, gw.variant.sandbox == "bwrap").await
+}
+
+/// [`attack`], the CLI putting what it read into A's stream when `exfiltrate`.
+async fn attack_exfiltrating(gw: &Gateway, attacks: Option<&[&str]>, exfiltrate: bool) -> Attack {
     let _one_at_a_time = HOSTILE_RUNS.lock().await;
     let nonce = uuid::Uuid::new_v4().simple().to_string();
     let (a, b) = (user(), user());
@@ -474,15 +568,21 @@ async fn attack(gw: &Gateway, attacks: Option<&[&str]>) -> Attack {
     if let Some(file) = &gw.secret_file {
         reads.insert("jwt_secret_file".into(), file.clone());
     }
+    if let Some(mount) = &gw.secret_mount {
+        reads.extend(mount.reads(gw.node.pid().expect("gateway runs")));
+    }
     reads.insert("b_workspace_file".into(), b_file.clone());
     reads.insert("b_home_file".into(), b_home_file.clone());
-    let lists: BTreeMap<&str, &Path> = [
+    let mut lists: BTreeMap<&str, &Path> = [
         ("workspaces_root", gw.workspaces.as_path()),
         ("homes_root", gw.homes.as_path()),
         ("b_root", b_root.as_path()),
         ("b_home", b_home.as_path()),
     ]
     .into();
+    if let Some(mount) = &gw.secret_mount {
+        lists.insert("secret_mount", mount.dir.as_path());
+    }
     let file = format!("hostile-{nonce}");
     let writes: BTreeMap<String, PathBuf> = [
         ("workspaces_root", gw.workspaces.join(&file)),
@@ -507,7 +607,7 @@ async fn attack(gw: &Gateway, attacks: Option<&[&str]>) -> Attack {
         "reads": reads,
         "lists": lists,
         "writes": writes,
-        "exfiltrate": gw.variant.sandbox == "bwrap",
+        "exfiltrate": exfiltrate,
         "attacks": attacks.unwrap_or(&default_attacks),
         "memory_bytes": 6u64 << 30,
         "memory_touch": RUN_MEMORY + (RUN_MEMORY >> 2),
@@ -814,6 +914,27 @@ fn metric(page: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
 }
 
+/// With the secrets as files, the gateway's own environment names the files and holds no
+/// secret value (read as the test's root, past the gateway's non-dumpable flag).
+fn check_gateway_environment(c: &mut Checks, gw: &Gateway) {
+    let Some(mount) = &gw.secret_mount else { return };
+    let pid = gw.node.pid().expect("gateway runs");
+    match std::fs::read(format!("/proc/{pid}/environ")) {
+        Ok(environ) => {
+            let environ = String::from_utf8_lossy(&environ);
+            // The gateway's own secrets (the canary is in its environment on purpose).
+            for name in ["jwt_secret", "database_url", "redis_url"] {
+                let Some(value) = gw.secrets.get(name) else { continue };
+                c.check(!environ.contains(value.as_str()), format!("the gateway's environment holds {name}"));
+            }
+            let jwt_file = format!("CHATGATE_JWT_SECRET_FILE={}", mount.path("jwt-secret").display());
+            c.check(environ.contains(&jwt_file), format!("the gateway's environment lacks {jwt_file}"));
+        }
+        // Not root (no CAP_SYS_PTRACE): the CLI's side of the attack still counts.
+        Err(e) => eprintln!("the gateway's environment is unreadable here ({e}); not checked"),
+    }
+}
+
 /// The full attack under bubblewrap, every check.
 async fn hostile_run_is_contained(variant: Variant) {
     let mut gw = Gateway::start(variant).await;
@@ -822,6 +943,7 @@ async fn hostile_run_is_contained(variant: Variant) {
     check_environment(&mut c, &gw, &at, Path::new("/tmp"));
     check_nothing_leaked(&mut c, &at);
     check_contained(&mut c, &gw, &at);
+    check_gateway_environment(&mut c, &gw);
     let complete = complete_of(&at.a_frames, at.a_frames.last().unwrap()["sessionId"].as_str().unwrap());
     c.check(complete["exitCode"] == 0, format!("the hostile run ended {complete}"));
     check_bystander_and_node(&mut c, &mut gw, &at).await;
@@ -855,6 +977,40 @@ async fn bwrap_contains_a_hostile_cli_postgres_secret_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bwrap_contains_a_hostile_cli_cluster_mode() {
     hostile_run_is_contained(Variant { cluster: true, ..Variant::bwrap(Db::Postgres, SecretIn::Env) }).await;
+}
+
+/// The secrets as files mounted like a Kubernetes Secret volume outside the workspaces
+/// (the chart's `auth.mountAsFiles`, kustomize's `components/secret-files`), cluster mode,
+/// PostgreSQL: the CLI reads each file by its path, through `..data`, in the timestamped
+/// directory and through `/proc/1/root`, `/proc/self/root` and `/proc/<gateway>/root`,
+/// lists the directory and searches every `/proc/*/environ`; it gets nothing, no secret
+/// byte reaches A's stream or history, and the gateway's environment holds none either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bwrap_contains_a_hostile_cli_secrets_mounted_as_files() {
+    hostile_run_is_contained(Variant { cluster: true, ..Variant::bwrap(Db::Postgres, SecretIn::MountedFiles) }).await;
+}
+
+/// Why the manifests accept secret files only with `CHATGATE_SANDBOX=bwrap`: without a
+/// sandbox the same CLI (root without capabilities here; in a pod, the gateway's uid)
+/// simply reads the mounted files, and the secrets reach A's stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_sandbox_mounted_secret_files_reach_the_stream() {
+    let variant = Variant { sandbox: "none", cluster: true, ..Variant::bwrap(Db::Postgres, SecretIn::MountedFiles) };
+    let gw = Gateway::start(variant).await;
+    let at = attack_exfiltrating(&gw, Some(&["read"]), true).await;
+    let mut c = Checks::default();
+    check_nothing_leaked(&mut c, &at);
+    let found = c.0.join("\n");
+    for want in [
+        "reading jwt_secret_file",
+        "reading mounted_database_url",
+        "reading mounted_redis_url",
+        "secret jwt_secret reached user A's stream",
+        "secret database_url reached user A's stream",
+        "secret redis_url reached user A's stream",
+    ] {
+        assert!(found.contains(want), "{want:?} did not happen without a sandbox; what did:\n{found}");
+    }
 }
 
 /// `--sandbox none` (the CLI runs as root here, so it can read what root can): the

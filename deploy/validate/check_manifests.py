@@ -7,8 +7,9 @@ what ties them together and to the gateway's contract (README.md "Configuration"
   manifests FILE...   rendered manifests (helm template / kustomize build output): selectors
                       match pods, references resolve, probes, drain timing, env names,
                       restricted security context (or exactly the bubblewrap opt-in), each
-                      secret exactly once as an env var from a secretKeyRef (never a file, a
-                      literal or an argument; the Redis TLS PEM variables likewise), a
+                      secret exactly once as an env var from a secretKeyRef (never a literal
+                      or an argument, and a file only with every CLI in bubblewrap; the Redis
+                      TLS PEM variables likewise), a
                       known Redis mode with URLs that fit it (and rediss:// with TLS), the
                       image's entrypoint kept, WebSocket-safe ingress timeouts; HTTPRoute
                       backends and timeouts, PrometheusRule alerts, NetworkPolicy selectors
@@ -71,12 +72,20 @@ REDIS_TLS_VARS = (
 KNOWN_ENV |= {REDIS_MODE_ENV, REDIS_SENTINEL_MASTER_ENV} | {v for pair in REDIS_TLS_VARS for v in pair}
 # The gateway's secrets: (the variable, its *_FILE form). The manifests set the variable from a
 # secretKeyRef: the gateway is non-dumpable, so an unsandboxed CLI of the same uid cannot read
-# its environment, whereas it could read a mounted secret file. The *_FILE forms are refused.
+# its environment, whereas it could read a mounted secret file. The *_FILE form is accepted only
+# where no CLI runs unsandboxed (CHATGATE_SANDBOX=bwrap, pinned as a literal env entry or in the
+# output's ConfigMaps) and the file lies in a read-only Secret volume mount that no sandbox binds
+# (SANDBOX_BOUND_DIRS, the workspaces and homes roots, CHATGATE_SANDBOX_RO_PATHS), never beside
+# the variable (the helm value auth.mountAsFiles, the kustomize component secret-files).
 SECRET_VARS = (
     ("CHATGATE_JWT_SECRET", "CHATGATE_JWT_SECRET_FILE"),
     ("REDIS_URL", "REDIS_URL_FILE"),
     ("DATABASE_URL", "DATABASE_URL_FILE"),
 )
+# What every bubblewrap sandbox binds from the gateway's filesystem besides the project, the
+# user's home and the operator's CHATGATE_SANDBOX_RO_PATHS (src/runtime/sandbox/bwrap.rs
+# SYSTEM_DIRS; /tmp, /proc and /dev are the sandbox's own): a secret file must lie outside them.
+SANDBOX_BOUND_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt")
 # Flags that take a secret's value (their *-file forms are fine).
 SECRET_FLAGS = ("--jwt-secret", "--redis-url", "--database-url", "--redis-tls-key", "--redis-tls-cert", "--redis-tls-ca")
 # A URL with a password in it: scheme://user:password@host
@@ -168,6 +177,30 @@ def secret_mounts(container, spec):
     return mounts
 
 
+def secret_sources(volume):
+    """(Secret name, items or None for every key) of a Secret volume, or of each Secret source of
+    a projected volume."""
+    if "secret" in volume:
+        source = volume.get("secret") or {}
+        return [(source.get("secretName"), source.get("items"))]
+    sources = (volume.get("projected", {}) or {}).get("sources", []) or []
+    return [((s.get("secret") or {}).get("name"), (s.get("secret") or {}).get("items")) for s in sources if "secret" in s]
+
+
+def secret_item(volume, relative):
+    """{name, key} of the Secret a volume's file `relative` comes from (None when no Secret
+    source projects that path; key None when a source mounts a whole Secret and may hold it)."""
+    whole = None
+    for secret_name, items in secret_sources(volume):
+        if items is None:
+            whole = whole or {"name": secret_name, "key": relative if "/" not in relative else None}
+            continue
+        for item in items:
+            if item.get("path") == relative:
+                return {"name": secret_name, "key": item.get("key")}
+    return whole
+
+
 def secret_file_problem(path, container, spec):
     """Why `path` is not a file of a read-only Secret volume mount (None when it is)."""
     if not path or not path.startswith("/"):
@@ -177,11 +210,64 @@ def secret_file_problem(path, container, spec):
             if not read_only:
                 return f"{path} is in the Secret volume {volume.get('name')}, mounted without readOnly: true"
             relative = path[len(mount_path) + 1:]
-            items = (volume.get("secret", {}) or {}).get("items")
-            if items is not None and relative not in {i.get("path") for i in items}:
+            if secret_item(volume, relative) is None:
                 return f"{path}: the Secret volume {volume.get('name')} has no item with path {relative}"
             return None
     return f"{path} is not inside a read-only Secret volume mount"
+
+
+def secret_file_ref(path, container, spec):
+    """{name, key} of the Secret behind a file of a Secret volume mount, None when unknown."""
+    for mount_path, (volume, _, sub_path) in secret_mounts(container, spec).items():
+        if path and path.startswith(mount_path + "/") and not sub_path:
+            return secret_item(volume, path[len(mount_path) + 1:])
+    return None
+
+
+def effective_env_value(var, env, container, configmaps):
+    """The value Kubernetes gives `var` in the container: a literal `env` entry (the last of that
+    name) wins over every envFrom source, a later source over an earlier one. None when the
+    output cannot tell: a valueFrom entry, or an envFrom source that is not a ConfigMap of the
+    output and could hold it."""
+    if var in env:
+        return env[var].get("value")
+    value = None
+    for source in container.get("envFrom", []) or []:
+        ref = (source.get("configMapRef", {}) or {}).get("name")
+        if ref not in configmaps:
+            return None
+        data = configmaps[ref].get("data", {}) or {}
+        prefix = source.get("prefix", "")
+        if var.startswith(prefix) and var[len(prefix):] in data:
+            value = data[var[len(prefix):]]
+    return value
+
+
+def secret_file_refusal(plain_var, file_var, entry, sandbox, bound, container, spec):
+    """Why the secret file `file_var` is refused, None when it is acceptable: only when every CLI
+    runs in bubblewrap (`sandbox` is bwrap), as a literal path inside a read-only Secret volume
+    mount, and off every directory a sandbox binds (`bound`)."""
+    if sandbox != "bwrap":
+        return (f"{file_var} is set: a secret file is readable by an unsandboxed CLI of the gateway's uid;"
+                f" set {plain_var} from a secretKeyRef (the gateway is non-dumpable), or require the sandbox:"
+                f" CHATGATE_SANDBOX=bwrap, here {sandbox or 'unknown'}")
+    path = entry.get("value")
+    if not isinstance(path, str) or "valueFrom" in entry:
+        return f"{file_var} must be a literal path"
+    problem = secret_file_problem(path, container, spec)
+    if problem is not None:
+        return f"{file_var}: {problem}"
+
+    def norm(p):  # /var/run is a link to /run in the image
+        p = p.rstrip("/")
+        return p[len("/var"):] if p == "/var/run" or p.startswith("/var/run/") else p
+
+    directory = norm(path.rsplit("/", 1)[0])
+    for dir_ in bound:
+        b = norm(dir_)
+        if b == "" or directory == b or directory.startswith(b + "/") or b.startswith(directory + "/"):
+            return f"{file_var}: {path} is where every sandbox binds {dir_}: the CLIs would see it"
+    return None
 
 
 def secret_value(secrets, ref):
@@ -198,15 +284,20 @@ def secret_value(secrets, ref):
         return None
 
 
-def check_secret_placement(report, name, plain_var, file_var, config_env, env, env_list):
-    """A secret is an env var of the Deployment, never in the ConfigMap or as a file (readable by
-    an unsandboxed CLI of the gateway's uid); returns the env entries that set it."""
+def check_secret_placement(report, name, plain_var, file_var, config_env, env_list, file_refusal):
+    """A secret is an env var of the Deployment, never in the ConfigMap; a file (readable by an
+    unsandboxed CLI of the gateway's uid) only where `file_refusal` finds nothing against it, and
+    never beside the variable. Returns the env entries that set the variable and the file's."""
     report.check(plain_var not in config_env and file_var not in config_env,
                  f"{name}: {plain_var}/{file_var} belong to the Deployment's secretKeyRef env, not the ConfigMap")
-    report.check(file_var not in env,
-                 f"{name}: {file_var} is set: a secret file is readable by an unsandboxed CLI of the gateway's uid;"
-                 f" set {plain_var} from a secretKeyRef (the gateway is non-dumpable)")
-    return [e for e in env_list if e.get("name") == plain_var]
+    entries = [e for e in env_list if e.get("name") == plain_var]
+    files = [e for e in env_list if e.get("name") == file_var]
+    if files:
+        problem = file_refusal(plain_var, file_var, files[-1])
+        report.check(problem is None, f"{name}: {problem}")
+        report.check(len(files) == 1, f"{name}: {file_var} must be set at most once, found {len(files)}")
+        report.check(not entries, f"{name}: {file_var} and {plain_var} are both set (the file wins): set one")
+    return entries, files
 
 
 def check_from_secret_key_ref(report, name, plain_var, entry, env_list=()):
@@ -226,11 +317,11 @@ def check_from_secret_key_ref(report, name, plain_var, entry, env_list=()):
                  f"{name}: {plain_var} must come from a secretKeyRef, not a literal or another source")
 
 
-def check_redis(report, name, env, env_list, config_env, secrets):
+def check_redis(report, name, env, env_list, config_env, secrets, file_refusal, container, spec):
     """Redis topology and TLS settings: a known mode, the sentinel master only in sentinel mode,
-    the TLS PEM variables only from a secretKeyRef (never a file, a literal or the ConfigMap),
-    a client certificate together with its key, and, when the REDIS_URL Secret is in the output,
-    URLs that fit the mode and the TLS setting."""
+    the TLS PEM variables only from a secretKeyRef (never a literal or the ConfigMap; a file as
+    `file_refusal` allows), a client certificate together with its key, and, when the REDIS_URL
+    Secret is in the output, URLs that fit the mode and the TLS setting."""
 
     def plain(var):
         return config_env.get(var, env.get(var, {}).get("value"))
@@ -248,7 +339,9 @@ def check_redis(report, name, env, env_list, config_env, secrets):
 
     tls_set = set()
     for plain_var, file_var in REDIS_TLS_VARS:
-        entries = check_secret_placement(report, name, plain_var, file_var, config_env, env, env_list)
+        entries, files = check_secret_placement(report, name, plain_var, file_var, config_env, env_list, file_refusal)
+        if files:
+            tls_set.add(plain_var)
         if not entries:
             continue
         tls_set.add(plain_var)
@@ -258,6 +351,8 @@ def check_redis(report, name, env, env_list, config_env, secrets):
                  f"{name}: CHATGATE_REDIS_TLS_CERT and CHATGATE_REDIS_TLS_KEY go together (a client certificate and its key)")
 
     ref = (env.get("REDIS_URL", {}).get("valueFrom", {}) or {}).get("secretKeyRef")
+    if "REDIS_URL" not in env and "REDIS_URL_FILE" in env:
+        ref = secret_file_ref(env["REDIS_URL_FILE"].get("value"), container, spec)
     url = secret_value(secrets, ref) if ref else env.get("REDIS_URL", {}).get("value")
     if url is None:
         return  # an existing Secret made out of band: nothing to check here
@@ -300,10 +395,23 @@ def check_gateway(report, doc, configmaps, secret_values=(), secrets=None):
         node_id.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name",
         f"{name}: CHATGATE_NODE_ID must be the pod name (downward API metadata.name)",
     )
-    # Secrets: each exactly once, as an env var from a secretKeyRef; never a file (readable by an
-    # unsandboxed CLI of the gateway's uid), a literal, the ConfigMap or an argument.
+    # Secrets: each exactly once, as an env var from a secretKeyRef; never a literal, the ConfigMap
+    # or an argument, and a file (readable by an unsandboxed CLI of the gateway's uid) only with
+    # every CLI in bubblewrap, from a read-only Secret volume that no sandbox binds.
+    sandbox = effective_env_value("CHATGATE_SANDBOX", env, container, configmaps)
+    if any(str(w).split("=", 1)[0] in ("--sandbox", "--sandbox-ro-paths") for w in (container.get("args") or [])):
+        sandbox = None  # an argument wins over the environment: set them in CHATGATE_SANDBOX*
+    ro_paths = effective_env_value("CHATGATE_SANDBOX_RO_PATHS", env, container, configmaps) or ""
+    bound = list(SANDBOX_BOUND_DIRS) + [p for p in ro_paths.split(",") if p.strip()] + [
+        config_env.get(v) or "/data" for v in ("CHATGATE_WORKSPACES_ROOT", "CHATGATE_HOMES_ROOT")]
+
+    def file_refusal(plain_var, file_var, entry):
+        return secret_file_refusal(plain_var, file_var, entry, sandbox, bound, container, spec)
+
     for plain_var, file_var in SECRET_VARS:
-        entries = check_secret_placement(report, name, plain_var, file_var, config_env, env, env_list)
+        entries, files = check_secret_placement(report, name, plain_var, file_var, config_env, env_list, file_refusal)
+        if files:
+            continue
         if report.check(len(entries) == 1, f"{name}: {plain_var} must be set exactly once, found {len(entries)}"):
             check_from_secret_key_ref(report, name, plain_var, entries[0], env_list)
     if REDIS_PASSWORD_VAR in env:
@@ -327,7 +435,7 @@ def check_gateway(report, doc, configmaps, secret_values=(), secrets=None):
     for var, value in config_env.items():
         report.check(URL_WITH_PASSWORD.search(str(value)) is None, f"{name}: ConfigMap {var} holds a URL with a literal password")
         report.check(PEM_BLOCK.search(str(value)) is None, f"{name}: ConfigMap {var} holds a PEM certificate or key")
-    check_redis(report, name, env, env_list, config_env, secrets or {})
+    check_redis(report, name, env, env_list, config_env, secrets or {}, file_refusal, container, spec)
 
     # The command line: `args` only (the image's entrypoint is tini, PID 1), and no secret in it.
     report.check("command" not in container, f"{name}: the chatgate container must not set `command` (it would replace the tini entrypoint)")
@@ -464,11 +572,11 @@ def check_manifests(path):
             claim = volume.get("persistentVolumeClaim", {}).get("claimName")
             if claim and claims:
                 report.check(claim in claims, f"{name}: claim {claim} is not in the output")
-            secret_volume = volume.get("secret") or {}
-            if secret_volume.get("secretName") in secrets:
-                data = secrets[secret_volume["secretName"]].get("data", {}) or {}
-                for item in secret_volume.get("items", []) or []:
-                    report.check(item.get("key") in data, f"{name}: Secret {secret_volume['secretName']} has no key {item.get('key')}")
+            for secret_name, items in secret_sources(volume):
+                if secret_name in secrets:
+                    data = secrets[secret_name].get("data", {}) or {}
+                    for item in items or []:
+                        report.check(item.get("key") in data, f"{name}: Secret {secret_name} has no key {item.get('key')}")
         if gateway_container(doc) is not None:
             check_gateway(report, doc, configmaps, secret_values, secrets)
 

@@ -283,3 +283,57 @@ The container port serving /metrics, /healthz and /readyz: the internal one when
 {{- define "chatgate.operationsPort" -}}
 {{- if .Values.internalPort -}}internal{{- else -}}http{{- end -}}
 {{- end }}
+
+{{/* Where auth.mountAsFiles mounts the gateway's own secrets (read-only; no sandbox binds it). */}}
+{{- define "chatgate.gatewaySecretsDir" -}}/var/run/secrets/chatgate{{- end }}
+
+{{/*
+auth.mountAsFiles: the gateway's secret files as YAML {files: [{var, file, name, key}]}: the *_FILE
+variable, the file's name in chatgate.gatewaySecretsDir, and the Secret and key it is projected
+from (the same sources as the variables: *Ref, existingSecret, the chart's Secret; redisTls). Fails
+unless every provider CLI runs under bubblewrap (sandbox.mode bwrap): an unsandboxed CLI runs as
+the gateway's uid and could read the files, whereas bubblewrap binds neither their directory nor
+the gateway's /proc (src/runtime/sandbox/bwrap.rs). Fails too for what a file cannot hold (the
+REDIS_URL that Kubernetes composes with auth.redisPasswordRef) and for a sandbox.roPaths entry
+that would bind the directory into every sandbox.
+*/}}
+{{- define "chatgate.secretFiles" -}}
+{{- $dir := include "chatgate.gatewaySecretsDir" . }}
+{{- if ne .Values.sandbox.mode "bwrap" }}
+{{- fail (printf "auth.mountAsFiles needs sandbox.mode=bwrap (it is %s): without bubblewrap a provider CLI runs as the gateway's uid and could read the secret files under %s; bubblewrap shows a CLI neither that directory nor the gateway's /proc. Set sandbox.mode=bwrap (with sandbox.podSettings or a runtime that allows it), or leave auth.mountAsFiles off (the secrets then stay environment variables of the non-dumpable gateway)" .Values.sandbox.mode $dir) }}
+{{- end }}
+{{- range .Values.sandbox.roPaths }}
+{{- $path := trimSuffix "/" . }}
+{{- range list $dir (trimPrefix "/var" $dir) }}
+{{- if or (eq $path "") (eq $path .) (hasPrefix (printf "%s/" $path) .) (hasPrefix (printf "%s/" .) $path) }}
+{{- fail (printf "auth.mountAsFiles: sandbox.roPaths entry %s would bind the secret files (%s) into every sandbox" $path .) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- range .Values.extraEnv }}
+{{- if eq .name "CHATGATE_SANDBOX" }}
+{{- fail "auth.mountAsFiles pins CHATGATE_SANDBOX=bwrap: leave CHATGATE_SANDBOX out of extraEnv (set sandbox.mode)" }}
+{{- end }}
+{{- end }}
+{{- $jwt := include "chatgate.jwtSecretSource" . | fromYaml }}
+{{- $redis := include "chatgate.redisUrlSource" . | fromYaml }}
+{{- $db := include "chatgate.databaseUrlSource" . | fromYaml }}
+{{- if $redis.composed }}
+{{- fail "auth.mountAsFiles does not combine with auth.redisPasswordRef: Kubernetes composes that REDIS_URL from an environment variable, and a file holds a whole URL. Put the URL, password included, in a Secret (auth.redisUrlRef or auth.existingSecret)" }}
+{{- end }}
+{{- $files := list }}
+{{- $files = append $files (dict "var" "CHATGATE_JWT_SECRET_FILE" "file" "jwt-secret" "name" $jwt.name "key" $jwt.key) }}
+{{- $files = append $files (dict "var" "REDIS_URL_FILE" "file" "redis-url" "name" $redis.name "key" $redis.key) }}
+{{- $files = append $files (dict "var" "DATABASE_URL_FILE" "file" "database-url" "name" $db.name "key" $db.key) }}
+{{- with .Values.redisTls }}
+{{- if .existingSecret }}
+{{- range $file, $key := dict "redis-tls-ca" .caKey "redis-tls-cert" .certKey "redis-tls-key" .keyKey }}
+{{- if $key }}
+{{- $var := printf "CHATGATE_%s_FILE" ($file | upper | replace "-" "_") }}
+{{- $files = append $files (dict "var" $var "file" $file "name" $.Values.redisTls.existingSecret "key" $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- dict "files" $files | toYaml }}
+{{- end }}
