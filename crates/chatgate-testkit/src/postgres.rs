@@ -169,10 +169,28 @@ local all all trust
 hostssl all all 127.0.0.0/8 trust
 ";
 
+/// `program` run as the `postgres` user; the server programs (`initdb`, `postgres`, `pg_ctl`)
+/// are found on `PATH`, else in the newest `/usr/lib/postgresql/<version>/bin` (Debian keeps
+/// them there, off `PATH`).
 fn as_postgres(program: &str) -> Command {
     let mut cmd = Command::new("runuser");
-    cmd.args(["-u", "postgres", "--", program]);
+    cmd.args(["-u", "postgres", "--"]).arg(server_program(program));
     cmd
+}
+
+fn server_program(program: &str) -> PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| p.is_file()))
+        .unwrap_or_default();
+    if let Some(found) = on_path {
+        return found;
+    }
+    let versions = std::fs::read_dir("/usr/lib/postgresql").into_iter().flatten().flatten();
+    let newest = versions
+        .filter_map(|entry| Some((entry.file_name().to_str()?.parse::<u32>().ok()?, entry.path())))
+        .filter(|(_, dir)| dir.join("bin").join(program).is_file())
+        .max_by_key(|(version, _)| *version);
+    newest.map(|(_, dir)| dir.join("bin").join(program)).unwrap_or_else(|| PathBuf::from(program))
 }
 
 fn postgres_user() -> anyhow::Result<(u32, u32)> {
