@@ -17,7 +17,8 @@
 #                   secret once from a secretKeyRef and never a literal or an argument (the
 #                   Redis TLS PEM variables too), as a file only with CHATGATE_SANDBOX=bwrap from
 #                   a read-only Secret volume no sandbox binds (auth.mountAsFiles, secret-files),
-#                   Redis mode and URLs, entrypoint kept, ingress timeouts)
+#                   Redis mode and URLs, PostgreSQL's TLS variables (the CA a file on a read-only
+#                   volume), entrypoint kept, ingress timeouts)
 #                   — and proof that each checker fails on a broken input
 #   shell scripts   shellcheck
 #   local stack     deploy/local/test/selftest.sh with the stand-in node, on the shared Redis and on
@@ -408,6 +409,12 @@ step "contract checks refuse a comma list of Redis URLs in standalone mode" \
     "standalone mode takes one" "$PY" "$CHECKER" manifests
 step "chart refuses redisTls with a plain redis:// URL" \
     expect_failure "use rediss:// URLs" "$HELM" template chatgate "$CHART" --set redisTls.existingSecret=redis-tls --set redisTls.caKey=ca.crt
+step "chart refuses postgresTls with an sslmode in externalDatabase.url" \
+    expect_failure "keep them in postgresTls only" "$HELM" template chatgate "$CHART" --set postgresTls.sslMode=verify-full \
+    --set-string 'externalDatabase.url=postgres://chatgate@pg.internal:5432/chatgate?sslmode=disable'
+step "contract checks refuse PGSSLROOTCERT off its read-only volume" \
+    mutate_and_expect 's|/etc/chatgate/postgres-ca/ca.crt|/tmp/ca.crt|' "$WORK/rendered/helm-postgres-tls-values.yaml" \
+    "PGSSLROOTCERT (the PostgreSQL CA file)" "$PY" "$CHECKER" manifests
 step "contract checks refuse procMount Unmasked without a pod user namespace" \
     mutate_and_expect '/^      hostUsers: false$/d' "$WORK/rendered/helm-existing-secret-values.yaml" \
     "procMount Unmasked only for" "$PY" "$CHECKER" manifests

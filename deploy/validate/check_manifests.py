@@ -9,9 +9,10 @@ what ties them together and to the gateway's contract (README.md "Configuration"
                       restricted security context (or exactly the bubblewrap opt-in), each
                       secret exactly once as an env var from a secretKeyRef (never a literal
                       or an argument, and a file only with every CLI in bubblewrap; the Redis
-                      TLS PEM variables likewise), a
-                      known Redis mode with URLs that fit it (and rediss:// with TLS), the
-                      image's entrypoint kept, WebSocket-safe ingress timeouts; HTTPRoute
+                      TLS PEM variables likewise), a known Redis mode with URLs that fit it
+                      (and rediss:// with TLS), PostgreSQL's PGSSLMODE and PGSSLROOTCERT (a CA
+                      file on a read-only volume), the image's entrypoint kept, WebSocket-safe
+                      ingress timeouts; HTTPRoute
                       backends and timeouts, PrometheusRule alerts, NetworkPolicy selectors
                       and rules, the restricted `helm test` pod
   dockerfile DOCKERFILE DOCKERIGNORE
@@ -70,6 +71,12 @@ REDIS_TLS_VARS = (
     ("CHATGATE_REDIS_TLS_KEY", "CHATGATE_REDIS_TLS_KEY_FILE"),
 )
 KNOWN_ENV |= {REDIS_MODE_ENV, REDIS_SENTINEL_MASTER_ENV} | {v for pair in REDIS_TLS_VARS for v in pair}
+# PostgreSQL over TLS (issue 19): libpq's variables, read by the gateway's database driver.
+# PGSSLROOTCERT names the CA bundle, a file (public, not a secret) on a read-only ConfigMap or
+# Secret volume; PGSSLMODE is one of libpq's modes, verify-ca or verify-full with a CA (the other
+# modes ignore it).
+PG_SSL_MODES = {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}
+KNOWN_ENV |= {"PGSSLMODE", "PGSSLROOTCERT"}
 # The gateway's secrets: (the variable, its *_FILE form). The manifests set the variable from a
 # secretKeyRef: the gateway is non-dumpable, so an unsandboxed CLI of the same uid cannot read
 # its environment, whereas it could read a mounted secret file. The *_FILE form is accepted only
@@ -270,6 +277,44 @@ def secret_file_refusal(plain_var, file_var, entry, sandbox, bound, container, s
     return None
 
 
+def mounted_file_problem(path, container, spec):
+    """Why `path` is not a file of a read-only ConfigMap or Secret volume mount (None when it is)."""
+    if not path or not path.startswith("/"):
+        return f"{path!r} is not an absolute path"
+    volumes = {v.get("name"): v for v in spec.get("volumes", []) or []}
+    for mount in container.get("volumeMounts", []) or []:
+        mount_path = str(mount.get("mountPath", "")).rstrip("/")
+        if mount.get("subPath") or not path.startswith(mount_path + "/"):
+            continue
+        volume = volumes.get(mount.get("name"), {})
+        source = volume.get("configMap") or volume.get("secret")
+        if source is None:
+            return f"{path} is on the volume {mount.get('name')}, not a ConfigMap or Secret"
+        if mount.get("readOnly") is not True:
+            return f"{path} is on the volume {mount.get('name')}, mounted without readOnly: true"
+        relative = path[len(mount_path) + 1:]
+        items = source.get("items")
+        if items is not None and relative not in {i.get("path") for i in items}:
+            return f"{path}: the volume {mount.get('name')} has no item with path {relative}"
+        return None
+    return f"{path} is not inside a read-only ConfigMap or Secret volume mount"
+
+
+def check_postgres_tls(report, name, env, config_env, container, spec):
+    """PGSSLMODE a libpq mode; PGSSLROOTCERT a CA file on a read-only volume, with a verifying mode."""
+    def value(var):
+        return env[var].get("value") if var in env else config_env.get(var)
+
+    mode = value("PGSSLMODE")
+    if "PGSSLMODE" in env or "PGSSLMODE" in config_env:
+        report.check(mode in PG_SSL_MODES, f"{name}: PGSSLMODE {mode!r} is not one of libpq's sslmode values")
+    if "PGSSLROOTCERT" in env or "PGSSLROOTCERT" in config_env:
+        problem = mounted_file_problem(value("PGSSLROOTCERT"), container, spec)
+        report.check(problem is None, f"{name}: PGSSLROOTCERT (the PostgreSQL CA file): {problem}")
+        report.check(mode in ("verify-ca", "verify-full"),
+                     f"{name}: PGSSLROOTCERT is only used with PGSSLMODE verify-ca or verify-full, got {mode!r}")
+
+
 def secret_value(secrets, ref):
     """The decoded value a secretKeyRef points at, when that Secret is in the output (else None)."""
     secret = secrets.get((ref or {}).get("name"))
@@ -436,6 +481,7 @@ def check_gateway(report, doc, configmaps, secret_values=(), secrets=None):
         report.check(URL_WITH_PASSWORD.search(str(value)) is None, f"{name}: ConfigMap {var} holds a URL with a literal password")
         report.check(PEM_BLOCK.search(str(value)) is None, f"{name}: ConfigMap {var} holds a PEM certificate or key")
     check_redis(report, name, env, env_list, config_env, secrets or {}, file_refusal, container, spec)
+    check_postgres_tls(report, name, env, config_env, container, spec)
 
     # The command line: `args` only (the image's entrypoint is tini, PID 1), and no secret in it.
     report.check("command" not in container, f"{name}: the chatgate container must not set `command` (it would replace the tini entrypoint)")

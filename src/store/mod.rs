@@ -4,8 +4,11 @@
 //! queries use `$N` placeholders and portable types (TEXT, BIGINT), and the
 //! embedded migrations in `migrations/` run on either. Every session query is
 //! scoped by the owner's user id, so another user's session looks absent.
+//! PostgreSQL may be reached over TLS (libpq's `sslmode` and `sslrootcert`, see
+//! `store/postgres.rs`); a failed first connection names the server and the TLS problem.
 
 mod messages;
+mod postgres;
 mod sessions;
 
 use std::{str::FromStr, time::Duration};
@@ -23,6 +26,17 @@ pub use sessions::{LastRequest, NewSession, SessionRow};
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The first connection to PostgreSQL failed (`target` holds no password).
+    #[error("cannot connect to {target}: {problem}")]
+    Connect {
+        target: String,
+        problem: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The `sslrootcert` of a verifying `sslmode` cannot be used.
+    #[error("cannot connect to {target}: sslrootcert {path}: {problem}")]
+    RootCert { target: String, path: String, problem: String },
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
@@ -37,10 +51,15 @@ pub struct Store {
 }
 
 impl Store {
-    /// Connects (creating a SQLite file when the URL says `mode=rwc`).
+    /// Connects (creating a SQLite file when the URL says `mode=rwc`). A PostgreSQL URL's
+    /// TLS settings come from it or from `PGSSLMODE` / `PGSSLROOTCERT` (see `store/postgres.rs`).
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
         sqlx::any::install_default_drivers();
         let options = AnyConnectOptions::from_str(url)?;
+        let postgres = if url.starts_with("postgres") { Some(postgres::PgTarget::parse(url)?) } else { None };
+        if let Some(target) = &postgres {
+            target.check_root_cert()?;
+        }
         let sqlite = url.starts_with("sqlite:");
         let in_memory = sqlite && url.contains(":memory:");
         let pool = AnyPoolOptions::new()
@@ -65,7 +84,11 @@ impl Store {
                 })
             })
             .connect_with(options)
-            .await?;
+            .await
+            .map_err(|error| match &postgres {
+                Some(target) => target.connect_error(error),
+                None => StoreError::Database(error),
+            })?;
         Ok(Store { pool })
     }
 

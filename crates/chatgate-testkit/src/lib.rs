@@ -8,7 +8,8 @@
 //!   Cluster (failover, restart, slot migration by hand); [`redis_sentinel`]: a primary, a
 //!   replica and 3 sentinels; [`redis_tls`]: a TLS-only server with certificates made at
 //!   test time (mutual TLS and an ACL user optional);
-//! - [`postgres`]: a private PostgreSQL cluster, and the URL of the shared test database;
+//! - [`postgres`]: a private PostgreSQL cluster (TLS-only optional, certificates made at test
+//!   time), and the URL of the shared test database;
 //! - [`balancer`]: nginx in front of N nodes (round robin, WebSocket upgrade);
 //! - [`ws`]: a WebSocket client; [`token`]: tokens, valid and crafted;
 //! - [`stack`]: N nodes behind nginx for as long as a command runs, with a control endpoint

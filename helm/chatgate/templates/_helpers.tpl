@@ -218,9 +218,19 @@ rediss://: the CA and client certificate are of no use to a plain connection.
 {{- if include "chatgate.useBundledPostgresql" . }}
 {{- printf "postgres://%s:%s@%s:5432/%s" .Values.postgresql.database (include "chatgate.postgresqlPassword" . | urlquery) (include "chatgate.postgresqlName" .) .Values.postgresql.database }}
 {{- else }}
-{{- required "externalDatabase.url is required (or postgresql.enabled=true, or auth.existingSecret)" .Values.externalDatabase.url }}
+{{- $url := required "externalDatabase.url is required (or postgresql.enabled=true, or auth.existingSecret)" .Values.externalDatabase.url }}
+{{- with .Values.postgresTls }}
+{{- if and (or .sslMode .existingConfigMap .existingSecret) (regexMatch "[?&](sslmode|ssl-mode|sslrootcert|ssl-root-cert|ssl-ca)=" $url) }}
+{{- fail "postgresTls is set, but externalDatabase.url has its own sslmode or sslrootcert (which would win): keep them in postgresTls only" }}
 {{- end }}
 {{- end }}
+{{- $url }}
+{{- end }}
+{{- end }}
+
+{{/* Where postgresTls's CA bundle is mounted (read-only), and its file (PGSSLROOTCERT). */}}
+{{- define "chatgate.postgresCaDir" -}}/etc/chatgate/postgres-ca{{- end }}
+{{- define "chatgate.postgresCaFile" -}}{{ include "chatgate.postgresCaDir" . }}/ca.crt{{- end }}
 
 {{/* Where the provider API keys are mounted (read-only). */}}
 {{- define "chatgate.providerSecretsDir" -}}/var/run/secrets/chatgate-providers{{- end }}
