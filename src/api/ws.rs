@@ -124,7 +124,10 @@ async fn serve(
     if hello {
         outbox.push(connected(&gateway.settings.node_id));
     }
-    let notices = match gateway.registry.user_notices(&identity.user_id).await {
+    // Boxed, like `dispatch` below: an idle socket's task keeps the state of its
+    // largest await for its whole life, so rare large futures live on the heap only
+    // while they run.
+    let notices = match Box::pin(gateway.registry.user_notices(&identity.user_id)).await {
         Ok(rx) => Some(rx),
         Err(e) => {
             tracing::warn!(error = %e, "user notices unavailable for this socket");
@@ -145,10 +148,12 @@ async fn serve(
     tokio::pin!(expiry);
     let limits = &gateway.settings.limits;
     let mut frame_limiter = FrameLimiter::new(limits.frame_rate, limits.frame_burst);
-    let frames_dropped = format!(
-        "Too many frames: at most {} per second (bursts of {}); frames were dropped.",
-        limits.frame_rate, limits.frame_burst
-    );
+    let frames_dropped = || {
+        format!(
+            "Too many frames: at most {} per second (bursts of {}); frames were dropped.",
+            limits.frame_rate, limits.frame_burst
+        )
+    };
     loop {
         tokio::select! {
             frame = stream.next() => match frame {
@@ -159,7 +164,7 @@ async fn serve(
                     FrameVerdict::Accept => match message {
                         Message::Text(text) => {
                             metrics::counter!("chatgate_frames_received_total").increment(1);
-                            gateway.dispatch(&conn, text.as_str()).await;
+                            Box::pin(gateway.dispatch(&conn, text.as_str())).await;
                         }
                         Message::Binary(_) => {
                             conn.send(protocol_error(ErrorCode::InvalidPayload, "Binary frames are not supported; send JSON text.", None));
@@ -168,7 +173,7 @@ async fn serve(
                     },
                     FrameVerdict::Drop { notify: true } => {
                         metrics::counter!("chatgate_protocol_errors_total", "code" => ErrorCode::RateLimited.as_str()).increment(1);
-                        conn.send(protocol_error(ErrorCode::RateLimited, &frames_dropped, None));
+                        conn.send(protocol_error(ErrorCode::RateLimited, &frames_dropped(), None));
                     }
                     FrameVerdict::Drop { notify: false } => {}
                     FrameVerdict::Close => {
@@ -229,12 +234,13 @@ async fn write_loop(
                 Ok(()) => {
                     // A peer that stops reading stalls the write; after two ping
                     // intervals it is dead, like one that misses two pongs.
-                    let write = async {
+                    // Boxed: the writer of an idle socket then holds no write state.
+                    let write = Box::pin(async {
                         for frame in batch.drain(..) {
                             sink.feed(Message::Text(frame)).await?;
                         }
                         sink.flush().await
-                    };
+                    });
                     match tokio::time::timeout(ping_interval * MAX_MISSED_PONGS, write).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => break,

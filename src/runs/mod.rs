@@ -56,10 +56,15 @@ pub const CONTROL_CAPACITY: usize = 64;
 /// Capacity of per-user notice channels (`session_upserted` is rare; a lagging
 /// socket skips notices rather than holding memory for them).
 pub const NOTICE_CAPACITY: usize = 8;
-/// Capacity, in batches, of per-session live broadcast channels; laggards
-/// refill from the replay window. One slot holds a whole append batch, so the
-/// ring covers more events the busier a session is, at the same memory.
+/// Batches a push subscription queues while it repairs a hole (beyond that it
+/// drops them and reads the replay window to the end). One slot holds a whole
+/// append batch, so the queue covers more events the busier a session is.
 pub const LIVE_CAPACITY: usize = 32;
+/// Capacity, in batches, of a session's ring for pull feeds; a feed that falls
+/// further behind refills from the replay window. Sockets read it only between
+/// their subscription's registry read and its attach as a push subscription,
+/// so it is small: it is allocated for every watched session.
+pub const LIVE_RING_CAPACITY: usize = 8;
 
 /// Events appended together (one append batch, or one catch-up read), in seq
 /// order: what a session's live channel carries, shared by every receiver.

@@ -26,7 +26,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc};
 
-use super::{Control, Event, LIVE_CAPACITY, LiveChannel, PriorSend, RunRegistry};
+use super::{Control, Event, LIVE_RING_CAPACITY, LiveChannel, PriorSend, RunRegistry};
 use crate::{protocol::Frame, sync::lock_unpoisoned};
 
 /// The in-process registry.
@@ -101,7 +101,7 @@ impl SessionState {
             window: VecDeque::new(),
             window_first_seq: 1,
             finished_at: None,
-            live: LiveChannel::new(LIVE_CAPACITY),
+            live: LiveChannel::new(LIVE_RING_CAPACITY),
             sent: VecDeque::new(),
         }
     }

@@ -15,7 +15,7 @@ use super::{
 use crate::sync::lock_unpoisoned;
 use crate::{
     protocol::Frame,
-    runs::{Event, LIVE_CAPACITY, LiveBatch, LiveChannel},
+    runs::{Event, LIVE_RING_CAPACITY, LiveBatch, LiveChannel},
 };
 
 /// A run seen in progress on a watched session (for owner-loss detection).
@@ -42,7 +42,7 @@ pub(super) struct LiveSession {
 impl LiveSession {
     pub(super) fn new() -> Self {
         LiveSession {
-            live: LiveChannel::new(LIVE_CAPACITY),
+            live: LiveChannel::new(LIVE_RING_CAPACITY),
             feeds: 0,
             last_dispatched: 0,
             run: None,
