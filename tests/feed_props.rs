@@ -32,7 +32,7 @@ use chatgate::{
     protocol::Frame,
     protocol::sequenced,
     runs::{
-        Event, FeedItem, LiveBatch, LiveChannel, LiveFeed, LiveSink, PushFeed, RegistryError, ReplayRange,
+        Event, FeedItem, LiveBatch, LiveChannel, LiveFeed, LiveSink, Offered, PushFeed, RegistryError, ReplayRange,
         feed::RangeSource,
     },
 };
@@ -49,9 +49,13 @@ fn deliver(channel: &LiveChannel, delivery: &[Event]) {
 }
 
 /// A push subscription's sink: every item with the window reads made before it.
+/// With `full_every = n`, every n-th offered event is refused once for want of
+/// room (a socket whose outbox is at its bound), and the feed must wait for room.
 struct Recorder {
     window: Arc<Window>,
     items: Mutex<Vec<(FeedItem, Vec<Read>)>>,
+    full_every: Option<usize>,
+    offers: Mutex<usize>,
 }
 
 impl Recorder {
@@ -63,9 +67,23 @@ impl Recorder {
 
 #[async_trait]
 impl LiveSink for Recorder {
-    fn event(&self, event: &Event) -> bool {
+    fn event(&self, event: &Event) -> Offered {
+        let mut offers = self.offers.lock().unwrap();
+        *offers += 1;
+        if self.full_every.is_some_and(|n| (*offers).is_multiple_of(n)) {
+            return Offered::Full;
+        }
+        drop(offers);
         self.record(FeedItem::Event(event.clone()));
+        Offered::Queued
+    }
+
+    async fn room(&self) -> bool {
         true
+    }
+
+    fn stalled(&self) {
+        panic!("the recorder always has room again");
     }
 
     fn frame(&self, _frame: Frame) -> bool {
@@ -197,6 +215,8 @@ struct Scenario {
     steps: Vec<Step>,
     /// The step before which the feed becomes a push subscription (in the push run).
     push_at: usize,
+    /// The push run's sink refuses every n-th event once (no room).
+    full_every: Option<usize>,
 }
 
 fn scenario(with_failures: bool) -> impl Strategy<Value = Scenario> {
@@ -207,13 +227,14 @@ fn scenario(with_failures: bool) -> impl Strategy<Value = Scenario> {
         prop::collection::vec(step(), 0..40),
         any::<prop::sample::Index>(),
         any::<prop::sample::Index>(),
+        prop::option::of(2usize..6),
     )
-        .prop_map(move |(before, retain, capacity, steps, cursor, push_at)| {
+        .prop_map(move |(before, retain, capacity, steps, cursor, push_at, full_every)| {
             let last_seq = cursor.index(before as usize + 1) as u64;
             let steps =
                 steps.into_iter().filter(|s| with_failures || !matches!(s, Step::Failing(_))).collect::<Vec<_>>();
             let push_at = push_at.index(steps.len() + 1);
-            Scenario { before, last_seq, retain, capacity, steps, push_at }
+            Scenario { before, last_seq, retain, capacity, steps, push_at, full_every }
         })
 }
 
@@ -285,7 +306,9 @@ async fn scenario_body(s: Scenario, push: bool) -> Result<(), TestCaseError> {
     let channel = LiveChannel::new(s.capacity);
     let source: Arc<dyn RangeSource> = window.clone();
     let mut feed = Some(LiveFeed::new("s".into(), &channel, channel.subscribe(), s.last_seq, source, None));
-    let recorder = Arc::new(Recorder { window: window.clone(), items: Mutex::new(Vec::new()) });
+    let full_every = s.full_every;
+    let recorder =
+        Arc::new(Recorder { window: window.clone(), items: Mutex::new(Vec::new()), full_every, offers: Mutex::new(0) });
     let mut pushed: Option<PushFeed> = None;
     let mut checker = Checker { expected: s.last_seq + 1, reads_seen: 0 };
     let mut recorded = 0;
@@ -418,6 +441,7 @@ fn lag_past_the_window_resumes_at_its_front() {
         capacity: 2,
         steps: vec![Step::Publish(vec![Fate::Delivered; 5]), Step::Consume(10)],
         push_at: 1,
+        full_every: Some(2),
     };
     run_scenario(s.clone(), false).unwrap();
     run_scenario(s, true).unwrap();

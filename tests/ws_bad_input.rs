@@ -466,10 +466,13 @@ async fn slow_consumer_closes_4008_and_the_run_goes_on(db: Db) {
     let mut watcher = node.connect(&token).await;
     watcher.subscribe(&id, 0).await;
     watcher.recv_reply().await;
-    let mut slow = node.connect(&token).await;
-    // 16 MB, paced so that a reading client keeps up with a 256 KiB queue;
-    // the slow socket does not read, the watcher does.
-    slow.send_chat(&id, r#"{"events":1000,"payloadBytes":16000,"intervalMs":1}"#).await;
+    // Its kernel buffers are small, as a stalled client's are once full: the server's queue fills.
+    let mut slow = node.connect_small_receive_buffer(&token).await;
+    // 16 MB over ~5 s, paced so that a reading client keeps up with a 256 KiB queue
+    // (bursts larger than it wait for room); the slow socket does not read, the watcher
+    // does. The slow one's queue stays full for longer than the grace live delivery
+    // gives it (2 s) while the run goes on.
+    slow.send_chat(&id, r#"{"events":1000,"payloadBytes":16000,"intervalMs":5}"#).await;
     let events = watcher.run_events(&id).await;
     assert_contiguous(&events, 1);
     assert_eq!(events.len(), 1002);

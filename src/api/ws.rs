@@ -25,7 +25,10 @@ use axum::{
     http::{StatusCode, request::Parts},
     response::{IntoResponse, Response},
 };
-use futures_util::{SinkExt, StreamExt, stream::SplitSink};
+use futures_util::{
+    SinkExt, StreamExt,
+    stream::{SplitSink, SplitStream},
+};
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -45,8 +48,10 @@ use crate::{
 const WRITE_BATCH: usize = 64;
 /// Pings without a pong after which the socket is dropped.
 const MAX_MISSED_PONGS: u32 = 2;
-/// Socket read buffer: small, since idle sockets are the common case (it grows for big frames).
-const READ_BUFFER: usize = 1024;
+/// Socket read buffer, allocated up front and the most read per `read` call:
+/// small, since idle sockets are the common case and inbound frames are short
+/// (it grows for a larger frame).
+const READ_BUFFER: usize = 256;
 const WRITE_BUFFER: usize = 16 * 1024;
 /// How long a closing socket waits for the peer's Close.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -99,11 +104,19 @@ pub async fn upgrade(State(state): State<AppState>, parts: Parts) -> Response {
         .write_buffer_size(WRITE_BUFFER)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| serve(socket, state, identity, origin_refused, hello, slot).instrument(span))
+        .on_upgrade(move |socket| {
+            // The socket task is spawned here, so that the upgrade's own task (which holds the
+            // handshake's state) ends now; and the socket is split here, not in `serve`: a task
+            // keeps its arguments for its whole life.
+            let (sink, stream) = socket.split();
+            tokio::spawn(serve(sink, stream, state, identity, origin_refused, hello, slot).instrument(span));
+            std::future::ready(())
+        })
 }
 
 async fn serve(
-    socket: WebSocket,
+    mut sink: SplitSink<WebSocket, Message>,
+    mut stream: SplitStream<WebSocket>,
     state: AppState,
     identity: Identity,
     origin_refused: bool,
@@ -112,9 +125,8 @@ async fn serve(
 ) {
     let _slot = slot;
     let _open = state.gateway.track_socket();
-    let (mut sink, mut stream) = socket.split();
     if origin_refused {
-        let _ = sink.send(close_message(CloseReason::Policy)).await;
+        let _ = Box::pin(sink.send(close_message(CloseReason::Policy))).await;
         return;
     }
     metrics::gauge!("chatgate_connections").increment(1.0);
@@ -200,9 +212,14 @@ async fn serve(
     }
     conn.shutdown();
     outbox.close(CloseReason::Normal);
-    // Closing handshake: read (and drop) what the peer still sends until its Close,
-    // so the connection ends with FIN rather than a reset that would discard our
-    // close frame on the peer's side.
+    Box::pin(close_handshake(stream, writer)).await;
+    metrics::gauge!("chatgate_connections").decrement(1.0);
+}
+
+/// Reads (and drops) what the peer still sends until its Close, so the
+/// connection ends with FIN rather than a reset that would discard our close
+/// frame on the peer's side; then waits for the writer.
+async fn close_handshake(mut stream: SplitStream<WebSocket>, writer: tokio::task::JoinHandle<()>) {
     let _ = tokio::time::timeout(CLOSE_LINGER, async {
         while let Some(Ok(message)) = stream.next().await {
             if matches!(message, Message::Close(_)) {
@@ -214,7 +231,6 @@ async fn serve(
     if tokio::time::timeout(CLOSE_LINGER, writer).await.is_err() {
         tracing::debug!("socket writer did not finish in time");
     }
-    metrics::gauge!("chatgate_connections").decrement(1.0);
 }
 
 async fn write_loop(
@@ -234,14 +250,14 @@ async fn write_loop(
                 Ok(()) => {
                     // A peer that stops reading stalls the write; after two ping
                     // intervals it is dead, like one that misses two pongs.
-                    // Boxed: the writer of an idle socket then holds no write state.
-                    let write = Box::pin(async {
+                    // Boxed, timer included: an idle socket's writer holds no write state.
+                    let write = async {
                         for frame in batch.drain(..) {
                             sink.feed(Message::Text(frame)).await?;
                         }
                         sink.flush().await
-                    });
-                    match tokio::time::timeout(ping_interval * MAX_MISSED_PONGS, write).await {
+                    };
+                    match Box::pin(tokio::time::timeout(ping_interval * MAX_MISSED_PONGS, write)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => break,
                         Err(_) => {
@@ -255,7 +271,7 @@ async fn write_loop(
                     if reason != CloseReason::Normal {
                         tracing::info!(code = reason.code(), reason = reason.text(), "closing socket");
                     }
-                    let _ = sink.send(close_message(reason)).await;
+                    let _ = Box::pin(sink.send(close_message(reason))).await;
                     break;
                 }
             },
@@ -272,13 +288,13 @@ async fn write_loop(
                     tracing::info!("peer missed two pongs; dropping the socket");
                     break;
                 }
-                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                if Box::pin(sink.send(Message::Ping(Default::default()))).await.is_err() {
                     break;
                 }
             }
         }
     }
-    let _ = sink.close().await;
+    let _ = Box::pin(sink.close()).await;
     outbox.close(CloseReason::Normal);
     done.cancel();
 }

@@ -4,18 +4,23 @@
 //! subscription); a gap notice reads the session's state first.
 
 use std::{
-    collections::HashMap,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use async_trait::async_trait;
 
-use super::Outbox;
+use super::{Outbox, outbox::Offer};
 use crate::sync::lock_unpoisoned;
 use crate::{
     protocol::{Frame, chat_subscribed, for_upstream_client},
-    runs::{Event, LiveFeed, LiveSink, PushFeed, SharedRegistry},
+    runs::{Event, LiveFeed, LiveSink, Offered, PushFeed, SharedRegistry},
 };
+
+/// How long live delivery waits for room in a full outbox before it closes the
+/// socket as a slow consumer (4008): a client that reads gets a burst larger
+/// than `--send-queue-bytes`; one whose queue stays full that long is slow.
+const SLOW_CONSUMER_GRACE: Duration = Duration::from_secs(2);
 
 /// A socket's gateway-side state.
 pub struct Connection {
@@ -25,12 +30,14 @@ pub struct Connection {
     /// it gets `connected` and `permission_resolved`; otherwise it sees only
     /// kinds upstream's client handles (docs/protocol.md §Compatibility rules).
     pub extensions: bool,
-    subscriptions: Mutex<HashMap<String, PushFeed>>,
+    /// By session id; a list, since a socket watches few sessions
+    /// (`--max-subscriptions-per-socket`) and most sockets one.
+    subscriptions: Mutex<Vec<(Box<str>, PushFeed)>>,
 }
 
 impl Connection {
     pub fn new(user_id: String, outbox: Arc<Outbox>, extensions: bool) -> Self {
-        Connection { user_id, outbox, extensions, subscriptions: Mutex::new(HashMap::new()) }
+        Connection { user_id, outbox, extensions, subscriptions: Mutex::new(Vec::new()) }
     }
 
     /// Queues a sequenced event frame, as this socket may see it.
@@ -48,7 +55,7 @@ impl Connection {
     }
 
     pub fn is_subscribed(&self, session_id: &str) -> bool {
-        lock_unpoisoned(&self.subscriptions).contains_key(session_id)
+        lock_unpoisoned(&self.subscriptions).iter().any(|(id, _)| **id == *session_id)
     }
 
     pub fn subscription_count(&self) -> usize {
@@ -66,7 +73,18 @@ impl Connection {
             delivered: metrics::counter!("chatgate_events_delivered_total"),
         });
         let push = feed.push_to(sink);
-        let previous = lock_unpoisoned(&self.subscriptions).insert(session_id.to_string(), push);
+        let previous = {
+            let mut subscriptions = lock_unpoisoned(&self.subscriptions);
+            match subscriptions.iter_mut().find(|(id, _)| **id == *session_id) {
+                Some((_, feed)) => Some(std::mem::replace(feed, push)),
+                None => {
+                    // One at a time: most sockets never watch a second session.
+                    subscriptions.reserve_exact(1);
+                    subscriptions.push((session_id.into(), push));
+                    None
+                }
+            }
+        };
         if previous.is_none() {
             metrics::gauge!("chatgate_subscriptions").increment(1.0);
         }
@@ -74,7 +92,11 @@ impl Connection {
 
     /// Stops delivering a session; once it returns nothing more of it is queued.
     pub fn detach(&self, session_id: &str) {
-        let feed = lock_unpoisoned(&self.subscriptions).remove(session_id);
+        let feed = {
+            let mut subscriptions = lock_unpoisoned(&self.subscriptions);
+            let at = subscriptions.iter().position(|(id, _)| **id == *session_id);
+            at.map(|at| subscriptions.swap_remove(at).1)
+        };
         if let Some(feed) = feed {
             feed.close();
             metrics::gauge!("chatgate_subscriptions").decrement(1.0);
@@ -83,9 +105,9 @@ impl Connection {
 
     /// Stops everything (socket closed).
     pub fn shutdown(&self) {
-        let feeds: Vec<_> = lock_unpoisoned(&self.subscriptions).drain().map(|(_, feed)| feed).collect();
+        let feeds = std::mem::take(&mut *lock_unpoisoned(&self.subscriptions));
         metrics::gauge!("chatgate_subscriptions").decrement(feeds.len() as f64);
-        for feed in feeds {
+        for (_, feed) in feeds {
             feed.close();
         }
     }
@@ -102,10 +124,26 @@ struct SocketSink {
 
 #[async_trait]
 impl LiveSink for SocketSink {
-    fn event(&self, event: &Event) -> bool {
-        self.delivered.increment(1);
+    fn event(&self, event: &Event) -> Offered {
         let frame = event.frame.clone();
-        self.outbox.push(if self.extensions { frame } else { for_upstream_client(frame) })
+        let frame = if self.extensions { frame } else { for_upstream_client(frame) };
+        let offered = match self.outbox.offer(frame) {
+            Offer::Queued => Offered::Queued,
+            Offer::NoRoom => Offered::Full,
+            Offer::Closed => Offered::Gone,
+        };
+        if offered == Offered::Queued {
+            self.delivered.increment(1);
+        }
+        offered
+    }
+
+    async fn room(&self) -> bool {
+        self.outbox.room(SLOW_CONSUMER_GRACE).await
+    }
+
+    fn stalled(&self) {
+        self.outbox.close_slow_consumer();
     }
 
     fn frame(&self, frame: Frame) -> bool {

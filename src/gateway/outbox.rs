@@ -4,13 +4,16 @@
 //! socket's writer task pops them. When the unsent bytes would pass the limit
 //! the socket is a slow consumer: the queue closes with [`CloseReason::SlowConsumer`]
 //! (code 4008) instead of growing, and the client reconnects and replays.
+//! Live delivery may instead [`offer`](Outbox::offer) a frame, which is
+//! refused while there is no room, and wait for [`room`](Outbox::room): a
+//! burst larger than the limit then reaches a client that reads.
 
 use std::{
     collections::VecDeque,
     sync::{Mutex, MutexGuard},
 };
 
-use tokio::sync::Notify;
+use tokio::{sync::Notify, time::Duration};
 
 use crate::protocol::Frame;
 use crate::sync::lock_unpoisoned;
@@ -77,7 +80,18 @@ struct State {
 pub struct Outbox {
     state: Mutex<State>,
     notify: Notify,
+    /// Woken when the writer took frames and the unsent bytes are at most half the limit.
+    room: Notify,
     limit: usize,
+}
+
+/// What [`Outbox::offer`] did with a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    Queued,
+    /// It would pass the limit: not queued, the socket stays open.
+    NoRoom,
+    Closed,
 }
 
 impl Outbox {
@@ -85,6 +99,7 @@ impl Outbox {
         Outbox {
             state: Mutex::new(State { frames: VecDeque::new(), bytes: 0, closed: None }),
             notify: Notify::new(),
+            room: Notify::new(),
             limit,
         }
     }
@@ -100,12 +115,8 @@ impl Outbox {
             return false;
         }
         if state.bytes + frame.len() > self.limit {
-            state.closed = Some(CloseReason::SlowConsumer);
-            state.frames.clear();
-            state.bytes = 0;
             drop(state);
-            metrics::counter!("chatgate_slow_consumer_closes_total").increment(1);
-            self.notify.notify_one();
+            self.close_slow_consumer();
             return false;
         }
         state.bytes += frame.len();
@@ -113,6 +124,55 @@ impl Outbox {
         drop(state);
         self.notify.notify_one();
         true
+    }
+
+    /// Queues a frame if it fits under the limit (or the queue is empty: a frame
+    /// larger than the limit cannot wait its way in, and is pushed).
+    pub fn offer(&self, frame: Frame) -> Offer {
+        {
+            let state = self.lock();
+            if state.closed.is_some() {
+                return Offer::Closed;
+            }
+            if state.bytes > 0 && state.bytes + frame.len() > self.limit {
+                return Offer::NoRoom;
+            }
+        }
+        if self.push(frame) { Offer::Queued } else { Offer::Closed }
+    }
+
+    /// Waits until the unsent bytes are at most half the limit (or the queue
+    /// closed): true, or false when `grace` ran out first.
+    pub async fn room(&self, grace: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let woken = self.room.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            {
+                let state = self.lock();
+                if state.closed.is_some() || state.bytes <= self.limit / 2 {
+                    return true;
+                }
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Closes the socket as a slow consumer (4008), dropping what it has not sent.
+    pub fn close_slow_consumer(&self) {
+        let mut state = self.lock();
+        if state.closed.is_some() {
+            return;
+        }
+        state.closed = Some(CloseReason::SlowConsumer);
+        state.frames.clear();
+        state.bytes = 0;
+        drop(state);
+        metrics::counter!("chatgate_slow_consumer_closes_total").increment(1);
+        self.notify.notify_one();
     }
 
     /// Asks the writer to close the socket (first reason wins).
@@ -147,6 +207,9 @@ impl Outbox {
                         state.bytes -= frame.len();
                         out.push(frame);
                     }
+                    if state.bytes <= self.limit / 2 {
+                        self.room.notify_waiters();
+                    }
                     return Ok(());
                 }
             }
@@ -167,6 +230,23 @@ mod tests {
         assert!(!outbox.push(Frame::from("1")));
         let mut out = Vec::new();
         assert_eq!(outbox.pop(&mut out, 10).await, Err(CloseReason::SlowConsumer));
+    }
+
+    #[tokio::test]
+    async fn an_offer_waits_for_room_instead_of_closing() {
+        let outbox = Outbox::new(10);
+        assert_eq!(outbox.offer(Frame::from("1234567")), Offer::Queued);
+        assert_eq!(outbox.offer(Frame::from("12345")), Offer::NoRoom);
+        assert!(!outbox.is_closed());
+        assert!(!outbox.room(Duration::from_millis(20)).await, "no room while 7 of 10 bytes wait");
+        let mut out = Vec::new();
+        outbox.pop(&mut out, 10).await.unwrap();
+        assert!(outbox.room(Duration::from_millis(20)).await);
+        assert_eq!(outbox.offer(Frame::from("12345")), Offer::Queued);
+        // Alone, a frame over the limit is pushed, and closes the socket.
+        let big = Outbox::new(4);
+        assert_eq!(big.offer(Frame::from("12345")), Offer::Closed);
+        assert_eq!(big.pop(&mut out, 1).await, Err(CloseReason::SlowConsumer));
     }
 
     #[tokio::test]

@@ -18,7 +18,11 @@
 //! no longer has it. Finding a hole switches the subscription to repair: one
 //! task reads the window while later batches queue (at most [`LIVE_CAPACITY`]
 //! of them; past that the queue is dropped and the read covers it), delivers,
-//! and hands delivery back to the publisher.
+//! and hands delivery back to the publisher. A sink that is full (a socket
+//! whose unsent bytes are at their bound) is waited for the same way: later
+//! batches queue while the task waits for room, so a burst larger than the
+//! bound reaches a client that reads; one that has no room for the sink's
+//! grace is ended as a slow consumer ([`LiveSink::stalled`]).
 
 use std::{
     collections::VecDeque,
@@ -31,11 +35,25 @@ use tokio::sync::broadcast;
 use super::{Event, LIVE_CAPACITY, LiveBatch, ReplayRange, feed::RangeSource};
 use crate::{protocol::Frame, sync::lock_unpoisoned};
 
+/// What a sink did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offered {
+    Queued,
+    /// No room now; nothing was queued.
+    Full,
+    /// The sink is gone: the subscription ends.
+    Gone,
+}
+
 /// Where a push subscription delivers (a socket's outbox, for the gateway).
 #[async_trait]
 pub trait LiveSink: Send + Sync + 'static {
-    /// Queues one event; false when the sink is gone (the subscription then ends).
-    fn event(&self, event: &Event) -> bool;
+    /// Queues one event, or says there is no room.
+    fn event(&self, event: &Event) -> Offered;
+    /// Waits until the sink has room again: false when its grace ran out first.
+    async fn room(&self) -> bool;
+    /// The sink had no room for its whole grace: it ends (a slow consumer).
+    fn stalled(&self);
     /// Queues a frame (a gap notice); false when the sink is gone.
     fn frame(&self, frame: Frame) -> bool;
     /// The frame telling the subscriber that the events of `session_id` after
@@ -137,6 +155,8 @@ enum Delivered {
     All,
     /// The batch starts (or goes on) past `last_sent + 1`.
     Hole,
+    /// The sink has no room for the next event.
+    Full,
     SinkGone,
 }
 
@@ -145,6 +165,8 @@ enum Next {
     Done,
     /// Read the window after `.0` up to `.1`.
     Read(u64, u64),
+    /// Wait for the sink to have room.
+    Room,
 }
 
 pub(super) struct Pusher {
@@ -182,8 +204,9 @@ impl Pusher {
                 state.queued.push_front(batch);
             }
             state.overflowed |= lagged;
-            if let Next::Read(after, up_to) = pusher.advance(&mut state) {
-                tokio::spawn(pusher.clone().repair(after, up_to));
+            let next = pusher.advance(&mut state);
+            if !matches!(next, Next::Done) {
+                tokio::spawn(pusher.clone().repair(next));
             }
         }
         PushFeed { pusher, channel, _guard: guard }
@@ -208,11 +231,12 @@ impl Pusher {
                     state.mode = Mode::Closed;
                     false
                 }
-                Delivered::Hole => {
+                Delivered::Hole | Delivered::Full => {
                     enqueue(&mut state, batch.clone());
                     state.mode = Mode::Repairing;
-                    if let Next::Read(after, up_to) = self.advance(&mut state) {
-                        tokio::spawn(self.clone().repair(after, up_to));
+                    let next = self.advance(&mut state);
+                    if !matches!(next, Next::Done) {
+                        tokio::spawn(self.clone().repair(next));
                     }
                     true
                 }
@@ -220,7 +244,8 @@ impl Pusher {
         }
     }
 
-    /// Delivers the batch's events after `last_sent` while they follow on.
+    /// Delivers the batch's events after `last_sent` while they follow on
+    /// and the sink has room.
     fn deliver(&self, state: &mut PushState, batch: &[Event]) -> Delivered {
         for event in batch {
             if event.seq <= state.last_sent {
@@ -229,16 +254,17 @@ impl Pusher {
             if event.seq != state.last_sent.saturating_add(1) {
                 return Delivered::Hole;
             }
-            if !self.sink.event(event) {
-                return Delivered::SinkGone;
+            match self.sink.event(event) {
+                Offered::Queued => state.last_sent = event.seq,
+                Offered::Full => return Delivered::Full,
+                Offered::Gone => return Delivered::SinkGone,
             }
-            state.last_sent = event.seq;
         }
         Delivered::All
     }
 
     /// Delivers the queue while it follows on; hands delivery back to the
-    /// publisher when nothing is missing, else says what to read.
+    /// publisher when nothing is missing, else says what to read or wait for.
     fn advance(&self, state: &mut PushState) -> Next {
         while let Some(batch) = state.queued.front().cloned() {
             match self.deliver(state, &batch) {
@@ -250,6 +276,7 @@ impl Pusher {
                     state.queued.clear();
                     return Next::Done;
                 }
+                Delivered::Full => return Next::Room,
                 Delivered::Hole => {
                     let next = batch.iter().map(|e| e.seq).find(|&seq| seq > state.last_sent).unwrap_or(u64::MAX);
                     if state.overflowed {
@@ -270,38 +297,62 @@ impl Pusher {
         Next::Done
     }
 
-    /// Fills holes from the window until the queue follows on, then hands
-    /// delivery back to the publisher.
-    async fn repair(self: Arc<Self>, mut after: u64, mut up_to: u64) {
+    /// Fills holes from the window and waits for room in the sink until the
+    /// queue is delivered, then hands delivery back to the publisher.
+    async fn repair(self: Arc<Self>, mut next: Next) {
         loop {
-            let range = self.source.read_range(&self.session_id, after, up_to).await.unwrap_or_default();
-            let (events, resumed_at) = judge(range, after, up_to);
-            if let Some(resumed_at) = resumed_at {
-                let notice = self.sink.gap_notice(&self.session_id, resumed_at - 1, resumed_at).await;
-                let mut state = self.lock();
-                if state.mode == Mode::Closed {
-                    return;
+            next = match next {
+                Next::Done => return,
+                Next::Room => {
+                    let room = self.sink.room().await;
+                    let mut state = self.lock();
+                    if state.mode == Mode::Closed {
+                        return;
+                    }
+                    if !room {
+                        state.mode = Mode::Closed;
+                        state.queued.clear();
+                        drop(state);
+                        self.sink.stalled();
+                        return;
+                    }
+                    self.advance(&mut state)
                 }
-                state.last_sent = state.last_sent.max(resumed_at - 1);
-                if let Some(notice) = notice
-                    && !self.sink.frame(notice)
-                {
-                    state.mode = Mode::Closed;
-                    return;
+                Next::Read(after, up_to) => {
+                    let Some(next) = self.fill(after, up_to).await else { return };
+                    next
                 }
-            }
+            };
+        }
+    }
+
+    /// Reads the window after `after` up to `up_to`, tells a loss, and queues
+    /// what it read in front; `None` once the subscription is closed.
+    async fn fill(&self, after: u64, up_to: u64) -> Option<Next> {
+        let range = self.source.read_range(&self.session_id, after, up_to).await.unwrap_or_default();
+        let (events, resumed_at) = judge(range, after, up_to);
+        if let Some(resumed_at) = resumed_at {
+            let notice = self.sink.gap_notice(&self.session_id, resumed_at - 1, resumed_at).await;
             let mut state = self.lock();
             if state.mode == Mode::Closed {
-                return;
+                return None;
             }
-            if !events.is_empty() {
-                state.queued.push_front(LiveBatch::from(events));
-            }
-            match self.advance(&mut state) {
-                Next::Done => return,
-                Next::Read(a, u) => (after, up_to) = (a, u),
+            state.last_sent = state.last_sent.max(resumed_at - 1);
+            if let Some(notice) = notice
+                && !self.sink.frame(notice)
+            {
+                state.mode = Mode::Closed;
+                return None;
             }
         }
+        let mut state = self.lock();
+        if state.mode == Mode::Closed {
+            return None;
+        }
+        if !events.is_empty() {
+            state.queued.push_front(LiveBatch::from(events));
+        }
+        Some(self.advance(&mut state))
     }
 }
 

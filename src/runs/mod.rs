@@ -46,7 +46,7 @@ use crate::protocol::{Frame, PermissionAnswer};
 pub use feed::{FeedItem, LiveFeed};
 pub use feeds::SessionFeeds;
 pub use limiter::SendLimiter;
-pub use live::{LiveChannel, LiveSink, PushFeed};
+pub use live::{LiveChannel, LiveSink, Offered, PushFeed};
 pub use notices::UserNotices;
 pub use ownership::RunOwnership;
 pub use routing::RunRouting;

@@ -214,6 +214,11 @@ impl TestNode {
         Ws::connect(&format!("{}?token={token}", self.ws_url)).await
     }
 
+    /// A socket whose TCP receive buffer is small and fixed ([`Ws::connect_small_receive_buffer`]).
+    pub async fn connect_small_receive_buffer(&self, token: &str) -> Ws {
+        Ws::connect_small_receive_buffer(&format!("{}?token={token}", self.ws_url)).await
+    }
+
     /// A socket as upstream's client opens it (no `hello=1`: no `connected` frame) and the
     /// `X-Chatgate-Node` header of its upgrade response.
     pub async fn connect_upstream(&self, token: &str) -> (Ws, Option<String>) {

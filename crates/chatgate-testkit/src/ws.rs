@@ -96,6 +96,27 @@ impl Ws {
         ws
     }
 
+    /// Like [`Ws::connect`], over a TCP connection with a small fixed receive
+    /// buffer (no autotuning): a client that stops reading then holds little in
+    /// its kernel buffers, so the server sees it as slow within a few megabytes
+    /// (loopback autotuning would otherwise absorb tens of them).
+    pub async fn connect_small_receive_buffer(url: &str) -> Ws {
+        let request = with_hello(url).into_client_request().expect("ws url");
+        let authority = request.uri().authority().expect("host:port").as_str().to_string();
+        let addr = tokio::net::lookup_host(&authority).await.unwrap().next().expect("an address");
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() };
+        let socket = socket.unwrap();
+        socket.set_recv_buffer_size(16 * 1024).unwrap();
+        let tcp = socket.connect(addr).await.expect("tcp connects");
+        let (stream, _) =
+            tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(tcp)).await.expect("websocket connects");
+        let mut ws = Ws { stream, node_id: String::new() };
+        let hello = ws.recv().await;
+        assert_eq!(hello["kind"], "connected", "first frame: {hello}");
+        ws.node_id = hello["nodeId"].as_str().unwrap_or_default().to_string();
+        ws
+    }
+
     /// A socket as upstream's client opens it (no `hello=1`: no `connected` frame) and the
     /// `X-Chatgate-Node` header of its upgrade response.
     pub async fn connect_upstream(url: &str) -> (Ws, Option<String>) {

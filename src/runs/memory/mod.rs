@@ -60,7 +60,8 @@ struct SendWindow {
 
 struct SessionState {
     last_seq: u64,
-    run: Option<ActiveRun>,
+    /// Boxed: most sessions have no run, and the map holds every watched one.
+    run: Option<Box<ActiveRun>>,
     /// Events of the current (or last) run, oldest first, at most `max_events`.
     window: VecDeque<Event>,
     /// First seq of the run the window belongs to.

@@ -74,7 +74,7 @@ impl RunOwnership for MemoryRegistry {
         if let Some(key) = start.request_key {
             state.remember_key(key, SendOutcome::Started { run_id: run_id.clone(), first_seq: state.last_seq + 1 });
         }
-        state.run = Some(ActiveRun {
+        state.run = Some(Box::new(ActiveRun {
             run_id,
             provider: start.provider,
             user_id: start.user_id,
@@ -82,7 +82,7 @@ impl RunOwnership for MemoryRegistry {
             started_at: now_iso(),
             control,
             pending: Vec::new(),
-        });
+        }));
         Ok(RunGrant {
             lease: RunLease { session_id: start.session_id, run_id: start.run_id },
             first_seq: state.last_seq + 1,
