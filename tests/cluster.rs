@@ -73,12 +73,20 @@ async fn tabs_on_other_nodes_watch_live_and_resume_by_last_seq(redis: &str) {
     assert_eq!(ack["kind"], "chat_subscribed");
     assert_eq!(ack["isProcessing"], true);
     assert_eq!(ack["replayTruncated"], false);
-    // A third tab on C resumes from seq 5.
+    // A third tab on C resumes from seq 5, once the run is past it (a loaded machine may
+    // start the run late: a cursor ahead of the session is the client's own mistake).
+    let mut one = Vec::new();
+    while one.last().and_then(|e: &Value| e["seq"].as_u64()).unwrap_or(0) < 6 {
+        let frame = tab1.recv().await;
+        if frame["sessionId"] == session && frame.get("seq").is_some() {
+            one.push(frame);
+        }
+    }
     let mut tab3 = c.connect(&token).await;
     tab3.subscribe(&session, 5).await;
     assert_eq!(tab3.recv_reply().await["kind"], "chat_subscribed");
 
-    let one = until_complete(&mut tab1, &session).await;
+    one.extend(until_complete(&mut tab1, &session).await);
     let two = until_complete(&mut tab2, &session).await;
     let three = until_complete(&mut tab3, &session).await;
     assert_contiguous(&one, 1);
