@@ -195,26 +195,12 @@ async fn the_binary_serves_over_verify_full_and_exits_non_zero_with_a_wrong_ca()
         let node = gateway(dir.path(), url, env);
         node.wait_ready().await.unwrap_or_else(|e| panic!("{env:?}: {e}"));
         let token = common::mint("tls-user", Duration::from_secs(600));
-        let created: serde_json::Value = http
-            .post(format!("{}/api/providers/sessions", node.base))
-            .bearer_auth(&token)
-            .json(&json!({ "provider": "script", "projectPath": "p" }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body = json!({ "provider": "script", "projectPath": "p" });
+        let (status, created) =
+            common::rest(&http, &node.base, "POST", "/api/providers/sessions", &token, Some(body)).await;
+        assert_eq!(status, 201, "{created}");
         let session = created["data"]["sessionId"].as_str().unwrap_or_else(|| panic!("{created}"));
-        let listed: serde_json::Value = http
-            .get(format!("{}/api/providers/sessions", node.base))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let (_, listed) = common::rest(&http, &node.base, "GET", "/api/providers/sessions", &token, None).await;
         assert!(listed.to_string().contains(session), "{listed}");
         assert_eq!(node.stop(Duration::from_secs(10)).await.and_then(|s| s.code()), Some(0));
     }

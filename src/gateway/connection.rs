@@ -97,8 +97,8 @@ impl Connection {
             let at = subscriptions.iter().position(|(id, _)| **id == *session_id);
             at.map(|at| subscriptions.swap_remove(at).1)
         };
-        if let Some(feed) = feed {
-            feed.close();
+        if feed.is_some() {
+            // Dropping the feed closes it.
             metrics::gauge!("chatgate_subscriptions").decrement(1.0);
         }
     }
@@ -107,9 +107,8 @@ impl Connection {
     pub fn shutdown(&self) {
         let feeds = std::mem::take(&mut *lock_unpoisoned(&self.subscriptions));
         metrics::gauge!("chatgate_subscriptions").decrement(feeds.len() as f64);
-        for (_, feed) in feeds {
-            feed.close();
-        }
+        // Dropping the feeds closes them, outside the lock.
+        drop(feeds);
     }
 }
 

@@ -122,17 +122,11 @@ impl LiveFeed {
                 }
                 // A hole before `seq`: fill it in front of what is queued.
                 let (filled, gap) = self.fill(seq - 1).await;
-                let progressed = !filled.is_empty();
                 for event in filled.into_iter().rev() {
                     self.ready.push_front(event);
                 }
                 if gap.is_some() {
                     return gap;
-                }
-                if !progressed {
-                    // The window says nothing is missing yet holds nothing: it is gone.
-                    self.last_sent = seq - 1;
-                    return Some(FeedItem::Gap { resumed_at: seq });
                 }
             }
             match self.rx.recv().await {
@@ -153,15 +147,27 @@ impl LiveFeed {
     /// the window does not hold all of them (the cursor then skips the loss).
     async fn fill(&mut self, up_to: u64) -> (Vec<Event>, Option<FeedItem>) {
         let range = self.source.read_range(&self.session_id, self.last_sent, up_to).await.unwrap_or_default();
-        let first = range.events.first().map(|e| e.seq);
-        let contiguous_start = first.is_none_or(|seq| seq == self.last_sent.saturating_add(1));
-        if range.complete && contiguous_start {
-            return (range.events, None);
-        }
+        let (events, resumed_at) = judge(range, self.last_sent, up_to);
+        let Some(resumed_at) = resumed_at else { return (events, None) };
         // Skip what cannot be recovered; deliver what the window still has.
-        let resumed_at =
-            first.unwrap_or(if up_to == u64::MAX { self.last_sent.saturating_add(1) } else { up_to.saturating_add(1) });
         self.last_sent = resumed_at.saturating_sub(1);
-        (range.events, Some(FeedItem::Gap { resumed_at }))
+        (events, Some(FeedItem::Gap { resumed_at }))
     }
+}
+
+/// The window's answer for `after < seq <= up_to`: its events, and where
+/// delivery resumes when some of the range is lost (`None`: nothing is). Shared
+/// by pull feeds and push subscriptions ([`super::live`]).
+pub(super) fn judge(range: ReplayRange, after: u64, up_to: u64) -> (Vec<Event>, Option<u64>) {
+    let first = range.events.first().map(|e| e.seq);
+    let contiguous_start = first.is_none_or(|seq| seq == after.saturating_add(1));
+    if range.complete && contiguous_start {
+        if range.events.is_empty() && up_to != u64::MAX {
+            // The window says nothing is missing yet holds nothing of the hole: it is gone.
+            return (range.events, Some(up_to.saturating_add(1)));
+        }
+        return (range.events, None);
+    }
+    let resumed_at = first.unwrap_or(if up_to == u64::MAX { after.saturating_add(1) } else { up_to.saturating_add(1) });
+    (range.events, Some(resumed_at))
 }

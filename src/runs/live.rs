@@ -32,7 +32,10 @@ use std::{
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
-use super::{Event, LIVE_CAPACITY, LiveBatch, ReplayRange, feed::RangeSource};
+use super::{
+    Event, LIVE_CAPACITY, LiveBatch,
+    feed::{RangeSource, judge},
+};
 use crate::{protocol::Frame, sync::lock_unpoisoned};
 
 /// What a sink did with an event.
@@ -117,7 +120,7 @@ impl PushFeed {
     }
 
     /// Stops delivery: once this returns, the sink gets nothing more.
-    pub fn close(&self) {
+    fn close(&self) {
         self.pusher.lock().mode = Mode::Closed;
         if let Some(channel) = self.channel.upgrade() {
             channel.remove(&self.pusher);
@@ -364,20 +367,4 @@ fn enqueue(state: &mut PushState, batch: LiveBatch) {
     } else {
         state.queued.push_back(batch);
     }
-}
-
-/// The window's answer for `after < seq <= up_to`: its events, and where
-/// delivery resumes when some of the range is lost (as [`LiveFeed`](super::LiveFeed) fills).
-fn judge(range: ReplayRange, after: u64, up_to: u64) -> (Vec<Event>, Option<u64>) {
-    let first = range.events.first().map(|e| e.seq);
-    let contiguous_start = first.is_none_or(|seq| seq == after.saturating_add(1));
-    if range.complete && contiguous_start {
-        if range.events.is_empty() && up_to != u64::MAX {
-            // The window says nothing is missing yet holds nothing of the hole: it is gone.
-            return (range.events, Some(up_to.saturating_add(1)));
-        }
-        return (range.events, None);
-    }
-    let resumed_at = first.unwrap_or(if up_to == u64::MAX { after.saturating_add(1) } else { up_to.saturating_add(1) });
-    (range.events, Some(resumed_at))
 }
