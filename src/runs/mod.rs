@@ -55,7 +55,7 @@ pub use routing::RunRouting;
 pub const CONTROL_CAPACITY: usize = 64;
 /// Capacity of per-user notice channels (`session_upserted` is rare; a lagging
 /// socket skips notices rather than holding memory for them).
-pub const NOTICE_CAPACITY: usize = 8;
+pub const NOTICE_CAPACITY: usize = 4;
 /// Batches a push subscription queues while it repairs a hole (beyond that it
 /// drops them and reads the replay window to the end). One slot holds a whole
 /// append batch, so the queue covers more events the busier a session is.
@@ -64,7 +64,7 @@ pub const LIVE_CAPACITY: usize = 32;
 /// further behind refills from the replay window. Sockets read it only between
 /// their subscription's registry read and its attach as a push subscription,
 /// so it is small: it is allocated for every watched session.
-pub const LIVE_RING_CAPACITY: usize = 8;
+pub const LIVE_RING_CAPACITY: usize = 4;
 
 /// Events appended together (one append batch, or one catch-up read), in seq
 /// order: what a session's live channel carries, shared by every receiver.

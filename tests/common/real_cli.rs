@@ -501,14 +501,21 @@ pub async fn cluster_scenario(
         let resolved = of(&on_a, "permission_resolved").into_iter().find(|e| e["requestId"] == ask["requestId"]);
         assert!(resolved.is_some(), "node a's tab never saw the answer given on node b: {}", dump(&on_a));
     }
-    let ids = |events: &[Value]| {
-        events
+    // The run's events come in seq order on both nodes; the user's notices (`session_upserted`,
+    // no seq) travel on the user's channel, unordered against the session's stream across nodes.
+    let ids = |events: &[Value], sequenced: bool| {
+        let mut ids = events
             .iter()
-            .filter(|e| e["sessionId"] == session)
+            .filter(|e| e["sessionId"] == session && e["seq"].is_u64() == sequenced)
             .map(|e| (e["seq"].clone(), e["id"].clone()))
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>();
+        if !sequenced {
+            ids.sort_by_key(|(_, id)| id.to_string());
+        }
+        ids
     };
-    assert_eq!(ids(&on_a), ids(&on_b), "the two nodes' tabs saw different events");
+    assert_eq!(ids(&on_a, true), ids(&on_b, true), "the two nodes' tabs saw different events");
+    assert_eq!(ids(&on_a, false), ids(&on_b, false), "the two nodes' tabs saw different notices");
 
     // 2. Sent on node a, running there, aborted from node b.
     let root = &gateway.root;
