@@ -49,7 +49,8 @@ pub(crate) async fn subscribing_during_appends_is_gapless_and_duplicate_free(mak
         let first_seq = earlier.last().map_or(1, |e| e.seq + 1);
         let run_id = format!("run-{seed}");
         let grant = n.a.start_run(start(&s, &run_id, "u", &n.node_a, 0)).await.unwrap();
-        let total: usize = rng.random_range(30..70);
+        // Odd seeds: replays longer than the Redis registry copies through Lua (`INLINE_REPLAY`).
+        let total: usize = if seed % 2 == 0 { rng.random_range(30..70) } else { rng.random_range(150..300) };
         let batch_sizes: Vec<usize> = {
             let mut left = total;
             let mut sizes = Vec::new();
@@ -156,6 +157,49 @@ pub(crate) async fn replay_is_truncated_when_the_window_lost_events(make: Factor
     assert!(n.a.subscribe(&s, 6).await.unwrap().replay_truncated);
     let current = n.a.subscribe(&s, 12).await.unwrap();
     assert!(!current.replay_truncated && current.replay.is_empty());
+}
+
+/// Replays of hundreds of events (the Redis registry reads those with a plain `XRANGE` after its
+/// script): every event after the cursor, in order, from either node; a window trimmed below
+/// the cursor is told, with what is left.
+pub(crate) async fn long_replays_are_whole_in_order_and_told_when_trimmed(make: Factory) {
+    let n = make(Opts { max_events: 400, ..Opts::default() }).await;
+    let s = unique("long");
+    let earlier = whole_run(&n.a, &s, "u", &n.node_a, 5).await;
+    let first_seq = earlier.last().unwrap().seq + 1;
+    let grant = n.a.start_run(start(&s, "r2", "u", &n.node_a, 0)).await.unwrap();
+    for _ in 0..30 {
+        n.a.append(&grant.lease, bodies(&s, "r2", 10)).await.unwrap();
+    }
+    let top = first_seq + 299;
+    for (cursor, on_b) in
+        [(0, true), (first_seq - 1, false), (first_seq + 99, true), (top - 100, false), (top - 1, true)]
+    {
+        let registry = if on_b { &n.b } else { &n.a };
+        let sub = registry.subscribe(&s, cursor).await.unwrap();
+        let from = cursor.max(first_seq - 1);
+        assert_eq!(seqs(&sub.replay), (from + 1..=top).collect::<Vec<_>>(), "cursor {cursor}");
+        assert!(!sub.replay_truncated, "cursor {cursor}");
+        assert!(sub.replay.iter().all(|e| &*e.run_id == "r2" && !e.terminal));
+        assert_eq!(frame_json(&sub.replay[0])["seq"], from + 1);
+        assert_eq!(sub.snapshot.last_seq, top);
+    }
+
+    // 300 more: the window keeps the last 400 of the run, so a replay from its start is cut.
+    for _ in 0..30 {
+        n.a.append(&grant.lease, bodies(&s, "r2", 10)).await.unwrap();
+    }
+    let top = first_seq + 599;
+    let kept_from = top - 399;
+    let cut = n.b.subscribe(&s, 0).await.unwrap();
+    assert!(cut.replay_truncated);
+    assert_eq!(seqs(&cut.replay), (kept_from..=top).collect::<Vec<_>>());
+    let covered = n.a.subscribe(&s, kept_from - 1).await.unwrap();
+    assert!(!covered.replay_truncated);
+    assert_eq!(covered.replay.len(), 400);
+    let mut live = covered.live;
+    let end = n.a.complete(&grant.lease, complete_body(&s, "r2")).await.unwrap();
+    assert_eq!(next_event(&mut live).await.seq, end.seq);
 }
 
 pub(crate) async fn read_range_reports_completeness(make: Factory) {

@@ -65,7 +65,7 @@ pub async fn run(bin: &Path, args: &ClusterArgs, idle_sockets: usize, storm_clie
     let replay_shape = ReplayArgs { events: 10_000, readers: 3, payload_bytes: 64 };
     let replay = on_cluster!(bin, args, 3, &replay::node_flags(&replay_shape), |c| replay::measure(&c, &replay_shape));
     say("start");
-    let start_shape = StartArgs { starters: 10, sends: 20, load_rate: 10_000.0 };
+    let start_shape = StartArgs { starters: 10, sends: 20, load_rate: 10_000.0, pause_ms: 0 };
     let start = on_cluster!(bin, args, 3, |c| start::measure(&c, &start_shape));
     let idle_shape = |cluster| IdleArgs { sockets: idle_sockets, cluster, processes: 0, compare_bin: None, repeat: 1 };
     say("idle, single node");

@@ -27,6 +27,11 @@ pub struct StartArgs {
     /// Background load in deliveries per second (0: none).
     #[arg(long, default_value_t = 10_000.0)]
     pub load_rate: f64,
+    /// A starter's pause between a run's `complete` and its next send (0: at once, so the
+    /// starters together keep the machine as busy as it gets: a throughput test more than a
+    /// latency one on 2 cores).
+    #[arg(long, default_value_t = 0)]
+    pub pause_ms: u64,
 }
 
 const FRAME_WAIT: Duration = Duration::from_secs(60);
@@ -51,7 +56,8 @@ pub async fn measure(cluster: &Cluster, args: &StartArgs) -> anyhow::Result<Valu
         if args.load_rate > 0.0 {
             tokio::time::sleep(Duration::from_secs(3)).await;
         }
-        let tasks: Vec<_> = (0..args.starters).map(|i| starter(cluster, i, args.sends)).collect();
+        let pause = Duration::from_millis(args.pause_ms);
+        let tasks: Vec<_> = (0..args.starters).map(|i| starter(cluster, i, args.sends, pause)).collect();
         let mut first = Latencies::default();
         let mut whole = Latencies::default();
         for outcome in futures_util::future::join_all(tasks).await {
@@ -67,6 +73,7 @@ pub async fn measure(cluster: &Cluster, args: &StartArgs) -> anyhow::Result<Valu
     Ok(json!({
         "starters": args.starters,
         "sends_per_starter": args.sends,
+        "pause_ms": args.pause_ms,
         "send_to_first_event": first.summary(),
         "send_to_complete": whole.summary(),
         "background_load": if load.is_null() { json!("none") } else { json!({
@@ -76,8 +83,8 @@ pub async fn measure(cluster: &Cluster, args: &StartArgs) -> anyhow::Result<Valu
     }))
 }
 
-/// One socket sending `sends` short runs in a row: (send → first event, send → complete).
-async fn starter(cluster: &Cluster, i: usize, sends: usize) -> anyhow::Result<(Latencies, Latencies)> {
+/// One socket sending `sends` short runs in a row, `pause` apart: (send → first event, send → complete).
+async fn starter(cluster: &Cluster, i: usize, sends: usize, pause: Duration) -> anyhow::Result<(Latencies, Latencies)> {
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let token = cluster.api.token(&format!("start-{}-{i}", &tag[..8]))?;
     let addr = cluster.addr(i);
@@ -88,6 +95,7 @@ async fn starter(cluster: &Cluster, i: usize, sends: usize) -> anyhow::Result<(L
     let mut whole = Latencies::default();
     let script = json!({ "events": 3 }).to_string();
     for _ in 0..sends {
+        tokio::time::sleep(pause).await;
         let began = Instant::now();
         ws::send(&mut ws, json!({ "type": "chat.send", "sessionId": session, "content": script })).await?;
         let mut seen_first = false;

@@ -158,6 +158,48 @@ pub(super) fn decode_entries(value: Value) -> Result<Vec<Event>, BadReply> {
     Ok(events)
 }
 
+/// A plain `XRANGE` reply (`[[id, [field, value, …]], …]`, fields `r` run id, `t` terminal,
+/// `b` body) into events.
+pub(super) fn decode_stream(value: Value) -> Result<Vec<Event>, BadReply> {
+    let entries = array(value)?;
+    let mut builder = EventBuilder::default();
+    let mut events = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let mut parts = array(entry)?.into_iter();
+        let (Some(id), Some(fields)) = (parts.next(), parts.next()) else {
+            return Err(BadReply("stream entry without an id and fields".into()));
+        };
+        let id = text(id)?;
+        let seq = id
+            .split_once('-')
+            .and_then(|(seq, _)| seq.parse().ok())
+            .ok_or_else(|| BadReply(format!("stream entry id {id:?}")))?;
+        let (mut run_id, mut terminal, mut body) = (None, false, None);
+        let mut fields = field_values(fields)?.into_iter();
+        while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+            match text(name)?.as_str() {
+                "r" => run_id = Some(text(value)?),
+                "t" => terminal = text(value)? == "1",
+                "b" => body = Some(text(value)?),
+                _ => {}
+            }
+        }
+        let (Some(run_id), Some(body)) = (run_id, body) else {
+            return Err(BadReply(format!("stream entry {id} without a run id or body")));
+        };
+        events.push(builder.event(seq, &run_id, terminal, &body));
+    }
+    Ok(events)
+}
+
+/// An entry's fields as `name, value, …` (an array in RESP2, a map in RESP3).
+fn field_values(value: Value) -> Result<Vec<Value>, BadReply> {
+    match value {
+        Value::Map(pairs) => Ok(pairs.into_iter().flat_map(|(k, v)| [k, v]).collect()),
+        other => array(other),
+    }
+}
+
 /// True when `events` are exactly the seqs `from + 1 ..= to` (or the range is empty).
 pub(super) fn is_contiguous(events: &[Event], from: u64, to: u64) -> bool {
     if to <= from {
@@ -219,6 +261,39 @@ mod tests {
 
     fn record(seq: u64, terminal: bool, run_id: &str, body: &str) -> String {
         format!("{seq} {} {} {} {run_id}{body}", u8::from(terminal), run_id.len(), body.len())
+    }
+
+    fn bulk(text: &str) -> Value {
+        Value::BulkString(text.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn xrange_entries_decode_in_either_protocol_and_bad_ones_are_refused() {
+        let fields = |terminal: &str, body: &str| {
+            vec![bulk("r"), bulk("run-1"), bulk("t"), bulk(terminal), bulk("b"), bulk(body)]
+        };
+        let resp2 = Value::Array(vec![
+            Value::Array(vec![bulk("7-0"), Value::Array(fields("0", r#"{"kind":"text"}"#))]),
+            Value::Array(vec![bulk("8-0"), Value::Array(fields("1", r#"{"kind":"complete"}"#))]),
+        ]);
+        let events = decode_stream(resp2).unwrap();
+        assert_eq!(events.iter().map(|e| (e.seq, e.terminal)).collect::<Vec<_>>(), [(7, false), (8, true)]);
+        assert_eq!(&*events[0].run_id, "run-1");
+        assert_eq!(events[1].frame, r#"{"kind":"complete","seq":8}"#);
+
+        let pairs = |terminal: &str| {
+            let f = fields(terminal, r#"{"kind":"text"}"#);
+            f.chunks(2).map(|kv| (kv[0].clone(), kv[1].clone())).collect::<Vec<_>>()
+        };
+        let resp3 = Value::Array(vec![Value::Array(vec![bulk("9-0"), Value::Map(pairs("0"))])]);
+        assert_eq!(decode_stream(resp3).unwrap()[0].seq, 9);
+        assert!(decode_stream(Value::Nil).unwrap().is_empty());
+
+        let no_body = Value::Array(vec![Value::Array(vec![bulk("3-0"), Value::Array(vec![bulk("r"), bulk("x")])])]);
+        assert!(decode_stream(no_body).is_err());
+        let bad_id = Value::Array(vec![Value::Array(vec![bulk("three"), Value::Array(fields("0", "{}"))])]);
+        assert!(decode_stream(bad_id).is_err());
+        assert!(decode_stream(Value::Array(vec![Value::Array(vec![bulk("3-0")])])).is_err());
     }
 
     #[test]

@@ -101,7 +101,12 @@ impl RedisRegistry {
         let inv = node.scripts.read(session_id, after.map(|a| a.min(MAX_SCRIPT_SEQ - 1)));
         let _permit = node.read_permit().await;
         let reply: ReadReply = node.retrying("read", node.retry_window(), || node.invoke_on(Lane::Read, &inv)).await?;
-        let ReadReply { owner_json, top, replay, pending } = reply;
+        let ReadReply { owner_json, top, mut replay, pending, deferred_from } = reply;
+        if let Some(from) = deferred_from {
+            // A long replay: the same entries, now, without Lua (see `lua/read.lua`). A gap that
+            // a trim made since is told as any other (the replay is checked against `top`).
+            replay = node.read_stream(session_id, from, top).await?;
+        }
         let pending = pending
             .iter()
             .map(|json| serde_json::from_str(json).unwrap_or_else(|_| Json::String(json.clone())))

@@ -19,7 +19,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 use super::{
     RedisRegistryOptions, Topology,
-    codec::{BadReply, OwnerRecord},
+    codec::{self, BadReply, OwnerRecord},
     connection::{Commands, Conn, Lane},
     hub::Hub,
     keys,
@@ -483,6 +483,19 @@ impl RedisNode {
         let reply: RangeReply =
             self.retrying("read_range", self.retry_window(), || self.invoke_on(Lane::Read, &inv)).await?;
         Ok((reply.top, reply.events))
+    }
+
+    /// The stream's entries with `after < seq <= up_to`, by a plain `XRANGE` (no Lua, no top):
+    /// the long replays `lua/read.lua` leaves to its caller. The caller holds a read permit.
+    pub(super) async fn read_stream(&self, session_id: &str, after: u64, up_to: u64) -> Result<Vec<Event>, Failure> {
+        let (key, from, to) = (keys::events(session_id), format!("{}-0", after + 1), format!("{up_to}-0"));
+        let read = || async {
+            let mut conn = self.lane(Lane::Read).await?;
+            let entries: ::redis::Value =
+                ::redis::cmd("XRANGE").arg(&key).arg(&from).arg(&to).query_async(&mut conn).await?;
+            Ok::<_, Failure>(codec::decode_stream(entries)?)
+        };
+        self.retrying("read_stream", self.retry_window(), read).await
     }
 
     /// Delivers a control message to the run's owner node (directly when it is this one).
