@@ -225,9 +225,41 @@ async fn drafts_are_not_history_and_their_merged_text_deletes_them(db: Db) {
     assert_eq!(contents(&store, &id, None, 0).await.1, 4);
 }
 
+/// A large batch (as the history writer makes under load): every row in seq order, two sessions
+/// interleaved, a row repeated inside the batch keeps its first text, and a merged text in the
+/// middle deletes the drafts written before it, as if every row were written on its own.
+async fn large_batches_write_every_row_once_in_order(db: Db) {
+    let (store, _dir) = store(db).await;
+    let owner = user();
+    let (id, other) = (new_session(&store, &owner, "").await, new_session(&store, &owner, "").await);
+    let mut batch = vec![prompt(&id, 1, "question")];
+    for seq in 1..=150 {
+        batch.push(event(&id, seq, &format!("e{seq}")));
+        if seq % 50 == 0 {
+            batch.push(event(&other, seq, &format!("o{seq}")));
+        }
+    }
+    batch.push(event(&id, 7, "seven again"));
+    batch.extend([draft(&id, 152, "ab"), draft(&id, 154, "cd"), merged(&id, 155, 151, "abcde")]);
+    // A draft in the merged text's range but after it in the batch was written after the delete.
+    batch.extend([draft(&id, 153, "late"), draft(&id, 157, "f"), event(&id, 158, "last")]);
+    store.append_history(&batch).await.unwrap();
+
+    let (items, total) = contents(&store, &id, None, 0).await;
+    let mut want: Vec<(Value, String)> = vec![(Value::Null, "question".into())];
+    want.extend((1..=150).map(|seq| (json!(seq), format!("e{seq}"))));
+    want.extend([(json!(155), "abcde".into()), (json!(158), "last".into())]);
+    assert_eq!(total, 153);
+    assert_eq!(items, want, "every row once, in seq order, the first text of a repeated row");
+    assert_eq!(contents(&store, &other, None, 0).await.0.len(), 3);
+    assert_eq!(store.drafts(&id, 0, 1000).await.unwrap().iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [153, 157]);
+    assert_eq!(store.session(&owner, &id).await.unwrap().unwrap().last_seq, 158);
+}
+
 db_tests!(
     sessions_are_scoped_by_user,
     history_writes_are_idempotent,
     last_seq_high_water_mark_only_rises,
     drafts_are_not_history_and_their_merged_text_deletes_them,
+    large_batches_write_every_row_once_in_order,
 );
