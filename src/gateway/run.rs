@@ -14,10 +14,7 @@ use std::{
 };
 
 use serde_json::{Map, Value, json};
-use tokio::{
-    sync::{OwnedSemaphorePermit, mpsc, oneshot},
-    task::JoinHandle,
-};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -117,8 +114,6 @@ struct Driver {
     /// This run's slot of `--max-runs`, given back once its runtime has ended.
     slot: Option<OwnedSemaphorePermit>,
     request_key: Option<String>,
-    /// The prompt's history row being written (see [`store_prompt`]).
-    prompt_stored: Option<JoinHandle<()>>,
 }
 
 impl Driver {
@@ -143,7 +138,6 @@ impl Driver {
             plan: Some(Start { request: plan.request, runtime: plan.runtime, control, launch: plan.launch }),
             slot: Some(plan.slot),
             request_key: plan.request_key,
-            prompt_stored: None,
         }
     }
 
@@ -156,10 +150,8 @@ impl Driver {
             let ctx = RunContext::contained(tx, cancel.clone(), launch);
             async move { runtime.run(request, ctx).await }
         });
-        // Beside the runtime's start and its first append: the run's first events go out live while
-        // the prompt is written; its row is in SQL before any of theirs (`write_history`) and
-        // before the `complete` (`finish`), and the registry keeps it for a reaper until then.
-        self.prompt_stored = Some(tokio::spawn(store_prompt(self.gateway.clone(), prompt)));
+        // While the runtime starts: the prompt is durable before any event of the run is appended.
+        self.store_prompt(prompt).await;
         self.record_request();
         let lease_len = self.gateway.settings.run_lease;
         let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + lease_len / 3, lease_len / 3);
@@ -219,6 +211,25 @@ impl Driver {
             runtime_task.abort();
         }
         self.finish(ending).await;
+    }
+
+    /// Writes the prompt's history row at once (a few tries), else hands it to
+    /// the history writer, which keeps trying. A run whose owner dies right
+    /// after its start still has its prompt: the reaper stores it from Redis.
+    async fn store_prompt(&self, row: HistoryRow) {
+        let mut delay = Duration::from_millis(50);
+        for attempt in 1..=PROMPT_ATTEMPTS {
+            match self.gateway.store.append_history(std::slice::from_ref(&row)).await {
+                Ok(()) => return,
+                Err(e) => {
+                    metrics::counter!("chatgate_backend_errors_total", "backend" => "database").increment(1);
+                    tracing::warn!(attempt, error = %e, "could not store the prompt; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+            }
+        }
+        self.gateway.history.write(vec![row]).await;
     }
 
     /// Keeps the send's `clientRequestId` in SQL as the session's last, off the
@@ -285,7 +296,7 @@ impl Driver {
         }
         let events = self.append(batch.clone()).await?;
         let rows = self.history_rows(&batch, &events, deltas);
-        self.write_history(rows).await;
+        self.gateway.history.write(rows).await;
         Ok(())
     }
 
@@ -354,7 +365,7 @@ impl Driver {
         let body = self.label(object(fields));
         let events = self.append(vec![body.clone()]).await?;
         let rows = self.history_rows(&[body], &events, vec![None]);
-        self.write_history(rows).await;
+        self.gateway.history.write(rows).await;
         let _ = reply.send(answer);
         Ok(())
     }
@@ -374,7 +385,7 @@ impl Driver {
         }
         let events = self.append(bodies.clone()).await?;
         let rows = self.history_rows(&bodies, &events, vec![None; bodies.len()]);
-        self.write_history(rows).await;
+        self.gateway.history.write(rows).await;
         Ok(())
     }
 
@@ -409,7 +420,6 @@ impl Driver {
         // client that sends again as soon as it sees the `complete` is never
         // refused for a run that is over.
         drop(self.slot.take());
-        self.prompt_durable().await;
         let (exit_code, aborted, error) = match ending {
             Ending::Finished(outcome) => (outcome.exit_code, false, outcome.error),
             Ending::Aborted => (0, true, None),
@@ -446,7 +456,7 @@ impl Driver {
         match event {
             Some(event) => {
                 let rows = self.history_rows(&[body], &[event], vec![None]);
-                self.write_history(rows).await;
+                self.gateway.history.write(rows).await;
                 self.gateway.history.flush().await;
                 self.gateway.registry.history_saved(&self.lease).await;
             }
@@ -454,27 +464,11 @@ impl Driver {
         }
     }
 
-    /// Queues history rows to the node's writer, after the prompt's row: in SQL
-    /// a run's events never stand without its prompt.
-    async fn write_history(&mut self, rows: Vec<HistoryRow>) {
-        self.prompt_durable().await;
-        self.gateway.history.write(rows).await;
-    }
-
-    /// Waits until the prompt's row is written (or queued to the history writer).
-    async fn prompt_durable(&mut self) {
-        if let Some(prompt) = self.prompt_stored.take()
-            && let Err(e) = prompt.await
-        {
-            tracing::warn!(error = %e, "storing the prompt failed");
-        }
-    }
-
     /// Writes the merged text of deltas no `stream_end` closed (a run cut short).
     async fn flush_streamed(&mut self) {
         let mut rows = Vec::new();
         self.transcript.flush(&mut rows);
-        self.write_history(rows).await;
+        self.gateway.history.write(rows).await;
     }
 
     /// Adds the run's labels to a runtime event.
@@ -491,23 +485,4 @@ impl Driver {
         self.transcript.end_batch(Instant::now(), &mut rows);
         rows
     }
-}
-
-/// Writes a run's prompt row at once (a few tries), else hands it to the
-/// history writer, which keeps trying. A run whose owner dies before this is
-/// done still has its prompt: the reaper stores it from the registry.
-async fn store_prompt(gateway: Arc<Gateway>, row: HistoryRow) {
-    let mut delay = Duration::from_millis(50);
-    for attempt in 1..=PROMPT_ATTEMPTS {
-        match gateway.store.append_history(std::slice::from_ref(&row)).await {
-            Ok(()) => return,
-            Err(e) => {
-                metrics::counter!("chatgate_backend_errors_total", "backend" => "database").increment(1);
-                tracing::warn!(attempt, error = %e, "could not store the prompt; retrying");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-            }
-        }
-    }
-    gateway.history.write(vec![row]).await;
 }
