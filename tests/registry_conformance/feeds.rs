@@ -202,6 +202,45 @@ pub(crate) async fn long_replays_are_whole_in_order_and_told_when_trimmed(make: 
     assert_eq!(next_event(&mut live).await.seq, end.seq);
 }
 
+/// Ranges longer than a script copies inline (128 on Redis) are read whole, in order, and a
+/// trimmed start is told; a short one beside them is unchanged.
+pub(crate) async fn long_ranges_are_whole_in_order_and_told_when_trimmed(make: Factory) {
+    let n = make(Opts { max_events: 400, ..Opts::default() }).await;
+    let s = unique("range");
+    let grant = n.a.start_run(start(&s, "r1", "u", &n.node_a, 0)).await.unwrap();
+    for _ in 0..30 {
+        n.a.append(&grant.lease, bodies(&s, "r1", 10)).await.unwrap();
+    }
+    let all = n.b.read_range(&s, 0, u64::MAX).await.unwrap();
+    let first = all.events[0].seq;
+    let top = first + 299;
+    assert_eq!(seqs(&all.events), (first..=top).collect::<Vec<_>>());
+    assert!(all.complete);
+    for (after, up_to) in [(first + 9, first + 249), (first + 199, u64::MAX), (first - 1, first + 200), (top - 1, top)]
+    {
+        let range = n.b.read_range(&s, after, up_to).await.unwrap();
+        assert_eq!(seqs(&range.events), (after + 1..=up_to.min(top)).collect::<Vec<_>>(), "({after}, {up_to})");
+        assert!(range.complete, "({after}, {up_to})");
+        assert!(range.events.iter().all(|e| &*e.run_id == "r1" && !e.terminal));
+    }
+
+    // 300 more: the window keeps the last 400, so a range from the run's start is cut.
+    for _ in 0..30 {
+        n.a.append(&grant.lease, bodies(&s, "r1", 10)).await.unwrap();
+    }
+    let top = first + 599;
+    let kept_from = top - 399;
+    let cut = n.a.read_range(&s, first - 1, u64::MAX).await.unwrap();
+    assert!(!cut.complete);
+    assert_eq!(seqs(&cut.events), (kept_from..=top).collect::<Vec<_>>());
+    let cut_short = n.b.read_range(&s, kept_from - 150, kept_from + 149).await.unwrap();
+    assert!(!cut_short.complete);
+    assert_eq!(seqs(&cut_short.events), (kept_from..=kept_from + 149).collect::<Vec<_>>());
+    let covered = n.b.read_range(&s, kept_from - 1, top - 1).await.unwrap();
+    assert!(covered.complete);
+    assert_eq!(covered.events.len(), 399);
+}
+
 pub(crate) async fn read_range_reports_completeness(make: Factory) {
     let n = make(Opts { max_events: 5, ..Opts::default() }).await;
     let s = unique("s");

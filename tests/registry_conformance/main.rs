@@ -161,6 +161,7 @@ macro_rules! conformance {
                 idle_subscribe_gets_no_replay_then_later_runs,
                 replay_is_truncated_when_the_window_lost_events,
                 long_replays_are_whole_in_order_and_told_when_trimmed,
+                long_ranges_are_whole_in_order_and_told_when_trimmed,
                 read_range_reports_completeness,
             );
             conformance!(@group $factory; routing:

@@ -480,13 +480,19 @@ impl RedisNode {
         let stop = (up_to < MAX_SCRIPT_SEQ).then_some(up_to);
         let inv = self.scripts.read_range(session_id, after, stop);
         let _permit = self.read_permit().await;
-        let reply: RangeReply =
+        let RangeReply { top, mut events, deferred_to } =
             self.retrying("read_range", self.retry_window(), || self.invoke_on(Lane::Read, &inv)).await?;
-        Ok((reply.top, reply.events))
+        if let Some(last) = deferred_to {
+            // A long range: the same entries, now, without Lua (see `lua/read_range.lua`); a trim
+            // since shows as a gap (the caller checks the range against `top`).
+            events = self.read_stream(session_id, after, last).await?;
+        }
+        Ok((top, events))
     }
 
     /// The stream's entries with `after < seq <= up_to`, by a plain `XRANGE` (no Lua, no top):
-    /// the long replays `lua/read.lua` leaves to its caller. The caller holds a read permit.
+    /// the long reads `lua/read.lua` and `lua/read_range.lua` leave to their caller. The caller
+    /// holds a read permit.
     pub(super) async fn read_stream(&self, session_id: &str, after: u64, up_to: u64) -> Result<Vec<Event>, Failure> {
         let (key, from, to) = (keys::events(session_id), format!("{}-0", after + 1), format!("{up_to}-0"));
         let read = || async {

@@ -31,7 +31,7 @@ use crate::runs::Event;
 /// Functions shared by the scripts.
 const PRELUDE: &str = include_str!("lua/prelude.lua");
 
-/// Most replay entries `lua/read.lua` copies through Lua; a longer replay is read with a plain
+/// Most entries `lua/read.lua` and `lua/read_range.lua` copy through Lua; a longer read is a plain
 /// `XRANGE` after it (10 000 entries: 36 ms of Redis time through Lua, 8 ms as `XRANGE`).
 pub(super) const INLINE_REPLAY: u64 = 128;
 
@@ -214,6 +214,7 @@ impl Scripts {
             Some(up_to) => inv.arg(up_to),
             None => inv.arg("+"),
         };
+        inv.arg(INLINE_REPLAY);
         inv
     }
 
@@ -381,6 +382,9 @@ pub(super) struct ReadReply {
 pub(super) struct RangeReply {
     pub(super) top: u64,
     pub(super) events: Vec<Event>,
+    /// Set when the range was longer than [`INLINE_REPLAY`]: it is the entries up to this seq,
+    /// left for the caller to read with a plain `XRANGE`.
+    pub(super) deferred_to: Option<u64>,
 }
 
 /// The items of an array reply, one at a time (a missing one reads as nil).
@@ -404,6 +408,14 @@ impl Items {
     }
     fn events(&mut self) -> Result<Vec<Event>, BadReply> {
         codec::decode_entries(self.next())
+    }
+    /// A deferred read's bound: a seq, or -1 (or nothing, from a script of before) for none.
+    fn deferred(&mut self) -> Result<Option<u64>, BadReply> {
+        match self.next() {
+            Value::Int(seq) => Ok(u64::try_from(seq).ok()),
+            Value::Nil => Ok(None),
+            other => Err(BadReply(format!("expected a seq or -1, got {other:?}"))),
+        }
     }
 }
 
@@ -488,10 +500,7 @@ impl FromRedisValue for ReadReply {
             top: items.int()?,
             replay: items.events()?,
             pending: items.texts()?,
-            deferred_from: match items.next() {
-                Value::Int(from) => u64::try_from(from).ok(),
-                _ => None,
-            },
+            deferred_from: items.deferred()?,
         })
     }
 }
@@ -499,7 +508,7 @@ impl FromRedisValue for ReadReply {
 impl FromRedisValue for RangeReply {
     fn from_redis_value(value: Value) -> Result<Self, ParsingError> {
         let mut items = Items::of(value)?;
-        Ok(RangeReply { top: items.int()?, events: items.events()? })
+        Ok(RangeReply { top: items.int()?, events: items.events()?, deferred_to: items.deferred()? })
     }
 }
 

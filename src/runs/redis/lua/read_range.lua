@@ -1,22 +1,29 @@
 -- read_range: the stream's entries with after < seq <= up_to, with the seq top.
 -- Guarantees: the top and the entries are of one instant.
--- Returns {top, {seq, runId, t, body, ...}}.
+-- A range of more than `inline_max` seqs is not copied through Lua (as in read.lua): the reply
+-- names where it ends instead, and the caller reads the entries with XRANGE (entries at or below
+-- the top are only ever removed, never replaced: a later read is this one's suffix).
+-- Returns {top, {seq, runId, t, body, ...}, last|-1}: last is the deferred range's end.
 local seq_key = KEYS[1]
 local events_key = KEYS[2]
 
 local after = tonumber(ARGV[1])
 local up_to = ARGV[2] -- a seq, or '+' for the newest
+local inline_max = tonumber(ARGV[3])
 
 local top = math.max(tonumber(redis.call('GET', seq_key) or '0'), stream_top(events_key))
-local stop = '+'
-if up_to ~= '+' then stop = up_to .. '-0' end
+local last = top
+if up_to ~= '+' then last = math.min(top, tonumber(up_to)) end
+if last - after > inline_max then return {top, {}, last} end
 local flat = {}
-local entries = redis.call('XRANGE', events_key, string.format('%d-0', after + 1), stop)
-for _, e in ipairs(entries) do
-  local f = e[2]
-  flat[#flat + 1] = seq_of(e[1])
-  flat[#flat + 1] = f[2]
-  flat[#flat + 1] = f[4]
-  flat[#flat + 1] = f[6]
+if last > after then
+  local entries = redis.call('XRANGE', events_key, string.format('%d-0', after + 1), string.format('%d-0', last))
+  for _, e in ipairs(entries) do
+    local f = e[2]
+    flat[#flat + 1] = seq_of(e[1])
+    flat[#flat + 1] = f[2]
+    flat[#flat + 1] = f[4]
+    flat[#flat + 1] = f[6]
+  end
 end
-return {top, flat}
+return {top, flat, -1}
