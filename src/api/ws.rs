@@ -1,19 +1,19 @@
 //! `/ws`: the upgrade (token, Origin) and the socket task.
 //!
-//! Each socket is two halves joined by its byte-bounded [`Outbox`]: this task
-//! reads frames and dispatches verbs; a writer task drains the outbox (which
-//! subscribed sessions' publishers fill directly), relays the user's notices,
-//! pings every interval and closes with the reason the outbox carries (4008 slow
-//! consumer, 4401 token expired, 1012 draining, 1009 frame too large, 1008
+//! Each socket is one task around its byte-bounded [`Outbox`]: it reads frames and
+//! carries out their verbs one at a time; meanwhile it drains the outbox (which
+//! subscribed sessions' publishers fill directly) into the socket, relays the user's
+//! notices, pings every interval and closes with the reason the outbox carries (4008
+//! slow consumer, 4401 token expired, 1012 draining, 1009 frame too large, 1008
 //! frame flood, 1007 text not UTF-8, 1002 broken framing). The abuse limits
 //! of the upgrade and of inbound frames are decided in [`crate::gateway::limits`].
 
 use std::{
+    collections::VecDeque,
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU32, Ordering},
-    },
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
     time::{Duration, Instant},
 };
 
@@ -25,12 +25,8 @@ use axum::{
     http::{StatusCode, request::Parts},
     response::{IntoResponse, Response},
 };
-use futures_util::{
-    SinkExt, StreamExt,
-    stream::{SplitSink, SplitStream},
-};
+use futures_util::{SinkExt, StreamExt};
 use tokio::sync::broadcast::{self, error::RecvError};
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{
@@ -106,17 +102,14 @@ pub async fn upgrade(State(state): State<AppState>, parts: Parts) -> Response {
         .max_frame_size(max)
         .on_upgrade(move |socket| {
             // The socket task is spawned here, so that the upgrade's own task (which holds the
-            // handshake's state) ends now; and the socket is split here, not in `serve`: a task
-            // keeps its arguments for its whole life.
-            let (sink, stream) = socket.split();
-            tokio::spawn(serve(sink, stream, state, identity, origin_refused, hello, slot).instrument(span));
+            // handshake's state) ends now.
+            tokio::spawn(serve(socket, state, identity, origin_refused, hello, slot).instrument(span));
             std::future::ready(())
         })
 }
 
 async fn serve(
-    mut sink: SplitSink<WebSocket, Message>,
-    mut stream: SplitStream<WebSocket>,
+    mut socket: WebSocket,
     state: AppState,
     identity: Identity,
     origin_refused: bool,
@@ -126,36 +119,28 @@ async fn serve(
     let _slot = slot;
     let _open = state.gateway.track_socket();
     if origin_refused {
-        let _ = Box::pin(sink.send(close_message(CloseReason::Policy))).await;
+        let _ = Box::pin(socket.send(close_message(CloseReason::Policy))).await;
         return;
     }
     metrics::gauge!("chatgate_connections").increment(1.0);
     let gateway = state.gateway.clone();
+    let ping_interval = state.settings.ping_interval;
     let outbox = Arc::new(Outbox::new(state.settings.send_queue_bytes));
     let conn = Arc::new(Connection::new(identity.user_id.clone(), outbox.clone(), hello));
     if hello {
         outbox.push(connected(&gateway.settings.node_id));
     }
-    // Boxed, like `dispatch` below: an idle socket's task keeps the state of its
-    // largest await for its whole life, so rare large futures live on the heap only
-    // while they run.
-    let notices = match Box::pin(gateway.registry.user_notices(&identity.user_id)).await {
+    // Boxed, like the verbs below: an idle socket's task keeps the state of its largest
+    // await for its whole life, so rare large futures live on the heap only while they run.
+    let mut notices = match Box::pin(gateway.registry.user_notices(&identity.user_id)).await {
         Ok(rx) => Some(rx),
         Err(e) => {
             tracing::warn!(error = %e, "user notices unavailable for this socket");
             None
         }
     };
-    let missed_pongs = Arc::new(AtomicU32::new(0));
-    let writer_done = CancellationToken::new();
-    let writer = tokio::spawn(write_loop(
-        sink,
-        outbox.clone(),
-        notices,
-        missed_pongs.clone(),
-        state.settings.ping_interval,
-        writer_done.clone(),
-    ));
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
+    let mut missed_pongs = 0u32;
     let expiry = tokio::time::sleep(identity.remaining());
     tokio::pin!(expiry);
     let limits = &gateway.settings.limits;
@@ -166,17 +151,32 @@ async fn serve(
             limits.frame_rate, limits.frame_burst
         )
     };
+    // The verb being carried out: frames are not read meanwhile (verbs run in order), but the
+    // socket is still written.
+    let mut verb: Option<Pin<Box<dyn Future<Output = ()> + Send + '_>>> = None;
+    // Frames popped from the outbox (allocated on use: most sockets are idle most of the time).
+    let mut batch: Vec<Frame> = Vec::new();
+    let mut out = Outgoing::default();
+    let mut peer_closed = false;
     loop {
+        let reading = verb.is_none();
         tokio::select! {
-            frame = stream.next() => match frame {
-                Some(Ok(Message::Pong(_))) => missed_pongs.store(0, Ordering::Relaxed),
-                Some(Ok(Message::Close(_))) | None => break,
+            io = std::future::poll_fn(|cx| poll_socket(&mut socket, &mut out, reading, cx)) => match io {
+                SocketEvent::Written(Ok(())) if out.closing => break,
+                SocketEvent::Written(Ok(())) => {}
+                SocketEvent::Written(Err(_)) => break,
+                SocketEvent::Read(Some(Ok(Message::Pong(_)))) => missed_pongs = 0,
+                SocketEvent::Read(Some(Ok(Message::Close(_))) | None) => {
+                    peer_closed = true;
+                    break;
+                }
                 // Text, binary and ping frames count against the frame rate.
-                Some(Ok(message)) => match frame_limiter.check(Instant::now()) {
+                SocketEvent::Read(Some(Ok(message))) => match frame_limiter.check(Instant::now()) {
                     FrameVerdict::Accept => match message {
                         Message::Text(text) => {
                             metrics::counter!("chatgate_frames_received_total").increment(1);
-                            Box::pin(gateway.dispatch(&conn, text.as_str())).await;
+                            let (gateway, conn) = (&gateway, &conn);
+                            verb = Some(Box::pin(async move { gateway.dispatch(conn, text.as_str()).await }));
                         }
                         Message::Binary(_) => {
                             conn.send(protocol_error(ErrorCode::InvalidPayload, "Binary frames are not supported; send JSON text.", None));
@@ -194,86 +194,16 @@ async fn serve(
                         break;
                     }
                 },
-                Some(Err(e)) => {
+                SocketEvent::Read(Some(Err(e))) => {
+                    peer_closed = true;
                     outbox.close(read_error_close(e));
                     break;
                 }
             },
-            _ = &mut expiry => {
-                outbox.close(CloseReason::TokenExpired);
-                break;
-            }
-            _ = gateway.sockets_closing.cancelled() => {
-                outbox.close(CloseReason::Draining);
-                break;
-            }
-            _ = writer_done.cancelled() => break,
-        }
-    }
-    conn.shutdown();
-    outbox.close(CloseReason::Normal);
-    Box::pin(close_handshake(stream, writer)).await;
-    metrics::gauge!("chatgate_connections").decrement(1.0);
-}
-
-/// Reads (and drops) what the peer still sends until its Close, so the
-/// connection ends with FIN rather than a reset that would discard our close
-/// frame on the peer's side; then waits for the writer.
-async fn close_handshake(mut stream: SplitStream<WebSocket>, writer: tokio::task::JoinHandle<()>) {
-    let _ = tokio::time::timeout(CLOSE_LINGER, async {
-        while let Some(Ok(message)) = stream.next().await {
-            if matches!(message, Message::Close(_)) {
-                break;
-            }
-        }
-    })
-    .await;
-    if tokio::time::timeout(CLOSE_LINGER, writer).await.is_err() {
-        tracing::debug!("socket writer did not finish in time");
-    }
-}
-
-async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
-    outbox: Arc<Outbox>,
-    mut notices: Option<broadcast::Receiver<Frame>>,
-    missed_pongs: Arc<AtomicU32>,
-    ping_interval: Duration,
-    done: CancellationToken,
-) {
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
-    // Allocated on first use: most sockets are idle most of the time.
-    let mut batch: Vec<Frame> = Vec::new();
-    loop {
-        tokio::select! {
-            popped = outbox.pop(&mut batch, WRITE_BATCH) => match popped {
-                Ok(()) => {
-                    // A peer that stops reading stalls the write; after two ping
-                    // intervals it is dead, like one that misses two pongs.
-                    // Boxed, timer included: an idle socket's writer holds no write state.
-                    let write = async {
-                        for frame in batch.drain(..) {
-                            sink.feed(Message::Text(frame)).await?;
-                        }
-                        sink.flush().await
-                    };
-                    match Box::pin(tokio::time::timeout(ping_interval * MAX_MISSED_PONGS, write)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => break,
-                        Err(_) => {
-                            tracing::info!("peer stopped reading; dropping the socket");
-                            batch.clear();
-                            break;
-                        }
-                    }
-                }
-                Err(reason) => {
-                    if reason != CloseReason::Normal {
-                        tracing::info!(code = reason.code(), reason = reason.text(), "closing socket");
-                    }
-                    let _ = Box::pin(sink.send(close_message(reason))).await;
-                    break;
-                }
+            () = async { if let Some(verb) = verb.as_mut() { verb.await } }, if !reading => verb = None,
+            popped = outbox.pop(&mut batch, WRITE_BATCH), if !out.busy() => match popped {
+                Ok(()) => out.frames(&mut batch),
+                Err(reason) => out.close(reason),
             },
             notice = next_notice(&mut notices) => match notice {
                 Ok(frame) => {
@@ -284,19 +214,170 @@ async fn write_loop(
                 Err(RecvError::Closed) => notices = None,
             },
             _ = ping.tick() => {
-                if missed_pongs.fetch_add(1, Ordering::Relaxed) >= MAX_MISSED_PONGS {
+                // A peer that stops reading stalls the write; after two ping intervals it is
+                // dead, like one that misses two pongs.
+                if out.stalled_for(ping_interval * MAX_MISSED_PONGS) {
+                    tracing::info!("peer stopped reading; dropping the socket");
+                    break;
+                }
+                if missed_pongs >= MAX_MISSED_PONGS {
                     tracing::info!("peer missed two pongs; dropping the socket");
                     break;
                 }
-                if Box::pin(sink.send(Message::Ping(Default::default()))).await.is_err() {
-                    break;
-                }
+                missed_pongs += 1;
+                out.push(Message::Ping(Default::default()));
+            }
+            // Like the frames, these wait for the verb being carried out.
+            _ = &mut expiry, if reading => {
+                outbox.close(CloseReason::TokenExpired);
+                break;
+            }
+            _ = gateway.sockets_closing.cancelled(), if reading => {
+                outbox.close(CloseReason::Draining);
+                break;
             }
         }
     }
-    let _ = Box::pin(sink.close()).await;
+    if let Some(verb) = verb.take() {
+        verb.await;
+    }
+    conn.shutdown();
     outbox.close(CloseReason::Normal);
-    done.cancel();
+    Box::pin(close(&mut socket, &outbox, out, peer_closed, ping_interval * MAX_MISSED_PONGS)).await;
+    metrics::gauge!("chatgate_connections").decrement(1.0);
+}
+
+/// The socket's end: what is being written, the rest of the outbox and the close frame (with
+/// the reason the outbox carries) are written, as long as the peer reads (`write_limit`, the
+/// stall rule), while what it still sends is read and dropped, so that a peer blocked in a send
+/// gets to read our close. Then its Close is awaited ([`CLOSE_LINGER`]), so the connection ends
+/// with FIN rather than a reset that would discard our close on the peer's side.
+async fn close(
+    socket: &mut WebSocket,
+    outbox: &Outbox,
+    mut out: Outgoing,
+    mut peer_closed: bool,
+    write_limit: Duration,
+) {
+    let mut batch = Vec::new();
+    let written = tokio::time::timeout(write_limit, async {
+        loop {
+            if !out.busy() {
+                if out.closing {
+                    return true;
+                }
+                // Closed: the outbox answers at once.
+                match outbox.pop(&mut batch, WRITE_BATCH).await {
+                    Ok(()) => out.frames(&mut batch),
+                    Err(reason) => out.close(reason),
+                }
+                continue;
+            }
+            match std::future::poll_fn(|cx| poll_socket(socket, &mut out, !peer_closed, cx)).await {
+                SocketEvent::Written(Ok(())) => {}
+                SocketEvent::Written(Err(_)) => return false,
+                SocketEvent::Read(Some(Ok(Message::Close(_))) | Some(Err(_)) | None) => peer_closed = true,
+                SocketEvent::Read(Some(Ok(_))) => {}
+            }
+        }
+    })
+    .await;
+    if written == Ok(true) && !peer_closed {
+        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+            while let Some(Ok(message)) = socket.next().await {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    // Flushes the reply to a peer's Close (tungstenite queues it) when nothing else did.
+    let _ = tokio::time::timeout(CLOSE_LINGER, socket.close()).await;
+}
+
+/// What the socket did: a frame read (or its end), or the frames queued for it written.
+enum SocketEvent {
+    Read(Option<Result<Message, axum::Error>>),
+    Written(Result<(), axum::Error>),
+}
+
+/// Drives both directions of the one socket: writes what [`Outgoing`] holds, and reads a frame
+/// when `read` (not while a verb is being carried out).
+fn poll_socket(socket: &mut WebSocket, out: &mut Outgoing, read: bool, cx: &mut Context<'_>) -> Poll<SocketEvent> {
+    if out.busy()
+        && let Poll::Ready(written) = out.poll_write(socket, cx)
+    {
+        return Poll::Ready(SocketEvent::Written(written));
+    }
+    if read && let Poll::Ready(frame) = socket.poll_next_unpin(cx) {
+        return Poll::Ready(SocketEvent::Read(frame));
+    }
+    Poll::Pending
+}
+
+/// The messages on their way into the socket: fed one by one, then flushed.
+#[derive(Default)]
+struct Outgoing {
+    queue: VecDeque<Message>,
+    flushing: bool,
+    /// Since when it has been writing (for the stall check).
+    since: Option<Instant>,
+    /// The close frame is queued: the socket ends once it is written.
+    closing: bool,
+}
+
+impl Outgoing {
+    fn busy(&self) -> bool {
+        !self.queue.is_empty() || self.flushing
+    }
+
+    fn push(&mut self, message: Message) {
+        if self.closing {
+            return;
+        }
+        if !self.busy() {
+            self.since = Some(Instant::now());
+        }
+        self.queue.push_back(message);
+    }
+
+    /// Queues a batch popped from the outbox (and lets go of the batch's buffer).
+    fn frames(&mut self, batch: &mut Vec<Frame>) {
+        for frame in std::mem::take(batch) {
+            self.push(Message::Text(frame));
+        }
+    }
+
+    fn close(&mut self, reason: CloseReason) {
+        if reason != CloseReason::Normal {
+            tracing::info!(code = reason.code(), reason = reason.text(), "closing socket");
+        }
+        self.push(close_message(reason));
+        self.closing = true;
+    }
+
+    fn stalled_for(&self, limit: Duration) -> bool {
+        self.since.is_some_and(|since| since.elapsed() >= limit)
+    }
+
+    fn poll_write(&mut self, socket: &mut WebSocket, cx: &mut Context<'_>) -> Poll<Result<(), axum::Error>> {
+        while !self.queue.is_empty() {
+            ready!(socket.poll_ready_unpin(cx))?;
+            if let Some(message) = self.queue.pop_front() {
+                socket.start_send_unpin(message)?;
+                self.flushing = true;
+            }
+        }
+        if self.flushing {
+            ready!(socket.poll_flush_unpin(cx))?;
+            self.flushing = false;
+        }
+        self.since = None;
+        // Let go of the queue's buffer: an idle socket holds none.
+        self.queue = VecDeque::new();
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// The user's next notice; pending forever without a notice channel.

@@ -1,7 +1,7 @@
 //! A socket's outbound queue, bounded in bytes.
 //!
 //! Producers (live feeds, verb replies) push frames without waiting; the
-//! socket's writer task pops them. When the unsent bytes would pass the limit
+//! socket's task pops them. When the unsent bytes would pass the limit
 //! the socket is a slow consumer: the queue closes with [`CloseReason::SlowConsumer`]
 //! (code 4008) instead of growing, and the client reconnects and replays.
 //! Live delivery may instead [`offer`](Outbox::offer) a frame, which is
