@@ -54,8 +54,7 @@ impl SessionFeeds for RedisRegistry {
                 && session.last_dispatched <= read.top
             {
                 session.last_dispatched = read.top;
-                session.run =
-                    read.owner.as_ref().map(|o| SeenRun { run_id: o.run_id.clone(), provider: o.provider.clone() });
+                session.run = read.owner.as_ref().map(|o| SeenRun::new(o.run_id.clone(), o.provider.clone()));
             }
         }
         let source: Arc<dyn RangeSource> = node.clone();

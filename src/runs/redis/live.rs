@@ -23,9 +23,18 @@ use crate::{
 pub(super) struct SeenRun {
     pub(super) run_id: String,
     pub(super) provider: String,
+    /// Since when its lock was seen missing.
+    pub(super) lock_missing_since: Option<Instant>,
 }
 
-/// A session this node has live feeds on.
+impl SeenRun {
+    pub(super) fn new(run_id: String, provider: String) -> Box<SeenRun> {
+        Box::new(SeenRun { run_id, provider, lock_missing_since: None })
+    }
+}
+
+/// A session this node has live feeds on: one per watched session, kept small (48 bytes; a
+/// run seen in progress is boxed) since an idle node holds one for each.
 pub(super) struct LiveSession {
     pub(super) live: Arc<LiveChannel>,
     pub(super) feeds: usize,
@@ -33,9 +42,7 @@ pub(super) struct LiveSession {
     /// that was the session's only feed); a catch-up reads after it.
     pub(super) last_dispatched: u64,
     /// The run in progress as far as this node knows.
-    pub(super) run: Option<SeenRun>,
-    /// Since when the lock of `run` was seen missing.
-    pub(super) lock_missing_since: Option<Instant>,
+    pub(super) run: Option<Box<SeenRun>>,
     builder: EventBuilder,
 }
 
@@ -46,7 +53,6 @@ impl LiveSession {
             feeds: 0,
             last_dispatched: 0,
             run: None,
-            lock_missing_since: None,
             builder: EventBuilder::default(),
         }
     }
@@ -61,9 +67,11 @@ impl LiveSession {
                 if event.terminal {
                     self.run = None;
                 } else if self.run.as_ref().is_none_or(|r| *r.run_id != *event.run_id) {
-                    self.run = Some(SeenRun { run_id: event.run_id.to_string(), provider: provider_of(&event.frame) });
+                    self.run = Some(SeenRun::new(event.run_id.to_string(), provider_of(&event.frame)));
                 }
-                self.lock_missing_since = None;
+                if let Some(run) = self.run.as_mut() {
+                    run.lock_missing_since = None;
+                }
             }
         }
         metrics::counter!("chatgate_redis_live_events_total").increment(events.len() as u64);
@@ -140,7 +148,7 @@ impl RedisNode {
     /// Hands the events in the stream after each watched session's last
     /// dispatched seq to its feeds (after a reconnect, pub/sub lost them).
     pub(super) async fn catch_up(&self) {
-        let watched: Vec<String> = lock_unpoisoned(&self.sessions).keys().cloned().collect();
+        let watched: Vec<String> = lock_unpoisoned(&self.sessions).keys().map(|id| id.to_string()).collect();
         for session_id in watched {
             if let Err(e) = self.catch_up_session(&session_id).await {
                 // Redis failed again; the next reconnect catches up, feeds fill gaps on the next event.
@@ -175,10 +183,10 @@ impl Drop for FeedGuard {
     fn drop(&mut self) {
         {
             let mut sessions = lock_unpoisoned(&self.node.sessions);
-            if let Some(session) = sessions.get_mut(&self.session_id) {
+            if let Some(session) = sessions.get_mut(self.session_id.as_str()) {
                 session.feeds = session.feeds.saturating_sub(1);
                 if session.feeds == 0 {
-                    sessions.remove(&self.session_id);
+                    sessions.remove(self.session_id.as_str());
                 }
             }
         }
@@ -196,7 +204,7 @@ pub(super) fn attach_feed(
     session_id: &str,
 ) -> (Arc<LiveChannel>, broadcast::Receiver<LiveBatch>, FeedGuard) {
     let mut sessions = lock_unpoisoned(&node.sessions);
-    let session = sessions.entry(session_id.to_string()).or_insert_with(LiveSession::new);
+    let session = sessions.entry(Box::from(session_id)).or_insert_with(LiveSession::new);
     session.feeds += 1;
     let rx = session.live.subscribe();
     (session.live.clone(), rx, FeedGuard { node: node.clone(), session_id: session_id.to_string() })

@@ -173,7 +173,7 @@ pub(super) struct RedisNode {
     pub(super) hub: Hub,
     pub(super) node_channel: String,
     pub(super) probe_channel: String,
-    pub(super) sessions: Mutex<HashMap<String, LiveSession>>,
+    pub(super) sessions: Mutex<HashMap<Box<str>, LiveSession>>,
     pub(super) users: Mutex<HashMap<String, NoticeChannel>>,
     pub(super) runs: Mutex<HashMap<RunKey, OwnedRun>>,
     pub(super) probe: Probe,

@@ -344,7 +344,7 @@ async fn sweep_watched(node: &RedisNode) {
         .iter()
         .filter_map(|(id, s)| {
             let run = s.run.as_ref().filter(|r| !owned.contains(&run_key(id, &r.run_id)))?;
-            Some((id.clone(), run.clone(), s.last_dispatched))
+            Some((id.to_string(), SeenRun::clone(run), s.last_dispatched))
         })
         .collect();
     if watched.is_empty() {
@@ -361,15 +361,17 @@ async fn sweep_watched(node: &RedisNode) {
     };
     for ((session_id, run, floor), held) in watched.into_iter().zip(held) {
         if held {
-            if let Some(session) = lock_unpoisoned(&node.sessions).get_mut(&session_id) {
-                session.lock_missing_since = None;
+            if let Some(seen) =
+                lock_unpoisoned(&node.sessions).get_mut(session_id.as_str()).and_then(|s| s.run.as_mut())
+            {
+                seen.lock_missing_since = None;
             }
             continue;
         }
         let missing_since = {
             let mut sessions = lock_unpoisoned(&node.sessions);
-            let Some(session) = sessions.get_mut(&session_id) else { continue };
-            *session.lock_missing_since.get_or_insert_with(Instant::now)
+            let Some(seen) = sessions.get_mut(session_id.as_str()).and_then(|s| s.run.as_mut()) else { continue };
+            *seen.lock_missing_since.get_or_insert_with(Instant::now)
         };
         let lost = (missing_since.elapsed() >= node.opts.lease).then_some(&run);
         match node.reap(&session_id, lost, floor).await {
@@ -380,7 +382,7 @@ async fn sweep_watched(node: &RedisNode) {
                     tracing::debug!(session_id, error = %e, "catch-up failed");
                     continue;
                 }
-                if let Some(session) = lock_unpoisoned(&node.sessions).get_mut(&session_id)
+                if let Some(session) = lock_unpoisoned(&node.sessions).get_mut(session_id.as_str())
                     && session.run.as_ref().is_some_and(|r| r.run_id == run.run_id)
                 {
                     session.run = None;
