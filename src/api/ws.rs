@@ -201,10 +201,7 @@ async fn serve(
                 }
             },
             () = async { if let Some(verb) = verb.as_mut() { verb.await } }, if !reading => verb = None,
-            popped = outbox.pop(&mut batch, WRITE_BATCH), if !out.busy() => match popped {
-                Ok(()) => out.frames(&mut batch),
-                Err(reason) => out.close(reason),
-            },
+            popped = outbox.pop(&mut batch, WRITE_BATCH), if !out.busy() => out.popped(popped, &mut batch),
             notice = next_notice(&mut notices) => match notice {
                 Ok(frame) => {
                     outbox.push(frame);
@@ -267,10 +264,7 @@ async fn close(
                     return true;
                 }
                 // Closed: the outbox answers at once.
-                match outbox.pop(&mut batch, WRITE_BATCH).await {
-                    Ok(()) => out.frames(&mut batch),
-                    Err(reason) => out.close(reason),
-                }
+                out.popped(outbox.pop(&mut batch, WRITE_BATCH).await, &mut batch);
                 continue;
             }
             match std::future::poll_fn(|cx| poll_socket(socket, &mut out, !peer_closed, cx)).await {
@@ -342,10 +336,15 @@ impl Outgoing {
         self.queue.push_back(message);
     }
 
-    /// Queues a batch popped from the outbox (and lets go of the batch's buffer).
-    fn frames(&mut self, batch: &mut Vec<Frame>) {
-        for frame in std::mem::take(batch) {
-            self.push(Message::Text(frame));
+    /// Queues what the outbox answered: a batch (letting go of its buffer) or its close.
+    fn popped(&mut self, popped: Result<(), CloseReason>, batch: &mut Vec<Frame>) {
+        match popped {
+            Ok(()) => {
+                for frame in std::mem::take(batch) {
+                    self.push(Message::Text(frame));
+                }
+            }
+            Err(reason) => self.close(reason),
         }
     }
 

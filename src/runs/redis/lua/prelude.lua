@@ -8,6 +8,21 @@ local function seq_of(id)
   return tonumber(string.match(id, '^(%d+)'))
 end
 
+-- The stream's entries with from <= seq <= to, flat: {seq, runId, t, body, ...} (the codec's
+-- order, decode_entries in codec.rs).
+local function read_entries(events_key, from, to)
+  local flat = {}
+  local entries = redis.call('XRANGE', events_key, string.format('%d-0', from), string.format('%d-0', to))
+  for _, e in ipairs(entries) do
+    local f = e[2]
+    flat[#flat + 1] = seq_of(e[1])
+    flat[#flat + 1] = f[2]
+    flat[#flat + 1] = f[4]
+    flat[#flat + 1] = f[6]
+  end
+  return flat
+end
+
 -- The seq of the stream's newest entry (0 when empty).
 local function stream_top(events_key)
   local last = redis.call('XREVRANGE', events_key, '+', '-', 'COUNT', 1)

@@ -23,15 +23,6 @@ if after >= 0 then
   if top - from > inline_max then
     return {owner, top, {}, redis.call('HVALS', pending_key), from}
   end
-  if top > from then
-    local entries = redis.call('XRANGE', events_key, string.format('%d-0', from + 1), '+')
-    for _, e in ipairs(entries) do
-      local f = e[2]
-      flat[#flat + 1] = seq_of(e[1])
-      flat[#flat + 1] = f[2]
-      flat[#flat + 1] = f[4]
-      flat[#flat + 1] = f[6]
-    end
-  end
+  if top > from then flat = read_entries(events_key, from + 1, top) end
 end
 return {owner, top, flat, redis.call('HVALS', pending_key), -1}

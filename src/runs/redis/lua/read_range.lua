@@ -16,14 +16,5 @@ local last = top
 if up_to ~= '+' then last = math.min(top, tonumber(up_to)) end
 if last - after > inline_max then return {top, {}, last} end
 local flat = {}
-if last > after then
-  local entries = redis.call('XRANGE', events_key, string.format('%d-0', after + 1), string.format('%d-0', last))
-  for _, e in ipairs(entries) do
-    local f = e[2]
-    flat[#flat + 1] = seq_of(e[1])
-    flat[#flat + 1] = f[2]
-    flat[#flat + 1] = f[4]
-    flat[#flat + 1] = f[6]
-  end
-end
+if last > after then flat = read_entries(events_key, after + 1, last) end
 return {top, flat, -1}
