@@ -16,10 +16,10 @@ use std::{
 };
 
 use chatgate::{
-    protocol::{EventBody, PermissionAnswer},
+    protocol::{EventBody, Frame, PermissionAnswer},
     runs::{
-        Control, Event, FeedItem, LiveFeed, PriorSend, RegistryError, RunOwnership, RunRegistry, RunRouting, RunStart,
-        SessionFeeds, UserNotices,
+        Control, Event, FeedItem, LiveFeed, NoticeSink, PriorSend, RegistryError, RunOwnership, RunRegistry,
+        RunRouting, RunStart, SessionFeeds, UserNotices,
         redis::{RedisRegistry, RedisRegistryOptions, RedisTarget, keys},
     },
 };
@@ -417,6 +417,13 @@ async fn three_nodes_share_live_events_aborts_and_approvals() {
     assert_eq!(next_event(&mut on_c.live).await, done);
 }
 
+/// A notice listener that drops what it is handed.
+struct NoSink;
+
+impl NoticeSink for NoSink {
+    fn notice(&self, _: &Frame) {}
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_subscriptions_are_refcounted_and_released() {
     let url = shared_url();
@@ -434,8 +441,8 @@ async fn node_subscriptions_are_refcounted_and_released() {
     drop(other);
     eventually("the last feeds released their channels", || async { b.held_channels().await == base }).await;
 
-    let notices = b.user_notices(&unique("user")).await.unwrap();
-    let again = b.user_notices("someone").await.unwrap();
+    let notices = b.listen_user(&unique("user"), Arc::new(NoSink)).await.unwrap();
+    let again = b.listen_user("someone", Arc::new(NoSink)).await.unwrap();
     assert_eq!(b.held_channels().await, base + 2);
     drop(notices);
     drop(again);

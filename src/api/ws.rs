@@ -2,8 +2,8 @@
 //!
 //! Each socket is one task around its byte-bounded [`Outbox`]: it reads frames and
 //! carries out their verbs one at a time; meanwhile it drains the outbox (which
-//! subscribed sessions' publishers fill directly) into the socket, relays the user's
-//! notices, pings every interval and closes with the reason the outbox carries (4008
+//! subscribed sessions' publishers and the user's notices fill directly) into the
+//! socket, pings every interval and closes with the reason the outbox carries (4008
 //! slow consumer, 4401 token expired, 1012 draining, 1009 frame too large, 1008
 //! frame flood, 1007 text not UTF-8, 1002 broken framing). The abuse limits
 //! of the upgrade and of inbound frames are decided in [`crate::gateway::limits`].
@@ -26,7 +26,6 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::broadcast::{self, error::RecvError};
 use tracing::Instrument;
 
 use super::{
@@ -132,8 +131,8 @@ async fn serve(
     }
     // Boxed, like the verbs below: an idle socket's task keeps the state of its largest
     // await for its whole life, so rare large futures live on the heap only while they run.
-    let mut notices = match Box::pin(gateway.registry.user_notices(&identity.user_id)).await {
-        Ok(rx) => Some(rx),
+    let _notices = match Box::pin(gateway.registry.listen_user(&identity.user_id, outbox.clone())).await {
+        Ok(listener) => Some(listener),
         Err(e) => {
             tracing::warn!(error = %e, "user notices unavailable for this socket");
             None
@@ -202,14 +201,6 @@ async fn serve(
             },
             () = async { if let Some(verb) = verb.as_mut() { verb.await } }, if !reading => verb = None,
             popped = outbox.pop(&mut batch, WRITE_BATCH), if !out.busy() => out.popped(popped, &mut batch),
-            notice = next_notice(&mut notices) => match notice {
-                Ok(frame) => {
-                    outbox.push(frame);
-                }
-                // A lagging socket skips notices rather than holding memory for them.
-                Err(RecvError::Lagged(_)) => {}
-                Err(RecvError::Closed) => notices = None,
-            },
             _ = ping.tick() => {
                 // A peer that stops reading stalls the write; after two ping intervals it is
                 // dead, like one that misses two pongs.
@@ -376,14 +367,6 @@ impl Outgoing {
         // Let go of the queue's buffer: an idle socket holds none.
         self.queue = VecDeque::new();
         Poll::Ready(Ok(()))
-    }
-}
-
-/// The user's next notice; pending forever without a notice channel.
-async fn next_notice(notices: &mut Option<broadcast::Receiver<Frame>>) -> Result<Frame, RecvError> {
-    match notices {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
     }
 }
 

@@ -16,6 +16,7 @@ use std::{
 use tokio::{sync::Notify, time::Duration};
 
 use crate::protocol::Frame;
+use crate::runs::NoticeSink;
 use crate::sync::lock_unpoisoned;
 
 /// Why a socket is being closed by the server.
@@ -218,6 +219,14 @@ impl Outbox {
     }
 }
 
+/// The user's notices go straight into the outbox; one that finds no room is
+/// skipped (a notice is advisory, and must not close a busy socket).
+impl NoticeSink for Outbox {
+    fn notice(&self, frame: &Frame) {
+        let _ = self.offer(frame.clone());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,6 +256,17 @@ mod tests {
         let big = Outbox::new(4);
         assert_eq!(big.offer(Frame::from("12345")), Offer::Closed);
         assert_eq!(big.pop(&mut out, 1).await, Err(CloseReason::SlowConsumer));
+    }
+
+    #[tokio::test]
+    async fn a_notice_without_room_is_skipped_and_the_socket_stays_open() {
+        let outbox = Outbox::new(10);
+        outbox.notice(&Frame::from("1234567"));
+        outbox.notice(&Frame::from("12345"));
+        assert!(!outbox.is_closed());
+        let mut out = Vec::new();
+        outbox.pop(&mut out, 10).await.unwrap();
+        assert_eq!(out, vec![Frame::from("1234567")]);
     }
 
     #[tokio::test]

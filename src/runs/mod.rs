@@ -47,15 +47,12 @@ pub use feed::{FeedItem, LiveFeed};
 pub use feeds::SessionFeeds;
 pub use limiter::SendLimiter;
 pub use live::{LiveChannel, LiveSink, Offered, PushFeed};
-pub use notices::UserNotices;
+pub use notices::{NoticeListener, NoticeSink, UserNotices};
 pub use ownership::RunOwnership;
 pub use routing::RunRouting;
 
 /// Capacity of control channels from the registry to a local run.
 pub const CONTROL_CAPACITY: usize = 64;
-/// Capacity of per-user notice channels (`session_upserted` is rare; a lagging
-/// socket skips notices rather than holding memory for them).
-pub const NOTICE_CAPACITY: usize = 4;
 /// Batches a push subscription queues while it repairs a hole (beyond that it
 /// drops them and reads the replay window to the end). One slot holds a whole
 /// append batch, so the queue covers more events the busier a session is.

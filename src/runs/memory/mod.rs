@@ -24,10 +24,10 @@ use std::{
 
 use async_trait::async_trait;
 use serde_json::Value;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 
-use super::{Control, Event, LIVE_RING_CAPACITY, LiveChannel, PriorSend, RunRegistry};
-use crate::{protocol::Frame, sync::lock_unpoisoned};
+use super::{Control, Event, LIVE_RING_CAPACITY, LiveChannel, PriorSend, RunRegistry, notices::Listeners};
+use crate::sync::lock_unpoisoned;
 
 /// The in-process registry.
 #[derive(Clone)]
@@ -37,7 +37,8 @@ pub struct MemoryRegistry {
 
 struct Inner {
     sessions: Mutex<HashMap<String, SessionState>>,
-    users: Mutex<HashMap<String, broadcast::Sender<Frame>>>,
+    /// Listening sockets by user (a user without any is dropped with its last).
+    users: Arc<Listeners>,
     /// requestId → session id, for approvals answered from any socket.
     permissions: Mutex<HashMap<String, String>>,
     /// Users' `chat.send` windows; expired ones are swept.
@@ -149,7 +150,7 @@ impl MemoryRegistry {
     pub fn new(max_events: u64, retention: Duration, idempotency_window: Duration) -> Self {
         let inner = Arc::new(Inner {
             sessions: Mutex::new(HashMap::new()),
-            users: Mutex::new(HashMap::new()),
+            users: Arc::default(),
             permissions: Mutex::new(HashMap::new()),
             sends: Mutex::new(HashMap::new()),
             max_events: usize::try_from(max_events).unwrap_or(usize::MAX).max(1),
@@ -179,7 +180,6 @@ async fn sweep(inner: Weak<Inner>) {
             }
         }
         drop(sessions);
-        lock_unpoisoned(&inner.users).retain(|_, tx| tx.receiver_count() > 0);
         let now = Instant::now();
         lock_unpoisoned(&inner.sends).retain(|_, window| window.ends_at > now);
     }

@@ -1,27 +1,24 @@
-//! [`UserNotices`] in process: one broadcast channel per user with listening
-//! sockets (dropped by the sweeper once nobody listens).
+//! [`UserNotices`] in process: the node's [`Listeners`] are every listener
+//! there is, so a notice goes straight to them.
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use tokio::sync::broadcast;
 
 use super::MemoryRegistry;
 use crate::{
     protocol::Frame,
-    runs::{NOTICE_CAPACITY, RegistryError, UserNotices},
-    sync::lock_unpoisoned,
+    runs::{NoticeListener, NoticeSink, RegistryError, UserNotices},
 };
 
 #[async_trait]
 impl UserNotices for MemoryRegistry {
     async fn notify_user(&self, user_id: &str, frame: Frame) -> Result<(), RegistryError> {
-        if let Some(tx) = lock_unpoisoned(&self.inner.users).get(user_id) {
-            let _ = tx.send(frame);
-        }
+        self.inner.users.send(user_id, &frame);
         Ok(())
     }
 
-    async fn user_notices(&self, user_id: &str) -> Result<broadcast::Receiver<Frame>, RegistryError> {
-        let mut users = lock_unpoisoned(&self.inner.users);
-        Ok(users.entry(user_id.to_string()).or_insert_with(|| broadcast::channel(NOTICE_CAPACITY).0).subscribe())
+    async fn listen_user(&self, user_id: &str, sink: Arc<dyn NoticeSink>) -> Result<NoticeListener, RegistryError> {
+        Ok(self.inner.users.add(user_id, sink))
     }
 }

@@ -107,9 +107,7 @@ impl RedisNode {
             }
         } else if let Some(user_id) = keys::user_of_channel(channel) {
             let Ok(text) = std::str::from_utf8(payload) else { return };
-            if let Some(user) = lock_unpoisoned(&self.users).get(user_id) {
-                let _ = user.tx.send(Frame::from(text));
-            }
+            self.notices.send(user_id, &Frame::from(text));
         }
     }
 

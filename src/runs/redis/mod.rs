@@ -158,7 +158,7 @@ impl RedisRegistry {
             node_channel,
             probe_channel,
             sessions: Default::default(),
-            users: Default::default(),
+            notices: Default::default(),
             runs: Default::default(),
             probe: Probe::new(),
             reads: tokio::sync::Semaphore::new(node::READS_IN_FLIGHT),

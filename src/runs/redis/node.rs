@@ -2,20 +2,20 @@
 //!
 //! The [`RedisNode`] holds the command connections ([`Commands`]), the scripts, the pub/sub [`Hub`], and three local maps:
 //! sessions this node has feeds on (a broadcast channel per session, filled
-//! by the dispatcher), users this node has notice receivers for, and runs this
+//! by the dispatcher), users this node has notice listeners for, and runs this
 //! node owns (their control senders, keyed by session and run id).
 
 use std::{
     collections::HashMap,
     future::Future,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use ::redis::{AsyncCommands, ErrorKind, FromRedisValue, RedisError, ServerErrorKind};
 use deadpool_redis::PoolError;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 
 use super::{
     RedisRegistryOptions, Topology,
@@ -28,12 +28,10 @@ use super::{
 };
 use crate::sync::lock_unpoisoned;
 use crate::{
-    protocol::{Frame, now_iso},
-    runs::{Control, Event, RegistryError},
+    protocol::now_iso,
+    runs::{Control, Event, RegistryError, notices::Listeners},
 };
 
-/// Capacity of a user's notice channel on one node.
-pub(super) const USER_CAPACITY: usize = crate::runs::NOTICE_CAPACITY;
 /// How long a finished session's seq counter stays in Redis; after that the
 /// next run restores it from SQL's high-water mark (plus the margin).
 pub(super) const SEQ_IDLE_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -109,13 +107,6 @@ impl From<Failure> for RegistryError {
     }
 }
 
-/// A user this node has notice receivers for.
-pub(super) struct NoticeChannel {
-    pub(super) tx: broadcast::Sender<Frame>,
-    /// Hub holds taken for this user's channel.
-    pub(super) holds: usize,
-}
-
 /// A run this node owns.
 pub(super) struct OwnedRun {
     pub(super) user_id: String,
@@ -174,7 +165,8 @@ pub(super) struct RedisNode {
     pub(super) node_channel: String,
     pub(super) probe_channel: String,
     pub(super) sessions: Mutex<HashMap<Box<str>, LiveSession>>,
-    pub(super) users: Mutex<HashMap<String, NoticeChannel>>,
+    /// Sockets listening for their users' notices; a user's holds are on its channel.
+    pub(super) notices: Arc<Listeners>,
     pub(super) runs: Mutex<HashMap<RunKey, OwnedRun>>,
     pub(super) probe: Probe,
     /// Bounds the replay reads in flight (subscribes, gap repairs, catch-ups):

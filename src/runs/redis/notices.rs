@@ -1,19 +1,16 @@
 //! [`UserNotices`] over Redis: one publish on `cg:user:<id>` per notice; each
-//! node holds that channel while it has receivers for the user (the
-//! dispatcher in [`super::live`] fans messages out to them, the sweeper in
+//! node holds that channel while it has listeners for the user (the
+//! dispatcher in [`super::live`] hands messages to them, the sweeper in
 //! [`super::tasks`] lets go of users nobody listens to any more).
 
-use async_trait::async_trait;
-use tokio::sync::broadcast;
+use std::sync::Arc;
 
-use super::{
-    RedisRegistry, keys,
-    node::{self, NoticeChannel},
-};
+use async_trait::async_trait;
+
+use super::{RedisRegistry, keys};
 use crate::{
     protocol::Frame,
-    runs::{RegistryError, UserNotices},
-    sync::lock_unpoisoned,
+    runs::{NoticeListener, NoticeSink, RegistryError, UserNotices},
 };
 
 #[async_trait]
@@ -26,20 +23,15 @@ impl UserNotices for RedisRegistry {
         Ok(())
     }
 
-    /// A receiver first, then a confirmed hold on the user's channel.
-    async fn user_notices(&self, user_id: &str) -> Result<broadcast::Receiver<Frame>, RegistryError> {
+    /// The listener first, then a confirmed hold on the user's channel.
+    async fn listen_user(&self, user_id: &str, sink: Arc<dyn NoticeSink>) -> Result<NoticeListener, RegistryError> {
         let node = &self.node;
-        let rx = lock_unpoisoned(&node.users)
-            .entry(user_id.to_string())
-            .or_insert_with(|| NoticeChannel { tx: broadcast::channel(node::USER_CAPACITY).0, holds: 0 })
-            .tx
-            .subscribe();
+        let listener = node.notices.add(user_id, sink);
         let channel = keys::user_channel(user_id);
         node.hub.acquire(&channel).await?;
-        let recorded = lock_unpoisoned(&node.users).get_mut(user_id).map(|u| u.holds += 1).is_some();
-        if !recorded {
+        if !node.notices.hold(user_id) {
             node.hub.release(&channel).await;
         }
-        Ok(rx)
+        Ok(listener)
     }
 }

@@ -317,16 +317,7 @@ pub(super) async fn sweep(node: Arc<RedisNode>, cancel: CancellationToken) {
 }
 
 async fn release_idle_users(node: &RedisNode) {
-    let idle: Vec<(String, usize)> = {
-        let mut users = lock_unpoisoned(&node.users);
-        let idle: Vec<(String, usize)> =
-            users.iter().filter(|(_, u)| u.tx.receiver_count() == 0).map(|(id, u)| (id.clone(), u.holds)).collect();
-        for (id, _) in &idle {
-            users.remove(id);
-        }
-        idle
-    };
-    for (user_id, holds) in idle {
+    for (user_id, holds) in node.notices.take_idle() {
         let channel = keys::user_channel(&user_id);
         for _ in 0..holds {
             node.hub.release(&channel).await;
