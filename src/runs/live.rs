@@ -7,7 +7,7 @@
 //! - pull feeds ([`LiveFeed`](super::LiveFeed)): a receiver on a bounded ring
 //!   of batches, read by `next()`. Every subscription starts as one, so that
 //!   nothing published between the registry's read and the caller's attach is
-//!   lost;
+//!   lost. The ring exists only while a pull feed is open;
 //! - push subscriptions ([`PushFeed`], from [`LiveFeed::push_to`](super::LiveFeed::push_to)):
 //!   the publisher delivers to the subscriber's [`LiveSink`] itself, inside its
 //!   own call, so a delivered event costs no task and no wake-up of its own
@@ -67,41 +67,67 @@ pub trait LiveSink: Send + Sync + 'static {
 /// A session's live channel: a ring of batches for pull feeds and the list of
 /// push subscriptions.
 pub struct LiveChannel {
-    ring: broadcast::Sender<LiveBatch>,
-    pushers: Mutex<Vec<Arc<Pusher>>>,
+    readers: Mutex<Readers>,
+    /// Batches the ring holds.
+    capacity: usize,
+}
+
+struct Readers {
+    /// The ring, there only while a pull feed may read it: a subscription reads
+    /// it only until it becomes a push subscription, so a watched session
+    /// spends most of its life without one.
+    ring: Option<broadcast::Sender<LiveBatch>>,
+    pushers: Vec<Arc<Pusher>>,
 }
 
 impl LiveChannel {
     /// A channel whose ring holds `capacity` batches.
     pub fn new(capacity: usize) -> Arc<Self> {
-        Arc::new(LiveChannel { ring: broadcast::channel(capacity).0, pushers: Mutex::new(Vec::new()) })
+        Arc::new(LiveChannel { readers: Mutex::new(Readers { ring: None, pushers: Vec::new() }), capacity })
+    }
+
+    fn readers(&self) -> MutexGuard<'_, Readers> {
+        lock_unpoisoned(&self.readers)
     }
 
     /// A pull receiver of every batch sent from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<LiveBatch> {
-        self.ring.subscribe()
+        self.readers().ring.get_or_insert_with(|| broadcast::channel(self.capacity).0).subscribe()
     }
 
     /// Pull receivers and push subscriptions on the channel.
     pub fn watchers(&self) -> usize {
-        self.ring.receiver_count() + lock_unpoisoned(&self.pushers).len()
+        let readers = self.readers();
+        readers.ring.as_ref().map_or(0, broadcast::Sender::receiver_count) + readers.pushers.len()
     }
 
     /// Hands a batch to every reader. Push subscribers get it before this returns.
     pub fn send(&self, batch: LiveBatch) {
-        if self.ring.receiver_count() > 0 {
-            // No receiver left meanwhile is fine: a later feed reads the window.
-            let _ = self.ring.send(batch.clone());
+        let mut readers = self.readers();
+        if let Some(ring) = &readers.ring {
+            if ring.receiver_count() > 0 {
+                let _ = ring.send(batch.clone());
+            } else {
+                readers.ring = None;
+            }
         }
-        lock_unpoisoned(&self.pushers).retain(|pusher| pusher.offer(&batch));
+        readers.pushers.retain(|pusher| pusher.offer(&batch));
     }
 
     fn add(&self, pusher: Arc<Pusher>) {
-        lock_unpoisoned(&self.pushers).push(pusher);
+        self.readers().pushers.push(pusher);
     }
 
     fn remove(&self, pusher: &Arc<Pusher>) {
-        lock_unpoisoned(&self.pushers).retain(|p| !Arc::ptr_eq(p, pusher));
+        self.readers().pushers.retain(|p| !Arc::ptr_eq(p, pusher));
+    }
+
+    /// Drops the ring if no pull feed reads it any more.
+    fn drop_unread_ring(&self) {
+        let mut readers = self.readers();
+        if readers.ring.as_ref().is_some_and(|ring| ring.receiver_count() == 0) {
+            readers.ring = None;
+        }
     }
 }
 
@@ -211,6 +237,11 @@ impl Pusher {
             if !matches!(next, Next::Done) {
                 tokio::spawn(pusher.clone().repair(next));
             }
+        }
+        // The pull receiver was dropped with `drain`; outside the pusher's lock (`send` takes
+        // the channel's lock, then a pusher's).
+        if let Some(channel) = channel.upgrade() {
+            channel.drop_unread_ring();
         }
         PushFeed { pusher, channel, _guard: guard }
     }
@@ -366,5 +397,60 @@ fn enqueue(state: &mut PushState, batch: LiveBatch) {
         state.overflowed = true;
     } else {
         state.queued.push_back(batch);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runs::{LiveFeed, RegistryError, ReplayRange};
+
+    struct Anywhere;
+
+    #[async_trait]
+    impl LiveSink for Anywhere {
+        fn event(&self, _: &Event) -> Offered {
+            Offered::Queued
+        }
+        async fn room(&self) -> bool {
+            true
+        }
+        fn stalled(&self) {}
+        fn frame(&self, _: Frame) -> bool {
+            true
+        }
+        async fn gap_notice(&self, _: &str, _: u64, _: u64) -> Option<Frame> {
+            None
+        }
+    }
+
+    struct NoWindow;
+
+    #[async_trait]
+    impl RangeSource for NoWindow {
+        async fn read_range(&self, _: &str, _: u64, _: u64) -> Result<ReplayRange, RegistryError> {
+            Ok(ReplayRange::default())
+        }
+    }
+
+    fn has_ring(channel: &LiveChannel) -> bool {
+        channel.readers().ring.is_some()
+    }
+
+    #[tokio::test]
+    async fn the_ring_lives_only_while_a_pull_feed_is_open() {
+        let channel = LiveChannel::new(4);
+        assert!(!has_ring(&channel));
+        let feed = LiveFeed::new("s".into(), &channel, channel.subscribe(), 0, Arc::new(NoWindow), None);
+        assert!(has_ring(&channel));
+        let push = feed.push_to(Arc::new(Anywhere));
+        assert!(!has_ring(&channel), "a push subscription reads no ring");
+        assert_eq!(channel.watchers(), 1);
+        // A pull receiver dropped without becoming a push subscription: the next send lets go.
+        drop(channel.subscribe());
+        channel.send(LiveBatch::from(Vec::new()));
+        assert!(!has_ring(&channel));
+        drop(push);
+        assert_eq!(channel.watchers(), 0);
     }
 }

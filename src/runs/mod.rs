@@ -60,7 +60,7 @@ pub const LIVE_CAPACITY: usize = 32;
 /// Capacity, in batches, of a session's ring for pull feeds; a feed that falls
 /// further behind refills from the replay window. Sockets read it only between
 /// their subscription's registry read and its attach as a push subscription,
-/// so it is small: it is allocated for every watched session.
+/// so it is small, and allocated only while a pull feed is open.
 pub const LIVE_RING_CAPACITY: usize = 4;
 
 /// Events appended together (one append batch, or one catch-up read), in seq
