@@ -241,6 +241,43 @@ pub(crate) async fn long_ranges_are_whole_in_order_and_told_when_trimmed(make: F
     assert_eq!(covered.events.len(), 399);
 }
 
+/// Ranges of several thousand seqs (a Redis registry reads them in chunks, several at once).
+pub(crate) async fn ranges_of_thousands_are_whole_in_order_and_told_when_trimmed(make: Factory) {
+    let n = make(Opts { max_events: 2_500, ..Opts::default() }).await;
+    let s = unique("range");
+    let grant = n.a.start_run(start(&s, "r1", "u", &n.node_a, 0)).await.unwrap();
+    for _ in 0..24 {
+        n.a.append(&grant.lease, bodies(&s, "r1", 100)).await.unwrap();
+    }
+    let all = n.b.read_range(&s, 0, u64::MAX).await.unwrap();
+    let first = all.events[0].seq;
+    let top = first + 2_399;
+    assert_eq!(seqs(&all.events), (first..=top).collect::<Vec<_>>());
+    assert!(all.complete);
+    for (after, up_to) in [(first + 7, first + 2_100), (first + 1_023, first + 2_048), (first - 1, u64::MAX)] {
+        let range = n.b.read_range(&s, after, up_to).await.unwrap();
+        assert_eq!(seqs(&range.events), (after + 1..=up_to.min(top)).collect::<Vec<_>>(), "({after}, {up_to})");
+        assert!(range.complete, "({after}, {up_to})");
+    }
+    let subscription = n.b.subscribe(&s, 0).await.unwrap();
+    assert!(!subscription.replay_truncated);
+    assert_eq!(seqs(&subscription.replay), (first..=top).collect::<Vec<_>>());
+    drop(subscription);
+
+    // 1 200 more: the window keeps the last 2 500, so a range from the run's start is cut.
+    for _ in 0..12 {
+        n.a.append(&grant.lease, bodies(&s, "r1", 100)).await.unwrap();
+    }
+    let top = first + 3_599;
+    let kept_from = top - 2_499;
+    let cut = n.a.read_range(&s, first - 1, u64::MAX).await.unwrap();
+    assert!(!cut.complete);
+    assert_eq!(seqs(&cut.events), (kept_from..=top).collect::<Vec<_>>());
+    let subscription = n.b.subscribe(&s, 0).await.unwrap();
+    assert!(subscription.replay_truncated);
+    assert_eq!(seqs(&subscription.replay), (kept_from..=top).collect::<Vec<_>>());
+}
+
 pub(crate) async fn read_range_reports_completeness(make: Factory) {
     let n = make(Opts { max_events: 5, ..Opts::default() }).await;
     let s = unique("s");

@@ -162,6 +162,7 @@ macro_rules! conformance {
                 replay_is_truncated_when_the_window_lost_events,
                 long_replays_are_whole_in_order_and_told_when_trimmed,
                 long_ranges_are_whole_in_order_and_told_when_trimmed,
+                ranges_of_thousands_are_whole_in_order_and_told_when_trimmed,
                 read_range_reports_completeness,
             );
             conformance!(@group $factory; routing:

@@ -159,37 +159,51 @@ pub(super) fn decode_entries(value: Value) -> Result<Vec<Event>, BadReply> {
 }
 
 /// A plain `XRANGE` reply (`[[id, [field, value, …]], …]`, fields `r` run id, `t` terminal,
-/// `b` body) into events.
-pub(super) fn decode_stream(value: Value) -> Result<Vec<Event>, BadReply> {
+/// `b` body) into events, appended to `events`. The reply's strings are read in place: no
+/// allocation per entry but the event's frame (and a run id's, once per run).
+pub(super) fn decode_stream(value: Value, builder: &mut EventBuilder, events: &mut Vec<Event>) -> Result<(), BadReply> {
     let entries = array(value)?;
-    let mut builder = EventBuilder::default();
-    let mut events = Vec::with_capacity(entries.len());
+    events.reserve(entries.len());
     for entry in entries {
         let mut parts = array(entry)?.into_iter();
         let (Some(id), Some(fields)) = (parts.next(), parts.next()) else {
             return Err(BadReply("stream entry without an id and fields".into()));
         };
-        let id = text(id)?;
+        let id = utf8(&id)?;
         let seq = id
             .split_once('-')
             .and_then(|(seq, _)| seq.parse().ok())
             .ok_or_else(|| BadReply(format!("stream entry id {id:?}")))?;
+        let fields = field_values(fields)?;
         let (mut run_id, mut terminal, mut body) = (None, false, None);
-        let mut fields = field_values(fields)?.into_iter();
-        while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
-            match text(name)?.as_str() {
-                "r" => run_id = Some(text(value)?),
-                "t" => terminal = text(value)? == "1",
-                "b" => body = Some(text(value)?),
+        for pair in fields.chunks_exact(2) {
+            match bytes(&pair[0])? {
+                b"r" => run_id = Some(utf8(&pair[1])?),
+                b"t" => terminal = bytes(&pair[1])? == b"1",
+                b"b" => body = Some(utf8(&pair[1])?),
                 _ => {}
             }
         }
         let (Some(run_id), Some(body)) = (run_id, body) else {
             return Err(BadReply(format!("stream entry {id} without a run id or body")));
         };
-        events.push(builder.event(seq, &run_id, terminal, &body));
+        events.push(builder.event(seq, run_id, terminal, body));
     }
-    Ok(events)
+    Ok(())
+}
+
+/// A string reply's bytes, borrowed.
+fn bytes(value: &Value) -> Result<&[u8], BadReply> {
+    match value {
+        Value::BulkString(bytes) => Ok(bytes),
+        Value::SimpleString(s) => Ok(s.as_bytes()),
+        other => Err(BadReply(format!("expected a string, got {other:?}"))),
+    }
+}
+
+/// A string reply, borrowed.
+fn utf8(value: &Value) -> Result<&str, BadReply> {
+    std::str::from_utf8(bytes(value)?).map_err(|_| BadReply("non-UTF-8 string".into()))
 }
 
 /// An entry's fields as `name, value, …` (an array in RESP2, a map in RESP3).
@@ -267,6 +281,11 @@ mod tests {
         Value::BulkString(text.as_bytes().to_vec())
     }
 
+    fn decode(value: Value) -> Result<Vec<Event>, BadReply> {
+        let mut events = Vec::new();
+        decode_stream(value, &mut EventBuilder::default(), &mut events).map(|()| events)
+    }
+
     #[test]
     fn xrange_entries_decode_in_either_protocol_and_bad_ones_are_refused() {
         let fields = |terminal: &str, body: &str| {
@@ -276,7 +295,7 @@ mod tests {
             Value::Array(vec![bulk("7-0"), Value::Array(fields("0", r#"{"kind":"text"}"#))]),
             Value::Array(vec![bulk("8-0"), Value::Array(fields("1", r#"{"kind":"complete"}"#))]),
         ]);
-        let events = decode_stream(resp2).unwrap();
+        let events = decode(resp2).unwrap();
         assert_eq!(events.iter().map(|e| (e.seq, e.terminal)).collect::<Vec<_>>(), [(7, false), (8, true)]);
         assert_eq!(&*events[0].run_id, "run-1");
         assert_eq!(events[1].frame, r#"{"kind":"complete","seq":8}"#);
@@ -286,14 +305,17 @@ mod tests {
             f.chunks(2).map(|kv| (kv[0].clone(), kv[1].clone())).collect::<Vec<_>>()
         };
         let resp3 = Value::Array(vec![Value::Array(vec![bulk("9-0"), Value::Map(pairs("0"))])]);
-        assert_eq!(decode_stream(resp3).unwrap()[0].seq, 9);
-        assert!(decode_stream(Value::Nil).unwrap().is_empty());
+        assert_eq!(decode(resp3).unwrap()[0].seq, 9);
+        assert!(decode(Value::Nil).unwrap().is_empty());
 
         let no_body = Value::Array(vec![Value::Array(vec![bulk("3-0"), Value::Array(vec![bulk("r"), bulk("x")])])]);
-        assert!(decode_stream(no_body).is_err());
+        assert!(decode(no_body).is_err());
         let bad_id = Value::Array(vec![Value::Array(vec![bulk("three"), Value::Array(fields("0", "{}"))])]);
-        assert!(decode_stream(bad_id).is_err());
-        assert!(decode_stream(Value::Array(vec![Value::Array(vec![bulk("3-0")])])).is_err());
+        assert!(decode(bad_id).is_err());
+        assert!(decode(Value::Array(vec![Value::Array(vec![bulk("3-0")])])).is_err());
+        let number_as_name =
+            Value::Array(vec![Value::Array(vec![bulk("4-0"), Value::Array(vec![Value::Int(1), bulk("x")])])]);
+        assert!(decode(number_as_name).is_err());
     }
 
     #[test]

@@ -38,11 +38,12 @@ impl SessionFeeds for RedisRegistry {
         node.hub.acquire(&keys::live_channel(session_id)).await?;
         let (channel, rx, guard) = attach_feed(node, session_id);
         // 2. One atomic read: owner record, seq top, the current run after the cursor.
-        let read = self.read_session(session_id, Some(after_seq)).await?;
+        let mut read = self.read_session(session_id, Some(after_seq)).await?;
+        let replay = std::mem::take(&mut read.replay);
         let (replay_truncated, replay) = match &read.owner {
             Some(owner) => {
                 let from = after_seq.max(owner.first_seq.saturating_sub(1));
-                (!codec::is_contiguous(&read.replay, from, read.top), read.replay.clone())
+                (!codec::is_contiguous(&replay, from, read.top), replay)
             }
             None => (false, Vec::new()),
         };

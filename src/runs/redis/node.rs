@@ -14,6 +14,7 @@ use std::{
 
 use ::redis::{AsyncCommands, ErrorKind, FromRedisValue, RedisError, ServerErrorKind};
 use deadpool_redis::PoolError;
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
@@ -32,6 +33,10 @@ use crate::{
     runs::{Control, Event, RegistryError, notices::Listeners},
 };
 
+/// Seqs per `XRANGE` of a long stream read ([`RedisNode::read_stream`]).
+const READ_CHUNK: u64 = 1024;
+/// Chunks of one long stream read on the connection at once.
+const CHUNKS_IN_FLIGHT: usize = 4;
 /// How long a finished session's seq counter stays in Redis; after that the
 /// next run restores it from SQL's high-water mark (plus the margin).
 pub(super) const SEQ_IDLE_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -175,6 +180,17 @@ pub(super) struct RedisNode {
     pub(super) reads: tokio::sync::Semaphore,
     /// Runs this node reaped, for the gateway's history copy.
     pub(super) orphans: tokio::sync::mpsc::Sender<crate::runs::OrphanedRun>,
+}
+
+/// The `(after, up_to]` seq ranges [`RedisNode::read_stream`] reads: what lies more than
+/// `window` seqs below `up_to` as one, then the rest in chunks of [`READ_CHUNK`].
+fn stream_chunks(after: u64, up_to: u64, window: u64) -> impl Iterator<Item = (u64, u64)> {
+    let recent = up_to.saturating_sub(window).max(after);
+    let older = (recent > after).then_some((after, recent));
+    let chunks = (recent..up_to)
+        .step_by(READ_CHUNK as usize)
+        .map(move |start| (start, start.saturating_add(READ_CHUNK).min(up_to)));
+    older.into_iter().chain(chunks)
 }
 
 /// A `["S","R"]` member of the run indexes.
@@ -482,16 +498,36 @@ impl RedisNode {
         Ok((top, events))
     }
 
-    /// The stream's entries with `after < seq <= up_to`, by a plain `XRANGE` (no Lua, no top):
+    /// The stream's entries with `after < seq <= up_to`, by plain `XRANGE`s (no Lua, no top):
     /// the long reads `lua/read.lua` and `lua/read_range.lua` leave to their caller. The caller
     /// holds a read permit.
+    ///
+    /// The newest `--replay-max-events` seqs of the range are read in chunks of [`READ_CHUNK`]
+    /// seqs, [`CHUNKS_IN_FLIGHT`] sent at once on the connection: Redis writes one reply while
+    /// the connection parses the one before and this task decodes the one before that, where one
+    /// `XRANGE` does the three in turn. Older seqs (mostly trimmed already) are one `XRANGE`, so
+    /// a read sends at most a window's worth of commands however long its range. The commands
+    /// are not one atomic read: a trim between two shows as a hole, as in any range.
     pub(super) async fn read_stream(&self, session_id: &str, after: u64, up_to: u64) -> Result<Vec<Event>, Failure> {
-        let (key, from, to) = (keys::events(session_id), format!("{}-0", after + 1), format!("{up_to}-0"));
+        let key = keys::events(session_id);
         let read = || async {
-            let mut conn = self.lane(Lane::Read).await?;
-            let entries: ::redis::Value =
-                ::redis::cmd("XRANGE").arg(&key).arg(&from).arg(&to).query_async(&mut conn).await?;
-            Ok::<_, Failure>(codec::decode_stream(entries)?)
+            let conn = self.lane(Lane::Read).await?;
+            let chunks = stream_chunks(after, up_to, self.opts.max_events).map(|(start, end)| {
+                let (mut conn, key) = (conn.clone(), &key);
+                async move {
+                    let mut xrange = ::redis::cmd("XRANGE");
+                    xrange.arg(key).arg(format!("{}-0", start + 1)).arg(format!("{end}-0"));
+                    xrange.query_async::<::redis::Value>(&mut conn).await
+                }
+            });
+            let mut replies = futures_util::stream::iter(chunks).buffered(CHUNKS_IN_FLIGHT);
+            // Sized once: the range holds at most a window of events.
+            let expected = usize::try_from(up_to.saturating_sub(after).min(self.opts.max_events)).unwrap_or(0);
+            let (mut builder, mut events) = (codec::EventBuilder::default(), Vec::with_capacity(expected));
+            while let Some(reply) = replies.next().await {
+                codec::decode_stream(reply?, &mut builder, &mut events)?;
+            }
+            Ok::<_, Failure>(events)
         };
         self.retrying("read_stream", self.retry_window(), read).await
     }
@@ -524,5 +560,38 @@ impl RedisNode {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_chunks_cover_the_range_once_in_order_and_at_most_a_window_of_commands() {
+        for (after, up_to, window) in [
+            (0, 0, 10_000),
+            (5, 3, 10_000),
+            (0, 1, 10_000),
+            (0, 10_000, 10_000),
+            (0, 10_001, 10_000),
+            (100, 2_148, 10_000),
+            (0, 1_000_000, 10_000),
+            (999_990, 1_000_000, 0),
+        ] {
+            let chunks: Vec<(u64, u64)> = stream_chunks(after, up_to, window).collect();
+            let mut next = after;
+            for (i, &(start, end)) in chunks.iter().enumerate() {
+                assert_eq!(start, next, "{chunks:?}");
+                // Only the first piece, the part older than the window, may be longer than a chunk.
+                let older = i == 0 && end == up_to.saturating_sub(window);
+                assert!(end > start && (end - start <= READ_CHUNK || older), "{chunks:?}");
+                next = end;
+            }
+            assert_eq!(next, up_to.max(after), "{after}..{up_to}: {chunks:?}");
+            assert!(chunks.len() as u64 <= 1 + window.div_ceil(READ_CHUNK), "{chunks:?}");
+        }
+        assert_eq!(stream_chunks(0, 2_500, 10_000).collect::<Vec<_>>(), [(0, 1_024), (1_024, 2_048), (2_048, 2_500)]);
+        assert_eq!(stream_chunks(0, 1_000_000, 1_024).collect::<Vec<_>>(), [(0, 998_976), (998_976, 1_000_000)]);
     }
 }
