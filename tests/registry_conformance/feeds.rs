@@ -207,75 +207,91 @@ pub(crate) async fn long_replays_are_whole_in_order_and_told_when_trimmed(make: 
 pub(crate) async fn long_ranges_are_whole_in_order_and_told_when_trimmed(make: Factory) {
     let n = make(Opts { max_events: 400, ..Opts::default() }).await;
     let s = unique("range");
-    let grant = n.a.start_run(start(&s, "r1", "u", &n.node_a, 0)).await.unwrap();
-    for _ in 0..30 {
-        n.a.append(&grant.lease, bodies(&s, "r1", 10)).await.unwrap();
-    }
-    let all = n.b.read_range(&s, 0, u64::MAX).await.unwrap();
-    let first = all.events[0].seq;
+    let (grant, first) = long_run(&n, &s, 30, 10).await;
     let top = first + 299;
-    assert_eq!(seqs(&all.events), (first..=top).collect::<Vec<_>>());
-    assert!(all.complete);
-    for (after, up_to) in [(first + 9, first + 249), (first + 199, u64::MAX), (first - 1, first + 200), (top - 1, top)]
-    {
-        let range = n.b.read_range(&s, after, up_to).await.unwrap();
-        assert_eq!(seqs(&range.events), (after + 1..=up_to.min(top)).collect::<Vec<_>>(), "({after}, {up_to})");
-        assert!(range.complete, "({after}, {up_to})");
-        assert!(range.events.iter().all(|e| &*e.run_id == "r1" && !e.terminal));
-    }
+    assert_whole(
+        &n,
+        &s,
+        top,
+        &[(first + 9, first + 249), (first + 199, u64::MAX), (first - 1, first + 200), (top - 1, top)],
+    )
+    .await;
 
     // 300 more: the window keeps the last 400, so a range from the run's start is cut.
-    for _ in 0..30 {
-        n.a.append(&grant.lease, bodies(&s, "r1", 10)).await.unwrap();
-    }
-    let top = first + 599;
-    let kept_from = top - 399;
-    let cut = n.a.read_range(&s, first - 1, u64::MAX).await.unwrap();
-    assert!(!cut.complete);
-    assert_eq!(seqs(&cut.events), (kept_from..=top).collect::<Vec<_>>());
+    let kept_from = append_past_the_window(&n, &s, &grant, 30, 10, first + 599, 400).await;
     let cut_short = n.b.read_range(&s, kept_from - 150, kept_from + 149).await.unwrap();
     assert!(!cut_short.complete);
     assert_eq!(seqs(&cut_short.events), (kept_from..=kept_from + 149).collect::<Vec<_>>());
-    let covered = n.b.read_range(&s, kept_from - 1, top - 1).await.unwrap();
+    let covered = n.b.read_range(&s, kept_from - 1, first + 598).await.unwrap();
     assert!(covered.complete);
     assert_eq!(covered.events.len(), 399);
 }
 
-/// Ranges of several thousand seqs (a Redis registry reads them in chunks, several at once).
+/// Ranges and replays of thousands of seqs (a Redis registry reads them in chunks, several at
+/// once) are whole and in order, and a trimmed start is told.
 pub(crate) async fn ranges_of_thousands_are_whole_in_order_and_told_when_trimmed(make: Factory) {
     let n = make(Opts { max_events: 2_500, ..Opts::default() }).await;
     let s = unique("range");
-    let grant = n.a.start_run(start(&s, "r1", "u", &n.node_a, 0)).await.unwrap();
-    for _ in 0..24 {
-        n.a.append(&grant.lease, bodies(&s, "r1", 100)).await.unwrap();
-    }
-    let all = n.b.read_range(&s, 0, u64::MAX).await.unwrap();
-    let first = all.events[0].seq;
+    let (grant, first) = long_run(&n, &s, 24, 100).await;
     let top = first + 2_399;
-    assert_eq!(seqs(&all.events), (first..=top).collect::<Vec<_>>());
-    assert!(all.complete);
-    for (after, up_to) in [(first + 7, first + 2_100), (first + 1_023, first + 2_048), (first - 1, u64::MAX)] {
-        let range = n.b.read_range(&s, after, up_to).await.unwrap();
-        assert_eq!(seqs(&range.events), (after + 1..=up_to.min(top)).collect::<Vec<_>>(), "({after}, {up_to})");
-        assert!(range.complete, "({after}, {up_to})");
-    }
+    assert_whole(&n, &s, top, &[(first + 7, first + 2_100), (first + 1_023, first + 2_048), (first - 1, u64::MAX)])
+        .await;
     let subscription = n.b.subscribe(&s, 0).await.unwrap();
     assert!(!subscription.replay_truncated);
     assert_eq!(seqs(&subscription.replay), (first..=top).collect::<Vec<_>>());
     drop(subscription);
 
-    // 1 200 more: the window keeps the last 2 500, so a range from the run's start is cut.
-    for _ in 0..12 {
-        n.a.append(&grant.lease, bodies(&s, "r1", 100)).await.unwrap();
-    }
+    // 1 200 more: the window keeps the last 2 500, so a replay from the run's start is cut.
     let top = first + 3_599;
-    let kept_from = top - 2_499;
-    let cut = n.a.read_range(&s, first - 1, u64::MAX).await.unwrap();
-    assert!(!cut.complete);
-    assert_eq!(seqs(&cut.events), (kept_from..=top).collect::<Vec<_>>());
+    let kept_from = append_past_the_window(&n, &s, &grant, 12, 100, top, 2_500).await;
     let subscription = n.b.subscribe(&s, 0).await.unwrap();
     assert!(subscription.replay_truncated);
     assert_eq!(seqs(&subscription.replay), (kept_from..=top).collect::<Vec<_>>());
+}
+
+/// A run of `batches` × `per_batch` events on node A, read whole from node B; its grant and
+/// first seq.
+async fn long_run(n: &Nodes, s: &str, batches: usize, per_batch: usize) -> (RunGrant, u64) {
+    let grant = n.a.start_run(start(s, "r1", "u", &n.node_a, 0)).await.unwrap();
+    for _ in 0..batches {
+        n.a.append(&grant.lease, bodies(s, "r1", per_batch)).await.unwrap();
+    }
+    let all = n.b.read_range(s, 0, u64::MAX).await.unwrap();
+    let first = all.events[0].seq;
+    assert_eq!(seqs(&all.events), (first..first + (batches * per_batch) as u64).collect::<Vec<_>>());
+    assert!(all.complete);
+    (grant, first)
+}
+
+/// Each `(after, up_to)` range reads whole, in order, up to `top`.
+async fn assert_whole(n: &Nodes, s: &str, top: u64, ranges: &[(u64, u64)]) {
+    for &(after, up_to) in ranges {
+        let range = n.b.read_range(s, after, up_to).await.unwrap();
+        assert_eq!(seqs(&range.events), (after + 1..=up_to.min(top)).collect::<Vec<_>>(), "({after}, {up_to})");
+        assert!(range.complete, "({after}, {up_to})");
+        assert!(range.events.iter().all(|e| &*e.run_id == "r1" && !e.terminal));
+    }
+}
+
+/// Appends until the run's top is `top`, past a `window` of events: a range from the run's start
+/// is cut to the window, and told. Returns the first seq the window keeps.
+async fn append_past_the_window(
+    n: &Nodes,
+    s: &str,
+    grant: &RunGrant,
+    batches: usize,
+    per_batch: usize,
+    top: u64,
+    window: u64,
+) -> u64 {
+    for _ in 0..batches {
+        n.a.append(&grant.lease, bodies(s, "r1", per_batch)).await.unwrap();
+    }
+    let kept_from = top + 1 - window;
+    let cut = n.a.read_range(s, 0, u64::MAX).await.unwrap();
+    assert!(!cut.complete);
+    assert_eq!(seqs(&cut.events), (kept_from..=top).collect::<Vec<_>>());
+    kept_from
 }
 
 pub(crate) async fn read_range_reports_completeness(make: Factory) {
